@@ -1,0 +1,1 @@
+//! `trellisd bench NAME`: speed and memory benchmarks of full-size networks with random weights.

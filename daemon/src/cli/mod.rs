@@ -1,0 +1,3 @@
+//! The `trellisd` command line: one module per subcommand.
+
+pub mod parity;

@@ -1,0 +1,26 @@
+//! `trellisd parity DIR [--device cpu|cuda:N] [--only SUBSTR]`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+#[derive(Debug, clap::Args)]
+pub struct ParityArgs {
+    /// Fixture directory (format: shared/reference/README.md); default $TRELLIS_REFERENCE_DIR or ../shared/reference.
+    pub dir: Option<PathBuf>,
+    /// Device to run on: cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Only fixtures whose path contains this text.
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+/// Returns the process exit code: 0 only when nothing failed and something was checked.
+pub fn run(args: &ParityArgs) -> Result<i32> {
+    let device = crate::runtime::parse_device(&args.device)?;
+    let dir = args.dir.clone().unwrap_or_else(crate::reference_dir);
+    let mut stdout = std::io::stdout();
+    let s = crate::parity::run(&dir, &device, args.only.as_deref(), &mut stdout)?;
+    Ok(if s.ok() { 0 } else { 1 })
+}

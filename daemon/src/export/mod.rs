@@ -1,0 +1,5 @@
+//! Writers for the outputs: GLB meshes, PLY Gaussians, `.trellis` asset bundles.
+
+pub mod asset;
+pub mod glb;
+pub mod ply;

@@ -1,0 +1,1 @@
+//! Model repositories: local folders, the Hugging Face cache, downloads.

@@ -1,0 +1,31 @@
+use clap::{Parser, Subcommand};
+
+use trellis::cli;
+
+/// trellisd: TRELLIS image/text → 3D, locally.
+#[derive(Debug, Parser)]
+#[command(name = "trellisd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compare every network with the original TRELLIS on a fixture directory.
+    Parity(cli::parity::ParityArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Parity(a) => cli::parity::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Building blocks (twin of `trellis/modules`): dense attention and transformer blocks, norms,
+//! embedders, and the sparse counterparts under [`sparse`].
+
+pub mod attention;
+pub mod embedders;
+pub mod norm;
+pub mod patchify;
+pub mod sparse;
+pub mod transformer;

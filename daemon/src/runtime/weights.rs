@@ -1,0 +1,424 @@
+//! Checked weight loading.
+//!
+//! Every network is built through a [`candle_nn::VarBuilder`] whose backend is a [`CheckedBackend`].
+//! The backend does not stop at the first problem: a missing or wrong-shaped tensor is recorded and a
+//! zero placeholder (a broadcast scalar, no allocation) is handed back so that construction goes on.
+//! [`WeightCheck::finish`] then reports every missing, wrong-shaped and unexpected entry in one error.
+//!
+//! Sources: memory-mapped safetensors files (mixed dtypes; each tensor is cast to the dtype the layer
+//! asks for), in-memory tensors, or a checkpoint manifest (names, shapes and dtypes only) filled with
+//! random values or with broadcast zeros (shape checks of full-size networks without the memory).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+/// What a checkpoint entry looks like, without its values.
+#[derive(Debug, Clone)]
+pub struct EntrySpec {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// How a manifest-backed source produces values.
+#[derive(Debug, Clone, Copy)]
+pub enum ManifestFill {
+    /// Zeros broadcast from one scalar: costs no memory, for shape and name checks.
+    Zeros,
+    /// Random N(0, 1/fan_in) values (biases and 1-D tensors small), seeded: for speed and memory work.
+    Random { seed: u64 },
+}
+
+enum Source {
+    Mmap(candle_core::safetensors::MmapedSafetensors),
+    Tensors(HashMap<String, Tensor>),
+    Manifest(HashMap<String, EntrySpec>, ManifestFill),
+}
+
+impl Source {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Source::Mmap(m) => m.tensors().into_iter().map(|(n, _)| n).collect(),
+            Source::Tensors(t) => t.keys().cloned().collect(),
+            Source::Manifest(m, _) => m.keys().cloned().collect(),
+        }
+    }
+
+    fn spec(&self, name: &str) -> Option<EntrySpec> {
+        match self {
+            Source::Mmap(m) => m.get(name).ok().map(|v| EntrySpec {
+                shape: v.shape().to_vec(),
+                dtype: safetensors_dtype(v.dtype()).unwrap_or(DType::F32),
+            }),
+            Source::Tensors(t) => t.get(name).map(|t| EntrySpec {
+                shape: t.dims().to_vec(),
+                dtype: t.dtype(),
+            }),
+            Source::Manifest(m, _) => m.get(name).cloned(),
+        }
+    }
+
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Source::Mmap(m) => m.load(name, dev),
+            Source::Tensors(t) => match t.get(name) {
+                Some(t) => t.to_device(dev),
+                None => candle_core::bail!("no tensor {name}"),
+            },
+            Source::Manifest(m, fill) => {
+                let Some(spec) = m.get(name) else {
+                    candle_core::bail!("no tensor {name}")
+                };
+                match fill {
+                    ManifestFill::Zeros => {
+                        Tensor::zeros((), spec.dtype, dev)?.broadcast_as(spec.shape.as_slice())
+                    }
+                    ManifestFill::Random { seed } => random_entry(name, spec, *seed, dev),
+                }
+            }
+        }
+    }
+}
+
+fn safetensors_dtype(d: safetensors::Dtype) -> Option<DType> {
+    Some(match d {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::F64 => DType::F64,
+        safetensors::Dtype::I64 => DType::I64,
+        safetensors::Dtype::U32 => DType::U32,
+        safetensors::Dtype::I32 => DType::I32,
+        safetensors::Dtype::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// Deterministic random values for a manifest entry: weights N(0, 1/fan_in), 1-D tensors small.
+fn random_entry(
+    name: &str,
+    spec: &EntrySpec,
+    seed: u64,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+    let n: usize = spec.shape.iter().product();
+    let fan_in: usize = spec.shape.iter().skip(1).product::<usize>().max(1);
+    let std = if spec.shape.len() >= 2 {
+        (1.0 / fan_in as f32).sqrt()
+    } else {
+        0.05
+    };
+    let base = if spec.shape.len() == 1 && (name.ends_with("weight") || name.ends_with("gamma")) {
+        1.0
+    } else {
+        0.0
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            // Box-Muller from two uniforms keeps this independent of rand_distr's API churn.
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random::<f32>();
+            base + std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, spec.shape.as_slice(), dev)?.to_dtype(spec.dtype)
+}
+
+#[derive(Default)]
+struct Record {
+    used: BTreeSet<String>,
+    missing: Vec<(String, Vec<usize>)>,
+    wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
+    unreadable: Vec<(String, String)>,
+}
+
+/// The [`SimpleBackend`] behind every network's `VarBuilder`.
+pub struct CheckedBackend {
+    source: Arc<Source>,
+    record: Arc<Mutex<Record>>,
+}
+
+impl SimpleBackend for CheckedBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let placeholder = || Tensor::zeros((), dtype, dev)?.broadcast_as(s.clone());
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.used.insert(name.to_string());
+        let Some(spec) = self.source.spec(name) else {
+            rec.missing.push((name.to_string(), s.dims().to_vec()));
+            return placeholder();
+        };
+        if spec.shape != s.dims() {
+            rec.wrong_shape
+                .push((name.to_string(), s.dims().to_vec(), spec.shape.clone()));
+            return placeholder();
+        }
+        drop(rec);
+        match self.source.load(name, dev).and_then(|t| t.to_dtype(dtype)) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+                rec.unreadable.push((name.to_string(), e.to_string()));
+                placeholder()
+            }
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.used.insert(name.to_string());
+        if self.source.spec(name).is_none() {
+            rec.missing.push((name.to_string(), vec![]));
+            drop(rec);
+            return Tensor::zeros((), dtype, dev);
+        }
+        drop(rec);
+        self.source.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.source.spec(name).is_some()
+    }
+}
+
+/// Problems found while building a network from a checkpoint, all of them at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: checkpoint does not match the network:\n{}", .problems.join("\n"))]
+pub struct WeightError {
+    pub origin: String,
+    pub problems: Vec<String>,
+}
+
+/// The handle that collects what a network asked for; call [`WeightCheck::finish`] after building.
+pub struct WeightCheck {
+    origin: String,
+    source: Arc<Source>,
+    record: Arc<Mutex<Record>>,
+}
+
+impl WeightCheck {
+    /// Names the source holds that the network never asked for, plus every recorded problem.
+    pub fn finish(self) -> Result<(), WeightError> {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let mut problems = Vec::new();
+        for (n, s) in &rec.missing {
+            problems.push(format!("  missing: {n} (expected shape {s:?})"));
+        }
+        for (n, want, got) in &rec.wrong_shape {
+            problems.push(format!(
+                "  wrong shape: {n}: the network expects {want:?}, the file has {got:?}"
+            ));
+        }
+        for (n, e) in &rec.unreadable {
+            problems.push(format!("  unreadable: {n}: {e}"));
+        }
+        let mut unexpected: Vec<String> = self
+            .source
+            .names()
+            .into_iter()
+            .filter(|n| !rec.used.contains(n))
+            .collect();
+        unexpected.sort();
+        for n in unexpected {
+            problems.push(format!("  unexpected: {n}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(WeightError {
+                origin: self.origin.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// The names the network asked for so far (sorted).
+    pub fn used(&self) -> Vec<String> {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.used.iter().cloned().collect()
+    }
+}
+
+fn checked(
+    source: Source,
+    origin: String,
+    dtype: DType,
+    dev: &Device,
+) -> (VarBuilder<'static>, WeightCheck) {
+    let source = Arc::new(source);
+    let record = Arc::new(Mutex::new(Record::default()));
+    let backend = CheckedBackend {
+        source: source.clone(),
+        record: record.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, dev.clone());
+    (
+        vb,
+        WeightCheck {
+            origin,
+            source,
+            record,
+        },
+    )
+}
+
+/// Memory-maps a safetensors checkpoint. A truncated or corrupt file is an error naming the file.
+pub fn from_safetensors(
+    path: &Path,
+    dtype: DType,
+    dev: &Device,
+) -> anyhow::Result<(VarBuilder<'static>, WeightCheck)> {
+    if !path.is_file() {
+        anyhow::bail!("weights file not found: {}", path.display());
+    }
+    // SAFETY: the file is mapped read-only; trellis-rs never writes checkpoint files while they
+    // are mapped, and safetensors validates the header and every offset against the file length.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a readable safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
+    Ok(checked(
+        Source::Mmap(st),
+        path.display().to_string(),
+        dtype,
+        dev,
+    ))
+}
+
+/// Networks built from tensors already in memory (fixtures, tests).
+pub fn from_tensors(
+    tensors: HashMap<String, Tensor>,
+    origin: &str,
+    dtype: DType,
+    dev: &Device,
+) -> (VarBuilder<'static>, WeightCheck) {
+    checked(Source::Tensors(tensors), origin.to_string(), dtype, dev)
+}
+
+/// A checkpoint manifest of `../shared/reference/manifests`: its `config` and its state-dict specs.
+pub struct Manifest {
+    pub path: PathBuf,
+    pub config: serde_json::Value,
+    pub entries: HashMap<String, EntrySpec>,
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", path.display()))?;
+        let config = v
+            .get("config")
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{}: no \"config\" key", path.display()))?;
+        let sd = v
+            .get("state_dict")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| anyhow::anyhow!("{}: no \"state_dict\" list", path.display()))?;
+        let mut entries = HashMap::new();
+        for e in sd {
+            let key = e.get("key").and_then(|k| k.as_str());
+            let shape = e.get("shape").and_then(|s| s.as_array());
+            let dtype = e.get("dtype").and_then(|s| s.as_str());
+            let (Some(key), Some(shape), Some(dtype)) = (key, shape, dtype) else {
+                anyhow::bail!("{}: malformed state_dict entry {e}", path.display());
+            };
+            let shape = shape
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| anyhow::anyhow!("{}: bad shape for {key}", path.display()))?;
+            let dtype = match dtype {
+                "float32" => DType::F32,
+                "float16" => DType::F16,
+                "bfloat16" => DType::BF16,
+                "int64" => DType::I64,
+                other => anyhow::bail!("{}: unknown dtype {other} for {key}", path.display()),
+            };
+            entries.insert(key.to_string(), EntrySpec { shape, dtype });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            entries,
+        })
+    }
+
+    /// A `VarBuilder` over this manifest's entries.
+    pub fn var_builder(
+        &self,
+        fill: ManifestFill,
+        dtype: DType,
+        dev: &Device,
+    ) -> (VarBuilder<'static>, WeightCheck) {
+        checked(
+            Source::Manifest(self.entries.clone(), fill),
+            self.path.display().to_string(),
+            dtype,
+            dev,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_missing_wrong_shape_and_unexpected_together() {
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        t.insert("a.weight".to_string(), Tensor::ones((2, 3), DType::F32, &dev).unwrap());
+        t.insert("b.weight".to_string(), Tensor::ones((4,), DType::F32, &dev).unwrap());
+        t.insert("extra".to_string(), Tensor::ones((1,), DType::F32, &dev).unwrap());
+        let (vb, check) = from_tensors(t, "test", DType::F32, &dev);
+        assert!(vb.get((2, 3), "a.weight").is_ok());
+        assert!(vb.get((5,), "b.weight").is_ok());
+        assert!(vb.get((7,), "c.bias").is_ok());
+        let err = check.finish().unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{msg}");
+        assert!(msg.contains("missing: c.bias"), "{msg}");
+        assert!(msg.contains("wrong shape: b.weight"), "{msg}");
+        assert!(msg.contains("unexpected: extra"), "{msg}");
+    }
+
+    #[test]
+    fn casts_to_the_requested_dtype() {
+        let dev = Device::Cpu;
+        let mut t = HashMap::new();
+        t.insert("w".to_string(), Tensor::ones((2,), DType::F16, &dev).unwrap());
+        let (vb, check) = from_tensors(t, "test", DType::F32, &dev);
+        assert_eq!(vb.get(2, "w").unwrap().dtype(), DType::F32);
+        assert_eq!(vb.to_dtype(DType::F16).get(2, "w").unwrap().dtype(), DType::F16);
+        check.finish().unwrap();
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.safetensors");
+        std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+        let err = from_safetensors(&p, DType::F32, &Device::Cpu).err().unwrap();
+        assert!(err.to_string().contains("bad.safetensors"));
+    }
+}
