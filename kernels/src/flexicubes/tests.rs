@@ -283,11 +283,11 @@ impl Dense {
                     continue;
                 }
                 let c = surf[i];
-                for k in 0..num {
+                for group in DMC_TABLE[case[i]].iter().take(num) {
                     let mut acc = [0f32; 3];
                     let mut accc = vec![0f32; self.cd];
                     let mut bsum = 0f32;
-                    for &e in DMC_TABLE[case[i]][k].iter().take_while(|&&e| e >= 0) {
+                    for &e in group.iter().take_while(|&&e| e >= 0) {
                         let e = e as usize;
                         let se = surf_edges[idx_map[i * 12 + e] as usize];
                         let [a, b] = CUBE_EDGES[e];
@@ -296,13 +296,13 @@ impl Dense {
                         let (n0, n1) = (w1, -w0);
                         let den = n0 + n1;
                         let bt = beta(c, e);
-                        for d in 0..3 {
-                            acc[d] += (self.pos[se.0][d] * n0 + self.pos[se.1][d] * n1) / den * bt;
+                        for (d, acc_d) in acc.iter_mut().enumerate() {
+                            *acc_d += (self.pos[se.0][d] * n0 + self.pos[se.1][d] * n1) / den * bt;
                         }
-                        for ch in 0..self.cd {
+                        for (ch, acc_ch) in accc.iter_mut().enumerate() {
                             let (ca, cb) =
                                 (self.col[se.0 * self.cd + ch], self.col[se.1 * self.cd + ch]);
-                            accc[ch] += (ca * n0 + cb * n1) / den * bt;
+                            *acc_ch += (ca * n0 + cb * n1) / den * bt;
                         }
                         bsum += bt;
                         vd_idx_map[i * 12 + e] = vd.len();
