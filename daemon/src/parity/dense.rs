@@ -10,10 +10,13 @@ use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
+use crate::modules::attention::MultiHeadAttention;
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::{
     f_layer_norm, sparse_group_norm, ChannelLayerNorm32, GroupNorm32, LayerNorm32, MultiHeadRMSNorm,
 };
+use crate::modules::patchify as spatial;
+use crate::modules::transformer::{CrossBlockConfig, ModulatedTransformerCrossBlock};
 
 pub const KINDS: &[&str] = &[
     "module:TimestepEmbedder",
@@ -32,6 +35,9 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
         "module:TimestepEmbedder" => timestep_embedder(fx),
         "module:AbsolutePositionEmbedder" => abs_pos_embedder(fx),
         "module:norms" => norms(fx),
+        "module:patchify" => patchify(fx),
+        "module:MultiHeadAttention" => attention(fx),
+        "module:ModulatedTransformerCrossBlock" => cross_block(fx),
         _ => Ok(Outcome::Skipped(format!(
             "{} is not implemented yet",
             fx.kind
@@ -278,6 +284,130 @@ fn norms(fx: &mut Fixture) -> Result<Outcome> {
         if !report.checks.iter().any(|c| &c.name == n) {
             bail!("meta.json lists {n:?}, which this handler does not know");
         }
+    }
+    Ok(Outcome::Checked(report))
+}
+
+fn bool_arg(args: &serde_json::Value, key: &str, default: bool) -> bool {
+    args.get(key).and_then(|v| v.as_bool()).unwrap_or(default)
+}
+
+fn patchify(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let names = meta_tensors(fx);
+    let has = |n: &str| names.iter().any(|x| x == n);
+    let mut report = Report::default();
+    if has("patchified") {
+        let x = fx.io("x")?;
+        let want = fx.io("patchified")?;
+        let p = x.dim(2)? / want.dim(2)?.max(1);
+        let got = spatial::patchify(&x, p)?;
+        report.close(
+            "patchified",
+            &got,
+            &want,
+            tol_of(fx, "patchified", tol::FORWARD),
+        )?;
+        if has("unpatchified") {
+            let back = spatial::unpatchify(&want, p)?;
+            report.close(
+                "unpatchified",
+                &back,
+                &fx.io("unpatchified")?,
+                tol_of(fx, "unpatchified", tol::FORWARD),
+            )?;
+        }
+    }
+    if has("shuffle_out") {
+        let x = fx.io("shuffle_in")?;
+        let want = fx.io("shuffle_out")?;
+        let s = want.dim(2)? / x.dim(2)?.max(1);
+        let got = spatial::pixel_shuffle_3d(&x, s)?;
+        report.close(
+            "shuffle_out",
+            &got,
+            &want,
+            tol_of(fx, "shuffle_out", tol::FORWARD),
+        )?;
+    }
+    if report.checks.is_empty() {
+        bail!("meta.json lists no patchified / shuffle_out tensor");
+    }
+    Ok(Outcome::Checked(report))
+}
+
+fn attention(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let args = fx.config_args()?.clone();
+    let channels = usize_arg(&args, "channels")?;
+    let heads = usize_arg(&args, "num_heads")?;
+    let qkv_bias = bool_arg(&args, "qkv_bias", true);
+    let qk_rms = bool_arg(&args, "qk_rms_norm", false);
+    if let Some(m) = args.get("attn_mode").and_then(|v| v.as_str()) {
+        if m != "full" {
+            bail!("MultiHeadAttention: attn_mode {m:?} (the original implements only \"full\")");
+        }
+    }
+    let kind = args.get("type").and_then(|v| v.as_str()).unwrap_or("self");
+    let (vb, check) = fx.weights(DType::F32)?;
+    let attn = match kind {
+        "self" => MultiHeadAttention::new_self(vb, channels, heads, qkv_bias, qk_rms)?,
+        "cross" => {
+            let ctx = args
+                .get("ctx_channels")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(channels);
+            MultiHeadAttention::new_cross(vb, channels, ctx, heads, qkv_bias, qk_rms)?
+        }
+        other => bail!("MultiHeadAttention: unknown type {other:?}"),
+    };
+    check.finish()?;
+    let ctx = opt_io(fx, "context");
+    let out = attn.forward(&fx.io("x")?, ctx.as_ref())?;
+    let mut report = Report::default();
+    report.close("out", &out, &fx.io("out")?, tol_of(fx, "out", tol::FORWARD))?;
+    Ok(Outcome::Checked(report))
+}
+
+fn cross_block(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let args = fx.config_args()?.clone();
+    let channels = usize_arg(&args, "channels")?;
+    let cfg = CrossBlockConfig {
+        channels,
+        ctx_channels: usize_arg(&args, "ctx_channels")?,
+        num_heads: usize_arg(&args, "num_heads")?,
+        mlp_ratio: args
+            .get("mlp_ratio")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(4.0),
+        qk_rms_norm: bool_arg(&args, "qk_rms_norm", false),
+        qk_rms_norm_cross: bool_arg(&args, "qk_rms_norm_cross", false),
+        qkv_bias: bool_arg(&args, "qkv_bias", true),
+        share_mod: bool_arg(&args, "share_mod", false),
+    };
+    if let Some(m) = args.get("attn_mode").and_then(|v| v.as_str()) {
+        if m != "full" {
+            bail!("ModulatedTransformerCrossBlock: attn_mode {m:?} is not implemented upstream");
+        }
+    }
+    let (vb, check) = fx.weights(DType::F32)?;
+    let block = ModulatedTransformerCrossBlock::new(vb, &cfg)?;
+    check.finish()?;
+    let tr = block.forward_trace(&fx.io("x")?, &fx.io("mod")?, &fx.io("context")?)?;
+    let mut report = Report::default();
+    let inputs = ["x", "mod", "context"];
+    for name in meta_tensors(fx) {
+        let got = match name.as_str() {
+            n if inputs.contains(&n) => continue,
+            "adaln" => &tr.adaln,
+            "after_self_attn" => &tr.after_self_attn,
+            "after_cross_attn" => &tr.after_cross_attn,
+            "out" => &tr.out,
+            other => bail!("meta.json lists {other:?}, which this handler does not know"),
+        };
+        report.close(&name, got, &fx.io(&name)?, tol_of(fx, &name, tol::FORWARD))?;
     }
     Ok(Outcome::Checked(report))
 }
