@@ -10,6 +10,8 @@ use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
+use crate::models::config::SparseStructureFlowConfig;
+use crate::models::ss_flow::{SparseStructureFlowModel, SparseStructureFlowTrace};
 use crate::modules::attention::MultiHeadAttention;
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::{
@@ -38,6 +40,7 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
         "module:patchify" => patchify(fx),
         "module:MultiHeadAttention" => attention(fx),
         "module:ModulatedTransformerCrossBlock" => cross_block(fx),
+        "model:SparseStructureFlowModel" => ss_flow(fx),
         _ => Ok(Outcome::Skipped(format!(
             "{} is not implemented yet",
             fx.kind
@@ -54,9 +57,25 @@ fn meta_tensors(fx: &Fixture) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The stated tolerance of a tensor, else `default`.
+/// The stated tolerance of a tensor (also `"rel_l2 ~1e-2 (...)"`), else `default`.
 fn tol_of(fx: &Fixture, name: &str, default: f64) -> f64 {
-    fx.stated_tolerance(name).unwrap_or(default)
+    if let Some(t) = fx.stated_tolerance(name) {
+        return t;
+    }
+    fx.meta
+        .get("tensors")
+        .and_then(|t| t.get(name))
+        .and_then(|t| t.get("tolerance"))
+        .and_then(|t| t.as_str())
+        .and_then(|s| {
+            s.split_whitespace().find_map(|w| {
+                w.trim_start_matches(['~', '<', '='])
+                    .trim_end_matches([',', ';', ')'])
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .unwrap_or(default)
 }
 
 fn usize_arg(args: &serde_json::Value, key: &str) -> Result<usize> {
@@ -408,6 +427,62 @@ fn cross_block(fx: &mut Fixture) -> Result<Outcome> {
             other => bail!("meta.json lists {other:?}, which this handler does not know"),
         };
         report.close(&name, got, &fx.io(&name)?, tol_of(fx, &name, tol::FORWARD))?;
+    }
+    Ok(Outcome::Checked(report))
+}
+
+/// The typed config of a model fixture (`config.json`'s `args`).
+fn model_config<T: serde::de::DeserializeOwned>(fx: &Fixture) -> Result<T> {
+    let args = fx.config_args()?.clone();
+    serde_json::from_value(args).with_context(|| format!("{}: config.json args", fx.dir.display()))
+}
+
+/// A traced flow tensor by its fixture name (`out`, `input_layer_out`, `t_emb`, `block<i>`).
+fn flow_tensor<'a>(tr: &'a SparseStructureFlowTrace, name: &str) -> Option<&'a Tensor> {
+    match name {
+        "out" => Some(&tr.out),
+        "input_layer_out" => Some(&tr.input_layer_out),
+        "t_emb" => Some(&tr.t_emb),
+        _ => {
+            let i: usize = name.strip_prefix("block")?.parse().ok()?;
+            tr.blocks.get(i)
+        }
+    }
+}
+
+fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let cfg: SparseStructureFlowConfig = model_config(fx)?;
+    let (x, t, cond) = (fx.io("x")?, fx.io("t")?, fx.io("cond")?);
+    let run = |dtype: DType| -> Result<SparseStructureFlowTrace> {
+        let (vb, check) = fx.weights(DType::F32)?;
+        let model = SparseStructureFlowModel::new(&cfg, vb, dtype)?;
+        check.finish()?;
+        model.forward_trace(&x, &t, &cond)
+    };
+    let mut report = Report::default();
+    let names: Vec<String> = meta_tensors(fx)
+        .into_iter()
+        .filter(|n| !["x", "t", "cond"].contains(&n.as_str()))
+        .collect();
+    let f32_trace = run(DType::F32)?;
+    let f16_trace = if cfg.use_fp16 { Some(run(DType::F16)?) } else { None };
+    for name in &names {
+        let expected = fx.io(name)?;
+        if let Some(stem) = name.strip_suffix("_fp32_same_weights") {
+            let got = flow_tensor(&f32_trace, stem)
+                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+            report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
+        } else if let Some(tr) = &f16_trace {
+            let stem = name.strip_suffix("_mixed_fp16").unwrap_or(name);
+            let got = flow_tensor(tr, stem)
+                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+            report.close(name, got, &expected, tol_of(fx, name, tol::FP16))?;
+        } else {
+            let got = flow_tensor(&f32_trace, name)
+                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+            report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
+        }
     }
     Ok(Outcome::Checked(report))
 }
