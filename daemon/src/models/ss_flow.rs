@@ -46,7 +46,11 @@ pub struct SparseStructureFlowModel {
 }
 
 impl SparseStructureFlowModel {
-    pub fn new(cfg: &SparseStructureFlowConfig, vb: VarBuilder, torso_dtype: DType) -> Result<Self> {
+    pub fn new(
+        cfg: &SparseStructureFlowConfig,
+        vb: VarBuilder,
+        torso_dtype: DType,
+    ) -> Result<Self> {
         if cfg.pe_mode != "ape" {
             bail!(
                 "SparseStructureFlowModel: pe_mode {:?} is not supported (only \"ape\"; no official checkpoint uses rope)",
@@ -88,7 +92,9 @@ impl SparseStructureFlowModel {
         };
         let torso = vb.to_dtype(torso_dtype);
         let blocks = (0..cfg.num_blocks)
-            .map(|i| ModulatedTransformerCrossBlock::new(torso.pp(format!("blocks.{i}")), &block_cfg))
+            .map(|i| {
+                ModulatedTransformerCrossBlock::new(torso.pp(format!("blocks.{i}")), &block_cfg)
+            })
             .collect::<Result<Vec<_>>>()?;
         let out_layer = candle_nn::linear(c, cfg.out_channels * p3, f32vb.pp("out_layer"))?;
         Ok(Self {
@@ -131,7 +137,10 @@ impl SparseStructureFlowModel {
         }
         let b = dims[0];
         if t.dims() != [b] {
-            bail!("SparseStructureFlowModel: t is {:?}, expected [{b}]", t.dims());
+            bail!(
+                "SparseStructureFlowModel: t is {:?}, expected [{b}]",
+                t.dims()
+            );
         }
         let (cb, _, cc) = cond
             .dims3()

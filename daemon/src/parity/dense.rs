@@ -10,8 +10,11 @@ use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
-use crate::models::config::SparseStructureFlowConfig;
+use crate::models::config::{
+    SparseStructureDecoderConfig, SparseStructureEncoderConfig, SparseStructureFlowConfig,
+};
 use crate::models::ss_flow::{SparseStructureFlowModel, SparseStructureFlowTrace};
+use crate::models::ss_vae::{occupied_coords, SparseStructureDecoder, SparseStructureEncoder};
 use crate::modules::attention::MultiHeadAttention;
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::{
@@ -41,6 +44,8 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
         "module:MultiHeadAttention" => attention(fx),
         "module:ModulatedTransformerCrossBlock" => cross_block(fx),
         "model:SparseStructureFlowModel" => ss_flow(fx),
+        "model:SparseStructureEncoder" => ss_encoder(fx),
+        "model:SparseStructureDecoder" => ss_decoder(fx),
         _ => Ok(Outcome::Skipped(format!(
             "{} is not implemented yet",
             fx.kind
@@ -466,7 +471,11 @@ fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
         .filter(|n| !["x", "t", "cond"].contains(&n.as_str()))
         .collect();
     let f32_trace = run(DType::F32)?;
-    let f16_trace = if cfg.use_fp16 { Some(run(DType::F16)?) } else { None };
+    let f16_trace = if cfg.use_fp16 {
+        Some(run(DType::F16)?)
+    } else {
+        None
+    };
     for name in &names {
         let expected = fx.io(name)?;
         if let Some(stem) = name.strip_suffix("_fp32_same_weights") {
@@ -482,6 +491,112 @@ fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
             let got = flow_tensor(&f32_trace, name)
                 .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
             report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
+        }
+    }
+    Ok(Outcome::Checked(report))
+}
+
+/// The torso dtype a VAE fixture runs in: float16 where the checkpoint is fp16 (as the original).
+fn vae_torso(use_fp16: bool) -> DType {
+    if use_fp16 {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}
+
+fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let cfg: SparseStructureEncoderConfig = model_config(fx)?;
+    let names = meta_tensors(fx);
+    let input = names
+        .iter()
+        .find(|n| *n == "x" || n.starts_with("x_"))
+        .ok_or_else(|| anyhow!("meta.json lists no input x / x_*"))?
+        .clone();
+    let (vb, check) = fx.weights(DType::F32)?;
+    let enc = SparseStructureEncoder::new(&cfg, vb, vae_torso(cfg.use_fp16))?;
+    check.finish()?;
+    let post = enc.forward_raw(&fx.io(&input)?)?;
+    let default_tol = if cfg.use_fp16 {
+        tol::FP16
+    } else {
+        tol::FORWARD
+    };
+    let mut report = Report::default();
+    for name in names.iter().filter(|n| **n != input) {
+        let got = match name.as_str() {
+            "z" | "mean" => &post.mean,
+            "logvar" => &post.logvar,
+            other => bail!("meta.json lists {other:?}, which this handler does not know"),
+        };
+        report.close(name, got, &fx.io(name)?, tol_of(fx, name, default_tol))?;
+    }
+    Ok(Outcome::Checked(report))
+}
+
+/// Coordinates that differ between `got` and `want` ([N, 4] int) and are not explained by a
+/// reference logit within `margin` of 0, as a fraction of the reference count.
+fn coords_error(got: &Tensor, want: &Tensor, logits: &Tensor, margin: f32) -> Result<f64> {
+    use std::collections::BTreeSet;
+    let set = |t: &Tensor| -> Result<BTreeSet<Vec<i64>>> {
+        Ok(t.to_dtype(DType::I64)?
+            .to_vec2::<i64>()?
+            .into_iter()
+            .collect())
+    };
+    let (g, w) = (set(got)?, set(want)?);
+    let (_, _, x, y, z) = logits.dims5()?;
+    let l: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut unexplained = 0usize;
+    for c in g.symmetric_difference(&w) {
+        let idx = |v: i64, n: usize| usize::try_from(v).ok().filter(|&v| v < n);
+        let near_zero = match (
+            idx(c[0], usize::MAX),
+            idx(c[1], x),
+            idx(c[2], y),
+            idx(c[3], z),
+        ) {
+            (Some(b), Some(i), Some(j), Some(k)) => l
+                .get(((b * x + i) * y + j) * z + k)
+                .is_some_and(|v| v.abs() < margin),
+            _ => false,
+        };
+        if !near_zero {
+            unexplained += 1;
+        }
+    }
+    Ok(unexplained as f64 / w.len().max(1) as f64)
+}
+
+fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let cfg: SparseStructureDecoderConfig = model_config(fx)?;
+    let (vb, check) = fx.weights(DType::F32)?;
+    let dec = SparseStructureDecoder::new(&cfg, vb, vae_torso(cfg.use_fp16))?;
+    check.finish()?;
+    let logits = dec.forward(&fx.io("z")?)?;
+    let default_tol = if cfg.use_fp16 {
+        tol::FP16
+    } else {
+        tol::FORWARD
+    };
+    let mut report = Report::default();
+    for name in meta_tensors(fx) {
+        match name.as_str() {
+            "z" => {}
+            "logits" => report.close(
+                "logits",
+                &logits,
+                &fx.io("logits")?,
+                tol_of(fx, "logits", default_tol),
+            )?,
+            "coords" => {
+                let got = occupied_coords(&logits)?;
+                let err = coords_error(&got, &fx.io("coords")?, &fx.io("logits")?, 1e-4)?;
+                report.record("coords", err, 0.0);
+            }
+            other => bail!("meta.json lists {other:?}, which this handler does not know"),
         }
     }
     Ok(Outcome::Checked(report))
