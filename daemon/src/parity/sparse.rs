@@ -11,6 +11,8 @@ use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
+use crate::models::config::ModelConfig;
+use crate::models::slat_vae::encoder::SLatEncoder;
 use crate::modules::sparse::attention::{AttnMode, SparseMultiHeadAttention};
 use crate::modules::sparse::conv::SparseConv3d;
 use crate::modules::sparse::spatial::{SparseDownsample, SparseSubdivide, SparseUpsample};
@@ -51,12 +53,21 @@ fn stated(fx: &Fixture, name: &str) -> Option<Option<f64>> {
         return Some(None);
     }
     s.split_whitespace()
-        .find_map(|w| w.trim_matches(|c: char| "~<=,;()".contains(c)).parse::<f64>().ok())
+        .find_map(|w| {
+            w.trim_matches(|c: char| "~<=,;()".contains(c))
+                .parse::<f64>()
+                .ok()
+        })
         .map(Some)
 }
 
 /// Compares every meta.json tensor except `inputs` with what was produced.
-fn compare_all(fx: &Fixture, produced: &Produced, inputs: &[&str], default_tol: f64) -> Result<Report> {
+fn compare_all(
+    fx: &Fixture,
+    produced: &Produced,
+    inputs: &[&str],
+    default_tol: f64,
+) -> Result<Report> {
     let mut report = Report::default();
     let tensors = fx
         .meta
@@ -115,8 +126,16 @@ fn sparse_conv(fx: &mut Fixture) -> Result<Outcome> {
     p.insert("feats_out".into(), y.feats().clone());
     p.insert("dense_out_at_sites".into(), y.feats().clone());
     let w = vb.get((cout, k, k, k, cin), "conv.weight")?;
-    p.insert("dense_weight_oixyz".into(), w.permute((0, 4, 1, 2, 3))?.contiguous()?);
-    Ok(Outcome::Checked(compare_all(fx, &p, &["coords", "feats_in"], tol::FORWARD)?))
+    p.insert(
+        "dense_weight_oixyz".into(),
+        w.permute((0, 4, 1, 2, 3))?.contiguous()?,
+    );
+    Ok(Outcome::Checked(compare_all(
+        fx,
+        &p,
+        &["coords", "feats_in"],
+        tol::FORWARD,
+    )?))
 }
 
 fn sparse_spatial(fx: &mut Fixture) -> Result<Outcome> {
@@ -171,15 +190,22 @@ fn sparse_attention(fx: &mut Fixture) -> Result<Outcome> {
     let channels = arg_usize(&args, "channels")?;
     let heads = arg_usize(&args, "num_heads")?;
     let ty = args.get("type").and_then(|v| v.as_str()).unwrap_or("self");
-    let mode = args.get("attn_mode").and_then(|v| v.as_str()).unwrap_or("full");
-    let qk_rms = args.get("qk_rms_norm").and_then(|v| v.as_bool()).unwrap_or(false);
+    let mode = args
+        .get("attn_mode")
+        .and_then(|v| v.as_str())
+        .unwrap_or("full");
+    let qk_rms = args
+        .get("qk_rms_norm")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let (vb, check) = fx.weights(DType::F32)?;
     let x = sparse_input(fx, "coords", "x")?;
     let mut p = Produced::new();
     let mut inputs = vec!["coords", "x"];
     match ty {
         "self" => {
-            let mode = AttnMode::from_args(mode, arg_opt_usize(&args, "window_size"), shift_arg(&args)?)?;
+            let mode =
+                AttnMode::from_args(mode, arg_opt_usize(&args, "window_size"), shift_arg(&args)?)?;
             let attn = SparseMultiHeadAttention::new_self(channels, heads, mode, qk_rms, vb)?;
             check.finish()?;
             let t = attn.self_projections(&x)?;
@@ -192,7 +218,9 @@ fn sparse_attention(fx: &mut Fixture) -> Result<Outcome> {
             }
             p.insert("out".into(), attn.forward(&x)?.feats().clone());
             if let AttnMode::Windowed { window, shift } = mode {
-                let part = x.geometry().window_partition([window; 3], [shift as i32; 3])?;
+                let part = x
+                    .geometry()
+                    .window_partition([window; 3], [shift as i32; 3])?;
                 let n = x.rows();
                 p.insert(
                     "window_xyz".into(),
@@ -206,20 +234,72 @@ fn sparse_attention(fx: &mut Fixture) -> Result<Outcome> {
         }
         "cross" => {
             let ctx_channels = arg_opt_usize(&args, "ctx_channels").unwrap_or(channels);
-            let attn = SparseMultiHeadAttention::new_cross(channels, ctx_channels, heads, qk_rms, vb)?;
+            let attn =
+                SparseMultiHeadAttention::new_cross(channels, ctx_channels, heads, qk_rms, vb)?;
             check.finish()?;
-            p.insert("out".into(), attn.forward_cross(&x, &fx.io("context")?)?.feats().clone());
+            p.insert(
+                "out".into(),
+                attn.forward_cross(&x, &fx.io("context")?)?.feats().clone(),
+            );
             inputs.push("context");
         }
         other => bail!("SparseMultiHeadAttention type {other:?} unknown"),
     }
-    Ok(Outcome::Checked(compare_all(fx, &p, &inputs, tol::FORWARD)?))
+    Ok(Outcome::Checked(compare_all(
+        fx,
+        &p,
+        &inputs,
+        tol::FORWARD,
+    )?))
 }
 
 fn slat_flow(fx: &mut Fixture) -> Result<Outcome> {
-    Ok(Outcome::Skipped(format!("{} is not implemented yet", fx.kind)))
+    Ok(Outcome::Skipped(format!(
+        "{} is not implemented yet",
+        fx.kind
+    )))
+}
+
+fn model_config(fx: &Fixture) -> Result<ModelConfig> {
+    let cfg = fx
+        .config
+        .as_ref()
+        .ok_or_else(|| anyhow!("{}: no config.json", fx.dir.display()))?;
+    ModelConfig::from_json(&fx.dir.join("config.json").display().to_string(), cfg)
+}
+
+/// A hook that records `<prefix><i>_feats` / `<prefix><i>_coords` after every block.
+fn record_blocks<'a>(
+    p: &'a mut Produced,
+    prefix: &'a str,
+) -> impl FnMut(usize, &SparseTensor) -> Result<()> + 'a {
+    move |i, h| {
+        p.insert(
+            format!("{prefix}{i}_feats"),
+            h.feats().to_dtype(DType::F32)?,
+        );
+        p.insert(format!("{prefix}{i}_coords"), h.coords_tensor()?);
+        Ok(())
+    }
 }
 
 fn slat_encoder(fx: &mut Fixture) -> Result<Outcome> {
-    Ok(Outcome::Skipped(format!("{} is not implemented yet", fx.kind)))
+    let ModelConfig::SLatEncoder { config, .. } = model_config(fx)? else {
+        bail!("{}: config.json is not an SLatEncoder", fx.dir.display());
+    };
+    let (vb, check) = fx.weights(DType::F32)?;
+    let enc = SLatEncoder::new(&config, vb, DType::F32)?;
+    check.finish()?;
+    let x = sparse_input(fx, "coords", "feats")?;
+    let mut p = Produced::new();
+    let post = enc.forward_traced(&x, None, &mut record_blocks(&mut p, "block"))?;
+    p.insert("z".into(), post.z.feats().clone());
+    p.insert("mean".into(), post.mean);
+    p.insert("logvar".into(), post.logvar);
+    Ok(Outcome::Checked(compare_all(
+        fx,
+        &p,
+        &["coords", "feats"],
+        tol::FORWARD,
+    )?))
 }

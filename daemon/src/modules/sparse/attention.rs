@@ -8,12 +8,13 @@
 //! `trellis_kernels::attention::varlen_attention` (f32, tiled, softmax scale 1/sqrt(D)).
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 
 use super::linear::SparseLinear;
 use super::tensor::{to_f32_vec, SparseTensor};
+use crate::modules::norm::MultiHeadRMSNorm;
 
 /// How self-attention groups tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,35 +44,16 @@ impl AttnMode {
     }
 }
 
-/// `SparseMultiHeadRMSNorm`: `normalize(x, dim=-1) * gamma * sqrt(D)` in f32, input dtype out.
-#[derive(Debug, Clone)]
-pub struct SparseMultiHeadRmsNorm {
-    gamma: Tensor,
-    scale: f64,
-}
-
-impl SparseMultiHeadRmsNorm {
-    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            gamma: vb.to_dtype(DType::F32).get((heads, dim), "gamma")?,
-            scale: (dim as f64).sqrt(),
-        })
-    }
-
-    /// `x [.., H, D]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
-        let y = x.broadcast_div(&norm)?.broadcast_mul(&self.gamma)?;
-        Ok((y * self.scale)?.to_dtype(dt)?)
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Projection {
-    SelfAttn { to_qkv: SparseLinear, mode: AttnMode },
-    Cross { to_q: SparseLinear, to_kv: SparseLinear },
+    SelfAttn {
+        to_qkv: SparseLinear,
+        mode: AttnMode,
+    },
+    Cross {
+        to_q: SparseLinear,
+        to_kv: SparseLinear,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +61,7 @@ pub struct SparseMultiHeadAttention {
     channels: usize,
     heads: usize,
     proj: Projection,
-    rms: Option<(SparseMultiHeadRmsNorm, SparseMultiHeadRmsNorm)>,
+    rms: Option<(MultiHeadRMSNorm, MultiHeadRMSNorm)>,
     to_out: SparseLinear,
 }
 
@@ -94,18 +76,42 @@ pub struct SelfAttnTrace {
 
 impl SparseMultiHeadAttention {
     /// Self-attention (`type="self"`).
-    pub fn new_self(channels: usize, heads: usize, mode: AttnMode, qk_rms_norm: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new_self(
+        channels: usize,
+        heads: usize,
+        mode: AttnMode,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Self::check_heads(channels, heads)?;
         let to_qkv = SparseLinear::new(channels, 3 * channels, vb.pp("to_qkv"))?;
-        Self::finish(channels, heads, Projection::SelfAttn { to_qkv, mode }, qk_rms_norm, vb)
+        Self::finish(
+            channels,
+            heads,
+            Projection::SelfAttn { to_qkv, mode },
+            qk_rms_norm,
+            vb,
+        )
     }
 
     /// Cross-attention to a dense context (`type="cross"`, always full).
-    pub fn new_cross(channels: usize, ctx_channels: usize, heads: usize, qk_rms_norm: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new_cross(
+        channels: usize,
+        ctx_channels: usize,
+        heads: usize,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Self::check_heads(channels, heads)?;
         let to_q = SparseLinear::new(channels, channels, vb.pp("to_q"))?;
         let to_kv = SparseLinear::new(ctx_channels, 2 * channels, vb.pp("to_kv"))?;
-        Self::finish(channels, heads, Projection::Cross { to_q, to_kv }, qk_rms_norm, vb)
+        Self::finish(
+            channels,
+            heads,
+            Projection::Cross { to_q, to_kv },
+            qk_rms_norm,
+            vb,
+        )
     }
 
     fn check_heads(channels: usize, heads: usize) -> Result<()> {
@@ -116,12 +122,18 @@ impl SparseMultiHeadAttention {
         Ok(())
     }
 
-    fn finish(channels: usize, heads: usize, proj: Projection, qk_rms_norm: bool, vb: VarBuilder) -> Result<Self> {
+    fn finish(
+        channels: usize,
+        heads: usize,
+        proj: Projection,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let d = channels / heads;
         let rms = if qk_rms_norm {
             Some((
-                SparseMultiHeadRmsNorm::new(d, heads, vb.pp("q_rms_norm"))?,
-                SparseMultiHeadRmsNorm::new(d, heads, vb.pp("k_rms_norm"))?,
+                MultiHeadRMSNorm::new(vb.pp("q_rms_norm"), d, heads)?,
+                MultiHeadRMSNorm::new(vb.pp("k_rms_norm"), d, heads)?,
             ))
         } else {
             None
@@ -146,7 +158,10 @@ impl SparseMultiHeadAttention {
             bail!("self_projections called on a cross-attention module")
         };
         let n = x.rows();
-        let qkv = to_qkv.forward(x)?.feats().reshape((n, 3, self.heads, self.head_dim()))?;
+        let qkv = to_qkv
+            .forward(x)?
+            .feats()
+            .reshape((n, 3, self.heads, self.head_dim()))?;
         let (q_normed, k_normed) = match &self.rms {
             Some((qn, kn)) => (
                 Some(qn.forward(&qkv.narrow(1, 0, 1)?.squeeze(1)?)?),
@@ -277,7 +292,8 @@ impl SparseMultiHeadAttention {
     }
 
     fn output(&self, x: &SparseTensor, out: Vec<f32>) -> Result<SparseTensor> {
-        let t = Tensor::from_vec(out, (x.rows(), self.channels), x.device())?.to_dtype(x.dtype())?;
+        let t =
+            Tensor::from_vec(out, (x.rows(), self.channels), x.device())?.to_dtype(x.dtype())?;
         self.to_out.forward(&x.replace(t)?)
     }
 }

@@ -27,7 +27,12 @@ pub struct SparseConv3d {
 impl SparseConv3d {
     /// `SparseConv3d(in, out, kernel_size)` with a bias; `vb` is the module's prefix (the tensors
     /// are `conv.weight` / `conv.bias` under it).
-    pub fn new(in_channels: usize, out_channels: usize, kernel_size: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         ensure!(
             kernel_size % 2 == 1,
             "SparseConv3d: kernel size {kernel_size} must be odd (submanifold convolution)"

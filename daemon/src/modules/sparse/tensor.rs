@@ -138,7 +138,11 @@ impl Geometry {
     }
 
     /// The window partition for `window` and `shift` (built once per geometry).
-    pub fn window_partition(&self, window: [usize; 3], shift: [i32; 3]) -> Result<Arc<WindowPartition>> {
+    pub fn window_partition(
+        &self,
+        window: [usize; 3],
+        shift: [i32; 3],
+    ) -> Result<Arc<WindowPartition>> {
         let mut m = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = m.get(&(window, shift)) {
             return Ok(p.clone());
@@ -148,7 +152,11 @@ impl Geometry {
         Ok(p)
     }
 
-    fn compute_window_partition(&self, window: [usize; 3], shift: [i32; 3]) -> Result<WindowPartition> {
+    fn compute_window_partition(
+        &self,
+        window: [usize; 3],
+        shift: [i32; 3],
+    ) -> Result<WindowPartition> {
         ensure!(
             window.iter().all(|&w| w > 0),
             "windowed attention: window size {window:?} must be positive"
@@ -217,7 +225,11 @@ impl Geometry {
 
     /// The coords as an int32 tensor `[N, 4]`.
     pub fn coords_tensor(&self) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.coords, (self.rows(), 4), &self.device)?)
+        Ok(Tensor::from_slice(
+            &self.coords,
+            (self.rows(), 4),
+            &self.device,
+        )?)
     }
 }
 

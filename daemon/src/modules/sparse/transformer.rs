@@ -60,7 +60,13 @@ impl SparseTransformerBlock {
         Ok(Self {
             norm1: SparseLayerNorm32::new(channels, false, 1e-6, vb.pp("norm1"))?,
             norm2: SparseLayerNorm32::new(channels, false, 1e-6, vb.pp("norm2"))?,
-            attn: SparseMultiHeadAttention::new_self(channels, heads, mode, qk_rms_norm, vb.pp("attn"))?,
+            attn: SparseMultiHeadAttention::new_self(
+                channels,
+                heads,
+                mode,
+                qk_rms_norm,
+                vb.pp("attn"),
+            )?,
             mlp: SparseFeedForwardNet::new(channels, mlp_ratio, vb.pp("mlp"))?,
         })
     }
@@ -106,14 +112,24 @@ impl ModulatedSparseTransformerCrossBlock {
         let ada_ln = if a.share_mod {
             None
         } else {
-            Some(candle_nn::linear(c, 6 * c, vb.pp("adaLN_modulation").pp("1"))?)
+            Some(candle_nn::linear(
+                c,
+                6 * c,
+                vb.pp("adaLN_modulation").pp("1"),
+            )?)
         };
         Ok(Self {
             channels: c,
             norm1: SparseLayerNorm32::new(c, false, 1e-6, vb.pp("norm1"))?,
             norm2: SparseLayerNorm32::new(c, true, 1e-6, vb.pp("norm2"))?,
             norm3: SparseLayerNorm32::new(c, false, 1e-6, vb.pp("norm3"))?,
-            self_attn: SparseMultiHeadAttention::new_self(c, a.heads, a.mode, a.qk_rms_norm, vb.pp("self_attn"))?,
+            self_attn: SparseMultiHeadAttention::new_self(
+                c,
+                a.heads,
+                a.mode,
+                a.qk_rms_norm,
+                vb.pp("self_attn"),
+            )?,
             cross_attn: SparseMultiHeadAttention::new_cross(
                 c,
                 a.ctx_channels,
@@ -128,7 +144,12 @@ impl ModulatedSparseTransformerCrossBlock {
 
     /// `x`: tokens; `modulation`: `t_emb [B, C]` (or, with `share_mod`, the shared `[B, 6C]`
     /// modulation); `context`: `[B, L, C_ctx]`.
-    pub fn forward(&self, x: &SparseTensor, modulation: &Tensor, context: &Tensor) -> Result<SparseTensor> {
+    pub fn forward(
+        &self,
+        x: &SparseTensor,
+        modulation: &Tensor,
+        context: &Tensor,
+    ) -> Result<SparseTensor> {
         let m = match &self.ada_ln {
             Some(l) => {
                 let w = l.weight().dtype();
@@ -150,7 +171,9 @@ impl ModulatedSparseTransformerCrossBlock {
         let h = self.self_attn.forward(&h)?.gate(&gate_msa)?;
         let x = x.add(&h)?;
         let h = self.norm2.forward(&x)?;
-        let h = self.cross_attn.forward_cross(&h, &context.to_dtype(x.dtype())?)?;
+        let h = self
+            .cross_attn
+            .forward_cross(&h, &context.to_dtype(x.dtype())?)?;
         let x = x.add(&h)?;
         let h = self.norm3.forward(&x)?.modulate(&shift_mlp, &scale_mlp)?;
         let h = self.mlp.forward(&h)?.gate(&gate_mlp)?;
