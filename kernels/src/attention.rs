@@ -64,11 +64,8 @@ pub fn varlen_attention(
     } = shape;
     let qrow = heads * d;
     let vrow = heads * dv;
-    let (nq, nk) = if qrow == 0 {
-        (0, 0)
-    } else {
-        (q.len() / qrow, k.len() / qrow)
-    };
+    let nq = q.len().checked_div(qrow).unwrap_or(0);
+    let nk = k.len().checked_div(qrow).unwrap_or(0);
     check("q", q.len(), nq * qrow)?;
     check("k", k.len(), nk * qrow)?;
     check("v", v.len(), nk * vrow)?;

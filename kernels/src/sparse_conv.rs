@@ -65,10 +65,10 @@ pub fn submanifold_neighbours(
     coords: &[i32],
     kernel: [usize; 3],
 ) -> Result<NeighbourMap, SparseConvError> {
-    if coords.len() % 4 != 0 {
+    if !coords.len().is_multiple_of(4) {
         return Err(SparseConvError::BadCoords(coords.len()));
     }
-    if kernel.iter().any(|&k| k == 0 || k % 2 == 0) {
+    if kernel.iter().any(|&k| k.is_multiple_of(2)) {
         return Err(SparseConvError::BadKernel(kernel));
     }
     let n = coords.len() / 4;

@@ -116,7 +116,7 @@ impl SparseMultiHeadAttention {
 
     fn check_heads(channels: usize, heads: usize) -> Result<()> {
         ensure!(
-            heads > 0 && channels % heads == 0,
+            heads > 0 && channels.is_multiple_of(heads),
             "attention: {channels} channels are not divisible by {heads} heads"
         );
         Ok(())

@@ -46,7 +46,7 @@ impl SparseGroupNorm32 {
         vb: VarBuilder,
     ) -> Result<Self> {
         ensure!(
-            groups > 0 && channels % groups == 0,
+            groups > 0 && channels.is_multiple_of(groups),
             "GroupNorm: {channels} channels are not divisible into {groups} groups"
         );
         let affine = if affine {

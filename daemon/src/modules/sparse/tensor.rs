@@ -35,6 +35,9 @@ pub struct UpsampleCache {
     pub inverse: Vec<u32>,
 }
 
+/// (window size, shift) per axis.
+type WindowKey = ([usize; 3], [i32; 3]);
+
 /// Coordinates, batch layout and the per-scale caches.
 pub struct Geometry {
     coords: Vec<i32>,
@@ -43,7 +46,7 @@ pub struct Geometry {
     device: Device,
     upsample: Option<UpsampleCache>,
     neighbours: Mutex<HashMap<[usize; 3], Arc<NeighbourMap>>>,
-    windows: Mutex<HashMap<([usize; 3], [i32; 3]), Arc<WindowPartition>>>,
+    windows: Mutex<HashMap<WindowKey, Arc<WindowPartition>>>,
     batch_index: Mutex<Option<Tensor>>,
 }
 
@@ -61,7 +64,7 @@ impl Geometry {
     /// derives the layout. `batch_size` defaults to `max batch + 1`.
     pub fn new(coords: Vec<i32>, batch_size: Option<usize>, device: &Device) -> Result<Self> {
         ensure!(
-            coords.len() % 4 == 0,
+            coords.len().is_multiple_of(4),
             "sparse tensor: coords must be [N, 4] (b, x, y, z), got {} values",
             coords.len()
         );
