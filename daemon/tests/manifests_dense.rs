@@ -63,7 +63,9 @@ fn check_manifest(stem: &str) {
         .join(format!("{stem}.json"));
     let manifest = Manifest::load(&path).unwrap();
     let config = ModelConfig::from_json(stem, &manifest.config).unwrap();
-    let use_fp16 = manifest.config["args"]["use_fp16"].as_bool().unwrap_or(false);
+    let use_fp16 = manifest.config["args"]["use_fp16"]
+        .as_bool()
+        .unwrap_or(false);
     let torso = if use_fp16 { DType::F16 } else { DType::F32 };
     let dev = Device::Cpu;
 
@@ -86,14 +88,27 @@ fn check_manifest(stem: &str) {
     for (name, spec) in &manifest.entries {
         match asked.get(name) {
             Some(d) if *d == spec.dtype => {}
-            other => wrong.push(format!("{name}: manifest {:?}, network {other:?}", spec.dtype)),
+            other => wrong.push(format!(
+                "{name}: manifest {:?}, network {other:?}",
+                spec.dtype
+            )),
         }
     }
-    assert!(wrong.is_empty(), "{stem}: dtype mismatches:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{stem}: dtype mismatches:\n{}",
+        wrong.join("\n")
+    );
     // the fp16 checkpoints really do mix both dtypes
     if use_fp16 {
-        assert!(asked.values().any(|d| *d == DType::F16), "{stem}: no float16 entry");
-        assert!(asked.values().any(|d| *d == DType::F32), "{stem}: no float32 entry");
+        assert!(
+            asked.values().any(|d| *d == DType::F16),
+            "{stem}: no float16 entry"
+        );
+        assert!(
+            asked.values().any(|d| *d == DType::F32),
+            "{stem}: no float32 entry"
+        );
     }
 }
 
