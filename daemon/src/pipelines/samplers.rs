@@ -48,7 +48,11 @@ impl SamplerSettings {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.steps >= 1, "sampler steps must be at least 1 (got {})", self.steps);
+        ensure!(
+            self.steps >= 1,
+            "sampler steps must be at least 1 (got {})",
+            self.steps
+        );
         ensure!(
             self.rescale_t.is_finite() && self.rescale_t > 0.0,
             "sampler rescale_t must be a positive number (got {})",
@@ -74,7 +78,11 @@ impl SamplerSettings {
         let ts: Vec<f64> = (0..=n)
             .map(|i| {
                 // numpy linspace: start + i * step, the last point exactly `stop`.
-                let t = if i == n { 0.0 } else { 1.0 - i as f64 * (1.0 / n as f64) };
+                let t = if i == n {
+                    0.0
+                } else {
+                    1.0 - i as f64 * (1.0 / n as f64)
+                };
                 r * t / (1.0 + (r - 1.0) * t)
             })
             .collect();
@@ -128,7 +136,10 @@ pub struct FlowEulerSampler {
 
 impl FlowEulerSampler {
     pub fn from_config(c: &SamplerConfig) -> Self {
-        Self { kind: c.kind, sigma_min: c.args.sigma_min }
+        Self {
+            kind: c.kind,
+            sigma_min: c.args.sigma_min,
+        }
     }
 
     /// Whether the step at time `t` uses classifier-free guidance.
@@ -155,10 +166,18 @@ impl FlowEulerSampler {
     ) -> Result<SampleOutput> {
         settings.validate()?;
         ensure!(batch >= 1, "sampler: empty batch");
-        let Hooks { mut on_step, cancel, keep_trajectory } = hooks;
+        let Hooks {
+            mut on_step,
+            cancel,
+            keep_trajectory,
+        } = hooks;
         let pairs = settings.time_pairs();
         let mut x = noise.clone();
-        let mut out = SampleOutput { samples: noise.clone(), pred_x_t: vec![], pred_x0: vec![] };
+        let mut out = SampleOutput {
+            samples: noise.clone(),
+            pred_x_t: vec![],
+            pred_x0: vec![],
+        };
         for (i, &(t, t_prev)) in pairs.iter().enumerate() {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 bail!("cancelled at step {} of {}", i + 1, pairs.len());
@@ -174,7 +193,11 @@ impl FlowEulerSampler {
                 out.pred_x_t.push(x.clone());
             }
             if let Some(cb) = on_step.as_mut() {
-                cb(StepEvent { step: i + 1, steps: pairs.len(), t });
+                cb(StepEvent {
+                    step: i + 1,
+                    steps: pairs.len(),
+                    t,
+                });
             }
         }
         out.samples = x;
@@ -240,7 +263,9 @@ impl FlowEulerSampler {
                         Some(acc) => (acc + p)?,
                     });
                 }
-                let Some(sum) = sum else { bail!("multi-image conditioning without images") };
+                let Some(sum) = sum else {
+                    bail!("multi-image conditioning without images")
+                };
                 let pos = (sum / n as f64)?;
                 if guided {
                     cfg(pos, eval(neg)?)
@@ -258,7 +283,10 @@ pub fn repeat_to_batch(c: &Tensor, batch: usize) -> Result<Tensor> {
     if b == batch {
         return Ok(c.clone());
     }
-    ensure!(b == 1, "condition batch {b} does not match the sample batch {batch}");
+    ensure!(
+        b == 1,
+        "condition batch {b} does not match the sample batch {batch}"
+    );
     let mut reps = vec![1usize; c.rank()];
     reps[0] = batch;
     Ok(c.repeat(reps)?)
@@ -266,7 +294,11 @@ pub fn repeat_to_batch(c: &Tensor, batch: usize) -> Result<Tensor> {
 
 /// Float32 view for samplers (fp16 networks still sample in float32, as the original does).
 pub fn as_f32(t: &Tensor) -> Result<Tensor> {
-    Ok(if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? })
+    Ok(if t.dtype() == DType::F32 {
+        t.clone()
+    } else {
+        t.to_dtype(DType::F32)?
+    })
 }
 
 #[cfg(test)]
@@ -275,11 +307,19 @@ mod tests {
     use candle_core::Device;
 
     fn gi() -> FlowEulerSampler {
-        FlowEulerSampler { kind: SamplerKind::FlowEulerGuidanceInterval, sigma_min: 1e-5 }
+        FlowEulerSampler {
+            kind: SamplerKind::FlowEulerGuidanceInterval,
+            sigma_min: 1e-5,
+        }
     }
 
     fn settings(steps: usize, r: f64, s: f64) -> SamplerSettings {
-        SamplerSettings { steps, rescale_t: r, cfg_strength: s, cfg_interval: (0.5, 1.0) }
+        SamplerSettings {
+            steps,
+            rescale_t: r,
+            cfg_strength: s,
+            cfg_interval: (0.5, 1.0),
+        }
     }
 
     #[test]
@@ -293,11 +333,23 @@ mod tests {
 
     #[test]
     fn zero_steps_and_bad_values_are_rejected() {
-        let p = SamplerParams { steps: Some(0), ..Default::default() };
-        assert!(SamplerSettings::resolve(&p).unwrap_err().to_string().contains("steps"));
-        let p = SamplerParams { rescale_t: Some(-1.0), ..Default::default() };
+        let p = SamplerParams {
+            steps: Some(0),
+            ..Default::default()
+        };
+        assert!(SamplerSettings::resolve(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("steps"));
+        let p = SamplerParams {
+            rescale_t: Some(-1.0),
+            ..Default::default()
+        };
         assert!(SamplerSettings::resolve(&p).is_err());
-        let p = SamplerParams { steps: Some(3), ..Default::default() };
+        let p = SamplerParams {
+            steps: Some(3),
+            ..Default::default()
+        };
         assert_eq!(SamplerSettings::resolve(&p).unwrap().steps, 3);
     }
 
@@ -323,9 +375,18 @@ mod tests {
             calls.borrow_mut().clear();
             let single = conds.narrow(0, 0, 1).unwrap();
             let cond = match mode {
-                0 => Conditioning::Single { cond: &single, neg: &neg },
-                1 => Conditioning::Stochastic { conds: &conds, neg: &neg },
-                _ => Conditioning::MultiDiffusion { conds: &conds, neg: &neg },
+                0 => Conditioning::Single {
+                    cond: &single,
+                    neg: &neg,
+                },
+                1 => Conditioning::Stochastic {
+                    conds: &conds,
+                    neg: &neg,
+                },
+                _ => Conditioning::MultiDiffusion {
+                    conds: &conds,
+                    neg: &neg,
+                },
             };
             let mut events = vec![];
             let mut cb = |e: StepEvent| events.push(e.step);
@@ -336,7 +397,11 @@ mod tests {
                     2,
                     &cond,
                     &s,
-                    Hooks { on_step: Some(&mut cb), cancel: None, keep_trajectory: true },
+                    Hooks {
+                        on_step: Some(&mut cb),
+                        cancel: None,
+                        keep_trajectory: true,
+                    },
                 )
                 .unwrap();
             assert_eq!(events, vec![1, 2, 3, 4]);
@@ -362,7 +427,10 @@ mod tests {
             }
             let got: Vec<f32> = out.samples.flatten_all().unwrap().to_vec1().unwrap();
             for (g, e) in got.iter().zip(&x) {
-                assert!((*g as f64 - e).abs() < 1e-5, "mode {mode}: {got:?} vs {x:?}");
+                assert!(
+                    (*g as f64 - e).abs() < 1e-5,
+                    "mode {mode}: {got:?} vs {x:?}"
+                );
             }
             assert_eq!(out.pred_x_t.len(), 4);
             assert_eq!(out.pred_x0.len(), 4);
@@ -393,7 +461,11 @@ mod tests {
                 1,
                 &Conditioning::Single { cond: &c, neg: &c },
                 &settings(5, 1.0, 0.0),
-                Hooks { on_step: None, cancel: Some(&flag), keep_trajectory: false },
+                Hooks {
+                    on_step: None,
+                    cancel: Some(&flag),
+                    keep_trajectory: false,
+                },
             )
             .err()
             .unwrap();
