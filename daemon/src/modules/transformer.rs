@@ -1,1 +1,234 @@
-//! (to be written)
+//! Dense transformer pieces: twin of trellis/modules/transformer/{blocks,modulated}.py
+//! (`FeedForwardNet`, `ModulatedTransformerCrossBlock`) and `modulate` of trellis/modules/utils.py.
+
+use anyhow::{bail, Result};
+use candle_core::{Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::attention::MultiHeadAttention;
+use super::norm::LayerNorm32;
+
+/// adaLN modulation `x * (1 + scale) + shift`. With `x` `[B, L, C]` and `shift`/`scale` `[B, C]`, the
+/// modulation is broadcast over L (torch's `unsqueeze(1)`); otherwise the shapes must broadcast
+/// as they are (e.g. `x` `[N, C]` with `[1, C]` or `[C]`).
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let lift = |t: &Tensor| -> Result<Tensor> {
+        Ok(if x.rank() == 3 && t.rank() == 2 {
+            t.unsqueeze(1)?
+        } else {
+            t.clone()
+        })
+    };
+    let (shift, scale) = (lift(shift)?, lift(scale)?);
+    let one_plus = (scale + 1.0)?;
+    Ok(x.broadcast_mul(&one_plus)?.broadcast_add(&shift)?)
+}
+
+/// `FeedForwardNet(channels, mlp_ratio)`: Linear(C, int(C * ratio)), GELU (tanh approximation),
+/// Linear back to C. Keys `mlp.0.*`, `mlp.2.*` under the given builder. Any rank, last dim C.
+#[derive(Debug, Clone)]
+pub struct FeedForwardNet {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl FeedForwardNet {
+    pub fn new(vb: VarBuilder, channels: usize, mlp_ratio: f64) -> Result<Self> {
+        let hidden = (channels as f64 * mlp_ratio) as usize;
+        if hidden == 0 {
+            bail!("FeedForwardNet: hidden width int({channels} * {mlp_ratio}) is 0");
+        }
+        Ok(Self {
+            fc1: candle_nn::linear(channels, hidden, vb.pp("mlp.0"))?,
+            fc2: candle_nn::linear(hidden, channels, vb.pp("mlp.2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
+        let h = self.fc1.forward(x)?.gelu()?;
+        Ok(self.fc2.forward(&h)?)
+    }
+}
+
+/// Constructor arguments of [`ModulatedTransformerCrossBlock`] (attention mode is always "full").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossBlockConfig {
+    pub channels: usize,
+    pub ctx_channels: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub qk_rms_norm: bool,
+    pub qk_rms_norm_cross: bool,
+    pub qkv_bias: bool,
+    pub share_mod: bool,
+}
+
+/// What one block computed, for parity: the 6C modulation vector and the residual stream after each
+/// sub-layer.
+#[derive(Debug, Clone)]
+pub struct CrossBlockTrace {
+    pub adaln: Tensor,
+    pub after_self_attn: Tensor,
+    pub after_cross_attn: Tensor,
+    pub out: Tensor,
+}
+
+/// `ModulatedTransformerCrossBlock`: adaLN-modulated self-attention, plain cross-attention (after the
+/// affine `norm2`), adaLN-modulated MLP. Norms: LayerNorm32 eps 1e-6, only `norm2` affine.
+/// Linear layers take `vb`'s dtype (float16 in fp16 torsos); norm parameters stay float32.
+#[derive(Debug, Clone)]
+pub struct ModulatedTransformerCrossBlock {
+    norm1: LayerNorm32,
+    norm2: LayerNorm32,
+    norm3: LayerNorm32,
+    self_attn: MultiHeadAttention,
+    cross_attn: MultiHeadAttention,
+    mlp: FeedForwardNet,
+    ada_ln: Option<Linear>,
+    channels: usize,
+}
+
+impl ModulatedTransformerCrossBlock {
+    pub fn new(vb: VarBuilder, cfg: &CrossBlockConfig) -> Result<Self> {
+        let c = cfg.channels;
+        let ada_ln = if cfg.share_mod {
+            None
+        } else {
+            Some(candle_nn::linear(c, 6 * c, vb.pp("adaLN_modulation.1"))?)
+        };
+        Ok(Self {
+            norm1: LayerNorm32::new(vb.pp("norm1"), c, false, 1e-6)?,
+            norm2: LayerNorm32::new(vb.pp("norm2"), c, true, 1e-6)?,
+            norm3: LayerNorm32::new(vb.pp("norm3"), c, false, 1e-6)?,
+            self_attn: MultiHeadAttention::new_self(
+                vb.pp("self_attn"),
+                c,
+                cfg.num_heads,
+                cfg.qkv_bias,
+                cfg.qk_rms_norm,
+            )?,
+            cross_attn: MultiHeadAttention::new_cross(
+                vb.pp("cross_attn"),
+                c,
+                cfg.ctx_channels,
+                cfg.num_heads,
+                cfg.qkv_bias,
+                cfg.qk_rms_norm_cross,
+            )?,
+            mlp: FeedForwardNet::new(vb.pp("mlp"), c, cfg.mlp_ratio)?,
+            ada_ln,
+            channels: c,
+        })
+    }
+
+    /// `x` `[B, L, C]`, `modulation` `[B, C]` (or the shared `[B, 6C]` when `share_mod`), `context`
+    /// `[B, Lc, Cc]`.
+    pub fn forward(&self, x: &Tensor, modulation: &Tensor, context: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_trace(x, modulation, context)?.out)
+    }
+
+    /// [`Self::forward`] keeping the intermediates.
+    pub fn forward_trace(
+        &self,
+        x: &Tensor,
+        modulation: &Tensor,
+        context: &Tensor,
+    ) -> Result<CrossBlockTrace> {
+        let c = self.channels;
+        let adaln = match &self.ada_ln {
+            Some(l) => l.forward(&modulation.silu()?)?,
+            None => modulation.clone(),
+        };
+        if adaln.rank() != 2 || adaln.dim(1)? != 6 * c {
+            bail!(
+                "ModulatedTransformerCrossBlock: modulation gives {:?}, expected [B, {}]",
+                adaln.dims(),
+                6 * c
+            );
+        }
+        let chunk = |i: usize| adaln.narrow(1, i * c, c);
+        let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
+
+        let h = modulate(&self.norm1.forward(x)?, &shift_msa, &scale_msa)?;
+        let h = self.self_attn.forward(&h, None)?;
+        let h = h.broadcast_mul(&gate_msa.unsqueeze(1)?)?;
+        let after_self_attn = (x + h)?;
+
+        let h = self.norm2.forward(&after_self_attn)?;
+        let h = self.cross_attn.forward(&h, Some(context))?;
+        let after_cross_attn = (&after_self_attn + h)?;
+
+        let h = modulate(
+            &self.norm3.forward(&after_cross_attn)?,
+            &shift_mlp,
+            &scale_mlp,
+        )?;
+        let h = self.mlp.forward(&h)?;
+        let h = h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?;
+        let out = (&after_cross_attn + h)?;
+        Ok(CrossBlockTrace {
+            adaln,
+            after_self_attn,
+            after_cross_attn,
+            out,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn modulate_broadcasts_over_tokens() {
+        let x = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let shift = Tensor::new(&[[1f32, 0., 0., 0.], [0., 2., 0., 0.]], &Device::Cpu).unwrap();
+        let scale = Tensor::new(&[[1f32, 1., 1., 1.], [0., 0., 0., -1.]], &Device::Cpu).unwrap();
+        let y: Vec<Vec<Vec<f32>>> = modulate(&x, &shift, &scale).unwrap().to_vec3().unwrap();
+        assert_eq!(y[0][2], vec![3., 2., 2., 2.]);
+        assert_eq!(y[1][1], vec![1., 3., 1., 0.]);
+        // [N, C] with [1, C]
+        let xs = Tensor::ones((5, 4), DType::F32, &Device::Cpu).unwrap();
+        let y2 = modulate(
+            &xs,
+            &shift.narrow(0, 0, 1).unwrap(),
+            &scale.narrow(0, 0, 1).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(y2.to_vec2::<f32>().unwrap()[4], vec![3., 2., 2., 2.]);
+    }
+
+    #[test]
+    fn ffn_uses_tanh_gelu() {
+        let dev = Device::Cpu;
+        let mut t = std::collections::HashMap::new();
+        t.insert(
+            "mlp.0.weight".to_string(),
+            Tensor::new(&[[1f32], [2.0]], &dev).unwrap(),
+        );
+        t.insert(
+            "mlp.0.bias".to_string(),
+            Tensor::zeros(2, DType::F32, &dev).unwrap(),
+        );
+        t.insert(
+            "mlp.2.weight".to_string(),
+            Tensor::new(&[[1f32, 0.0]], &dev).unwrap(),
+        );
+        t.insert(
+            "mlp.2.bias".to_string(),
+            Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+        let ffn = FeedForwardNet::new(vb, 1, 2.0).unwrap();
+        let x = Tensor::new(&[[1.5f32]], &dev).unwrap();
+        let y = ffn.forward(&x).unwrap().to_vec2::<f32>().unwrap()[0][0];
+        let v = 1.5f32;
+        let tanh_gelu = 0.5
+            * v
+            * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
+        assert!((y - tanh_gelu).abs() < 1e-6, "{y} vs {tanh_gelu}");
+    }
+}
