@@ -241,17 +241,17 @@ fn clip(fx: &Fixture) -> Result<Report> {
         })
         .collect::<Result<_>>()?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let (ids, masks) = enc.tokenize_with_mask(&refs)?;
+    let tokens = enc.tokenize_with_mask(&refs)?;
     let to_tensor = |v: &[Vec<u32>]| -> Result<Tensor> {
         let len = v.first().map_or(0, Vec::len);
         Ok(Tensor::from_vec(v.concat(), (v.len(), len), &fx.device)?)
     };
     let mut report = Report::default();
-    report.exact("input_ids", &to_tensor(&ids)?, &fx.io("input_ids")?)?;
+    report.exact("input_ids", &to_tensor(&tokens.ids)?, &fx.io("input_ids")?)?;
     if fx.has_io("attention_mask") {
         report.exact(
             "attention_mask",
-            &to_tensor(&masks)?,
+            &to_tensor(&tokens.masks)?,
             &fx.io("attention_mask")?,
         )?;
     }

@@ -1,5 +1,5 @@
-//! CLIP text encoder, the text conditioner of TRELLIS (`TrellisTextTo3DPipeline._init_text_cond_model`
-//! + `encode_text`; the network is transformers' `CLIPTextModel`, layout of
+//! CLIP text encoder, the text conditioner of TRELLIS (`_init_text_cond_model` and `encode_text`
+//! of `TrellisTextTo3DPipeline`; the network is transformers' `CLIPTextModel`, layout of
 //! `openai/clip-vit-large-patch14`).
 //!
 //! `encode_text`: the CLIP BPE tokenizer (`tokenizer.json`) with `max_length=77,
@@ -76,7 +76,7 @@ impl ClipTextConfig {
         if c.hidden_size == 0 || c.num_attention_heads == 0 || c.max_position_embeddings == 0 {
             bail!("invalid CLIP text config: sizes must be positive");
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             bail!(
                 "invalid CLIP text config: hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size,
@@ -198,6 +198,13 @@ impl ClipTextTransformer {
     }
 }
 
+/// Token ids and attention masks of a batch of prompts (`77` entries each).
+pub struct Tokens {
+    pub ids: Vec<Vec<u32>>,
+    /// 1 = real token, 0 = padding (returned by the tokenizer, not used by TRELLIS).
+    pub masks: Vec<Vec<u32>>,
+}
+
 /// The text conditioner of TRELLIS: CLIP tokenizer + text transformer.
 pub struct TextConditioner {
     pub model: ClipTextTransformer,
@@ -246,12 +253,12 @@ impl TextConditioner {
     /// Token ids of each prompt, `length` each: `<|startoftext|>`, BPE tokens (truncated),
     /// `<|endoftext|>`, then `<|endoftext|>` padding.
     pub fn tokenize(&self, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        Ok(self.tokenize_with_mask(prompts)?.0)
+        Ok(self.tokenize_with_mask(prompts)?.ids)
     }
 
     /// [`Self::tokenize`] plus the tokenizer's attention masks (1 = real token, 0 = padding), which
     /// TRELLIS does not pass to the model.
-    pub fn tokenize_with_mask(&self, prompts: &[&str]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    pub fn tokenize_with_mask(&self, prompts: &[&str]) -> Result<Tokens> {
         let enc = self
             .tokenizer
             .encode_batch(prompts.to_vec(), true)
@@ -270,7 +277,7 @@ impl TextConditioner {
                 );
             }
         }
-        Ok((ids, masks))
+        Ok(Tokens { ids, masks })
     }
 
     /// Prompts -> conditioning `[B, 77, C]` in float32 (`""` gives the negative condition).

@@ -89,7 +89,7 @@ impl Dinov2Config {
         if c.hidden_size == 0 || c.num_attention_heads == 0 || c.patch_size == 0 {
             bail!("invalid DINOv2 config: hidden_size, num_attention_heads and patch_size must be positive");
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             bail!(
                 "invalid DINOv2 config: hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size,
@@ -158,7 +158,7 @@ impl Layer {
         let att = vb.pp("attention");
         let hidden = (c as f64 * cfg.mlp_ratio) as usize;
         let ffn = if cfg.use_swiglu_ffn {
-            let h = (hidden * 2 / 3 + 7) / 8 * 8;
+            let h = (hidden * 2 / 3).div_ceil(8) * 8;
             Ffn::SwiGlu {
                 w_in: linear(c, 2 * h, true, vb.pp("mlp.weights_in"))?,
                 w_out: linear(h, c, true, vb.pp("mlp.weights_out"))?,

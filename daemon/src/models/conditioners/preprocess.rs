@@ -29,7 +29,7 @@ pub const TRELLIS_IMAGE_SIZE: u32 = 518;
 /// Largest accepted side of an input image, in pixels.
 pub const MAX_SIDE: u32 = 16384;
 /// Largest accepted input image, in pixels.
-pub const MAX_PIXELS: u64 = 256 * 1024 * 1024;
+pub const MAX_PIXELS: u64 = 256_000_000;
 /// Largest accepted image file.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 
