@@ -36,5 +36,8 @@ fn unknown_kind_fails() {
     assert_eq!(s.failed, 1, "{text}");
     assert!(!s.ok());
     assert!(text.contains("unknown fixture kind"), "{text}");
-    assert!(text.contains("parity: 1 checked, 0 passed, 1 failed, 0 skipped"), "{text}");
+    assert!(
+        text.contains("parity: 1 checked, 0 passed, 1 failed, 0 skipped"),
+        "{text}"
+    );
 }

@@ -300,11 +300,26 @@ pub enum ModelConfig {
     SparseStructureDecoder(SparseStructureDecoderConfig),
     SparseStructureFlow(SparseStructureFlowConfig),
     /// `SLatFlowModel`; `elastic` is true for `ElasticSLatFlowModel` (same weights, memory-saving training wrapper).
-    SLatFlow { config: SLatFlowConfig, elastic: bool },
-    SLatEncoder { config: SLatEncoderConfig, elastic: bool },
-    SLatGaussianDecoder { config: SLatGaussianDecoderConfig, elastic: bool },
-    SLatRadianceFieldDecoder { config: SLatRadianceFieldDecoderConfig, elastic: bool },
-    SLatMeshDecoder { config: SLatMeshDecoderConfig, elastic: bool },
+    SLatFlow {
+        config: SLatFlowConfig,
+        elastic: bool,
+    },
+    SLatEncoder {
+        config: SLatEncoderConfig,
+        elastic: bool,
+    },
+    SLatGaussianDecoder {
+        config: SLatGaussianDecoderConfig,
+        elastic: bool,
+    },
+    SLatRadianceFieldDecoder {
+        config: SLatRadianceFieldDecoderConfig,
+        elastic: bool,
+    },
+    SLatMeshDecoder {
+        config: SLatMeshDecoderConfig,
+        elastic: bool,
+    },
 }
 
 /// Every class name a checkpoint may carry.
@@ -324,9 +339,12 @@ pub const MODEL_CLASSES: &[&str] = &[
     "ElasticSLatMeshDecoder",
 ];
 
-fn parse_args<T: DeserializeOwned>(origin: &str, class: &str, args: &serde_json::Value) -> Result<T> {
-    serde_json::from_value(args.clone())
-        .map_err(|e| anyhow!("{origin}: arguments of {class}: {e}"))
+fn parse_args<T: DeserializeOwned>(
+    origin: &str,
+    class: &str,
+    args: &serde_json::Value,
+) -> Result<T> {
+    serde_json::from_value(args.clone()).map_err(|e| anyhow!("{origin}: arguments of {class}: {e}"))
 }
 
 impl ModelConfig {
@@ -453,10 +471,9 @@ pub struct SamplerConfig {
 
 impl SamplerConfig {
     pub fn from_json(origin: &str, key: &str, v: &serde_json::Value) -> Result<Self> {
-        let name = v
-            .get("name")
-            .and_then(|n| n.as_str())
-            .ok_or_else(|| anyhow!("{origin}: key \"{key}.name\" (the sampler class) is missing"))?;
+        let name = v.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
+            anyhow!("{origin}: key \"{key}.name\" (the sampler class) is missing")
+        })?;
         let kind = match name {
             "FlowEulerSampler" => SamplerKind::FlowEuler,
             "FlowEulerCfgSampler" => SamplerKind::FlowEulerCfg,
@@ -499,21 +516,38 @@ mod tests {
     #[test]
     fn unknown_class_and_argument_name_file_and_key() {
         let v = serde_json::json!({"name": "Nope", "args": {}});
-        let e = ModelConfig::from_json("x.json", &v).unwrap_err().to_string();
+        let e = ModelConfig::from_json("x.json", &v)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.json") && e.contains("Nope"), "{e}");
         let v = serde_json::json!({"name": "SparseStructureDecoder", "args": {
             "out_channels": 1, "latent_channels": 8, "num_res_blocks": 2, "channels": [4], "bogus": 3}});
-        let e = ModelConfig::from_json("y.json", &v).unwrap_err().to_string();
+        let e = ModelConfig::from_json("y.json", &v)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("y.json") && e.contains("bogus"), "{e}");
         let v = serde_json::json!({"name": "Weird", "args": {}});
-        let e = SamplerConfig::from_json("p.json", "slat_sampler", &v).unwrap_err().to_string();
-        assert!(e.contains("p.json") && e.contains("slat_sampler") && e.contains("Weird"), "{e}");
+        let e = SamplerConfig::from_json("p.json", "slat_sampler", &v)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("p.json") && e.contains("slat_sampler") && e.contains("Weird"),
+            "{e}"
+        );
     }
 
     #[test]
     fn params_override_key_by_key() {
-        let base = SamplerParams { steps: Some(25), rescale_t: Some(3.0), cfg_strength: Some(5.0), cfg_interval: Some((0.5, 1.0)) };
-        let over = SamplerParams { steps: Some(10), ..Default::default() };
+        let base = SamplerParams {
+            steps: Some(25),
+            rescale_t: Some(3.0),
+            cfg_strength: Some(5.0),
+            cfg_interval: Some((0.5, 1.0)),
+        };
+        let over = SamplerParams {
+            steps: Some(10),
+            ..Default::default()
+        };
         let p = base.overridden_by(&over);
         assert_eq!(p.steps, Some(10));
         assert_eq!(p.cfg_strength, Some(5.0));

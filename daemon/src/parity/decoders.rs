@@ -11,5 +11,8 @@ pub const KINDS: &[&str] = &[
 ];
 
 pub fn check(fx: &mut Fixture) -> Result<Outcome> {
-    Ok(Outcome::Skipped(format!("{} is not implemented yet", fx.kind)))
+    Ok(Outcome::Skipped(format!(
+        "{} is not implemented yet",
+        fx.kind
+    )))
 }

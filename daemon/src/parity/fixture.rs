@@ -61,10 +61,12 @@ impl Fixture {
 
     /// A tensor of `io.safetensors`; the error names the fixture and the tensor.
     pub fn io(&self, name: &str) -> Result<Tensor> {
-        self.io
-            .get(name)
-            .cloned()
-            .ok_or_else(|| anyhow!("{}: io.safetensors has no tensor {name:?}", self.dir.display()))
+        self.io.get(name).cloned().ok_or_else(|| {
+            anyhow!(
+                "{}: io.safetensors has no tensor {name:?}",
+                self.dir.display()
+            )
+        })
     }
 
     pub fn has_io(&self, name: &str) -> bool {
@@ -182,7 +184,11 @@ impl Report {
             let a = actual.to_dtype(DType::F64)?.flatten_all()?;
             let b = expected.to_dtype(DType::F64)?.flatten_all()?;
             let n = b.elem_count().max(1) as f64;
-            let diff = a.ne(&b)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            let diff = a
+                .ne(&b)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
             diff / n
         };
         self.checks.push(Check {
@@ -209,8 +215,20 @@ impl Report {
     /// The check with the largest error relative to its tolerance.
     pub fn worst(&self) -> Option<&Check> {
         self.checks.iter().max_by(|a, b| {
-            let ra = if a.tolerance > 0.0 { a.error / a.tolerance } else if a.error > 0.0 { f64::INFINITY } else { 0.0 };
-            let rb = if b.tolerance > 0.0 { b.error / b.tolerance } else if b.error > 0.0 { f64::INFINITY } else { 0.0 };
+            let ra = if a.tolerance > 0.0 {
+                a.error / a.tolerance
+            } else if a.error > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            };
+            let rb = if b.tolerance > 0.0 {
+                b.error / b.tolerance
+            } else if b.error > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            };
             ra.partial_cmp(&rb).unwrap_or(std::cmp::Ordering::Equal)
         })
     }

@@ -62,7 +62,10 @@ pub fn dispatch(fx: &mut Fixture) -> Result<Outcome> {
 /// Every directory under `root` (itself included) holding a `meta.json`, sorted.
 pub fn find_fixtures(root: &Path) -> Result<Vec<PathBuf>> {
     if !root.is_dir() {
-        bail!("parity: fixture directory {} does not exist", root.display());
+        bail!(
+            "parity: fixture directory {} does not exist",
+            root.display()
+        );
     }
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -116,10 +119,7 @@ pub fn run(
 ) -> Result<Summary> {
     let dirs = find_fixtures(root)?;
     if dirs.is_empty() {
-        bail!(
-            "parity: no fixture (no meta.json) under {}",
-            root.display()
-        );
+        bail!("parity: no fixture (no meta.json) under {}", root.display());
     }
     let mut s = Summary::default();
     for dir in dirs {
@@ -158,7 +158,11 @@ pub fn run(
                     s.failed += 1;
                     writeln!(out, "FAIL {rel:<32} {kind}: {worst} [{secs:.1}s]")?;
                     for c in report.checks.iter().filter(|c| !c.passed()) {
-                        writeln!(out, "       {}: {:.3e} > tol {:.0e}", c.name, c.error, c.tolerance)?;
+                        writeln!(
+                            out,
+                            "       {}: {:.3e} > tol {:.0e}",
+                            c.name, c.error, c.tolerance
+                        )?;
                     }
                 }
             }

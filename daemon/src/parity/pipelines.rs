@@ -7,5 +7,8 @@ use super::{Fixture, Outcome};
 pub const KINDS: &[&str] = &["pipelines"];
 
 pub fn check(fx: &mut Fixture) -> Result<Outcome> {
-    Ok(Outcome::Skipped(format!("{} is not implemented yet", fx.kind)))
+    Ok(Outcome::Skipped(format!(
+        "{} is not implemented yet",
+        fx.kind
+    )))
 }

@@ -17,7 +17,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!("device {s:?}: this build has no CUDA support (rebuild with --features cuda)");
+                bail!(
+                    "device {s:?}: this build has no CUDA support (rebuild with --features cuda)"
+                );
             }
             Ok(Device::new_cuda(idx)?)
         }

@@ -387,9 +387,18 @@ mod tests {
     fn reports_missing_wrong_shape_and_unexpected_together() {
         let dev = Device::Cpu;
         let mut t = HashMap::new();
-        t.insert("a.weight".to_string(), Tensor::ones((2, 3), DType::F32, &dev).unwrap());
-        t.insert("b.weight".to_string(), Tensor::ones((4,), DType::F32, &dev).unwrap());
-        t.insert("extra".to_string(), Tensor::ones((1,), DType::F32, &dev).unwrap());
+        t.insert(
+            "a.weight".to_string(),
+            Tensor::ones((2, 3), DType::F32, &dev).unwrap(),
+        );
+        t.insert(
+            "b.weight".to_string(),
+            Tensor::ones((4,), DType::F32, &dev).unwrap(),
+        );
+        t.insert(
+            "extra".to_string(),
+            Tensor::ones((1,), DType::F32, &dev).unwrap(),
+        );
         let (vb, check) = from_tensors(t, "test", DType::F32, &dev);
         assert!(vb.get((2, 3), "a.weight").is_ok());
         assert!(vb.get((5,), "b.weight").is_ok());
@@ -406,10 +415,16 @@ mod tests {
     fn casts_to_the_requested_dtype() {
         let dev = Device::Cpu;
         let mut t = HashMap::new();
-        t.insert("w".to_string(), Tensor::ones((2,), DType::F16, &dev).unwrap());
+        t.insert(
+            "w".to_string(),
+            Tensor::ones((2,), DType::F16, &dev).unwrap(),
+        );
         let (vb, check) = from_tensors(t, "test", DType::F32, &dev);
         assert_eq!(vb.get(2, "w").unwrap().dtype(), DType::F32);
-        assert_eq!(vb.to_dtype(DType::F16).get(2, "w").unwrap().dtype(), DType::F16);
+        assert_eq!(
+            vb.to_dtype(DType::F16).get(2, "w").unwrap().dtype(),
+            DType::F16
+        );
         check.finish().unwrap();
     }
 
@@ -418,7 +433,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.safetensors");
         std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
-        let err = from_safetensors(&p, DType::F32, &Device::Cpu).err().unwrap();
+        let err = from_safetensors(&p, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("bad.safetensors"));
     }
 }

@@ -1,0 +1,575 @@
+//! `hub`: model repositories served by a mock Hugging Face hub on 127.0.0.1.
+//!
+//! The mock serves folders in the hub's URL layout (`/{owner}/{name}/resolve/{revision}/{file}`,
+//! with the `etag`, `x-repo-commit` and `content-range` headers `hf-hub` reads; 404 +
+//! `x-error-code: EntryNotFound` for a missing file, 401 + `RepositoryNotFound` for an unknown
+//! repository, like the real hub) and counts every request.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use trellis::hub::status::{cache_state, CacheState, RepoKind};
+use trellis::hub::{open_pipeline, resolve_conditioner, HubOptions, PipelineClass};
+
+const IMAGE: &str = "testorg/TRELLIS-image-tiny";
+const TEXT: &str = "testorg/TRELLIS-text-tiny";
+
+/// One request as the mock saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    range: Option<String>,
+}
+
+struct MockHub {
+    endpoint: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl MockHub {
+    fn start(repos: BTreeMap<String, PathBuf>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let _ = serve(stream, &repos, &log);
+            }
+        });
+        Self { endpoint, seen }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn opts(&self, cache: &Path) -> HubOptions {
+        let mut o = HubOptions::new(self.endpoint.clone(), cache);
+        o.probe_timeout = Duration::from_secs(2);
+        o
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn serve(
+    stream: TcpStream,
+    repos: &BTreeMap<String, PathBuf>,
+    log: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut range = None;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_string());
+            }
+        }
+    }
+    log.lock().unwrap().push(Seen {
+        path: path.clone(),
+        range: range.clone(),
+    });
+    let mut out = stream;
+    let reply = |out: &mut TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
+        let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        out.write_all(head.as_bytes())?;
+        if method != "HEAD" {
+            out.write_all(body)?;
+        }
+        out.flush()
+    };
+    // /{owner}/{name}/resolve/{revision}/{file...}
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    if segs.len() != 5 || segs[2] != "resolve" {
+        return reply(&mut out, "404 Not Found", &[], b"not found");
+    }
+    let repo = format!("{}/{}", segs[0], segs[1]);
+    let Some(dir) = repos.get(&repo) else {
+        let h = [("X-Error-Code".to_string(), "RepositoryNotFound".to_string())];
+        return reply(&mut out, "401 Unauthorized", &h, b"Repository not found");
+    };
+    let Ok(data) = std::fs::read(dir.join(segs[4])) else {
+        let h = [("X-Error-Code".to_string(), "EntryNotFound".to_string())];
+        return reply(&mut out, "404 Not Found", &h, b"Entry not found");
+    };
+    let commit = format!("{:016x}{:016x}{:08x}", fnv(repo.as_bytes()), 7u64, 9u32);
+    let mut headers = vec![
+        ("ETag".to_string(), format!("\"{:016x}\"", fnv(&data))),
+        ("X-Repo-Commit".to_string(), commit),
+    ];
+    let size = data.len();
+    match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+        Some(r) => {
+            let (a, b) = r.split_once('-').unwrap();
+            let a: usize = a.parse().unwrap();
+            let b: usize = if b.is_empty() {
+                size - 1
+            } else {
+                b.parse().unwrap()
+            };
+            let b = b.min(size.saturating_sub(1));
+            headers.push(("Content-Range".to_string(), format!("bytes {a}-{b}/{size}")));
+            let body = if a < size { &data[a..=b] } else { &data[0..0] };
+            reply(&mut out, "206 Partial Content", &headers, body)
+        }
+        None => reply(&mut out, "200 OK", &headers, &data),
+    }
+}
+
+fn pipelines_dir() -> PathBuf {
+    trellis::reference_dir().join("pipelines")
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+            // Reference files are read-only; copies must be editable.
+            let mut perm = std::fs::metadata(&to).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(&to, perm).unwrap();
+        }
+    }
+}
+
+/// The text-tiny repository, rewritten so its decoders point at another hub repository
+/// (`testorg/TRELLIS-image-tiny/ckpts/<stem>`), like the official text repositories do.
+fn text_repo_pointing_at_hub(tmp: &Path) -> PathBuf {
+    let dst = tmp.join("text");
+    copy_dir(&pipelines_dir().join("TRELLIS-text-tiny"), &dst);
+    let pj = dst.join("pipeline.json");
+    let text = std::fs::read_to_string(&pj)
+        .unwrap()
+        .replace("../TRELLIS-image-tiny/", &format!("{IMAGE}/"));
+    assert!(text.contains(&format!("{IMAGE}/ckpts/slat_dec_gs")));
+    std::fs::write(&pj, text).unwrap();
+    dst
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn standard_hub(tmp: &Path) -> MockHub {
+    let mut repos = BTreeMap::new();
+    repos.insert(
+        IMAGE.to_string(),
+        pipelines_dir().join("TRELLIS-image-tiny"),
+    );
+    repos.insert(TEXT.to_string(), text_repo_pointing_at_hub(tmp));
+    MockHub::start(repos)
+}
+
+#[test]
+fn downloads_into_the_cache_once_then_reuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = standard_hub(tmp.path());
+    let cache = tmp.path().join("cache");
+    let opts = hub.opts(&cache);
+
+    let text = open_pipeline(TEXT, &opts).unwrap();
+    assert_eq!(text.config.class, PipelineClass::TextTo3D);
+    assert_eq!(text.models.len(), 6);
+    let first = hub.count();
+    // pipeline.json + 6 models × 2 files (+ the probe, + a 404 per cross-repo entry tried inside
+    // the text repository first).
+    assert!(first >= 13, "{first} requests");
+    for files in text.models.values() {
+        assert!(files.config.is_file() && files.weights.is_file());
+    }
+    // The decoders came from the other repository, with the reference bytes.
+    let gs = text.model("slat_decoder_gs").unwrap();
+    assert!(gs
+        .weights
+        .starts_with(cache.join("models--testorg--TRELLIS-image-tiny/snapshots")));
+    let reference =
+        pipelines_dir().join("TRELLIS-image-tiny/ckpts/slat_dec_gs_swin8_tiny.safetensors");
+    assert_eq!(
+        std::fs::read(&gs.weights).unwrap(),
+        std::fs::read(reference).unwrap()
+    );
+    // The standard layout.
+    let repo_dir = cache.join("models--testorg--TRELLIS-text-tiny");
+    let commit = std::fs::read_to_string(repo_dir.join("refs/main")).unwrap();
+    assert_eq!(text.root, repo_dir.join("snapshots").join(commit.trim()));
+    assert!(std::fs::read_dir(repo_dir.join("blobs")).unwrap().count() >= 3);
+
+    // Second run: everything from the cache, not one request.
+    let again = open_pipeline(TEXT, &opts).unwrap();
+    assert_eq!(hub.count(), first);
+    assert_eq!(again.models, text.models);
+
+    // The image pipeline shares the four decoders: only pipeline.json and the two flows move.
+    let image = open_pipeline(IMAGE, &opts).unwrap();
+    let new: Vec<String> = hub.seen()[first..].iter().map(|s| s.path.clone()).collect();
+    let downloads: Vec<&String> = new.iter().filter(|p| p.contains("/resolve/")).collect();
+    // Each file costs a metadata request and a body request.
+    assert_eq!(downloads.len(), 2 * 5, "{new:#?}");
+    assert!(
+        downloads.iter().all(|p| !p.contains("slat_dec_")),
+        "{new:#?}"
+    );
+    assert_eq!(
+        image.config.image_cond_model.as_deref(),
+        Some("dinov2_vitl14_reg")
+    );
+
+    assert!(matches!(
+        cache_state(TEXT, RepoKind::Pipeline, &opts),
+        CacheState::Complete { bytes } if bytes > 1_000_000
+    ));
+    assert_eq!(
+        cache_state("microsoft/TRELLIS-image-large", RepoKind::Pipeline, &opts),
+        CacheState::Absent
+    );
+}
+
+#[test]
+fn offline_uses_the_cache_only_and_lists_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = standard_hub(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mut opts = hub.opts(&cache);
+    opts.offline = true;
+
+    // Empty cache.
+    let e = format!("{:#}", open_pipeline(TEXT, &opts).unwrap_err());
+    assert!(
+        e.contains("pipeline.json") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+    assert!(e.contains("--model DIR"), "{e}");
+    assert_eq!(hub.count(), 0);
+
+    // Filled cache: works without a request.
+    opts.offline = false;
+    open_pipeline(TEXT, &opts).unwrap();
+    let n = hub.count();
+    opts.offline = true;
+    let p = open_pipeline(TEXT, &opts).unwrap();
+    assert_eq!(hub.count(), n);
+
+    // Partial cache: both missing files are named, the present ones are not.
+    std::fs::remove_file(&p.model("slat_flow_model").unwrap().weights).unwrap();
+    std::fs::remove_file(&p.model("slat_decoder_mesh").unwrap().config).unwrap();
+    let e = format!("{:#}", open_pipeline(TEXT, &opts).unwrap_err());
+    assert!(e.contains("2 file(s) missing"), "{e}");
+    assert!(
+        e.contains(&format!("{TEXT}/ckpts/slat_flow_txt_dit_tiny.safetensors")),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("{IMAGE}/ckpts/slat_dec_mesh_swin8_tiny.json")),
+        "{e}"
+    );
+    assert!(!e.contains("ss_flow"), "{e}");
+    assert_eq!(hub.count(), n);
+    match cache_state(TEXT, RepoKind::Pipeline, &opts) {
+        CacheState::Partial { missing } => assert_eq!(missing.len(), 2, "{missing:?}"),
+        other => panic!("{other:?}"),
+    }
+
+    // Online again: only the two missing files are fetched.
+    opts.offline = false;
+    open_pipeline(TEXT, &opts).unwrap();
+    let fetched: Vec<Seen> = hub.seen()[n..].to_vec();
+    assert!(
+        fetched
+            .iter()
+            .filter(|s| s.path.contains("/resolve/"))
+            .all(|s| s.path.contains("slat_flow_txt") || s.path.contains("slat_dec_mesh")),
+        "{fetched:#?}"
+    );
+}
+
+#[test]
+fn a_file_missing_on_the_hub_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    copy_dir(&pipelines_dir().join("TRELLIS-image-tiny"), &img);
+    std::fs::remove_file(img.join("ckpts/ss_dec_conv3d_tiny.safetensors")).unwrap();
+    std::fs::remove_file(img.join("ckpts/slat_dec_rf_swin8_tiny.json")).unwrap();
+    let hub = MockHub::start(BTreeMap::from([(IMAGE.to_string(), img.clone())]));
+    let opts = hub.opts(&tmp.path().join("cache"));
+    let e = format!("{:#}", open_pipeline(IMAGE, &opts).unwrap_err());
+    assert!(e.contains("2 file(s) missing"), "{e}");
+    assert!(
+        e.contains(&format!("{IMAGE}/ckpts/ss_dec_conv3d_tiny.safetensors")),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("{IMAGE}/ckpts/slat_dec_rf_swin8_tiny.json")),
+        "{e}"
+    );
+
+    // An unknown repository.
+    let e = format!(
+        "{:#}",
+        open_pipeline("testorg/nothing-here", &opts).unwrap_err()
+    );
+    assert!(
+        e.contains("testorg/nothing-here") && e.contains("no such repository"),
+        "{e}"
+    );
+
+    // The same folder used locally: the missing files are named by path.
+    let e = format!(
+        "{:#}",
+        open_pipeline(img.to_str().unwrap(), &opts).unwrap_err()
+    );
+    assert!(
+        e.contains("ss_dec_conv3d_tiny.safetensors") && e.contains("slat_dec_rf_swin8_tiny.json"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unknown_pipeline_key_is_an_error_naming_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    copy_dir(&pipelines_dir().join("TRELLIS-image-tiny"), &img);
+    edit_json(&img.join("pipeline.json"), |v| {
+        v["args"]["slat_sampler"]["params"]["eta"] = serde_json::Value::from(0.5);
+    });
+    let hub = MockHub::start(BTreeMap::from([(IMAGE.to_string(), img.clone())]));
+    let opts = hub.opts(&tmp.path().join("cache"));
+    let e = format!("{:#}", open_pipeline(IMAGE, &opts).unwrap_err());
+    assert!(
+        e.contains("pipeline.json") && e.contains("args.slat_sampler.params") && e.contains("eta"),
+        "{e}"
+    );
+
+    edit_json(&img.join("pipeline.json"), |v| {
+        v["args"]["slat_sampler"]["params"]
+            .as_object_mut()
+            .unwrap()
+            .remove("eta");
+        v["args"]["preprocess"] = serde_json::Value::from(true);
+    });
+    let e = format!(
+        "{:#}",
+        open_pipeline(img.to_str().unwrap(), &opts).unwrap_err()
+    );
+    assert!(
+        e.contains(&img.join("pipeline.json").display().to_string())
+            && e.contains("args.preprocess"),
+        "{e}"
+    );
+}
+
+#[test]
+fn local_folders_resolve_relative_entries_without_network() {
+    let opts = HubOptions::new("http://127.0.0.1:9", "/nonexistent-cache");
+    let dir = pipelines_dir().join("TRELLIS-text-tiny");
+    let p = open_pipeline(dir.to_str().unwrap(), &opts).unwrap();
+    assert_eq!(p.models.len(), 6);
+    let dec = p.model("sparse_structure_decoder").unwrap();
+    assert!(dec.weights.is_file());
+    assert!(dec.weights.to_string_lossy().contains("TRELLIS-image-tiny"));
+    assert!(p.model("nope").is_err());
+    let e = format!(
+        "{:#}",
+        open_pipeline("/definitely/not/here", &opts).unwrap_err()
+    );
+    assert!(e.contains("no such folder"), "{e}");
+}
+
+#[test]
+fn corrupt_or_truncated_weights_are_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    copy_dir(&pipelines_dir().join("TRELLIS-image-tiny"), &img);
+    let opts = HubOptions::new("http://127.0.0.1:9", tmp.path().join("cache"));
+    let p = open_pipeline(img.to_str().unwrap(), &opts).unwrap();
+    let w = &p.model("sparse_structure_flow_model").unwrap().weights;
+    let bytes = std::fs::read(w).unwrap();
+    // Intact: loads.
+    assert!(trellis::runtime::weights::from_safetensors(w, DType::F32, &Device::Cpu).is_ok());
+    // Truncated in the tensor data, in the header, and to nothing; garbage header.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated data", bytes[..bytes.len() / 2].to_vec()),
+        ("truncated header", bytes[..20].to_vec()),
+        ("empty", Vec::new()),
+        ("garbage", {
+            let mut b = bytes.clone();
+            b[8..40].copy_from_slice(&[b'#'; 32]);
+            b
+        }),
+        ("huge header length", {
+            let mut b = bytes.clone();
+            b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+            b
+        }),
+    ];
+    for (what, data) in cases {
+        std::fs::write(w, &data).unwrap();
+        let r = std::panic::catch_unwind(|| {
+            trellis::runtime::weights::from_safetensors(w, DType::F32, &Device::Cpu).map(|_| ())
+        });
+        match r {
+            Ok(Err(e)) => assert!(!format!("{e:#}").is_empty(), "{what}"),
+            Ok(Ok(())) => panic!("{what}: loaded a broken file"),
+            Err(_) => panic!("{what}: panicked"),
+        }
+    }
+}
+
+#[test]
+fn unreachable_or_silent_endpoints_fail_fast_with_the_model_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A closed port.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut opts = HubOptions::new(format!("http://127.0.0.1:{port}"), tmp.path().join("c1"));
+    opts.probe_timeout = Duration::from_secs(2);
+    let t = Instant::now();
+    let e = format!("{:#}", open_pipeline(IMAGE, &opts).unwrap_err());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(e.contains("--model DIR"), "{e}");
+
+    // A server that accepts connections and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming() {
+            held.push(s);
+        }
+    });
+    let mut opts = HubOptions::new(format!("http://{addr}"), tmp.path().join("c2"));
+    opts.probe_timeout = Duration::from_secs(2);
+    let t = Instant::now();
+    let e = format!(
+        "{:#}",
+        resolve_conditioner("dinov2_vitl14_reg", &opts).unwrap_err()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(e.contains("--model DIR"), "{e}");
+}
+
+#[test]
+fn conditioners_resolve_from_names_ids_and_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cond = trellis::reference_dir().join("conditioners");
+    let clip_no_tok = tmp.path().join("clip");
+    copy_dir(&cond.join("clip_text_tiny"), &clip_no_tok);
+    std::fs::remove_file(clip_no_tok.join("tokenizer.json")).unwrap();
+    let hub = MockHub::start(BTreeMap::from([
+        (
+            "facebook/dinov2-with-registers-large".to_string(),
+            cond.join("dinov2_reg_tiny"),
+        ),
+        (
+            "openai/clip-vit-large-patch14".to_string(),
+            cond.join("clip_text_tiny"),
+        ),
+        ("testorg/clip-broken".to_string(), clip_no_tok.clone()),
+    ]));
+    let opts = hub.opts(&tmp.path().join("cache"));
+
+    let d = resolve_conditioner("dinov2_vitl14_reg", &opts).unwrap();
+    assert!(d.join("config.json").is_file() && d.join("model.safetensors").is_file());
+    assert!(!d.join("tokenizer.json").exists());
+    let c = resolve_conditioner("openai/clip-vit-large-patch14", &opts).unwrap();
+    assert!(c.join("tokenizer.json").is_file());
+    let n = hub.count();
+    assert_eq!(
+        resolve_conditioner("openai/clip-vit-large-patch14", &opts).unwrap(),
+        c
+    );
+    assert_eq!(hub.count(), n);
+    assert!(matches!(
+        cache_state(
+            "openai/clip-vit-large-patch14",
+            RepoKind::Conditioner,
+            &opts
+        ),
+        CacheState::Complete { .. }
+    ));
+
+    let e = format!(
+        "{:#}",
+        resolve_conditioner("testorg/clip-broken", &opts).unwrap_err()
+    );
+    assert!(e.contains("testorg/clip-broken/tokenizer.json"), "{e}");
+    let e = format!(
+        "{:#}",
+        resolve_conditioner(clip_no_tok.to_str().unwrap(), &opts).unwrap_err()
+    );
+    assert!(e.contains("tokenizer.json"), "{e}");
+    // Local folder, complete.
+    let local = cond.join("dinov2_reg_tiny");
+    assert_eq!(
+        resolve_conditioner(local.to_str().unwrap(), &opts).unwrap(),
+        local
+    );
+}
+
+#[test]
+fn an_interrupted_download_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = standard_hub(tmp.path());
+    let cache = tmp.path().join("cache");
+    let opts = hub.opts(&cache);
+    let p = open_pipeline(IMAGE, &opts).unwrap();
+    // Simulate an interruption: drop the finished blob and its snapshot link, keep half of it
+    // as `<etag>.part`.
+    let link = p.model("slat_decoder_mesh").unwrap().weights.clone();
+    let blob = std::fs::canonicalize(&link).unwrap();
+    let full = std::fs::read(&blob).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    let half = full.len() / 2;
+    std::fs::write(blob.with_extension("part"), &full[..half]).unwrap();
+    let n = hub.count();
+    let again = open_pipeline(IMAGE, &opts).unwrap();
+    let w = &again.model("slat_decoder_mesh").unwrap().weights;
+    assert_eq!(std::fs::read(w).unwrap(), full);
+    let ranges: Vec<Option<String>> = hub.seen()[n..].iter().map(|s| s.range.clone()).collect();
+    assert!(
+        ranges.contains(&Some(format!("bytes={half}-"))),
+        "{ranges:?}"
+    );
+}
