@@ -14,12 +14,15 @@ struct Cli {
 enum Command {
     /// Compare every network with the original TRELLIS on a fixture directory.
     Parity(cli::parity::ParityArgs),
+    /// Report this machine, this build, the cached models and the tier a run would use.
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Parity(a) => cli::parity::run(a),
+        Command::Doctor(a) => cli::doctor::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -573,3 +573,79 @@ fn an_interrupted_download_resumes() {
         "{ranges:?}"
     );
 }
+
+#[test]
+fn doctor_reports_complete_partial_and_absent_official_repositories() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The tiny repositories under official names: image-large itself, and text-base pointing at
+    // the image repository by its old name (as the official text pipeline.json files do).
+    let text = text_repo_pointing_at_hub(tmp.path());
+    let pj = text.join("pipeline.json");
+    let t = std::fs::read_to_string(&pj)
+        .unwrap()
+        .replace(IMAGE, "JeffreyXiang/TRELLIS-image-large");
+    std::fs::write(&pj, t).unwrap();
+    let hub = MockHub::start(BTreeMap::from([
+        (
+            "microsoft/TRELLIS-image-large".to_string(),
+            pipelines_dir().join("TRELLIS-image-tiny"),
+        ),
+        ("microsoft/TRELLIS-text-base".to_string(), text),
+    ]));
+    let opts = hub.opts(&tmp.path().join("cache"));
+    let p = open_pipeline("microsoft/TRELLIS-text-base", &opts).unwrap();
+    // The decoders were fetched once, under the current name of the moved repository.
+    assert!(p.model("slat_decoder_gs").unwrap().weights.starts_with(
+        tmp.path()
+            .join("cache/models--microsoft--TRELLIS-image-large")
+    ));
+    std::fs::remove_file(&p.model("slat_flow_model").unwrap().weights).unwrap();
+
+    let mut out = Vec::new();
+    let args = trellis::cli::doctor::DoctorArgs {
+        device: Some("cpu".into()),
+    };
+    trellis::cli::doctor::report(&args, &opts, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let line = |repo: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(repo))
+            .unwrap_or_else(|| panic!("{repo} not in\n{text}"))
+            .to_string()
+    };
+    // image-large: only the decoders are there (no pipeline.json) → partial.
+    assert!(
+        line("microsoft/TRELLIS-image-large").contains("partial"),
+        "{text}"
+    );
+    assert!(
+        line("microsoft/TRELLIS-text-base").contains("partial: 1 missing"),
+        "{text}"
+    );
+    assert!(
+        line("microsoft/TRELLIS-text-large").contains("not downloaded"),
+        "{text}"
+    );
+
+    // Fetch the rest: both complete.
+    open_pipeline("microsoft/TRELLIS-text-base", &opts).unwrap();
+    open_pipeline("microsoft/TRELLIS-image-large", &opts).unwrap();
+    let mut out = Vec::new();
+    trellis::cli::doctor::report(&args, &opts, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        line_of(&text, "microsoft/TRELLIS-image-large").contains("complete"),
+        "{text}"
+    );
+    assert!(
+        line_of(&text, "microsoft/TRELLIS-text-base").contains("complete"),
+        "{text}"
+    );
+}
+
+fn line_of(text: &str, repo: &str) -> String {
+    text.lines()
+        .find(|l| l.trim_start().starts_with(repo))
+        .unwrap_or_default()
+        .to_string()
+}

@@ -1,3 +1,4 @@
 //! The `trellisd` command line: one module per subcommand.
 
+pub mod doctor;
 pub mod parity;

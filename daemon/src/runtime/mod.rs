@@ -1,5 +1,8 @@
 //! Devices, precision, tiers and weight loading.
 
+pub mod gpu;
+pub mod system;
+pub mod tiers;
 pub mod weights;
 
 use anyhow::{bail, Result};
