@@ -1,1 +1,299 @@
-//! (to be written)
+//! `SparseMultiHeadAttention` (twin of `trellis/modules/sparse/attention/{modules,full_attn,
+//! windowed_attn}.py`): self-attention over each batch element ("full") or over each
+//! (batch, window) group ("windowed", the swin mode of the SLat VAEs, with a shift), and
+//! cross-attention from the voxels of batch element b to a dense context `[B, L, C_ctx]`.
+//!
+//! Fused projections: `to_qkv(x).reshape(N, 3, H, D)`, `to_kv(ctx).reshape(B, L, 2, H, D)`. The
+//! optional q/k RMS norm is `normalize(x) * gamma[H, D] * sqrt(D)` in f32. Attention itself runs in
+//! `trellis_kernels::attention::varlen_attention` (f32, tiled, softmax scale 1/sqrt(D)).
+
+use anyhow::{bail, ensure, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
+
+use super::linear::SparseLinear;
+use super::tensor::{to_f32_vec, SparseTensor};
+use crate::modules::norm::MultiHeadRMSNorm;
+
+/// How self-attention groups tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnMode {
+    /// Every voxel of a batch element attends to every other voxel of it.
+    Full,
+    /// Swin: groups = (batch, window) with window index `(coord + shift) // window` per axis.
+    Windowed { window: usize, shift: usize },
+}
+
+impl AttnMode {
+    /// From the constructor arguments `attn_mode` / `window_size` / `shift_window`.
+    pub fn from_args(mode: &str, window: Option<usize>, shift: Option<usize>) -> Result<Self> {
+        match mode {
+            "full" => Ok(Self::Full),
+            "windowed" => {
+                let Some(window) = window else {
+                    bail!("windowed attention needs a window_size")
+                };
+                Ok(Self::Windowed {
+                    window,
+                    shift: shift.unwrap_or(0),
+                })
+            }
+            other => bail!("sparse attention mode {other:?} is not supported (full, windowed)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Projection {
+    SelfAttn {
+        to_qkv: SparseLinear,
+        mode: AttnMode,
+    },
+    Cross {
+        to_q: SparseLinear,
+        to_kv: SparseLinear,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct SparseMultiHeadAttention {
+    channels: usize,
+    heads: usize,
+    proj: Projection,
+    rms: Option<(MultiHeadRMSNorm, MultiHeadRMSNorm)>,
+    to_out: SparseLinear,
+}
+
+/// What the self-attention projections produce (for parity checks of intermediates).
+pub struct SelfAttnTrace {
+    /// `[N, 3, H, D]`, before the RMS norm.
+    pub qkv: Tensor,
+    /// `[N, H, D]` after the RMS norm (None without `qk_rms_norm`).
+    pub q_normed: Option<Tensor>,
+    pub k_normed: Option<Tensor>,
+}
+
+impl SparseMultiHeadAttention {
+    /// Self-attention (`type="self"`).
+    pub fn new_self(
+        channels: usize,
+        heads: usize,
+        mode: AttnMode,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Self::check_heads(channels, heads)?;
+        let to_qkv = SparseLinear::new(channels, 3 * channels, vb.pp("to_qkv"))?;
+        Self::finish(
+            channels,
+            heads,
+            Projection::SelfAttn { to_qkv, mode },
+            qk_rms_norm,
+            vb,
+        )
+    }
+
+    /// Cross-attention to a dense context (`type="cross"`, always full).
+    pub fn new_cross(
+        channels: usize,
+        ctx_channels: usize,
+        heads: usize,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Self::check_heads(channels, heads)?;
+        let to_q = SparseLinear::new(channels, channels, vb.pp("to_q"))?;
+        let to_kv = SparseLinear::new(ctx_channels, 2 * channels, vb.pp("to_kv"))?;
+        Self::finish(
+            channels,
+            heads,
+            Projection::Cross { to_q, to_kv },
+            qk_rms_norm,
+            vb,
+        )
+    }
+
+    fn check_heads(channels: usize, heads: usize) -> Result<()> {
+        ensure!(
+            heads > 0 && channels.is_multiple_of(heads),
+            "attention: {channels} channels are not divisible by {heads} heads"
+        );
+        Ok(())
+    }
+
+    fn finish(
+        channels: usize,
+        heads: usize,
+        proj: Projection,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let d = channels / heads;
+        let rms = if qk_rms_norm {
+            Some((
+                MultiHeadRMSNorm::new(vb.pp("q_rms_norm"), d, heads)?,
+                MultiHeadRMSNorm::new(vb.pp("k_rms_norm"), d, heads)?,
+            ))
+        } else {
+            None
+        };
+        let to_out = SparseLinear::new(channels, channels, vb.pp("to_out"))?;
+        Ok(Self {
+            channels,
+            heads,
+            proj,
+            rms,
+            to_out,
+        })
+    }
+
+    fn head_dim(&self) -> usize {
+        self.channels / self.heads
+    }
+
+    /// The self-attention projections: `qkv [N, 3, H, D]` and the normed q / k.
+    pub fn self_projections(&self, x: &SparseTensor) -> Result<SelfAttnTrace> {
+        let Projection::SelfAttn { to_qkv, .. } = &self.proj else {
+            bail!("self_projections called on a cross-attention module")
+        };
+        let n = x.rows();
+        let qkv = to_qkv
+            .forward(x)?
+            .feats()
+            .reshape((n, 3, self.heads, self.head_dim()))?;
+        let (q_normed, k_normed) = match &self.rms {
+            Some((qn, kn)) => (
+                Some(qn.forward(&qkv.narrow(1, 0, 1)?.squeeze(1)?)?),
+                Some(kn.forward(&qkv.narrow(1, 1, 1)?.squeeze(1)?)?),
+            ),
+            None => (None, None),
+        };
+        Ok(SelfAttnTrace {
+            qkv,
+            q_normed,
+            k_normed,
+        })
+    }
+
+    /// Self-attention forward.
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let Projection::SelfAttn { mode, .. } = &self.proj else {
+            bail!("this SparseMultiHeadAttention is a cross-attention: call forward_cross")
+        };
+        let t = self.self_projections(x)?;
+        let q = match &t.q_normed {
+            Some(q) => q.clone(),
+            None => t.qkv.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        let k = match &t.k_normed {
+            Some(k) => k.clone(),
+            None => t.qkv.narrow(1, 1, 1)?.squeeze(1)?,
+        };
+        let v = t.qkv.narrow(1, 2, 1)?.squeeze(1)?;
+        let (q, k, v) = (to_f32_vec(&q)?, to_f32_vec(&k)?, to_f32_vec(&v)?);
+        let shape = AttnShape {
+            heads: self.heads,
+            head_dim: self.head_dim(),
+            v_dim: self.head_dim(),
+        };
+        let scale = 1.0 / (self.head_dim() as f32).sqrt();
+        let out = match *mode {
+            AttnMode::Full => {
+                let groups: Vec<AttnGroup> = x
+                    .layout()
+                    .iter()
+                    .map(|r| AttnGroup {
+                        q: r.clone(),
+                        kv: r.clone(),
+                    })
+                    .collect();
+                varlen_attention(&q, &k, &v, &groups, shape, scale)?
+            }
+            AttnMode::Windowed { window, shift } => {
+                let p = x
+                    .geometry()
+                    .window_partition([window; 3], [shift as i32; 3])?;
+                let row = self.channels;
+                let permute = |src: &[f32]| -> Vec<f32> {
+                    let mut dst = vec![0f32; src.len()];
+                    for (i, &r) in p.fwd.iter().enumerate() {
+                        let r = r as usize;
+                        dst[i * row..(i + 1) * row].copy_from_slice(&src[r * row..(r + 1) * row]);
+                    }
+                    dst
+                };
+                let (q, k, v) = (permute(&q), permute(&k), permute(&v));
+                let mut groups = Vec::with_capacity(p.seq_lens.len());
+                let mut start = 0;
+                for &len in &p.seq_lens {
+                    groups.push(AttnGroup {
+                        q: start..start + len,
+                        kv: start..start + len,
+                    });
+                    start += len;
+                }
+                let o = varlen_attention(&q, &k, &v, &groups, shape, scale)?;
+                let mut out = vec![0f32; o.len()];
+                for (i, &r) in p.fwd.iter().enumerate() {
+                    let r = r as usize;
+                    out[r * row..(r + 1) * row].copy_from_slice(&o[i * row..(i + 1) * row]);
+                }
+                out
+            }
+        };
+        self.output(x, out)
+    }
+
+    /// Cross-attention forward: `context` is dense `[B, L, C_ctx]`.
+    pub fn forward_cross(&self, x: &SparseTensor, context: &Tensor) -> Result<SparseTensor> {
+        let Projection::Cross { to_q, to_kv } = &self.proj else {
+            bail!("this SparseMultiHeadAttention is a self-attention: call forward")
+        };
+        ensure!(
+            context.rank() == 3 && context.dim(0)? == x.batch_size(),
+            "cross-attention: context {:?} must be [B={}, L, C]",
+            context.dims(),
+            x.batch_size()
+        );
+        if self.rms.is_some() {
+            // The original's unbind on a dense [B, L, 2, H, D] context is broken for L != 2.
+            bail!("cross-attention with qk_rms_norm and a dense context is not supported (broken upstream)");
+        }
+        let (b, l, _) = context.dims3()?;
+        let (h, d) = (self.heads, self.head_dim());
+        let q = to_q.forward(x)?;
+        let kv = to_kv.forward_dense(context)?.reshape((b * l, 2, h, d))?;
+        let k = kv.narrow(1, 0, 1)?.squeeze(1)?;
+        let v = kv.narrow(1, 1, 1)?.squeeze(1)?;
+        let groups: Vec<AttnGroup> = x
+            .layout()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| AttnGroup {
+                q: r.clone(),
+                kv: i * l..(i + 1) * l,
+            })
+            .collect();
+        let shape = AttnShape {
+            heads: h,
+            head_dim: d,
+            v_dim: d,
+        };
+        let out = varlen_attention(
+            &to_f32_vec(q.feats())?,
+            &to_f32_vec(&k)?,
+            &to_f32_vec(&v)?,
+            &groups,
+            shape,
+            1.0 / (d as f32).sqrt(),
+        )?;
+        self.output(x, out)
+    }
+
+    fn output(&self, x: &SparseTensor, out: Vec<f32>) -> Result<SparseTensor> {
+        let t =
+            Tensor::from_vec(out, (x.rows(), self.channels), x.device())?.to_dtype(x.dtype())?;
+        self.to_out.forward(&x.replace(t)?)
+    }
+}

@@ -1,1 +1,168 @@
-//! (to be written)
+//! Sparse resampling (twin of `trellis/modules/sparse/spatial.py`): `SparseDownsample` (the
+//! original's scatter-mean of the children, output sorted by (b, x, y, z)), `SparseUpsample` (back to the exact coords and order
+//! of the paired downsample, nearest), `SparseSubdivide` (8 children per voxel, child j = 4dx+2dy+dz
+//! at row 8i+j).
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, ensure, Result};
+use candle_core::{DType, Tensor};
+
+use super::tensor::{Geometry, SparseTensor, UpsampleCache};
+
+/// Average pooling by `factor` per axis.
+#[derive(Debug, Clone, Copy)]
+pub struct SparseDownsample {
+    pub factor: [usize; 3],
+}
+
+impl SparseDownsample {
+    pub fn new(factor: usize) -> Self {
+        Self {
+            factor: [factor; 3],
+        }
+    }
+
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        ensure!(
+            self.factor.iter().all(|&f| f > 0),
+            "SparseDownsample: factor {:?} must be positive",
+            self.factor
+        );
+        let n = x.rows();
+        let coarse: Vec<[i32; 4]> = x
+            .coords()
+            .chunks_exact(4)
+            .map(|c| {
+                [
+                    c[0],
+                    c[1].div_euclid(self.factor[0] as i32),
+                    c[2].div_euclid(self.factor[1] as i32),
+                    c[3].div_euclid(self.factor[2] as i32),
+                ]
+            })
+            .collect();
+        // torch.unique of the packed code = lexicographic order of (b, x, y, z).
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by_key(|&i| coarse[i as usize]);
+        let mut inverse = vec![0u32; n];
+        let mut coords = Vec::new();
+        // The original's `scatter_reduce(zeros, 'mean')` keeps include_self=True: the zero it starts
+        // from counts as one more member, so a coarse voxel gets sum(children) / (children + 1).
+        let mut counts: Vec<f32> = Vec::new();
+        let mut last: Option<[i32; 4]> = None;
+        for &i in &order {
+            let c = coarse[i as usize];
+            if last != Some(c) {
+                coords.extend_from_slice(&c);
+                counts.push(1.0);
+                last = Some(c);
+            }
+            let row = counts.len() - 1;
+            counts[row] += 1.0;
+            inverse[i as usize] = row as u32;
+        }
+        let m = counts.len();
+        let dev = x.device();
+        let idx = Tensor::from_slice(&inverse, n, dev)?;
+        let feats32 = x.feats().to_dtype(DType::F32)?;
+        let c = x.channels()?;
+        let sums = Tensor::zeros((m, c), DType::F32, dev)?.index_add(&idx, &feats32, 0)?;
+        let counts = Tensor::from_vec(counts, (m, 1), dev)?;
+        let mean = sums.broadcast_div(&counts)?.to_dtype(x.dtype())?;
+        let geo = Geometry::new(coords, Some(x.batch_size()), dev)?.with_upsample(UpsampleCache {
+            factor: self.factor,
+            fine: x.geometry().clone(),
+            inverse,
+        });
+        SparseTensor::from_geometry(Arc::new(geo), mean)
+    }
+}
+
+/// Nearest upsampling back onto the coords the paired [`SparseDownsample`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct SparseUpsample {
+    pub factor: [usize; 3],
+}
+
+impl SparseUpsample {
+    pub fn new(factor: usize) -> Self {
+        Self {
+            factor: [factor; 3],
+        }
+    }
+
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let cache = x.geometry().upsample_cache().ok_or_else(|| {
+            anyhow!("SparseUpsample: no paired SparseDownsample (this tensor was not downsampled)")
+        })?;
+        ensure!(
+            cache.factor == self.factor,
+            "SparseUpsample: factor {:?} does not match the downsample's {:?}",
+            self.factor,
+            cache.factor
+        );
+        let idx = Tensor::from_slice(&cache.inverse, cache.inverse.len(), x.device())?;
+        let feats = x.feats().index_select(&idx, 0)?;
+        SparseTensor::from_geometry(cache.fine.clone(), feats)
+    }
+}
+
+/// Every voxel → its 8 children at twice the resolution, feats copied.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SparseSubdivide;
+
+impl SparseSubdivide {
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let n = x.rows();
+        let mut coords = Vec::with_capacity(n * 32);
+        for c in x.coords().chunks_exact(4) {
+            for j in 0..8 {
+                let (dx, dy, dz) = ((j >> 2) & 1, (j >> 1) & 1, j & 1);
+                coords.extend_from_slice(&[c[0], 2 * c[1] + dx, 2 * c[2] + dy, 2 * c[3] + dz]);
+            }
+        }
+        let c = x.channels()?;
+        let feats = x
+            .feats()
+            .unsqueeze(1)?
+            .broadcast_as((n, 8, c))?
+            .reshape((n * 8, c))?;
+        let geo = Geometry::new(coords, Some(x.batch_size()), x.device())?;
+        SparseTensor::from_geometry(Arc::new(geo), feats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn downsample_then_upsample_restores_order() {
+        let dev = Device::Cpu;
+        let coords = vec![0, 3, 0, 0, 0, 0, 0, 1, 0, 2, 1, 1, 0, 1, 1, 0, 1, 5, 5, 5];
+        let feats = Tensor::new(&[[1f32], [2.], [3.], [4.], [5.]], &dev).unwrap();
+        let x = SparseTensor::new(coords.clone(), feats).unwrap();
+        let d = SparseDownsample::new(2).forward(&x).unwrap();
+        // (0,0,0,0) <- rows 1,3; (0,1,0,0) <- rows 0,2; (1,2,2,2) <- row 4.
+        assert_eq!(d.coords(), &[0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 2, 2]);
+        let f: Vec<f32> = d.feats().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(f, vec![2.0, 4.0 / 3.0, 2.5]);
+        let u = SparseUpsample::new(2).forward(&d).unwrap();
+        assert_eq!(u.coords(), coords.as_slice());
+        let f: Vec<f32> = u.feats().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(f, vec![4.0 / 3.0, 2.0, 4.0 / 3.0, 2.0, 2.5]);
+        assert!(SparseUpsample::new(2).forward(&x).is_err());
+    }
+
+    #[test]
+    fn subdivide_orders_children() {
+        let dev = Device::Cpu;
+        let x = SparseTensor::new(vec![0, 1, 2, 3], Tensor::new(&[[7f32]], &dev).unwrap()).unwrap();
+        let s = SparseSubdivide.forward(&x).unwrap();
+        assert_eq!(&s.coords()[4..8], &[0, 2, 4, 7]);
+        assert_eq!(&s.coords()[16..20], &[0, 3, 4, 6]);
+        assert_eq!(s.rows(), 8);
+    }
+}

@@ -1,1 +1,182 @@
-//! (to be written)
+//! Sparse transformer blocks (twin of `trellis/modules/sparse/transformer/{blocks,modulated}.py`):
+//! `SparseFeedForwardNet`, `SparseTransformerBlock` (the swin torso of the SLat VAEs) and
+//! `ModulatedSparseTransformerCrossBlock` (the DiT block of the SLat flow).
+//!
+//! dtype: the blocks run in the dtype of their weights' `VarBuilder` (f16 for `use_fp16` torsos);
+//! the layer norms compute in f32 with f32 affine parameters (`LayerNorm32`).
+
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use super::attention::{AttnMode, SparseMultiHeadAttention};
+use super::linear::SparseLinear;
+use super::norm::SparseLayerNorm32;
+use super::tensor::SparseTensor;
+
+/// `Linear(C, C*ratio) -> GELU(tanh) -> Linear(C*ratio, C)`, tensors `mlp.0.*` / `mlp.2.*`.
+#[derive(Debug, Clone)]
+pub struct SparseFeedForwardNet {
+    fc1: SparseLinear,
+    fc2: SparseLinear,
+}
+
+impl SparseFeedForwardNet {
+    pub fn new(channels: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
+        let hidden = (channels as f64 * mlp_ratio) as usize;
+        let vb = vb.pp("mlp");
+        Ok(Self {
+            fc1: SparseLinear::new(channels, hidden, vb.pp("0"))?,
+            fc2: SparseLinear::new(hidden, channels, vb.pp("2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let h = self.fc1.forward(x)?;
+        let h = h.replace(h.feats().gelu()?)?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// `SparseTransformerBlock`: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`; norms without affine
+/// (the VAEs' `ln_affine=False`), eps 1e-6.
+#[derive(Debug, Clone)]
+pub struct SparseTransformerBlock {
+    norm1: SparseLayerNorm32,
+    norm2: SparseLayerNorm32,
+    attn: SparseMultiHeadAttention,
+    mlp: SparseFeedForwardNet,
+}
+
+impl SparseTransformerBlock {
+    pub fn new(
+        channels: usize,
+        heads: usize,
+        mlp_ratio: f64,
+        mode: AttnMode,
+        qk_rms_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: SparseLayerNorm32::new(channels, false, 1e-6, vb.pp("norm1"))?,
+            norm2: SparseLayerNorm32::new(channels, false, 1e-6, vb.pp("norm2"))?,
+            attn: SparseMultiHeadAttention::new_self(
+                channels,
+                heads,
+                mode,
+                qk_rms_norm,
+                vb.pp("attn"),
+            )?,
+            mlp: SparseFeedForwardNet::new(channels, mlp_ratio, vb.pp("mlp"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let h = self.attn.forward(&self.norm1.forward(x)?)?;
+        let x = x.add(&h)?;
+        let h = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        x.add(&h)
+    }
+}
+
+/// `ModulatedSparseTransformerCrossBlock` (share_mod = False): adaLN-modulated self-attention,
+/// cross-attention to the condition (norm2 with affine), modulated MLP.
+#[derive(Debug, Clone)]
+pub struct ModulatedSparseTransformerCrossBlock {
+    channels: usize,
+    norm1: SparseLayerNorm32,
+    norm2: SparseLayerNorm32,
+    norm3: SparseLayerNorm32,
+    self_attn: SparseMultiHeadAttention,
+    cross_attn: SparseMultiHeadAttention,
+    mlp: SparseFeedForwardNet,
+    ada_ln: Option<candle_nn::Linear>,
+}
+
+/// Constructor arguments of [`ModulatedSparseTransformerCrossBlock`].
+#[derive(Debug, Clone, Copy)]
+pub struct CrossBlockArgs {
+    pub channels: usize,
+    pub ctx_channels: usize,
+    pub heads: usize,
+    pub mlp_ratio: f64,
+    pub mode: AttnMode,
+    pub qk_rms_norm: bool,
+    pub qk_rms_norm_cross: bool,
+    pub share_mod: bool,
+}
+
+impl ModulatedSparseTransformerCrossBlock {
+    pub fn new(a: CrossBlockArgs, vb: VarBuilder) -> Result<Self> {
+        let c = a.channels;
+        let ada_ln = if a.share_mod {
+            None
+        } else {
+            Some(candle_nn::linear(
+                c,
+                6 * c,
+                vb.pp("adaLN_modulation").pp("1"),
+            )?)
+        };
+        Ok(Self {
+            channels: c,
+            norm1: SparseLayerNorm32::new(c, false, 1e-6, vb.pp("norm1"))?,
+            norm2: SparseLayerNorm32::new(c, true, 1e-6, vb.pp("norm2"))?,
+            norm3: SparseLayerNorm32::new(c, false, 1e-6, vb.pp("norm3"))?,
+            self_attn: SparseMultiHeadAttention::new_self(
+                c,
+                a.heads,
+                a.mode,
+                a.qk_rms_norm,
+                vb.pp("self_attn"),
+            )?,
+            cross_attn: SparseMultiHeadAttention::new_cross(
+                c,
+                a.ctx_channels,
+                a.heads,
+                a.qk_rms_norm_cross,
+                vb.pp("cross_attn"),
+            )?,
+            mlp: SparseFeedForwardNet::new(c, a.mlp_ratio, vb.pp("mlp"))?,
+            ada_ln,
+        })
+    }
+
+    /// `x`: tokens; `modulation`: `t_emb [B, C]` (or, with `share_mod`, the shared `[B, 6C]`
+    /// modulation); `context`: `[B, L, C_ctx]`.
+    pub fn forward(
+        &self,
+        x: &SparseTensor,
+        modulation: &Tensor,
+        context: &Tensor,
+    ) -> Result<SparseTensor> {
+        let m = match &self.ada_ln {
+            Some(l) => {
+                let w = l.weight().dtype();
+                candle_core::Module::forward(l, &modulation.to_dtype(w)?.silu()?)?
+            }
+            None => modulation.clone(),
+        };
+        let m = m.to_dtype(x.dtype())?;
+        ensure!(
+            m.dim(1)? == 6 * self.channels,
+            "modulation has {} channels, expected {}",
+            m.dim(1)?,
+            6 * self.channels
+        );
+        let chunk = |i: usize| m.narrow(1, i * self.channels, self.channels);
+        let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
+        let h = self.norm1.forward(x)?.modulate(&shift_msa, &scale_msa)?;
+        let h = self.self_attn.forward(&h)?.gate(&gate_msa)?;
+        let x = x.add(&h)?;
+        let h = self.norm2.forward(&x)?;
+        let h = self
+            .cross_attn
+            .forward_cross(&h, &context.to_dtype(x.dtype())?)?;
+        let x = x.add(&h)?;
+        let h = self.norm3.forward(&x)?.modulate(&shift_mlp, &scale_mlp)?;
+        let h = self.mlp.forward(&h)?.gate(&gate_mlp)?;
+        x.add(&h)
+    }
+}
