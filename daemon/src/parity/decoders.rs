@@ -202,12 +202,20 @@ fn check_gaussian(fx: &Fixture, report: &mut Report) -> Result<()> {
     let ours = net.to_representation(&raw)?;
     compare_gaussians(&mut cmp, &ours, t)?;
     if let Some(g) = ours.first() {
-        check_ply(&mut cmp, g, t)?;
+        // utils3d's matrix -> quaternion takes square roots of `1 +- diagonal sums`; for rotations
+        // near a half turn those arguments are ~0 and an input error e becomes ~sqrt(e), so the
+        // rot_* columns of OUR network's Gaussians get the looser trajectory tolerance (the same
+        // writer on the reference output below is held to the forward tolerance)
+        check_ply(&mut cmp, g, t.max(tol::TRAJECTORY))?;
     }
     // the representation stage alone, from the reference output
     let ref_raw = SparseTensor::from_tensors(&fx.io("coords")?, fx.io("raw_out")?)?;
     cmp.prefix = "from ref raw_out: ".into();
-    compare_gaussians(&mut cmp, &net.to_representation(&ref_raw)?, tol::FORWARD)?;
+    let from_ref = net.to_representation(&ref_raw)?;
+    compare_gaussians(&mut cmp, &from_ref, tol::FORWARD)?;
+    if let Some(g) = from_ref.first() {
+        check_ply(&mut cmp, g, tol::FORWARD)?;
+    }
     Ok(())
 }
 
