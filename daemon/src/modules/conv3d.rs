@@ -11,7 +11,7 @@ use trellis_kernels::conv3d::{self as kernel, Conv3dShape};
 
 /// Runs `f` on the float32 values of `t` (row-major), borrowing them when `t` already is a
 /// contiguous float32 CPU tensor, converting otherwise.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     if t.dtype() == DType::F32 && t.device().is_cpu() {
         let (storage, layout) = t.storage_and_layout();
         if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
