@@ -2,7 +2,8 @@
 //! bounded-memory CPU kernel `trellis_kernels::conv3d` in float32, and `pixel_shuffle_3d` likewise.
 //!
 //! Weights keep the builder's dtype (float16 in fp16 torsos) and are widened to float32 per call;
-//! the result is returned in the input's dtype on the input's device.
+//! the result is returned in the input's dtype on the input's device. The kernel is CPU-only: on
+//! another device the data makes a round trip through host memory (candle has no 3-D convolution).
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Storage, Tensor};
