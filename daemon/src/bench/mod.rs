@@ -3,6 +3,7 @@
 //! Each benchmark is one file here and one entry of [`BENCHES`]; it prints its own figures. Helpers
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
+pub mod mesh_decoder;
 pub mod ss_decoder;
 
 use std::io::Write;
@@ -18,11 +19,18 @@ pub struct Bench {
 }
 
 /// Every benchmark, in the order `trellisd bench --list` shows them.
-pub const BENCHES: &[Bench] = &[Bench {
-    name: "ss-decoder",
-    about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
-    run: ss_decoder::run,
-}];
+pub const BENCHES: &[Bench] = &[
+    Bench {
+        name: "ss-decoder",
+        about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
+        run: ss_decoder::run,
+    },
+    Bench {
+        name: "mesh-decoder",
+        about: "full-size SLatMeshDecoder + FlexiCubes at 256^3 (slat_dec_mesh_swin8_B_64l8m256c_fp16 manifest, random weights), f32 CPU, 20,000-voxel shell at 64^3; time and peak RSS per stage",
+        run: mesh_decoder::run,
+    },
+];
 
 /// Runs the benchmark called `name`; an unknown name is an error listing the known ones.
 pub fn run(name: &str, out: &mut dyn Write) -> Result<()> {
