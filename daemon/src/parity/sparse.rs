@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor};
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
 use crate::models::config::ModelConfig;
+use crate::models::slat_flow::SLatFlowModel;
 use crate::models::slat_vae::encoder::SLatEncoder;
 use crate::modules::sparse::attention::{AttnMode, SparseMultiHeadAttention};
 use crate::modules::sparse::conv::SparseConv3d;
@@ -42,23 +43,14 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
 /// What a handler produced, by meta.json tensor name.
 type Produced = HashMap<String, Tensor>;
 
-/// The tolerance meta.json states for a tensor: `Some(None)` = exact, `Some(Some(x))` = rel L2.
+/// The tolerance meta.json states for a tensor: `Some(None)` = "exact", `Some(Some(x))` = rel L2
+/// (as [`Fixture::stated_tolerance`] reads it), `None` = none stated.
 fn stated(fx: &Fixture, name: &str) -> Option<Option<f64>> {
     let t = fx.meta.get("tensors")?.get(name)?.get("tolerance")?;
-    if let Some(x) = t.as_f64() {
-        return Some(Some(x));
-    }
-    let s = t.as_str()?;
-    if s.trim() == "exact" {
+    if t.as_str().map(str::trim) == Some("exact") {
         return Some(None);
     }
-    s.split_whitespace()
-        .find_map(|w| {
-            w.trim_matches(|c: char| "~<=,;()".contains(c))
-                .parse::<f64>()
-                .ok()
-        })
-        .map(Some)
+    fx.stated_tolerance(name).map(Some)
 }
 
 /// Compares every meta.json tensor except `inputs` with what was produced.
@@ -253,11 +245,82 @@ fn sparse_attention(fx: &mut Fixture) -> Result<Outcome> {
     )?))
 }
 
+/// `model:SLatFlowModel`: a float32 fixture (`out` + intermediates) or a `use_fp16` one
+/// (`out_mixed_fp16` from the float16 torso, `out_fp32_same_weights` in float32).
 fn slat_flow(fx: &mut Fixture) -> Result<Outcome> {
-    Ok(Outcome::Skipped(format!(
-        "{} is not implemented yet",
-        fx.kind
-    )))
+    let ModelConfig::SLatFlow { config, .. } = model_config(fx)? else {
+        bail!("{}: config.json is not an SLatFlowModel", fx.dir.display());
+    };
+    let x = sparse_input(fx, "coords", "feats")?;
+    let (t, cond) = (fx.io("t")?, fx.io("cond")?);
+    let mut p = Produced::new();
+    let run = |dtype: DType, p: &mut Produced, traced: bool| -> Result<Tensor> {
+        let (vb, check) = fx.weights(DType::F32)?;
+        let model = SLatFlowModel::new(&config, vb, dtype)?;
+        check.finish()?;
+        if traced {
+            p.insert("t_emb".into(), model.timestep_embedding(&t)?);
+            let mut hook = |name: &str, h: &SparseTensor| -> Result<Option<Tensor>> {
+                p.insert(format!("{name}_feats"), h.feats().to_dtype(DType::F32)?);
+                p.insert(format!("{name}_coords"), h.coords_tensor()?);
+                Ok(None)
+            };
+            let out = model
+                .forward_traced(&x, &t, &cond, &mut hook)?
+                .feats()
+                .clone();
+            // Teacher forcing: every block starts from the original's recorded input, so each
+            // block is checked on its own (an error is not carried into the later blocks).
+            let mut hook = |name: &str, h: &SparseTensor| -> Result<Option<Tensor>> {
+                let key = format!("{name}_feats");
+                if !fx.has_io(&key) {
+                    return Ok(None);
+                }
+                p.insert(
+                    format!("{key} (teacher-forced)"),
+                    h.feats().to_dtype(DType::F32)?,
+                );
+                Ok(Some(fx.io(&key)?))
+            };
+            let forced = model.forward_traced(&x, &t, &cond, &mut hook)?;
+            p.insert("out (teacher-forced)".into(), forced.feats().clone());
+            Ok(out)
+        } else {
+            Ok(model.forward(&x, &t, &cond)?.feats().clone())
+        }
+    };
+    let mut default_tol = tol::FORWARD;
+    if fx.has_io("out_mixed_fp16") || fx.has_io("out_fp32_same_weights") {
+        if fx.has_io("out_mixed_fp16") {
+            let out = run(DType::F16, &mut p, false)?;
+            p.insert("out_mixed_fp16".into(), out);
+            default_tol = tol::FP16;
+        }
+        if fx.has_io("out_fp32_same_weights") {
+            let out = run(DType::F32, &mut p, false)?;
+            p.insert("out_fp32_same_weights".into(), out);
+        }
+    } else {
+        let dtype = if config.use_fp16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let out = run(dtype, &mut p, true)?;
+        p.insert("out".into(), out);
+    }
+    let mut report = compare_all(fx, &p, &["coords", "feats", "t", "cond"], default_tol)?;
+    let mut forced: Vec<(&String, &Tensor)> = p
+        .iter()
+        .filter(|(k, _)| k.ends_with("(teacher-forced)"))
+        .collect();
+    forced.sort_by_key(|(k, _)| k.as_str());
+    for (name, actual) in forced {
+        let base = name.trim_end_matches(" (teacher-forced)");
+        let tol = fx.stated_tolerance(base).unwrap_or(default_tol);
+        report.close(name, actual, &fx.io(base)?, tol)?;
+    }
+    Ok(Outcome::Checked(report))
 }
 
 fn model_config(fx: &Fixture) -> Result<ModelConfig> {
