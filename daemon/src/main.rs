@@ -16,6 +16,8 @@ enum Command {
     Parity(cli::parity::ParityArgs),
     /// Report this machine, this build, the cached models and the tier a run would use.
     Doctor(cli::doctor::DoctorArgs),
+    /// Speed and memory benchmarks of full-size networks with random weights.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() {
@@ -23,6 +25,7 @@ fn main() {
     let result = match &cli.command {
         Command::Parity(a) => cli::parity::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

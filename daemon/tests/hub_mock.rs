@@ -406,6 +406,21 @@ fn local_folders_resolve_relative_entries_without_network() {
     assert!(dec.weights.is_file());
     assert!(dec.weights.to_string_lossy().contains("TRELLIS-image-tiny"));
     assert!(p.model("nope").is_err());
+    // A conditioner folder relative to the repository becomes a usable path.
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repos/img");
+    copy_dir(&pipelines_dir().join("TRELLIS-image-tiny"), &repo);
+    copy_dir(
+        &trellis::reference_dir().join("conditioners/dinov2_reg_tiny"),
+        &tmp.path().join("conds/dino"),
+    );
+    edit_json(&repo.join("pipeline.json"), |v| {
+        v["args"]["image_cond_model"] = serde_json::Value::from("../../conds/dino");
+    });
+    let p = open_pipeline(repo.to_str().unwrap(), &opts).unwrap();
+    let cond = p.config.image_cond_model.clone().unwrap();
+    let dir = resolve_conditioner(&cond, &opts).unwrap();
+    assert!(dir.join("model.safetensors").is_file(), "{cond}");
     let e = format!(
         "{:#}",
         open_pipeline("/definitely/not/here", &opts).unwrap_err()

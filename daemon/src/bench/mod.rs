@@ -1,1 +1,102 @@
 //! `trellisd bench NAME`: speed and memory benchmarks of full-size networks with random weights.
+//!
+//! Each benchmark is one file here and one entry of [`BENCHES`]; it prints its own figures. Helpers
+//! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
+
+pub mod ss_decoder;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+/// One benchmark: its name on the command line, a one-line description, and the function that runs it.
+pub struct Bench {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&mut dyn Write) -> Result<()>,
+}
+
+/// Every benchmark, in the order `trellisd bench --list` shows them.
+pub const BENCHES: &[Bench] = &[Bench {
+    name: "ss-decoder",
+    about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
+    run: ss_decoder::run,
+}];
+
+/// Runs the benchmark called `name`; an unknown name is an error listing the known ones.
+pub fn run(name: &str, out: &mut dyn Write) -> Result<()> {
+    match BENCHES.iter().find(|b| b.name == name) {
+        Some(b) => (b.run)(out),
+        None => bail!(
+            "unknown benchmark {name:?} (known: {})",
+            BENCHES
+                .iter()
+                .map(|b| b.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The process's peak resident set size in KiB (`VmHWM` of /proc/self/status), where available.
+pub fn peak_rss_kib() -> Option<u64> {
+    proc_status_kib("VmHWM:")
+}
+
+/// The process's current resident set size in KiB (`VmRSS`), where available.
+pub fn current_rss_kib() -> Option<u64> {
+    proc_status_kib("VmRSS:")
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status_kib(&s, field)
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// Formats KiB as MiB text ("n/a" when unknown).
+pub fn mib(kib: Option<u64>) -> String {
+    kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_else(|| "n/a".to_string())
+}
+
+/// A checkpoint manifest of the reference directory (`manifests/<stem>.json`); an error names the
+/// path when it is missing.
+pub fn manifest_path(stem: &str) -> Result<PathBuf> {
+    let p = crate::reference_dir()
+        .join("manifests")
+        .join(format!("{stem}.json"));
+    if !p.is_file() {
+        bail!(
+            "manifest {} not found (set TRELLIS_REFERENCE_DIR to the reference fixtures)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_status_fields() {
+        let s = "Name:\ttrellisd\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_status_kib(s, "VmHWM:"), Some(123456));
+        assert_eq!(parse_status_kib(s, "VmRSS:"), Some(1000));
+        assert_eq!(parse_status_kib(s, "VmPeak:"), None);
+        assert_eq!(mib(Some(2048)), "2.0 MiB");
+    }
+
+    #[test]
+    fn unknown_bench_is_an_error() {
+        let mut out = Vec::new();
+        let e = run("no-such-bench", &mut out).unwrap_err().to_string();
+        assert!(e.contains("ss-decoder"), "{e}");
+    }
+}

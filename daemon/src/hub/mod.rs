@@ -108,7 +108,9 @@ pub fn conditioner_repo(name: &str) -> Option<&'static str> {
 
 /// A conditioner (image or text encoder) in Hugging Face Transformers form: a folder with
 /// `config.json`, `model.safetensors` and, for CLIP, `tokenizer.json`. `name_or_path` is a local
-/// folder, a name from `pipeline.json` (`dinov2_vitl14_reg`) or a hub id.
+/// folder, a name from `pipeline.json` (`dinov2_vitl14_reg`) or a hub id. (For a local pipeline,
+/// [`open_pipeline`] already turned a conditioner folder relative to the repository into a full
+/// path in [`PipelineConfig`].)
 pub fn resolve_conditioner(name_or_path: &str, opts: &HubOptions) -> Result<PathBuf> {
     let mut remote = Remote::new(opts);
     let (dir, missing) = resolve_conditioner_in(name_or_path, &mut remote)?;
@@ -197,7 +199,20 @@ pub(crate) fn resolve_pipeline(
             ),
         },
     };
-    let config = PipelineConfig::load(&pipeline_json)?;
+    let mut config = PipelineConfig::load(&pipeline_json)?;
+    if source == PipelineSource::Local {
+        // A conditioner given as a folder relative to the repository (e.g.
+        // `../conditioners/dinov2_reg_tiny`) becomes a path callers can use from anywhere.
+        for cond in [&mut config.image_cond_model, &mut config.text_cond_model]
+            .into_iter()
+            .flatten()
+        {
+            let candidate = root.join(cond.as_str());
+            if Path::new(cond.as_str()).is_relative() && candidate.is_dir() {
+                *cond = candidate.display().to_string();
+            }
+        }
+    }
     let hub_id = match &source {
         PipelineSource::Hub(id) => Some(id.clone()),
         PipelineSource::Local => None,

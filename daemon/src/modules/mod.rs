@@ -2,6 +2,7 @@
 //! embedders, and the sparse counterparts under [`sparse`].
 
 pub mod attention;
+pub mod conv3d;
 pub mod embedders;
 pub mod norm;
 pub mod patchify;

@@ -5,6 +5,9 @@ use anyhow::{bail, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use super::attention::MultiHeadAttention;
+use super::norm::LayerNorm32;
+
 /// adaLN modulation `x * (1 + scale) + shift`. With `x` `[B, L, C]` and `shift`/`scale` `[B, C]`, the
 /// modulation is broadcast over L (torch's `unsqueeze(1)`); otherwise the shapes must broadcast
 /// as they are (e.g. `x` `[N, C]` with `[1, C]` or `[C]`).
@@ -45,6 +48,132 @@ impl FeedForwardNet {
         // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
         let h = self.fc1.forward(x)?.gelu()?;
         Ok(self.fc2.forward(&h)?)
+    }
+}
+
+/// Constructor arguments of [`ModulatedTransformerCrossBlock`] (attention mode is always "full").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CrossBlockConfig {
+    pub channels: usize,
+    pub ctx_channels: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub qk_rms_norm: bool,
+    pub qk_rms_norm_cross: bool,
+    pub qkv_bias: bool,
+    pub share_mod: bool,
+}
+
+/// What one block computed, for parity: the 6C modulation vector and the residual stream after each
+/// sub-layer.
+#[derive(Debug, Clone)]
+pub struct CrossBlockTrace {
+    pub adaln: Tensor,
+    pub after_self_attn: Tensor,
+    pub after_cross_attn: Tensor,
+    pub out: Tensor,
+}
+
+/// `ModulatedTransformerCrossBlock`: adaLN-modulated self-attention, plain cross-attention (after the
+/// affine `norm2`), adaLN-modulated MLP. Norms: LayerNorm32 eps 1e-6, only `norm2` affine.
+/// Linear layers take `vb`'s dtype (float16 in fp16 torsos); norm parameters stay float32.
+#[derive(Debug, Clone)]
+pub struct ModulatedTransformerCrossBlock {
+    norm1: LayerNorm32,
+    norm2: LayerNorm32,
+    norm3: LayerNorm32,
+    self_attn: MultiHeadAttention,
+    cross_attn: MultiHeadAttention,
+    mlp: FeedForwardNet,
+    ada_ln: Option<Linear>,
+    channels: usize,
+}
+
+impl ModulatedTransformerCrossBlock {
+    pub fn new(vb: VarBuilder, cfg: &CrossBlockConfig) -> Result<Self> {
+        let c = cfg.channels;
+        let ada_ln = if cfg.share_mod {
+            None
+        } else {
+            Some(candle_nn::linear(c, 6 * c, vb.pp("adaLN_modulation.1"))?)
+        };
+        Ok(Self {
+            norm1: LayerNorm32::new(vb.pp("norm1"), c, false, 1e-6)?,
+            norm2: LayerNorm32::new(vb.pp("norm2"), c, true, 1e-6)?,
+            norm3: LayerNorm32::new(vb.pp("norm3"), c, false, 1e-6)?,
+            self_attn: MultiHeadAttention::new_self(
+                vb.pp("self_attn"),
+                c,
+                cfg.num_heads,
+                cfg.qkv_bias,
+                cfg.qk_rms_norm,
+            )?,
+            cross_attn: MultiHeadAttention::new_cross(
+                vb.pp("cross_attn"),
+                c,
+                cfg.ctx_channels,
+                cfg.num_heads,
+                cfg.qkv_bias,
+                cfg.qk_rms_norm_cross,
+            )?,
+            mlp: FeedForwardNet::new(vb.pp("mlp"), c, cfg.mlp_ratio)?,
+            ada_ln,
+            channels: c,
+        })
+    }
+
+    /// `x` `[B, L, C]`, `modulation` `[B, C]` (or the shared `[B, 6C]` when `share_mod`), `context`
+    /// `[B, Lc, Cc]`.
+    pub fn forward(&self, x: &Tensor, modulation: &Tensor, context: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_trace(x, modulation, context)?.out)
+    }
+
+    /// [`Self::forward`] keeping the intermediates.
+    pub fn forward_trace(
+        &self,
+        x: &Tensor,
+        modulation: &Tensor,
+        context: &Tensor,
+    ) -> Result<CrossBlockTrace> {
+        let c = self.channels;
+        let adaln = match &self.ada_ln {
+            Some(l) => l.forward(&modulation.silu()?)?,
+            None => modulation.clone(),
+        };
+        if adaln.rank() != 2 || adaln.dim(1)? != 6 * c {
+            bail!(
+                "ModulatedTransformerCrossBlock: modulation gives {:?}, expected [B, {}]",
+                adaln.dims(),
+                6 * c
+            );
+        }
+        let chunk = |i: usize| adaln.narrow(1, i * c, c);
+        let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
+
+        let h = modulate(&self.norm1.forward(x)?, &shift_msa, &scale_msa)?;
+        let h = self.self_attn.forward(&h, None)?;
+        let h = h.broadcast_mul(&gate_msa.unsqueeze(1)?)?;
+        let after_self_attn = (x + h)?;
+
+        let h = self.norm2.forward(&after_self_attn)?;
+        let h = self.cross_attn.forward(&h, Some(context))?;
+        let after_cross_attn = (&after_self_attn + h)?;
+
+        let h = modulate(
+            &self.norm3.forward(&after_cross_attn)?,
+            &shift_mlp,
+            &scale_mlp,
+        )?;
+        let h = self.mlp.forward(&h)?;
+        let h = h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?;
+        let out = (&after_cross_attn + h)?;
+        Ok(CrossBlockTrace {
+            adaln,
+            after_self_attn,
+            after_cross_attn,
+            out,
+        })
     }
 }
 

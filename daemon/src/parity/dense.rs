@@ -10,10 +10,18 @@ use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
+use crate::models::config::{
+    SparseStructureDecoderConfig, SparseStructureEncoderConfig, SparseStructureFlowConfig,
+};
+use crate::models::ss_flow::{SparseStructureFlowModel, SparseStructureFlowTrace};
+use crate::models::ss_vae::{occupied_coords, SparseStructureDecoder, SparseStructureEncoder};
+use crate::modules::attention::MultiHeadAttention;
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::{
     f_layer_norm, sparse_group_norm, ChannelLayerNorm32, GroupNorm32, LayerNorm32, MultiHeadRMSNorm,
 };
+use crate::modules::patchify as spatial;
+use crate::modules::transformer::{CrossBlockConfig, ModulatedTransformerCrossBlock};
 
 pub const KINDS: &[&str] = &[
     "module:TimestepEmbedder",
@@ -32,6 +40,12 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
         "module:TimestepEmbedder" => timestep_embedder(fx),
         "module:AbsolutePositionEmbedder" => abs_pos_embedder(fx),
         "module:norms" => norms(fx),
+        "module:patchify" => patchify(fx),
+        "module:MultiHeadAttention" => attention(fx),
+        "module:ModulatedTransformerCrossBlock" => cross_block(fx),
+        "model:SparseStructureFlowModel" => ss_flow(fx),
+        "model:SparseStructureEncoder" => ss_encoder(fx),
+        "model:SparseStructureDecoder" => ss_decoder(fx),
         _ => Ok(Outcome::Skipped(format!(
             "{} is not implemented yet",
             fx.kind
@@ -48,9 +62,25 @@ fn meta_tensors(fx: &Fixture) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The stated tolerance of a tensor, else `default`.
+/// The stated tolerance of a tensor (also `"rel_l2 ~1e-2 (...)"`), else `default`.
 fn tol_of(fx: &Fixture, name: &str, default: f64) -> f64 {
-    fx.stated_tolerance(name).unwrap_or(default)
+    if let Some(t) = fx.stated_tolerance(name) {
+        return t;
+    }
+    fx.meta
+        .get("tensors")
+        .and_then(|t| t.get(name))
+        .and_then(|t| t.get("tolerance"))
+        .and_then(|t| t.as_str())
+        .and_then(|s| {
+            s.split_whitespace().find_map(|w| {
+                w.trim_start_matches(['~', '<', '='])
+                    .trim_end_matches([',', ';', ')'])
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .unwrap_or(default)
 }
 
 fn usize_arg(args: &serde_json::Value, key: &str) -> Result<usize> {
@@ -277,6 +307,296 @@ fn norms(fx: &mut Fixture) -> Result<Outcome> {
     for n in names.iter().filter(|n| n.ends_with("_out")) {
         if !report.checks.iter().any(|c| &c.name == n) {
             bail!("meta.json lists {n:?}, which this handler does not know");
+        }
+    }
+    Ok(Outcome::Checked(report))
+}
+
+fn bool_arg(args: &serde_json::Value, key: &str, default: bool) -> bool {
+    args.get(key).and_then(|v| v.as_bool()).unwrap_or(default)
+}
+
+fn patchify(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let names = meta_tensors(fx);
+    let has = |n: &str| names.iter().any(|x| x == n);
+    let mut report = Report::default();
+    if has("patchified") {
+        let x = fx.io("x")?;
+        let want = fx.io("patchified")?;
+        let p = x.dim(2)? / want.dim(2)?.max(1);
+        let got = spatial::patchify(&x, p)?;
+        report.close(
+            "patchified",
+            &got,
+            &want,
+            tol_of(fx, "patchified", tol::FORWARD),
+        )?;
+        if has("unpatchified") {
+            let back = spatial::unpatchify(&want, p)?;
+            report.close(
+                "unpatchified",
+                &back,
+                &fx.io("unpatchified")?,
+                tol_of(fx, "unpatchified", tol::FORWARD),
+            )?;
+        }
+    }
+    if has("shuffle_out") {
+        let x = fx.io("shuffle_in")?;
+        let want = fx.io("shuffle_out")?;
+        let s = want.dim(2)? / x.dim(2)?.max(1);
+        let got = spatial::pixel_shuffle_3d(&x, s)?;
+        report.close(
+            "shuffle_out",
+            &got,
+            &want,
+            tol_of(fx, "shuffle_out", tol::FORWARD),
+        )?;
+    }
+    if report.checks.is_empty() {
+        bail!("meta.json lists no patchified / shuffle_out tensor");
+    }
+    Ok(Outcome::Checked(report))
+}
+
+fn attention(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let args = fx.config_args()?.clone();
+    let channels = usize_arg(&args, "channels")?;
+    let heads = usize_arg(&args, "num_heads")?;
+    let qkv_bias = bool_arg(&args, "qkv_bias", true);
+    let qk_rms = bool_arg(&args, "qk_rms_norm", false);
+    if let Some(m) = args.get("attn_mode").and_then(|v| v.as_str()) {
+        if m != "full" {
+            bail!("MultiHeadAttention: attn_mode {m:?} (the original implements only \"full\")");
+        }
+    }
+    let kind = args.get("type").and_then(|v| v.as_str()).unwrap_or("self");
+    let (vb, check) = fx.weights(DType::F32)?;
+    let attn = match kind {
+        "self" => MultiHeadAttention::new_self(vb, channels, heads, qkv_bias, qk_rms)?,
+        "cross" => {
+            let ctx = args
+                .get("ctx_channels")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(channels);
+            MultiHeadAttention::new_cross(vb, channels, ctx, heads, qkv_bias, qk_rms)?
+        }
+        other => bail!("MultiHeadAttention: unknown type {other:?}"),
+    };
+    check.finish()?;
+    let ctx = opt_io(fx, "context");
+    let out = attn.forward(&fx.io("x")?, ctx.as_ref())?;
+    let mut report = Report::default();
+    report.close("out", &out, &fx.io("out")?, tol_of(fx, "out", tol::FORWARD))?;
+    Ok(Outcome::Checked(report))
+}
+
+fn cross_block(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let args = fx.config_args()?.clone();
+    let channels = usize_arg(&args, "channels")?;
+    let cfg = CrossBlockConfig {
+        channels,
+        ctx_channels: usize_arg(&args, "ctx_channels")?,
+        num_heads: usize_arg(&args, "num_heads")?,
+        mlp_ratio: args
+            .get("mlp_ratio")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(4.0),
+        qk_rms_norm: bool_arg(&args, "qk_rms_norm", false),
+        qk_rms_norm_cross: bool_arg(&args, "qk_rms_norm_cross", false),
+        qkv_bias: bool_arg(&args, "qkv_bias", true),
+        share_mod: bool_arg(&args, "share_mod", false),
+    };
+    if let Some(m) = args.get("attn_mode").and_then(|v| v.as_str()) {
+        if m != "full" {
+            bail!("ModulatedTransformerCrossBlock: attn_mode {m:?} is not implemented upstream");
+        }
+    }
+    let (vb, check) = fx.weights(DType::F32)?;
+    let block = ModulatedTransformerCrossBlock::new(vb, &cfg)?;
+    check.finish()?;
+    let tr = block.forward_trace(&fx.io("x")?, &fx.io("mod")?, &fx.io("context")?)?;
+    let mut report = Report::default();
+    let inputs = ["x", "mod", "context"];
+    for name in meta_tensors(fx) {
+        let got = match name.as_str() {
+            n if inputs.contains(&n) => continue,
+            "adaln" => &tr.adaln,
+            "after_self_attn" => &tr.after_self_attn,
+            "after_cross_attn" => &tr.after_cross_attn,
+            "out" => &tr.out,
+            other => bail!("meta.json lists {other:?}, which this handler does not know"),
+        };
+        report.close(&name, got, &fx.io(&name)?, tol_of(fx, &name, tol::FORWARD))?;
+    }
+    Ok(Outcome::Checked(report))
+}
+
+/// The typed config of a model fixture (`config.json`'s `args`).
+fn model_config<T: serde::de::DeserializeOwned>(fx: &Fixture) -> Result<T> {
+    let args = fx.config_args()?.clone();
+    serde_json::from_value(args).with_context(|| format!("{}: config.json args", fx.dir.display()))
+}
+
+/// A traced flow tensor by its fixture name (`out`, `input_layer_out`, `t_emb`, `block<i>`).
+fn flow_tensor<'a>(tr: &'a SparseStructureFlowTrace, name: &str) -> Option<&'a Tensor> {
+    match name {
+        "out" => Some(&tr.out),
+        "input_layer_out" => Some(&tr.input_layer_out),
+        "t_emb" => Some(&tr.t_emb),
+        _ => {
+            let i: usize = name.strip_prefix("block")?.parse().ok()?;
+            tr.blocks.get(i)
+        }
+    }
+}
+
+fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let cfg: SparseStructureFlowConfig = model_config(fx)?;
+    let (x, t, cond) = (fx.io("x")?, fx.io("t")?, fx.io("cond")?);
+    let run = |dtype: DType| -> Result<SparseStructureFlowTrace> {
+        let (vb, check) = fx.weights(DType::F32)?;
+        let model = SparseStructureFlowModel::new(&cfg, vb, dtype)?;
+        check.finish()?;
+        model.forward_trace(&x, &t, &cond)
+    };
+    let mut report = Report::default();
+    let names: Vec<String> = meta_tensors(fx)
+        .into_iter()
+        .filter(|n| !["x", "t", "cond"].contains(&n.as_str()))
+        .collect();
+    let f32_trace = run(DType::F32)?;
+    let f16_trace = if cfg.use_fp16 {
+        Some(run(DType::F16)?)
+    } else {
+        None
+    };
+    for name in &names {
+        let expected = fx.io(name)?;
+        if let Some(stem) = name.strip_suffix("_fp32_same_weights") {
+            let got = flow_tensor(&f32_trace, stem)
+                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+            report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
+        } else if let Some(tr) = &f16_trace {
+            let stem = name.strip_suffix("_mixed_fp16").unwrap_or(name);
+            let got = flow_tensor(tr, stem)
+                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+            report.close(name, got, &expected, tol_of(fx, name, tol::FP16))?;
+        } else {
+            let got = flow_tensor(&f32_trace, name)
+                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+            report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
+        }
+    }
+    Ok(Outcome::Checked(report))
+}
+
+/// The torso dtype a VAE fixture runs in: float16 where the checkpoint is fp16 (as the original).
+fn vae_torso(use_fp16: bool) -> DType {
+    if use_fp16 {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}
+
+fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let cfg: SparseStructureEncoderConfig = model_config(fx)?;
+    let names = meta_tensors(fx);
+    let input = names
+        .iter()
+        .find(|n| *n == "x" || n.starts_with("x_"))
+        .ok_or_else(|| anyhow!("meta.json lists no input x / x_*"))?
+        .clone();
+    let (vb, check) = fx.weights(DType::F32)?;
+    let enc = SparseStructureEncoder::new(&cfg, vb, vae_torso(cfg.use_fp16))?;
+    check.finish()?;
+    let post = enc.forward_raw(&fx.io(&input)?)?;
+    let default_tol = if cfg.use_fp16 {
+        tol::FP16
+    } else {
+        tol::FORWARD
+    };
+    let mut report = Report::default();
+    for name in names.iter().filter(|n| **n != input) {
+        let got = match name.as_str() {
+            "z" | "mean" => &post.mean,
+            "logvar" => &post.logvar,
+            other => bail!("meta.json lists {other:?}, which this handler does not know"),
+        };
+        report.close(name, got, &fx.io(name)?, tol_of(fx, name, default_tol))?;
+    }
+    Ok(Outcome::Checked(report))
+}
+
+/// Coordinates that differ between `got` and `want` ([N, 4] int) and are not explained by a
+/// reference logit within `margin` of 0, as a fraction of the reference count.
+fn coords_error(got: &Tensor, want: &Tensor, logits: &Tensor, margin: f32) -> Result<f64> {
+    use std::collections::BTreeSet;
+    let set = |t: &Tensor| -> Result<BTreeSet<Vec<i64>>> {
+        Ok(t.to_dtype(DType::I64)?
+            .to_vec2::<i64>()?
+            .into_iter()
+            .collect())
+    };
+    let (g, w) = (set(got)?, set(want)?);
+    let (_, _, x, y, z) = logits.dims5()?;
+    let l: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut unexplained = 0usize;
+    for c in g.symmetric_difference(&w) {
+        let idx = |v: i64, n: usize| usize::try_from(v).ok().filter(|&v| v < n);
+        let near_zero = match (
+            idx(c[0], usize::MAX),
+            idx(c[1], x),
+            idx(c[2], y),
+            idx(c[3], z),
+        ) {
+            (Some(b), Some(i), Some(j), Some(k)) => l
+                .get(((b * x + i) * y + j) * z + k)
+                .is_some_and(|v| v.abs() < margin),
+            _ => false,
+        };
+        if !near_zero {
+            unexplained += 1;
+        }
+    }
+    Ok(unexplained as f64 / w.len().max(1) as f64)
+}
+
+fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
+    fx.load_io()?;
+    let cfg: SparseStructureDecoderConfig = model_config(fx)?;
+    let (vb, check) = fx.weights(DType::F32)?;
+    let dec = SparseStructureDecoder::new(&cfg, vb, vae_torso(cfg.use_fp16))?;
+    check.finish()?;
+    let logits = dec.forward(&fx.io("z")?)?;
+    let default_tol = if cfg.use_fp16 {
+        tol::FP16
+    } else {
+        tol::FORWARD
+    };
+    let mut report = Report::default();
+    for name in meta_tensors(fx) {
+        match name.as_str() {
+            "z" => {}
+            "logits" => report.close(
+                "logits",
+                &logits,
+                &fx.io("logits")?,
+                tol_of(fx, "logits", default_tol),
+            )?,
+            "coords" => {
+                let got = occupied_coords(&logits)?;
+                let err = coords_error(&got, &fx.io("coords")?, &fx.io("logits")?, 1e-4)?;
+                report.record("coords", err, 0.0);
+            }
+            other => bail!("meta.json lists {other:?}, which this handler does not know"),
         }
     }
     Ok(Outcome::Checked(report))

@@ -1,6 +1,9 @@
 //! Pipelines and samplers (twin of `trellis/pipelines`).
 
+pub mod base;
 pub mod image_to_3d;
+pub mod mesh_input;
+pub mod noise;
 pub mod samplers;
 pub mod text_to_3d;
 pub mod variant;

@@ -1,1 +1,423 @@
-//! (to be written)
+//! DINOv2 with registers, the image conditioner of TRELLIS (`TrellisImageTo3DPipeline`
+//! `_init_image_cond_model` + `encode_image`; the network itself is transformers'
+//! `Dinov2WithRegistersModel`, safetensors layout of `facebook/dinov2-with-registers-large`).
+//!
+//! Tokens: patch embedding (a `patch x patch` stride-`patch` convolution, computed as one matmul
+//! over the flattened patches), `[CLS] + patches` plus the position table (interpolated with
+//! antialiased bicubic when the patch grid differs from the trained one), then the register tokens
+//! inserted after CLS. Blocks: pre-LN attention and MLP, each scaled by LayerScale before its
+//! residual. TRELLIS' conditioning is `F.layer_norm` (no affine, eps 1e-5) of the last block's
+//! output before the model's own final norm (torch.hub `x_prenorm`), all tokens in order.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::common::{attention, finish_accepting, layer_norm_plain, read_json, Act};
+use super::resample::{resample_planes_f32, Filter};
+use crate::runtime::weights;
+
+/// The fields of transformers' `Dinov2WithRegistersConfig` the network needs (defaults as there).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Dinov2Config {
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_image")]
+    pub image_size: usize,
+    #[serde(default = "d_patch")]
+    pub patch_size: usize,
+    #[serde(default = "d_channels")]
+    pub num_channels: usize,
+    #[serde(default = "d_true")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub use_swiglu_ffn: bool,
+    #[serde(default = "d_registers")]
+    pub num_register_tokens: usize,
+}
+
+fn d_hidden() -> usize {
+    768
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_heads() -> usize {
+    12
+}
+fn d_mlp_ratio() -> f64 {
+    4.0
+}
+fn d_act() -> String {
+    "gelu".into()
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_image() -> usize {
+    224
+}
+fn d_patch() -> usize {
+    16
+}
+fn d_channels() -> usize {
+    3
+}
+fn d_true() -> bool {
+    true
+}
+fn d_registers() -> usize {
+    4
+}
+
+impl Dinov2Config {
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let c: Self = serde_json::from_value(v.clone()).context("invalid DINOv2 config")?;
+        if c.hidden_size == 0 || c.num_attention_heads == 0 || c.patch_size == 0 {
+            bail!("invalid DINOv2 config: hidden_size, num_attention_heads and patch_size must be positive");
+        }
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            bail!(
+                "invalid DINOv2 config: hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size,
+                c.num_attention_heads
+            );
+        }
+        if c.image_size < c.patch_size {
+            bail!(
+                "invalid DINOv2 config: image_size {} < patch_size {}",
+                c.image_size,
+                c.patch_size
+            );
+        }
+        Ok(c)
+    }
+
+    /// Tokens per image for an `h x w` input: CLS, registers, patches.
+    pub fn num_tokens(&self, h: usize, w: usize) -> usize {
+        1 + self.num_register_tokens + (h / self.patch_size) * (w / self.patch_size)
+    }
+}
+
+enum Ffn {
+    Mlp { fc1: Linear, fc2: Linear, act: Act },
+    SwiGlu { w_in: Linear, w_out: Linear },
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Ffn::Mlp { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x)?)?)?,
+            Ffn::SwiGlu { w_in, w_out } => {
+                let h = w_in.forward(x)?;
+                let half = h.dim(D::Minus1)? / 2;
+                let (a, b) = (
+                    h.narrow(D::Minus1, 0, half)?,
+                    h.narrow(D::Minus1, half, half)?,
+                );
+                w_out.forward(&(a.silu()? * b)?)?
+            }
+        })
+    }
+}
+
+struct Layer {
+    norm1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    proj: Linear,
+    ls1: Tensor,
+    norm2: LayerNorm,
+    ffn: Ffn,
+    ls2: Tensor,
+    heads: usize,
+}
+
+fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    Ok(candle_nn::linear_b(i, o, bias, vb)?)
+}
+
+impl Layer {
+    fn new(cfg: &Dinov2Config, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let ln = |vb: VarBuilder| candle_nn::layer_norm(c, cfg.layer_norm_eps, vb);
+        let att = vb.pp("attention");
+        let hidden = (c as f64 * cfg.mlp_ratio) as usize;
+        let ffn = if cfg.use_swiglu_ffn {
+            let h = (hidden * 2 / 3).div_ceil(8) * 8;
+            Ffn::SwiGlu {
+                w_in: linear(c, 2 * h, true, vb.pp("mlp.weights_in"))?,
+                w_out: linear(h, c, true, vb.pp("mlp.weights_out"))?,
+            }
+        } else {
+            Ffn::Mlp {
+                fc1: linear(c, hidden, true, vb.pp("mlp.fc1"))?,
+                fc2: linear(hidden, c, true, vb.pp("mlp.fc2"))?,
+                act: Act::parse(&cfg.hidden_act)?,
+            }
+        };
+        Ok(Self {
+            norm1: ln(vb.pp("norm1"))?,
+            q: linear(c, c, cfg.qkv_bias, att.pp("attention.query"))?,
+            k: linear(c, c, cfg.qkv_bias, att.pp("attention.key"))?,
+            v: linear(c, c, cfg.qkv_bias, att.pp("attention.value"))?,
+            proj: linear(c, c, true, att.pp("output.dense"))?,
+            ls1: vb.get(c, "layer_scale1.lambda1")?,
+            norm2: ln(vb.pp("norm2"))?,
+            ffn,
+            ls2: vb.get(c, "layer_scale2.lambda1")?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let d = c / self.heads;
+        let h = self.norm1.forward(x)?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.q.forward(&h)?)?;
+        let k = split(self.k.forward(&h)?)?;
+        let v = split(self.v.forward(&h)?)?;
+        let o = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), false)?;
+        let o = o.transpose(1, 2)?.reshape((b, n, c))?;
+        let o = self.proj.forward(&o)?.broadcast_mul(&self.ls1)?;
+        let x = (x + o)?;
+        let m = self
+            .ffn
+            .forward(&self.norm2.forward(&x)?)?
+            .broadcast_mul(&self.ls2)?;
+        Ok((x + m)?)
+    }
+}
+
+/// transformers' `Dinov2WithRegistersModel`.
+pub struct Dinov2WithRegisters {
+    pub config: Dinov2Config,
+    patch_w: Tensor,
+    patch_b: Tensor,
+    cls: Tensor,
+    registers: Tensor,
+    pos: Tensor,
+    layers: Vec<Layer>,
+    layernorm: LayerNorm,
+}
+
+impl Dinov2WithRegisters {
+    /// Builds the network from a checkpoint in the Hugging Face layout (`embeddings.*`,
+    /// `encoder.layer.N.*`, `layernorm.*`).
+    pub fn new(cfg: &Dinov2Config, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let p = cfg.patch_size;
+        let grid = cfg.image_size / p;
+        let emb = vb.pp("embeddings");
+        let proj = emb.pp("patch_embeddings.projection");
+        let patch_w = proj
+            .get((c, cfg.num_channels, p, p), "weight")?
+            .reshape((c, cfg.num_channels * p * p))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp(format!("encoder.layer.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: cfg.clone(),
+            patch_w: patch_w.t()?.contiguous()?,
+            patch_b: proj.get(c, "bias")?,
+            cls: emb.get((1, 1, c), "cls_token")?,
+            registers: emb.get((1, cfg.num_register_tokens, c), "register_tokens")?,
+            pos: emb.get((1, grid * grid + 1, c), "position_embeddings")?,
+            layers,
+            layernorm: candle_nn::layer_norm(c, cfg.layer_norm_eps, vb.pp("layernorm"))?,
+        })
+    }
+
+    /// The position table for an `h x w` pixel input (`[1, 1 + gh*gw, C]`), as transformers'
+    /// `interpolate_pos_encoding`: unchanged when the patch count matches and the input is square,
+    /// else the patch part resized with antialiased bicubic to the new grid.
+    fn position_table(&self, h: usize, w: usize) -> Result<Tensor> {
+        let p = self.config.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let num_pos = self.pos.dim(1)? - 1;
+        if gh * gw == num_pos && h == w {
+            return Ok(self.pos.clone());
+        }
+        let side = (num_pos as f64).sqrt().round() as usize;
+        if side * side != num_pos {
+            bail!("DINOv2: position table of {num_pos} patches is not a square grid");
+        }
+        let c = self.config.hidden_size;
+        let dtype = self.pos.dtype();
+        let table = self
+            .pos
+            .narrow(1, 1, num_pos)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
+        // [side*side, C] -> channel planes [C, side, side]
+        let planes: Vec<f32> = table.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+        let out = resample_planes_f32(&planes, c, side, side, gh, gw, Filter::Bicubic);
+        let patch = Tensor::from_vec(out, (c, gh * gw), self.pos.device())?
+            .t()?
+            .to_dtype(dtype)?
+            .unsqueeze(0)?;
+        Ok(Tensor::cat(&[&self.pos.narrow(1, 0, 1)?, &patch], 1)?)
+    }
+
+    /// Token embeddings of `[B, 3, H, W]` normalised images: `[B, 1 + R + gh*gw, C]`.
+    pub fn embeddings(&self, images: &Tensor) -> Result<Tensor> {
+        let (b, ch, h, w) = images.dims4()?;
+        let p = self.config.patch_size;
+        if ch != self.config.num_channels {
+            bail!(
+                "DINOv2: images have {ch} channels, the model expects {}",
+                self.config.num_channels
+            );
+        }
+        if h < p || w < p {
+            bail!("DINOv2: image {h}x{w} is smaller than one {p}x{p} patch");
+        }
+        let (gh, gw) = (h / p, w / p);
+        let x = images
+            .to_dtype(self.patch_w.dtype())?
+            .narrow(2, 0, gh * p)?
+            .narrow(3, 0, gw * p)?
+            .reshape((b, ch, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, ch * p * p))?;
+        let patches = x
+            .broadcast_matmul(&self.patch_w)?
+            .broadcast_add(&self.patch_b)?;
+        let c = self.config.hidden_size;
+        let cls = self.cls.expand((b, 1, c))?;
+        let tokens = Tensor::cat(&[&cls, &patches], 1)?;
+        let tokens = tokens.broadcast_add(&self.position_table(h, w)?)?;
+        let regs = self
+            .registers
+            .expand((b, self.config.num_register_tokens, c))?;
+        Ok(Tensor::cat(
+            &[
+                &tokens.narrow(1, 0, 1)?,
+                &regs,
+                &tokens.narrow(1, 1, gh * gw)?,
+            ],
+            1,
+        )?)
+    }
+
+    /// The output of the last block before the final norm (transformers `hidden_states[-1]`,
+    /// torch.hub `x_prenorm`).
+    pub fn forward_prenorm(&self, images: &Tensor) -> Result<Tensor> {
+        let mut x = self.embeddings(images)?;
+        for l in &self.layers {
+            x = l.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// transformers' `last_hidden_state` (after the final layer norm).
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.layernorm.forward(&self.forward_prenorm(images)?)?)
+    }
+}
+
+/// The image conditioner of TRELLIS: DINOv2 with registers + the affine-free layer norm.
+pub struct ImageConditioner {
+    pub model: Dinov2WithRegisters,
+}
+
+/// Checkpoint entries a Hugging Face DINOv2-with-registers file carries that inference never
+/// reads (the masked-image-modelling token).
+fn harmless_extra(name: &str) -> bool {
+    name == "embeddings.mask_token"
+}
+
+impl ImageConditioner {
+    /// Loads `dir/config.json` + `dir/model.safetensors` (Hugging Face layout); every missing,
+    /// wrong-shaped or unknown entry is reported.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg = Dinov2Config::from_json(&read_json(&dir.join("config.json"))?)
+            .with_context(|| format!("{}", dir.join("config.json").display()))?;
+        let (vb, check) = weights::from_safetensors(&dir.join("model.safetensors"), dtype, device)?;
+        Self::from_parts(&cfg, vb, check)
+    }
+
+    /// Builds from an already opened checked `VarBuilder`.
+    pub fn from_parts(
+        cfg: &Dinov2Config,
+        vb: VarBuilder,
+        check: weights::WeightCheck,
+    ) -> Result<Self> {
+        let model = Dinov2WithRegisters::new(cfg, vb)?;
+        finish_accepting(check, harmless_extra)?;
+        Ok(Self { model })
+    }
+
+    /// Tokens per image at TRELLIS' 518x518 input with this model's patch size.
+    pub fn num_tokens(&self, h: usize, w: usize) -> usize {
+        self.model.config.num_tokens(h, w)
+    }
+
+    /// `[B, 3, H, W]` normalised images -> conditioning `[B, 1 + R + (H/p)(W/p), C]` in float32:
+    /// `F.layer_norm(x_prenorm)` without affine, eps 1e-5.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let x = self.model.forward_prenorm(images)?;
+        layer_norm_plain(&x, 1e-5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_cfg() -> Dinov2Config {
+        Dinov2Config::from_json(&serde_json::json!({
+            "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 28, "patch_size": 14, "num_register_tokens": 2
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn config_defaults_follow_transformers() {
+        let c = Dinov2Config::from_json(&serde_json::json!({})).unwrap();
+        assert_eq!(
+            (c.hidden_size, c.patch_size, c.num_register_tokens),
+            (768, 16, 4)
+        );
+        assert_eq!(c.hidden_act, "gelu");
+        assert!(Dinov2Config::from_json(
+            &serde_json::json!({"hidden_size": 10, "num_attention_heads": 3})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn token_layout_and_missing_weights_are_reported() {
+        let dev = Device::Cpu;
+        let cfg = tiny_cfg();
+        let (vb, check) = weights::from_tensors(Default::default(), "empty", DType::F32, &dev);
+        let m = Dinov2WithRegisters::new(&cfg, vb).unwrap();
+        let err = check.finish().unwrap_err().to_string();
+        assert!(err.contains("missing: embeddings.register_tokens"), "{err}");
+        // 28x42 input: 2x3 patches; not the trained 2x2 grid -> interpolated table.
+        let x = Tensor::zeros((2, 3, 28, 42), DType::F32, &dev).unwrap();
+        assert_eq!(m.embeddings(&x).unwrap().dims(), &[2, 1 + 2 + 6, 8]);
+        assert_eq!(cfg.num_tokens(518, 518), 1 + 2 + 37 * 37);
+    }
+}

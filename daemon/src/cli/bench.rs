@@ -1,0 +1,39 @@
+//! `trellisd bench NAME [--threads N]` (`--list` shows the names): see [`crate::bench`].
+
+use anyhow::{bail, Context, Result};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Benchmark to run (see --list).
+    pub name: Option<String>,
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// List the benchmarks and exit.
+    #[arg(long)]
+    pub list: bool,
+}
+
+pub fn run(args: &BenchArgs) -> Result<i32> {
+    let mut stdout = std::io::stdout();
+    if args.list {
+        for b in crate::bench::BENCHES {
+            println!("{:<16} {}", b.name, b.about);
+        }
+        return Ok(0);
+    }
+    let Some(name) = &args.name else {
+        bail!("bench: give a benchmark name (see `trellisd bench --list`)");
+    };
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("bench: --threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("bench: setting up the thread pool")?;
+    }
+    crate::bench::run(name, &mut stdout)?;
+    Ok(0)
+}

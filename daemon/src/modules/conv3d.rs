@@ -1,0 +1,191 @@
+//! `nn.Conv3d` (cubic kernel, equal stride/padding on every axis) on candle tensors, computed by the
+//! bounded-memory CPU kernel `trellis_kernels::conv3d` in float32, and `pixel_shuffle_3d` likewise.
+//!
+//! Weights keep the builder's dtype (float16 in fp16 torsos) and are widened to float32 per call;
+//! the result is returned in the input's dtype on the input's device.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Storage, Tensor};
+use candle_nn::VarBuilder;
+use trellis_kernels::conv3d::{self as kernel, Conv3dShape};
+
+/// Runs `f` on the float32 values of `t` (row-major), borrowing them when `t` already is a
+/// contiguous float32 CPU tensor, converting otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if t.dtype() == DType::F32 && t.device().is_cpu() {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            let all = cpu.as_slice::<f32>()?;
+            return f(&all[start..end]);
+        }
+    }
+    let v: Vec<f32> = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    f(&v)
+}
+
+/// A 3-D convolution layer (`weight [Cout, Cin, k, k, k]`, `bias [Cout]`).
+#[derive(Debug, Clone)]
+pub struct Conv3d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv3d {
+    /// Reads `weight` and `bias` in `vb`'s dtype.
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get(
+            (out_channels, in_channels, kernel, kernel, kernel),
+            "weight",
+        )?;
+        let bias = Some(vb.get(out_channels, "bias")?);
+        Ok(Self {
+            weight,
+            bias,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// `x` `[B, Cin, D, H, W]` → `[B, Cout, OD, OH, OW]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() != 5 || dims[1] != self.in_channels {
+            bail!(
+                "Conv3d: input is {dims:?}, expected [B, {}, D, H, W]",
+                self.in_channels
+            );
+        }
+        let shape = Conv3dShape {
+            batch: dims[0],
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            input: [dims[2], dims[3], dims[4]],
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let out_dims = shape.output().map_err(|e| anyhow!("{e}"))?;
+        let out = with_f32(x, |input| {
+            with_f32(&self.weight, |weight| match &self.bias {
+                Some(b) => with_f32(b, |bias| {
+                    kernel::conv3d(input, weight, Some(bias), &shape).map_err(|e| anyhow!("{e}"))
+                }),
+                None => kernel::conv3d(input, weight, None, &shape).map_err(|e| anyhow!("{e}")),
+            })
+        })
+        .context("Conv3d")?;
+        let t = Tensor::from_vec(
+            out,
+            (
+                dims[0],
+                self.out_channels,
+                out_dims[0],
+                out_dims[1],
+                out_dims[2],
+            ),
+            &Device::Cpu,
+        )?;
+        Ok(t.to_dtype(x.dtype())?.to_device(x.device())?)
+    }
+}
+
+/// `pixel_shuffle_3d(x [B, C·s³, H, W, D], s)` → `[B, C, H·s, W·s, D·s]` by the CPU kernel.
+pub fn pixel_shuffle_3d(x: &Tensor, scale: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() != 5 {
+        bail!("pixel_shuffle_3d: input must be [B, C, H, W, D], got {dims:?}");
+    }
+    let (b, c) = (dims[0], dims[1]);
+    let sp = [dims[2], dims[3], dims[4]];
+    let out = with_f32(x, |v| {
+        kernel::pixel_shuffle_3d(v, b, c, sp, scale).map_err(|e| anyhow!("{e}"))
+    })?;
+    let s3 = scale.pow(3).max(1);
+    let t = Tensor::from_vec(
+        out,
+        (b, c / s3, sp[0] * scale, sp[1] * scale, sp[2] * scale),
+        &Device::Cpu,
+    )?;
+    Ok(t.to_dtype(x.dtype())?.to_device(x.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn conv_layer_matches_naive_kernel_and_keeps_dtype() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.3, (4, 3, 3, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, 4, &dev).unwrap();
+        let mut t = HashMap::new();
+        t.insert("weight".to_string(), w.clone());
+        t.insert("bias".to_string(), b.clone());
+        let conv =
+            Conv3d::new(VarBuilder::from_tensors(t, DType::F32, &dev), 3, 4, 3, 1, 1).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 4, 3), &dev).unwrap();
+        let y = conv.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 5, 4, 3]);
+        let shape = Conv3dShape {
+            batch: 2,
+            in_channels: 3,
+            out_channels: 4,
+            input: [5, 4, 3],
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = kernel::conv3d_naive(&flat(&x), &flat(&w), Some(&flat(&b)), &shape).unwrap();
+        let got = flat(&y);
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-4, "{err}");
+        // a non-contiguous f16 input takes the converting path and keeps its dtype
+        let xh = x.to_dtype(DType::F16).unwrap();
+        assert_eq!(conv.forward(&xh).unwrap().dtype(), DType::F16);
+        assert!(conv.forward(&x.narrow(1, 0, 2).unwrap()).is_err());
+    }
+
+    #[test]
+    fn kernel_shuffle_equals_tensor_shuffle() {
+        let x = Tensor::randn(0f32, 1.0, (2, 16, 3, 2, 2), &Device::Cpu).unwrap();
+        let a = pixel_shuffle_3d(&x, 2).unwrap();
+        let b = crate::modules::patchify::pixel_shuffle_3d(&x, 2).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+}

@@ -1,0 +1,292 @@
+//! The two sampling stages every TRELLIS pipeline shares; twin of `sample_sparse_structure` and
+//! `sample_slat` in `trellis/pipelines/trellis_{image,text}_to_3d.py` (identical in both), plus
+//! progress reporting.
+//!
+//! * sparse structure: noise `[B, C, R, R, R]` → sampler with the structure flow → z_s →
+//!   structure decoder → `coords = argwhere(logits > 0)[:, [0, 2, 3, 4]]` (lexicographic);
+//! * structured latent: noise feats `[N, C]` on those coords → sampler with the SLat flow →
+//!   `slat = samples * std + mean` per channel.
+
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::samplers::{
+    Conditioning, FlowEulerSampler, Hooks, SamplerSettings, StepEvent, Velocity,
+};
+
+/// The stages a generation goes through, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Loading,
+    Conditioning,
+    Voxelizing,
+    SparseStructure,
+    StructuredLatent,
+    Decoding,
+    Writing,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Loading => "loading models",
+            Stage::Conditioning => "conditioning",
+            Stage::Voxelizing => "voxelizing",
+            Stage::SparseStructure => "sparse structure",
+            Stage::StructuredLatent => "structured latent",
+            Stage::Decoding => "decoding",
+            Stage::Writing => "writing",
+        }
+    }
+}
+
+/// One progress event: `step` of `steps` done in `stage` (`step == 0`: the stage starts).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProgressEvent {
+    pub stage: Stage,
+    pub step: usize,
+    pub steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Receives progress events.
+pub type Progress<'a> = dyn FnMut(&ProgressEvent) + 'a;
+
+/// Per-run controls shared by the stages.
+pub struct RunControl<'a> {
+    pub progress: &'a mut Progress<'a>,
+    pub cancel: Option<&'a AtomicBool>,
+    /// Keep every step's `x_t` / `pred_x0` (parity and debugging).
+    pub keep_trajectory: bool,
+}
+
+impl RunControl<'_> {
+    pub fn emit(&mut self, stage: Stage, step: usize, steps: usize, detail: Option<String>) {
+        (self.progress)(&ProgressEvent {
+            stage,
+            step,
+            steps,
+            detail,
+        });
+    }
+}
+
+/// Result of the sparse-structure stage.
+pub struct SparseStructureSample {
+    pub noise: Tensor,
+    /// z_s.
+    pub samples: Tensor,
+    /// `[N, 4]` int32 (batch, x, y, z).
+    pub coords: Tensor,
+    pub pred_x_t: Vec<Tensor>,
+    pub pred_x0: Vec<Tensor>,
+}
+
+/// Result of the structured-latent stage.
+pub struct SlatSample {
+    pub noise: Tensor,
+    /// Before de-normalisation.
+    pub samples: Tensor,
+    /// After de-normalisation (decoder input).
+    pub slat: Tensor,
+    pub pred_x_t: Vec<Tensor>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_sampler(
+    stage: Stage,
+    sampler: &FlowEulerSampler,
+    settings: &SamplerSettings,
+    model: &mut Velocity<'_>,
+    noise: &Tensor,
+    batch: usize,
+    cond: &Conditioning<'_>,
+    ctl: &mut RunControl<'_>,
+) -> Result<super::samplers::SampleOutput> {
+    ctl.emit(stage, 0, settings.steps, None);
+    let progress = &mut *ctl.progress;
+    let mut on_step = |e: StepEvent| {
+        progress(&ProgressEvent {
+            stage,
+            step: e.step,
+            steps: e.steps,
+            detail: None,
+        })
+    };
+    sampler.sample(
+        model,
+        noise,
+        batch,
+        cond,
+        settings,
+        Hooks {
+            on_step: Some(&mut on_step),
+            cancel: ctl.cancel,
+            keep_trajectory: ctl.keep_trajectory,
+        },
+    )
+}
+
+/// Sparse-structure stage. `decoder` maps z_s to occupancy logits `[B, 1, R, R, R]`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_sparse_structure(
+    sampler: &FlowEulerSampler,
+    settings: &SamplerSettings,
+    flow: &mut Velocity<'_>,
+    decoder: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    noise: Tensor,
+    cond: &Conditioning<'_>,
+    ctl: &mut RunControl<'_>,
+) -> Result<SparseStructureSample> {
+    let batch = noise.dim(0)?;
+    let out = run_sampler(
+        Stage::SparseStructure,
+        sampler,
+        settings,
+        flow,
+        &noise,
+        batch,
+        cond,
+        ctl,
+    )?;
+    let logits = decoder(&out.samples)?;
+    let coords = occupied_coords(&logits)?;
+    Ok(SparseStructureSample {
+        noise,
+        samples: out.samples,
+        coords,
+        pred_x_t: out.pred_x_t,
+        pred_x0: out.pred_x0,
+    })
+}
+
+/// `argwhere(logits > 0)[:, [0, 2, 3, 4]]` of `[B, 1, X, Y, Z]` logits, int32, lexicographic.
+pub fn occupied_coords(logits: &Tensor) -> Result<Tensor> {
+    let (b, c, x, y, z) = logits.dims5()?;
+    ensure!(
+        c == 1,
+        "the structure decoder returned {c} channels (expected 1)"
+    );
+    let v: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out: Vec<i32> = Vec::new();
+    for (i, &l) in v.iter().enumerate() {
+        if l > 0.0 {
+            let k = i % z;
+            let j = i / z % y;
+            let ii = i / (z * y) % x;
+            let bb = i / (z * y * x);
+            out.extend_from_slice(&[bb as i32, ii as i32, j as i32, k as i32]);
+        }
+    }
+    ensure!(
+        !out.is_empty(),
+        "the sparse structure is empty (no occupied voxel among {b}x{x}x{y}x{z}); try another seed"
+    );
+    let n = out.len() / 4;
+    Ok(Tensor::from_vec(out, (n, 4), logits.device())?)
+}
+
+/// Number of batch elements of `[N, 4]` coords (max batch index + 1).
+pub fn coords_batch(coords: &Tensor) -> Result<usize> {
+    let b = coords
+        .narrow(1, 0, 1)?
+        .to_dtype(DType::I64)?
+        .max_all()?
+        .to_scalar::<i64>()?;
+    ensure!(b >= 0, "negative batch index in coords");
+    Ok(b as usize + 1)
+}
+
+/// Structured-latent stage: `flow` is the SLat flow bound to `coords` (it receives feats `[N, C]`).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_slat(
+    sampler: &FlowEulerSampler,
+    settings: &SamplerSettings,
+    flow: &mut Velocity<'_>,
+    coords: &Tensor,
+    noise: Tensor,
+    cond: &Conditioning<'_>,
+    mean: &[f32],
+    std: &[f32],
+    ctl: &mut RunControl<'_>,
+) -> Result<SlatSample> {
+    let (n, ch) = noise.dims2()?;
+    ensure!(
+        n == coords.dim(0)?,
+        "SLat noise has {n} rows for {} coords",
+        coords.dim(0)?
+    );
+    ensure!(
+        mean.len() == ch && std.len() == ch,
+        "slat_normalization has {} / {} channels, the SLat flow {ch}",
+        mean.len(),
+        std.len()
+    );
+    let batch = coords_batch(coords)?;
+    let out = run_sampler(
+        Stage::StructuredLatent,
+        sampler,
+        settings,
+        flow,
+        &noise,
+        batch,
+        cond,
+        ctl,
+    )?;
+    let slat = denormalize(&out.samples, mean, std)?;
+    Ok(SlatSample {
+        noise,
+        samples: out.samples,
+        slat,
+        pred_x_t: out.pred_x_t,
+    })
+}
+
+/// `x * std + mean` per channel (last dim).
+pub fn denormalize(x: &Tensor, mean: &[f32], std: &[f32]) -> Result<Tensor> {
+    let dev: &Device = x.device();
+    let m = Tensor::new(mean, dev)?.unsqueeze(0)?;
+    let s = Tensor::new(std, dev)?.unsqueeze(0)?;
+    Ok(x.broadcast_mul(&s)?.broadcast_add(&m)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argwhere_order_and_layout() {
+        let dev = Device::Cpu;
+        let mut v = vec![-1.0f32; 2 * 2 * 2 * 2];
+        v[1] = 0.5; // b0 (0,0,1)
+        v[6] = 2.0; // b0 (1,1,0)
+        v[8 + 3] = 1.0; // b1 (0,1,1)
+        v[2] = 0.0; // not > 0
+        let l = Tensor::from_vec(v, (2, 1, 2, 2, 2), &dev).unwrap();
+        let c: Vec<Vec<i32>> = occupied_coords(&l).unwrap().to_vec2().unwrap();
+        assert_eq!(
+            c,
+            vec![vec![0, 0, 0, 1], vec![0, 1, 1, 0], vec![1, 0, 1, 1]]
+        );
+        let empty = Tensor::full(-1f32, (1, 1, 2, 2, 2), &dev).unwrap();
+        assert!(occupied_coords(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+    }
+
+    #[test]
+    fn denormalize_is_per_channel() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f32, 2.0], [0.0, -1.0]], &dev).unwrap();
+        let y: Vec<Vec<f32>> = denormalize(&x, &[10.0, 20.0], &[2.0, 3.0])
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(y, vec![vec![12.0, 26.0], vec![10.0, 17.0]]);
+    }
+}
