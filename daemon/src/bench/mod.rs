@@ -4,6 +4,7 @@
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
 pub mod mesh_decoder;
+pub mod sparse;
 pub mod ss_decoder;
 
 use std::io::Write;
@@ -24,6 +25,11 @@ pub const BENCHES: &[Bench] = &[
         name: "ss-decoder",
         about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
         run: ss_decoder::run,
+    },
+    Bench {
+        name: "slat-flow",
+        about: "full-size SLatFlowModel (slat_flow_img_dit_L_64l8p2_fp16 manifest, random weights), f32 CPU, 20k-voxel shell at 64^3; plus the sparse conv and attention kernels alone",
+        run: sparse::run,
     },
     Bench {
         name: "mesh-decoder",
