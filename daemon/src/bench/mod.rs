@@ -3,6 +3,7 @@
 //! Each benchmark is one file here and one entry of [`BENCHES`]; it prints its own figures. Helpers
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
+pub mod conditioners;
 pub mod ss_decoder;
 
 use std::io::Write;
@@ -22,6 +23,16 @@ pub const BENCHES: &[Bench] = &[Bench {
     name: "ss-decoder",
     about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
     run: ss_decoder::run,
+},
+Bench {
+    name: "dinov2-large",
+    about: "full-size DINOv2-L with registers (random weights), f32 CPU, one 518x518 image -> [1,1374,1024]",
+    run: conditioners::run_dinov2,
+},
+Bench {
+    name: "clip-large-text",
+    about: "full-size CLIP ViT-L/14 text transformer (random weights), f32 CPU, batch 2 x 77 tokens",
+    run: conditioners::run_clip,
 }];
 
 /// Runs the benchmark called `name`; an unknown name is an error listing the known ones.
