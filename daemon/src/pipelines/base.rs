@@ -164,30 +164,15 @@ pub fn sample_sparse_structure(
     })
 }
 
-/// `argwhere(logits > 0)[:, [0, 2, 3, 4]]` of `[B, 1, X, Y, Z]` logits, int32, lexicographic.
+/// `argwhere(logits > 0)[:, [0, 2, 3, 4]]` (int32, lexicographic); an empty structure is an error.
 pub fn occupied_coords(logits: &Tensor) -> Result<Tensor> {
-    let (b, c, x, y, z) = logits.dims5()?;
+    let coords = crate::models::ss_vae::occupied_coords(logits)?;
     ensure!(
-        c == 1,
-        "the structure decoder returned {c} channels (expected 1)"
+        coords.dim(0)? > 0,
+        "the sparse structure is empty (no voxel of the {:?} grid is occupied); try another seed",
+        logits.dims()
     );
-    let v: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut out: Vec<i32> = Vec::new();
-    for (i, &l) in v.iter().enumerate() {
-        if l > 0.0 {
-            let k = i % z;
-            let j = i / z % y;
-            let ii = i / (z * y) % x;
-            let bb = i / (z * y * x);
-            out.extend_from_slice(&[bb as i32, ii as i32, j as i32, k as i32]);
-        }
-    }
-    ensure!(
-        !out.is_empty(),
-        "the sparse structure is empty (no occupied voxel among {b}x{x}x{y}x{z}); try another seed"
-    );
-    let n = out.len() / 4;
-    Ok(Tensor::from_vec(out, (n, 4), logits.device())?)
+    Ok(coords)
 }
 
 /// Number of batch elements of `[N, 4]` coords (max batch index + 1).

@@ -2,6 +2,7 @@
 
 pub mod base;
 pub mod image_to_3d;
+pub mod loader;
 pub mod mesh_input;
 pub mod noise;
 pub mod samplers;
