@@ -4,6 +4,7 @@
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
 pub mod conditioners;
+pub mod sparse;
 pub mod ss_decoder;
 
 use std::io::Write;
@@ -19,21 +20,28 @@ pub struct Bench {
 }
 
 /// Every benchmark, in the order `trellisd bench --list` shows them.
-pub const BENCHES: &[Bench] = &[Bench {
-    name: "ss-decoder",
-    about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
-    run: ss_decoder::run,
-},
-Bench {
-    name: "dinov2-large",
-    about: "full-size DINOv2-L with registers (random weights), f32 CPU, one 518x518 image -> [1,1374,1024]",
-    run: conditioners::run_dinov2,
-},
-Bench {
-    name: "clip-large-text",
-    about: "full-size CLIP ViT-L/14 text transformer (random weights), f32 CPU, batch 2 x 77 tokens",
-    run: conditioners::run_clip,
-}];
+pub const BENCHES: &[Bench] = &[
+    Bench {
+        name: "ss-decoder",
+        about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
+        run: ss_decoder::run,
+    },
+    Bench {
+        name: "slat-flow",
+        about: "full-size SLatFlowModel (slat_flow_img_dit_L_64l8p2_fp16 manifest, random weights), f32 CPU, 20k-voxel shell at 64^3; plus the sparse conv and attention kernels alone",
+        run: sparse::run,
+    },
+    Bench {
+        name: "dinov2-large",
+        about: "full-size DINOv2-L with registers (random weights), f32 CPU, one 518x518 image -> [1,1374,1024]",
+        run: conditioners::run_dinov2,
+    },
+    Bench {
+        name: "clip-large-text",
+        about: "full-size CLIP ViT-L/14 text transformer (random weights), f32 CPU, batch 2 x 77 tokens",
+        run: conditioners::run_clip,
+    },
+];
 
 /// Runs the benchmark called `name`; an unknown name is an error listing the known ones.
 pub fn run(name: &str, out: &mut dyn Write) -> Result<()> {
