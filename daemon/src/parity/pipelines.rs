@@ -18,8 +18,9 @@ use candle_core::{DType, Tensor};
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
 use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
-use crate::pipelines::base::{sample_sparse_structure, Progress, RunControl};
-use crate::pipelines::loader;
+use crate::models::config::SamplerParams;
+use crate::pipelines::base::{sample_sparse_structure, Progress, RunControl, TrellisPipeline};
+use crate::pipelines::loader::{self, Formats};
 use crate::pipelines::noise::{NoiseSource, RecordedNoise};
 use crate::pipelines::samplers::{Conditioning, FlowEulerSampler, SamplerSettings};
 use crate::pipelines::voxelize::{voxelize, TriMesh};
@@ -158,25 +159,80 @@ fn check_voxelize(fx: &Fixture, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The stage's sampler from pipeline.json; `recorded` steps of x_t must not exceed its steps.
 fn settings_of(
     repo: &PipelineRepo,
     stage_ss: bool,
-    steps: usize,
+    recorded: usize,
 ) -> Result<(FlowEulerSampler, SamplerSettings)> {
     let sc = if stage_ss {
         &repo.config.sparse_structure_sampler
     } else {
         &repo.config.slat_sampler
     };
-    let mut s = SamplerSettings::resolve(&sc.params)?;
-    if s.steps != steps {
+    let s = SamplerSettings::resolve(&sc.params)?;
+    if recorded > s.steps {
         bail!(
-            "pipeline.json says {} steps, the fixture recorded {steps}",
+            "pipeline.json says {} steps, the fixture recorded {recorded}",
             s.steps
         );
     }
-    s.steps = steps;
     Ok((FlowEulerSampler::from_config(sc), s))
+}
+
+fn conditioning<'a>(kind: &RunKind, cond: &'a Tensor, neg: &'a Tensor) -> Conditioning<'a> {
+    match kind {
+        RunKind::Stochastic => Conditioning::Stochastic { conds: cond, neg },
+        RunKind::MultiDiffusion => Conditioning::MultiDiffusion { conds: cond, neg },
+        _ => Conditioning::Single { cond, neg },
+    }
+}
+
+/// The coords the SLat stage of a run starts from: the recorded structure, or for a variant the
+/// recorded voxelisation (in its recorded row order, which the recorded noise rows follow) with
+/// batch index 0 prepended.
+fn slat_input_coords(fx: &Fixture, run: &str, kind: &RunKind) -> Result<Tensor> {
+    match kind {
+        RunKind::Variant { mesh } => {
+            let v = fx.io(&format!("voxelize_{mesh}_coords"))?.to_dtype(DType::I64)?;
+            let zeros = Tensor::zeros((v.dim(0)?, 1), DType::I64, v.device())?;
+            Ok(Tensor::cat(&[zeros, v], 1)?.to_dtype(DType::I32)?)
+        }
+        _ => Ok(fx.io(&format!("{run}_coords"))?.to_dtype(DType::I32)?),
+    }
+}
+
+fn check_slat_stage(
+    fx: &Fixture,
+    run: &str,
+    kind: &RunKind,
+    pipe: &TrellisPipeline,
+    report: &mut Report,
+) -> Result<()> {
+    let coords = slat_input_coords(fx, run, kind)?;
+    let name = format!("{run}_slat_coords");
+    if fx.has_io(&name) {
+        report.exact(&name, &coords, &fx.io(&name)?.to_dtype(DType::I32)?)?;
+    }
+    let recorded = count_steps(fx, &format!("{run}_slat_x_t"));
+    let (_, settings) = settings_of(&pipe.repo, false, recorded)?;
+    let (cond, neg) = conditions(fx, kind)?;
+    let c = conditioning(kind, &cond, &neg);
+    let mut noise = RecordedNoise::new(vec![fx.io(&format!("{run}_slat_noise"))?]);
+    let mut sink = |_: &crate::pipelines::base::ProgressEvent| {};
+    let progress: &mut Progress<'_> = &mut sink;
+    let mut ctl = RunControl { progress, cancel: None, keep_trajectory: true };
+    let over = SamplerParams { steps: Some(settings.steps), ..Default::default() };
+    let out = pipe.sample_slat(&coords, &c, &mut noise, &over, &mut ctl)?;
+    for i in 0..recorded {
+        let name = format!("{run}_slat_x_t{i}");
+        report.close(&name, &out.pred_x_t[i], &fx.io(&name)?, tol::TRAJECTORY)?;
+    }
+    for (suffix, t) in [("slat_samples", &out.samples), ("slat", &out.slat)] {
+        let name = format!("{run}_{suffix}");
+        report.close(&name, t, &fx.io(&name)?, tol::TRAJECTORY)?;
+    }
+    Ok(())
 }
 
 fn check_ss_stage(
@@ -276,6 +332,7 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
             fx.dir.display()
         );
     }
+    let mut pipes: BTreeMap<String, TrellisPipeline> = BTreeMap::new();
     for run in &runs {
         let kind = classify(run, fx)?;
         let repo = repos
@@ -285,6 +342,15 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
             check_ss_stage(fx, run, &kind, repo, &mut report)
                 .with_context(|| format!("run {run}"))?;
         }
+        if fx.has_io(&format!("{run}_slat_noise")) {
+            let key = repo.root.display().to_string();
+            if !pipes.contains_key(&key) {
+                let p = TrellisPipeline::load(repo.clone(), &fx.device, false, Formats::default())?;
+                pipes.insert(key.clone(), p);
+            }
+            check_slat_stage(fx, run, &kind, &pipes[&key], &mut report)
+                .with_context(|| format!("run {run}"))?;
+        }
     }
     let worst = report
         .worst()
@@ -292,7 +358,7 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
         .unwrap_or_default();
     if report.passed() {
         Ok(Outcome::Skipped(format!(
-            "voxelisation and sparse-structure stages match ({} checks, worst {worst}); the SLat stage waits for SLatFlowModel and the SLat decoders",
+            "voxelisation and both sampling stages match ({} checks, worst {worst}); the decoded outputs wait for the SLat decoders",
             report.checks.len()
         )))
     } else {

@@ -8,13 +8,25 @@
 //!   `slat = samples * std + mean` per channel.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::loader::{self, Decoders, Formats};
+use super::noise::NoiseSource;
 use super::samplers::{
     Conditioning, FlowEulerSampler, Hooks, SamplerSettings, StepEvent, Velocity,
 };
+use crate::hub::PipelineRepo;
+use crate::models::config::{ModelConfig, SamplerParams};
+use crate::models::slat_flow::SLatFlowModel;
+use crate::models::ss_flow::SparseStructureFlowModel;
+use crate::models::ss_vae::SparseStructureDecoder;
+use crate::modules::sparse::tensor::{Geometry, SparseTensor};
+use crate::representations::gaussian::Gaussian;
+use crate::representations::mesh::MeshExtractResult;
+use crate::representations::strivec::Strivec;
 
 /// The stages a generation goes through, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
