@@ -53,12 +53,13 @@ fn write_obj(path: &Path) {
 
 /// Loads and validates a GLB with the gltf crate; returns (vertices, triangles).
 fn check_glb(path: &Path) -> (usize, usize) {
-    let (doc, buffers, _) = gltf::import(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (doc, buffers, _) =
+        gltf::import(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let prim = doc.meshes().next().unwrap().primitives().next().unwrap();
     let r = prim.reader(|b| Some(&buffers[b.index()]));
     let pos: Vec<[f32; 3]> = r.read_positions().unwrap().collect();
     let idx: Vec<u32> = r.read_indices().unwrap().into_u32().collect();
-    assert!(!pos.is_empty() && idx.len() % 3 == 0 && !idx.is_empty());
+    assert!(!pos.is_empty() && idx.len().is_multiple_of(3) && !idx.is_empty());
     assert!(idx.iter().all(|&i| (i as usize) < pos.len()));
     let cols: Vec<[f32; 3]> = r.read_colors(0).unwrap().into_rgb_f32().collect();
     assert_eq!(cols.len(), pos.len());
@@ -68,9 +69,16 @@ fn check_glb(path: &Path) -> (usize, usize) {
 /// Parses a binary Gaussian PLY header; checks the body size; returns the vertex count.
 fn check_ply(path: &Path) -> usize {
     let bytes = std::fs::read(path).unwrap();
-    let end = bytes.windows(11).position(|w| w == b"end_header\n").expect("PLY header") + 11;
+    let end = bytes
+        .windows(11)
+        .position(|w| w == b"end_header\n")
+        .expect("PLY header")
+        + 11;
     let header = std::str::from_utf8(&bytes[..end]).unwrap();
-    assert!(header.starts_with("ply\nformat binary_little_endian 1.0\n"), "{header}");
+    assert!(
+        header.starts_with("ply\nformat binary_little_endian 1.0\n"),
+        "{header}"
+    );
     let n: usize = header
         .lines()
         .find_map(|l| l.strip_prefix("element vertex "))
@@ -78,7 +86,10 @@ fn check_ply(path: &Path) -> usize {
         .trim()
         .parse()
         .unwrap();
-    let props = header.lines().filter(|l| l.starts_with("property float ")).count();
+    let props = header
+        .lines()
+        .filter(|l| l.starts_with("property float "))
+        .count();
     assert_eq!(props, 17, "{header}");
     assert_eq!(bytes.len() - end, n * props * 4);
     assert!(n > 0);
@@ -89,7 +100,12 @@ fn no_output_left(dir: &Path) {
     let left: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".glb") || n.ends_with(".ply") || n.ends_with(".trellis") || n.starts_with(".trellis-tmp"))
+        .filter(|n| {
+            n.ends_with(".glb")
+                || n.ends_with(".ply")
+                || n.ends_with(".trellis")
+                || n.starts_with(".trellis-tmp")
+        })
         .collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
@@ -100,7 +116,11 @@ fn image_to_3d_then_decode_the_asset() {
     let d = tempfile::tempdir().unwrap();
     let png = d.path().join("in.png");
     write_png(&png);
-    let (glb, ply, asset) = (d.path().join("a.glb"), d.path().join("a.ply"), d.path().join("a.trellis"));
+    let (glb, ply, asset) = (
+        d.path().join("a.glb"),
+        d.path().join("a.ply"),
+        d.path().join("a.trellis"),
+    );
     let out = run(&[
         "generate".into(),
         "--model".into(),
@@ -137,7 +157,16 @@ fn image_to_3d_then_decode_the_asset() {
 
     // Decode the asset again: same mesh, no sampling.
     let (glb2, ply2) = (d.path().join("b.glb"), d.path().join("b.ply"));
-    let out = run(&["decode".into(), "--asset".into(), s(&asset), "--out".into(), s(&glb2), "--ply".into(), s(&ply2), "--json".into()]);
+    let out = run(&[
+        "decode".into(),
+        "--asset".into(),
+        s(&asset),
+        "--out".into(),
+        s(&glb2),
+        "--ply".into(),
+        s(&ply2),
+        "--json".into(),
+    ]);
     assert!(out.status.success());
     assert_eq!(check_glb(&glb2), (nv, nf));
     assert_eq!(std::fs::read(&ply2).unwrap(), std::fs::read(&ply).unwrap());
@@ -233,15 +262,116 @@ fn bad_arguments_fail_early_and_write_nothing() {
     let txt_model = s(&r.join("pipelines/TRELLIS-text-tiny"));
     let glb = s(&d.path().join("x.glb"));
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["generate".into(), "--model".into(), img_model.clone(), "--image".into(), s(&d.path().join("missing.png")), "--out".into(), glb.clone()], "does not exist"),
-        (vec!["generate".into(), "--model".into(), img_model.clone(), "--image".into(), s(&png), "--ss-steps".into(), "0".into(), "--out".into(), glb.clone()], "at least 1"),
-        (vec!["generate".into(), "--model".into(), txt_model.clone(), "--image".into(), s(&png), "--out".into(), glb.clone()], "TrellisTextTo3DPipeline"),
-        (vec!["generate".into(), "--model".into(), img_model.clone(), "--image".into(), s(&png), "--out".into(), s(&d.path().join("no/such/dir/x.glb"))], "does not exist"),
-        (vec!["generate".into(), "--model".into(), img_model.clone(), "--image".into(), s(&png), "--out".into(), s(&d.path().join("x.obj"))], ".glb"),
-        (vec!["generate".into(), "--model".into(), img_model.clone(), "--image".into(), s(&png)], "nothing to write"),
-        (vec!["generate".into(), "--model".into(), img_model, "--image".into(), s(&png), "--formats".into(), "gaussian,voxels".into(), "--ply".into(), s(&d.path().join("x.ply"))], "unknown format"),
-        (vec!["variant".into(), "--model".into(), txt_model, "--mesh".into(), s(&png), "--text".into(), "x".into(), "--out".into(), glb], "unsupported mesh format"),
-        (vec!["decode".into(), "--asset".into(), s(&png), "--out".into(), s(&d.path().join("y.glb"))], "asset"),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                img_model.clone(),
+                "--image".into(),
+                s(&d.path().join("missing.png")),
+                "--out".into(),
+                glb.clone(),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                img_model.clone(),
+                "--image".into(),
+                s(&png),
+                "--ss-steps".into(),
+                "0".into(),
+                "--out".into(),
+                glb.clone(),
+            ],
+            "at least 1",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                txt_model.clone(),
+                "--image".into(),
+                s(&png),
+                "--out".into(),
+                glb.clone(),
+            ],
+            "TrellisTextTo3DPipeline",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                img_model.clone(),
+                "--image".into(),
+                s(&png),
+                "--out".into(),
+                s(&d.path().join("no/such/dir/x.glb")),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                img_model.clone(),
+                "--image".into(),
+                s(&png),
+                "--out".into(),
+                s(&d.path().join("x.obj")),
+            ],
+            ".glb",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                img_model.clone(),
+                "--image".into(),
+                s(&png),
+            ],
+            "nothing to write",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                img_model,
+                "--image".into(),
+                s(&png),
+                "--formats".into(),
+                "gaussian,voxels".into(),
+                "--ply".into(),
+                s(&d.path().join("x.ply")),
+            ],
+            "unknown format",
+        ),
+        (
+            vec![
+                "variant".into(),
+                "--model".into(),
+                txt_model,
+                "--mesh".into(),
+                s(&png),
+                "--text".into(),
+                "x".into(),
+                "--out".into(),
+                glb,
+            ],
+            "unsupported mesh format",
+        ),
+        (
+            vec![
+                "decode".into(),
+                "--asset".into(),
+                s(&png),
+                "--out".into(),
+                s(&d.path().join("y.glb")),
+            ],
+            "asset",
+        ),
     ];
     for (args, needle) in cases {
         let out = bin().args(&args).output().unwrap();

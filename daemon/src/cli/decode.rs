@@ -60,7 +60,11 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         ply: args.ply.clone(),
         asset: None,
     })?;
-    ensure!(args.asset.is_file(), "asset {} does not exist", args.asset.display());
+    ensure!(
+        args.asset.is_file(),
+        "asset {} does not exist",
+        args.asset.display()
+    );
     let device: Device = crate::runtime::parse_device(&args.device)?;
     let asset = Asset::load(&args.asset, &device)?;
     let spec = match &args.model {
@@ -72,13 +76,28 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
             .map(String::from)
             .ok_or_else(|| anyhow!("the asset records no model; give --model"))?,
     };
-    rep.event(&ProgressEvent { stage: Stage::Loading, step: 0, steps: 1, detail: Some(spec.clone()) });
+    rep.event(&ProgressEvent {
+        stage: Stage::Loading,
+        step: 0,
+        steps: 1,
+        detail: Some(spec.clone()),
+    });
     let repo = hub::open_pipeline(&spec, &HubOptions::from_env())?;
     let formats: Formats = plan.formats;
     let decoders = load_decoders(&repo, formats, &device)?;
-    rep.event(&ProgressEvent { stage: Stage::Loading, step: 1, steps: 1, detail: None });
-    let d = with_control(rep, |ctl| decode_slat(&decoders, &asset.coords, &asset.slat, formats, ctl))?;
-    let total = [&plan.glb, &plan.ply].iter().filter(|p| p.is_some()).count();
+    rep.event(&ProgressEvent {
+        stage: Stage::Loading,
+        step: 1,
+        steps: 1,
+        detail: None,
+    });
+    let d = with_control(rep, |ctl| {
+        decode_slat(&decoders, &asset.coords, &asset.slat, formats, ctl)
+    })?;
+    let total = [&plan.glb, &plan.ply]
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
     let mut written = serde_json::Map::new();
     let mut done = 0;
     write_decoded(&plan, &d, &mut written, &mut done, total, rep)?;

@@ -25,7 +25,9 @@ pub const DEFAULT_IMAGE_MODEL: &str = "microsoft/TRELLIS-image-large";
 pub const DEFAULT_TEXT_MODEL: &str = "microsoft/TRELLIS-text-large";
 
 fn parse_steps(s: &str) -> Result<usize, String> {
-    let n: usize = s.parse().map_err(|_| format!("{s:?} is not a whole number"))?;
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
     if n == 0 {
         return Err("the number of sampling steps must be at least 1".into());
     }
@@ -62,10 +64,18 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn ss_params(&self) -> SamplerParams {
-        SamplerParams { steps: self.ss_steps, cfg_strength: self.ss_cfg, ..Default::default() }
+        SamplerParams {
+            steps: self.ss_steps,
+            cfg_strength: self.ss_cfg,
+            ..Default::default()
+        }
     }
     pub fn slat_params(&self) -> SamplerParams {
-        SamplerParams { steps: self.slat_steps, cfg_strength: self.slat_cfg, ..Default::default() }
+        SamplerParams {
+            steps: self.slat_steps,
+            cfg_strength: self.slat_cfg,
+            ..Default::default()
+        }
     }
 }
 
@@ -143,7 +153,11 @@ fn check_ext(path: &Path, ext: &str, flag: &str) -> Result<()> {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case(ext));
-    ensure!(ok, "{flag} {}: the file name must end in .{ext}", path.display());
+    ensure!(
+        ok,
+        "{flag} {}: the file name must end in .{ext}",
+        path.display()
+    );
     check_output_path(path).with_context(|| format!("{flag} {}", path.display()))
 }
 
@@ -159,22 +173,44 @@ impl OutputPlan {
             check_ext(p, "trellis", "--asset")?;
         }
         let paths: Vec<&PathBuf> = [&o.out, &o.ply, &o.asset].into_iter().flatten().collect();
-        ensure!(!paths.is_empty(), "nothing to write: give --out FILE.glb, --ply FILE.ply and/or --asset FILE.trellis");
+        ensure!(
+            !paths.is_empty(),
+            "nothing to write: give --out FILE.glb, --ply FILE.ply and/or --asset FILE.trellis"
+        );
         for (i, a) in paths.iter().enumerate() {
             for b in &paths[i + 1..] {
-                ensure!(a != b, "the same output path {} is given twice", a.display());
+                ensure!(
+                    a != b,
+                    "the same output path {} is given twice",
+                    a.display()
+                );
             }
         }
         let formats = match &o.formats {
             Some(f) => {
                 let f = Formats::parse(f)?;
-                ensure!(o.out.is_none() || f.mesh, "--out writes the mesh: add mesh to --formats");
-                ensure!(o.ply.is_none() || f.gaussian, "--ply writes the Gaussians: add gaussian to --formats");
+                ensure!(
+                    o.out.is_none() || f.mesh,
+                    "--out writes the mesh: add mesh to --formats"
+                );
+                ensure!(
+                    o.ply.is_none() || f.gaussian,
+                    "--ply writes the Gaussians: add gaussian to --formats"
+                );
                 f
             }
-            None => Formats { mesh: o.out.is_some(), gaussian: o.ply.is_some(), radiance_field: false },
+            None => Formats {
+                mesh: o.out.is_some(),
+                gaussian: o.ply.is_some(),
+                radiance_field: false,
+            },
         };
-        Ok(Self { formats, glb: o.out.clone(), ply: o.ply.clone(), asset: o.asset.clone() })
+        Ok(Self {
+            formats,
+            glb: o.out.clone(),
+            ply: o.ply.clone(),
+            asset: o.asset.clone(),
+        })
     }
 }
 
@@ -201,10 +237,14 @@ pub fn open_model(spec: &str, want: PipelineClass, input: &str) -> Result<Pipeli
 }
 
 /// The conditioner folder: the flag, else the name in pipeline.json.
-pub fn conditioner_dir(flag: Option<&str>, from_pipeline: Option<&str>, what: &str) -> Result<PathBuf> {
-    let name = flag
-        .or(from_pipeline)
-        .ok_or_else(|| anyhow!("the pipeline names no {what} conditioner; give --{what}-cond-model"))?;
+pub fn conditioner_dir(
+    flag: Option<&str>,
+    from_pipeline: Option<&str>,
+    what: &str,
+) -> Result<PathBuf> {
+    let name = flag.or(from_pipeline).ok_or_else(|| {
+        anyhow!("the pipeline names no {what} conditioner; give --{what}-cond-model")
+    })?;
     hub::resolve_conditioner(name, &HubOptions::from_env())
 }
 
@@ -229,10 +269,18 @@ pub fn write_outputs(
     meta: serde_json::Value,
     rep: &mut Reporter,
 ) -> Result<serde_json::Value> {
-    let total = [&plan.glb, &plan.ply, &plan.asset].iter().filter(|p| p.is_some()).count();
+    let total = [&plan.glb, &plan.ply, &plan.asset]
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
     let mut done = 0;
     let mut written = serde_json::Map::new();
-    rep.event(&ProgressEvent { stage: Stage::Writing, step: 0, steps: total, detail: None });
+    rep.event(&ProgressEvent {
+        stage: Stage::Writing,
+        step: 0,
+        steps: total,
+        detail: None,
+    });
     if let Some(p) = &plan.asset {
         let a = Asset {
             coords: g.coords.clone(),
@@ -249,7 +297,12 @@ pub fn write_outputs(
         a.save(p)?;
         done += 1;
         written.insert("asset".into(), serde_json::json!(p));
-        rep.event(&ProgressEvent { stage: Stage::Writing, step: done, steps: total, detail: Some(p.display().to_string()) });
+        rep.event(&ProgressEvent {
+            stage: Stage::Writing,
+            step: done,
+            steps: total,
+            detail: Some(p.display().to_string()),
+        });
     }
     write_decoded(plan, &g.decoded, &mut written, &mut done, total, rep)?;
     Ok(serde_json::Value::Object(written))
@@ -265,7 +318,10 @@ pub fn write_decoded(
     rep: &mut Reporter,
 ) -> Result<()> {
     if let Some(p) = &plan.glb {
-        let m = d.meshes.first().ok_or_else(|| anyhow!("no mesh was decoded"))?;
+        let m = d
+            .meshes
+            .first()
+            .ok_or_else(|| anyhow!("no mesh was decoded"))?;
         ensure!(
             m.success && !m.faces.is_empty(),
             "the decoded mesh is empty (no surface found); nothing written to {}",
@@ -277,23 +333,46 @@ pub fn write_decoded(
                 .map(|a| [a[0], a[1], a[2]])
                 .collect()
         });
-        write_glb(p, &GlbMesh { vertices: &m.vertices, faces: &m.faces, colors: colors.as_deref() })?;
+        write_glb(
+            p,
+            &GlbMesh {
+                vertices: &m.vertices,
+                faces: &m.faces,
+                colors: colors.as_deref(),
+            },
+        )?;
         *done += 1;
         written.insert("glb".into(), serde_json::json!(p));
-        rep.event(&ProgressEvent { stage: Stage::Writing, step: *done, steps: total, detail: Some(p.display().to_string()) });
+        rep.event(&ProgressEvent {
+            stage: Stage::Writing,
+            step: *done,
+            steps: total,
+            detail: Some(p.display().to_string()),
+        });
     }
     if let Some(p) = &plan.ply {
-        let gs = d.gaussians.first().ok_or_else(|| anyhow!("no Gaussians were decoded"))?;
+        let gs = d
+            .gaussians
+            .first()
+            .ok_or_else(|| anyhow!("no Gaussians were decoded"))?;
         crate::export::ply::save_gaussian_ply(gs, p)?;
         *done += 1;
         written.insert("ply".into(), serde_json::json!(p));
-        rep.event(&ProgressEvent { stage: Stage::Writing, step: *done, steps: total, detail: Some(p.display().to_string()) });
+        rep.event(&ProgressEvent {
+            stage: Stage::Writing,
+            step: *done,
+            steps: total,
+            detail: Some(p.display().to_string()),
+        });
     }
     Ok(())
 }
 
 /// Runs `body` with the reporter, turning an error into a JSON event too (in `--json` mode).
-pub fn with_reporter(runtime: &RuntimeArgs, body: impl FnOnce(&mut Reporter) -> Result<serde_json::Value>) -> Result<i32> {
+pub fn with_reporter(
+    runtime: &RuntimeArgs,
+    body: impl FnOnce(&mut Reporter) -> Result<serde_json::Value>,
+) -> Result<i32> {
     let mut rep = Reporter::new(Mode::from_flags(runtime.quiet, runtime.json));
     match body(&mut rep) {
         Ok(outputs) => {
@@ -315,9 +394,16 @@ pub fn with_reporter(runtime: &RuntimeArgs, body: impl FnOnce(&mut Reporter) -> 
 }
 
 /// Calls `f` with a [`RunControl`] that forwards progress to the reporter.
-pub fn with_control<T>(rep: &mut Reporter, f: impl FnOnce(&mut RunControl<'_>) -> Result<T>) -> Result<T> {
+pub fn with_control<T>(
+    rep: &mut Reporter,
+    f: impl FnOnce(&mut RunControl<'_>) -> Result<T>,
+) -> Result<T> {
     let mut sink = |e: &ProgressEvent| rep.event(e);
-    let mut ctl = RunControl { progress: &mut sink, cancel: None, keep_trajectory: false };
+    let mut ctl = RunControl {
+        progress: &mut sink,
+        cancel: None,
+        keep_trajectory: false,
+    };
     f(&mut ctl)
 }
 
@@ -331,29 +417,62 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
     let is_text = args.text.is_some();
     if let Some(t) = &args.text {
         ensure!(!t.trim().is_empty(), "--text: the prompt is empty");
-        ensure!(args.runtime.image_cond_model.is_none(), "--image-cond-model does not apply to a text prompt");
+        ensure!(
+            args.runtime.image_cond_model.is_none(),
+            "--image-cond-model does not apply to a text prompt"
+        );
     } else {
-        ensure!(!args.image.is_empty(), "give --image PATH... or --text PROMPT");
-        ensure!(args.runtime.text_cond_model.is_none(), "--text-cond-model does not apply to images");
+        ensure!(
+            !args.image.is_empty(),
+            "give --image PATH... or --text PROMPT"
+        );
+        ensure!(
+            args.runtime.text_cond_model.is_none(),
+            "--text-cond-model does not apply to images"
+        );
         for p in &args.image {
             check_image(p)?;
         }
     }
     let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
     let (spec, class, input) = if is_text {
-        (args.model.as_deref().unwrap_or(DEFAULT_TEXT_MODEL), PipelineClass::TextTo3D, "a text prompt")
+        (
+            args.model.as_deref().unwrap_or(DEFAULT_TEXT_MODEL),
+            PipelineClass::TextTo3D,
+            "a text prompt",
+        )
     } else {
-        (args.model.as_deref().unwrap_or(DEFAULT_IMAGE_MODEL), PipelineClass::ImageTo3D, "images")
+        (
+            args.model.as_deref().unwrap_or(DEFAULT_IMAGE_MODEL),
+            PipelineClass::ImageTo3D,
+            "images",
+        )
     };
-    rep.event(&ProgressEvent { stage: Stage::Loading, step: 0, steps: 2, detail: Some(spec.to_string()) });
+    rep.event(&ProgressEvent {
+        stage: Stage::Loading,
+        step: 0,
+        steps: 2,
+        detail: Some(spec.to_string()),
+    });
     let repo = open_model(spec, class, input)?;
     // Sampler parameters resolve now (step counts of 0 from pipeline.json, ...).
-    let ss_meta = sampler_meta(&repo.config.sparse_structure_sampler, &args.sampling.ss_params())?;
+    let ss_meta = sampler_meta(
+        &repo.config.sparse_structure_sampler,
+        &args.sampling.ss_params(),
+    )?;
     let slat_meta = sampler_meta(&repo.config.slat_sampler, &args.sampling.slat_params())?;
     let cond_dir = if is_text {
-        conditioner_dir(args.runtime.text_cond_model.as_deref(), repo.config.text_cond_model.as_deref(), "text")?
+        conditioner_dir(
+            args.runtime.text_cond_model.as_deref(),
+            repo.config.text_cond_model.as_deref(),
+            "text",
+        )?
     } else {
-        conditioner_dir(args.runtime.image_cond_model.as_deref(), repo.config.image_cond_model.as_deref(), "image")?
+        conditioner_dir(
+            args.runtime.image_cond_model.as_deref(),
+            repo.config.image_cond_model.as_deref(),
+            "image",
+        )?
     };
     let params = RunParams {
         ss: args.sampling.ss_params(),
@@ -373,24 +492,51 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         "device": args.runtime.device,
     });
     // 2. Networks.
-    let pipeline = crate::pipelines::base::TrellisPipeline::load(repo, &device, true, plan.formats)?;
+    let pipeline =
+        crate::pipelines::base::TrellisPipeline::load(repo, &device, true, plan.formats)?;
     let mut noise = crate::pipelines::noise::SeededNoise::new(args.sampling.seed);
     let (cond, g) = if let Some(text) = &args.text {
         meta["text"] = serde_json::json!(text);
-        let conditioner = crate::models::conditioners::clip::TextConditioner::load(&cond_dir, &device, DType::F32)?;
-        rep.event(&ProgressEvent { stage: Stage::Loading, step: 2, steps: 2, detail: None });
-        let t = crate::pipelines::text_to_3d::TextTo3D { pipeline, conditioner };
+        let conditioner = crate::models::conditioners::clip::TextConditioner::load(
+            &cond_dir,
+            &device,
+            DType::F32,
+        )?;
+        rep.event(&ProgressEvent {
+            stage: Stage::Loading,
+            step: 2,
+            steps: 2,
+            detail: None,
+        });
+        let t = crate::pipelines::text_to_3d::TextTo3D {
+            pipeline,
+            conditioner,
+        };
         with_control(rep, |ctl| t.run(text, &mut noise, &params, ctl))?
     } else {
         meta["images"] = serde_json::json!(args.image);
         if args.image.len() > 1 {
             meta["multi_image_mode"] = serde_json::json!(args.multi_image_mode);
         }
-        let conditioner = crate::models::conditioners::dinov2::ImageConditioner::load(&cond_dir, &device, DType::F32)?;
-        rep.event(&ProgressEvent { stage: Stage::Loading, step: 2, steps: 2, detail: None });
-        let t = crate::pipelines::image_to_3d::ImageTo3D { pipeline, conditioner };
+        let conditioner = crate::models::conditioners::dinov2::ImageConditioner::load(
+            &cond_dir,
+            &device,
+            DType::F32,
+        )?;
+        rep.event(&ProgressEvent {
+            stage: Stage::Loading,
+            step: 2,
+            steps: 2,
+            detail: None,
+        });
+        let t = crate::pipelines::image_to_3d::ImageTo3D {
+            pipeline,
+            conditioner,
+        };
         let paths: Vec<&Path> = args.image.iter().map(PathBuf::as_path).collect();
-        with_control(rep, |ctl| t.run(&paths, args.multi_image_mode, &mut noise, &params, ctl))?
+        with_control(rep, |ctl| {
+            t.run(&paths, args.multi_image_mode, &mut noise, &params, ctl)
+        })?
     };
     write_outputs(&plan, &g, Some(&cond), meta, rep)
 }

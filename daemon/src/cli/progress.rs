@@ -71,9 +71,11 @@ impl Reporter {
                 Some(e.steps.max(1) as u64),
                 indicatif::ProgressDrawTarget::stderr(),
             );
-            let style = ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
+            let style = ProgressStyle::with_template(
+                "{prefix:>18} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
             pb.set_style(style);
             pb.set_prefix(e.stage.label());
             self.bar = Some((e.stage, pb));

@@ -195,7 +195,9 @@ fn conditioning<'a>(kind: &RunKind, cond: &'a Tensor, neg: &'a Tensor) -> Condit
 fn slat_input_coords(fx: &Fixture, run: &str, kind: &RunKind) -> Result<Tensor> {
     match kind {
         RunKind::Variant { mesh } => {
-            let v = fx.io(&format!("voxelize_{mesh}_coords"))?.to_dtype(DType::I64)?;
+            let v = fx
+                .io(&format!("voxelize_{mesh}_coords"))?
+                .to_dtype(DType::I64)?;
             let zeros = Tensor::zeros((v.dim(0)?, 1), DType::I64, v.device())?;
             Ok(Tensor::cat(&[zeros, v], 1)?.to_dtype(DType::I32)?)
         }
@@ -222,8 +224,15 @@ fn check_slat_stage(
     let mut noise = RecordedNoise::new(vec![fx.io(&format!("{run}_slat_noise"))?]);
     let mut sink = |_: &crate::pipelines::base::ProgressEvent| {};
     let progress: &mut Progress<'_> = &mut sink;
-    let mut ctl = RunControl { progress, cancel: None, keep_trajectory: true };
-    let over = SamplerParams { steps: Some(settings.steps), ..Default::default() };
+    let mut ctl = RunControl {
+        progress,
+        cancel: None,
+        keep_trajectory: true,
+    };
+    let over = SamplerParams {
+        steps: Some(settings.steps),
+        ..Default::default()
+    };
     let out = pipe.sample_slat(&coords, &c, &mut noise, &over, &mut ctl)?;
     for i in 0..recorded {
         let name = format!("{run}_slat_x_t{i}");
@@ -368,7 +377,11 @@ fn compare_mesh(
     }
     report.record(
         &format!("{p}vertices (max distance, order-independent)"),
-        if one_to_one { dist as f64 } else { f64::INFINITY },
+        if one_to_one {
+            dist as f64
+        } else {
+            f64::INFINITY
+        },
         tol::MESH_ABS,
     );
     let canon = |f: [u32; 3]| {
@@ -428,7 +441,11 @@ fn check_decoded(fx: &Fixture, run: &str, repo: &PipelineRepo, report: &mut Repo
     let slat = fx.io(&format!("{run}_slat"))?;
     let mut sink = |_: &crate::pipelines::base::ProgressEvent| {};
     let progress: &mut Progress<'_> = &mut sink;
-    let mut ctl = RunControl { progress, cancel: None, keep_trajectory: false };
+    let mut ctl = RunControl {
+        progress,
+        cancel: None,
+        keep_trajectory: false,
+    };
     let d = crate::pipelines::base::decode_slat(&decoders, &coords, &slat, formats, &mut ctl)?;
     let t = tol::FORWARD;
     for (i, g) in d.gaussians.iter().enumerate() {

@@ -336,12 +336,16 @@ impl TrellisPipeline {
         formats: Formats,
     ) -> Result<Self> {
         let (ss_flow, ss_decoder) = if need_structure {
-            (Some(loader::load_ss_flow(&repo, device)?), Some(loader::load_ss_decoder(&repo, device)?))
+            (
+                Some(loader::load_ss_flow(&repo, device)?),
+                Some(loader::load_ss_decoder(&repo, device)?),
+            )
         } else {
             (None, None)
         };
         let slat_flow = loader::load_slat_flow(&repo, device)?;
-        let slat_in_channels = match ModelConfig::from_file(&repo.model("slat_flow_model")?.config)? {
+        let slat_in_channels = match ModelConfig::from_file(&repo.model("slat_flow_model")?.config)?
+        {
             ModelConfig::SLatFlow { config, .. } => config.in_channels,
             other => anyhow::bail!("slat_flow_model is a {}", other.class_name()),
         };
@@ -367,13 +371,22 @@ impl TrellisPipeline {
     /// The structure sampler with pipeline.json's params overridden key by key by `over`.
     pub fn ss_sampler(&self, over: &SamplerParams) -> Result<(FlowEulerSampler, SamplerSettings)> {
         let c = &self.repo.config.sparse_structure_sampler;
-        Ok((FlowEulerSampler::from_config(c), SamplerSettings::resolve(&c.params.overridden_by(over))?))
+        Ok((
+            FlowEulerSampler::from_config(c),
+            SamplerSettings::resolve(&c.params.overridden_by(over))?,
+        ))
     }
 
     /// The SLat sampler with pipeline.json's params overridden key by key by `over`.
-    pub fn slat_sampler(&self, over: &SamplerParams) -> Result<(FlowEulerSampler, SamplerSettings)> {
+    pub fn slat_sampler(
+        &self,
+        over: &SamplerParams,
+    ) -> Result<(FlowEulerSampler, SamplerSettings)> {
         let c = &self.repo.config.slat_sampler;
-        Ok((FlowEulerSampler::from_config(c), SamplerSettings::resolve(&c.params.overridden_by(over))?))
+        Ok((
+            FlowEulerSampler::from_config(c),
+            SamplerSettings::resolve(&c.params.overridden_by(over))?,
+        ))
     }
 
     /// `sample_sparse_structure`: noise `[num_samples, C, R, R, R]` from `noise`, sampled, decoded.
@@ -392,7 +405,8 @@ impl TrellisPipeline {
         let cfg = flow.config();
         let r = cfg.resolution;
         let z = noise.randn(&[num_samples, cfg.in_channels, r, r, r], &self.device)?;
-        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
+        let mut fl =
+            |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
         let mut dec = |z: &Tensor| -> Result<Tensor> { decoder.forward(z) };
         sample_sparse_structure(&sampler, &settings, &mut fl, &mut dec, z, cond, ctl)
     }
@@ -417,7 +431,9 @@ impl TrellisPipeline {
             Ok(flow.forward(&st, t, c)?.feats().clone())
         };
         let norm = &self.repo.config.slat_normalization;
-        sample_slat(&sampler, &settings, &mut fl, coords, feats, cond, &norm.mean, &norm.std, ctl)
+        sample_slat(
+            &sampler, &settings, &mut fl, coords, feats, cond, &norm.mean, &norm.std, ctl,
+        )
     }
 
     /// `decode_slat` with this pipeline's decoders.
@@ -444,13 +460,18 @@ impl TrellisPipeline {
         let coords = structure.coords.clone();
         let slat = self.sample_slat(&coords, cond, noise, &params.slat, ctl)?;
         let decoded = self.decode(&coords, &slat.slat, params.formats, ctl)?;
-        Ok(Generation { structure: Some(structure), slat, coords, decoded })
+        Ok(Generation {
+            structure: Some(structure),
+            slat,
+            coords,
+            decoded,
+        })
     }
 }
 
 /// `decode_slat`: the representations of `formats` (their decoders must be loaded).
 pub fn decode_slat(
-decoders: &Decoders,
+    decoders: &Decoders,
     coords: &Tensor,
     slat: &Tensor,
     formats: Formats,
@@ -462,13 +483,19 @@ decoders: &Decoders,
     let mut done = 0;
     if formats.mesh {
         ctl.emit(Stage::Decoding, done, total, Some("mesh".into()));
-        let d = decoders.mesh.as_ref().ok_or_else(|| anyhow!("mesh decoder not loaded"))?;
+        let d = decoders
+            .mesh
+            .as_ref()
+            .ok_or_else(|| anyhow!("mesh decoder not loaded"))?;
         out.meshes = d.forward(&x)?;
         done += 1;
     }
     if formats.gaussian {
         ctl.emit(Stage::Decoding, done, total, Some("gaussian".into()));
-        let d = decoders.gaussian.as_ref().ok_or_else(|| anyhow!("Gaussian decoder not loaded"))?;
+        let d = decoders
+            .gaussian
+            .as_ref()
+            .ok_or_else(|| anyhow!("Gaussian decoder not loaded"))?;
         out.gaussians = d.forward(&x)?;
         done += 1;
     }
@@ -486,4 +513,3 @@ decoders: &Decoders,
     }
     Ok(out)
 }
-

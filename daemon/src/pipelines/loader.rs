@@ -74,7 +74,11 @@ pub struct Formats {
 }
 
 impl Formats {
-    pub const ALL: Formats = Formats { mesh: true, gaussian: true, radiance_field: true };
+    pub const ALL: Formats = Formats {
+        mesh: true,
+        gaussian: true,
+        radiance_field: true,
+    };
 
     /// `mesh,gaussian,radiance_field` (any subset; `rf` and `gs` accepted).
     pub fn parse(list: &str) -> Result<Self> {
@@ -84,9 +88,9 @@ impl Formats {
                 "mesh" => f.mesh = true,
                 "gaussian" | "gs" => f.gaussian = true,
                 "radiance_field" | "rf" => f.radiance_field = true,
-                other => bail!(
-                    "unknown format {other:?} (expected mesh, gaussian or radiance_field)"
-                ),
+                other => {
+                    bail!("unknown format {other:?} (expected mesh, gaussian or radiance_field)")
+                }
             }
         }
         Ok(f)
@@ -124,7 +128,10 @@ fn load_net<C, M>(
     let cfg = config_of(files)?;
     let class = cfg.class_name();
     let Some(cfg) = pick(cfg) else {
-        bail!("{}: {name} has the unexpected class {class}", files.config.display());
+        bail!(
+            "{}: {name} has the unexpected class {class}",
+            files.config.display()
+        );
     };
     let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
     let m = build(&cfg, vb, torso_dtype(use_fp16(&cfg), device))
@@ -203,7 +210,11 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
     } else {
         None
     };
-    Ok(Decoders { mesh, gaussian, radiance_field })
+    Ok(Decoders {
+        mesh,
+        gaussian,
+        radiance_field,
+    })
 }
 
 /// Resolution of the occupancy grid the structure decoder produces (the flow's latent resolution
@@ -216,6 +227,9 @@ pub fn structure_resolution(repo: &PipelineRepo) -> Result<usize> {
         (ModelConfig::SparseStructureFlow(f), ModelConfig::SparseStructureDecoder(d)) => {
             Ok(f.resolution << d.channels.len().saturating_sub(1))
         }
-        _ => bail!("pipeline {}: unexpected structure flow/decoder classes", repo.root.display()),
+        _ => bail!(
+            "pipeline {}: unexpected structure flow/decoder classes",
+            repo.root.display()
+        ),
     }
 }

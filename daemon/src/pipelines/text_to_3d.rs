@@ -34,9 +34,16 @@ impl TextTo3D {
         ctl.emit(Stage::Conditioning, 0, 1, None);
         let (cond, neg) = text_cond(&self.conditioner, prompt)?;
         ctl.emit(Stage::Conditioning, 1, 1, None);
-        let g = self
-            .pipeline
-            .generate(&Conditioning::Single { cond: &cond, neg: &neg }, 1, noise, params, ctl)?;
+        let g = self.pipeline.generate(
+            &Conditioning::Single {
+                cond: &cond,
+                neg: &neg,
+            },
+            1,
+            noise,
+            params,
+            ctl,
+        )?;
         Ok((cond, g))
     }
 }

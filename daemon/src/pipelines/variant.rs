@@ -16,7 +16,11 @@ use super::samplers::Conditioning;
 use super::voxelize::{voxelize, TriMesh};
 
 /// `[N, 4]` int32 coords (batch 0) of the voxelised mesh, lexicographic.
-pub fn mesh_coords(mesh: &TriMesh, resolution: usize, device: &candle_core::Device) -> Result<Tensor> {
+pub fn mesh_coords(
+    mesh: &TriMesh,
+    resolution: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let vox = voxelize(mesh, resolution)?;
     anyhow::ensure!(!vox.is_empty(), "the mesh occupies no voxel");
     let n = vox.len();
@@ -37,7 +41,12 @@ pub fn run_variant(
     let c = Conditioning::Single { cond, neg };
     let slat = pipeline.sample_slat(coords, &c, noise, &params.slat, ctl)?;
     let decoded = pipeline.decode(coords, &slat.slat, params.formats, ctl)?;
-    Ok(Generation { structure: None, slat, coords: coords.clone(), decoded })
+    Ok(Generation {
+        structure: None,
+        slat,
+        coords: coords.clone(),
+        decoded,
+    })
 }
 
 /// Voxelises `mesh` at `resolution` with progress.
@@ -49,6 +58,11 @@ pub fn voxelize_with_progress(
 ) -> Result<Tensor> {
     ctl.emit(Stage::Voxelizing, 0, 1, None);
     let c = mesh_coords(mesh, resolution, device)?;
-    ctl.emit(Stage::Voxelizing, 1, 1, Some(format!("{} voxels at {resolution}³", c.dim(0)?)));
+    ctl.emit(
+        Stage::Voxelizing,
+        1,
+        1,
+        Some(format!("{} voxels at {resolution}³", c.dim(0)?)),
+    );
     Ok(c)
 }
