@@ -236,16 +236,26 @@ pub fn open_model(spec: &str, want: PipelineClass, input: &str) -> Result<Pipeli
     Ok(repo)
 }
 
-/// The conditioner folder: the flag, else the name in pipeline.json.
+/// The conditioner folder: the flag, else the name in pipeline.json (a hub name, or a folder
+/// relative to the repository folder).
 pub fn conditioner_dir(
     flag: Option<&str>,
+    repo: &PipelineRepo,
     from_pipeline: Option<&str>,
     what: &str,
 ) -> Result<PathBuf> {
-    let name = flag.or(from_pipeline).ok_or_else(|| {
+    let opts = HubOptions::from_env();
+    if let Some(f) = flag {
+        return hub::resolve_conditioner(f, &opts);
+    }
+    let name = from_pipeline.ok_or_else(|| {
         anyhow!("the pipeline names no {what} conditioner; give --{what}-cond-model")
     })?;
-    hub::resolve_conditioner(name, &HubOptions::from_env())
+    let local = repo.root.join(name);
+    if local.is_dir() {
+        return hub::resolve_conditioner(&local.to_string_lossy(), &opts);
+    }
+    hub::resolve_conditioner(name, &opts)
 }
 
 /// JSON summary of a sampler as it will run.
@@ -464,12 +474,14 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
     let cond_dir = if is_text {
         conditioner_dir(
             args.runtime.text_cond_model.as_deref(),
+            &repo,
             repo.config.text_cond_model.as_deref(),
             "text",
         )?
     } else {
         conditioner_dir(
             args.runtime.image_cond_model.as_deref(),
+            &repo,
             repo.config.image_cond_model.as_deref(),
             "image",
         )?

@@ -112,12 +112,14 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
     let cond_dir = if is_text {
         conditioner_dir(
             args.runtime.text_cond_model.as_deref(),
+            &repo,
             repo.config.text_cond_model.as_deref(),
             "text",
         )?
     } else {
         conditioner_dir(
             args.runtime.image_cond_model.as_deref(),
+            &repo,
             repo.config.image_cond_model.as_deref(),
             "image",
         )?
