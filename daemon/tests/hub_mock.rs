@@ -3,7 +3,8 @@
 //! The mock serves folders in the hub's URL layout (`/{owner}/{name}/resolve/{revision}/{file}`,
 //! with the `etag`, `x-repo-commit` and `content-range` headers `hf-hub` reads; 404 +
 //! `x-error-code: EntryNotFound` for a missing file, 401 + `RepositoryNotFound` for an unknown
-//! repository, like the real hub) and counts every request.
+//! repository, like the real hub; `.safetensors` files answer with a 302 to a "CDN" path carrying
+//! `x-linked-etag`, as LFS files do) and counts every request.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -37,10 +38,11 @@ impl MockHub {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let base = endpoint.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let _ = serve(stream, &repos, &log);
+                let _ = serve(stream, &repos, &log, &base);
             }
         });
         Self { endpoint, seen }
@@ -71,6 +73,7 @@ fn serve(
     stream: TcpStream,
     repos: &BTreeMap<String, PathBuf>,
     log: &Mutex<Vec<Seen>>,
+    endpoint: &str,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -108,6 +111,22 @@ fn serve(
         }
         out.flush()
     };
+    // Large files live on a "CDN" (`/cdn/{owner}/{name}/{file}`), like LFS files on the hub.
+    if let Some(rest) = path.strip_prefix("/cdn/") {
+        let Some((repo_file, dir)) = rest
+            .splitn(3, '/')
+            .collect::<Vec<_>>()
+            .get(..3)
+            .and_then(|p| Some((p[2], repos.get(&format!("{}/{}", p[0], p[1]))?)))
+        else {
+            return reply(&mut out, "404 Not Found", &[], b"not found");
+        };
+        let Ok(data) = std::fs::read(dir.join(repo_file)) else {
+            return reply(&mut out, "404 Not Found", &[], b"not found");
+        };
+        let headers = vec![("ETag".to_string(), format!("\"{:016x}\"", fnv(&data)))];
+        return send_range(&mut out, range.as_deref(), headers, &data, &reply);
+    }
     // /{owner}/{name}/resolve/{revision}/{file...}
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
     if segs.len() != 5 || segs[2] != "resolve" {
@@ -123,12 +142,40 @@ fn serve(
         return reply(&mut out, "404 Not Found", &h, b"Entry not found");
     };
     let commit = format!("{:016x}{:016x}{:08x}", fnv(repo.as_bytes()), 7u64, 9u32);
-    let mut headers = vec![
-        ("ETag".to_string(), format!("\"{:016x}\"", fnv(&data))),
+    let etag = format!("\"{:016x}\"", fnv(&data));
+    if segs[4].ends_with(".safetensors") {
+        // The hub's answer for LFS files: a redirect to the CDN carrying the repository headers.
+        let h = [
+            (
+                "Location".to_string(),
+                format!("{endpoint}/cdn/{repo}/{}", segs[4]),
+            ),
+            ("X-Repo-Commit".to_string(), commit),
+            ("X-Linked-Etag".to_string(), etag),
+            ("X-Linked-Size".to_string(), data.len().to_string()),
+        ];
+        return reply(&mut out, "302 Found", &h, b"");
+    }
+    let headers = vec![
+        ("ETag".to_string(), etag),
         ("X-Repo-Commit".to_string(), commit),
     ];
+    send_range(&mut out, range.as_deref(), headers, &data, &reply)
+}
+
+type Reply<'a> =
+    dyn Fn(&mut TcpStream, &str, &[(String, String)], &[u8]) -> std::io::Result<()> + 'a;
+
+/// 206 with `Content-Range` for a `Range: bytes=a-[b]` request, else 200 with everything.
+fn send_range(
+    out: &mut TcpStream,
+    range: Option<&str>,
+    mut headers: Vec<(String, String)>,
+    data: &[u8],
+    reply: &Reply,
+) -> std::io::Result<()> {
     let size = data.len();
-    match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+    match range.and_then(|r| r.strip_prefix("bytes=")) {
         Some(r) => {
             let (a, b) = r.split_once('-').unwrap();
             let a: usize = a.parse().unwrap();
@@ -140,9 +187,9 @@ fn serve(
             let b = b.min(size.saturating_sub(1));
             headers.push(("Content-Range".to_string(), format!("bytes {a}-{b}/{size}")));
             let body = if a < size { &data[a..=b] } else { &data[0..0] };
-            reply(&mut out, "206 Partial Content", &headers, body)
+            reply(out, "206 Partial Content", &headers, body)
         }
-        None => reply(&mut out, "200 OK", &headers, &data),
+        None => reply(out, "200 OK", &headers, data),
     }
 }
 
@@ -244,6 +291,13 @@ fn downloads_into_the_cache_once_then_reuses_it() {
     let downloads: Vec<&String> = new.iter().filter(|p| p.contains("/resolve/")).collect();
     // Each file costs a metadata request and a body request.
     assert_eq!(downloads.len(), 2 * 5, "{new:#?}");
+    // Weights went through the LFS-style redirect; the two new ones each cost a metadata and a
+    // body request at the CDN.
+    assert_eq!(
+        new.iter().filter(|p| p.starts_with("/cdn/")).count(),
+        2 * 2,
+        "{new:#?}"
+    );
     assert!(
         downloads.iter().all(|p| !p.contains("slat_dec_")),
         "{new:#?}"
@@ -582,10 +636,13 @@ fn an_interrupted_download_resumes() {
     let again = open_pipeline(IMAGE, &opts).unwrap();
     let w = &again.model("slat_decoder_mesh").unwrap().weights;
     assert_eq!(std::fs::read(w).unwrap(), full);
-    let ranges: Vec<Option<String>> = hub.seen()[n..].iter().map(|s| s.range.clone()).collect();
+    // The rest was asked for from the CDN the hub redirected to.
+    let seen = hub.seen()[n..].to_vec();
     assert!(
-        ranges.contains(&Some(format!("bytes={half}-"))),
-        "{ranges:?}"
+        seen.iter().any(|s| s.path.starts_with("/cdn/")
+            && s.path.ends_with("slat_dec_mesh_swin8_tiny.safetensors")
+            && s.range == Some(format!("bytes={half}-"))),
+        "{seen:#?}"
     );
 }
 

@@ -1,15 +1,21 @@
 //! Dense 3-D convolution (`torch.nn.Conv3d`: cross-correlation, NCDHW, cubic kernel, equal stride and
 //! zero padding on every axis) and `pixel_shuffle_3d` (trellis/modules/spatial.py), float32 on CPU.
 //!
-//! Memory stays bounded: the input is never unfolded whole. Output depth planes are processed in
-//! slabs; each slab unfolds only the input it needs (`im2col`, at most [`SLAB_BUDGET`] floats), and one
-//! GEMM `weight [Cout, Cin·k³] × cols [Cin·k³, slab]` produces the slab's outputs. Slabs run in
-//! parallel with rayon, a bounded number at a time.
+//! Memory stays bounded: the input is never unfolded whole. Output rows (one `(od, oh)` pair each)
+//! are processed in tiles of about [`TILE_BUDGET`] unfolded floats (at least [`MIN_TILE_POSITIONS`]
+//! positions); each tile unfolds only the input it needs (`im2col`), and one GEMM
+//! `weight [Cout, Cin·k³] × cols [Cin·k³, tile]` produces the tile's outputs. Tiles run in parallel
+//! with rayon, a bounded number at a time.
 
 use rayon::prelude::*;
 
-/// The most floats one slab's unfolded input may hold (16 MiB).
-pub const SLAB_BUDGET: usize = 1 << 22;
+/// Floats of unfolded input per tile aimed at (1 MiB: the tile stays in the core's cache while the
+/// GEMM packs it, which matters for narrow layers).
+pub const TILE_BUDGET: usize = 1 << 18;
+
+/// Fewest output positions per tile, so that wide layers (large `Cin·k³`, weights far larger than
+/// the cache) still reuse each weight over many positions.
+pub const MIN_TILE_POSITIONS: usize = 256;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Conv3dError {
@@ -97,53 +103,52 @@ fn source(o: usize, k: usize, stride: usize, pad: usize, size: usize) -> Option<
     (i < size).then_some(i)
 }
 
-/// Unfolds the input of batch `b` needed by output planes `od0 .. od0 + planes` into
-/// `cols [Cin·k³, planes·OH·OW]` (row-major).
-fn im2col_slab(
+/// Unfolds the input of batch `b` needed by output rows `row0 .. row0 + rows` (a row is one
+/// `(od, oh)` pair, `OW` positions) into `cols [Cin·k³, rows·OW]` (row-major).
+fn im2col_rows(
     input: &[f32],
     s: &Conv3dShape,
     out: [usize; 3],
     b: usize,
-    od0: usize,
-    planes: usize,
+    row0: usize,
+    rows: usize,
     cols: &mut [f32],
 ) {
     let [d, h, w] = s.input;
     let [_, oh_n, ow_n] = out;
     let k = s.kernel;
     let (st, pad) = (s.stride, s.padding);
-    let ncols = planes * oh_n * ow_n;
+    let ncols = rows * ow_n;
     let chan = d * h * w;
     for ci in 0..s.in_channels {
         let src_c = &input[(b * s.in_channels + ci) * chan..][..chan];
         for kd in 0..k {
             for kh in 0..k {
                 for kw in 0..k {
-                    let row = ((ci * k + kd) * k + kh) * k + kw;
-                    let dst_row = &mut cols[row * ncols..][..ncols];
-                    for p in 0..planes {
-                        let id = source(od0 + p, kd, st, pad, d);
-                        for oh in 0..oh_n {
-                            let dst = &mut dst_row[(p * oh_n + oh) * ow_n..][..ow_n];
-                            let (Some(id), Some(ih)) = (id, source(oh, kh, st, pad, h)) else {
+                    let r = ((ci * k + kd) * k + kh) * k + kw;
+                    let dst_row = &mut cols[r * ncols..][..ncols];
+                    for (i, dst) in dst_row.chunks_mut(ow_n).enumerate() {
+                        let (od, oh) = ((row0 + i) / oh_n, (row0 + i) % oh_n);
+                        let src = match (source(od, kd, st, pad, d), source(oh, kh, st, pad, h)) {
+                            (Some(id), Some(ih)) => &src_c[(id * h + ih) * w..][..w],
+                            _ => {
                                 dst.fill(0.0);
                                 continue;
-                            };
-                            let src = &src_c[(id * h + ih) * w..][..w];
-                            if st == 1 {
-                                // valid ow: 0 <= ow + kw - pad < w
-                                let lo = pad.saturating_sub(kw).min(ow_n);
-                                let hi = (w + pad).saturating_sub(kw).clamp(lo, ow_n);
-                                dst[..lo].fill(0.0);
-                                dst[hi..].fill(0.0);
-                                if hi > lo {
-                                    let start = lo + kw - pad;
-                                    dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
-                                }
-                            } else {
-                                for (ow, v) in dst.iter_mut().enumerate() {
-                                    *v = source(ow, kw, st, pad, w).map_or(0.0, |iw| src[iw]);
-                                }
+                            }
+                        };
+                        if st == 1 {
+                            // valid ow: 0 <= ow + kw - pad < w
+                            let lo = pad.saturating_sub(kw).min(ow_n);
+                            let hi = (w + pad).saturating_sub(kw).clamp(lo, ow_n);
+                            dst[..lo].fill(0.0);
+                            dst[hi..].fill(0.0);
+                            if hi > lo {
+                                let start = lo + kw - pad;
+                                dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                            }
+                        } else {
+                            for (ow, v) in dst.iter_mut().enumerate() {
+                                *v = source(ow, kw, st, pad, w).map_or(0.0, |iw| src[iw]);
                             }
                         }
                     }
@@ -208,53 +213,56 @@ pub fn conv3d(
     bias: Option<&[f32]>,
     s: &Conv3dShape,
 ) -> Result<Vec<f32>, Conv3dError> {
-    conv3d_with_budget(input, weight, bias, s, SLAB_BUDGET)
+    let kk = s.in_channels * s.kernel.pow(3);
+    let positions = (TILE_BUDGET / kk.max(1)).max(MIN_TILE_POSITIONS);
+    conv3d_tiled(input, weight, bias, s, positions)
 }
 
-/// [`conv3d`] with an explicit bound on the floats one slab unfolds.
-pub fn conv3d_with_budget(
+/// [`conv3d`] unfolding about `positions` output positions (whole output rows, at least one) per tile.
+pub fn conv3d_tiled(
     input: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
     s: &Conv3dShape,
-    budget: usize,
+    positions: usize,
 ) -> Result<Vec<f32>, Conv3dError> {
     let out = s.check(input, weight, bias)?;
     let [od_n, oh_n, ow_n] = out;
-    let plane = oh_n * ow_n;
     let kk = s.in_channels * s.kernel.pow(3);
     let cout = s.out_channels;
-    let out_chan = od_n * plane;
+    let rows_per_batch = od_n * oh_n;
+    let out_chan = rows_per_batch * ow_n;
     let mut output = vec![0f32; s.batch * cout * out_chan];
     if output.is_empty() {
         return Ok(output);
     }
-    let planes = (budget / (kk * plane).max(1)).clamp(1, od_n);
-    // every (batch, first plane) slab
-    let slabs: Vec<(usize, usize, usize)> = (0..s.batch)
+    let rows = positions.div_ceil(ow_n).clamp(1, rows_per_batch);
+    // every (batch, first row, row count) tile
+    let tiles: Vec<(usize, usize, usize)> = (0..s.batch)
         .flat_map(|b| {
-            (0..od_n)
-                .step_by(planes)
-                .map(move |od0| (b, od0, planes.min(od_n - od0)))
+            (0..rows_per_batch)
+                .step_by(rows)
+                .map(move |r0| (b, r0, rows.min(rows_per_batch - r0)))
         })
         .collect();
-    let at_once = rayon::current_num_threads().max(1);
-    for group in slabs.chunks(at_once) {
+    // a bounded number of tiles in flight: their outputs wait in memory until copied
+    let at_once = rayon::current_num_threads().max(1) * 8;
+    for group in tiles.chunks(at_once) {
         let results: Vec<Vec<f32>> = group
             .par_iter()
-            .map(|&(b, od0, np)| {
-                let n = np * plane;
-                let mut cols = vec![0f32; kk * n];
-                im2col_slab(input, s, out, b, od0, np, &mut cols);
+            .map_init(Vec::new, |cols: &mut Vec<f32>, &(b, r0, nr)| {
+                let n = nr * ow_n;
+                cols.resize(kk * n, 0.0);
+                im2col_rows(input, s, out, b, r0, nr, cols);
                 let mut local = vec![0f32; cout * n];
-                gemm_rows(weight, &cols, bias, cout, kk, n, &mut local);
+                gemm_rows(weight, cols, bias, cout, kk, n, &mut local);
                 local
             })
             .collect();
-        for (&(b, od0, np), local) in group.iter().zip(results) {
-            let n = np * plane;
+        for (&(b, r0, nr), local) in group.iter().zip(results) {
+            let n = nr * ow_n;
             for (co, src) in local.chunks(n).enumerate() {
-                let off = (b * cout + co) * out_chan + od0 * plane;
+                let off = (b * cout + co) * out_chan + r0 * ow_n;
                 output[off..off + n].copy_from_slice(src);
             }
         }
@@ -370,6 +378,89 @@ pub fn pixel_shuffle_3d(
     Ok(out)
 }
 
+/// `ChannelLayerNorm32` on `[B, C, P]` (P = all spatial positions): for every `(b, p)`, normalise
+/// the C values over the channel axis (two-pass mean and biased variance in f32), then
+/// `* weight[c] + bias[c]`.
+pub fn channel_layer_norm(
+    x: &[f32],
+    batch: usize,
+    channels: usize,
+    positions: usize,
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    eps: f32,
+) -> Result<Vec<f32>, Conv3dError> {
+    if x.len() != batch * channels * positions {
+        return Err(Conv3dError::Shape(format!(
+            "channel_layer_norm: {} values are not [{batch}, {channels}, {positions}]",
+            x.len()
+        )));
+    }
+    for (what, v) in [("weight", weight), ("bias", bias)] {
+        if v.is_some_and(|v| v.len() != channels) {
+            return Err(Conv3dError::Shape(format!(
+                "channel_layer_norm: {what} must have {channels} values"
+            )));
+        }
+    }
+    if x.is_empty() {
+        return Ok(Vec::new());
+    }
+    const CHUNK: usize = 2048;
+    // per (b, p): mean and 1/sqrt(var + eps), computed on contiguous position chunks
+    let mut mean = vec![0f32; batch * positions];
+    let mut rstd = vec![0f32; batch * positions];
+    let c_inv = 1.0 / channels.max(1) as f32;
+    mean.par_chunks_mut(positions)
+        .zip(rstd.par_chunks_mut(positions))
+        .enumerate()
+        .for_each(|(b, (mean_b, rstd_b))| {
+            let xb = &x[b * channels * positions..][..channels * positions];
+            mean_b
+                .par_chunks_mut(CHUNK)
+                .zip(rstd_b.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(ci, (m, r))| {
+                    let p0 = ci * CHUNK;
+                    let n = m.len();
+                    m.fill(0.0);
+                    for c in 0..channels {
+                        for (acc, &v) in m.iter_mut().zip(&xb[c * positions + p0..][..n]) {
+                            *acc += v;
+                        }
+                    }
+                    m.iter_mut().for_each(|v| *v *= c_inv);
+                    r.fill(0.0);
+                    for c in 0..channels {
+                        let row = &xb[c * positions + p0..][..n];
+                        for ((acc, &v), &mu) in r.iter_mut().zip(row).zip(m.iter()) {
+                            let d = v - mu;
+                            *acc += d * d;
+                        }
+                    }
+                    r.iter_mut()
+                        .for_each(|v| *v = 1.0 / (*v * c_inv + eps).sqrt());
+                });
+        });
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(positions)
+        .enumerate()
+        .for_each(|(bc, dst)| {
+            let (b, c) = (bc / channels, bc % channels);
+            let w = weight.map_or(1.0, |w| w[c]);
+            let bi = bias.map_or(0.0, |v| v[c]);
+            let src = &x[bc * positions..][..positions];
+            let (m, r) = (
+                &mean[b * positions..][..positions],
+                &rstd[b * positions..][..positions],
+            );
+            for (((o, &v), &mu), &rs) in dst.iter_mut().zip(src).zip(m).zip(r) {
+                *o = (v - mu) * rs * w + bi;
+            }
+        });
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,21 +482,25 @@ mod tests {
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
-    fn compare(s: Conv3dShape, budget: usize, with_bias: bool) {
+    fn compare(s: Conv3dShape, positions: usize, with_bias: bool) {
         let n_in = s.batch * s.in_channels * s.input.iter().product::<usize>();
         let input = values(n_in, 1);
         let weight = values(s.out_channels * s.in_channels * s.kernel.pow(3), 2);
         let bias = values(s.out_channels, 3);
         let b = with_bias.then_some(bias.as_slice());
-        let fast = conv3d_with_budget(&input, &weight, b, &s, budget).unwrap();
+        let fast = conv3d_tiled(&input, &weight, b, &s, positions).unwrap();
         let slow = conv3d_naive(&input, &weight, b, &s).unwrap();
         assert_eq!(fast.len(), slow.len());
         let e = max_rel(&fast, &slow);
-        assert!(e < 1e-5, "{s:?} budget {budget}: {e}");
+        assert!(e < 1e-5, "{s:?} positions {positions}: {e}");
+        if positions == 1 {
+            let default_tiles = conv3d(&input, &weight, b, &s).unwrap();
+            assert!(max_rel(&default_tiles, &fast) < 1e-5);
+        }
     }
 
     #[test]
-    fn k3_pad1_matches_naive_for_any_slab_size() {
+    fn k3_pad1_matches_naive_for_any_tile_size() {
         let s = Conv3dShape {
             batch: 2,
             in_channels: 3,
@@ -415,8 +510,8 @@ mod tests {
             stride: 1,
             padding: 1,
         };
-        for budget in [1, 100, 3 * 27 * 28 * 2, usize::MAX / 4] {
-            compare(s, budget, true);
+        for positions in [1, 5, 7, 29, 100, usize::MAX / 4] {
+            compare(s, positions, true);
         }
         compare(s, 1, false);
     }
@@ -465,6 +560,27 @@ mod tests {
         assert!(conv3d(&[0.0; 16], &[0.0; 108], Some(&[0.0]), &s).is_err());
         let tiny = Conv3dShape { padding: 0, ..s };
         assert!(tiny.output().is_err());
+    }
+
+    #[test]
+    fn channel_layer_norm_normalises_each_position() {
+        let (b, c, p) = (2, 5, 3000);
+        let x = values(b * c * p, 7);
+        let w = values(c, 8);
+        let bias = values(c, 9);
+        let y = channel_layer_norm(&x, b, c, p, Some(&w), Some(&bias), 1e-5).unwrap();
+        for (bb, pp) in [(0, 0), (1, 2999), (1, 2048), (0, 1234)] {
+            let col: Vec<f64> = (0..c).map(|cc| x[(bb * c + cc) * p + pp] as f64).collect();
+            let m = col.iter().sum::<f64>() / c as f64;
+            let v = col.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / c as f64;
+            for cc in 0..c {
+                let want = (col[cc] - m) / (v + 1e-5).sqrt() * w[cc] as f64 + bias[cc] as f64;
+                let got = y[(bb * c + cc) * p + pp] as f64;
+                assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+            }
+        }
+        assert!(channel_layer_norm(&x, b, c, p + 1, None, None, 1e-5).is_err());
+        assert!(channel_layer_norm(&x, b, c, p, Some(&w[..2]), None, 1e-5).is_err());
     }
 
     #[test]

@@ -194,18 +194,46 @@ pub struct GridVertices {
     pub dim: usize,
 }
 
+/// Where per-corner attributes sit in a cube's feature row: `stride` values per cube; each
+/// segment `(base, width)` holds `width` values per corner, corner `k` at `base + k * width`.
+/// The averaged vertex attributes are the segments' values concatenated (`dim` = sum of widths).
+#[derive(Debug, Clone, Copy)]
+pub struct CornerLayout<'a> {
+    pub stride: usize,
+    pub segments: &'a [(usize, usize)],
+}
+
+impl CornerLayout<'_> {
+    pub fn dim(&self) -> usize {
+        self.segments.iter().map(|s| s.1).sum()
+    }
+}
+
 /// Averages per-corner cube attributes onto the grid vertices.
 ///
-/// `cubes` are active cube coordinates in `0..res`, `corner_attrs` is `[N, 8, dim]` (corners in
-/// [`CUBE_CORNERS`] order). Sums run in cube order, then corner order, as the original scatter.
+/// `cubes` are active cube coordinates in `0..res`; `feats` holds one row of `layout.stride`
+/// values per cube (corners in [`CUBE_CORNERS`] order). Sums run in cube order, then corner order,
+/// as the original scatter does; the feature rows are read in place (no per-corner copy).
 pub fn cube_corners_to_vertices(
     res: usize,
     cubes: &[[i32; 3]],
-    corner_attrs: &[f32],
-    dim: usize,
+    feats: &[f32],
+    layout: CornerLayout<'_>,
 ) -> Result<GridVertices, FlexiCubesError> {
     check_res(res)?;
-    check_len("corner_attrs", corner_attrs.len(), cubes.len() * 8 * dim)?;
+    check_len("cube features", feats.len(), cubes.len() * layout.stride)?;
+    if let Some(&(base, width)) = layout
+        .segments
+        .iter()
+        .find(|(b, w)| b + 8 * w > layout.stride)
+    {
+        return Err(FlexiCubesError::Length {
+            what: "cube feature row (corner segment end)",
+            got: layout.stride,
+            expected: base + 8 * width,
+        });
+    }
+    let dim = layout.dim();
     if let Some(c) = cubes.iter().find(|c| !in_range(**c, res)) {
         return Err(FlexiCubesError::OutOfRange {
             what: "cube",
@@ -239,10 +267,15 @@ pub fn cube_corners_to_vertices(
     for (j, &row) in corner_rows.iter().enumerate() {
         let row = row as usize;
         counts[row] += 1;
-        let dst = &mut sums[row * dim..(row + 1) * dim];
-        let src = &corner_attrs[j * dim..(j + 1) * dim];
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d += *s;
+        let (cube, corner) = (j / 8, j % 8);
+        let src = &feats[cube * layout.stride..(cube + 1) * layout.stride];
+        let mut dst = sums[row * dim..(row + 1) * dim].iter_mut();
+        for &(base, width) in layout.segments {
+            let o = base + corner * width;
+            // the source first: zip stops on it without taking an extra destination slot
+            for (s, d) in src[o..o + width].iter().zip(dst.by_ref()) {
+                *d += *s;
+            }
         }
     }
     drop(corner_rows);
@@ -317,9 +350,33 @@ pub struct SparseGrid<'a> {
     pub color_dim: usize,
     /// Coordinates of the cubes that carry weights (in `0..res`, no duplicates).
     pub cube_coords: &'a [[i32; 3]],
-    /// `[N, 21]` raw weights (beta 12 | alpha 8 | gamma 1) of `cube_coords`; `None` = FlexiCubes'
-    /// "no weights" mode (all normalised weights 1).
-    pub cube_weights: Option<&'a [f32]>,
+    /// Raw weights (beta 12 | alpha 8 | gamma 1) of `cube_coords`, one row each; `None` =
+    /// FlexiCubes' "no weights" mode (all normalised weights 1).
+    pub cube_weights: Option<RowView<'a>>,
+}
+
+/// `WEIGHT_CHANNELS` values per row at `offset` within rows of `stride` values.
+#[derive(Debug, Clone, Copy)]
+pub struct RowView<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub offset: usize,
+}
+
+impl<'a> RowView<'a> {
+    /// Rows holding exactly the 21 weights.
+    pub fn packed(data: &'a [f32]) -> Self {
+        Self {
+            data,
+            stride: WEIGHT_CHANNELS,
+            offset: 0,
+        }
+    }
+
+    fn row(&self, r: usize) -> &'a [f32] {
+        let o = r * self.stride + self.offset;
+        &self.data[o..o + WEIGHT_CHANNELS]
+    }
 }
 
 /// Options of `FlexiCubes.__call__` that matter at inference.
@@ -421,7 +478,7 @@ impl Grid<'_> {
         };
         let zero = [0f32; WEIGHT_CHANNELS];
         let raw = match self.cube_index.get(cube_key) {
-            Some(r) => &all[r as usize * WEIGHT_CHANNELS..(r as usize + 1) * WEIGHT_CHANNELS],
+            Some(r) => all.row(r as usize),
             None => &zero[..],
         };
         let gamma_shift = ((1.0 - ws as f64) / 2.0) as f32;
@@ -453,10 +510,17 @@ pub fn extract(
         check_len("colors", c.len(), nv * color_dim)?;
     }
     if let Some(w) = grid.cube_weights {
+        if w.offset + WEIGHT_CHANNELS > w.stride {
+            return Err(FlexiCubesError::Length {
+                what: "cube weight row",
+                got: w.stride,
+                expected: w.offset + WEIGHT_CHANNELS,
+            });
+        }
         check_len(
             "cube_weights",
-            w.len(),
-            grid.cube_coords.len() * WEIGHT_CHANNELS,
+            w.data.len(),
+            grid.cube_coords.len() * w.stride,
         )?;
     }
 

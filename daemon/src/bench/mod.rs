@@ -3,6 +3,7 @@
 //! Each benchmark is one file here and one entry of [`BENCHES`]; it prints its own figures. Helpers
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
+pub mod sparse;
 pub mod ss_decoder;
 
 use std::io::Write;
@@ -18,11 +19,18 @@ pub struct Bench {
 }
 
 /// Every benchmark, in the order `trellisd bench --list` shows them.
-pub const BENCHES: &[Bench] = &[Bench {
-    name: "ss-decoder",
-    about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
-    run: ss_decoder::run,
-}];
+pub const BENCHES: &[Bench] = &[
+    Bench {
+        name: "ss-decoder",
+        about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",
+        run: ss_decoder::run,
+    },
+    Bench {
+        name: "slat-flow",
+        about: "full-size SLatFlowModel (slat_flow_img_dit_L_64l8p2_fp16 manifest, random weights), f32 CPU, 20k-voxel shell at 64^3; plus the sparse conv and attention kernels alone",
+        run: sparse::run,
+    },
+];
 
 /// Runs the benchmark called `name`; an unknown name is an error listing the known ones.
 pub fn run(name: &str, out: &mut dyn Write) -> Result<()> {

@@ -22,8 +22,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub use config::{PipelineClass, PipelineConfig, SlatNormalization};
 pub use options::HubOptions;
-pub use remote::OFFLINE_HINT;
 use remote::{is_repo_file, is_repo_id, Fetched, Remote};
+pub use remote::{CACHE_ONLY_HINT, OFFLINE_HINT};
 
 /// The official pipeline repositories.
 pub const OFFICIAL_PIPELINES: [&str; 4] = [
@@ -139,7 +139,7 @@ fn missing_message(what: &str, missing: &[String], opts: &HubOptions) -> String 
     }
     if opts.offline {
         msg.push_str(&format!(
-            "\nHF_HUB_OFFLINE is set, so only the cache {} was searched; {OFFLINE_HINT}",
+            "\nHF_HUB_OFFLINE is set, so only the cache {} was searched; {CACHE_ONLY_HINT}",
             opts.cache_dir.display()
         ));
     }
@@ -191,7 +191,7 @@ pub(crate) fn resolve_pipeline(
                 (root, PipelineSource::Hub(id), pj)
             }
             Fetched::Absent if remote.offline() => bail!(
-                "{id}/pipeline.json is not in the hub cache {} and HF_HUB_OFFLINE is set; {OFFLINE_HINT}",
+                "{id}/pipeline.json is not in the hub cache {} and HF_HUB_OFFLINE is set; {CACHE_ONLY_HINT}",
                 remote.options().cache_dir.display()
             ),
             Fetched::Absent => bail!(

@@ -25,6 +25,11 @@ use super::HubOptions;
 pub const OFFLINE_HINT: &str = "to run without network, pass a local copy with `--model DIR` \
 (a folder holding pipeline.json and ckpts/), or set HF_HUB_OFFLINE=1 to use only files already in the cache";
 
+/// What a user in offline mode (`HF_HUB_OFFLINE`) should do about files missing from the cache.
+pub const CACHE_ONLY_HINT: &str = "pass a local copy with `--model DIR` (a folder holding \
+pipeline.json and ckpts/; conditioners can be local folders named in its image_cond_model / \
+text_cond_model), or unset HF_HUB_OFFLINE to download what is missing";
+
 /// Repositories that moved: the old name (still used inside official `pipeline.json` files) → the
 /// current one. Lookups try both; downloads use the current name, so a file is fetched once.
 const MOVED: [(&str, &str); 1] = [(

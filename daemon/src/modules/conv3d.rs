@@ -2,7 +2,8 @@
 //! bounded-memory CPU kernel `trellis_kernels::conv3d` in float32, and `pixel_shuffle_3d` likewise.
 //!
 //! Weights keep the builder's dtype (float16 in fp16 torsos) and are widened to float32 per call;
-//! the result is returned in the input's dtype on the input's device.
+//! the result is returned in the input's dtype on the input's device. The kernel is CPU-only: on
+//! another device the data makes a round trip through host memory (candle has no 3-D convolution).
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -11,7 +12,7 @@ use trellis_kernels::conv3d::{self as kernel, Conv3dShape};
 
 /// Runs `f` on the float32 values of `t` (row-major), borrowing them when `t` already is a
 /// contiguous float32 CPU tensor, converting otherwise.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     if t.dtype() == DType::F32 && t.device().is_cpu() {
         let (storage, layout) = t.storage_and_layout();
         if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {

@@ -1,14 +1,16 @@
 //! Parity of the SLat decoders and their representations (Gaussians, radiance field, mesh).
 //!
-//! Each representation is built from the reference `raw_out` (isolating `to_representation` /
-//! FlexiCubes from the network) and compared with every per-element tensor of the fixture; the
+//! The network runs on the fixture input; its intermediates (torso blocks, upsampling blocks) and
+//! `raw_out` are compared, then the representations built from OUR output are compared with every
+//! per-element tensor of the fixture, and once more from the reference `raw_out` (checks prefixed
+//! "from ref raw_out: ", isolating `to_representation` / FlexiCubes from the network). The
 //! Gaussian fixture's PLY file is compared header byte for byte and value by value. Meshes are
 //! compared independently of vertex and face order: vertices are matched to their nearest
 //! counterpart (absolute tolerance), faces as oriented triples of matched vertices.
 
 use std::collections::HashMap;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::fixture::{tol, Report};
@@ -17,8 +19,12 @@ use crate::export::ply;
 use crate::models::config::{
     SLatGaussianDecoderConfig, SLatMeshDecoderConfig, SLatRadianceFieldDecoderConfig,
 };
-use crate::models::slat_vae::decoder_gs;
-use crate::representations::mesh::{MeshExtractResult, SparseFeatures2Mesh};
+use crate::models::slat_vae::decoder_gs::{self, SLatGaussianDecoder};
+use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
+use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
+use crate::modules::sparse::tensor::SparseTensor;
+use crate::representations::gaussian::Gaussian;
+use crate::representations::mesh::{GridVertexData, MeshExtractResult};
 use crate::representations::strivec::Strivec;
 
 pub const KINDS: &[&str] = &[
@@ -86,113 +92,164 @@ pub fn split_batches(coords: &Tensor) -> Result<Vec<BatchRows>> {
     Ok(out)
 }
 
-fn rows_f32(t: &Tensor, range: std::ops::Range<usize>) -> Result<Vec<f32>> {
-    Ok(t.narrow(0, range.start, range.len())?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
+/// Compares with fixture tensors, naming each check `<prefix><key>`.
+struct Cmp<'a> {
+    fx: &'a Fixture,
+    report: &'a mut Report,
+    prefix: String,
 }
 
-/// Compares a flat vector with a fixture tensor of the same element count (shape taken from it).
-fn close_vec(
-    report: &mut Report,
-    fx: &Fixture,
-    name: &str,
-    actual: &[f32],
-    tolerance: f64,
-) -> Result<()> {
-    let expected = fx.io(name)?;
-    if actual.len() != expected.elem_count() {
-        eprintln!(
-            "  {name}: {} values, expected {:?}",
-            actual.len(),
-            expected.dims()
-        );
-        report.record(name, f64::INFINITY, tolerance);
-        return Ok(());
+impl Cmp<'_> {
+    fn name(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
     }
-    let a = Tensor::from_slice(actual, expected.shape(), &Device::Cpu)?;
-    report.close(name, &a, &expected.to_device(&Device::Cpu)?, tolerance)
+
+    fn record(&mut self, key: &str, error: f64, tolerance: f64) {
+        let n = self.name(key);
+        self.report.record(&n, error, tolerance);
+    }
+
+    /// A flat vector against a fixture tensor of the same element count (shape taken from it).
+    fn close(&mut self, key: &str, actual: &[f32], tolerance: f64) -> Result<()> {
+        let expected = self.fx.io(key)?;
+        if actual.len() != expected.elem_count() {
+            eprintln!(
+                "  {}: {} values, expected {:?}",
+                self.name(key),
+                actual.len(),
+                expected.dims()
+            );
+            self.record(key, f64::INFINITY, tolerance);
+            return Ok(());
+        }
+        let a = Tensor::from_slice(actual, expected.shape(), &Device::Cpu)?;
+        let n = self.name(key);
+        self.report
+            .close(&n, &a, &expected.to_device(&Device::Cpu)?, tolerance)
+    }
+
+    fn close_tensor(&mut self, key: &str, actual: &Tensor, tolerance: f64) -> Result<()> {
+        let expected = self.fx.io(key)?.to_device(&Device::Cpu)?;
+        let a = actual.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let n = self.name(key);
+        self.report
+            .close(&n, &a, &expected.to_dtype(DType::F32)?, tolerance)
+    }
+
+    fn exact<T: candle_core::WithDType>(&mut self, key: &str, actual: &[T]) -> Result<()> {
+        let expected = self.fx.io(key)?;
+        if actual.len() != expected.elem_count() {
+            eprintln!(
+                "  {}: {} values, expected {:?}",
+                self.name(key),
+                actual.len(),
+                expected.dims()
+            );
+            self.record(key, f64::INFINITY, 0.0);
+            return Ok(());
+        }
+        let a = Tensor::from_slice(actual, expected.shape(), &Device::Cpu)?;
+        let n = self.name(key);
+        self.report
+            .exact(&n, &a, &expected.to_device(&Device::Cpu)?)
+    }
 }
 
-fn exact_vec<T: candle_core::WithDType>(
-    report: &mut Report,
-    fx: &Fixture,
-    name: &str,
-    actual: &[T],
-) -> Result<()> {
-    let expected = fx.io(name)?;
-    if actual.len() != expected.elem_count() {
-        eprintln!(
-            "  {name}: {} values, expected {:?}",
-            actual.len(),
-            expected.dims()
-        );
-        report.record(name, f64::INFINITY, 0.0);
-        return Ok(());
+/// The torso dtype the checkpoint was saved for, and the tolerance of outputs computed through it.
+fn torso(use_fp16: bool, fx: &Fixture, key: &str) -> (DType, f64) {
+    if use_fp16 {
+        (DType::F16, tol::FP16)
+    } else {
+        (DType::F32, fx.stated_tolerance(key).unwrap_or(tol::FORWARD))
     }
-    let a = Tensor::from_slice(actual, expected.shape(), &Device::Cpu)?;
-    report.exact(name, &a, &expected.to_device(&Device::Cpu)?)
+}
+
+/// The fixture's input sparse tensor (`coords`, `feats`).
+fn input(fx: &Fixture) -> Result<SparseTensor> {
+    let feats = fx.io("feats")?.to_dtype(DType::F32)?;
+    SparseTensor::from_tensors(&fx.io("coords")?, feats)
 }
 
 fn check_gaussian(fx: &Fixture, report: &mut Report) -> Result<()> {
     let cfg: SLatGaussianDecoderConfig = config(fx)?;
     let rep = &cfg.representation_config;
-    let coords = fx.io("coords")?;
-    let raw = fx.io("raw_out")?;
-    let f = tol::FORWARD;
-
+    let (dtype, t) = torso(cfg.use_fp16, fx, "raw_out");
+    let (vb, check) = fx.weights(DType::F32)?;
+    let net = SLatGaussianDecoder::new(&cfg, vb, dtype)?;
+    check.finish()?;
+    let mut cmp = Cmp {
+        fx,
+        report,
+        prefix: String::new(),
+    };
     // the buffer recomputed from its definition
     let pert = decoder_gs::offset_perturbation(rep.num_gaussians, rep.voxel_size);
-    close_vec(report, fx, "offset_perturbation", &pert, f)?;
-    let pert_ref = fx
-        .io("offset_perturbation")?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    cmp.close("offset_perturbation", &pert, tol::FORWARD)?;
 
-    for (i, BatchRows { rows, xyz }) in split_batches(&coords)?.into_iter().enumerate() {
+    let x = input(fx)?;
+    let mut blocks = Vec::new();
+    let raw = net.forward_raw_traced(&x, &mut |i, h| {
+        blocks.push((i, h.clone()));
+        Ok(())
+    })?;
+    for (i, h) in blocks {
+        if fx.has_io(&format!("block{i}_feats")) {
+            cmp.close_tensor(&format!("block{i}_feats"), h.feats(), t)?;
+            cmp.exact(&format!("block{i}_coords"), h.coords())?;
+        }
+    }
+    cmp.close_tensor("raw_out", raw.feats(), t)?;
+    let ours = net.to_representation(&raw)?;
+    compare_gaussians(&mut cmp, &ours, t)?;
+    if let Some(g) = ours.first() {
+        // utils3d's matrix -> quaternion takes square roots of `1 +- diagonal sums`; for rotations
+        // near a half turn those arguments are ~0 and an input error e becomes ~sqrt(e), so the
+        // rot_* columns of OUR network's Gaussians get the looser trajectory tolerance (the same
+        // writer on the reference output below is held to the forward tolerance)
+        check_ply(&mut cmp, g, t.max(tol::TRAJECTORY))?;
+    }
+    // the representation stage alone, from the reference output
+    let ref_raw = SparseTensor::from_tensors(&fx.io("coords")?, fx.io("raw_out")?)?;
+    cmp.prefix = "from ref raw_out: ".into();
+    let from_ref = net.to_representation(&ref_raw)?;
+    compare_gaussians(&mut cmp, &from_ref, tol::FORWARD)?;
+    if let Some(g) = from_ref.first() {
+        check_ply(&mut cmp, g, tol::FORWARD)?;
+    }
+    Ok(())
+}
+
+fn compare_gaussians(cmp: &mut Cmp<'_>, gs: &[Gaussian], t: f64) -> Result<()> {
+    for (i, g) in gs.iter().enumerate() {
         let p = format!("g{i}_");
-        if !fx.has_io(&format!("{p}xyz")) {
+        if !cmp.fx.has_io(&format!("{p}xyz")) {
             continue;
         }
-        let g = decoder_gs::to_gaussian(&cfg, &pert_ref, &xyz, &rows_f32(&raw, rows)?)?;
-        close_vec(report, fx, &format!("{p}xyz"), &g.xyz, f)?;
-        close_vec(report, fx, &format!("{p}features_dc"), &g.features_dc, f)?;
-        close_vec(report, fx, &format!("{p}scaling"), &g.scaling, f)?;
-        close_vec(report, fx, &format!("{p}rotation"), &g.rotation, f)?;
-        close_vec(report, fx, &format!("{p}opacity"), &g.opacity, f)?;
-        close_vec(report, fx, &format!("{p}get_xyz"), &g.get_xyz(), f)?;
-        close_vec(report, fx, &format!("{p}get_scaling"), &g.get_scaling(), f)?;
-        close_vec(
-            report,
-            fx,
-            &format!("{p}get_rotation"),
-            &g.get_rotation(),
-            f,
-        )?;
-        close_vec(report, fx, &format!("{p}get_opacity"), &g.get_opacity(), f)?;
-        close_vec(report, fx, &format!("{p}get_features"), g.get_features(), f)?;
-        if i == 0 {
-            check_ply(fx, report, &g)?;
-        }
+        cmp.close(&format!("{p}xyz"), &g.xyz, t)?;
+        cmp.close(&format!("{p}features_dc"), &g.features_dc, t)?;
+        cmp.close(&format!("{p}scaling"), &g.scaling, t)?;
+        cmp.close(&format!("{p}rotation"), &g.rotation, t)?;
+        cmp.close(&format!("{p}opacity"), &g.opacity, t)?;
+        cmp.close(&format!("{p}get_xyz"), &g.get_xyz(), t)?;
+        cmp.close(&format!("{p}get_scaling"), &g.get_scaling(), t)?;
+        cmp.close(&format!("{p}get_rotation"), &g.get_rotation(), t)?;
+        cmp.close(&format!("{p}get_opacity"), &g.get_opacity(), t)?;
+        cmp.close(&format!("{p}get_features"), g.get_features(), t)?;
     }
     Ok(())
 }
 
 /// The fixture's `Gaussian.save_ply` file of element 0: same header bytes, every property within
-/// the forward tolerance (relative L2 per property).
-fn check_ply(
-    fx: &Fixture,
-    report: &mut Report,
-    g: &crate::representations::gaussian::Gaussian,
-) -> Result<()> {
-    let file = fx
+/// the tolerance (relative L2 per property).
+fn check_ply(cmp: &mut Cmp<'_>, g: &Gaussian, t: f64) -> Result<()> {
+    let file = cmp
+        .fx
         .meta
         .get("ply")
         .and_then(|p| p.get("file"))
         .and_then(|f| f.as_str())
         .unwrap_or("gaussian0.ply");
-    let path = fx.dir.join(file);
+    let path = cmp.fx.dir.join(file);
     if !path.is_file() {
         return Ok(());
     }
@@ -202,116 +259,127 @@ fn check_ply(
     let ours_path = dir.path().join("gaussian0.ply");
     ply::save_gaussian_ply(g, &ours_path)?;
     let ours_bytes = std::fs::read(&ours_path)?;
-    let (he, ho) = (
+    let same_header = match (
         ply::header_len(&expected_bytes),
         ply::header_len(&ours_bytes),
-    );
-    let same_header = match (he, ho) {
+    ) {
         (Some(a), Some(b)) => expected_bytes[..a] == ours_bytes[..b],
         _ => false,
     };
-    report.record("ply_header", if same_header { 0.0 } else { 1.0 }, 0.0);
+    cmp.record("ply header", if same_header { 0.0 } else { 1.0 }, 0.0);
     let exp = ply::parse_vertex_ply(&expected_bytes)?;
     let ours = ply::parse_vertex_ply(&ours_bytes)?;
-    report.record(
-        "ply_vertex_count",
-        if exp.count == ours.count { 0.0 } else { 1.0 },
-        0.0,
-    );
     for name in &exp.names {
         let e = exp.column(name).unwrap_or_default();
-        let Some(o) = ours.column(name) else {
-            report.record(&format!("ply_{name}"), f64::INFINITY, tol::FORWARD);
-            continue;
-        };
-        let err = if e.len() == o.len() {
-            let num: f64 = e
-                .iter()
-                .zip(&o)
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum();
-            let den: f64 = e.iter().map(|a| (*a as f64).powi(2)).sum();
-            if den > 0.0 {
-                (num / den).sqrt()
-            } else {
-                num.sqrt()
+        let err = match ours.column(name) {
+            Some(o) if o.len() == e.len() => {
+                let num: f64 = e
+                    .iter()
+                    .zip(&o)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum();
+                let den: f64 = e.iter().map(|a| (*a as f64).powi(2)).sum();
+                if den > 0.0 {
+                    (num / den).sqrt()
+                } else {
+                    num.sqrt()
+                }
             }
-        } else {
-            f64::INFINITY
+            _ => f64::INFINITY,
         };
-        report.record(&format!("ply_{name}"), err, tol::FORWARD);
+        cmp.record(&format!("ply {name}"), err, t);
     }
     Ok(())
 }
 
 fn check_radiance_field(fx: &Fixture, report: &mut Report) -> Result<()> {
     let cfg: SLatRadianceFieldDecoderConfig = config(fx)?;
-    let rep = &cfg.representation_config;
-    let coords = fx.io("coords")?;
-    let raw = fx.io("raw_out")?;
-    let f = tol::FORWARD;
-    for (i, BatchRows { rows, xyz }) in split_batches(&coords)?.into_iter().enumerate() {
+    let (dtype, t) = torso(cfg.use_fp16, fx, "raw_out");
+    let (vb, check) = fx.weights(DType::F32)?;
+    let net = SLatRadianceFieldDecoder::new(&cfg, vb, dtype)?;
+    check.finish()?;
+    let mut cmp = Cmp {
+        fx,
+        report,
+        prefix: String::new(),
+    };
+    let raw = net.forward_raw(&input(fx)?)?;
+    cmp.close_tensor("raw_out", raw.feats(), t)?;
+    compare_fields(&mut cmp, &net.to_representation(&raw)?, t)?;
+    let ref_raw = SparseTensor::from_tensors(&fx.io("coords")?, fx.io("raw_out")?)?;
+    cmp.prefix = "from ref raw_out: ".into();
+    compare_fields(&mut cmp, &net.to_representation(&ref_raw)?, tol::FORWARD)?;
+    Ok(())
+}
+
+fn compare_fields(cmp: &mut Cmp<'_>, fields: &[Strivec], t: f64) -> Result<()> {
+    for (i, s) in fields.iter().enumerate() {
         let p = format!("rf{i}_");
-        if !fx.has_io(&format!("{p}trivec")) {
+        if !cmp.fx.has_io(&format!("{p}trivec")) {
             continue;
         }
-        let s = Strivec::from_decoder_output(
-            cfg.resolution,
-            rep.rank,
-            rep.dim,
-            &xyz,
-            &rows_f32(&raw, rows)?,
-        )?;
-        close_vec(report, fx, &format!("{p}position"), &s.position, f)?;
-        exact_vec(report, fx, &format!("{p}depth"), &s.depth)?;
-        close_vec(report, fx, &format!("{p}trivec"), &s.trivec, f)?;
-        close_vec(report, fx, &format!("{p}density"), &s.density, f)?;
-        close_vec(report, fx, &format!("{p}features_dc"), &s.features_dc, f)?;
+        cmp.close(&format!("{p}position"), &s.position, t)?;
+        cmp.exact(&format!("{p}depth"), &s.depth)?;
+        cmp.close(&format!("{p}trivec"), &s.trivec, t)?;
+        cmp.close(&format!("{p}density"), &s.density, t)?;
+        cmp.close(&format!("{p}features_dc"), &s.features_dc, t)?;
     }
     Ok(())
 }
 
-/// The mesh resolution of a mesh-decoder fixture: meta's `mesh_resolution`, else 4 x resolution.
-fn mesh_resolution(fx: &Fixture, cfg: &SLatMeshDecoderConfig) -> usize {
-    fx.meta
-        .get("mesh_resolution")
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .unwrap_or(cfg.resolution * 4)
-}
-
 fn check_mesh(fx: &Fixture, report: &mut Report) -> Result<()> {
     let cfg: SLatMeshDecoderConfig = config(fx)?;
-    let res = mesh_resolution(fx, &cfg);
-    let s2m = SparseFeatures2Mesh::new(res, cfg.representation_config.use_color);
-    let coords = fx.io("raw_out_coords")?;
-    let raw = fx.io("raw_out")?;
-    for (i, BatchRows { rows, xyz }) in split_batches(&coords)?.into_iter().enumerate() {
+    let (dtype, t) = torso(cfg.use_fp16, fx, "raw_out");
+    let (vb, check) = fx.weights(DType::F32)?;
+    let net = SLatMeshDecoder::new(&cfg, vb, dtype)?;
+    check.finish()?;
+    if let Some(r) = fx.meta.get("mesh_resolution").and_then(|v| v.as_u64()) {
+        ensure!(
+            r as usize == net.mesher().res,
+            "fixture mesh_resolution {r} differs from 4 x resolution = {}",
+            net.mesher().res
+        );
+    }
+    let mut cmp = Cmp {
+        fx,
+        report,
+        prefix: String::new(),
+    };
+    let mut ups = Vec::new();
+    let raw = net.forward_raw_traced(&input(fx)?, &mut |i, h| {
+        ups.push((i, h.clone()));
+        Ok(())
+    })?;
+    for (i, h) in ups {
+        if fx.has_io(&format!("upsample{i}_feats")) {
+            cmp.close_tensor(&format!("upsample{i}_feats"), h.feats(), t)?;
+            cmp.exact(&format!("upsample{i}_coords"), h.coords())?;
+        }
+    }
+    cmp.close_tensor("raw_out", raw.feats(), t)?;
+    cmp.exact("raw_out_coords", raw.coords())?;
+    compare_meshes(&mut cmp, net.to_representation(raw)?)?;
+    let ref_raw = SparseTensor::from_tensors(&fx.io("raw_out_coords")?, fx.io("raw_out")?)?;
+    cmp.prefix = "from ref raw_out: ".into();
+    compare_meshes(&mut cmp, net.to_representation(ref_raw)?)?;
+    Ok(())
+}
+
+fn compare_meshes(
+    cmp: &mut Cmp<'_>,
+    meshes: Vec<(MeshExtractResult, GridVertexData)>,
+) -> Result<()> {
+    for (i, (mesh, grid)) in meshes.into_iter().enumerate() {
         let p = format!("mesh{i}_");
-        if !fx.has_io(&format!("{p}vertices")) {
+        if !cmp.fx.has_io(&format!("{p}vertices")) {
             continue;
         }
-        let mut feats = rows_f32(&raw, rows)?;
-        s2m.apply_sdf_bias(&mut feats)?;
-        let (mesh, grid) = s2m.extract(&xyz, &feats)?;
         let gc: Vec<i32> = grid.coords.iter().flatten().copied().collect();
-        exact_vec(report, fx, &format!("{p}grid_vertex_coords"), &gc)?;
-        close_vec(
-            report,
-            fx,
-            &format!("{p}grid_vertex_attrs"),
-            &grid.attrs,
-            tol::FORWARD,
-        )?;
+        cmp.exact(&format!("{p}grid_vertex_coords"), &gc)?;
+        cmp.close(&format!("{p}grid_vertex_attrs"), &grid.attrs, tol::FORWARD)?;
         let gd: Vec<f32> = grid.deformed.iter().flatten().copied().collect();
-        close_vec(
-            report,
-            fx,
-            &format!("{p}grid_vertex_deformed"),
-            &gd,
-            tol::FORWARD,
-        )?;
-        compare_mesh(fx, report, &p, &mesh)?;
+        cmp.close(&format!("{p}grid_vertex_deformed"), &gd, tol::FORWARD)?;
+        compare_mesh(cmp, &p, &mesh)?;
     }
     Ok(())
 }
@@ -319,12 +387,8 @@ fn check_mesh(fx: &Fixture, report: &mut Report) -> Result<()> {
 /// Order-independent mesh comparison: every reference vertex must have a counterpart within
 /// `tol::MESH_ABS` and vice versa (one to one), faces must be the same oriented triples, and the
 /// vertex attributes / face normals of matched elements must agree.
-fn compare_mesh(
-    fx: &Fixture,
-    report: &mut Report,
-    p: &str,
-    mesh: &MeshExtractResult,
-) -> Result<()> {
+fn compare_mesh(cmp: &mut Cmp<'_>, p: &str, mesh: &MeshExtractResult) -> Result<()> {
+    let fx = cmp.fx;
     let ev: Vec<[f32; 3]> = to_triples(&fx.io(&format!("{p}vertices"))?)?;
     let ef: Vec<[u32; 3]> = fx
         .io(&format!("{p}faces"))?
@@ -345,13 +409,15 @@ fn compare_mesh(
         }
     }
     let missing = used.iter().filter(|u| !**u).count();
-    report.record(
+    let vertices_ok = unmatched + collisions + missing == 0 && mesh.vertices.len() == ev.len();
+    cmp.record(
         &format!("{p}vertices (max distance)"),
-        if unmatched + collisions + missing == 0 && mesh.vertices.len() == ev.len() {
+        if vertices_ok {
             dist as f64
         } else {
             eprintln!(
-                "  {p}vertices: {} ours / {} reference, {unmatched} unmatched, {missing} reference vertices without a match",
+                "  {}{p}vertices: {} ours / {} reference, {unmatched} unmatched, {missing} reference vertices without a match",
+                cmp.prefix,
                 mesh.vertices.len(),
                 ev.len()
             );
@@ -381,11 +447,14 @@ fn compare_mesh(
     } else {
         1.0 - found as f64 / ef.len().max(mesh.faces.len()).max(1) as f64
     };
-    report.record(&format!("{p}faces (fraction unmatched)"), face_err, 0.0);
+    cmp.record(&format!("{p}faces (fraction unmatched)"), face_err, 0.0);
 
-    // attributes of matched vertices, in reference order
+    // attributes of matched vertices, in reference order (meaningless without a full match)
+    let all_matched = vertices_ok && found == ef.len() && mesh.faces.len() == ef.len();
     let attr_name = format!("{p}vertex_attrs");
-    if fx.has_io(&attr_name) && mesh.attr_dim > 0 {
+    if fx.has_io(&attr_name) && !all_matched {
+        cmp.record(&attr_name, f64::INFINITY, tol::FORWARD);
+    } else if fx.has_io(&attr_name) && mesh.attr_dim > 0 {
         let d = mesh.attr_dim;
         let mut a = vec![f32::NAN; ev.len() * d];
         for (i, m) in map.iter().enumerate() {
@@ -393,14 +462,22 @@ fn compare_mesh(
                 a[j * d..(j + 1) * d].copy_from_slice(&mesh.vertex_attrs[i * d..(i + 1) * d]);
             }
         }
-        close_vec(report, fx, &attr_name, &a, tol::FORWARD)?;
+        cmp.close(&attr_name, &a, tol::FORWARD)?;
     }
     let normal_name = format!("{p}face_normal");
     if fx.has_io(&normal_name) {
         // the normal computation itself, on the reference mesh
         let on_ref = MeshExtractResult::new(ev.clone(), ef.clone(), vec![], 0, mesh.res)?;
         let n: Vec<f32> = on_ref.face_normal.iter().flatten().copied().collect();
-        close_vec(report, fx, &normal_name, &n, tol::FORWARD)?;
+        cmp.close(&normal_name, &n, tol::FORWARD)?;
+        if !all_matched {
+            cmp.record(
+                &format!("{p}face_normal (ours, matched faces)"),
+                f64::INFINITY,
+                NORMAL_TOL,
+            );
+            return Ok(());
+        }
         // ours, matched face by face: a normal is the cross product of two edges, so a vertex
         // error e moves it by about e / edge length; tiny FlexiCubes triangles (edges ~1e-4 of
         // the unit box) turn float32 vertex noise (~1e-7) into ~1e-3
@@ -410,10 +487,10 @@ fn compare_mesh(
                 n[j * 3..j * 3 + 3].copy_from_slice(&mesh.face_normal[i]);
             }
         }
-        let name = format!("{p}face_normal (ours, matched faces)");
         let expected = fx.io(&normal_name)?;
         let a = Tensor::from_slice(&n, expected.shape(), &Device::Cpu)?;
-        report.close(&name, &a, &expected, NORMAL_TOL)?;
+        let name = cmp.name(&format!("{p}face_normal (ours, matched faces)"));
+        cmp.report.close(&name, &a, &expected, NORMAL_TOL)?;
     }
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! FlexiCubes of `trellis_kernels::flexicubes`.
 
 use anyhow::{anyhow, bail, Result};
-use trellis_kernels::flexicubes::{self, FlexiCubesOptions, SparseGrid, WEIGHT_CHANNELS};
+use trellis_kernels::flexicubes::{
+    self, CornerLayout, FlexiCubesOptions, RowView, SparseGrid, WEIGHT_CHANNELS,
+};
 
 /// A mesh with per-vertex attributes (colours) and per-face normals (`MeshExtractResult`).
 #[derive(Debug, Clone, PartialEq)]
@@ -199,26 +201,17 @@ impl SparseFeatures2Mesh {
         }
         let cd = self.layout.corner_dim();
         let color = self.layout.use_color;
-        let mut corner = Vec::with_capacity(coords.len() * 8 * cd);
-        let mut weights = Vec::with_capacity(coords.len() * WEIGHT_CHANNELS);
-        for row in feats.chunks(c) {
-            for k in 0..8 {
-                corner.push(row[MeshFeatureLayout::SDF + k]);
-                corner.extend_from_slice(
-                    &row[MeshFeatureLayout::DEFORM + 3 * k..MeshFeatureLayout::DEFORM + 3 * k + 3],
-                );
-                if color {
-                    let o = MeshFeatureLayout::COLOR + MeshFeatureLayout::COLOR_DIM * k;
-                    corner.extend_from_slice(&row[o..o + MeshFeatureLayout::COLOR_DIM]);
-                }
-            }
-            weights.extend_from_slice(
-                &row[MeshFeatureLayout::WEIGHTS..MeshFeatureLayout::WEIGHTS + WEIGHT_CHANNELS],
-            );
-        }
-        let verts = flexicubes::cube_corners_to_vertices(self.res, coords, &corner, cd)
+        let segments = [
+            (MeshFeatureLayout::SDF, 1),
+            (MeshFeatureLayout::DEFORM, 3),
+            (MeshFeatureLayout::COLOR, MeshFeatureLayout::COLOR_DIM),
+        ];
+        let corners = CornerLayout {
+            stride: c,
+            segments: if color { &segments[..] } else { &segments[..2] },
+        };
+        let verts = flexicubes::cube_corners_to_vertices(self.res, coords, feats, corners)
             .map_err(|e| anyhow!("{e}"))?;
-        drop(corner);
         let deformed = flexicubes::deform_vertices(self.res, &verts.coords, &verts.attrs, cd, 1)
             .map_err(|e| anyhow!("{e}"))?;
         let sdf: Vec<f32> = verts.attrs.chunks(cd).map(|r| r[0]).collect();
@@ -243,10 +236,14 @@ impl SparseFeatures2Mesh {
                 0
             },
             cube_coords: coords,
-            cube_weights: Some(&weights),
+            cube_weights: Some(RowView {
+                data: feats,
+                stride: c,
+                offset: MeshFeatureLayout::WEIGHTS,
+            }),
         };
         let m = flexicubes::extract(&grid, self.options).map_err(|e| anyhow!("{e}"))?;
-        drop((sdf, colors, weights));
+        drop((sdf, colors));
         let faces = m.faces.iter().map(|f| f.map(|i| i as u32)).collect();
         let mesh = MeshExtractResult::new(m.vertices, faces, m.colors, m.color_dim, self.res)?;
         let data = GridVertexData {

@@ -147,7 +147,8 @@ mod tests {
 
     #[test]
     fn parses_nvidia_smi_lines() {
-        let text = "0, NVIDIA H100 80GB HBM3, 81559, 80837, 9.0, 580.95.05\n\
+        // Line 0 is verbatim from an H100 machine (2026-11-27).
+        let text = "0, NVIDIA H100 80GB HBM3, 81559, 81079, 9.0, 580.159.04\n\
                     1, NVIDIA GeForce RTX 3060, 12288, 11000, 8.6, 570.86\n\
                     garbage line\n";
         let g = parse_nvidia_smi(text);
@@ -155,6 +156,13 @@ mod tests {
         assert_eq!(g[0].name, "NVIDIA H100 80GB HBM3");
         assert_eq!(g[0].memory_total, 81559 << 20);
         assert_eq!(g[0].compute_capability, Some((9, 0)));
+        assert_eq!(g[0].driver.as_deref(), Some("580.159.04"));
+        let plan = crate::runtime::tiers::choose(crate::runtime::tiers::Target::Cuda {
+            free_memory: g[0].memory_free,
+            compute_capability: g[0].compute_capability,
+        });
+        assert_eq!(plan.tier, crate::runtime::tiers::Tier::High);
+        assert_eq!(plan.precision, crate::runtime::tiers::Precision::F16);
         assert_eq!(g[1].index, 1);
         assert_eq!(g[1].memory_free, 11000 << 20);
         assert_eq!(g[1].driver.as_deref(), Some("570.86"));

@@ -4,6 +4,15 @@
 
 use super::*;
 
+/// `[N, 8, dim]` rows: one segment of `dim` values per corner.
+fn packed(dim: usize) -> CornerLayout<'static> {
+    let segs: &'static [(usize, usize)] = Box::leak(Box::new([(0, dim)]));
+    CornerLayout {
+        stride: 8 * dim,
+        segments: segs,
+    }
+}
+
 /// xorshift64* — deterministic test data without a dependency.
 struct Rng(u64);
 
@@ -94,7 +103,7 @@ fn corner_attributes_are_averaged_per_vertex() {
     for (i, a) in attrs.iter_mut().enumerate() {
         *a = i as f32;
     }
-    let g = cube_corners_to_vertices(2, &cubes, &attrs, 1).unwrap();
+    let g = cube_corners_to_vertices(2, &cubes, &attrs, packed(1)).unwrap();
     assert_eq!(g.coords.len(), 12);
     assert!(g.coords.windows(2).all(|w| w[0] < w[1]));
     for (v, &val) in g.coords.iter().zip(&g.attrs) {
@@ -113,9 +122,30 @@ fn corner_attributes_are_averaged_per_vertex() {
 }
 
 #[test]
+fn corner_segments_are_read_in_place() {
+    // one cube, rows [a 8 | b 2*8]: vertex k gets [a_k, b_2k, b_2k+1]
+    let row: Vec<f32> = (0..24).map(|i| i as f32).collect();
+    let layout = CornerLayout {
+        stride: 24,
+        segments: &[(0, 1), (8, 2)],
+    };
+    let g = cube_corners_to_vertices(1, &[[0, 0, 0]], &row, layout).unwrap();
+    assert_eq!(g.dim, 3);
+    for (v, attrs) in g.coords.iter().zip(g.attrs.chunks(3)) {
+        let k = corner_index(*v) as f32;
+        assert_eq!(attrs, &[k, 8.0 + 2.0 * k, 9.0 + 2.0 * k], "vertex {v:?}");
+    }
+    let too_short = CornerLayout {
+        stride: 20,
+        segments: &[(0, 1), (8, 2)],
+    };
+    assert!(cube_corners_to_vertices(1, &[[0, 0, 0]], &row[..20], too_short).is_err());
+}
+
+#[test]
 fn bad_input_is_an_error() {
     assert_eq!(
-        cube_corners_to_vertices(4, &[[0, 0, 4]], &[0.0; 8], 1),
+        cube_corners_to_vertices(4, &[[0, 0, 4]], &[0.0; 8], packed(1)),
         Err(FlexiCubesError::OutOfRange {
             what: "cube",
             coord: [0, 0, 4],
@@ -123,11 +153,11 @@ fn bad_input_is_an_error() {
         })
     );
     assert!(matches!(
-        cube_corners_to_vertices(4, &[[0, 0, 0]], &[0.0; 7], 1),
+        cube_corners_to_vertices(4, &[[0, 0, 0]], &[0.0; 7], packed(1)),
         Err(FlexiCubesError::Length { .. })
     ));
     assert_eq!(
-        cube_corners_to_vertices(0, &[], &[], 1),
+        cube_corners_to_vertices(0, &[], &[], packed(1)),
         Err(FlexiCubesError::Resolution(0))
     );
     let coords = [[0, 0, 0], [0, 0, 0]];
@@ -139,7 +169,7 @@ fn bad_input_is_an_error() {
         colors: None,
         color_dim: 0,
         cube_coords: &[],
-        cube_weights: Some(&[]),
+        cube_weights: Some(RowView::packed(&[])),
     };
     assert!(matches!(
         extract(&grid, FlexiCubesOptions::default()),
@@ -178,6 +208,7 @@ impl Dense {
         }
         let mut weights = vec![0f32; res * res * res * WEIGHT_CHANNELS];
         let w = g.cube_weights.unwrap();
+        let w = w.data;
         for (i, &c) in g.cube_coords.iter().enumerate() {
             let id = grid_id(c, res) as usize;
             weights[id * WEIGHT_CHANNELS..(id + 1) * WEIGHT_CHANNELS]
@@ -376,7 +407,7 @@ fn random_case(
     let corner: Vec<f32> = (0..cubes.len() * 8 * dim)
         .map(|j| {
             let x = rng.uniform();
-            if j % dim == 0 {
+            if j % (8 * dim) < 8 {
                 x * 0.6 + 0.1
             } else {
                 x * 2.0
@@ -386,7 +417,13 @@ fn random_case(
     let weights: Vec<f32> = (0..cubes.len() * WEIGHT_CHANNELS)
         .map(|_| rng.uniform() * 3.0)
         .collect();
-    let verts = cube_corners_to_vertices(res, &cubes, &corner, dim).unwrap();
+    // rows [sdf 8 | deform 24 | colour 8*cd], as the mesh decoder lays them out
+    let segs = [(0, 1), (8, 3), (32, cd)];
+    let layout = CornerLayout {
+        stride: 8 * dim,
+        segments: if cd > 0 { &segs[..] } else { &segs[..2] },
+    };
+    let verts = cube_corners_to_vertices(res, &cubes, &corner, layout).unwrap();
     (cubes, verts, weights)
 }
 
@@ -415,7 +452,7 @@ fn sparse_extraction_reproduces_the_dense_statement_exactly() {
             colors: (cd > 0).then_some(&colors[..]),
             color_dim: cd,
             cube_coords: &cubes,
-            cube_weights: Some(&weights),
+            cube_weights: Some(RowView::packed(&weights)),
         };
         let sparse = extract(&grid, FlexiCubesOptions::default()).unwrap();
         let dense = Dense::from_sparse(&grid).extract(0.99);
@@ -455,7 +492,7 @@ fn sphere(res: usize) -> ExtractedMesh {
         colors: None,
         color_dim: 0,
         cube_coords: &cubes,
-        cube_weights: Some(&weights),
+        cube_weights: Some(RowView::packed(&weights)),
     };
     extract(&grid, FlexiCubesOptions::default()).unwrap()
 }
@@ -518,7 +555,7 @@ fn no_surface_gives_an_empty_mesh() {
         colors: Some(&[0.0; 4]),
         color_dim: 2,
         cube_coords: &[],
-        cube_weights: Some(&[]),
+        cube_weights: Some(RowView::packed(&[])),
     };
     let m = extract(&grid, FlexiCubesOptions::default()).unwrap();
     assert!(m.vertices.is_empty() && m.faces.is_empty() && m.colors.is_empty());

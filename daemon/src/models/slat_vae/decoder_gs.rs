@@ -3,9 +3,106 @@
 //! `to_representation`.
 
 use anyhow::{bail, Result};
+use candle_core::DType;
+use candle_nn::VarBuilder;
 
+use super::base::{SparseTransformerBase, TorsoArgs};
 use crate::models::config::{GaussianRepresentationConfig, SLatGaussianDecoderConfig};
+use crate::modules::norm::f_layer_norm;
+use crate::modules::sparse::linear::SparseLinear;
+use crate::modules::sparse::tensor::{to_f32_vec, SparseTensor};
 use crate::representations::gaussian::{Gaussian, GaussianParams, ScalingActivation};
+
+/// The network: torso → `F.layer_norm` → `out_layer` → Gaussians. `ElasticSLatGaussianDecoder`
+/// checkpoints load into the same network.
+#[derive(Debug, Clone)]
+pub struct SLatGaussianDecoder {
+    cfg: SLatGaussianDecoderConfig,
+    base: SparseTransformerBase,
+    out_layer: SparseLinear,
+    /// The `offset_perturbation` buffer `[G, 3]` (float32).
+    offset_perturbation: Vec<f32>,
+}
+
+impl SLatGaussianDecoder {
+    /// `torso_dtype`: F16 runs the blocks like the original with `use_fp16`, F32 in full precision.
+    pub fn new(
+        cfg: &SLatGaussianDecoderConfig,
+        vb: VarBuilder,
+        torso_dtype: DType,
+    ) -> Result<Self> {
+        let layout = GaussianLayout {
+            num_gaussians: cfg.representation_config.num_gaussians,
+        };
+        // validated up front so that a bad config fails at load time
+        ScalingActivation::parse(&cfg.representation_config.scaling_activation)?;
+        let base =
+            SparseTransformerBase::new(&TorsoArgs::from_decoder(cfg), vb.clone(), torso_dtype)?;
+        let out_layer =
+            SparseLinear::new(cfg.model_channels, layout.channels(), vb.pp("out_layer"))?;
+        let pert = vb
+            .to_dtype(DType::F32)
+            .get((layout.num_gaussians, 3), "offset_perturbation")?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            base,
+            out_layer,
+            offset_perturbation: to_f32_vec(&pert)?,
+        })
+    }
+
+    pub fn config(&self) -> &SLatGaussianDecoderConfig {
+        &self.cfg
+    }
+
+    pub fn torso(&self) -> &SparseTransformerBase {
+        &self.base
+    }
+
+    /// The network output `[N, 14 G]` on the input's coords (before `to_representation`).
+    pub fn forward_raw(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        self.forward_raw_traced(x, &mut |_, _| Ok(()))
+    }
+
+    /// Like `forward_raw`, calling `hook(i, h)` after torso block i.
+    pub fn forward_raw_traced(
+        &self,
+        x: &SparseTensor,
+        hook: &mut dyn FnMut(usize, &SparseTensor) -> Result<()>,
+    ) -> Result<SparseTensor> {
+        let h = self.base.forward_traced(x, hook)?.to_dtype(x.dtype())?;
+        let h = h.replace(f_layer_norm(h.feats())?)?;
+        self.out_layer.forward(&h)
+    }
+
+    /// One `Gaussian` per batch element.
+    pub fn forward(&self, x: &SparseTensor) -> Result<Vec<Gaussian>> {
+        let raw = self.forward_raw(x)?;
+        self.to_representation(&raw)
+    }
+
+    /// `to_representation`: the raw output of each batch element as Gaussians.
+    pub fn to_representation(&self, raw: &SparseTensor) -> Result<Vec<Gaussian>> {
+        let feats = to_f32_vec(raw.feats())?;
+        let c = raw.channels()?;
+        let coords = raw.coords();
+        raw.layout()
+            .iter()
+            .map(|r| {
+                let xyz: Vec<[i32; 3]> = coords[r.start * 4..r.end * 4]
+                    .chunks_exact(4)
+                    .map(|p| [p[1], p[2], p[3]])
+                    .collect();
+                to_gaussian(
+                    &self.cfg,
+                    &self.offset_perturbation,
+                    &xyz,
+                    &feats[r.start * c..r.end * c],
+                )
+            })
+            .collect()
+    }
+}
 
 /// Channel ranges of one voxel of the decoder output, `G` Gaussians each:
 /// `[_xyz G*3 | _features_dc G*3 | _scaling G*3 | _rotation G*4 | _opacity G]`.

@@ -103,7 +103,7 @@ impl SparseUpsample {
             cache.factor
         );
         let idx = Tensor::from_slice(&cache.inverse, cache.inverse.len(), x.device())?;
-        let feats = x.feats().index_select(&idx, 0)?;
+        let feats = x.feats().contiguous()?.index_select(&idx, 0)?;
         SparseTensor::from_geometry(cache.fine.clone(), feats)
     }
 }

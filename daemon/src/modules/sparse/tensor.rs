@@ -344,7 +344,9 @@ impl SparseTensor {
             per_batch.dims(),
             self.batch_size()
         );
-        Ok(per_batch.index_select(&self.geo.batch_index()?, 0)?)
+        Ok(per_batch
+            .contiguous()?
+            .index_select(&self.geo.batch_index()?, 0)?)
     }
 
     /// `x * (1 + scale[b]) + shift[b]` with `[B, C]` scale and shift (the adaLN modulation).
