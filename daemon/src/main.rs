@@ -18,6 +18,12 @@ enum Command {
     Doctor(cli::doctor::DoctorArgs),
     /// Speed and memory benchmarks of full-size networks with random weights.
     Bench(cli::bench::BenchArgs),
+    /// Image(s) or text -> 3D: GLB mesh, Gaussian PLY, .trellis asset.
+    Generate(Box<cli::generate::GenerateArgs>),
+    /// A new appearance for an existing mesh (OBJ/PLY/GLB), from a prompt or an image.
+    Variant(Box<cli::variant::VariantArgs>),
+    /// Decode a saved .trellis asset again (no sampling).
+    Decode(cli::decode::DecodeArgs),
 }
 
 fn main() {
@@ -26,6 +32,9 @@ fn main() {
         Command::Parity(a) => cli::parity::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Variant(a) => cli::variant::run(a),
+        Command::Decode(a) => cli::decode::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

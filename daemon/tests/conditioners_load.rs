@@ -216,3 +216,25 @@ fn parity_handler_compares_every_listed_tensor() {
         assert!(report.passed(), "{rel}: {:?}", report.checks);
     }
 }
+
+#[test]
+fn half_precision_loads_and_stays_close() {
+    let (Some(img), Some(txt)) = (
+        fixture("conditioners/dinov2_reg_tiny"),
+        fixture("conditioners/clip_text_tiny"),
+    ) else {
+        return;
+    };
+    let dev = Device::Cpu;
+    let enc = ImageConditioner::load(&img, &dev, DType::F16).unwrap();
+    let io_img = io(&img);
+    let x = io_img["image_normalized_0"].unsqueeze(0).unwrap();
+    let cond = enc.encode(&x).unwrap();
+    assert_eq!(cond.dtype(), DType::F32);
+    let e = rel_l2(&cond, &io_img["cond"].narrow(0, 0, 1).unwrap());
+    assert!(e < 2e-2, "f16 image cond rel L2 {e}");
+    let enc = TextConditioner::load(&txt, &dev, DType::F16).unwrap();
+    let y = enc.encode(&["", "a photo of a cat"]).unwrap();
+    let e = rel_l2(&y, &io(&txt)["last_hidden_state"].narrow(0, 0, 2).unwrap());
+    assert!(e < 2e-2, "f16 text cond rel L2 {e}");
+}

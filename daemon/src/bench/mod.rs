@@ -3,6 +3,8 @@
 //! Each benchmark is one file here and one entry of [`BENCHES`]; it prints its own figures. Helpers
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
+pub mod conditioners;
+pub mod mesh_decoder;
 pub mod sparse;
 pub mod ss_decoder;
 
@@ -29,6 +31,21 @@ pub const BENCHES: &[Bench] = &[
         name: "slat-flow",
         about: "full-size SLatFlowModel (slat_flow_img_dit_L_64l8p2_fp16 manifest, random weights), f32 CPU, 20k-voxel shell at 64^3; plus the sparse conv and attention kernels alone",
         run: sparse::run,
+    },
+    Bench {
+        name: "dinov2-large",
+        about: "full-size DINOv2-L with registers (random weights), f32 CPU, one 518x518 image -> [1,1374,1024]",
+        run: conditioners::run_dinov2,
+    },
+    Bench {
+        name: "clip-large-text",
+        about: "full-size CLIP ViT-L/14 text transformer (random weights), f32 CPU, batch 2 x 77 tokens",
+        run: conditioners::run_clip,
+    },
+    Bench {
+        name: "mesh-decoder",
+        about: "full-size SLatMeshDecoder + FlexiCubes at 256^3 (slat_dec_mesh_swin8_B_64l8m256c_fp16 manifest, random weights), f32 CPU, 20,000-voxel shell at 64^3; time and peak RSS per stage",
+        run: mesh_decoder::run,
     },
 ];
 

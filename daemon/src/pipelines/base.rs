@@ -8,13 +8,25 @@
 //!   `slat = samples * std + mean` per channel.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::loader::{self, Decoders, Formats};
+use super::noise::NoiseSource;
 use super::samplers::{
     Conditioning, FlowEulerSampler, Hooks, SamplerSettings, StepEvent, Velocity,
 };
+use crate::hub::PipelineRepo;
+use crate::models::config::{ModelConfig, SamplerParams};
+use crate::models::slat_flow::SLatFlowModel;
+use crate::models::ss_flow::SparseStructureFlowModel;
+use crate::models::ss_vae::SparseStructureDecoder;
+use crate::modules::sparse::tensor::{Geometry, SparseTensor};
+use crate::representations::gaussian::Gaussian;
+use crate::representations::mesh::MeshExtractResult;
+use crate::representations::strivec::Strivec;
 
 /// The stages a generation goes through, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -274,4 +286,230 @@ mod tests {
             .unwrap();
         assert_eq!(y, vec![vec![12.0, 26.0], vec![10.0, 17.0]]);
     }
+}
+
+/// Decoded representations, one per batch element each.
+#[derive(Default)]
+pub struct Decoded {
+    pub meshes: Vec<MeshExtractResult>,
+    pub gaussians: Vec<Gaussian>,
+    pub radiance_fields: Vec<Strivec>,
+}
+
+/// Everything one generation produced.
+pub struct Generation {
+    /// Absent for variants (the structure comes from the given mesh).
+    pub structure: Option<SparseStructureSample>,
+    pub slat: SlatSample,
+    /// `[N, 4]` int32 coords of the structured latent.
+    pub coords: Tensor,
+    pub decoded: Decoded,
+}
+
+/// Per-call sampler overrides and output formats.
+#[derive(Debug, Clone, Default)]
+pub struct RunParams {
+    pub ss: SamplerParams,
+    pub slat: SamplerParams,
+    pub formats: Formats,
+}
+
+/// The networks of a TRELLIS pipeline repository (twin of `Pipeline` in base.py plus the
+/// samplers and normalisation `from_pretrained` reads from pipeline.json).
+pub struct TrellisPipeline {
+    pub repo: PipelineRepo,
+    pub device: Device,
+    pub ss_flow: Option<SparseStructureFlowModel>,
+    pub ss_decoder: Option<SparseStructureDecoder>,
+    pub slat_flow: SLatFlowModel,
+    pub slat_in_channels: usize,
+    pub decoders: Decoders,
+}
+
+impl TrellisPipeline {
+    /// Loads the networks a run needs: the structure flow and decoder only when `need_structure`
+    /// (not for variants), the decoders of `formats` only.
+    pub fn load(
+        repo: PipelineRepo,
+        device: &Device,
+        need_structure: bool,
+        formats: Formats,
+    ) -> Result<Self> {
+        let (ss_flow, ss_decoder) = if need_structure {
+            (
+                Some(loader::load_ss_flow(&repo, device)?),
+                Some(loader::load_ss_decoder(&repo, device)?),
+            )
+        } else {
+            (None, None)
+        };
+        let slat_flow = loader::load_slat_flow(&repo, device)?;
+        let slat_in_channels = match ModelConfig::from_file(&repo.model("slat_flow_model")?.config)?
+        {
+            ModelConfig::SLatFlow { config, .. } => config.in_channels,
+            other => anyhow::bail!("slat_flow_model is a {}", other.class_name()),
+        };
+        let norm = &repo.config.slat_normalization;
+        ensure!(
+            norm.mean.len() == slat_in_channels && norm.std.len() == slat_in_channels,
+            "pipeline.json slat_normalization has {} / {} channels, the SLat flow {slat_in_channels}",
+            norm.mean.len(),
+            norm.std.len()
+        );
+        let decoders = loader::load_decoders(&repo, formats, device)?;
+        Ok(Self {
+            repo,
+            device: device.clone(),
+            ss_flow,
+            ss_decoder,
+            slat_flow,
+            slat_in_channels,
+            decoders,
+        })
+    }
+
+    /// The structure sampler with pipeline.json's params overridden key by key by `over`.
+    pub fn ss_sampler(&self, over: &SamplerParams) -> Result<(FlowEulerSampler, SamplerSettings)> {
+        let c = &self.repo.config.sparse_structure_sampler;
+        Ok((
+            FlowEulerSampler::from_config(c),
+            SamplerSettings::resolve(&c.params.overridden_by(over))?,
+        ))
+    }
+
+    /// The SLat sampler with pipeline.json's params overridden key by key by `over`.
+    pub fn slat_sampler(
+        &self,
+        over: &SamplerParams,
+    ) -> Result<(FlowEulerSampler, SamplerSettings)> {
+        let c = &self.repo.config.slat_sampler;
+        Ok((
+            FlowEulerSampler::from_config(c),
+            SamplerSettings::resolve(&c.params.overridden_by(over))?,
+        ))
+    }
+
+    /// `sample_sparse_structure`: noise `[num_samples, C, R, R, R]` from `noise`, sampled, decoded.
+    pub fn sample_structure(
+        &self,
+        cond: &Conditioning<'_>,
+        num_samples: usize,
+        noise: &mut dyn NoiseSource,
+        over: &SamplerParams,
+        ctl: &mut RunControl<'_>,
+    ) -> Result<SparseStructureSample> {
+        let (Some(flow), Some(decoder)) = (&self.ss_flow, &self.ss_decoder) else {
+            anyhow::bail!("this pipeline was loaded without its sparse-structure networks");
+        };
+        let (sampler, settings) = self.ss_sampler(over)?;
+        let cfg = flow.config();
+        let r = cfg.resolution;
+        let z = noise.randn(&[num_samples, cfg.in_channels, r, r, r], &self.device)?;
+        let mut fl =
+            |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
+        let mut dec = |z: &Tensor| -> Result<Tensor> { decoder.forward(z) };
+        sample_sparse_structure(&sampler, &settings, &mut fl, &mut dec, z, cond, ctl)
+    }
+
+    /// `sample_slat` on `coords` (`[N, 4]` int32, batch-major).
+    pub fn sample_slat(
+        &self,
+        coords: &Tensor,
+        cond: &Conditioning<'_>,
+        noise: &mut dyn NoiseSource,
+        over: &SamplerParams,
+        ctl: &mut RunControl<'_>,
+    ) -> Result<SlatSample> {
+        let (sampler, settings) = self.slat_sampler(over)?;
+        let n = coords.dim(0)?;
+        let feats = noise.randn(&[n, self.slat_in_channels], &self.device)?;
+        let cv: Vec<i32> = coords.to_dtype(DType::I32)?.flatten_all()?.to_vec1()?;
+        let geo = Arc::new(Geometry::new(cv, None, &self.device)?);
+        let flow = &self.slat_flow;
+        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
+            let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
+            Ok(flow.forward(&st, t, c)?.feats().clone())
+        };
+        let norm = &self.repo.config.slat_normalization;
+        sample_slat(
+            &sampler, &settings, &mut fl, coords, feats, cond, &norm.mean, &norm.std, ctl,
+        )
+    }
+
+    /// `decode_slat` with this pipeline's decoders.
+    pub fn decode(
+        &self,
+        coords: &Tensor,
+        slat: &Tensor,
+        formats: Formats,
+        ctl: &mut RunControl<'_>,
+    ) -> Result<Decoded> {
+        decode_slat(&self.decoders, coords, slat, formats, ctl)
+    }
+
+    /// Sparse structure, then SLat, then decoding (`run` / `run_multi_image` of the original).
+    pub fn generate(
+        &self,
+        cond: &Conditioning<'_>,
+        num_samples: usize,
+        noise: &mut dyn NoiseSource,
+        params: &RunParams,
+        ctl: &mut RunControl<'_>,
+    ) -> Result<Generation> {
+        let structure = self.sample_structure(cond, num_samples, noise, &params.ss, ctl)?;
+        let coords = structure.coords.clone();
+        let slat = self.sample_slat(&coords, cond, noise, &params.slat, ctl)?;
+        let decoded = self.decode(&coords, &slat.slat, params.formats, ctl)?;
+        Ok(Generation {
+            structure: Some(structure),
+            slat,
+            coords,
+            decoded,
+        })
+    }
+}
+
+/// `decode_slat`: the representations of `formats` (their decoders must be loaded).
+pub fn decode_slat(
+    decoders: &Decoders,
+    coords: &Tensor,
+    slat: &Tensor,
+    formats: Formats,
+    ctl: &mut RunControl<'_>,
+) -> Result<Decoded> {
+    let x = SparseTensor::from_tensors(&coords.to_dtype(DType::I32)?, slat.clone())?;
+    let mut out = Decoded::default();
+    let total = formats.names().len();
+    let mut done = 0;
+    if formats.mesh {
+        ctl.emit(Stage::Decoding, done, total, Some("mesh".into()));
+        let d = decoders
+            .mesh
+            .as_ref()
+            .ok_or_else(|| anyhow!("mesh decoder not loaded"))?;
+        out.meshes = d.forward(&x)?;
+        done += 1;
+    }
+    if formats.gaussian {
+        ctl.emit(Stage::Decoding, done, total, Some("gaussian".into()));
+        let d = decoders
+            .gaussian
+            .as_ref()
+            .ok_or_else(|| anyhow!("Gaussian decoder not loaded"))?;
+        out.gaussians = d.forward(&x)?;
+        done += 1;
+    }
+    if formats.radiance_field {
+        ctl.emit(Stage::Decoding, done, total, Some("radiance_field".into()));
+        let d = decoders
+            .radiance_field
+            .as_ref()
+            .ok_or_else(|| anyhow!("radiance-field decoder not loaded"))?;
+        out.radiance_fields = d.forward(&x)?;
+        done += 1;
+    }
+    if total > 0 {
+        ctl.emit(Stage::Decoding, done, total, None);
+    }
+    Ok(out)
 }

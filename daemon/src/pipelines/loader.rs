@@ -10,6 +10,10 @@ use candle_core::{DType, Device};
 
 use crate::hub::{ModelFiles, PipelineRepo};
 use crate::models::config::ModelConfig;
+use crate::models::slat_flow::SLatFlowModel;
+use crate::models::slat_vae::decoder_gs::SLatGaussianDecoder;
+use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
+use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::SparseStructureDecoder;
 use crate::runtime::weights;
@@ -59,4 +63,173 @@ pub fn load_ss_decoder(repo: &PipelineRepo, device: &Device) -> Result<SparseStr
         .finish()
         .with_context(|| format!("weights {}", files.weights.display()))?;
     Ok(m)
+}
+
+/// Which decoded representations a run produces (`formats` of the original's `run`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Formats {
+    pub mesh: bool,
+    pub gaussian: bool,
+    pub radiance_field: bool,
+}
+
+impl Formats {
+    pub const ALL: Formats = Formats {
+        mesh: true,
+        gaussian: true,
+        radiance_field: true,
+    };
+
+    /// `mesh,gaussian,radiance_field` (any subset; `rf` and `gs` accepted).
+    pub fn parse(list: &str) -> Result<Self> {
+        let mut f = Formats::default();
+        for w in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match w {
+                "mesh" => f.mesh = true,
+                "gaussian" | "gs" => f.gaussian = true,
+                "radiance_field" | "rf" => f.radiance_field = true,
+                other => {
+                    bail!("unknown format {other:?} (expected mesh, gaussian or radiance_field)")
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = vec![];
+        if self.mesh {
+            v.push("mesh");
+        }
+        if self.gaussian {
+            v.push("gaussian");
+        }
+        if self.radiance_field {
+            v.push("radiance_field");
+        }
+        v
+    }
+
+    pub fn any(&self) -> bool {
+        self.mesh || self.gaussian || self.radiance_field
+    }
+}
+
+/// Loads one network of the repository: its config class must match `pick`.
+fn load_net<C, M>(
+    repo: &PipelineRepo,
+    name: &str,
+    device: &Device,
+    pick: impl Fn(ModelConfig) -> Option<C>,
+    use_fp16: impl Fn(&C) -> bool,
+    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M>,
+) -> Result<M> {
+    let files = repo.model(name)?;
+    let cfg = config_of(files)?;
+    let class = cfg.class_name();
+    let Some(cfg) = pick(cfg) else {
+        bail!(
+            "{}: {name} has the unexpected class {class}",
+            files.config.display()
+        );
+    };
+    let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
+    let m = build(&cfg, vb, torso_dtype(use_fp16(&cfg), device))
+        .with_context(|| format!("building {name} from {}", files.config.display()))?;
+    check
+        .finish()
+        .with_context(|| format!("weights {}", files.weights.display()))?;
+    Ok(m)
+}
+
+/// `slat_flow_model`.
+pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<SLatFlowModel> {
+    load_net(
+        repo,
+        "slat_flow_model",
+        device,
+        |c| match c {
+            ModelConfig::SLatFlow { config, .. } => Some(config),
+            _ => None,
+        },
+        |c| c.use_fp16,
+        |c, vb, dt| SLatFlowModel::new(c, vb, dt),
+    )
+}
+
+/// The SLat decoders a set of formats needs.
+pub struct Decoders {
+    pub mesh: Option<SLatMeshDecoder>,
+    pub gaussian: Option<SLatGaussianDecoder>,
+    pub radiance_field: Option<SLatRadianceFieldDecoder>,
+}
+
+pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> Result<Decoders> {
+    let mesh = if formats.mesh {
+        Some(load_net(
+            repo,
+            "slat_decoder_mesh",
+            device,
+            |c| match c {
+                ModelConfig::SLatMeshDecoder { config, .. } => Some(config),
+                _ => None,
+            },
+            |c| c.use_fp16,
+            |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
+        )?)
+    } else {
+        None
+    };
+    let gaussian = if formats.gaussian {
+        Some(load_net(
+            repo,
+            "slat_decoder_gs",
+            device,
+            |c| match c {
+                ModelConfig::SLatGaussianDecoder { config, .. } => Some(config),
+                _ => None,
+            },
+            |c| c.use_fp16,
+            |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
+        )?)
+    } else {
+        None
+    };
+    let radiance_field = if formats.radiance_field {
+        Some(load_net(
+            repo,
+            "slat_decoder_rf",
+            device,
+            |c| match c {
+                ModelConfig::SLatRadianceFieldDecoder { config, .. } => Some(config),
+                _ => None,
+            },
+            |c| c.use_fp16,
+            |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
+        )?)
+    } else {
+        None
+    };
+    Ok(Decoders {
+        mesh,
+        gaussian,
+        radiance_field,
+    })
+}
+
+/// Resolution of the occupancy grid the structure decoder produces (the flow's latent resolution
+/// times 2 per upsampling stage): 64 for the official models, 32 for the tiny ones. Reads the
+/// configs only.
+pub fn structure_resolution(repo: &PipelineRepo) -> Result<usize> {
+    let flow = config_of(repo.model("sparse_structure_flow_model")?)?;
+    let dec = config_of(repo.model("sparse_structure_decoder")?)?;
+    match (flow, dec) {
+        (ModelConfig::SparseStructureFlow(f), ModelConfig::SparseStructureDecoder(d)) => {
+            Ok(f.resolution << d.channels.len().saturating_sub(1))
+        }
+        _ => bail!(
+            "pipeline {}: unexpected structure flow/decoder classes",
+            repo.root.display()
+        ),
+    }
 }
