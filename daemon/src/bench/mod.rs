@@ -4,6 +4,7 @@
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
 
 pub mod conditioners;
+pub mod mesh_decoder;
 pub mod sparse;
 pub mod ss_decoder;
 
@@ -40,6 +41,11 @@ pub const BENCHES: &[Bench] = &[
         name: "clip-large-text",
         about: "full-size CLIP ViT-L/14 text transformer (random weights), f32 CPU, batch 2 x 77 tokens",
         run: conditioners::run_clip,
+    },
+    Bench {
+        name: "mesh-decoder",
+        about: "full-size SLatMeshDecoder + FlexiCubes at 256^3 (slat_dec_mesh_swin8_B_64l8m256c_fp16 manifest, random weights), f32 CPU, 20,000-voxel shell at 64^3; time and peak RSS per stage",
+        run: mesh_decoder::run,
     },
 ];
 

@@ -176,6 +176,19 @@ impl SLatMeshDecoder {
         &self.cfg
     }
 
+    pub fn torso(&self) -> &SparseTransformerBase {
+        &self.base
+    }
+
+    /// The two subdivide blocks (for stage-by-stage runs such as the benchmark).
+    pub fn upsample(&self) -> &[SparseSubdivideBlock3d] {
+        &self.upsample
+    }
+
+    pub fn out_layer(&self) -> &SparseLinear {
+        &self.out_layer
+    }
+
     /// The FlexiCubes stage (mesh resolution `4 * resolution`).
     pub fn mesher(&self) -> &SparseFeatures2Mesh {
         &self.mesher
