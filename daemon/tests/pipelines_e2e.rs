@@ -373,6 +373,25 @@ fn bad_arguments_fail_early_and_write_nothing() {
             "asset",
         ),
     ];
+    let obj = d.path().join("cube.obj");
+    write_obj(&obj);
+    let mut cases = cases;
+    cases.push((
+        vec![
+            "variant".into(),
+            "--model".into(),
+            s(&r.join("pipelines/TRELLIS-text-tiny")),
+            "--mesh".into(),
+            s(&obj),
+            "--text".into(),
+            "x".into(),
+            "--voxel-resolution".into(),
+            "64".into(),
+            "--out".into(),
+            s(&d.path().join("z.glb")),
+        ],
+        "finer than",
+    ));
     for (args, needle) in cases {
         let out = bin().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

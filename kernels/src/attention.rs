@@ -11,8 +11,6 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::sparse_conv::matmul_acc;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttentionError {
     #[error("attention: {what} has {got} values, expected {want}")]
@@ -115,25 +113,21 @@ pub fn varlen_attention(
             return;
         }
         let mut scores = vec![0f32; bq * l];
-        let mut qh = vec![0f32; bq * d];
-        let mut kh = vec![0f32; l * d];
-        let mut vh = vec![0f32; l * dv];
-        let mut oh = vec![0f32; bq * dv];
         for h in 0..heads {
-            for (i, r) in rows.clone().enumerate() {
-                qh[i * d..(i + 1) * d]
-                    .copy_from_slice(&q[r * qrow + h * d..r * qrow + (h + 1) * d]);
-            }
-            // kᵀ as [D, L] so that scores = qh · kᵀ is a plain row-major product.
-            for (j, r) in kv.clone().enumerate() {
-                let src = &k[r * qrow + h * d..r * qrow + (h + 1) * d];
-                for (e, &x) in src.iter().enumerate() {
-                    kh[e * l + j] = x;
-                }
-                vh[j * dv..(j + 1) * dv]
-                    .copy_from_slice(&v[r * vrow + h * dv..r * vrow + (h + 1) * dv]);
-            }
-            matmul_acc(&mut scores, &qh, &kh, bq, d, l, false);
+            // Strided views of this head: no copies; gemm packs its panels itself.
+            let qh = &q[rows.start * qrow + h * d..];
+            let kh = &k[kv.start * qrow + h * d..];
+            let vh = &v[kv.start * vrow + h * dv..];
+            // scores[i, j] = q[i] · k[j]: lhs (i, e) at i*qrow + e, rhs (e, j) at e + j*qrow.
+            strided_matmul(
+                &mut scores,
+                (1, l as isize),
+                qh,
+                (1, qrow as isize),
+                kh,
+                (qrow as isize, 1),
+                (bq, d, l),
+            );
             for row in scores.chunks_exact_mut(l) {
                 let mut max = f32::NEG_INFINITY;
                 for s in row.iter_mut() {
@@ -148,14 +142,68 @@ pub fn varlen_attention(
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|s| *s *= inv);
             }
-            matmul_acc(&mut oh, &scores, &vh, bq, l, dv, false);
-            for i in 0..bq {
-                dst[i * vrow + h * dv..i * vrow + (h + 1) * dv]
-                    .copy_from_slice(&oh[i * dv..(i + 1) * dv]);
-            }
+            // out[i, e] = Σ_j p[i, j] v[j, e], written straight into this task's rows.
+            strided_matmul(
+                &mut dst[h * dv..],
+                (1, vrow as isize),
+                &scores,
+                (1, l as isize),
+                vh,
+                (1, vrow as isize),
+                (bq, l, dv),
+            );
         }
     });
     Ok(out)
+}
+
+/// `dst[m, n] = a[m, k] · b[k, n]` on strided views: each operand comes with its
+/// (column stride, row stride) in elements. Bounds are checked before the unchecked GEMM.
+fn strided_matmul(
+    dst: &mut [f32],
+    dst_s: (isize, isize),
+    a: &[f32],
+    a_s: (isize, isize),
+    b: &[f32],
+    b_s: (isize, isize),
+    (m, k, n): (usize, usize, usize),
+) {
+    let last = |rows: usize, cols: usize, (cs, rs): (isize, isize)| {
+        (rows.saturating_sub(1) as isize * rs + cols.saturating_sub(1) as isize * cs) as usize
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(last(m, n, dst_s) < dst.len());
+    if k == 0 {
+        return;
+    }
+    assert!(last(m, k, a_s) < a.len() && last(k, n, b_s) < b.len());
+    // SAFETY: the asserts above bound the largest offset gemm reads or writes through each view
+    // (all strides are non-negative), and `dst` is exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_s.0,
+            dst_s.1,
+            false,
+            a.as_ptr(),
+            a_s.0,
+            a_s.1,
+            b.as_ptr(),
+            b_s.0,
+            b_s.1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 fn check(what: &'static str, got: usize, want: usize) -> Result<(), AttentionError> {

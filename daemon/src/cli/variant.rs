@@ -108,6 +108,13 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         Some(r) => r,
         None => structure_resolution(&repo)?,
     };
+    if plan.formats.mesh {
+        let limit = crate::pipelines::loader::mesh_decoder_resolution(&repo)?;
+        ensure!(
+            resolution <= limit,
+            "voxel resolution {resolution} is finer than the {limit}³ grid this model's mesh decoder handles"
+        );
+    }
     let slat_meta = sampler_meta(&repo.config.slat_sampler, &args.sampling.slat_params())?;
     let cond_dir = if is_text {
         conditioner_dir(

@@ -233,3 +233,17 @@ pub fn structure_resolution(repo: &PipelineRepo) -> Result<usize> {
         ),
     }
 }
+
+/// The voxel resolution the mesh decoder was built for (its FlexiCubes grid is 4× this): a
+/// structure at a finer resolution cannot be meshed.
+pub fn mesh_decoder_resolution(repo: &PipelineRepo) -> Result<usize> {
+    let files = repo.model("slat_decoder_mesh")?;
+    match config_of(files)? {
+        ModelConfig::SLatMeshDecoder { config, .. } => Ok(config.resolution),
+        other => bail!(
+            "{}: slat_decoder_mesh is a {}",
+            files.config.display(),
+            other.class_name()
+        ),
+    }
+}
