@@ -9,7 +9,7 @@
 //! asks for), in-memory tensors, or a checkpoint manifest (names, shapes and dtypes only) filled with
 //! random values or with broadcast zeros (shape checks of full-size networks without the memory).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -137,6 +137,8 @@ fn random_entry(
 #[derive(Default)]
 struct Record {
     used: BTreeSet<String>,
+    /// The dtype each tensor was asked for (the layer's compute dtype).
+    requested: BTreeMap<String, DType>,
     missing: Vec<(String, Vec<usize>)>,
     wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
     unreadable: Vec<(String, String)>,
@@ -160,6 +162,7 @@ impl SimpleBackend for CheckedBackend {
         let placeholder = || Tensor::zeros((), dtype, dev)?.broadcast_as(s.clone());
         let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
         rec.used.insert(name.to_string());
+        rec.requested.insert(name.to_string(), dtype);
         let Some(spec) = self.source.spec(name) else {
             rec.missing.push((name.to_string(), s.dims().to_vec()));
             return placeholder();
@@ -183,6 +186,7 @@ impl SimpleBackend for CheckedBackend {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
         rec.used.insert(name.to_string());
+        rec.requested.insert(name.to_string(), dtype);
         if self.source.spec(name).is_none() {
             rec.missing.push((name.to_string(), vec![]));
             drop(rec);
@@ -246,6 +250,12 @@ impl WeightCheck {
                 problems,
             })
         }
+    }
+
+    /// The dtype the network asked for each tensor (its compute dtype), by name.
+    pub fn requested_dtypes(&self) -> BTreeMap<String, DType> {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.requested.clone()
     }
 
     /// The names the network asked for so far (sorted).
@@ -361,6 +371,25 @@ impl Manifest {
             config,
             entries,
         })
+    }
+
+    /// Entries whose stored dtype differs from the dtype a network asked for (see
+    /// [`WeightCheck::requested_dtypes`]), or that it never asked for: an empty list means the
+    /// network keeps the checkpoint's float16/float32 placement exactly.
+    pub fn dtype_mismatches(&self, requested: &BTreeMap<String, DType>) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .entries
+            .iter()
+            .filter_map(|(name, spec)| match requested.get(name) {
+                Some(d) if *d == spec.dtype => None,
+                other => Some(format!(
+                    "{name}: stored {:?}, the network asks for {other:?}",
+                    spec.dtype
+                )),
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// A `VarBuilder` over this manifest's entries.
