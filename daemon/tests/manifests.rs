@@ -2,7 +2,7 @@
 //! (`shared/reference/manifests/*.json`) asks for exactly the manifest's tensor names and shapes
 //! and, with the float16 torso those checkpoints use, for exactly each entry's stored dtype.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use trellis::models::config::ModelConfig;
@@ -24,7 +24,7 @@ fn checkpoint_manifests() -> Vec<PathBuf> {
 }
 
 /// Builds the network with the given torso dtype; returns the manifest and the dtype mismatches.
-fn build(path: &PathBuf, torso: Option<DType>) -> (Manifest, Vec<String>) {
+fn build(path: &Path, torso: Option<DType>) -> (Manifest, Vec<String>) {
     let m = Manifest::load(path).unwrap();
     let name = path.display().to_string();
     let cfg = ModelConfig::from_json(&name, &m.config).unwrap();
