@@ -3,7 +3,6 @@
 //! element of float32 properties `x y z nx ny nz f_dc_0.. opacity scale_0.. rot_0..`, as written by
 //! `plyfile`. Also a small reader for float32 vertex PLYs (tests, round trips).
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -96,26 +95,12 @@ pub fn gaussian_ply_bytes(g: &Gaussian, transform: Option<[[f64; 3]; 3]>) -> Vec
     out
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// failure never leaves a partial file at `path`.
+/// Writes `bytes` to `path` atomically (see [`super::atomic::write_atomic`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.flush())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path).map_err(|e| {
-        anyhow!(
-            "renaming the temporary file to {}: {}",
-            path.display(),
-            e.error
-        )
-    })?;
-    Ok(())
+    super::atomic::write_atomic(path, |w| {
+        w.write_all(bytes)
+            .with_context(|| format!("writing {}", path.display()))
+    })
 }
 
 /// `Gaussian.save_ply(path)` with the default z-up transform.
