@@ -223,8 +223,33 @@ pub fn check_image(p: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens a pipeline repository and checks its class fits the input.
-pub fn open_model(spec: &str, want: PipelineClass, input: &str) -> Result<PipelineRepo> {
+/// Opens the pipeline repository for a text or an image prompt (`--model`, else the default of
+/// that kind), reporting the loading step, and checks its class fits the prompt. Returns the
+/// model spec used and the repository.
+pub fn open_model<'a>(
+    model: Option<&'a str>,
+    is_text: bool,
+    rep: &mut Reporter,
+) -> Result<(&'a str, PipelineRepo)> {
+    let (spec, want, input) = if is_text {
+        (
+            model.unwrap_or(DEFAULT_TEXT_MODEL),
+            PipelineClass::TextTo3D,
+            "a text prompt",
+        )
+    } else {
+        (
+            model.unwrap_or(DEFAULT_IMAGE_MODEL),
+            PipelineClass::ImageTo3D,
+            "images",
+        )
+    };
+    rep.event(&ProgressEvent {
+        stage: Stage::Loading,
+        step: 0,
+        steps: 2,
+        detail: Some(spec.to_string()),
+    });
     let repo = hub::open_pipeline(spec, &HubOptions::from_env())?;
     if repo.config.class != want {
         bail!(
@@ -233,7 +258,7 @@ pub fn open_model(spec: &str, want: PipelineClass, input: &str) -> Result<Pipeli
             want.name()
         );
     }
-    Ok(repo)
+    Ok((spec, repo))
 }
 
 /// The conditioner folder: the flag, else the name in pipeline.json (a hub name, or a folder
@@ -445,26 +470,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         }
     }
     let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
-    let (spec, class, input) = if is_text {
-        (
-            args.model.as_deref().unwrap_or(DEFAULT_TEXT_MODEL),
-            PipelineClass::TextTo3D,
-            "a text prompt",
-        )
-    } else {
-        (
-            args.model.as_deref().unwrap_or(DEFAULT_IMAGE_MODEL),
-            PipelineClass::ImageTo3D,
-            "images",
-        )
-    };
-    rep.event(&ProgressEvent {
-        stage: Stage::Loading,
-        step: 0,
-        steps: 2,
-        detail: Some(spec.to_string()),
-    });
-    let repo = open_model(spec, class, input)?;
+    let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
     // Sampler parameters resolve now (step counts of 0 from pipeline.json, ...).
     let ss_meta = sampler_meta(
         &repo.config.sparse_structure_sampler,

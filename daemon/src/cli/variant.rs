@@ -9,11 +9,9 @@ use candle_core::{DType, Device};
 
 use super::generate::{
     check_image, conditioner_dir, open_model, sampler_meta, with_control, with_reporter,
-    write_outputs, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs, DEFAULT_IMAGE_MODEL,
-    DEFAULT_TEXT_MODEL,
+    write_outputs, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
-use crate::hub::PipelineClass;
 use crate::pipelines::base::{ProgressEvent, RunParams, Stage, TrellisPipeline};
 use crate::pipelines::loader::structure_resolution;
 use crate::pipelines::mesh_input::load_mesh;
@@ -84,26 +82,7 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
     }
     let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
     let is_text = args.text.is_some();
-    let (spec, class, input) = if is_text {
-        (
-            args.model.as_deref().unwrap_or(DEFAULT_TEXT_MODEL),
-            PipelineClass::TextTo3D,
-            "a text prompt",
-        )
-    } else {
-        (
-            args.model.as_deref().unwrap_or(DEFAULT_IMAGE_MODEL),
-            PipelineClass::ImageTo3D,
-            "an image",
-        )
-    };
-    rep.event(&ProgressEvent {
-        stage: Stage::Loading,
-        step: 0,
-        steps: 2,
-        detail: Some(spec.to_string()),
-    });
-    let repo = open_model(spec, class, input)?;
+    let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
     let resolution = match args.voxel_resolution {
         Some(r) => r,
         None => structure_resolution(&repo)?,
