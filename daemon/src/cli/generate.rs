@@ -261,6 +261,30 @@ pub fn open_model<'a>(
     Ok((spec, repo))
 }
 
+/// The conditioner folder a text (CLIP) or image (DINOv2) prompt needs: the
+/// `--text-cond-model` / `--image-cond-model` flag, else the name in pipeline.json.
+pub fn prompt_conditioner_dir(
+    runtime: &RuntimeArgs,
+    repo: &PipelineRepo,
+    is_text: bool,
+) -> Result<PathBuf> {
+    if is_text {
+        conditioner_dir(
+            runtime.text_cond_model.as_deref(),
+            repo,
+            repo.config.text_cond_model.as_deref(),
+            "text",
+        )
+    } else {
+        conditioner_dir(
+            runtime.image_cond_model.as_deref(),
+            repo,
+            repo.config.image_cond_model.as_deref(),
+            "image",
+        )
+    }
+}
+
 /// The conditioner folder: the flag, else the name in pipeline.json (a hub name, or a folder
 /// relative to the repository folder).
 pub fn conditioner_dir(
@@ -477,21 +501,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         &args.sampling.ss_params(),
     )?;
     let slat_meta = sampler_meta(&repo.config.slat_sampler, &args.sampling.slat_params())?;
-    let cond_dir = if is_text {
-        conditioner_dir(
-            args.runtime.text_cond_model.as_deref(),
-            &repo,
-            repo.config.text_cond_model.as_deref(),
-            "text",
-        )?
-    } else {
-        conditioner_dir(
-            args.runtime.image_cond_model.as_deref(),
-            &repo,
-            repo.config.image_cond_model.as_deref(),
-            "image",
-        )?
-    };
+    let cond_dir = prompt_conditioner_dir(&args.runtime, &repo, is_text)?;
     let params = RunParams {
         ss: args.sampling.ss_params(),
         slat: args.sampling.slat_params(),

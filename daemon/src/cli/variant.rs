@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
 
 use super::generate::{
-    check_image, conditioner_dir, open_model, sampler_meta, with_control, with_reporter,
+    check_image, open_model, prompt_conditioner_dir, sampler_meta, with_control, with_reporter,
     write_outputs, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
@@ -95,21 +95,7 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         );
     }
     let slat_meta = sampler_meta(&repo.config.slat_sampler, &args.sampling.slat_params())?;
-    let cond_dir = if is_text {
-        conditioner_dir(
-            args.runtime.text_cond_model.as_deref(),
-            &repo,
-            repo.config.text_cond_model.as_deref(),
-            "text",
-        )?
-    } else {
-        conditioner_dir(
-            args.runtime.image_cond_model.as_deref(),
-            &repo,
-            repo.config.image_cond_model.as_deref(),
-            "image",
-        )?
-    };
+    let cond_dir = prompt_conditioner_dir(&args.runtime, &repo, is_text)?;
     let params = RunParams {
         ss: Default::default(),
         slat: args.sampling.slat_params(),
