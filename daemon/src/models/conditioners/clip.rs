@@ -19,7 +19,7 @@ use tokenizers::{
     TruncationParams, TruncationStrategy,
 };
 
-use super::common::{attention, finish_accepting, read_json, Act};
+use super::common::{finish_accepting, read_json, self_attention, Act};
 use crate::runtime::weights;
 
 /// The fields of transformers' `CLIPTextConfig` the network needs (defaults as there).
@@ -121,19 +121,9 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let d = c / self.heads;
         let h = self.ln1.forward(x)?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, self.heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.q.forward(&h)?)?;
-        let k = split(self.k.forward(&h)?)?;
-        let v = split(self.v.forward(&h)?)?;
-        let o = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), true)?;
-        let o = self.out.forward(&o.transpose(1, 2)?.reshape((b, n, c))?)?;
+        let o = self_attention(&h, (&self.q, &self.k, &self.v), self.heads, true)?;
+        let o = self.out.forward(&o)?;
         let x = (x + o)?;
         let m = self
             .fc2

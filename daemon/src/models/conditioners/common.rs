@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::Linear;
 
 use crate::runtime::weights::WeightCheck;
 
@@ -18,6 +19,30 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 
 /// Most score entries one attention chunk may hold (64 MiB of float32).
 const MAX_SCORES: usize = 1 << 24;
+
+/// Multi-head self-attention of the HF encoders: separate q/k/v projections of `h` [B, N, C],
+/// split into `heads`, [`attention`] with scale 1/sqrt(D), heads merged back to [B, N, C] (the
+/// output projection is the caller's).
+pub fn self_attention(
+    h: &Tensor,
+    (q, k, v): (&Linear, &Linear, &Linear),
+    heads: usize,
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, n, c) = h.dims3()?;
+    let d = c / heads;
+    let split = |t: Tensor| -> Result<Tensor> {
+        Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    let o = attention(
+        &split(q.forward(h)?)?,
+        &split(k.forward(h)?)?,
+        &split(v.forward(h)?)?,
+        1.0 / (d as f64).sqrt(),
+        causal,
+    )?;
+    Ok(o.transpose(1, 2)?.reshape((b, n, c))?)
+}
 
 /// `softmax(q k^T * scale [+ causal mask]) v` over `[B, H, N, D]` tensors, softmax in float32.
 /// Heads are processed in chunks so the score matrix never exceeds [`MAX_SCORES`] entries.

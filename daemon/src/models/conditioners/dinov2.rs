@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::common::{attention, finish_accepting, layer_norm_plain, read_json, Act};
+use super::common::{finish_accepting, layer_norm_plain, read_json, self_attention, Act};
 use super::resample::{resample_planes_f32, Filter};
 use crate::runtime::weights;
 
@@ -185,19 +185,8 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let d = c / self.heads;
         let h = self.norm1.forward(x)?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, self.heads, d))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.q.forward(&h)?)?;
-        let k = split(self.k.forward(&h)?)?;
-        let v = split(self.v.forward(&h)?)?;
-        let o = attention(&q, &k, &v, 1.0 / (d as f64).sqrt(), false)?;
-        let o = o.transpose(1, 2)?.reshape((b, n, c))?;
+        let o = self_attention(&h, (&self.q, &self.k, &self.v), self.heads, false)?;
         let o = self.proj.forward(&o)?.broadcast_mul(&self.ls1)?;
         let x = (x + o)?;
         let m = self
