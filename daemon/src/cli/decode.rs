@@ -10,7 +10,7 @@ use super::generate::{with_control, with_reporter, write_decoded, OutputPlan};
 use super::progress::Reporter;
 use crate::export::asset::Asset;
 use crate::hub::{self, HubOptions};
-use crate::pipelines::base::{decode_slat, ProgressEvent, Stage};
+use crate::pipelines::base::{decode_slat, Stage};
 use crate::pipelines::loader::{load_decoders, Formats};
 
 #[derive(Debug, clap::Args)]
@@ -76,21 +76,11 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
             .map(String::from)
             .ok_or_else(|| anyhow!("the asset records no model; give --model"))?,
     };
-    rep.event(&ProgressEvent {
-        stage: Stage::Loading,
-        step: 0,
-        steps: 1,
-        detail: Some(spec.clone()),
-    });
+    rep.emit(Stage::Loading, 0, 1, Some(spec.clone()));
     let repo = hub::open_pipeline(&spec, &HubOptions::from_env())?;
     let formats: Formats = plan.formats;
     let decoders = load_decoders(&repo, formats, &device)?;
-    rep.event(&ProgressEvent {
-        stage: Stage::Loading,
-        step: 1,
-        steps: 1,
-        detail: None,
-    });
+    rep.emit(Stage::Loading, 1, 1, None);
     let d = with_control(rep, |ctl| {
         decode_slat(&decoders, &asset.coords, &asset.slat, formats, ctl)
     })?;

@@ -244,12 +244,7 @@ pub fn open_model<'a>(
             "images",
         )
     };
-    rep.event(&ProgressEvent {
-        stage: Stage::Loading,
-        step: 0,
-        steps: 2,
-        detail: Some(spec.to_string()),
-    });
+    rep.emit(Stage::Loading, 0, 2, Some(spec.to_string()));
     let repo = hub::open_pipeline(spec, &HubOptions::from_env())?;
     if repo.config.class != want {
         bail!(
@@ -334,12 +329,7 @@ pub fn write_outputs(
         .count();
     let mut done = 0;
     let mut written = serde_json::Map::new();
-    rep.event(&ProgressEvent {
-        stage: Stage::Writing,
-        step: 0,
-        steps: total,
-        detail: None,
-    });
+    rep.emit(Stage::Writing, 0, total, None);
     if let Some(p) = &plan.asset {
         let a = Asset {
             coords: g.coords.clone(),
@@ -356,12 +346,7 @@ pub fn write_outputs(
         a.save(p)?;
         done += 1;
         written.insert("asset".into(), serde_json::json!(p));
-        rep.event(&ProgressEvent {
-            stage: Stage::Writing,
-            step: done,
-            steps: total,
-            detail: Some(p.display().to_string()),
-        });
+        rep.emit(Stage::Writing, done, total, Some(p.display().to_string()));
     }
     write_decoded(plan, &g.decoded, &mut written, &mut done, total, rep)?;
     Ok(serde_json::Value::Object(written))
@@ -402,12 +387,7 @@ pub fn write_decoded(
         )?;
         *done += 1;
         written.insert("glb".into(), serde_json::json!(p));
-        rep.event(&ProgressEvent {
-            stage: Stage::Writing,
-            step: *done,
-            steps: total,
-            detail: Some(p.display().to_string()),
-        });
+        rep.emit(Stage::Writing, *done, total, Some(p.display().to_string()));
     }
     if let Some(p) = &plan.ply {
         let gs = d
@@ -417,12 +397,7 @@ pub fn write_decoded(
         crate::export::ply::save_gaussian_ply(gs, p)?;
         *done += 1;
         written.insert("ply".into(), serde_json::json!(p));
-        rep.event(&ProgressEvent {
-            stage: Stage::Writing,
-            step: *done,
-            steps: total,
-            detail: Some(p.display().to_string()),
-        });
+        rep.emit(Stage::Writing, *done, total, Some(p.display().to_string()));
     }
     Ok(())
 }
@@ -530,12 +505,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             &device,
             DType::F32,
         )?;
-        rep.event(&ProgressEvent {
-            stage: Stage::Loading,
-            step: 2,
-            steps: 2,
-            detail: None,
-        });
+        rep.emit(Stage::Loading, 2, 2, None);
         let t = crate::pipelines::text_to_3d::TextTo3D {
             pipeline,
             conditioner,
@@ -551,12 +521,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             &device,
             DType::F32,
         )?;
-        rep.event(&ProgressEvent {
-            stage: Stage::Loading,
-            step: 2,
-            steps: 2,
-            detail: None,
-        });
+        rep.emit(Stage::Loading, 2, 2, None);
         let t = crate::pipelines::image_to_3d::ImageTo3D {
             pipeline,
             conditioner,

@@ -49,6 +49,16 @@ impl Reporter {
         }
     }
 
+    /// Reports `step` of `steps` in `stage` (the twin of `RunControl::emit` for the CLI's own steps).
+    pub fn emit(&mut self, stage: Stage, step: usize, steps: usize, detail: Option<String>) {
+        self.event(&ProgressEvent {
+            stage,
+            step,
+            steps,
+            detail,
+        });
+    }
+
     pub fn event(&mut self, e: &ProgressEvent) {
         match self.mode {
             Mode::Quiet => {}

@@ -12,7 +12,7 @@ use super::generate::{
     write_outputs, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
-use crate::pipelines::base::{ProgressEvent, RunParams, Stage, TrellisPipeline};
+use crate::pipelines::base::{RunParams, Stage, TrellisPipeline};
 use crate::pipelines::loader::structure_resolution;
 use crate::pipelines::mesh_input::load_mesh;
 use crate::pipelines::noise::SeededNoise;
@@ -122,18 +122,8 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
             &device,
             DType::F32,
         )?;
-        rep.event(&ProgressEvent {
-            stage: Stage::Loading,
-            step: 2,
-            steps: 2,
-            detail: None,
-        });
-        rep.event(&ProgressEvent {
-            stage: Stage::Conditioning,
-            step: 0,
-            steps: 1,
-            detail: None,
-        });
+        rep.emit(Stage::Loading, 2, 2, None);
+        rep.emit(Stage::Conditioning, 0, 1, None);
         crate::pipelines::text_to_3d::text_cond(&c, text)?
     } else {
         let image = args
@@ -146,29 +136,14 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
             &device,
             DType::F32,
         )?;
-        rep.event(&ProgressEvent {
-            stage: Stage::Loading,
-            step: 2,
-            steps: 2,
-            detail: None,
-        });
-        rep.event(&ProgressEvent {
-            stage: Stage::Conditioning,
-            step: 0,
-            steps: 1,
-            detail: None,
-        });
+        rep.emit(Stage::Loading, 2, 2, None);
+        rep.emit(Stage::Conditioning, 0, 1, None);
         let x = crate::models::conditioners::preprocess::preprocess_file(image, &device)?;
         let cond = conditioner.encode(&x)?;
         let neg = cond.zeros_like()?;
         (cond, neg)
     };
-    rep.event(&ProgressEvent {
-        stage: Stage::Conditioning,
-        step: 1,
-        steps: 1,
-        detail: None,
-    });
+    rep.emit(Stage::Conditioning, 1, 1, None);
     let mut noise = SeededNoise::new(args.sampling.seed);
     let g = with_control(rep, |ctl| {
         let coords = voxelize_with_progress(&mesh, resolution, &device, ctl)?;
