@@ -2,6 +2,12 @@
 //! submanifold convolution, output rows = input rows. Weights `conv.weight [Cout, kx, ky, kz, Cin]`,
 //! `conv.bias [Cout]`; cross-correlation in (x, y, z) order, no flip. Computed by the gather-GEMM-
 //! scatter kernel of `trellis_kernels::sparse_conv` in f32 over the geometry's cached neighbour map.
+//!
+//! A 1x1x1 kernel is evaluated as spconv 2 evaluates it: its "conv1x1" shortcut computes
+//! `feats @ weight.view(in, out) + bias`, reading the `[out, 1, 1, 1, in]` weight memory as an
+//! `[in, out]` matrix (not the transpose of `[out, in]`), so such a layer is NOT the dense
+//! `conv3d` with `weight.permute(0, 4, 1, 2, 3)`. Checkpoints trained through spconv (the mesh
+//! decoder's skip convolutions) depend on it.
 
 use std::sync::OnceLock;
 
@@ -68,7 +74,10 @@ impl SparseConv3d {
         let w = match self.weight_f32.get() {
             Some(w) => w,
             None => {
-                let w = to_f32_vec(&self.weight)?;
+                let mut w = to_f32_vec(&self.weight)?;
+                if self.kernel == [1; 3] {
+                    w = spconv_1x1_weight(&w, self.in_channels, self.out_channels);
+                }
                 self.weight_f32.get_or_init(|| w)
             }
         };
@@ -88,5 +97,59 @@ impl SparseConv3d {
             t.to_dtype(x.dtype())?
         };
         x.replace(t)
+    }
+}
+
+/// The `[out, in]` kernel weight that reproduces spconv's conv1x1 shortcut: the stored memory read
+/// as `[in, out]`, transposed (`result[o * in + i] = stored[i * out + o]`).
+fn spconv_1x1_weight(stored: &[f32], in_channels: usize, out_channels: usize) -> Vec<f32> {
+    let mut w = vec![0f32; stored.len()];
+    for i in 0..in_channels {
+        for o in 0..out_channels {
+            w[o * in_channels + i] = stored[i * out_channels + o];
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    /// A 1x1x1 conv must give `feats @ weight.view(in, out) + bias` (spconv's conv1x1 path), not
+    /// the dense-conv `feats @ weight.view(out, in)^T + bias`.
+    #[test]
+    fn kernel_1_follows_spconv_conv1x1() -> Result<()> {
+        let dev = Device::Cpu;
+        let (cin, cout) = (3, 2);
+        let stored: Vec<f32> = (0..cin * cout).map(|v| v as f32 * 0.5 - 1.0).collect();
+        let weight = Tensor::from_vec(stored.clone(), (cout, 1, 1, 1, cin), &dev)?;
+        let bias = Tensor::new(&[0.25f32, -0.5], &dev)?;
+        let tensors = HashMap::from([
+            ("conv.weight".to_string(), weight),
+            ("conv.bias".to_string(), bias),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let conv = SparseConv3d::new(cin, cout, 1, vb)?;
+        let coords = Tensor::new(&[[0i32, 1, 2, 3], [0, 1, 2, 4]], &dev)?;
+        let feats = Tensor::new(&[[1f32, 2., 3.], [-1., 0.5, 2.]], &dev)?;
+        let x = SparseTensor::from_tensors(&coords, feats.clone())?;
+        let y = conv.forward(&x)?.feats().to_vec2::<f32>()?;
+        let f = feats.to_vec2::<f32>()?;
+        for (r, row) in y.iter().enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                let expected: f32 = (0..cin)
+                    .map(|i| f[r][i] * stored[i * cout + o])
+                    .sum::<f32>()
+                    + [0.25f32, -0.5][o];
+                assert!(
+                    (v - expected).abs() < 1e-5,
+                    "row {r} out {o}: {v} vs {expected}"
+                );
+            }
+        }
+        Ok(())
     }
 }
