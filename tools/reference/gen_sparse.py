@@ -92,6 +92,24 @@ def blob_coords(g, counts, res, order='sorted', fill=0.55):
     return torch.cat(rows).int()
 
 
+def window_filled_coords(g, windows_per_batch, res, ws):
+    """Exactly `ws` voxels in each of `windows_per_batch[b]` random ws^3 cells per batch element,
+    sorted: every window of a shift-0 partition then holds `window_size` voxels, the case where the
+    original takes its dense "all windows full" path (flash_attn_qkvpacked_func)."""
+    n = res // ws
+    rows = []
+    for b, nw in enumerate(windows_per_batch):
+        cells = torch.randperm(n ** 3, generator=g)[:nw]
+        for c in cells.tolist():
+            base = torch.tensor([c // (n * n), (c // n) % n, c % n]) * ws
+            local = torch.randperm(ws ** 3, generator=g)[:ws]
+            xyz = base + torch.stack([local // (ws * ws), (local // ws) % ws, local % ws], 1)
+            rows.append(torch.cat([torch.full((ws, 1), b, dtype=torch.long), xyz], 1))
+    c = torch.cat(rows)
+    key = ((c[:, 0] * res + c[:, 1]) * res + c[:, 2]) * res + c[:, 3]
+    return c[key.argsort()].int()
+
+
 def dtype_name(t):
     return str(t.dtype).replace('torch.', '')
 
@@ -259,7 +277,7 @@ def modules_profile(root, seed, profile):
         gen_conv(M, 'sp_conv_b3', g, 8, 12, 3, blob_coords(g, [150, 220, 90], 32, order='random'))
         gen_conv(M, 'sp_conv_k1', g, 20, 6, 1, rand_coords(g, [60, 40], 2, 14, order='random'))
         gen_spatial(M, 'sp_spatial_b3', g, 5, blob_coords(g, [120, 200, 75], 32, order='random'))
-        sc = rand_coords(g, [25, 61, 12], 0, 16)
+        sc = rand_coords(g, [1, 61, 12], 0, 16)  # a batch element of one voxel
         gen_attention(M, 'sp_attn_self_full_b3', g, {'channels': 48, 'num_heads': 3, 'type': 'self',
                       'attn_mode': 'full', 'qk_rms_norm': True}, sc)
         gen_attention(M, 'sp_attn_cross_b3', g, {'channels': 48, 'num_heads': 6, 'ctx_channels': 20,
@@ -269,6 +287,9 @@ def modules_profile(root, seed, profile):
             gen_attention(M, f'sp_attn_swin_w{ws}_s{sh}_b3', g, {'channels': 32, 'num_heads': 2, 'type': 'self',
                           'attn_mode': 'windowed', 'window_size': ws, 'shift_window': sh,
                           'qk_rms_norm': False}, wc)
+        gen_attention(M, 'sp_attn_swin_w4_s0_allfull_b2', g, {'channels': 32, 'num_heads': 4, 'type': 'self',
+                      'attn_mode': 'windowed', 'window_size': 4, 'shift_window': 0,
+                      'qk_rms_norm': True}, window_filled_coords(g, [9, 5], 16, 4))
     else:
         gen_conv(M, 'sp_conv_b1', g, 24, 16, 3, blob_coords(g, [700], 16, order='random'))
         gen_conv(M, 'sp_conv_k1_b3', g, 12, 7, 1, rand_coords(g, [30, 10, 45], 0, 24, order='random'))
