@@ -104,6 +104,14 @@ def synthetic_rgba(g, h, w, shape, rng):
             cx, cy = rng.random() * w, rng.random() * h
             r = (0.05 + 0.15 * rng.random()) * min(w, h)
             dr.ellipse((cx - r, cy - r, cx + r, cy + r), fill=int(150 + 105 * rng.random()))
+    elif kind == 'threshold':   # alpha values 203..206 around the strict > 0.8*255 = 204 test
+        dr.rectangle((0, 0, w, h), fill=204)
+        dr.rectangle((w // 4, h // 3, w // 2, h // 2), fill=205)
+        dr.rectangle((w // 2, h // 5, w - 3, h // 4), fill=206)
+        dr.rectangle((2, h - 10, w // 3, h - 2), fill=203)
+    elif kind == 'nearly_opaque':   # alpha 255 except one pixel: the crop box leaves the image on every side
+        dr.rectangle((0, 0, w, h), fill=255)
+        dr.point((w - 1, 0), fill=0)
     if shape.get('blur'):
         a = a.filter(ImageFilter.GaussianBlur(shape['blur']))
     alpha = np.array(a).astype(np.float32)
@@ -251,20 +259,24 @@ SETS = {
             (128, 512, {'kind': 'rect', 'box': (0.0, 0.3, 0.97, 1.0)}),
             (517, 519, {'kind': 'polygon', 'points': [(0.1, 0.9), (0.5, 0.05), (0.93, 0.7), (0.45, 0.55)],
                         'ramp': True, 'blur': 1}),
+            (640, 960, {'kind': 'blobs', 'n': 6, 'blur': 2}),
         ],
         'dino': dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, num_register_tokens=2, image_size=518,
                      patch_size=14, mlp_ratio=4, layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
-                     qkv_bias=True, use_swiglu_ffn=False, drop_path_rate=0.0),
+                     qkv_bias=False, use_swiglu_ffn=False, drop_path_rate=0.0),
         'clip': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                      hidden_act='quick_gelu', layer_norm_eps=1e-5, projection_dim=64),
         'prompts': ['', 'a red wooden chair', LONG, 'A Low-Poly FOX!!', 'two   spaces\tand\ttabs',
-                    'Ünïcödé — “quotes” and emoji 🎉🦊', "it's a 3D-printed vase (v2.0), 15cm tall; 50% off"],
+                    'Ünïcödé — “quotes” and emoji 🎉🦊', "it's a 3D-printed vase (v2.0), 15cm tall; 50% off",
+                    'a ' * 75, 'a ' * 76, 'b' * 300],
     },
     2: {
         'images': [
             (64, 48, {'kind': 'blobs', 'n': 4, 'scale': 0.9}),
             (700, 333, {'kind': 'ellipse', 'box': (-0.2, 0.5, 0.6, 1.3), 'blur': 6}),
             (256, 256, {'kind': 'rect', 'box': (0.4, 0.45, 0.41, 0.9)}),
+            (90, 91, {'kind': 'threshold'}),
+            (33, 200, {'kind': 'nearly_opaque'}),
         ],
         'dino': dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, num_register_tokens=0, image_size=224,
                      patch_size=14, mlp_ratio=3, layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
@@ -274,7 +286,8 @@ SETS = {
         'prompts': [LONG + ' ' + LONG, 'x', '   ', 'C++ & Rust <3 // comments /* too */',
                     'numbers: 007 3.1415926535 -42 1e10 #hashtag @user', '日本語のテキスト and mixed ASCII',
                     'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a '
-                    'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a'],
+                    'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a',
+                    'special <|endoftext|> tokens <|startoftext|> inside', 'UPPER lower MiXeD\n\nnew lines  '],
     },
 }
 

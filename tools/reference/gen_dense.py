@@ -307,6 +307,60 @@ def ss_decoder(root, g, name, args, batch, res, frac=0.3):
           tols={'logits': 'rel_l2 1e-5; coords: exact except voxels whose |logit| < 1e-4'})
 
 
+def fp16_pair(cls, args, m32):
+    """The original's use_fp16 model loaded with m32's weights, its state_dict, and a float32 twin of those weights."""
+    m16 = cls(**dict(args, use_fp16=True)).eval()
+    m16.load_state_dict(m32.state_dict())
+    sd16 = m16.state_dict()
+    twin = cls(**dict(args, use_fp16=False)).eval()
+    twin.load_state_dict({k: v.float() for k, v in sd16.items()})
+    return m16, sd16, twin
+
+
+FP16_CONV = ('use_fp16=True: the Conv3d weights of blocks / middle_block are float16 (the original convert_to_fp16), '
+             'input/out layers and norms float32; activations are cast to float16 for the torso and back before out_layer '
+             '(norms compute in float32 and cast back). <name>_mixed_fp16 was computed on CPU in that mixed precision; '
+             '<name>_fp32_same_weights = the same (float16-rounded) weights run fully in float32.')
+
+
+def fp16_meta(sd16, mixed, full):
+    return {'fp16_tensors': sorted(k for k, v in sd16.items() if v.dtype == torch.float16),
+            'fp32_tensors': sorted(k for k, v in sd16.items() if v.dtype == torch.float32),
+            'observed_rel_l2_mixed_vs_fp32': rel(mixed, full)}
+
+
+def ss_encoder_fp16(root, g, name, args, batch, res):
+    from trellis.models import SparseStructureEncoder
+    m = g.init_(SparseStructureEncoder(**dict(args, use_fp16=False))).eval()
+    m16, sd16, twin = fp16_pair(SparseStructureEncoder, args, m)
+    x = occupancy(g, batch, res)
+    _, mean16, logvar16 = m16(x, sample_posterior=False, return_raw=True)
+    _, mean, logvar = twin(x, sample_posterior=False, return_raw=True)
+    io = {'x_occupancy': x, 'mean_mixed_fp16': mean16.float(), 'logvar_mixed_fp16': logvar16.float(),
+          'mean_fp32_same_weights': mean, 'logvar_fp32_same_weights': logvar}
+    write(root, f'models/{name}', 'model:SparseStructureEncoder', io,
+          first_keys={'desc': 'SparseStructureEncoder with use_fp16=True; sample_posterior=False so z = mean.',
+                      'conventions': FP16_CONV, **fp16_meta(sd16, mean16.float(), mean)},
+          meta_extra=param_stats(sd16), config={'name': 'SparseStructureEncoder', 'args': args}, sd=sd16,
+          tols={'mean_mixed_fp16': 'rel_l2 ~1e-2 (float16 activations)',
+                'logvar_mixed_fp16': 'rel_l2 ~1e-2 (float16 activations)',
+                'mean_fp32_same_weights': FWD, 'logvar_fp32_same_weights': FWD})
+
+
+def ss_decoder_fp16(root, g, name, args, batch, res):
+    from trellis.models import SparseStructureDecoder
+    m = g.init_(SparseStructureDecoder(**dict(args, use_fp16=False))).eval()
+    m16, sd16, twin = fp16_pair(SparseStructureDecoder, args, m)
+    z = g.randn(batch, args['latent_channels'], res, res, res)
+    mixed, full = m16(z).float(), twin(z)
+    write(root, f'models/{name}', 'model:SparseStructureDecoder',
+          {'z': z, 'logits_mixed_fp16': mixed, 'logits_fp32_same_weights': full},
+          first_keys={'desc': 'SparseStructureDecoder with use_fp16=True: latent [B,C,r,r,r] -> occupancy logits.',
+                      'conventions': FP16_CONV, **fp16_meta(sd16, mixed, full)},
+          meta_extra=param_stats(sd16), config={'name': 'SparseStructureDecoder', 'args': args}, sd=sd16,
+          tols={'logits_mixed_fp16': 'rel_l2 ~1e-2 (float16 activations)', 'logits_fp32_same_weights': FWD})
+
+
 def ss_flow(root, g, name, args, batch, cond_len):
     from trellis.models import SparseStructureFlowModel
     a32 = dict(args, use_fp16=False)
@@ -375,6 +429,10 @@ def set1(root, g):
     cross_block(root, g, 'dn_cross_block_b3', {'channels': 96, 'ctx_channels': 40, 'num_heads': 3, 'mlp_ratio': 2,
                                                'attn_mode': 'full', 'qk_rms_norm': True, 'qk_rms_norm_cross': True,
                                                'share_mod': False}, 3, 16, 9)
+    cross_block(root, g, 'dn_cross_block_mlp2p5_b1', {'channels': 36, 'ctx_channels': 12, 'num_heads': 2,
+                                                      'mlp_ratio': 2.5, 'attn_mode': 'full', 'qkv_bias': False,
+                                                      'qk_rms_norm': True, 'qk_rms_norm_cross': True,
+                                                      'share_mod': False}, 1, 7, 4)
     timestep_embedder(root, g, 'dn_timestep_embedder', 96, 256, 7)
     abs_pos_embedder(root, g, 'dn_abs_pos', [('ape96', 96, 3, 17, 16), ('ape1024', 1024, 3, 9, 64),
                                              ('ape70', 70, 3, 11, 32), ('ape40', 40, 2, 6, 20)])
@@ -386,6 +444,9 @@ def set1(root, g):
                                               'channels': [8, 16, 24], 'num_res_blocks_middle': 1, 'use_fp16': False}, 3, 16)
     ss_decoder(root, g, 'dn_ss_decoder_b1', {'out_channels': 1, 'latent_channels': 4, 'num_res_blocks': 1,
                                               'channels': [24, 16, 8], 'num_res_blocks_middle': 3, 'use_fp16': False}, 1, 6)
+    ss_encoder_fp16(root, g, 'dn_ss_encoder_fp16_b1', {'in_channels': 1, 'latent_channels': 8, 'num_res_blocks': 2,
+                                                        'channels': [8, 16, 32], 'num_res_blocks_middle': 2,
+                                                        'use_fp16': True}, 1, 16)
     flow = {'resolution': 8, 'in_channels': 4, 'out_channels': 4, 'model_channels': 96, 'cond_channels': 40,
             'num_blocks': 3, 'num_heads': 3, 'mlp_ratio': 4, 'patch_size': 2, 'pe_mode': 'ape', 'qk_rms_norm': True,
             'qk_rms_norm_cross': True, 'use_fp16': False}
@@ -422,6 +483,9 @@ def set2(root, g):
     ss_decoder(root, g, 'dn_ss_decoder_group_b1', {'out_channels': 1, 'latent_channels': 3, 'num_res_blocks': 1,
                                                     'channels': [64, 32], 'num_res_blocks_middle': 1,
                                                     'norm_type': 'group', 'use_fp16': False}, 1, 5)
+    ss_decoder_fp16(root, g, 'dn_ss_decoder_fp16_b3', {'out_channels': 1, 'latent_channels': 8, 'num_res_blocks': 2,
+                                                        'channels': [32, 16, 8], 'num_res_blocks_middle': 2,
+                                                        'use_fp16': True}, 3, 4)
     flow = {'resolution': 16, 'in_channels': 8, 'out_channels': 8, 'model_channels': 64, 'cond_channels': 24,
             'num_blocks': 2, 'num_head_channels': 32, 'mlp_ratio': 4, 'patch_size': 1, 'pe_mode': 'ape',
             'share_mod': True, 'qk_rms_norm': True, 'use_fp16': False}
