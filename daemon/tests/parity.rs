@@ -47,3 +47,51 @@ fn unknown_kind_fails() {
         "{text}"
     );
 }
+
+/// The visible fixture set against the original code's deterministic re-run values
+/// (`tests/reference-rerun`, made by `tools/reference/`): every fixture must pass outright, the
+/// overlay must apply to each fixture it names, and no known divergence may be used.
+#[test]
+fn visible_set_passes_against_rerun_values() {
+    let manifest = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = manifest.join("../../shared/reference");
+    let overlay_dir = manifest.join("../tests/reference-rerun");
+    let overlay = trellis::parity::rerun::Overlay::open(&overlay_dir).expect("overlay");
+    let named = walk_overlay(&overlay_dir);
+    assert!(
+        !named.is_empty(),
+        "no rerun.safetensors under {}",
+        overlay_dir.display()
+    );
+    let mut out = Vec::new();
+    let s = trellis::parity::run_with(&dir, &Device::Cpu, None, Some(&overlay), &mut out)
+        .expect("parity run");
+    let text = String::from_utf8_lossy(&out);
+    println!("{text}");
+    assert!(s.ok(), "{text}");
+    assert_eq!(s.passed, s.checked, "{text}");
+    assert_eq!(
+        text.matches("(re-run reference:").count(),
+        named.len(),
+        "every overlay entry must apply\n{text}"
+    );
+}
+
+/// Directories holding a `rerun.safetensors` under `root`.
+fn walk_overlay(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if d.join(trellis::parity::rerun::FILE).is_file() {
+            found.push(d.clone());
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    found
+}

@@ -73,3 +73,74 @@ def build(cfg, sd, fp32=False):
 def rel(a, b):
     a = a.double(); b = b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def load_pipelines(d):
+    """The original TrellisImageTo3DPipeline and TrellisTextTo3DPipeline of a `pipelines` fixture
+    (its TRELLIS-image-tiny / TRELLIS-text-tiny folders), without their image/text encoders."""
+    from trellis.pipelines.trellis_image_to_3d import TrellisImageTo3DPipeline
+    from trellis.pipelines.trellis_text_to_3d import TrellisTextTo3DPipeline
+    TrellisImageTo3DPipeline._init_image_cond_model = lambda self, name: None
+    TrellisTextTo3DPipeline._init_text_cond_model = lambda self, name: None
+    img = TrellisImageTo3DPipeline.from_pretrained(os.path.join(d, 'TRELLIS-image-tiny'))
+    txt = TrellisTextTo3DPipeline.from_pretrained(os.path.join(d, 'TRELLIS-text-tiny'))
+    import spconv.pytorch as spconv
+    for p in (img, txt):
+        for m in p.models.values():
+            for mod in m.modules():
+                if isinstance(mod, spconv.conv.SparseConvolution):
+                    mod.train()   # spconv's CPU path refuses a fused bias in inference mode
+    return img, txt
+
+
+def spy_samplers(pipe, captured):
+    """Keep what the pipeline's samplers return (`captured['ss']`, `captured['slat']`); the
+    pipelines themselves keep only `.samples`."""
+    for attr, tag in (('sparse_structure_sampler', 'ss'), ('slat_sampler', 'slat')):
+        sampler = getattr(pipe, attr)
+        orig = sampler.sample
+
+        def sample(*a, _orig=orig, _tag=tag, **k):
+            r = _orig(*a, **k)
+            captured[_tag] = r
+            return r
+        sampler.sample = sample
+
+
+def collect_run(run, captured, ret, pipe):
+    """The fixture tensors of one pipeline run (names: shared/reference pipelines meta.json
+    `tensor_naming`) from what `spy_samplers` captured and what the run returned."""
+    new = {}
+    ss = captured.pop('ss', None)
+    if ss is not None:
+        for i, x in enumerate(ss.pred_x_t):
+            new[f'{run}_ss_x_t{i}'] = x
+        for i, x in enumerate(ss.pred_x_0):
+            new[f'{run}_ss_pred_x0_{i}'] = x
+        new[f'{run}_ss_samples'] = ss.samples
+    s = captured.pop('slat')
+    for i, x in enumerate(s.pred_x_t):
+        new[f'{run}_slat_x_t{i}'] = x.feats
+    new[f'{run}_slat_samples'] = s.samples.feats
+    new[f'{run}_slat_coords'] = s.samples.coords.int()
+    if ss is not None:
+        new[f'{run}_coords'] = s.samples.coords.int()
+    std = torch.tensor(pipe.slat_normalization['std'])[None]
+    mean = torch.tensor(pipe.slat_normalization['mean'])[None]
+    new[f'{run}_slat'] = s.samples.feats * std + mean
+    for b, g in enumerate(ret.get('gaussian', [])):
+        new[f'{run}_gs{b}_xyz'] = g._xyz
+        new[f'{run}_gs{b}_features_dc'] = g._features_dc
+        new[f'{run}_gs{b}_scaling'] = g._scaling
+        new[f'{run}_gs{b}_rotation'] = g._rotation
+        new[f'{run}_gs{b}_opacity'] = g._opacity
+    for b, r in enumerate(ret.get('radiance_field', [])):
+        new[f'{run}_rf{b}_position'] = r.position
+        new[f'{run}_rf{b}_trivec'] = r.trivec
+        new[f'{run}_rf{b}_density'] = r.density
+        new[f'{run}_rf{b}_features_dc'] = r.features_dc
+    for b, m in enumerate(ret.get('mesh', [])):
+        new[f'{run}_mesh{b}_vertices'] = m.vertices
+        new[f'{run}_mesh{b}_faces'] = m.faces.int()
+        new[f'{run}_mesh{b}_vertex_attrs'] = m.vertex_attrs
+    return new

@@ -1,4 +1,4 @@
-//! `trellisd parity DIR [--device cpu|cuda:N] [--only SUBSTR]`.
+//! `trellisd parity DIR [--device cpu|cuda:N] [--only SUBSTR] [--rerun OVERLAY]`.
 
 use std::path::PathBuf;
 
@@ -14,6 +14,10 @@ pub struct ParityArgs {
     /// Only fixtures whose path contains this text.
     #[arg(long)]
     pub only: Option<String>,
+    /// Re-run reference overlay (e.g. tests/reference-rerun): compare against the original code's
+    /// deterministic re-run values where the overlay has them (see `parity/rerun.rs`).
+    #[arg(long, value_name = "OVERLAY")]
+    pub rerun: Option<PathBuf>,
 }
 
 /// Returns the process exit code: 0 only when nothing failed and something was checked.
@@ -21,6 +25,17 @@ pub fn run(args: &ParityArgs) -> Result<i32> {
     let device = crate::runtime::parse_device(&args.device)?;
     let dir = args.dir.clone().unwrap_or_else(crate::reference_dir);
     let mut stdout = std::io::stdout();
-    let s = crate::parity::run(&dir, &device, args.only.as_deref(), &mut stdout)?;
+    let overlay = args
+        .rerun
+        .as_deref()
+        .map(crate::parity::rerun::Overlay::open)
+        .transpose()?;
+    let s = crate::parity::run_with(
+        &dir,
+        &device,
+        args.only.as_deref(),
+        overlay.as_ref(),
+        &mut stdout,
+    )?;
     Ok(if s.ok() { 0 } else { 1 })
 }
