@@ -3,6 +3,7 @@
 //! Every size comes from the fixture (config, meta.json conventions, tensor shapes); every tensor the
 //! meta lists as an output or intermediate is compared.
 
+use std::collections::hash_map::Entry;
 use std::ops::Range;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -472,10 +473,11 @@ fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
             continue;
         }
         let (stem, r) = split_run(&name);
-        if !traces.contains_key(&r) {
-            traces.insert(r, run(r)?);
-        }
-        let got = flow_tensor(&traces[&r], stem)
+        let trace = match traces.entry(r) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(run(r)?),
+        };
+        let got = flow_tensor(trace, stem)
             .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
         let default_tol = run_precision(r, cfg.use_fp16).1;
         report.close(&name, got, &fx.io(&name)?, tol_of(fx, &name, default_tol))?;
@@ -528,10 +530,10 @@ fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
     let mut report = Report::default();
     for name in names.iter().filter(|n| **n != input) {
         let (stem, r) = split_run(name);
-        if !posts.contains_key(&r) {
-            posts.insert(r, run(r)?);
-        }
-        let post = &posts[&r];
+        let post = match posts.entry(r) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(run(r)?),
+        };
         let got = match stem {
             "z" | "mean" => &post.mean,
             "logvar" => &post.logvar,
@@ -594,10 +596,10 @@ fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
             continue;
         }
         let (stem, r) = split_run(&name);
-        if !logits.contains_key(&r) {
-            logits.insert(r, run(r)?);
-        }
-        let ours = &logits[&r];
+        let ours = match logits.entry(r) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(run(r)?),
+        };
         match stem {
             "logits" => {
                 let default_tol = run_precision(r, cfg.use_fp16).1;
