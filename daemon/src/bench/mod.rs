@@ -7,6 +7,7 @@ pub mod conditioners;
 pub mod mesh_decoder;
 pub mod sparse;
 pub mod ss_decoder;
+pub mod subdivide;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,6 +47,11 @@ pub const BENCHES: &[Bench] = &[
         name: "mesh-decoder",
         about: "full-size SLatMeshDecoder + FlexiCubes at 256^3 (slat_dec_mesh_swin8_B_64l8m256c_fp16 manifest, random weights), f32 CPU, 20,000-voxel shell at 64^3; time and peak RSS per stage",
         run: mesh_decoder::run,
+    },
+    Bench {
+        name: "subdivide-conv",
+        about: "the mesh decoder's subdivide-block conv (768 -> 192 ch, 5,000-voxel shell at 64^3), explicit 8x subdivide + conv vs subdivided_conv, side by side in one process",
+        run: subdivide::run,
     },
 ];
 

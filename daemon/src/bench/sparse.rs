@@ -43,7 +43,7 @@ pub fn shell_coords(res: usize, outer: f64, target: usize) -> Vec<i32> {
     v.into_iter().flat_map(|p| [0, p[0], p[1], p[2]]).collect()
 }
 
-fn lcg_vec(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn lcg_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {

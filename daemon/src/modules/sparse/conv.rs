@@ -8,9 +8,11 @@ use std::sync::OnceLock;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use trellis_kernels::sparse_conv::submanifold_conv;
+use std::sync::Arc;
 
-use super::tensor::{to_f32_vec, SparseTensor};
+use trellis_kernels::sparse_conv::{subdivided_conv, submanifold_conv};
+
+use super::tensor::{to_f32_vec, Geometry, SparseTensor};
 
 #[derive(Debug)]
 pub struct SparseConv3d {
@@ -56,15 +58,7 @@ impl SparseConv3d {
         self.out_channels
     }
 
-    /// Output feats in the input's dtype (computed in f32).
-    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
-        let c = x.channels()?;
-        ensure!(
-            c == self.in_channels,
-            "SparseConv3d: expected {} input channels, got {c}",
-            self.in_channels
-        );
-        let map = x.geometry().neighbour_map(self.kernel)?;
+    fn weights_f32(&self) -> Result<(&[f32], Option<&[f32]>)> {
         let w = match self.weight_f32.get() {
             Some(w) => w,
             None => {
@@ -79,8 +73,21 @@ impl SparseConv3d {
                 self.bias_f32.get_or_init(|| b)
             }
         };
+        Ok((w, b.as_deref()))
+    }
+
+    /// Output feats in the input's dtype (computed in f32).
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let c = x.channels()?;
+        ensure!(
+            c == self.in_channels,
+            "SparseConv3d: expected {} input channels, got {c}",
+            self.in_channels
+        );
+        let map = x.geometry().neighbour_map(self.kernel)?;
+        let (w, b) = self.weights_f32()?;
         let feats = to_f32_vec(x.feats())?;
-        let out = submanifold_conv(&feats, c, &map, w, b.as_deref(), self.out_channels)?;
+        let out = submanifold_conv(&feats, c, &map, w, b, self.out_channels)?;
         let t = Tensor::from_vec(out, (x.rows(), self.out_channels), x.device())?;
         let t = if x.dtype() == DType::F32 {
             t
@@ -88,5 +95,43 @@ impl SparseConv3d {
             t.to_dtype(x.dtype())?
         };
         x.replace(t)
+    }
+
+    /// `self.forward(SparseSubdivide.forward(x))` computed from the coarse rows of `x`
+    /// (`trellis_kernels::sparse_conv::subdivided_conv`): 8 merged taps per child instead of 27
+    /// and no 8× copy of the input. `fine` is `SparseSubdivide.geometry(x)`.
+    pub fn forward_subdivided(
+        &self,
+        x: &SparseTensor,
+        fine: Arc<Geometry>,
+    ) -> Result<SparseTensor> {
+        let c = x.channels()?;
+        ensure!(
+            c == self.in_channels,
+            "SparseConv3d: expected {} input channels, got {c}",
+            self.in_channels
+        );
+        ensure!(
+            self.kernel == [3, 3, 3],
+            "SparseConv3d: the subdivided path needs a 3x3x3 kernel, not {:?}",
+            self.kernel
+        );
+        ensure!(
+            fine.rows() == 8 * x.rows(),
+            "SparseConv3d: {} subdivided rows for {} coarse rows",
+            fine.rows(),
+            x.rows()
+        );
+        let map = x.geometry().neighbour_map(self.kernel)?;
+        let (w, b) = self.weights_f32()?;
+        let feats = to_f32_vec(x.feats())?;
+        let out = subdivided_conv(&feats, c, &map, w, b, self.out_channels)?;
+        let t = Tensor::from_vec(out, (fine.rows(), self.out_channels), x.device())?;
+        let t = if x.dtype() == DType::F32 {
+            t
+        } else {
+            t.to_dtype(x.dtype())?
+        };
+        SparseTensor::from_geometry(fine, t)
     }
 }

@@ -115,21 +115,31 @@ pub struct SparseSubdivide;
 impl SparseSubdivide {
     pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
         let n = x.rows();
-        let mut coords = Vec::with_capacity(n * 32);
-        for c in x.coords().chunks_exact(4) {
-            for j in 0..8 {
-                let (dx, dy, dz) = ((j >> 2) & 1, (j >> 1) & 1, j & 1);
-                coords.extend_from_slice(&[c[0], 2 * c[1] + dx, 2 * c[2] + dy, 2 * c[3] + dz]);
-            }
-        }
         let c = x.channels()?;
         let feats = x
             .feats()
             .unsqueeze(1)?
             .broadcast_as((n, 8, c))?
             .reshape((n * 8, c))?;
-        let geo = Geometry::new(coords, Some(x.batch_size()), x.device())?;
-        SparseTensor::from_geometry(Arc::new(geo), feats)
+        SparseTensor::from_geometry(self.geometry(x)?, feats)
+    }
+
+    /// The subdivided coords alone (child `j = 4dx + 2dy + dz` of row `i` at row `8i + j`), for
+    /// layers that compute on the children without materialising their copied feats
+    /// (`SparseConv3d::forward_subdivided`).
+    pub fn geometry(&self, x: &SparseTensor) -> Result<Arc<Geometry>> {
+        let mut coords = Vec::with_capacity(x.rows() * 32);
+        for c in x.coords().chunks_exact(4) {
+            for j in 0..8 {
+                let (dx, dy, dz) = ((j >> 2) & 1, (j >> 1) & 1, j & 1);
+                coords.extend_from_slice(&[c[0], 2 * c[1] + dx, 2 * c[2] + dy, 2 * c[3] + dz]);
+            }
+        }
+        Ok(Arc::new(Geometry::new(
+            coords,
+            Some(x.batch_size()),
+            x.device(),
+        )?))
     }
 }
 
