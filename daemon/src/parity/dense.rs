@@ -3,6 +3,7 @@
 //! Every size comes from the fixture (config, meta.json conventions, tensor shapes); every tensor the
 //! meta lists as an output or intermediate is compared.
 
+use std::collections::hash_map::Entry;
 use std::ops::Range;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -459,49 +460,53 @@ fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
     fx.load_io()?;
     let cfg: SparseStructureFlowConfig = model_config(fx)?;
     let (x, t, cond) = (fx.io("x")?, fx.io("t")?, fx.io("cond")?);
-    let run = |dtype: DType| -> Result<SparseStructureFlowTrace> {
+    let run = |run: Run| -> Result<SparseStructureFlowTrace> {
         let (vb, check) = fx.weights(DType::F32)?;
-        let model = SparseStructureFlowModel::new(&cfg, vb, dtype)?;
+        let model = SparseStructureFlowModel::new(&cfg, vb, run_precision(run, cfg.use_fp16).0)?;
         check.finish()?;
         model.forward_trace(&x, &t, &cond)
     };
+    let mut traces = std::collections::HashMap::new();
     let mut report = Report::default();
-    let names: Vec<String> = meta_tensors(fx)
-        .into_iter()
-        .filter(|n| !["x", "t", "cond"].contains(&n.as_str()))
-        .collect();
-    let f32_trace = run(DType::F32)?;
-    let f16_trace = if cfg.use_fp16 {
-        Some(run(DType::F16)?)
-    } else {
-        None
-    };
-    for name in &names {
-        let expected = fx.io(name)?;
-        if let Some(stem) = name.strip_suffix("_fp32_same_weights") {
-            let got = flow_tensor(&f32_trace, stem)
-                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
-            report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
-        } else if let Some(tr) = &f16_trace {
-            let stem = name.strip_suffix("_mixed_fp16").unwrap_or(name);
-            let got = flow_tensor(tr, stem)
-                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
-            report.close(name, got, &expected, tol_of(fx, name, tol::FP16))?;
-        } else {
-            let got = flow_tensor(&f32_trace, name)
-                .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
-            report.close(name, got, &expected, tol_of(fx, name, tol::FORWARD))?;
+    for name in meta_tensors(fx) {
+        if ["x", "t", "cond"].contains(&name.as_str()) {
+            continue;
         }
+        let (stem, r) = split_run(&name);
+        let trace = match traces.entry(r) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(run(r)?),
+        };
+        let got = flow_tensor(trace, stem)
+            .ok_or_else(|| anyhow!("meta.json lists {name:?}, unknown to this handler"))?;
+        let default_tol = run_precision(r, cfg.use_fp16).1;
+        report.close(&name, got, &fx.io(&name)?, tol_of(fx, &name, default_tol))?;
     }
     Ok(Outcome::Checked(report))
 }
 
-/// The torso dtype a VAE fixture runs in: float16 where the checkpoint is fp16 (as the original).
-fn vae_torso(use_fp16: bool) -> DType {
-    if use_fp16 {
-        DType::F16
+/// Which run of a model fixture an output name refers to: `<stem>_fp32_same_weights` is the fp16
+/// checkpoint's (rounded) weights run fully in float32; `<stem>_mixed_fp16` and a plain `<stem>` are
+/// the checkpoint's own precision (the naming of the `*_fp16` flow fixtures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Run {
+    Own,
+    Fp32,
+}
+
+fn split_run(name: &str) -> (&str, Run) {
+    if let Some(stem) = name.strip_suffix("_fp32_same_weights") {
+        (stem, Run::Fp32)
     } else {
-        DType::F32
+        (name.strip_suffix("_mixed_fp16").unwrap_or(name), Run::Own)
+    }
+}
+
+/// The torso dtype of a run, and the tolerance its outputs get unless meta.json states one.
+fn run_precision(run: Run, use_fp16: bool) -> (DType, f64) {
+    match run {
+        Run::Own if use_fp16 => (DType::F16, tol::FP16),
+        _ => (DType::F32, tol::FORWARD),
     }
 }
 
@@ -514,22 +519,27 @@ fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
         .find(|n| *n == "x" || n.starts_with("x_"))
         .ok_or_else(|| anyhow!("meta.json lists no input x / x_*"))?
         .clone();
-    let (vb, check) = fx.weights(DType::F32)?;
-    let enc = SparseStructureEncoder::new(&cfg, vb, vae_torso(cfg.use_fp16))?;
-    check.finish()?;
-    let post = enc.forward_raw(&fx.io(&input)?)?;
-    let default_tol = if cfg.use_fp16 {
-        tol::FP16
-    } else {
-        tol::FORWARD
+    let x = fx.io(&input)?;
+    let run = |run: Run| -> Result<_> {
+        let (vb, check) = fx.weights(DType::F32)?;
+        let enc = SparseStructureEncoder::new(&cfg, vb, run_precision(run, cfg.use_fp16).0)?;
+        check.finish()?;
+        enc.forward_raw(&x)
     };
+    let mut posts = std::collections::HashMap::new();
     let mut report = Report::default();
     for name in names.iter().filter(|n| **n != input) {
-        let got = match name.as_str() {
+        let (stem, r) = split_run(name);
+        let post = match posts.entry(r) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(run(r)?),
+        };
+        let got = match stem {
             "z" | "mean" => &post.mean,
             "logvar" => &post.logvar,
-            other => bail!("meta.json lists {other:?}, which this handler does not know"),
+            _ => bail!("meta.json lists {name:?}, which this handler does not know"),
         };
+        let default_tol = run_precision(r, cfg.use_fp16).1;
         report.close(name, got, &fx.io(name)?, tol_of(fx, name, default_tol))?;
     }
     Ok(Outcome::Checked(report))
@@ -572,31 +582,40 @@ fn coords_error(got: &Tensor, want: &Tensor, logits: &Tensor, margin: f32) -> Re
 fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
     fx.load_io()?;
     let cfg: SparseStructureDecoderConfig = model_config(fx)?;
-    let (vb, check) = fx.weights(DType::F32)?;
-    let dec = SparseStructureDecoder::new(&cfg, vb, vae_torso(cfg.use_fp16))?;
-    check.finish()?;
-    let logits = dec.forward(&fx.io("z")?)?;
-    let default_tol = if cfg.use_fp16 {
-        tol::FP16
-    } else {
-        tol::FORWARD
+    let z = fx.io("z")?;
+    let run = |run: Run| -> Result<Tensor> {
+        let (vb, check) = fx.weights(DType::F32)?;
+        let dec = SparseStructureDecoder::new(&cfg, vb, run_precision(run, cfg.use_fp16).0)?;
+        check.finish()?;
+        dec.forward(&z)
     };
+    let mut logits = std::collections::HashMap::new();
     let mut report = Report::default();
     for name in meta_tensors(fx) {
-        match name.as_str() {
-            "z" => {}
-            "logits" => report.close(
-                "logits",
-                &logits,
-                &fx.io("logits")?,
-                tol_of(fx, "logits", default_tol),
-            )?,
-            "coords" => {
-                let got = occupied_coords(&logits)?;
-                let err = coords_error(&got, &fx.io("coords")?, &fx.io("logits")?, 1e-4)?;
-                report.record("coords", err, 0.0);
+        if name == "z" {
+            continue;
+        }
+        let (stem, r) = split_run(&name);
+        let ours = match logits.entry(r) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(run(r)?),
+        };
+        match stem {
+            "logits" => {
+                let default_tol = run_precision(r, cfg.use_fp16).1;
+                report.close(&name, ours, &fx.io(&name)?, tol_of(fx, &name, default_tol))?
             }
-            other => bail!("meta.json lists {other:?}, which this handler does not know"),
+            "coords" => {
+                // the reference logits of the same run explain near-zero disagreements
+                let suffix = &name["coords".len()..];
+                let reference = fx
+                    .io(&format!("logits{suffix}"))
+                    .with_context(|| format!("{name} needs the reference logits{suffix}"))?;
+                let got = occupied_coords(ours)?;
+                let err = coords_error(&got, &fx.io(&name)?, &reference, 1e-4)?;
+                report.record(&name, err, 0.0);
+            }
+            _ => bail!("meta.json lists {name:?}, which this handler does not know"),
         }
     }
     Ok(Outcome::Checked(report))
@@ -605,6 +624,7 @@ fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::weights;
     use candle_core::Device;
 
     #[test]
@@ -631,5 +651,73 @@ mod tests {
         assert_eq!(batch_ranges(&c).unwrap(), vec![0..2, 2..2, 2..3]);
         let bad = Tensor::new(&[[1i32, 1, 1, 1], [0, 2, 2, 2]], &Device::Cpu).unwrap();
         assert!(batch_ranges(&bad).is_err());
+    }
+
+    #[test]
+    fn run_names() {
+        assert_eq!(split_run("out_fp32_same_weights"), ("out", Run::Fp32));
+        assert_eq!(split_run("out_mixed_fp16"), ("out", Run::Own));
+        assert_eq!(split_run("logits"), ("logits", Run::Own));
+        assert_eq!(run_precision(Run::Own, true).0, DType::F16);
+        assert_eq!(run_precision(Run::Fp32, true).0, DType::F32);
+        assert_eq!(run_precision(Run::Own, false).0, DType::F32);
+    }
+
+    /// An fp16 SparseStructureDecoder fixture named like the `*_fp16` flow fixtures
+    /// (`logits_mixed_fp16`, `logits_fp32_same_weights`): each output is compared with the run of
+    /// the matching precision (the handler used to reject these names).
+    #[test]
+    fn ss_decoder_fp16_fixture_names() {
+        use candle_nn::{VarBuilder, VarMap};
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let args = serde_json::json!({"out_channels": 1, "latent_channels": 2, "num_res_blocks": 1,
+            "channels": [8, 4], "num_res_blocks_middle": 1, "use_fp16": true});
+        let cfg: SparseStructureDecoderConfig = serde_json::from_value(args.clone()).unwrap();
+        let vm = VarMap::new();
+        SparseStructureDecoder::new(
+            &cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &dev),
+            DType::F32,
+        )
+        .unwrap();
+        for (i, var) in vm.all_vars().iter().enumerate() {
+            let t = Tensor::randn(0f32, 0.3, var.shape(), &dev).unwrap();
+            let t = if i % 3 == 0 { (t + 1.0).unwrap() } else { t };
+            var.set(&t).unwrap();
+        }
+        vm.save(dir.path().join("model.safetensors")).unwrap();
+        let load = |dtype| {
+            let (vb, _) =
+                weights::from_safetensors(&dir.path().join("model.safetensors"), DType::F32, &dev)
+                    .unwrap();
+            SparseStructureDecoder::new(&cfg, vb, dtype).unwrap()
+        };
+        let z = Tensor::randn(0f32, 1.0, (1, 2, 2, 2, 2), &dev).unwrap();
+        let mixed = load(DType::F16).forward(&z).unwrap();
+        let full = load(DType::F32).forward(&z).unwrap();
+        assert!(crate::parity::fixture::rel_l2(&mixed, &full).unwrap() > 1e-6);
+        let io = std::collections::HashMap::from([
+            ("z".to_string(), z),
+            ("logits_mixed_fp16".to_string(), mixed),
+            ("logits_fp32_same_weights".to_string(), full),
+        ]);
+        candle_core::safetensors::save(&io, dir.path().join("io.safetensors")).unwrap();
+        let t = |s: &[usize], tol: &str| serde_json::json!({"shape": s, "dtype": "float32", "desc": "", "tolerance": tol});
+        let meta = serde_json::json!({"kind": "model:SparseStructureDecoder", "tensors": {
+            "z": t(&[1, 2, 2, 2, 2], ""),
+            "logits_mixed_fp16": t(&[1, 1, 8, 8, 8], "rel_l2 1e-6"),
+            "logits_fp32_same_weights": t(&[1, 1, 8, 8, 8], "rel_l2 1e-6")}});
+        std::fs::write(dir.path().join("meta.json"), meta.to_string()).unwrap();
+        let config = serde_json::json!({"name": "SparseStructureDecoder", "args": args});
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let mut fx = Fixture::open(dir.path(), &dev).unwrap();
+        let Outcome::Checked(report) = check(&mut fx).unwrap() else {
+            panic!("skipped")
+        };
+        let mut names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["logits_fp32_same_weights", "logits_mixed_fp16"]);
+        assert!(report.passed(), "{:?}", report.checks);
     }
 }
