@@ -342,7 +342,10 @@ SETS = {
                     'numbers: 007 3.1415926535 -42 1e10 #hashtag @user', '日本語のテキスト and mixed ASCII',
                     'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a '
                     'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a',
-                    'special <|endoftext|> tokens <|startoftext|> inside', 'UPPER lower MiXeD\n\nnew lines  '],
+                    'special <|endoftext|> tokens <|startoftext|> inside', 'UPPER lower MiXeD\n\nnew lines  ',
+                    'cafe\u0301 vs caf\u00e9, \uff26\uff55\uff4c\uff4c\u3000width, nbsp\u00a0here, zwj \U0001F468\u200d\U0001F469',
+                    "DON'T WE'LL it\u2019s O'Neil's 'quoted' \"double\"", '\u0645\u0631\u062d\u0628\u0627 \ud55c\uad6d\uc5b4 '
+                    '\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \u00df\u0130\u0131 1234567890123 0.5x', '\x07bell\x00nul\x1fctrl'],
     },
 }
 
