@@ -210,6 +210,45 @@ def dinov2(root, g, images, cfg_kw):
     })
 
 
+def dinov2_direct(root, g, name, cfg_kw, batch, h, w):
+    """The same HF model run on normalised tensors given directly (any size: the position table is interpolated
+    when the patch grid differs from the trained one), cond = F.layer_norm(x_prenorm) as encode_image computes it."""
+    cfg = Dinov2WithRegistersConfig(**cfg_kw)
+    model = Dinov2WithRegistersModel(cfg).eval()
+    init_hf(model, g, 0.1)
+    d = os.path.join(root, 'conditioners', name)
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, safe_serialization=True)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing='ij')
+    imgs = []
+    for b in range(batch):
+        ph = torch.rand(3, 1, 1, generator=g) * 6
+        rgb = 0.5 + 0.4 * torch.sin(ph + (3 + b) * xx[None] + (2 + 2 * b) * yy[None] * ph)
+        rgb = (rgb + 0.05 * torch.randn(3, h, w, generator=g)).clamp(0, 1)
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        imgs.append((rgb - mean) / std)
+    x = torch.stack(imgs)
+    prenorm = HubAdapter(model)(x)['x_prenorm']
+    cond = F.layer_norm(prenorm, prenorm.shape[-1:])
+    gh, gw = h // cfg.patch_size, w // cfg.patch_size
+    trained = cfg.image_size // cfg.patch_size
+    io = {f'image_normalized_{b}': x[b] for b in range(batch)}
+    io.update({'cond': cond, 'x_prenorm': prenorm})
+    write_fixture(d, 'conditioner:dinov2_with_registers', io, {
+        'desc': 'Tiny Dinov2WithRegistersModel (transformers, random weights, HF format in this folder) run directly on '
+                'the normalised image tensors image_normalized_<i> (not 518x518: no TRELLIS preprocessing involved); '
+                'x_prenorm = hidden_states[-1], cond = F.layer_norm(x_prenorm) as TrellisImageTo3DPipeline.encode_image.',
+        'input': f'image_normalized_<i> [3,{h},{w}] for every batch entry',
+        'cond': f'[B, 1 + {cfg.num_register_tokens} + {gh}*{gw}, C]; token order CLS, registers, {gh}x{gw} patches '
+                'row-major (y then x)',
+        'position_table': f'trained grid {trained}x{trained}; input grid {gh}x{gw}: transformers interpolate_pos_encoding '
+                          '(bicubic, align_corners=False, antialias=True, float32) of the patch part'
+                          + ('' if (gh, gw) != (trained, trained) else ' (not applied: same grid)'),
+        'tolerance': 'rel_l2 1e-5',
+    })
+
+
 # ------------------------------------------------------------------------------------------ clip
 
 def clip(root, g, tok_dir, cfg_kw, prompts):
@@ -264,6 +303,12 @@ SETS = {
         'dino': dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, num_register_tokens=2, image_size=518,
                      patch_size=14, mlp_ratio=4, layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
                      qkv_bias=False, use_swiglu_ffn=False, drop_path_rate=0.0),
+        'dino_direct': [
+            ('dino_alt_direct_224', dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_register_tokens=4, image_size=224, patch_size=14, mlp_ratio=4,
+                                         layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
+                                         qkv_bias=True, use_swiglu_ffn=False, drop_path_rate=0.0), 3, 224, 224),
+        ],
         'clip': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                      hidden_act='quick_gelu', layer_norm_eps=1e-5, projection_dim=64),
         'prompts': ['', 'a red wooden chair', LONG, 'A Low-Poly FOX!!', 'two   spaces\tand\ttabs',
@@ -281,13 +326,26 @@ SETS = {
         'dino': dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=5, num_register_tokens=0, image_size=224,
                      patch_size=14, mlp_ratio=3, layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
                      qkv_bias=True, use_swiglu_ffn=True, drop_path_rate=0.0),
+        'dino_direct': [
+            ('dino_alt_direct_nonsquare', dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                               num_register_tokens=3, image_size=224, patch_size=14, mlp_ratio=4,
+                                               layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
+                                               qkv_bias=True, use_swiglu_ffn=False, drop_path_rate=0.0), 3, 266, 380),
+            ('dino_alt_direct_p16', dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_register_tokens=4, image_size=224, patch_size=16, mlp_ratio=4,
+                                         layerscale_value=1.0, hidden_act='gelu', layer_norm_eps=1e-6,
+                                         qkv_bias=True, use_swiglu_ffn=False, drop_path_rate=0.0), 1, 224, 230),
+        ],
         'clip': dict(hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=1,
                      hidden_act='gelu', layer_norm_eps=1e-5, projection_dim=32),
         'prompts': [LONG + ' ' + LONG, 'x', '   ', 'C++ & Rust <3 // comments /* too */',
                     'numbers: 007 3.1415926535 -42 1e10 #hashtag @user', '日本語のテキスト and mixed ASCII',
                     'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a '
                     'a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a a',
-                    'special <|endoftext|> tokens <|startoftext|> inside', 'UPPER lower MiXeD\n\nnew lines  '],
+                    'special <|endoftext|> tokens <|startoftext|> inside', 'UPPER lower MiXeD\n\nnew lines  ',
+                    'cafe\u0301 vs caf\u00e9, \uff26\uff55\uff4c\uff4c\u3000width, nbsp\u00a0here, zwj \U0001F468\u200d\U0001F469',
+                    "DON'T WE'LL it\u2019s O'Neil's 'quoted' \"double\"", '\u0645\u0631\u062d\u0628\u0627 \ud55c\uad6d\uc5b4 '
+                    '\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35 \u00df\u0130\u0131 1234567890123 0.5x', '\x07bell\x00nul\x1fctrl'],
     },
 }
 
@@ -308,4 +366,6 @@ if __name__ == '__main__':
     print(f'gen_conditioners: set {a.set}, seed {a.seed} -> {a.out}')
     images = preprocess(a.out, rng, s['images'])
     dinov2(a.out, g, images, s['dino'])
+    for name, cfg_kw, batch, h, w in s.get('dino_direct', []):
+        dinov2_direct(a.out, g, name, cfg_kw, batch, h, w)
     clip(a.out, g, a.tokenizer, s['clip'], s['prompts'])

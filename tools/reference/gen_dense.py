@@ -451,7 +451,13 @@ def set1(root, g):
             'num_blocks': 3, 'num_heads': 3, 'mlp_ratio': 4, 'patch_size': 2, 'pe_mode': 'ape', 'qk_rms_norm': True,
             'qk_rms_norm_cross': True, 'use_fp16': False}
     ss_flow(root, g, 'dn_ss_flow_p2_b3', flow, 3, 7)
-    ss_flow(root, g, 'dn_ss_flow_p2_b3_fp16', dict(flow, use_fp16=True), 3, 7)
+    ss_flow(root, g, 'dn_ss_flow_p2_b3_sharemod_fp16', dict(flow, share_mod=True, use_fp16=True), 3, 7)
+    attention(root, g, 'dn_attn_self_long_b3', {'channels': 32, 'num_heads': 4, 'type': 'self', 'qk_rms_norm': True},
+              3, 1200)   # 3*4*1200^2 scores: over the Rust side's per-chunk budget
+    ss_flow(root, g, 'dn_ss_flow_r12_p3_io', {'resolution': 12, 'in_channels': 3, 'out_channels': 5,
+                                               'model_channels': 48, 'cond_channels': 16, 'num_blocks': 1,
+                                               'num_heads': 4, 'mlp_ratio': 4, 'patch_size': 3, 'pe_mode': 'ape',
+                                               'qk_rms_norm': False, 'use_fp16': False}, 2, 3)
 
 
 def set2(root, g):
@@ -490,7 +496,7 @@ def set2(root, g):
             'num_blocks': 2, 'num_head_channels': 32, 'mlp_ratio': 4, 'patch_size': 1, 'pe_mode': 'ape',
             'share_mod': True, 'qk_rms_norm': True, 'use_fp16': False}
     ss_flow(root, g, 'dn_ss_flow_r16_b1', flow, 1, 5)
-    flow = {'resolution': 8, 'in_channels': 8, 'out_channels': 8, 'model_channels': 48, 'cond_channels': 32,
+    flow = {'resolution': 16, 'in_channels': 8, 'out_channels': 8, 'model_channels': 48, 'cond_channels': 32,
             'num_blocks': 2, 'num_heads': 2, 'mlp_ratio': 4, 'patch_size': 1, 'pe_mode': 'ape', 'qk_rms_norm': True,
             'qk_rms_norm_cross': True, 'use_fp16': True}
     ss_flow(root, g, 'dn_ss_flow_b3_fp16', flow, 3, 11)
