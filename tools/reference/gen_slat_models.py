@@ -373,6 +373,12 @@ def models_profile(root, seed, profile):
         gen_mesh_decoder(M, 'slat_mesh_decoder_w4_b3', g,
                          vae(8, 256, 8, 3, 8, 1, 4, representation_config={'use_color': True}),
                          blob_coords(g, [30, 22, 15], 8))
+        gen_rf_decoder(M, 'slat_rf_decoder_fp16_b3', g,
+                       vae(16, 64, 8, 2, 4, 4, 8, fp16=True, representation_config={'rank': 4, 'dim': 2}),
+                       blob_coords(g, [1, 60, 33], 16))
+        gen_mesh_decoder(M, 'slat_mesh_decoder_1vox_b2', g,
+                         vae(8, 256, 8, 2, 2, 1, 8, representation_config={'use_color': True}),
+                         blob_coords(g, [1, 9], 8))
     else:
         gen_flow(M, 'slat_flow_io2_r2_b1', g, flow(32, 64, 16, 3, 2, 4, 2, [16, 32]),
                  blob_coords(g, [900], 32, order='random'), 5)
@@ -389,6 +395,10 @@ def models_profile(root, seed, profile):
         gen_rf_decoder(M, 'slat_rf_decoder_r32_b1', g,
                        vae(32, 64, 8, 2, 4, 4, 8, representation_config={'rank': 16, 'dim': 8}),
                        blob_coords(g, [200], 32))
+        fa = flow(64, 48, 24, 2, None, 2, 2, [24], use_skip_connection=False, mlp_ratio=2.5)
+        del fa['num_heads']
+        fa['num_head_channels'] = 16
+        gen_flow(M, 'slat_flow_r64_noskip_hc_b2', g, fa, blob_coords(g, [330, 150], 64), 6)
         gen_encoder(M, 'slat_encoder_r64_qkrms_b2', g,
                     dict(vae(64, 64, 8, 2, 4, 4, 8, qk_rms_norm=True), in_channels=16),
                     blob_coords(g, [250, 180], 64))
