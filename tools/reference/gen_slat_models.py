@@ -408,6 +408,13 @@ def models_profile(root, seed, profile):
         gen_mesh_decoder(M, 'slat_mesh_decoder_r12_b1', g,
                          vae(12, 256, 8, 2, 4, 1, 8, representation_config={'use_color': True}),
                          blob_coords(g, [55], 12))
+        # a batch element without voxels (an empty sparse structure among num_samples > 1)
+        gen_flow(M, 'slat_flow_gap_b3', g, flow(16, 32, 16, 1, 2, 2, 1, [16]), blob_coords(g, [120, 0, 80], 16), 4)
+        gc = blob_coords(g, [30, 0, 20], 16)
+        gen_gs_decoder(M, 'slat_gs_decoder_gap_b3', g,
+                       vae(16, 32, 8, 2, 2, 4, 8, representation_config=dict(GS_REP, num_gaussians=4)), gc)
+        gen_rf_decoder(M, 'slat_rf_decoder_gap_b3', g,
+                       vae(16, 32, 8, 2, 2, 4, 8, representation_config={'rank': 4, 'dim': 2}), gc)
 
 
 if __name__ == '__main__':

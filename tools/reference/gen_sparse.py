@@ -310,6 +310,15 @@ def modules_profile(root, seed, profile):
         gen_attention(M, 'sp_attn_swin_w4_s0_b3', g, {'channels': 32, 'num_heads': 1, 'type': 'self',
                       'attn_mode': 'windowed', 'window_size': 4, 'shift_window': 0,
                       'qk_rms_norm': False}, wc3)
+        # a batch element without voxels (batch indices 0 and 2 only)
+        gc = rand_coords(g, [20, 0, 15], 0, 16)
+        gen_attention(M, 'sp_attn_self_full_gap_b3', g, {'channels': 32, 'num_heads': 2, 'type': 'self',
+                      'attn_mode': 'full', 'qk_rms_norm': True}, gc)
+        gen_attention(M, 'sp_attn_cross_gap_b3', g, {'channels': 32, 'num_heads': 2, 'ctx_channels': 16,
+                      'type': 'cross', 'attn_mode': 'full', 'qk_rms_norm': False}, gc, ctx_len=5)
+        gen_attention(M, 'sp_attn_swin_w8_s4_gap_b3', g, {'channels': 32, 'num_heads': 2, 'type': 'self',
+                      'attn_mode': 'windowed', 'window_size': 8, 'shift_window': 4,
+                      'qk_rms_norm': False}, gc)
 
 
 if __name__ == '__main__':
