@@ -64,8 +64,11 @@ fn visible_set_passes_against_rerun_values() {
         overlay_dir.display()
     );
     let mut out = Vec::new();
-    let s = trellis::parity::run_with(&dir, &Device::Cpu, None, Some(&overlay), &mut out)
-        .expect("parity run");
+    let opts = trellis::parity::RunOptions {
+        overlay: Some(&overlay),
+        ..Default::default()
+    };
+    let s = trellis::parity::run_with(&dir, &Device::Cpu, &opts, &mut out).expect("parity run");
     let text = String::from_utf8_lossy(&out);
     println!("{text}");
     assert!(s.ok(), "{text}");

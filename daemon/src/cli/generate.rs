@@ -45,7 +45,8 @@ fn parse_cfg(s: &str) -> Result<f64, String> {
 /// Sampler overrides (every one optional: pipeline.json's value otherwise).
 #[derive(Debug, Clone, clap::Args)]
 pub struct SamplingArgs {
-    /// Random seed.
+    /// Random seed, as the original's `torch.manual_seed`: the same seed draws the same noise as
+    /// the original pipeline's `run(..., seed=N)`.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Sparse-structure sampler steps.
@@ -497,7 +498,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
     // 2. Networks.
     let pipeline =
         crate::pipelines::base::TrellisPipeline::load(repo, &device, true, plan.formats)?;
-    let mut noise = crate::pipelines::noise::SeededNoise::new(args.sampling.seed);
+    let mut noise = crate::pipelines::noise::TorchNoise::new(args.sampling.seed);
     let (cond, g) = if let Some(text) = &args.text {
         meta["text"] = serde_json::json!(text);
         let conditioner = crate::models::conditioners::clip::TextConditioner::load(

@@ -1,4 +1,4 @@
-//! `trellisd parity DIR [--device cpu|cuda:N] [--only SUBSTR] [--rerun OVERLAY]`.
+//! `trellisd parity DIR [--device cpu|cuda:N] [--only SUBSTR] [--rerun OVERLAY] [--verbose]`.
 
 use std::path::PathBuf;
 
@@ -18,6 +18,9 @@ pub struct ParityArgs {
     /// deterministic re-run values where the overlay has them (see `parity/rerun.rs`).
     #[arg(long, value_name = "OVERLAY")]
     pub rerun: Option<PathBuf>,
+    /// Print every check of every fixture (name, error, tolerance), not only failing ones.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// Returns the process exit code: 0 only when nothing failed and something was checked.
@@ -30,12 +33,11 @@ pub fn run(args: &ParityArgs) -> Result<i32> {
         .as_deref()
         .map(crate::parity::rerun::Overlay::open)
         .transpose()?;
-    let s = crate::parity::run_with(
-        &dir,
-        &device,
-        args.only.as_deref(),
-        overlay.as_ref(),
-        &mut stdout,
-    )?;
+    let opts = crate::parity::RunOptions {
+        only: args.only.as_deref(),
+        overlay: overlay.as_ref(),
+        verbose: args.verbose,
+    };
+    let s = crate::parity::run_with(&dir, &device, &opts, &mut stdout)?;
     Ok(if s.ok() { 0 } else { 1 })
 }

@@ -15,7 +15,7 @@ use super::progress::Reporter;
 use crate::pipelines::base::{RunParams, Stage, TrellisPipeline};
 use crate::pipelines::loader::structure_resolution;
 use crate::pipelines::mesh_input::load_mesh;
-use crate::pipelines::noise::SeededNoise;
+use crate::pipelines::noise::TorchNoise;
 use crate::pipelines::variant::{run_variant, voxelize_with_progress};
 
 #[derive(Debug, clap::Args)]
@@ -144,7 +144,7 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         (cond, neg)
     };
     rep.emit(Stage::Conditioning, 1, 1, None);
-    let mut noise = SeededNoise::new(args.sampling.seed);
+    let mut noise = TorchNoise::new(args.sampling.seed);
     let g = with_control(rep, |ctl| {
         let coords = voxelize_with_progress(&mesh, resolution, &device, ctl)?;
         run_variant(&pipeline, &coords, &cond, &neg, &mut noise, &params, ctl)

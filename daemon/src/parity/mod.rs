@@ -149,17 +149,32 @@ pub fn run(
     only: Option<&str>,
     out: &mut dyn std::io::Write,
 ) -> Result<Summary> {
-    run_with(root, device, only, None, out)
+    let opts = RunOptions {
+        only,
+        ..Default::default()
+    };
+    run_with(root, device, &opts, out)
 }
 
-/// [`run`], comparing against the re-run reference values of `overlay` where it has them.
+/// How [`run_with`] walks a fixture set.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Only fixtures whose path contains this text.
+    pub only: Option<&'a str>,
+    /// Compare against these re-run reference values where the overlay has them.
+    pub overlay: Option<&'a rerun::Overlay>,
+    /// Print every check, not only the failing ones.
+    pub verbose: bool,
+}
+
+/// [`run`] with options.
 pub fn run_with(
     root: &Path,
     device: &Device,
-    only: Option<&str>,
-    overlay: Option<&rerun::Overlay>,
+    opts: &RunOptions,
     out: &mut dyn std::io::Write,
 ) -> Result<Summary> {
+    let (only, overlay) = (opts.only, opts.overlay);
     let dirs = find_fixtures(root)?;
     if dirs.is_empty() {
         bail!("parity: no fixture (no meta.json) under {}", root.display());
@@ -206,6 +221,18 @@ pub fn run_with(
                     .worst()
                     .map(|c| format!("worst {:.2e} ({} tol {:.0e})", c.error, c.name, c.tolerance))
                     .unwrap_or_else(|| "nothing compared".to_string());
+                if opts.verbose {
+                    for c in &report.checks {
+                        writeln!(
+                            out,
+                            "       {} {}: {:.3e} (tol {:.0e})",
+                            if c.passed() { "ok  " } else { "FAIL" },
+                            c.name,
+                            c.error,
+                            c.tolerance
+                        )?;
+                    }
+                }
                 if report.passed() {
                     s.passed += 1;
                     writeln!(out, "ok   {rel:<32} {kind}: {worst} [{secs:.1}s]{note}")?;

@@ -21,7 +21,7 @@ use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
 use crate::models::config::SamplerParams;
 use crate::pipelines::base::{sample_sparse_structure, Progress, RunControl, TrellisPipeline};
 use crate::pipelines::loader::{self, Formats};
-use crate::pipelines::noise::{NoiseSource, RecordedNoise};
+use crate::pipelines::noise::{NoiseSource, RecordedNoise, TorchNoise};
 use crate::pipelines::samplers::{Conditioning, FlowEulerSampler, SamplerSettings};
 use crate::pipelines::voxelize::{voxelize, TriMesh};
 
@@ -202,6 +202,38 @@ fn slat_input_coords(fx: &Fixture, run: &str, kind: &RunKind) -> Result<Tensor> 
         }
         _ => Ok(fx.io(&format!("{run}_coords"))?.to_dtype(DType::I32)?),
     }
+}
+
+/// The seed meta.json's `runs` gives a run (`seed=N` in its description), if any.
+fn run_seed(fx: &Fixture, run: &str) -> Option<u64> {
+    let desc = fx.meta.get("runs")?.get(run)?.as_str()?;
+    let rest = &desc[desc.find("seed=")? + "seed=".len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// The run's recorded noise against `torch.manual_seed(seed)` + `torch.randn` in the run's draw
+/// order (structure noise, then SLat noise), when meta.json names the seed.
+fn check_seeded_noise(fx: &Fixture, run: &str, report: &mut Report) -> Result<()> {
+    let Some(seed) = run_seed(fx, run) else {
+        return Ok(());
+    };
+    let mut noise = TorchNoise::new(seed);
+    for stage in ["ss", "slat"] {
+        let name = format!("{run}_{stage}_noise");
+        if !fx.has_io(&name) {
+            continue;
+        }
+        let want = fx.io(&name)?;
+        let got = noise.randn(want.dims(), &fx.device)?;
+        report.close(
+            &format!("{name} (torch.manual_seed({seed}) + randn)"),
+            &got,
+            &want,
+            tol::FORWARD,
+        )?;
+    }
+    Ok(())
 }
 
 fn check_slat_stage(
@@ -499,6 +531,7 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
     }
     let mut pipes: BTreeMap<String, TrellisPipeline> = BTreeMap::new();
     for run in &runs {
+        check_seeded_noise(fx, run, &mut report)?;
         let kind = classify(run, fx)?;
         let repo = repos
             .get(if is_image(&kind) { "image" } else { "text" })
