@@ -403,27 +403,47 @@ mod tests {
         ((*state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     }
 
-    #[test]
-    fn matches_the_definition_on_a_random_cloud() {
-        let mut s = 7u64;
+    /// A random problem: `n` distinct voxels in 2 batches on an `extent`³ grid, feats `[n, cin]`,
+    /// weight `[cout, 27, cin]`, bias `[cout]`.
+    struct Problem {
+        coords: Vec<i32>,
+        feats: Vec<f32>,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    }
+
+    fn random_problem(seed: u64, n: usize, extent: f32, cin: usize, cout: usize) -> Problem {
+        let mut s = seed;
         let mut coords = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        while coords.len() < 4 * 300 {
+        while coords.len() < 4 * n {
             let c = [
                 (lcg(&mut s) + 0.5 > 0.5) as i32,
-                ((lcg(&mut s) + 0.5) * 6.0) as i32,
-                ((lcg(&mut s) + 0.5) * 6.0) as i32,
-                ((lcg(&mut s) + 0.5) * 6.0) as i32,
+                ((lcg(&mut s) + 0.5) * extent) as i32,
+                ((lcg(&mut s) + 0.5) * extent) as i32,
+                ((lcg(&mut s) + 0.5) * extent) as i32,
             ];
             if seen.insert(c) {
                 coords.extend_from_slice(&c);
             }
         }
+        Problem {
+            coords,
+            feats: (0..n * cin).map(|_| lcg(&mut s)).collect(),
+            weight: (0..cout * 27 * cin).map(|_| lcg(&mut s)).collect(),
+            bias: (0..cout).map(|_| lcg(&mut s)).collect(),
+        }
+    }
+
+    #[test]
+    fn matches_the_definition_on_a_random_cloud() {
         let (cin, cout) = (5, 7);
-        let n = coords.len() / 4;
-        let feats: Vec<f32> = (0..n * cin).map(|_| lcg(&mut s)).collect();
-        let weight: Vec<f32> = (0..cout * 27 * cin).map(|_| lcg(&mut s)).collect();
-        let bias: Vec<f32> = (0..cout).map(|_| lcg(&mut s)).collect();
+        let Problem {
+            coords,
+            feats,
+            weight,
+            bias,
+        } = random_problem(7, 300, 6.0, cin, cout);
         let map = submanifold_neighbours(&coords, [3, 3, 3]).unwrap();
         let got = submanifold_conv(&feats, cin, &map, &weight, Some(&bias), cout).unwrap();
         let want = reference(&coords, &feats, cin, &weight, &bias, cout);
@@ -456,25 +476,14 @@ mod tests {
 
     #[test]
     fn subdivided_conv_equals_conv_of_the_subdivided_cloud() {
-        let mut s = 11u64;
-        let mut coords = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        while coords.len() < 4 * 120 {
-            let c = [
-                (lcg(&mut s) + 0.5 > 0.5) as i32,
-                ((lcg(&mut s) + 0.5) * 5.0) as i32,
-                ((lcg(&mut s) + 0.5) * 5.0) as i32,
-                ((lcg(&mut s) + 0.5) * 5.0) as i32,
-            ];
-            if seen.insert(c) {
-                coords.extend_from_slice(&c);
-            }
-        }
         let (cin, cout) = (6, 5);
+        let Problem {
+            coords,
+            feats,
+            weight,
+            bias,
+        } = random_problem(11, 120, 5.0, cin, cout);
         let n = coords.len() / 4;
-        let feats: Vec<f32> = (0..n * cin).map(|_| lcg(&mut s)).collect();
-        let weight: Vec<f32> = (0..cout * 27 * cin).map(|_| lcg(&mut s)).collect();
-        let bias: Vec<f32> = (0..cout).map(|_| lcg(&mut s)).collect();
         // The explicit way: 8 children per voxel holding the parent's feats, then the fine conv.
         let mut fine_coords = Vec::new();
         let mut fine_feats = Vec::new();

@@ -20,30 +20,6 @@ use crate::runtime::weights::{Manifest, ManifestFill};
 /// Voxels of the synthetic structure.
 pub const VOXELS: usize = 20_000;
 
-/// The `n` voxels of a `res^3` grid closest to a centred sphere of radius `0.375 res`
-/// (a shell like a TRELLIS surface structure), as `[n, 4]` batch-0 coords in lexicographic order.
-pub fn shell_coords(res: usize, n: usize) -> Vec<i32> {
-    let c = res as f64 / 2.0;
-    let radius = 0.375 * res as f64;
-    let mut all: Vec<(f64, [i32; 3])> = Vec::with_capacity(res * res * res);
-    for x in 0..res as i32 {
-        for y in 0..res as i32 {
-            for z in 0..res as i32 {
-                let d = [x, y, z].map(|v| v as f64 + 0.5 - c);
-                let r = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
-                all.push(((r - radius).abs(), [x, y, z]));
-            }
-        }
-    }
-    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let mut picked: Vec<[i32; 3]> = all.into_iter().take(n).map(|(_, p)| p).collect();
-    picked.sort_unstable();
-    picked
-        .into_iter()
-        .flat_map(|p| [0, p[0], p[1], p[2]])
-        .collect()
-}
-
 fn stage(out: &mut dyn Write, name: &str, t: Instant, extra: &str) -> Result<()> {
     writeln!(
         out,
@@ -79,7 +55,7 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     check.finish()?;
     stage(out, "build", t, "(random weights)")?;
 
-    let coords = shell_coords(cfg.resolution, VOXELS);
+    let coords = super::shell_coords(cfg.resolution, VOXELS);
     let feats = Tensor::randn(0f32, 1.0, (VOXELS, cfg.latent_channels), &dev)?;
     let x = SparseTensor::new(coords, feats)?;
 
@@ -117,20 +93,4 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         ),
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shell_has_the_requested_size_sorted_and_in_range() {
-        let c = shell_coords(16, 500);
-        assert_eq!(c.len(), 2000);
-        let rows: Vec<&[i32]> = c.chunks(4).collect();
-        assert!(rows.windows(2).all(|w| w[0] < w[1]));
-        assert!(c.iter().all(|&v| (0..16).contains(&v)));
-        // a shell: the centre voxel is not in it
-        assert!(!rows.iter().any(|r| r[1..] == [8, 8, 8]));
-    }
 }

@@ -1,7 +1,8 @@
 //! `trellisd bench NAME`: speed and memory benchmarks of full-size networks with random weights.
 //!
 //! Each benchmark is one file here and one entry of [`BENCHES`]; it prints its own figures. Helpers
-//! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`].
+//! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`], the synthetic structure
+//! [`shell_coords`] and [`lcg_vec`] values.
 
 pub mod conditioners;
 pub mod mesh_decoder;
@@ -70,6 +71,43 @@ pub fn run(name: &str, out: &mut dyn Write) -> Result<()> {
     }
 }
 
+/// The `n` voxels of a `res^3` grid closest to a centred sphere of radius `0.375 res`
+/// (a shell like a TRELLIS surface structure), as `[n, 4]` batch-0 coords in lexicographic order.
+pub fn shell_coords(res: usize, n: usize) -> Vec<i32> {
+    let c = res as f64 / 2.0;
+    let radius = 0.375 * res as f64;
+    let mut all: Vec<(f64, [i32; 3])> = Vec::with_capacity(res * res * res);
+    for x in 0..res as i32 {
+        for y in 0..res as i32 {
+            for z in 0..res as i32 {
+                let d = [x, y, z].map(|v| v as f64 + 0.5 - c);
+                let r = (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).sqrt();
+                all.push(((r - radius).abs(), [x, y, z]));
+            }
+        }
+    }
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut picked: Vec<[i32; 3]> = all.into_iter().take(n).map(|(_, p)| p).collect();
+    picked.sort_unstable();
+    picked
+        .into_iter()
+        .flat_map(|p| [0, p[0], p[1], p[2]])
+        .collect()
+}
+
+/// `n` deterministic values in [-1, 1) from a 64-bit LCG (benchmark inputs and weights).
+pub fn lcg_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// The process's peak resident set size in KiB (`VmHWM` of /proc/self/status), where available.
 pub fn peak_rss_kib() -> Option<u64> {
     proc_status_kib("VmHWM:")
@@ -114,6 +152,17 @@ pub fn manifest_path(stem: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_has_the_requested_size_sorted_and_in_range() {
+        let c = shell_coords(16, 500);
+        assert_eq!(c.len(), 2000);
+        let rows: Vec<&[i32]> = c.chunks(4).collect();
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        assert!(c.iter().all(|&v| (0..16).contains(&v)));
+        // a shell: the centre voxel is not in it
+        assert!(!rows.iter().any(|r| r[1..] == [8, 8, 8]));
+    }
 
     #[test]
     fn parses_proc_status_fields() {

@@ -12,48 +12,13 @@ use candle_core::{DType, Device, Tensor};
 use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 use trellis_kernels::sparse_conv::{submanifold_conv, submanifold_neighbours};
 
+use super::lcg_vec;
 use super::{current_rss_kib, manifest_path, mib, peak_rss_kib};
 use crate::models::config::ModelConfig;
 use crate::models::slat_flow::SLatFlowModel;
 use crate::modules::sparse::spatial::SparseDownsample;
 use crate::modules::sparse::tensor::SparseTensor;
 use crate::runtime::weights::{Manifest, ManifestFill};
-
-/// Coords (batch 0) of the voxels of a `res³` grid whose centres lie between two spheres around
-/// the grid centre, the inner radius chosen so that the count is as close to `target` as possible.
-pub fn shell_coords(res: usize, outer: f64, target: usize) -> Vec<i32> {
-    let c = (res as f64 - 1.0) / 2.0;
-    let mut radii: Vec<(f64, [i32; 3])> = Vec::new();
-    for x in 0..res {
-        for y in 0..res {
-            for z in 0..res {
-                let d = ((x as f64 - c).powi(2) + (y as f64 - c).powi(2) + (z as f64 - c).powi(2))
-                    .sqrt();
-                if d <= outer {
-                    radii.push((d, [x as i32, y as i32, z as i32]));
-                }
-            }
-        }
-    }
-    // Keep the `target` outermost voxels (a shell), then restore x-major order.
-    radii.sort_by(|a, b| b.0.total_cmp(&a.0));
-    radii.truncate(target);
-    let mut v: Vec<[i32; 3]> = radii.into_iter().map(|(_, p)| p).collect();
-    v.sort_unstable();
-    v.into_iter().flat_map(|p| [0, p[0], p[1], p[2]]).collect()
-}
-
-pub(crate) fn lcg_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 pub fn run(out: &mut dyn Write) -> Result<()> {
     let stem = "slat_flow_img_dit_L_64l8p2_fp16";
@@ -63,7 +28,7 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         bail!("{stem}: not an SLatFlowModel manifest");
     };
     let dev = Device::Cpu;
-    let coords = shell_coords(cfg.resolution, cfg.resolution as f64 / 2.0 - 1.0, 20_000);
+    let coords = super::shell_coords(cfg.resolution, 20_000);
     let n = coords.len() / 4;
     writeln!(
         out,
@@ -163,19 +128,4 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         mib(before)
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shell_has_the_requested_count_and_no_duplicates() {
-        let c = shell_coords(32, 15.0, 3000);
-        assert_eq!(c.len(), 4 * 3000);
-        let set: std::collections::HashSet<&[i32]> = c.chunks(4).collect();
-        assert_eq!(set.len(), 3000);
-        // A shell: the grid centre is empty.
-        assert!(!set.contains(&[0, 16, 16, 16][..]));
-    }
 }

@@ -11,14 +11,14 @@ use std::time::Instant;
 use anyhow::Result;
 use trellis_kernels::sparse_conv::{subdivided_conv, submanifold_conv, submanifold_neighbours};
 
-use super::sparse::{lcg_vec, shell_coords};
+use super::{lcg_vec, shell_coords};
 
 const VOXELS: usize = 5_000;
 const CIN: usize = 768;
 const COUT: usize = 192;
 
 pub fn run(out: &mut dyn Write) -> Result<()> {
-    let coords = shell_coords(64, 31.0, VOXELS);
+    let coords = shell_coords(64, VOXELS);
     let n = coords.len() / 4;
     let feats = lcg_vec(n * CIN, 1);
     let weight: Vec<f32> = lcg_vec(COUT * 27 * CIN, 2)
