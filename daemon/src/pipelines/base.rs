@@ -469,6 +469,13 @@ impl TrellisPipeline {
     }
 }
 
+/// A decoder `formats` asked for, or an error naming it.
+fn loaded<'a, T>(decoder: &'a Option<T>, what: &str) -> Result<&'a T> {
+    decoder
+        .as_ref()
+        .ok_or_else(|| anyhow!("{what} decoder not loaded"))
+}
+
 /// `decode_slat`: the representations of `formats` (their decoders must be loaded).
 pub fn decode_slat(
     decoders: &Decoders,
@@ -481,35 +488,24 @@ pub fn decode_slat(
     let mut out = Decoded::default();
     let total = formats.names().len();
     let mut done = 0;
-    if formats.mesh {
-        ctl.emit(Stage::Decoding, done, total, Some("mesh".into()));
-        let d = decoders
-            .mesh
-            .as_ref()
-            .ok_or_else(|| anyhow!("mesh decoder not loaded"))?;
-        out.meshes = d.forward(&x)?;
+    let mut begin = |ctl: &mut RunControl<'_>, name: &str| {
+        ctl.emit(Stage::Decoding, done, total, Some(name.into()));
         done += 1;
+    };
+    if formats.mesh {
+        begin(ctl, "mesh");
+        out.meshes = loaded(&decoders.mesh, "mesh")?.forward(&x)?;
     }
     if formats.gaussian {
-        ctl.emit(Stage::Decoding, done, total, Some("gaussian".into()));
-        let d = decoders
-            .gaussian
-            .as_ref()
-            .ok_or_else(|| anyhow!("Gaussian decoder not loaded"))?;
-        out.gaussians = d.forward(&x)?;
-        done += 1;
+        begin(ctl, "gaussian");
+        out.gaussians = loaded(&decoders.gaussian, "Gaussian")?.forward(&x)?;
     }
     if formats.radiance_field {
-        ctl.emit(Stage::Decoding, done, total, Some("radiance_field".into()));
-        let d = decoders
-            .radiance_field
-            .as_ref()
-            .ok_or_else(|| anyhow!("radiance-field decoder not loaded"))?;
-        out.radiance_fields = d.forward(&x)?;
-        done += 1;
+        begin(ctl, "radiance_field");
+        out.radiance_fields = loaded(&decoders.radiance_field, "radiance-field")?.forward(&x)?;
     }
     if total > 0 {
-        ctl.emit(Stage::Decoding, done, total, None);
+        ctl.emit(Stage::Decoding, total, total, None);
     }
     Ok(out)
 }
