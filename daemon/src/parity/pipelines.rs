@@ -484,21 +484,29 @@ fn check_decoded(fx: &Fixture, run: &str, repo: &PipelineRepo, report: &mut Repo
         if !fx.has_io(&format!("{p}xyz")) {
             continue;
         }
-        close_vec(fx, report, &format!("{p}xyz"), &g.xyz, t)?;
-        close_vec(fx, report, &format!("{p}features_dc"), &g.features_dc, t)?;
-        close_vec(fx, report, &format!("{p}scaling"), &g.scaling, t)?;
-        close_vec(fx, report, &format!("{p}rotation"), &g.rotation, t)?;
-        close_vec(fx, report, &format!("{p}opacity"), &g.opacity, t)?;
+        for (field, v) in [
+            ("xyz", &g.xyz),
+            ("features_dc", &g.features_dc),
+            ("scaling", &g.scaling),
+            ("rotation", &g.rotation),
+            ("opacity", &g.opacity),
+        ] {
+            close_vec(fx, report, &format!("{p}{field}"), v, t)?;
+        }
     }
     for (i, f) in d.radiance_fields.iter().enumerate() {
         let p = format!("{run}_rf{i}_");
         if !fx.has_io(&format!("{p}trivec")) {
             continue;
         }
-        close_vec(fx, report, &format!("{p}position"), &f.position, t)?;
-        close_vec(fx, report, &format!("{p}trivec"), &f.trivec, t)?;
-        close_vec(fx, report, &format!("{p}density"), &f.density, t)?;
-        close_vec(fx, report, &format!("{p}features_dc"), &f.features_dc, t)?;
+        for (field, v) in [
+            ("position", &f.position),
+            ("trivec", &f.trivec),
+            ("density", &f.density),
+            ("features_dc", &f.features_dc),
+        ] {
+            close_vec(fx, report, &format!("{p}{field}"), v, t)?;
+        }
     }
     for (i, m) in d.meshes.iter().enumerate() {
         let p = format!("{run}_mesh{i}_");
