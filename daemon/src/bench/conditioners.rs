@@ -13,14 +13,19 @@ use crate::models::conditioners::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::conditioners::dinov2::{Dinov2Config, Dinov2WithRegisters};
 use crate::runtime::weights;
 
+/// Random weights N(0, 1/fan_in) (1-D: N(0, 0.05²)), the same on every run: each call takes the
+/// next seed.
 fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT_SEED: AtomicU64 = AtomicU64::new(1);
     let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
     let std = if shape.len() >= 2 {
         (1.0 / fan_in as f64).sqrt()
     } else {
         0.05
     };
-    Ok(Tensor::randn(0f32, std as f32, shape, dev)?)
+    let seed = NEXT_SEED.fetch_add(1, Ordering::Relaxed);
+    Ok((super::randn(shape, seed, dev)? * std)?)
 }
 
 fn linear(

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::{current_rss_kib, manifest_path, mib, peak_rss_kib};
 use crate::models::config::ModelConfig;
@@ -56,7 +56,7 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     stage(out, "build", t, "(random weights)")?;
 
     let coords = super::shell_coords(cfg.resolution, VOXELS);
-    let feats = Tensor::randn(0f32, 1.0, (VOXELS, cfg.latent_channels), &dev)?;
+    let feats = super::randn(&[VOXELS, cfg.latent_channels], 1, &dev)?;
     let x = SparseTensor::new(coords, feats)?;
 
     let t = Instant::now();

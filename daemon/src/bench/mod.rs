@@ -95,6 +95,13 @@ pub fn shell_coords(res: usize, n: usize) -> Vec<i32> {
         .collect()
 }
 
+/// Standard normal inputs, the same on every run (`torch.manual_seed(seed)` + `torch.randn`), so
+/// that two builds benchmark exactly the same data.
+pub fn randn(shape: &[usize], seed: u64, dev: &candle_core::Device) -> Result<candle_core::Tensor> {
+    use crate::pipelines::noise::{NoiseSource, TorchNoise};
+    TorchNoise::new(seed).randn(shape, dev)
+}
+
 /// `n` deterministic values in [-1, 1) from a 64-bit LCG (benchmark inputs and weights).
 pub fn lcg_vec(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;

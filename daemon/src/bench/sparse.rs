@@ -104,12 +104,9 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         mib(current_rss_kib())
     )?;
-    let x = SparseTensor::new(
-        coords,
-        Tensor::randn(0f32, 1.0, (n, cfg.in_channels), &dev)?,
-    )?;
+    let x = SparseTensor::new(coords, super::randn(&[n, cfg.in_channels], 1, &dev)?)?;
     let t = Tensor::new(&[500f32], &dev)?;
-    let cond = Tensor::randn(0f32, 1.0, (1, 1374, cfg.cond_channels), &dev)?;
+    let cond = super::randn(&[1, 1374, cfg.cond_channels], 2, &dev)?;
     let before = peak_rss_kib();
     let t0 = Instant::now();
     let y = model.forward(&x, &t, &cond)?;

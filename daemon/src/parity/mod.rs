@@ -107,6 +107,8 @@ pub struct Failure {
     pub error: Option<String>,
     /// The fixture was compared with re-run reference values ([`rerun`]).
     pub rerun: bool,
+    /// SHA-256 of the fixture's `io.safetensors` (what [`known`] entries are pinned to).
+    pub io_sha256: String,
 }
 
 impl Failure {
@@ -120,7 +122,7 @@ impl Failure {
             && self
                 .checks
                 .iter()
-                .all(|c| known::explain(&self.kind, c).is_some())
+                .all(|c| known::explain(&self.kind, c, &self.io_sha256).is_some())
     }
 }
 
@@ -239,13 +241,15 @@ pub fn run_with(
                 } else {
                     s.failed += 1;
                     writeln!(out, "FAIL {rel:<32} {kind}: {worst} [{secs:.1}s]{note}")?;
+                    let io_sha256 =
+                        rerun::sha256_hex(&dir.join("io.safetensors")).unwrap_or_default();
                     let mut failing = Vec::new();
                     let mut reasons = std::collections::BTreeSet::new();
                     for c in report.checks.iter().filter(|c| !c.passed()) {
                         let known = if replaced > 0 {
                             None
                         } else {
-                            known::explain(&kind, &c.name)
+                            known::explain(&kind, &c.name, &io_sha256)
                         };
                         writeln!(
                             out,
@@ -273,6 +277,7 @@ pub fn run_with(
                         checks: failing,
                         error: None,
                         rerun: replaced > 0,
+                        io_sha256,
                     });
                 }
             }
@@ -285,6 +290,7 @@ pub fn run_with(
                     checks: Vec::new(),
                     error: Some(format!("{e:#}")),
                     rerun: replaced > 0,
+                    io_sha256: String::new(),
                 });
             }
         }
