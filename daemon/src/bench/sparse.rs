@@ -32,7 +32,7 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     let n = coords.len() / 4;
     writeln!(
         out,
-        "slat-flow: {stem}, model {} ch x {} blocks, io {:?}; {n} voxels (thick shell in {}^3); threads {}",
+        "slat-flow: {stem}, model {} ch x {} blocks, io {:?}; {n} voxels (a shell in {}^3); threads {}",
         cfg.model_channels,
         cfg.num_blocks,
         cfg.io_block_channels,
