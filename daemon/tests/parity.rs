@@ -110,3 +110,18 @@ fn walk_overlay(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// A second fixture set recorded from the original (`tests/reference-alt`, see its README): every
+/// fixture must pass outright.
+#[test]
+fn alternate_set_passes() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference-alt");
+    let fixtures = trellis::parity::find_fixtures(&dir).expect("fixture dir");
+    assert!(fixtures.len() >= 20, "{} fixtures", fixtures.len());
+    let mut out = Vec::new();
+    let s = trellis::parity::run(&dir, &Device::Cpu, None, &mut out).expect("parity run");
+    let text = String::from_utf8_lossy(&out);
+    println!("{text}");
+    assert_eq!(s.checked, fixtures.len(), "{text}");
+    assert_eq!(s.passed, s.checked, "{text}");
+}
