@@ -144,27 +144,12 @@ pub fn submanifold_conv(
         .for_each(|(blk, acc)| {
             let r0 = blk * ROW_BLOCK;
             let bm = acc.len() / cout;
-            match bias {
-                Some(b) => acc
-                    .chunks_exact_mut(cout)
-                    .for_each(|r| r.copy_from_slice(b)),
-                None => acc.fill(0.0),
-            }
+            fill_bias(acc, bias, cout);
             let mut gathered = vec![0f32; bm * cin];
             let mut partial = vec![0f32; bm * cout];
             let mut dst_rows: Vec<usize> = Vec::with_capacity(bm);
             for k in 0..kv {
-                dst_rows.clear();
-                for i in 0..bm {
-                    let j = map.table[(r0 + i) * kv + k];
-                    if j >= 0 {
-                        let j = j as usize;
-                        let m = dst_rows.len();
-                        gathered[m * cin..(m + 1) * cin]
-                            .copy_from_slice(&feats[j * cin..(j + 1) * cin]);
-                        dst_rows.push(i);
-                    }
-                }
+                gather_offset(map, feats, cin, (r0, bm), k, &mut gathered, &mut dst_rows);
                 let m = dst_rows.len();
                 if m == 0 {
                     continue;
@@ -194,6 +179,24 @@ fn parent_step(d: i32, o: i32) -> i32 {
     (d + o).div_euclid(2)
 }
 
+/// The (dx, dy, dz) of child `j = 4dx + 2dy + dz` (TRELLIS' `SparseSubdivide` order).
+pub fn child_parity(j: usize) -> [i32; 3] {
+    [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1]
+}
+
+/// `SparseSubdivide`'s coords: each `[b, x, y, z]` row becomes its 8 children
+/// `[b, 2x + dx, 2y + dy, 2z + dz]`, child `j` at row `8i + j`.
+pub fn subdivide_coords(coords: &[i32]) -> Vec<i32> {
+    let mut out = Vec::with_capacity(coords.len() * 8);
+    for c in coords.chunks_exact(4) {
+        for j in 0..8 {
+            let d = child_parity(j);
+            out.extend_from_slice(&[c[0], 2 * c[1] + d[0], 2 * c[2] + d[1], 2 * c[3] + d[2]]);
+        }
+    }
+    out
+}
+
 /// `submanifold_conv(subdivide(feats))` without building the subdivided feats.
 ///
 /// TRELLIS' `SparseSubdivideBlock3d` convolves the output of `SparseSubdivide`, where every voxel
@@ -221,43 +224,42 @@ pub fn subdivided_conv(
     if let Some(b) = bias {
         check_len("bias", b.len(), cout)?;
     }
-    // For every coarse offset k, the children that reach it and, per child, the merged
-    // [Cin, Cout] weight: Σ of the fine taps whose per-axis parent step equals k's offset.
-    let mut users: Vec<Vec<usize>> = vec![Vec::new(); 27];
-    for (k, u) in users.iter_mut().enumerate() {
-        let p = map.offset(k);
-        for j in 0..8usize {
-            let d = [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1];
-            // Parent step −1 needs d = 0, +1 needs d = 1; 0 is reachable from both.
-            if (0..3).all(|a| p[a] == 0 || (p[a] == -1 && d[a] == 0) || (p[a] == 1 && d[a] == 1)) {
-                u.push(j);
-            }
-        }
-    }
-    // packed[k]: [Cin, users[k].len() * Cout] row-major, child blocks side by side.
-    let packed: Vec<Vec<f32>> = (0..27)
+    // For every coarse offset k: the children that reach it (`users[k]`) and their merged
+    // weights side by side, `packed[k]` = [Cin, users[k].len() * Cout] row-major, each the sum of
+    // the fine taps whose per-axis parent step is k's offset.
+    let (users, packed): (Vec<Vec<usize>>, Vec<Vec<f32>>) = (0..27)
         .into_par_iter()
         .map(|k| {
             let p = map.offset(k);
-            let width = users[k].len() * cout;
+            // (child, the fine taps that reach offset k from it), children that reach it only.
+            let children: Vec<(usize, Vec<usize>)> = (0..8)
+                .map(|j| {
+                    let d = child_parity(j);
+                    let taps = (0..27)
+                        .filter(|&f| {
+                            let o = map.offset(f);
+                            (0..3).all(|a| parent_step(d[a], o[a]) == p[a])
+                        })
+                        .collect();
+                    (j, taps)
+                })
+                .filter(|(_, taps): &(usize, Vec<usize>)| !taps.is_empty())
+                .collect();
+            let width = children.len() * cout;
             let mut m = vec![0f32; cin * width];
-            for (u, &j) in users[k].iter().enumerate() {
-                let d = [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1];
-                for f in 0..27 {
-                    let o = map.offset(f);
-                    if (0..3).all(|a| parent_step(d[a], o[a]) == p[a]) {
-                        for oc in 0..cout {
-                            let src = &weight[(oc * 27 + f) * cin..(oc * 27 + f + 1) * cin];
-                            for (c, &w) in src.iter().enumerate() {
-                                m[c * width + u * cout + oc] += w;
-                            }
+            for (u, (_, taps)) in children.iter().enumerate() {
+                for &f in taps {
+                    for oc in 0..cout {
+                        let src = &weight[(oc * 27 + f) * cin..(oc * 27 + f + 1) * cin];
+                        for (c, &w) in src.iter().enumerate() {
+                            m[c * width + u * cout + oc] += w;
                         }
                     }
                 }
             }
-            m
+            (children.into_iter().map(|(j, _)| j).collect(), m)
         })
-        .collect();
+        .unzip();
     let mut out = vec![0f32; n * 8 * cout];
     if n == 0 || cout == 0 {
         return Ok(out);
@@ -268,27 +270,12 @@ pub fn subdivided_conv(
         .for_each(|(blk, acc)| {
             let r0 = blk * BLOCK;
             let bm = acc.len() / (8 * cout);
-            match bias {
-                Some(b) => acc
-                    .chunks_exact_mut(cout)
-                    .for_each(|r| r.copy_from_slice(b)),
-                None => acc.fill(0.0),
-            }
+            fill_bias(acc, bias, cout);
             let mut gathered = vec![0f32; bm * cin];
             let mut partial = vec![0f32; bm * 8 * cout];
             let mut rows: Vec<usize> = Vec::with_capacity(bm);
             for k in 0..27 {
-                rows.clear();
-                for i in 0..bm {
-                    let j = map.table[(r0 + i) * 27 + k];
-                    if j >= 0 {
-                        let j = j as usize;
-                        let m = rows.len();
-                        gathered[m * cin..(m + 1) * cin]
-                            .copy_from_slice(&feats[j * cin..(j + 1) * cin]);
-                        rows.push(i);
-                    }
-                }
+                gather_offset(map, feats, cin, (r0, bm), k, &mut gathered, &mut rows);
                 let m = rows.len();
                 if m == 0 {
                     continue;
@@ -315,6 +302,39 @@ fn check_len(what: &'static str, got: usize, want: usize) -> Result<(), SparseCo
         return Err(SparseConvError::Size { what, got, want });
     }
     Ok(())
+}
+
+/// Every `cout`-wide row of `acc` set to `bias` (zeros without one).
+fn fill_bias(acc: &mut [f32], bias: Option<&[f32]>, cout: usize) {
+    match bias {
+        Some(b) => acc
+            .chunks_exact_mut(cout)
+            .for_each(|r| r.copy_from_slice(b)),
+        None => acc.fill(0.0),
+    }
+}
+
+/// Gathers, for rows `r0..r0 + bm` of `map`, the input rows at kernel offset `k` into the front
+/// of `gathered` (`cin` wide) and records in `rows` which block row each gathered row belongs to.
+fn gather_offset(
+    map: &NeighbourMap,
+    feats: &[f32],
+    cin: usize,
+    (r0, bm): (usize, usize),
+    k: usize,
+    gathered: &mut [f32],
+    rows: &mut Vec<usize>,
+) {
+    rows.clear();
+    for i in 0..bm {
+        let j = map.table[(r0 + i) * map.volume + k];
+        if j >= 0 {
+            let j = j as usize;
+            let m = rows.len();
+            gathered[m * cin..(m + 1) * cin].copy_from_slice(&feats[j * cin..(j + 1) * cin]);
+            rows.push(i);
+        }
+    }
 }
 
 /// `dst[m, n] (+)= a[m, k] · b[k, n]`, all row-major, single-threaded (callers parallelise).
@@ -483,23 +503,12 @@ mod tests {
             weight,
             bias,
         } = random_problem(11, 120, 5.0, cin, cout);
-        let n = coords.len() / 4;
         // The explicit way: 8 children per voxel holding the parent's feats, then the fine conv.
-        let mut fine_coords = Vec::new();
-        let mut fine_feats = Vec::new();
-        for i in 0..n {
-            let c = &coords[i * 4..i * 4 + 4];
-            for j in 0..8 {
-                let d = [(j >> 2) & 1, (j >> 1) & 1, j & 1];
-                fine_coords.extend_from_slice(&[
-                    c[0],
-                    2 * c[1] + d[0],
-                    2 * c[2] + d[1],
-                    2 * c[3] + d[2],
-                ]);
-                fine_feats.extend_from_slice(&feats[i * cin..(i + 1) * cin]);
-            }
-        }
+        let fine_coords = subdivide_coords(&coords);
+        let fine_feats: Vec<f32> = feats
+            .chunks_exact(cin)
+            .flat_map(|row| std::iter::repeat_n(row, 8).flatten().copied())
+            .collect();
         let fine_map = submanifold_neighbours(&fine_coords, [3, 3, 3]).unwrap();
         let want =
             submanifold_conv(&fine_feats, cin, &fine_map, &weight, Some(&bias), cout).unwrap();

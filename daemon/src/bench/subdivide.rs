@@ -9,7 +9,9 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::Result;
-use trellis_kernels::sparse_conv::{subdivided_conv, submanifold_conv, submanifold_neighbours};
+use trellis_kernels::sparse_conv::{
+    subdivide_coords, subdivided_conv, submanifold_conv, submanifold_neighbours,
+};
 
 use super::{lcg_vec, shell_coords};
 
@@ -34,20 +36,11 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     )?;
 
     let t = Instant::now();
-    let mut fine_coords = Vec::with_capacity(n * 32);
-    let mut fine_feats = Vec::with_capacity(n * 8 * CIN);
-    for (i, c) in coords.chunks_exact(4).enumerate() {
-        for j in 0..8 {
-            let d = [(j >> 2) & 1, (j >> 1) & 1, j & 1];
-            fine_coords.extend_from_slice(&[
-                c[0],
-                2 * c[1] + d[0],
-                2 * c[2] + d[1],
-                2 * c[3] + d[2],
-            ]);
-            fine_feats.extend_from_slice(&feats[i * CIN..(i + 1) * CIN]);
-        }
-    }
+    let fine_coords = subdivide_coords(&coords);
+    let fine_feats: Vec<f32> = feats
+        .chunks_exact(CIN)
+        .flat_map(|row| std::iter::repeat_n(row, 8).flatten().copied())
+        .collect();
     let fine_map = submanifold_neighbours(&fine_coords, [3, 3, 3])?;
     let explicit = submanifold_conv(&fine_feats, CIN, &fine_map, &weight, Some(&bias), COUT)?;
     let t_explicit = t.elapsed().as_secs_f64();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, ensure, Result};
 use candle_core::{DType, Tensor};
+use trellis_kernels::sparse_conv::subdivide_coords;
 
 use super::tensor::{Geometry, SparseTensor, UpsampleCache};
 
@@ -128,15 +129,8 @@ impl SparseSubdivide {
     /// layers that compute on the children without materialising their copied feats
     /// (`SparseConv3d::forward_subdivided`).
     pub fn geometry(&self, x: &SparseTensor) -> Result<Arc<Geometry>> {
-        let mut coords = Vec::with_capacity(x.rows() * 32);
-        for c in x.coords().chunks_exact(4) {
-            for j in 0..8 {
-                let (dx, dy, dz) = ((j >> 2) & 1, (j >> 1) & 1, j & 1);
-                coords.extend_from_slice(&[c[0], 2 * c[1] + dx, 2 * c[2] + dy, 2 * c[3] + dz]);
-            }
-        }
         Ok(Arc::new(Geometry::new(
-            coords,
+            subdivide_coords(x.coords()),
             Some(x.batch_size()),
             x.device(),
         )?))
