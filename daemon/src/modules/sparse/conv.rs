@@ -9,16 +9,26 @@
 //! `conv3d` with `weight.permute(0, 4, 1, 2, 3)`. Checkpoints trained through spconv (the mesh
 //! decoder's skip convolutions) depend on it.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use std::sync::Arc;
-
-use trellis_kernels::sparse_conv::{subdivided_conv, submanifold_conv};
+use trellis_kernels::sparse_conv::{
+    subdivided_conv, submanifold_conv, NeighbourMap, SparseConvError,
+};
 
 use super::tensor::{to_f32_vec, Geometry, SparseTensor};
+
+/// The signature shared by `submanifold_conv` and `subdivided_conv`.
+type ConvKernel = fn(
+    &[f32],
+    usize,
+    &NeighbourMap,
+    &[f32],
+    Option<&[f32]>,
+    usize,
+) -> Result<Vec<f32>, SparseConvError>;
 
 #[derive(Debug)]
 pub struct SparseConv3d {
@@ -85,8 +95,9 @@ impl SparseConv3d {
         Ok((w, b.as_deref()))
     }
 
-    /// Output feats in the input's dtype (computed in f32).
-    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+    /// Runs `kernel` (a `trellis_kernels::sparse_conv` convolution) on the f32 feats of `x` with
+    /// its neighbour map and this layer's f32 weights; the `[rows, out]` result in `x`'s dtype.
+    fn compute(&self, x: &SparseTensor, rows: usize, kernel: ConvKernel) -> Result<Tensor> {
         let c = x.channels()?;
         ensure!(
             c == self.in_channels,
@@ -96,14 +107,18 @@ impl SparseConv3d {
         let map = x.geometry().neighbour_map(self.kernel)?;
         let (w, b) = self.weights_f32()?;
         let feats = to_f32_vec(x.feats())?;
-        let out = submanifold_conv(&feats, c, &map, w, b, self.out_channels)?;
-        let t = Tensor::from_vec(out, (x.rows(), self.out_channels), x.device())?;
-        let t = if x.dtype() == DType::F32 {
+        let out = kernel(&feats, c, &map, w, b, self.out_channels)?;
+        let t = Tensor::from_vec(out, (rows, self.out_channels), x.device())?;
+        Ok(if x.dtype() == DType::F32 {
             t
         } else {
             t.to_dtype(x.dtype())?
-        };
-        x.replace(t)
+        })
+    }
+
+    /// Output feats in the input's dtype (computed in f32).
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        x.replace(self.compute(x, x.rows(), submanifold_conv)?)
     }
 
     /// `self.forward(SparseSubdivide.forward(x))` computed from the coarse rows of `x`
@@ -114,12 +129,6 @@ impl SparseConv3d {
         x: &SparseTensor,
         fine: Arc<Geometry>,
     ) -> Result<SparseTensor> {
-        let c = x.channels()?;
-        ensure!(
-            c == self.in_channels,
-            "SparseConv3d: expected {} input channels, got {c}",
-            self.in_channels
-        );
         ensure!(
             self.kernel == [3, 3, 3],
             "SparseConv3d: the subdivided path needs a 3x3x3 kernel, not {:?}",
@@ -131,16 +140,7 @@ impl SparseConv3d {
             fine.rows(),
             x.rows()
         );
-        let map = x.geometry().neighbour_map(self.kernel)?;
-        let (w, b) = self.weights_f32()?;
-        let feats = to_f32_vec(x.feats())?;
-        let out = subdivided_conv(&feats, c, &map, w, b, self.out_channels)?;
-        let t = Tensor::from_vec(out, (fine.rows(), self.out_channels), x.device())?;
-        let t = if x.dtype() == DType::F32 {
-            t
-        } else {
-            t.to_dtype(x.dtype())?
-        };
+        let t = self.compute(x, fine.rows(), subdivided_conv)?;
         SparseTensor::from_geometry(fine, t)
     }
 }
