@@ -112,17 +112,22 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// The documented divergence of the recording behind `check`, if any; never against re-run
+    /// reference values.
+    pub fn explain(&self, check: &str) -> Option<&'static known::KnownDivergence> {
+        if self.rerun {
+            return None;
+        }
+        known::explain(&self.kind, check, &self.io_sha256)
+    }
+
     /// True when every failing check is a documented [`known`] divergence of this kind. Never
     /// true against re-run reference values: those divergences are properties of the recorded
     /// values only.
     pub fn all_known(&self) -> bool {
         self.error.is_none()
-            && !self.rerun
             && !self.checks.is_empty()
-            && self
-                .checks
-                .iter()
-                .all(|c| known::explain(&self.kind, c, &self.io_sha256).is_some())
+            && self.checks.iter().all(|c| self.explain(c).is_some())
     }
 }
 
@@ -241,16 +246,29 @@ pub fn run_with(
                 } else {
                     s.failed += 1;
                     writeln!(out, "FAIL {rel:<32} {kind}: {worst} [{secs:.1}s]{note}")?;
-                    let io_sha256 =
-                        rerun::sha256_hex(&dir.join("io.safetensors")).unwrap_or_default();
-                    let mut failing = Vec::new();
+                    // Known divergences are pinned to the recorded file: hash it only when
+                    // the recorded values are the ones compared.
+                    let io_sha256 = if replaced > 0 {
+                        String::new()
+                    } else {
+                        rerun::sha256_hex(&dir.join("io.safetensors")).unwrap_or_default()
+                    };
+                    let failure = Failure {
+                        fixture: rel.clone(),
+                        kind,
+                        checks: report
+                            .checks
+                            .iter()
+                            .filter(|c| !c.passed())
+                            .map(|c| c.name.clone())
+                            .collect(),
+                        error: None,
+                        rerun: replaced > 0,
+                        io_sha256,
+                    };
                     let mut reasons = std::collections::BTreeSet::new();
                     for c in report.checks.iter().filter(|c| !c.passed()) {
-                        let known = if replaced > 0 {
-                            None
-                        } else {
-                            known::explain(&kind, &c.name, &io_sha256)
-                        };
+                        let known = failure.explain(&c.name);
                         writeln!(
                             out,
                             "       {}: {:.3e} > tol {:.0e}{}",
@@ -266,19 +284,11 @@ pub fn run_with(
                         if let Some(k) = known {
                             reasons.insert(k.reason);
                         }
-                        failing.push(c.name.clone());
                     }
                     for r in reasons {
                         writeln!(out, "       known divergence: {r}")?;
                     }
-                    s.failures.push(Failure {
-                        fixture: rel.clone(),
-                        kind,
-                        checks: failing,
-                        error: None,
-                        rerun: replaced > 0,
-                        io_sha256,
-                    });
+                    s.failures.push(failure);
                 }
             }
             Err(e) => {
