@@ -144,3 +144,46 @@ def collect_run(run, captured, ret, pipe):
         new[f'{run}_mesh{b}_faces'] = m.faces.int()
         new[f'{run}_mesh{b}_vertex_attrs'] = m.vertex_attrs
     return new
+
+
+def run_mesh_decoder(m, x):
+    """Forward of an original SLatMeshDecoder `m` on SparseTensor `x`, recording what the
+    `model:SLatMeshDecoder` fixtures hold: `upsample<i>_feats/_coords`, `raw_out` (before the
+    in-place SDF bias) and `raw_out_coords`, and per batch element `mesh<b>_*` with the FlexiCubes
+    grid tensors (`sparse_cube2verts`'s output). Returns (tensors, meshes)."""
+    from trellis.representations.mesh import cube2mesh
+    rec, grids = {}, []
+    orig = cube2mesh.sparse_cube2verts
+
+    def spy(c, f, training=True):
+        r = orig(c, f, training=training)
+        grids.append((r[0].clone(), r[1].clone()))
+        return r
+
+    def keep(name):
+        def hook(mod, inp, out):
+            rec[f'{name}_feats' if name != 'raw_out' else name] = out.feats.float().clone()
+            rec[f'{name}_coords'] = out.coords.int().clone()
+        return hook
+
+    handles = [b.register_forward_hook(keep(f'upsample{i}')) for i, b in enumerate(m.upsample)]
+    handles.append(m.out_layer.register_forward_hook(keep('raw_out')))
+    cube2mesh.sparse_cube2verts = spy
+    try:
+        meshes = m(x)
+    finally:
+        cube2mesh.sparse_cube2verts = orig
+        for h in handles:
+            h.remove()
+    assert len(grids) == len(meshes)
+    res = m.mesh_extractor.res
+    for b, mesh in enumerate(meshes):
+        rec[f'mesh{b}_vertices'] = mesh.vertices.float()
+        rec[f'mesh{b}_faces'] = mesh.faces.int()
+        rec[f'mesh{b}_vertex_attrs'] = mesh.vertex_attrs.float()
+        rec[f'mesh{b}_face_normal'] = mesh.face_normal[:, 0].float()
+        v_pos, v_attrs = grids[b]
+        rec[f'mesh{b}_grid_vertex_coords'] = v_pos.int()
+        rec[f'mesh{b}_grid_vertex_attrs'] = v_attrs.float()
+        rec[f'mesh{b}_grid_vertex_deformed'] = cube2mesh.get_defomed_verts(v_pos, v_attrs[:, 1:4], res).float()
+    return rec, meshes

@@ -28,7 +28,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_sparse import init_params, rand_coords, blob_coords, write_fixture  # noqa: E402
-from common import rel  # noqa: E402
+from common import rel, run_mesh_decoder  # noqa: E402
 import torch  # noqa: E402
 
 OUT_DESC = 'intermediate (SparseTensor feats/coords) output of the named block'
@@ -272,47 +272,15 @@ def gen_rf_decoder(root, sub, g, args, coords):
 
 def gen_mesh_decoder(root, sub, g, args, coords):
     from trellis.modules import sparse as sp
-    from trellis.representations.mesh import cube2mesh
     m, sd = decoder_model('SLatMeshDecoder', args, g)
     feats = torch.randn(coords.shape[0], args['latent_channels'], generator=g)
-    rec = {}
-    grids = []
-    orig = cube2mesh.sparse_cube2verts
-
-    def spy(c, f, training=True):
-        r = orig(c, f, training=training)
-        grids.append((r[0].clone(), r[1].clone()))
-        return r
-    cube2mesh.sparse_cube2verts = spy
-    for i, b in enumerate(m.upsample):
-        def h(mod, inp, out, i=i):
-            rec[f'upsample{i}_feats'] = out.feats.float().clone()
-            rec[f'upsample{i}_coords'] = out.coords.int().clone()
-        b.register_forward_hook(h)
-
-    def raw(mod, inp, out):  # before the in-place sdf bias of to_representation
-        rec['raw_out'] = out.feats.float().clone()
-        rec['raw_out_coords'] = out.coords.int().clone()
-    m.out_layer.register_forward_hook(raw)
-    meshes = m(sp.SparseTensor(feats=feats, coords=coords))
-    cube2mesh.sparse_cube2verts = orig
+    rec, meshes = run_mesh_decoder(m, sp.SparseTensor(feats=feats, coords=coords))
     res = m.mesh_extractor.res
     io = {'coords': coords, 'feats': feats}
-    for k in sorted(k for k in rec if k.startswith('upsample')):
-        io[k] = rec[k]
-    io['raw_out'] = rec['raw_out']
-    io['raw_out_coords'] = rec['raw_out_coords']
-    assert len(grids) == len(meshes)
+    io.update((k, rec[k]) for k in sorted(k for k in rec if k.startswith('upsample')))
+    io.update((k, v) for k, v in rec.items() if not k.startswith('upsample'))
     for b, mesh in enumerate(meshes):
         assert mesh.success, f'{sub}: empty mesh for batch element {b}'
-        io[f'mesh{b}_vertices'] = mesh.vertices.float()
-        io[f'mesh{b}_faces'] = mesh.faces.int()
-        io[f'mesh{b}_vertex_attrs'] = mesh.vertex_attrs.float()
-        io[f'mesh{b}_face_normal'] = mesh.face_normal[:, 0].float()
-        v_pos, v_attrs = grids[b]
-        io[f'mesh{b}_grid_vertex_coords'] = v_pos.int()
-        io[f'mesh{b}_grid_vertex_attrs'] = v_attrs.float()
-        io[f'mesh{b}_grid_vertex_deformed'] = cube2mesh.get_defomed_verts(v_pos, v_attrs[:, 1:4], res).float()
     info = {'raw_out': ('out_layer output on the subdivided coords, before the in-place sdf bias', 'rel_l2 1e-5'),
             'raw_out_coords': ('int32 coords of the subdivided (x4) voxels', None)}
     write_fixture(root, sub, 'model:SLatMeshDecoder', io, info,

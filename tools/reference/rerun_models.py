@@ -41,39 +41,9 @@ def slat_flow(cfg, sd, io):
 
 
 def mesh_decoder(cfg, sd, io):
-    from trellis.representations.mesh import cube2mesh
-    new = {}
     m = build(cfg, sd)
-    grids = []
-    orig = cube2mesh.sparse_cube2verts
-
-    def spy(coords, feats, training=True):
-        r = orig(coords, feats, training=training)
-        grids.append((r[0].clone(), r[1].clone()))
-        return r
-    cube2mesh.sparse_cube2verts = spy
-    def up(mod, inp, out, i):
-        new[f'upsample{i}_feats'] = out.feats.float().clone()
-        new[f'upsample{i}_coords'] = out.coords.int().clone()
-    for i, b in enumerate(m.upsample):
-        b.register_forward_hook(lambda mod, inp, out, i=i: up(mod, inp, out, i))
-    def raw(mod, inp, out):
-        new['raw_out'] = out.feats.float().clone()   # before the in-place sdf bias
-        new['raw_out_coords'] = out.coords.int().clone()
-    m.out_layer.register_forward_hook(raw)
-    x = sp.SparseTensor(feats=io['feats'], coords=io['coords'])
-    meshes = m(x)
-    res = m.mesh_extractor.res
-    for b, mesh in enumerate(meshes):
-        new[f'mesh{b}_vertices'] = mesh.vertices.float()
-        new[f'mesh{b}_faces'] = mesh.faces.int()
-        new[f'mesh{b}_vertex_attrs'] = mesh.vertex_attrs.float()
-        new[f'mesh{b}_face_normal'] = mesh.face_normal[:, 0].float()
-        v_pos, v_attrs = grids[b]
-        new[f'mesh{b}_grid_vertex_coords'] = v_pos.int()
-        new[f'mesh{b}_grid_vertex_attrs'] = v_attrs.float()
-        new[f'mesh{b}_grid_vertex_deformed'] = cube2mesh.get_defomed_verts(v_pos, v_attrs[:, 1:4], res).float()
-    return new
+    rec, _ = run_mesh_decoder(m, sp.SparseTensor(feats=io['feats'], coords=io['coords']))
+    return rec
 
 
 def sparse_conv(cfg, sd, io):
