@@ -19,7 +19,9 @@ use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
 use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
 use crate::models::config::SamplerParams;
-use crate::pipelines::base::{sample_sparse_structure, Progress, RunControl, TrellisPipeline};
+use crate::pipelines::base::{
+    sample_sparse_structure, sampler_with, Progress, RunControl, TrellisPipeline,
+};
 use crate::pipelines::loader::{self, Formats};
 use crate::pipelines::noise::{NoiseSource, RecordedNoise, TorchNoise};
 use crate::pipelines::samplers::{Conditioning, FlowEulerSampler, SamplerSettings};
@@ -170,14 +172,14 @@ fn settings_of(
     } else {
         &repo.config.slat_sampler
     };
-    let s = SamplerSettings::resolve(&sc.params)?;
+    let (sampler, s) = sampler_with(sc, &SamplerParams::default())?;
     if recorded > s.steps {
         bail!(
             "pipeline.json says {} steps, the fixture recorded {recorded}",
             s.steps
         );
     }
-    Ok((FlowEulerSampler::from_config(sc), s))
+    Ok((sampler, s))
 }
 
 fn conditioning<'a>(kind: &RunKind, cond: &'a Tensor, neg: &'a Tensor) -> Conditioning<'a> {

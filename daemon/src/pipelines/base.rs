@@ -19,7 +19,7 @@ use super::samplers::{
     Conditioning, FlowEulerSampler, Hooks, SamplerSettings, StepEvent, Velocity,
 };
 use crate::hub::PipelineRepo;
-use crate::models::config::{ModelConfig, SamplerParams};
+use crate::models::config::{ModelConfig, SamplerConfig, SamplerParams};
 use crate::models::slat_flow::SLatFlowModel;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::SparseStructureDecoder;
@@ -370,11 +370,7 @@ impl TrellisPipeline {
 
     /// The structure sampler with pipeline.json's params overridden key by key by `over`.
     pub fn ss_sampler(&self, over: &SamplerParams) -> Result<(FlowEulerSampler, SamplerSettings)> {
-        let c = &self.repo.config.sparse_structure_sampler;
-        Ok((
-            FlowEulerSampler::from_config(c),
-            SamplerSettings::resolve(&c.params.overridden_by(over))?,
-        ))
+        sampler_with(&self.repo.config.sparse_structure_sampler, over)
     }
 
     /// The SLat sampler with pipeline.json's params overridden key by key by `over`.
@@ -382,11 +378,7 @@ impl TrellisPipeline {
         &self,
         over: &SamplerParams,
     ) -> Result<(FlowEulerSampler, SamplerSettings)> {
-        let c = &self.repo.config.slat_sampler;
-        Ok((
-            FlowEulerSampler::from_config(c),
-            SamplerSettings::resolve(&c.params.overridden_by(over))?,
-        ))
+        sampler_with(&self.repo.config.slat_sampler, over)
     }
 
     /// `sample_sparse_structure`: noise `[num_samples, C, R, R, R]` from `noise`, sampled, decoded.
@@ -474,6 +466,17 @@ fn loaded<'a, T>(decoder: &'a Option<T>, what: &str) -> Result<&'a T> {
     decoder
         .as_ref()
         .ok_or_else(|| anyhow!("{what} decoder not loaded"))
+}
+
+/// The sampler a pipeline.json entry names, with its params overridden key by key by `over`.
+pub fn sampler_with(
+    c: &SamplerConfig,
+    over: &SamplerParams,
+) -> Result<(FlowEulerSampler, SamplerSettings)> {
+    Ok((
+        FlowEulerSampler::from_config(c),
+        SamplerSettings::resolve(&c.params.overridden_by(over))?,
+    ))
 }
 
 /// `decode_slat`: the representations of `formats` (their decoders must be loaded).
