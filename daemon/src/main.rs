@@ -24,6 +24,9 @@ enum Command {
     Variant(Box<cli::variant::VariantArgs>),
     /// Decode a saved .trellis asset again (no sampling).
     Decode(cli::decode::DecodeArgs),
+    /// Write tiny model repositories from seeded random weights (tests, offline demos).
+    #[command(hide = true)]
+    TinyRepos(cli::tiny_repos::TinyReposArgs),
 }
 
 fn main() {
@@ -35,6 +38,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Variant(a) => cli::variant::run(a),
         Command::Decode(a) => cli::decode::run(a),
+        Command::TinyRepos(a) => cli::tiny_repos::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

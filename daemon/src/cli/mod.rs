@@ -6,4 +6,5 @@ pub mod doctor;
 pub mod generate;
 pub mod parity;
 pub mod progress;
+pub mod tiny_repos;
 pub mod variant;
