@@ -19,7 +19,8 @@ pub struct ParityArgs {
     pub verbose: bool,
 }
 
-/// Returns the process exit code: 0 only when nothing failed and something was checked.
+/// Returns the process exit code: 0 only when something was checked and every fixture passed
+/// (none failed, none skipped).
 pub fn run(args: &ParityArgs) -> Result<i32> {
     let device = crate::runtime::parse_device(&args.device)?;
     let dir = args.dir.clone().unwrap_or_else(crate::reference_dir);

@@ -106,9 +106,10 @@ pub struct Failure {
 }
 
 impl Summary {
-    /// True only when something was checked and nothing failed.
+    /// True only when something was checked and every fixture passed: a skipped fixture is not
+    /// a pass.
     pub fn ok(&self) -> bool {
-        self.failed == 0 && self.checked > 0
+        self.failed == 0 && self.skipped == 0 && self.checked > 0
     }
 }
 
