@@ -24,6 +24,8 @@ enum Command {
     Variant(Box<cli::variant::VariantArgs>),
     /// Decode a saved .trellis asset again (no sampling).
     Decode(cli::decode::DecodeArgs),
+    /// Regenerate a region of an asset or a mesh from a prompt or an image; keep the rest exactly.
+    Edit(Box<cli::edit::EditArgs>),
 }
 
 fn main() {
@@ -35,6 +37,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Variant(a) => cli::variant::run(a),
         Command::Decode(a) => cli::decode::run(a),
+        Command::Edit(a) => cli::edit::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
