@@ -197,13 +197,7 @@ fn editing_an_asset_keeps_the_outside_bit_identical() {
 
     let (e1, glb) = (d.path().join("e1.trellis"), d.path().join("e1.glb"));
     let mut args = edit_args(&t, &source, region, "5");
-    args.extend([
-        a("--save-asset"),
-        s(&e1),
-        a("--out"),
-        s(&glb),
-        a("--json"),
-    ]);
+    args.extend([a("--save-asset"), s(&e1), a("--out"), s(&glb), a("--json")]);
     let out = run(&args);
     assert!(out.status.success());
     assert!(std::fs::metadata(&glb).unwrap().len() > 0);
@@ -227,7 +221,10 @@ fn editing_an_asset_keeps_the_outside_bit_identical() {
     // Voxels and latents outside the region: bit-identical, same order.
     let (src_out, src_in) = split(&src, &right_half);
     let (ed_out, ed_in) = split(&edited, &right_half);
-    assert!(!src_out.is_empty(), "the input has voxels outside the region");
+    assert!(
+        !src_out.is_empty(),
+        "the input has voxels outside the region"
+    );
     assert_eq!(src_out, ed_out, "outside the region nothing changes");
     assert_eq!(
         edited.meta["edit"]["kept_voxels"].as_u64().unwrap() as usize,
@@ -245,7 +242,11 @@ fn editing_an_asset_keeps_the_outside_bit_identical() {
             changed += 1;
         }
     }
-    assert_eq!(changed, LATENT * LATENT * LATENT / 2, "every regenerated cell changes");
+    assert_eq!(
+        changed,
+        LATENT * LATENT * LATENT / 2,
+        "every regenerated cell changes"
+    );
 
     // The same seed gives the same result, bit for bit.
     let e2 = d.path().join("e2.trellis");
@@ -348,12 +349,20 @@ fn editing_a_mesh_encodes_its_structure_and_samples_every_latent() {
     let mesh = trellis::pipelines::mesh_input::load_mesh(&obj).unwrap();
     let cube: Vec<[i32; 3]> = trellis::pipelines::voxelize::voxelize(&mesh, R as usize).unwrap();
     let e = d.path().join("mesh.trellis");
-    let mut args = edit_args(&t, &[a("--mesh"), s(&obj)], "box:-0.5,-0.5,0,0.5,0.5,0.5", "2");
+    let mut args = edit_args(
+        &t,
+        &[a("--mesh"), s(&obj)],
+        "box:-0.5,-0.5,0,0.5,0.5,0.5",
+        "2",
+    );
     args.extend([a("--save-asset"), s(&e)]);
     let out = run(&args);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("every voxel's latent was sampled anew"), "{err}");
+    assert!(
+        err.contains("every voxel's latent was sampled anew"),
+        "{err}"
+    );
     let edited = load(&e);
     assert_eq!(edited.meta["edit"]["slat_regenerated_everywhere"], true);
     assert_eq!(edited.meta["source"]["mesh"], s(&obj));
@@ -411,7 +420,10 @@ fn bad_regions_fail_with_a_clear_error_and_write_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{region}: succeeded");
         assert!(err.contains(needle), "{region}: {err}");
-        assert!(!glb.exists() && !saved.exists(), "{region}: wrote an output");
+        assert!(
+            !glb.exists() && !saved.exists(),
+            "{region}: wrote an output"
+        );
     }
     // Nothing to write, and a wrong output extension.
     let out = bin()

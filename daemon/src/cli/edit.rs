@@ -206,7 +206,16 @@ fn edit(args: &EditArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         resampling.validate(SamplerSettings::resolve(&c.params.overridden_by(over))?.steps)?;
     }
     let source = match (&asset, &mesh) {
-        (Some(a), _) => EditSource::from_asset(a),
+        (Some(a), _) => {
+            // A variant's asset records the grid its mesh was voxelised on.
+            if let Some(vr) = a.meta.get("voxel_resolution").and_then(|v| v.as_u64()) {
+                ensure!(
+                    vr == resolution as u64,
+                    "the asset's voxels are on a {vr}³ grid; this model's structure grid is {resolution}³"
+                );
+            }
+            EditSource::from_asset(a)
+        }
         (None, Some(m)) => {
             rep.emit(Stage::Voxelizing, 0, 1, None);
             let s = EditSource::from_mesh(m, resolution, &device)?;

@@ -106,7 +106,12 @@ pub fn structure_encoder(repo: &PipelineRepo, opts: &HubOptions) -> Result<Model
         .config
         .models
         .get("sparse_structure_decoder")
-        .ok_or_else(|| anyhow!("pipeline {} names no sparse_structure_decoder", repo.root.display()))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "pipeline {} names no sparse_structure_decoder",
+                repo.root.display()
+            )
+        })?;
     let (dir, stem) = match entry.rsplit_once('/') {
         Some((d, s)) => (format!("{d}/"), s),
         None => (String::new(), entry.as_str()),

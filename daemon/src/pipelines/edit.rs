@@ -28,8 +28,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::base::{
-    denormalize, Generation, RunControl, SlatSample, SparseStructureSample, Stage,
-    TrellisPipeline,
+    denormalize, Generation, RunControl, SlatSample, SparseStructureSample, Stage, TrellisPipeline,
 };
 use super::loader::Formats;
 use super::noise::NoiseSource;
@@ -218,7 +217,7 @@ impl VoxelMask {
     pub fn cells(&self, latent: usize) -> Result<Vec<bool>> {
         let r = self.resolution;
         ensure!(
-            latent >= 1 && r % latent == 0,
+            latent >= 1 && r.is_multiple_of(latent),
             "the structure grid {r}³ is not a whole number of latent cells {latent}³"
         );
         let f = r / latent;
@@ -288,7 +287,13 @@ pub enum Move {
 pub fn schedule(steps: usize, r: Resampling) -> Vec<Move> {
     let j = r.jump_length.max(1);
     let mut left: Vec<usize> = (0..=steps)
-        .map(|i| if i >= j && i % j == 0 { r.jumps } else { 0 })
+        .map(|i| {
+            if i >= j && i.is_multiple_of(j) {
+                r.jumps
+            } else {
+                0
+            }
+        })
         .collect();
     let mut moves = Vec::new();
     let mut i = 0;
@@ -462,11 +467,7 @@ impl EditSource {
                 s.dims2()?.0
             );
         }
-        let flat: Vec<i64> = self
-            .coords
-            .to_dtype(DType::I64)?
-            .flatten_all()?
-            .to_vec1()?;
+        let flat: Vec<i64> = self.coords.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
         let r = resolution as i64;
         let mut out = Vec::with_capacity(n);
         for c in flat.chunks_exact(4) {
@@ -598,7 +599,8 @@ impl EditPipeline {
             .contiguous()?;
         let (sampler, settings) = p.ss_sampler(&params.ss)?;
         let init = noise.randn(&[1, ch, lr, lr, lr], dev)?;
-        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
+        let mut fl =
+            |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
         let z = sample_inpaint(
             &sampler,
             &settings,
@@ -769,7 +771,10 @@ pub fn run_edit(
                 1,
                 Some("a mesh has no latent: every voxel's latent is sampled (a variant)".into()),
             );
-            (p.sample_slat(&coords, cond, noise, &params.slat, ctl)?, true)
+            (
+                p.sample_slat(&coords, cond, noise, &params.slat, ctl)?,
+                true,
+            )
         }
     };
     let decoded = p.decode(&coords, &slat.slat, params.formats, ctl)?;
@@ -846,9 +851,12 @@ mod tests {
         assert_eq!(m.count(), 1);
         assert!(m.contains([0, 1, 1]));
         let e = r.voxel_mask(8).unwrap_err().to_string();
-        assert!(e.contains("shape [4, 4, 4]") && e.contains("[8, 8, 8]"), "{e}");
-        let z = Region::from_mask_tensor(&Tensor::zeros((4, 4, 4), DType::U8, &dev).unwrap())
-            .unwrap();
+        assert!(
+            e.contains("shape [4, 4, 4]") && e.contains("[8, 8, 8]"),
+            "{e}"
+        );
+        let z =
+            Region::from_mask_tensor(&Tensor::zeros((4, 4, 4), DType::U8, &dev).unwrap()).unwrap();
         assert!(z.voxel_mask(4).unwrap_err().to_string().contains("empty"));
     }
 
