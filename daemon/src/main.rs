@@ -27,6 +27,8 @@ enum Command {
     /// Write tiny model repositories from seeded random weights (tests, offline demos).
     #[command(hide = true)]
     TinyRepos(cli::tiny_repos::TinyReposArgs),
+    /// Regenerate a region of an asset or a mesh from a prompt or an image; keep the rest exactly.
+    Edit(Box<cli::edit::EditArgs>),
 }
 
 fn main() {
@@ -39,6 +41,7 @@ fn main() {
         Command::Variant(a) => cli::variant::run(a),
         Command::Decode(a) => cli::decode::run(a),
         Command::TinyRepos(a) => cli::tiny_repos::run(a),
+        Command::Edit(a) => cli::edit::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

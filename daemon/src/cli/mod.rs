@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod decode;
 pub mod doctor;
+pub mod edit;
 pub mod generate;
 pub mod parity;
 pub mod progress;
