@@ -16,9 +16,9 @@ use image::{RgbImage, RgbaImage};
 use super::fixture::tol;
 use super::{Fixture, Outcome, Report};
 use crate::models::background::u2net::{U2Net, U2NetConfig};
-use crate::models::background::{rembg, BackgroundModel};
+use crate::models::background::{network_from_state_dict, rembg, BackgroundModel};
 use crate::models::conditioners::preprocess::preprocess_rgba;
-use crate::runtime::{pth, weights};
+use crate::runtime::pth;
 
 pub const KINDS: &[&str] = &["model:U2NET", "preprocess:rembg"];
 
@@ -72,11 +72,8 @@ fn network(fx: &Fixture) -> Result<Report> {
         if !p.is_file() {
             continue;
         }
-        let mut sd = pth::read_state_dict(&p)?;
-        sd.retain(|k, _| !k.ends_with(".num_batches_tracked"));
-        let (vb, check) = weights::from_tensors(sd, file, DType::F32, &fx.device);
-        let net = U2Net::new(&config(fx)?, vb)?;
-        check.finish()?;
+        let sd = pth::read_state_dict(&p)?;
+        let net = network_from_state_dict(sd, &config(fx)?, file, &fx.device)?;
         let d0 = net.matte(&x)?;
         r.close(&format!("d0 ({file})"), &d0, &fx.io("d0")?, tolerance)?;
     }

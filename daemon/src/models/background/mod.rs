@@ -127,9 +127,9 @@ pub fn resolve(spec: Option<&str>, opts: &HubOptions) -> Result<ModelSource> {
     }
 }
 
-/// The state dict of a weights file, `num_batches_tracked` counters dropped.
-fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let mut t = if path.extension().is_some_and(|e| e == "safetensors") {
+/// The state dict of a weights file (safetensors or PyTorch `.pth`).
+pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let t = if path.extension().is_some_and(|e| e == "safetensors") {
         candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
             anyhow!(
                 "{}: not a readable safetensors file (truncated or corrupt?): {e}",
@@ -139,8 +139,22 @@ fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
     } else {
         crate::runtime::pth::read_state_dict(path)?
     };
-    t.retain(|k, _| !k.ends_with(".num_batches_tracked"));
     Ok(t)
+}
+
+/// Builds the network from a checkpoint's state dict: every name and shape must match the network
+/// exactly (all problems reported at once); `num_batches_tracked` counters are ignored.
+pub fn network_from_state_dict(
+    mut tensors: HashMap<String, Tensor>,
+    config: &U2NetConfig,
+    origin: &str,
+    device: &Device,
+) -> Result<U2Net> {
+    tensors.retain(|k, _| !k.ends_with(".num_batches_tracked"));
+    let (vb, check) = weights::from_tensors(tensors, origin, DType::F32, device);
+    let net = U2Net::new(config, vb)?;
+    check.finish()?;
+    Ok(net)
 }
 
 /// A loaded U²-Net and the device it runs on.
@@ -154,14 +168,8 @@ impl BackgroundModel {
     /// reported at once.
     pub fn load(src: &ModelSource, device: &Device) -> Result<Self> {
         let tensors = read_weights(&src.weights)?;
-        let (vb, check) = weights::from_tensors(
-            tensors,
-            &src.weights.display().to_string(),
-            DType::F32,
-            device,
-        );
-        let net = U2Net::new(&src.config, vb)?;
-        check.finish()?;
+        let origin = src.weights.display().to_string();
+        let net = network_from_state_dict(tensors, &src.config, &origin, device)?;
         Ok(Self {
             net,
             device: device.clone(),
