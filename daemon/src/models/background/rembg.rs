@@ -207,11 +207,11 @@ mod tests {
     fn downscale_keeps_small_images_and_truncates_like_python() {
         assert_eq!(downscaled_size(800, 600), (800, 600));
         assert_eq!(downscaled_size(1024, 10), (1024, 10));
-        // 1024/3000 * 2001 = 683.008 -> 683; 1024/3000 * 3000 = 1024 (float: 1023.9999.. ?)
+        // int(w * (1024 / max)) in float64, as Python computes it.
         let (w, h) = downscaled_size(3000, 2001);
         assert_eq!(h, (2001.0 * (1024.0 / 3000.0)) as u32);
         assert_eq!(w, (3000.0 * (1024.0 / 3000.0)) as u32);
-        assert!(w <= 1024 && w >= 1023);
+        assert!((1023..=1024).contains(&w));
         assert_eq!(downscaled_size(1100, 700), (1024, 651));
     }
 
