@@ -113,3 +113,78 @@ fn full_size_network_shapes_and_determinism() {
     let sd = manifest_state_dict(3, &dev).unwrap();
     assert!(sd.keys().any(|k| k.ends_with("num_batches_tracked")));
 }
+
+#[test]
+fn pth_checkpoints_read_like_their_safetensors() {
+    let d = fixtures().join("u2net_tiny");
+    let st = candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model_zip.pth", "model_legacy.pth"] {
+        let sd = trellis::runtime::pth::read_state_dict(&d.join(f)).unwrap();
+        let counters = sd
+            .keys()
+            .filter(|k| k.ends_with("num_batches_tracked"))
+            .count();
+        assert!(counters > 0, "{f}");
+        assert_eq!(sd.len(), st.len() + counters, "{f}");
+        for (k, v) in &st {
+            let w = sd.get(k).unwrap_or_else(|| panic!("{f}: no {k}"));
+            assert_eq!(w.dims(), v.dims(), "{f}: {k}");
+            let same = w
+                .eq(v)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            assert_eq!(same.to_scalar::<f32>().unwrap(), 1.0, "{f}: {k} differs");
+        }
+        // A truncated copy is an error naming the file, never a panic.
+        let bytes = std::fs::read(d.join(f)).unwrap();
+        let cut = tmp.path().join(f);
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let e = trellis::runtime::pth::read_state_dict(&cut).expect_err("truncated");
+        assert!(format!("{e:#}").contains(f), "{e:#}");
+    }
+    let junk = tmp.path().join("junk.pth");
+    std::fs::write(&junk, b"not a checkpoint at all").unwrap();
+    let e = trellis::runtime::pth::read_state_dict(&junk).expect_err("junk");
+    assert!(format!("{e:#}").contains("junk.pth"), "{e:#}");
+}
+
+#[test]
+fn background_model_folders_and_offline_hub_ids() {
+    use trellis::hub::HubOptions;
+    use trellis::models::background::{resolve, BackgroundModel};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = HubOptions::new("http://127.0.0.1:9", tmp.path().join("cache"));
+    opts.offline = true;
+    // The fixture folder: config.json widths + model.safetensors.
+    let dir = fixtures().join("u2net_tiny");
+    let src = resolve(Some(dir.to_str().unwrap()), &opts).unwrap();
+    assert!(src.weights.ends_with("model.safetensors"));
+    assert_eq!(src.config.stage1, [3, 4, 6]);
+    let m = BackgroundModel::load(&src, &Device::Cpu).unwrap();
+    let img = image::RgbaImage::from_fn(40, 30, |x, y| {
+        image::Rgba([(x * 6) as u8, (y * 8) as u8, 90, 255])
+    });
+    let (cut, matte) = m.remove(&img).unwrap();
+    assert_eq!(cut.dimensions(), (40, 30));
+    assert_eq!(matte.dimensions(), (40, 30));
+    // Deterministic.
+    let (cut2, _) = m.remove(&img).unwrap();
+    assert_eq!(cut.as_raw(), cut2.as_raw());
+    // A folder without weights.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = resolve(Some(empty.to_str().unwrap()), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds no weights"), "{e}");
+    // A hub id missing from the cache, offline.
+    let e = resolve(None, &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("leonelhs/u2net/u2net.pth") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+}
