@@ -123,7 +123,8 @@ pub struct GenerateArgs {
     /// microsoft/TRELLIS-text-large for text).
     #[arg(long)]
     pub model: Option<String>,
-    /// Input image(s) (RGBA with the object on a transparent background); several = multi-view.
+    /// Input image(s): RGBA with the object on a transparent background, or an ordinary photo
+    /// (its background is removed first); several = multi-view.
     #[arg(long, num_args = 1.., required_unless_present = "text", conflicts_with = "text")]
     pub image: Vec<PathBuf>,
     /// How several images condition the generation.
@@ -138,6 +139,8 @@ pub struct GenerateArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub background: super::background::BackgroundArgs,
 }
 
 /// Validated outputs.
@@ -465,11 +468,15 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             args.runtime.text_cond_model.is_none(),
             "--text-cond-model does not apply to images"
         );
-        for p in &args.image {
-            check_image(p)?;
-        }
+        args.background.options().check(&args.image)?;
     }
     let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
+    // Background removal of images without transparency (before the pipeline's networks load).
+    let prepared = if is_text {
+        None
+    } else {
+        Some(args.background.prepare(&args.image, &device, rep)?)
+    };
     let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
     // Sampler parameters resolve now (step counts of 0 from pipeline.json, ...).
     let ss_meta = sampler_meta(
@@ -527,10 +534,20 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             pipeline,
             conditioner,
         };
-        let paths: Vec<&Path> = args.image.iter().map(PathBuf::as_path).collect();
+        let images = prepared
+            .as_ref()
+            .map(|p| p.images.as_slice())
+            .unwrap_or_default();
         with_control(rep, |ctl| {
-            t.run(&paths, args.multi_image_mode, &mut noise, &params, ctl)
+            t.run_images(images, args.multi_image_mode, &mut noise, &params, ctl)
         })?
     };
-    write_outputs(&plan, &g, Some(&cond), meta, rep)
+    let mut written = write_outputs(&plan, &g, Some(&cond), meta, rep)?;
+    if let Some(p) = &prepared {
+        for (i, m) in p.write_masks()?.into_iter().enumerate() {
+            written[format!("mask{}", if i == 0 { String::new() } else { i.to_string() })] =
+                serde_json::json!(m);
+        }
+    }
+    Ok(written)
 }

@@ -8,8 +8,8 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
 
 use super::generate::{
-    check_image, open_model, prompt_conditioner_dir, sampler_meta, with_control, with_reporter,
-    write_outputs, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
+    open_model, prompt_conditioner_dir, sampler_meta, with_control, with_reporter, write_outputs,
+    OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
 use crate::pipelines::base::{RunParams, Stage, TrellisPipeline};
@@ -30,7 +30,8 @@ pub struct VariantArgs {
     /// Text prompt.
     #[arg(long, required_unless_present = "image", conflicts_with = "image")]
     pub text: Option<String>,
-    /// Image prompt (RGBA, object on a transparent background).
+    /// Image prompt (RGBA with the object on a transparent background, or a photo whose
+    /// background is removed first).
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Voxel grid resolution (default: the structure decoder's, 64 for the official models).
@@ -42,6 +43,8 @@ pub struct VariantArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub background: super::background::BackgroundArgs,
 }
 
 pub fn run(args: &VariantArgs) -> Result<i32> {
@@ -67,7 +70,7 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
     );
     let mesh = load_mesh(&args.mesh)?;
     if let Some(p) = &args.image {
-        check_image(p)?;
+        args.background.options().check(std::slice::from_ref(p))?;
         ensure!(
             args.runtime.text_cond_model.is_none(),
             "--text-cond-model does not apply to an image prompt"
@@ -81,6 +84,13 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         );
     }
     let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
+    let prepared = match &args.image {
+        Some(p) => Some(
+            args.background
+                .prepare(std::slice::from_ref(p), &device, rep)?,
+        ),
+        None => None,
+    };
     let is_text = args.text.is_some();
     let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
     let resolution = match args.voxel_resolution {
@@ -138,7 +148,12 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         )?;
         rep.emit(Stage::Loading, 2, 2, None);
         rep.emit(Stage::Conditioning, 0, 1, None);
-        let x = crate::models::conditioners::preprocess::preprocess_file(image, &device)?;
+        let decoded = prepared
+            .as_ref()
+            .and_then(|p| p.images.first())
+            .ok_or_else(|| anyhow::anyhow!("image {}: not prepared", image.display()))?;
+        let x = crate::models::conditioners::preprocess::preprocess_decoded(decoded, &device)
+            .map_err(|e| e.context(format!("image {}", image.display())))?;
         let cond = conditioner.encode(&x)?;
         let neg = cond.zeros_like()?;
         (cond, neg)
@@ -149,5 +164,11 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         let coords = voxelize_with_progress(&mesh, resolution, &device, ctl)?;
         run_variant(&pipeline, &coords, &cond, &neg, &mut noise, &params, ctl)
     })?;
-    write_outputs(&plan, &g, Some(&cond), meta, rep)
+    let mut written = write_outputs(&plan, &g, Some(&cond), meta, rep)?;
+    if let Some(p) = &prepared {
+        for m in p.write_masks()? {
+            written["mask"] = serde_json::json!(m);
+        }
+    }
+    Ok(written)
 }

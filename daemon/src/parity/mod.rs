@@ -2,8 +2,10 @@
 //! dispatches on each `meta.json`'s `kind`, and compares our networks with the original's tensors.
 //!
 //! Each family of kinds has one handler module, next to the code it checks:
-//! [`dense`] (issue: dense networks), [`conditioners`], [`sparse`], [`decoders`], [`pipelines`].
+//! [`dense`] (issue: dense networks), [`conditioners`], [`sparse`], [`decoders`], [`pipelines`],
+//! [`background`] (U²-Net background removal).
 
+pub mod background;
 pub mod conditioners;
 pub mod decoders;
 pub mod dense;
@@ -34,6 +36,7 @@ pub fn known_kinds() -> Vec<&'static str> {
         sparse::KINDS,
         decoders::KINDS,
         pipelines::KINDS,
+        background::KINDS,
     ]
     .concat()
 }
@@ -51,6 +54,8 @@ pub fn dispatch(fx: &mut Fixture) -> Result<Outcome> {
         decoders::check(fx)
     } else if pipelines::KINDS.contains(&k) {
         pipelines::check(fx)
+    } else if background::KINDS.contains(&k) {
+        background::check(fx)
     } else {
         bail!(
             "unknown fixture kind {k:?} (known: {})",
