@@ -442,3 +442,65 @@ fn bad_regions_fail_with_a_clear_error_and_write_nothing() {
         .collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
+
+#[test]
+fn a_variant_asset_has_no_structure_latent_and_is_encoded() {
+    let Some(t) = tiny() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let obj = d.path().join("cube.obj");
+    write_obj(&obj);
+    let v = d.path().join("variant.trellis");
+    let mut args = vec![a("variant"), a("--mesh"), s(&obj)];
+    args.extend(model_args(&t));
+    args.extend([
+        a("--text"),
+        a("a crate"),
+        a("--slat-steps"),
+        a("2"),
+        a("--asset"),
+        s(&v),
+        a("--quiet"),
+    ]);
+    assert!(run(&args).status.success());
+    let src = load(&v);
+    assert!(src.ss_latent.is_none());
+    let e = d.path().join("e.trellis");
+    let mut args = edit_args(
+        &t,
+        &[a("--asset"), s(&v)],
+        "box:-0.5,0,-0.5,0.5,0.5,0.5",
+        "4",
+    );
+    args.extend([a("--save-asset"), s(&e), a("--quiet")]);
+    assert!(run(&args).status.success());
+    let edited = load(&e);
+    let back = |v: [i32; 3]| v[1] >= R / 2;
+    let (src_out, _) = split(&src, &back);
+    let (ed_out, _) = split(&edited, &back);
+    assert!(!src_out.is_empty());
+    assert_eq!(src_out, ed_out, "voxels and latents outside the region");
+    assert_eq!(edited.meta["edit"]["slat_regenerated_everywhere"], false);
+    assert!(edited.ss_latent.is_some());
+    // A variant voxelised on another grid cannot be edited on this one.
+    let v16 = d.path().join("v16.trellis");
+    let mut args = vec![a("variant"), a("--mesh"), s(&obj)];
+    args.extend(model_args(&t));
+    args.extend([
+        a("--text"),
+        a("a crate"),
+        a("--slat-steps"),
+        a("1"),
+        a("--voxel-resolution"),
+        a("16"),
+        a("--asset"),
+        s(&v16),
+        a("--quiet"),
+    ]);
+    assert!(run(&args).status.success());
+    let mut args = edit_args(&t, &[a("--asset"), s(&v16)], "box:0,0,0,0.5,0.5,0.5", "4");
+    args.extend([a("--save-asset"), s(&d.path().join("no.trellis"))]);
+    let out = bin().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("16³ grid") && err.contains("32³"), "{err}");
+    assert!(!d.path().join("no.trellis").exists());
+}
