@@ -203,3 +203,51 @@ fn save_mask_is_checked_before_any_work() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--save-mask") && err.contains(".png"), "{err}");
 }
+
+#[test]
+fn variant_takes_a_jpeg_prompt_too() {
+    let d = tempfile::tempdir().unwrap();
+    let Some((model, cond)) = tiny_repos(d.path()) else {
+        eprintln!(
+            "SKIPPED variant_takes_a_jpeg_prompt_too: no tiny repositories (../shared/reference \
+             missing and no `trellisd tiny-repos`)"
+        );
+        return;
+    };
+    let jpg = d.path().join("photo.jpg");
+    write_jpeg(&jpg);
+    let obj = d.path().join("cube.obj");
+    std::fs::write(
+        &obj,
+        "v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nv 0 0 1\nv 1 0 1\nv 1 1 1\nv 0 1 1\n\
+         f 1 4 3 2\nf 5 6 7 8\nf 1 2 6 5\nf 2 3 7 6\nf 3 4 8 7\nf 4 1 5 8\n",
+    )
+    .unwrap();
+    let (asset, mask) = (d.path().join("v.trellis"), d.path().join("vm.png"));
+    let out = run(&[
+        "variant".into(),
+        "--model".into(),
+        s(&model),
+        "--image-cond-model".into(),
+        s(&cond),
+        "--mesh".into(),
+        s(&obj),
+        "--image".into(),
+        s(&jpg),
+        "--background-model".into(),
+        s(&tiny_u2net()),
+        "--save-mask".into(),
+        s(&mask),
+        "--slat-steps".into(),
+        "2".into(),
+        "--asset".into(),
+        s(&asset),
+        "--quiet".into(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(asset.is_file() && mask.is_file());
+}

@@ -459,6 +459,10 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             args.runtime.image_cond_model.is_none(),
             "--image-cond-model does not apply to a text prompt"
         );
+        ensure!(
+            args.background.save_mask.is_none() && args.background.background_model.is_none(),
+            "--save-mask and --background-model apply to images, not to a text prompt"
+        );
     } else {
         ensure!(
             !args.image.is_empty(),

@@ -110,10 +110,15 @@ pub fn resolve(spec: Option<&str>, opts: &HubOptions) -> Result<ModelSource> {
         .get(spec, WEIGHTS_FILE)
         .with_context(|| format!("background model {spec}"))?
     {
-        Fetched::Present(weights) => Ok(ModelSource {
-            config: U2NetConfig::u2net(),
-            weights,
-        }),
+        Fetched::Present(weights) => {
+            if spec == DEFAULT_MODEL {
+                check_pinned_blob(&weights)?;
+            }
+            Ok(ModelSource {
+                config: U2NetConfig::u2net(),
+                weights,
+            })
+        }
         Fetched::Absent if opts.offline => bail!(
             "background model {spec}: {spec}/{WEIGHTS_FILE} is not in the hub cache {} and \
              HF_HUB_OFFLINE is set; pass a local copy with `--background-model DIR` (a folder \
@@ -125,6 +130,29 @@ pub fn resolve(spec: Option<&str>, opts: &HubOptions) -> Result<ModelSource> {
             "background model {spec}: the hub has no file {spec}/{WEIGHTS_FILE} (check the id)"
         ),
     }
+}
+
+/// The default repository is a third-party mirror: its file must still be the original release.
+/// The cache stores an LFS file under its SHA-256 (`blobs/<sha256>`, linked from the snapshot), so
+/// the link target names it without hashing 176 MB.
+fn check_pinned_blob(weights: &Path) -> Result<()> {
+    let Ok(target) = std::fs::read_link(weights) else {
+        return Ok(()); // not a link (a copied cache): nothing cheap to compare
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let looks_like_sha = name.len() == 64 && name.chars().all(|c| c.is_ascii_hexdigit());
+    if looks_like_sha && name != WEIGHTS_SHA256 {
+        bail!(
+            "{DEFAULT_MODEL}/{WEIGHTS_FILE} in the cache ({}) is not the original U²-Net release \
+             (SHA-256 {name}, expected {WEIGHTS_SHA256}); pass the original u2net.pth with \
+             `--background-model DIR`",
+            weights.display()
+        );
+    }
+    Ok(())
 }
 
 /// The state dict of a weights file (safetensors or PyTorch `.pth`).
@@ -370,6 +398,25 @@ mod tests {
         let b = Path::new("/tmp/m.png");
         assert_eq!(mask_path(b, 3, 1), PathBuf::from("/tmp/m.png"));
         assert_eq!(mask_path(b, 3, 2), PathBuf::from("/tmp/m_3.png"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_default_mirror_must_hold_the_original_file() {
+        let d = tempfile::tempdir().unwrap();
+        let other = "ab".repeat(32);
+        for (blob, ok) in [(WEIGHTS_SHA256, true), (other.as_str(), false)] {
+            let b = d.path().join(blob);
+            std::fs::write(&b, b"x").unwrap();
+            let link = d.path().join(format!("link-{ok}"));
+            std::os::unix::fs::symlink(&b, &link).unwrap();
+            let r = check_pinned_blob(&link);
+            assert_eq!(r.is_ok(), ok, "{r:?}");
+        }
+        // A plain file (no link): nothing to compare cheaply.
+        let plain = d.path().join("u2net.pth");
+        std::fs::write(&plain, b"x").unwrap();
+        assert!(check_pinned_blob(&plain).is_ok());
     }
 
     #[test]
