@@ -522,7 +522,9 @@ mod tests {
             r#"{"id":6,"op":"variant","mesh":{"arrays":{"vertices":"v","faces":"f"}},"text":"x"}"#,
         )
         .unwrap();
-        assert!(matches!(&r.op, Op::Variant(v) if v.mesh == MeshInput::Arrays { vertices: "v".into(), faces: "f".into() }));
+        assert!(
+            matches!(&r.op, Op::Variant(v) if v.mesh == MeshInput::Arrays { vertices: "v".into(), faces: "f".into() })
+        );
         assert!(serde_json::from_str::<Request>(r#"{"id":4,"op":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"ping"}"#).is_err());
         // Unknown fields are refused, not ignored.

@@ -351,7 +351,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -609,9 +612,11 @@ impl Reply {
 pub fn parse_request(json: &[u8]) -> std::result::Result<Request, (u64, ErrorCode, String)> {
     let v: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| (0, ErrorCode::BadRequest, format!("malformed JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or((0, ErrorCode::BadRequest, "a request is a JSON object".into()))?;
+    let obj = v.as_object().ok_or((
+        0,
+        ErrorCode::BadRequest,
+        "a request is a JSON object".into(),
+    ))?;
     let id = match obj.get("id") {
         Some(i) => i.as_u64().ok_or((
             0,
@@ -623,7 +628,13 @@ pub fn parse_request(json: &[u8]) -> std::result::Result<Request, (u64, ErrorCod
     let op = match obj.get("op") {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(_) => return Err((id, ErrorCode::BadRequest, "\"op\" must be a string".into())),
-        None => return Err((id, ErrorCode::BadRequest, "the request has no \"op\"".into())),
+        None => {
+            return Err((
+                id,
+                ErrorCode::BadRequest,
+                "the request has no \"op\"".into(),
+            ))
+        }
     };
     if !OPS.contains(&op.as_str()) {
         return Err((
