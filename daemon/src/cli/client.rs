@@ -38,24 +38,22 @@ impl From<TransportArg> for Transport {
     }
 }
 
-fn parse_formats(s: &str) -> Result<Vec<Format>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|w| !w.is_empty())
-        .map(|w| match w {
-            "mesh" => Ok(Format::Mesh),
-            "gaussian" => Ok(Format::Gaussian),
-            "radiance_field" => Ok(Format::RadianceField),
-            o => Err(format!("unknown format {o:?}")),
-        })
-        .collect()
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s.trim() {
+        "mesh" => Ok(Format::Mesh),
+        "gaussian" => Ok(Format::Gaussian),
+        "radiance_field" => Ok(Format::RadianceField),
+        o => Err(format!(
+            "unknown format {o:?} (expected mesh, gaussian or radiance_field)"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
 pub struct JobOutputArgs {
     /// Output formats (default mesh,gaussian).
-    #[arg(long, value_parser = parse_formats)]
-    pub formats: Option<Vec<Format>>,
+    #[arg(long, value_parser = parse_format, value_delimiter = ',')]
+    pub formats: Vec<Format>,
     /// Return at once with the queued job instead of following it.
     #[arg(long)]
     pub no_wait: bool,
@@ -119,7 +117,7 @@ pub enum ClientOp {
     /// Decode a stored asset into more formats (no sampling).
     Decode {
         asset: String,
-        #[arg(long, value_parser = parse_formats)]
+        #[arg(long, value_parser = parse_format, value_delimiter = ',', required = true)]
         formats: Vec<Format>,
     },
     /// One job's state.
@@ -131,8 +129,8 @@ pub enum ClientOp {
     /// Fetch an asset's arrays; with --out write the mesh as GLB.
     Fetch {
         asset: String,
-        #[arg(long, default_value = "mesh", value_parser = parse_formats)]
-        what: Vec<Format>,
+        #[arg(long, default_value = "mesh", value_parser = parse_format)]
+        what: Format,
         #[arg(long, value_enum, default_value = "auto")]
         transport: TransportArg,
         #[arg(long)]
@@ -223,7 +221,7 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 ss_cfg: *ss_cfg,
                 slat_steps: *slat_steps,
                 slat_cfg: *slat_cfg,
-                formats: output.formats.clone().unwrap_or_default(),
+                formats: output.formats.clone(),
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
@@ -252,7 +250,7 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 seed: *seed,
                 slat_steps: *slat_steps,
                 slat_cfg: None,
-                formats: output.formats.clone().unwrap_or_default(),
+                formats: output.formats.clone(),
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
@@ -279,7 +277,7 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
             transport,
             out,
         } => {
-            let what = *what.first().unwrap_or(&Format::Mesh);
+            let what = *what;
             let t = Instant::now();
             let arrays = c.fetch(asset, what, (*transport).into())?;
             eprintln!(

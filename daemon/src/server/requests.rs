@@ -44,6 +44,18 @@ pub fn pick_model(
 ) -> Result<String, Refusal> {
     if let Some(m) = asked {
         check_name(m, "model")?;
+        if let Some(s) = served.iter().find(|s| s.name == m) {
+            if s.is_text.is_some_and(|t| t != is_text) {
+                let (kind, input) = if is_text {
+                    ("an image", "a text prompt")
+                } else {
+                    ("a text", "images")
+                };
+                return Err(bad(format!(
+                    "model {m} is {kind} model; it cannot take {input}"
+                )));
+            }
+        }
         return served
             .iter()
             .find(|s| s.name == m)
