@@ -227,8 +227,10 @@ fn send_range(
     }
 }
 
+/// The tiny repositories (pipelines and conditioners side by side), generated from seeded
+/// random weights.
 fn pipelines_dir() -> PathBuf {
-    trellis::reference_dir().join("pipelines")
+    trellis::test_tiny_repos().root
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -499,7 +501,7 @@ fn local_folders_resolve_relative_entries_without_network() {
     let repo = tmp.path().join("repos/img");
     copy_dir(&pipelines_dir().join("TRELLIS-image-tiny"), &repo);
     copy_dir(
-        &trellis::reference_dir().join("conditioners/dinov2_reg_tiny"),
+        &pipelines_dir().join("dinov2_reg_tiny"),
         &tmp.path().join("conds/dino"),
     );
     edit_json(&repo.join("pipeline.json"), |v| {
@@ -595,7 +597,7 @@ fn unreachable_or_silent_endpoints_fail_fast_with_the_model_hint() {
 #[test]
 fn conditioners_resolve_from_names_ids_and_folders() {
     let tmp = tempfile::tempdir().unwrap();
-    let cond = trellis::reference_dir().join("conditioners");
+    let cond = pipelines_dir();
     let clip_no_tok = tmp.path().join("clip");
     copy_dir(&cond.join("clip_text_tiny"), &clip_no_tok);
     std::fs::remove_file(clip_no_tok.join("tokenizer.json")).unwrap();

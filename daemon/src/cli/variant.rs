@@ -10,7 +10,7 @@ use super::generate::{
     run_in_process, with_reporter, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
-use crate::jobs::{ImageSource, Job, MeshSource, Prompt, VariantJob};
+use crate::jobs::{Job, MeshSource, Prompt, VariantJob};
 
 #[derive(Debug, clap::Args)]
 pub struct VariantArgs {
@@ -24,7 +24,8 @@ pub struct VariantArgs {
     /// Text prompt.
     #[arg(long, required_unless_present = "image", conflicts_with = "image")]
     pub text: Option<String>,
-    /// Image prompt (RGBA, object on a transparent background).
+    /// Image prompt (RGBA with the object on a transparent background, or a photo whose
+    /// background is removed first).
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Voxel grid resolution (default: the structure decoder's, 64 for the official models).
@@ -36,6 +37,8 @@ pub struct VariantArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub background: super::background::BackgroundArgs,
 }
 
 pub fn run(args: &VariantArgs) -> Result<i32> {
@@ -44,9 +47,18 @@ pub fn run(args: &VariantArgs) -> Result<i32> {
 
 fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     let plan = OutputPlan::from_args(&args.output)?;
+    let mut prepared = None;
     let prompt = match (&args.text, &args.image) {
         (Some(t), _) => Prompt::Text(t.clone()),
-        (None, Some(i)) => Prompt::Images(vec![ImageSource::Path(i.clone())]),
+        (None, Some(i)) => {
+            let one = std::slice::from_ref(i);
+            args.background.options().check(one)?;
+            let device = crate::runtime::parse_device(&args.runtime.device)?;
+            let p = args.background.prepare(one, &device, rep)?;
+            let images = super::generate::decoded_sources(one, &p.images);
+            prepared = Some(p);
+            Prompt::Images(images)
+        }
         (None, None) => anyhow::bail!("give --text or --image"),
     };
     let job = Job::Variant(VariantJob {
@@ -60,5 +72,11 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
     });
     job.validate()?;
     crate::runtime::parse_device(&args.runtime.device)?;
-    run_in_process(&job, &plan.files(), &args.runtime.device, rep)
+    let mut written = run_in_process(&job, &plan.files(), &args.runtime.device, rep)?;
+    if let Some(p) = &prepared {
+        for m in p.write_masks()? {
+            written["mask"] = serde_json::json!(m);
+        }
+    }
+    Ok(written)
 }

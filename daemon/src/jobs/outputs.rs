@@ -48,7 +48,31 @@ pub fn write_outputs(
         written.insert("asset".into(), serde_json::json!(p));
         ctl.emit(Stage::Writing, done, total, Some(p.display().to_string()));
     }
-    let d = out.decoded();
+    let more = write_decoded_from(files, out.decoded(), done, total, ctl)?;
+    if let serde_json::Value::Object(m) = more {
+        written.extend(m);
+    }
+    Ok(serde_json::Value::Object(written))
+}
+
+/// Writes the GLB / PLY files of decoded representations.
+pub fn write_decoded(
+    files: &OutputFiles,
+    d: &Decoded,
+    ctl: &mut RunControl<'_>,
+) -> Result<serde_json::Value> {
+    let total = files.count();
+    write_decoded_from(files, d, 0, total, ctl)
+}
+
+fn write_decoded_from(
+    files: &OutputFiles,
+    d: &Decoded,
+    mut done: usize,
+    total: usize,
+    ctl: &mut RunControl<'_>,
+) -> Result<serde_json::Value> {
+    let mut written = serde_json::Map::new();
     if let Some(p) = &files.glb {
         let m = first_mesh(d)?;
         ensure!(

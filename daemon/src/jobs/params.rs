@@ -23,6 +23,11 @@ use crate::pipelines::voxelize::TriMesh;
 pub enum ImageSource {
     Path(PathBuf),
     Rgba(Arc<RgbaImage>),
+    /// A file already decoded (and its background removed where it had none).
+    Decoded {
+        path: PathBuf,
+        image: Arc<RgbaImage>,
+    },
 }
 
 impl ImageSource {
@@ -32,14 +37,16 @@ impl ImageSource {
                 ensure!(p.is_file(), "image {} does not exist", p.display());
                 load_image(p)
             }
-            ImageSource::Rgba(img) => Ok(img.as_ref().clone()),
+            ImageSource::Rgba(img) | ImageSource::Decoded { image: img, .. } => {
+                Ok(img.as_ref().clone())
+            }
         }
     }
 
     /// How the asset metadata records it.
     pub fn describe(&self) -> serde_json::Value {
         match self {
-            ImageSource::Path(p) => serde_json::json!(p),
+            ImageSource::Path(p) | ImageSource::Decoded { path: p, .. } => serde_json::json!(p),
             ImageSource::Rgba(img) => {
                 serde_json::json!(format!("uploaded {}x{}", img.width(), img.height()))
             }
@@ -48,7 +55,9 @@ impl ImageSource {
 
     fn name(&self) -> String {
         match self {
-            ImageSource::Path(p) => format!("image {}", p.display()),
+            ImageSource::Path(p) | ImageSource::Decoded { path: p, .. } => {
+                format!("image {}", p.display())
+            }
             ImageSource::Rgba(img) => format!("uploaded image {}x{}", img.width(), img.height()),
         }
     }
@@ -226,7 +235,6 @@ impl Job {
             Job::Generate(g) => {
                 g.sampling.check()?;
                 check_prompt(&g.prompt, &g.conditioners)?;
-                ensure!(g.formats.any(), "no output format asked for");
             }
             Job::Variant(v) => {
                 ensure!(
@@ -245,7 +253,6 @@ impl Job {
                 }
                 v.mesh.load()?;
                 check_prompt(&v.prompt, &v.conditioners)?;
-                ensure!(v.formats.any(), "no output format asked for");
             }
             Job::Decode(d) => {
                 ensure!(
