@@ -399,6 +399,10 @@ pub struct JobInfo {
     /// no loading in between).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_step_s: Option<f64>,
+    /// Set when the job has run: whether it found every model it needed resident (read no
+    /// weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models_resident: Option<bool>,
 }
 
 /// A stored asset.

@@ -321,10 +321,15 @@ fn run_job(c: &mut Client, op: Op, b: BinaryBuilder, output: &JobOutputArgs) -> 
     }
     let info: JobInfo = serde_json::from_value(a.result.clone())?;
     eprintln!(
-        "job {} done in {:.2} s (first sampler step {:.2} s after the job started); asset {}",
+        "job {} done in {:.2} s (first sampler step {:.2} s after the job started, models {}); asset {}",
         info.job,
         t0.elapsed().as_secs_f64(),
         info.first_step_s.unwrap_or(f64::NAN),
+        match info.models_resident {
+            Some(true) => "resident",
+            Some(false) => "loaded",
+            None => "?",
+        },
         info.asset.as_deref().unwrap_or("-")
     );
     print(&a.result);

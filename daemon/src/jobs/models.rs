@@ -23,6 +23,8 @@ pub struct Resident {
     pub pipeline: TrellisPipeline,
     pub image_conditioner: Option<(PathBuf, ImageConditioner)>,
     pub text_conditioner: Option<(PathBuf, TextConditioner)>,
+    /// Networks loaded into it after it was opened.
+    pub loads: usize,
 }
 
 /// The models one device holds.
@@ -34,6 +36,8 @@ pub struct ModelCache {
     pub max_resident: usize,
     /// Most recently used last.
     entries: Vec<Resident>,
+    /// Pipelines opened (weights read) so far.
+    opened: usize,
 }
 
 impl ModelCache {
@@ -43,6 +47,7 @@ impl ModelCache {
             device_name: device_name.to_string(),
             max_resident: max_resident.max(1),
             entries: Vec::new(),
+            opened: 0,
         })
     }
 
@@ -54,6 +59,12 @@ impl ModelCache {
     /// The resident pipeline opened by `spec`, if any.
     pub fn resident_mut(&mut self, spec: &str) -> Option<&mut Resident> {
         self.entries.iter_mut().find(|e| e.spec == spec)
+    }
+
+    /// How many times weights were read (pipelines opened, networks or conditioners added):
+    /// unchanged across a job that found everything resident.
+    pub fn weight_loads(&self) -> usize {
+        self.opened + self.entries.iter().map(|e| e.loads).sum::<usize>()
     }
 
     /// Drops every resident model (frees their memory).
@@ -86,7 +97,9 @@ impl ModelCache {
                     pipeline,
                     image_conditioner: None,
                     text_conditioner: None,
+                    loads: 0,
                 });
+                self.opened += 1;
                 self.entries.len() - 1
             }
         };
@@ -122,6 +135,7 @@ impl Resident {
         };
         if missing.any() {
             let d = loader::load_decoders(&p.repo, missing, dev)?;
+            self.loads += 1;
             if d.mesh.is_some() {
                 p.decoders.mesh = d.mesh;
             }
@@ -205,6 +219,7 @@ impl Resident {
             self.image_conditioner = None;
             let c = ImageConditioner::load(dir, dev, DType::F32)?;
             self.image_conditioner = Some((dir.to_path_buf(), c));
+            self.loads += 1;
         }
         self.image_conditioner
             .as_ref()
@@ -218,6 +233,7 @@ impl Resident {
             self.text_conditioner = None;
             let c = TextConditioner::load(dir, dev, DType::F32)?;
             self.text_conditioner = Some((dir.to_path_buf(), c));
+            self.loads += 1;
         }
         self.text_conditioner
             .as_ref()

@@ -96,6 +96,7 @@ impl Queue {
             asset: None,
             elapsed_s: 0.0,
             first_step_s: None,
+            models_resident: None,
         };
         let (tx, rx) = tokio::sync::watch::channel(info.clone());
         st.jobs.insert(
@@ -253,6 +254,7 @@ impl Queue {
                     }
                 });
             };
+            let loads_before = cache.weight_loads();
             let result = {
                 let mut ctl = RunControl {
                     progress: &mut progress,
@@ -266,6 +268,8 @@ impl Queue {
                     *slot = cache.resident();
                 }
             }
+            let resident = cache.weight_loads() == loads_before;
+            self.update(id, |i| i.models_resident = Some(resident));
             let cancelled = cancel.load(Ordering::Relaxed);
             match result {
                 Ok(out) if !cancelled => {

@@ -21,27 +21,34 @@ pub struct Tiny {
 /// reference fixtures. `None` (the test prints that it was skipped) when neither exists.
 pub fn tiny_repos(scratch: &Path) -> Option<Tiny> {
     let bin = env!("CARGO_BIN_EXE_trellisd");
-    let root = if Command::new(bin)
+    let generated = Command::new(bin)
         .args(["tiny-repos", "--help"])
         .output()
-        .is_ok_and(|o| o.status.success())
-    {
+        .is_ok_and(|o| o.status.success());
+    let t = if generated {
+        // `trellisd tiny-repos --out DIR` writes the four folders side by side.
         let out = scratch.join("tiny");
         let ok = Command::new(bin)
             .args(["tiny-repos", "--out"])
             .arg(&out)
+            .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "trellisd tiny-repos failed");
-        out
+        Tiny {
+            image: out.join("TRELLIS-image-tiny"),
+            text: out.join("TRELLIS-text-tiny"),
+            dinov2: out.join("dinov2_reg_tiny"),
+            clip: out.join("clip_text_tiny"),
+        }
     } else {
-        trellis::reference_dir()
-    };
-    let t = Tiny {
-        image: root.join("pipelines/TRELLIS-image-tiny"),
-        text: root.join("pipelines/TRELLIS-text-tiny"),
-        dinov2: root.join("conditioners/dinov2_reg_tiny"),
-        clip: root.join("conditioners/clip_text_tiny"),
+        let root = trellis::reference_dir();
+        Tiny {
+            image: root.join("pipelines/TRELLIS-image-tiny"),
+            text: root.join("pipelines/TRELLIS-text-tiny"),
+            dinov2: root.join("conditioners/dinov2_reg_tiny"),
+            clip: root.join("conditioners/clip_text_tiny"),
+        }
     };
     if !t.image.is_dir() || !t.dinov2.is_dir() {
         eprintln!(
