@@ -2,11 +2,13 @@
 
 pub mod background;
 pub mod bench;
+pub mod client;
 pub mod decode;
 pub mod doctor;
 pub mod edit;
 pub mod generate;
 pub mod parity;
 pub mod progress;
+pub mod serve;
 pub mod tiny_repos;
 pub mod variant;
