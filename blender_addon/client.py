@@ -761,8 +761,10 @@ class Client:
                 raise ProtocolError("a shm fetch reply must describe its buffer (path, size)")
             try:
                 mm = _map_buffer(buf["path"], int(buf.get("size", 0)))
-            except OSError as e:
+            except (OSError, ValueError, ProtocolError) as e:
                 self.release(buf["buffer"])
+                if isinstance(e, ProtocolError):
+                    raise
                 raise ProtocolError(f"cannot map the daemon's buffer {buf['path']}: {e}") from e
             try:
                 arrays = {d["name"]: unpack_array(d, mm) for d in reply.arrays}
