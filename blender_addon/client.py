@@ -11,7 +11,7 @@ array descriptors, shared-memory buffers).
         job = c.generate(text="a wooden crate", seed=1)
         done = c.wait(job["job"], on_status=lambda j: print(j["state"], j.get("stage")))
         with c.fetch(done["asset"], "mesh") as mesh:  # numpy arrays over the daemon's buffer
-            print(mesh["vertices"].shape, mesh["faces"].shape)
+            print(mesh["positions"].shape, mesh["triangles"].shape)
         # leaving the block releases the buffer (the daemon deletes its file)
 
 Everything that can go wrong on the daemon's side raises :class:`TrellisError` (with the
@@ -132,7 +132,7 @@ def default_address() -> str:
         return r"\\.\pipe\trellis-rs-" + user
     if sys.platform == "darwin":
         base = os.environ.get("TMPDIR") or "/tmp"
-        return os.path.join(base, "trellis-rs", "daemon.sock")
+        return os.path.join(base, f"trellis-rs-{os.getuid()}", "daemon.sock")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return os.path.join(runtime, "trellis-rs", "daemon.sock")
@@ -455,11 +455,11 @@ def image_inputs(images: Sequence[Any], prefix: str = "image") -> Tuple[List[dic
 
 
 class Client:
-    """One connection to the daemon. Requests are answered in order; a request with
-    ``wait=True`` receives progress replies (passed to ``on_progress``) before its final reply.
-
-    Not safe for concurrent use from several threads without the caller's own lock, except that
-    :meth:`request` holds an internal lock for one whole exchange.
+    """One connection to the daemon, with one request in flight at a time: :meth:`request` sends
+    and reads until that request's final reply (a ``wait=True`` request's progress replies go to
+    ``on_progress`` first), holding an internal lock, so threads sharing a client take turns.
+    The protocol lets replies of several requests interleave on one connection; to cancel a job
+    that a ``wait=True`` call follows, use a second :class:`Client`.
     """
 
     def __init__(
@@ -477,7 +477,10 @@ class Client:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.max_json = DEFAULT_MAX_JSON
-        self.max_binary = DEFAULT_MAX_BINARY
+        # What the daemon accepts in a request (hello's limits); replies are read up to the
+        # protocol's default limits.
+        self.max_upload_json = DEFAULT_MAX_JSON
+        self.max_upload = DEFAULT_MAX_BINARY
         if connect:
             self.connect()
 
@@ -497,8 +500,8 @@ class Client:
             self.close()
             raise
         limits = self.info.get("limits") or {}
-        self.max_json = int(limits.get("max_json", DEFAULT_MAX_JSON))
-        self.max_binary = int(limits.get("max_binary", DEFAULT_MAX_BINARY))
+        self.max_upload_json = int(limits.get("max_json", DEFAULT_MAX_JSON))
+        self.max_upload = int(limits.get("max_binary", DEFAULT_MAX_BINARY))
         return self.info
 
     def close(self) -> None:
@@ -524,7 +527,7 @@ class Client:
         assert self._stream is not None
         head = bytearray(HEADER_LEN)
         self._stream.recv_into(memoryview(head), "header")
-        json_len, binary_len = decode_header(bytes(head), self.max_json, self.max_binary)
+        json_len, binary_len = decode_header(bytes(head), DEFAULT_MAX_JSON, DEFAULT_MAX_BINARY)
         body = bytearray(json_len)
         self._stream.recv_into(memoryview(body), "JSON section")
         binary = bytearray(binary_len)
@@ -562,11 +565,15 @@ class Client:
             descs, pieces, binary_len = pack_arrays(arrays)
             message["arrays"] = descs
         body = json.dumps(message, separators=(",", ":")).encode("utf-8")
-        if len(body) > self.max_json:
-            raise TrellisError("too_large", f"request JSON of {len(body)} bytes exceeds the limit")
-        if binary_len > self.max_binary:
+        if len(body) > self.max_upload_json:
             raise TrellisError(
-                "too_large", f"upload of {binary_len} bytes exceeds the limit of {self.max_binary}"
+                "too_large", f"request JSON of {len(body)} bytes exceeds the daemon's limit of "
+                f"{self.max_upload_json}"
+            )
+        if binary_len > self.max_upload:
+            raise TrellisError(
+                "too_large", f"upload of {binary_len} bytes exceeds the daemon's limit of "
+                f"{self.max_upload}"
             )
         with self._lock:
             self._stream.settimeout(self.timeout if timeout == "default" else timeout)
@@ -574,6 +581,11 @@ class Client:
                 self._stream.send([encode_header(len(body), binary_len), body, *pieces])
                 while True:
                     reply = self._read_reply()
+                    if reply.id == 0 and reply.status == "error":
+                        # The daemon could not read our frame and closes the connection.
+                        m = reply.message
+                        self.close()
+                        raise TrellisError(str(m.get("code", "internal")), str(m.get("message", "")))
                     if reply.id != rid:
                         raise ProtocolError(f"reply id {reply.id} does not match request id {rid}")
                     status = reply.status

@@ -393,8 +393,8 @@ def build_objects(c: trellis.Client, job: Job) -> None:
             if what == "mesh":
                 data = importers.mesh_from_arrays(
                     f"{job.label} mesh",
-                    to_local(_get(f, "vertices")),
-                    _get(f, "faces"),
+                    to_local(_get(f, "positions")),
+                    _get(f, "triangles"),
                     colors=_get(f, "colors", False),
                     uvs=_get(f, "uvs", False),
                     texture=_get(f, "texture", False),

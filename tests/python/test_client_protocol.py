@@ -186,7 +186,7 @@ def test_request_uploads_arrays_and_reads_inline_replies(fake):
     seen = []
     with trellis.Client(d.path) as c:
         assert c.info["daemon"] == "fake" and c.capable("fetch") and not c.capable("edit")
-        assert c.max_binary == 1 << 24
+        assert c.max_upload == 1 << 24
         verts = np.random.default_rng(0).random((5, 3), dtype=np.float32)
         faces = np.array([[0, 1, 2], [2, 3, 4]], dtype=np.uint32)
         reply = c.request("variant", {"text": "x", "skip": None},
@@ -317,3 +317,14 @@ def test_default_address_follows_the_override(monkeypatch, tmp_path):
     monkeypatch.delenv("TRELLIS_RS_SOCKET")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert trellis.default_address() == os.path.join(str(tmp_path), "trellis-rs", "daemon.sock")
+
+
+def test_an_unreadable_frame_error_with_id_0_raises_and_disconnects(fake):
+    def handler(msg, binary):
+        return _frame({"id": 0, "status": "error", "code": "too_large",
+                       "message": "binary section over the limit"})
+
+    c = trellis.Client(fake(handler).path)
+    with pytest.raises(trellis.TrellisError) as e:
+        c.ping()
+    assert e.value.code == "too_large" and not c.connected
