@@ -109,13 +109,17 @@ def collection_objects(job):
     return {o.name: o for o in coll.objects}
 
 
-def world_bounds(obj):
-    dg = bpy.context.evaluated_depsgraph_get()
-    ev = obj.evaluated_get(dg)
-    me = ev.to_mesh()
+def world_bounds(obj, evaluated=True):
+    """World-space bounds of the object's (evaluated) mesh vertices."""
+    if evaluated:
+        ev = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+        me = ev.to_mesh()
+    else:
+        me = obj.data
     co = np.empty(len(me.vertices) * 3, np.float32)
     me.vertices.foreach_get("co", co)
-    ev.to_mesh_clear()
+    if evaluated:
+        ev.to_mesh_clear()
     m = np.array(obj.matrix_world)
     w = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
     return w.min(0), w.max(0)
@@ -149,6 +153,7 @@ def test_missing_daemon_is_explained(env):
 def test_generate_text_starts_the_daemon_and_imports_mesh_and_gaussians(env):
     env.settings(mode="TEXT", prompt="a wooden crate", outputs="BOTH")
     bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+    bpy.ops.ed.undo_push(message="before")  # Blender's stack starts with the loaded file
     t0 = time.monotonic()
     assert bpy.ops.trellis.generate() == {"FINISHED"}
     took = time.monotonic() - t0
@@ -289,7 +294,7 @@ def test_variant_of_selected_appears_at_its_transform(env):
     tol = 0.1 * float((hi - lo).max())
     np.testing.assert_allclose(vlo, lo, atol=tol)
     np.testing.assert_allclose(vhi, hi, atol=tol)
-    glo, ghi = world_bounds(gs_obj)
+    glo, ghi = world_bounds(gs_obj, evaluated=False)  # the points, not the preview
     assert np.all(glo >= lo - tol) and np.all(ghi <= hi + tol)
 
     src.hide_set(False)
