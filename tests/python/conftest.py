@@ -8,6 +8,7 @@ Run with a Python that has numpy (and bpy for the add-on tests), from the reposi
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -53,6 +54,7 @@ def trellisd_binary() -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_repos(binary: Path, scratch: Path) -> Path | None:
     """A folder with pipelines/TRELLIS-{image,text}-tiny and conditioners/{dinov2_reg,clip_text}_tiny:
     written by `trellisd tiny-repos` when the binary has it, else the reference fixtures
@@ -123,14 +125,16 @@ def scratch():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def daemon(scratch):
+    """A daemon for one test module (one daemon per user may run: modules take turns)."""
     binary = trellisd_binary()
     need(binary is not None, "no trellisd binary (build it with `cargo build --bin trellisd` "
          "or set TRELLISD_BIN)")
     repos = tiny_repos(binary, scratch)
     need(repos is not None, "no tiny model repositories (`trellisd tiny-repos` or ../shared/reference)")
-    d = Daemon(binary, repos, scratch / "daemon").start()
+    root = Path(tempfile.mkdtemp(prefix="daemon-", dir=scratch))
+    d = Daemon(binary, repos, root).start()
     yield d
     d.stop()
     if d.shm_dir:
