@@ -1,7 +1,6 @@
 """Operators: each one submits to the daemon (or asks it something quick) and returns at once;
 :mod:`.session`'s timer follows the jobs. Daemon errors become reports."""
 
-from __future__ import annotations
 
 import os
 

@@ -1,7 +1,6 @@
 """The TRELLIS tab of the 3D View sidebar. Drawing never talks to the daemon: it shows what the
 session's timer last learnt."""
 
-from __future__ import annotations
 
 import bpy
 

@@ -1,7 +1,6 @@
 """Add-on preferences: where the daemon is, whether to start it, its address, tier, precision and
 the models it serves."""
 
-from __future__ import annotations
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, StringProperty

@@ -1,6 +1,5 @@
 """The panel's settings, stored per scene (``scene.trellis``)."""
 
-from __future__ import annotations
 
 import bpy
 from bpy.props import (

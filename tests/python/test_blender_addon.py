@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import in_ci, need, tiny_repos, trellisd_binary
+from conftest import need, tiny_repos, trellisd_binary
 
 bpy = pytest.importorskip("bpy", reason="bpy is not installed in this Python")
 import client as trellis  # noqa: E402
-from mathutils import Euler, Matrix, Vector  # noqa: E402
+from mathutils import Euler  # noqa: E402
 
 FAST = dict(seed=1, ss_steps=2, slat_steps=2)
 
