@@ -392,3 +392,85 @@ def test_shutdown_stops_the_daemon_and_leaves_no_buffer(env):
     assert proc.wait(30) == 0
     assert not os.path.exists(shm) or os.listdir(shm) == []
     assert env.S.client is None
+
+
+class Layout:
+    """Stands in for bpy's UILayout (background mode draws no UI): records what the panel draws
+    and checks every property and operator it names exists."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def _child(self, *a, **k):
+        return Layout(self.log)
+
+    row = column = box = grid_flow = _child
+
+    def prop(self, data, name, **kw):
+        assert name in data.bl_rna.properties, f"{data} has no property {name}"
+        self.log.append(("prop", name))
+
+    def operator(self, idname, **kw):
+        mod, name = idname.split(".")
+        assert hasattr(getattr(bpy.ops, mod), name), idname
+        self.log.append(("operator", idname))
+        return type("OpProps", (), {})()
+
+    def label(self, text="", **kw):
+        self.log.append(("label", text))
+
+    def progress(self, factor=0.0, type="BAR", text=""):
+        assert 0.0 <= factor <= 1.0
+        self.log.append(("progress", text))
+
+    def template_ID(self, data, name, **kw):
+        self.prop(data, name)
+
+    def template_list(self, listtype, list_id, data, name, active_data, active_name, **kw):
+        self.prop(data, name)
+        self.prop(active_data, active_name)
+
+    def separator(self, **kw):
+        pass
+
+
+def draw_panel(env):
+    log = []
+    panel = type("P", (), {"layout": Layout(log)})()
+    bpy.types.VIEW3D_PT_trellis.draw(panel, bpy.context)
+    return log
+
+
+def test_panel_draws_every_mode_and_job_state(env):
+    s = bpy.context.scene.trellis
+    for mode in ("IMAGE", "IMAGES", "TEXT"):
+        s.mode = mode
+        log = draw_panel(env)
+        ops = [x for k, x in log if k == "operator"]
+        assert {"trellis.generate", "trellis.variant", "trellis.connect"} <= set(ops)
+        assert "trellis.edit_region" not in ops, "absent until the daemon has edit"
+        names = [x for k, x in log if k == "prop"]
+        assert "seed" in names and "outputs" in names
+        assert ("image_path" in names) == (mode == "IMAGE")
+        assert ("images" in names) == (mode == "IMAGES")
+    s.show_sampling = True
+    names = [x for k, x in draw_panel(env) if k == "prop"]
+    assert {"ss_steps", "ss_cfg", "slat_steps", "slat_cfg"} <= set(names)
+    # A running job shows a progress bar and a cancel button.
+    job = env.session.Job(999, "generate", "probe", ["mesh"], {}, None)
+    job.update({"state": "running", "stage": "sparse_structure", "step": 3, "total": 12,
+                "eta_s": 4.2})
+    env.S.jobs[job.key] = job
+    try:
+        log = draw_panel(env)
+        assert ("progress", "sparse structure 3/12, ETA 4 s") in log
+        assert ("operator", "trellis.cancel") in log
+    finally:
+        del env.S.jobs[job.key]
+    # With a daemon that offers edit, the region controls appear.
+    env.S.info = dict(env.S.info, capabilities=[*env.S.info.get("capabilities", []), "edit"])
+    try:
+        ops = [x for k, x in draw_panel(env) if k == "operator"]
+        assert "trellis.edit_region" in ops
+    finally:
+        env.S.info["capabilities"].remove("edit")
