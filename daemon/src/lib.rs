@@ -8,14 +8,17 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod export;
 pub mod hub;
+pub mod jobs;
 pub mod models;
 pub mod modules;
 pub mod parity;
 pub mod pipelines;
 pub mod representations;
 pub mod runtime;
+pub mod server;
 
 use std::path::PathBuf;
 

@@ -24,6 +24,10 @@ enum Command {
     Variant(Box<cli::variant::VariantArgs>),
     /// Decode a saved .trellis asset again (no sampling).
     Decode(cli::decode::DecodeArgs),
+    /// Run the resident daemon (local socket; docs/PROTOCOL.md).
+    Serve(cli::serve::ServeArgs),
+    /// Send a request to the running daemon.
+    Client(cli::client::ClientArgs),
 }
 
 fn main() {
@@ -35,6 +39,8 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Variant(a) => cli::variant::run(a),
         Command::Decode(a) => cli::decode::run(a),
+        Command::Serve(a) => cli::serve::run(a),
+        Command::Client(a) => cli::client::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,9 +1,11 @@
 //! The `trellisd` command line: one module per subcommand.
 
 pub mod bench;
+pub mod client;
 pub mod decode;
 pub mod doctor;
 pub mod generate;
 pub mod parity;
 pub mod progress;
+pub mod serve;
 pub mod variant;
