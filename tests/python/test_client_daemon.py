@@ -51,7 +51,8 @@ def check_mesh(f):
     assert v.ndim == 2 and v.shape[1] == 3 and v.dtype == np.float32 and len(v) > 0
     assert t.ndim == 2 and t.shape[1] == 3 and len(t) > 0
     assert int(t.max()) < len(v)
-    assert np.all(np.abs(v) <= 0.5 + 1e-3), "decoder meshes lie in the unit cube"
+    # Decoder meshes lie in the unit cube, give or take the FlexiCubes vertex offsets.
+    assert np.all(np.abs(v) <= 0.55), float(np.abs(v).max())
     if "colors" in f:
         assert f["colors"].shape[0] == len(v)
 
