@@ -11,6 +11,7 @@ the objects and releases the buffer. Timers do not fire in background mode: test
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import traceback
 from typing import Any, Dict, List, Optional
@@ -130,9 +131,17 @@ class Session:
         if self.daemon is not None and self.daemon.proc.poll() is None:
             return self.daemon
         path = bpy.path.abspath(prefs.daemon_path) if prefs.daemon_path else ""
+        args = prefs.serve_args()
+        known = serve_options(path)
+        if known is not None:
+            for flag in ("--vram-tier", "--precision"):
+                if flag in args and flag not in known:
+                    i = args.index(flag)
+                    self.report("WARNING", f"this trellisd has no {flag}: its own choice "
+                                f"is used instead of {args[i + 1]}")
+                    del args[i:i + 2]
         self.daemon = trellis.start_daemon(
-            path, models=prefs.models(), args=prefs.serve_args(),
-            address=prefs.socket or None)
+            path, models=prefs.models(), args=args, address=prefs.socket or None)
         return self.daemon
 
     def capable(self, op: str) -> bool:
@@ -292,6 +301,26 @@ class Session:
 
 
 SESSION = Session()
+_SERVE_OPTIONS: Dict[tuple, Optional[str]] = {}
+
+
+def serve_options(binary: str) -> Optional[str]:
+    """The `serve --help` text of ``binary`` (cached per file and modification time), to pass
+    only options it knows; None when it cannot be asked."""
+    import subprocess
+
+    try:
+        key = (binary, os.stat(binary).st_mtime_ns)
+    except OSError:
+        return None
+    if key not in _SERVE_OPTIONS:
+        try:
+            r = subprocess.run([binary, "serve", "--help"], capture_output=True, text=True,
+                               timeout=10)
+            _SERVE_OPTIONS[key] = r.stdout if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            _SERVE_OPTIONS[key] = None
+    return _SERVE_OPTIONS[key]
 
 
 def _prefs():

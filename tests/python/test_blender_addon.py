@@ -154,12 +154,18 @@ def test_generate_text_starts_the_daemon_and_imports_mesh_and_gaussians(env):
     env.settings(mode="TEXT", prompt="a wooden crate", outputs="BOTH")
     bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
     bpy.ops.ed.undo_push(message="before")  # Blender's stack starts with the loaded file
+    env.prefs.tier = "high"
     t0 = time.monotonic()
     assert bpy.ops.trellis.generate() == {"FINISHED"}
     took = time.monotonic() - t0
+    env.prefs.tier = "auto"
     job = env.newest_job()
     assert job.state == "starting" and env.S.daemon is not None, "submitted before the daemon ran"
     assert took < 1.0, f"the operator blocked for {took:.2f} s"
+    # A tier the daemon cannot take is dropped with a warning, not a daemon that fails to start.
+    has_tier = "--vram-tier" in (env.session.serve_options(str(env.binary)) or "")
+    warned = [m for lvl, m in env.S.reports if lvl == "WARNING" and "--vram-tier" in m]
+    assert bool(warned) != has_tier, (warned, has_tier)
     env.run(job)
     assert job.state == "done", job.describe()
     assert env.S.info["pid"] == env.S.daemon.proc.pid

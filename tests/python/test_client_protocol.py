@@ -328,3 +328,11 @@ def test_an_unreadable_frame_error_with_id_0_raises_and_disconnects(fake):
     with pytest.raises(trellis.TrellisError) as e:
         c.ping()
     assert e.value.code == "too_large" and not c.connected
+
+
+def test_shutdown_tolerates_a_daemon_that_exits_before_replying(fake):
+    d = fake(lambda msg, binary: None if msg["op"] == "shutdown" else _frame(
+        {"id": msg["id"], "status": "ok", "result": {}}))
+    c = trellis.Client(d.path)
+    assert c.shutdown() == {}
+    assert not c.connected
