@@ -11,7 +11,7 @@ from mathutils import Matrix
 
 from . import client as trellis
 from . import importers, preferences
-from .session import SESSION
+from .session import SESSION, ensure_timer
 
 LABEL_CHARS = 40
 
@@ -285,6 +285,8 @@ class TRELLIS_OT_connect(bpy.types.Operator):
             except trellis.TrellisError as e2:
                 SESSION.last_error = e2.message
                 return _report_error(self, e2)
+            SESSION.connecting = True
+            ensure_timer()
             self.report({"INFO"}, "TRELLIS: starting the daemon")
             return {"FINISHED"}
         except trellis.TrellisError as e:

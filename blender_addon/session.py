@@ -98,6 +98,8 @@ class Session:
         self.jobs: Dict[int, Job] = {}
         self.reports: List[tuple] = []  # (level, message), newest last
         self.last_error = ""
+        self.connecting = False  # a daemon was started without a job: connect once it is ready
+        self.daemon_started = 0.0
         self._keys = itertools.count(1)
 
     # connection ------------------------------------------------------------------------------
@@ -119,6 +121,7 @@ class Session:
         self.client = c
         self.info = c.info
         self.last_error = ""
+        self.connecting = False
         return c
 
     def disconnect(self) -> None:
@@ -142,6 +145,7 @@ class Session:
                     del args[i:i + 2]
         self.daemon = trellis.start_daemon(
             path, models=prefs.models(), args=args, address=prefs.socket or None)
+        self.daemon_started = time.monotonic()
         return self.daemon
 
     def capable(self, op: str) -> bool:
@@ -201,7 +205,8 @@ class Session:
             del self.jobs[key]
 
     def active(self) -> bool:
-        return any(j.active for j in self.jobs.values())
+        """Whether the timer has work: a job to follow, or a starting daemon to connect to."""
+        return self.connecting or any(j.active for j in self.jobs.values())
 
     def report(self, level: str, message: str) -> None:
         """A report from the timer (no operator to attach it to): kept for the panel and tests,
@@ -215,6 +220,7 @@ class Session:
 
     def _lost(self, message: str) -> None:
         self.disconnect()
+        self.connecting = False
         self.last_error = message
         for j in self.jobs.values():
             if j.active:
@@ -234,7 +240,7 @@ class Session:
                     self._lost(e.message)
                     return
                 if not ready:
-                    if time.monotonic() - min(j.submitted for j in pending or self.jobs.values()) > READY_TIMEOUT:
+                    if time.monotonic() - self.daemon_started > READY_TIMEOUT:
                         self._lost(f"the daemon did not become ready: {self.daemon.log_tail()}")
                     return
             try:
@@ -459,10 +465,22 @@ def build_objects(c: trellis.Client, job: Job) -> None:
             src.hide_render = True
 
 
+def _first_connect() -> None:
+    """Once after registration: connect to a daemon that already runs (never starts one), so the
+    panel's status line is filled in."""
+    try:
+        SESSION.connect(_prefs())
+    except Exception as e:  # not running: the status line says so
+        SESSION.last_error = getattr(e, "message", str(e))
+    return None
+
+
 def register():
-    pass
+    bpy.app.timers.register(_first_connect, first_interval=0.5)
 
 
 def unregister():
     stop_timer()
+    if bpy.app.timers.is_registered(_first_connect):
+        bpy.app.timers.unregister(_first_connect)
     SESSION.disconnect()

@@ -400,6 +400,26 @@ def test_shutdown_stops_the_daemon_and_leaves_no_buffer(env):
     assert env.S.client is None
 
 
+def test_connect_explains_or_starts_the_daemon(env):
+    env.configure(auto_start=False)
+    with pytest.raises(RuntimeError, match="no trellis-rs daemon listens"):
+        bpy.ops.trellis.connect()
+    assert "no trellis-rs daemon" in env.S.status_line()
+    env.configure(auto_start=True)
+    assert bpy.ops.trellis.connect() == {"FINISHED"}
+    assert env.S.connecting and env.session.SESSION.active()
+    deadline = time.monotonic() + 120
+    while env.S.client is None:
+        assert time.monotonic() < deadline, env.S.daemon.log_tail()
+        env.session.poll()
+        time.sleep(0.02)
+    assert not env.S.connecting and env.session.poll() is None, "the timer stops when idle"
+    assert env.S.status_line().startswith("trellis-rs") and "cpu" in env.S.status_line()
+    proc = env.S.daemon.proc
+    assert bpy.ops.trellis.shutdown() == {"FINISHED"}
+    assert proc.wait(30) == 0
+
+
 class Layout:
     """Stands in for bpy's UILayout (background mode draws no UI): records what the panel draws
     and checks every property and operator it names exists."""
