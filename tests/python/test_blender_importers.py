@@ -144,3 +144,37 @@ def test_evaluated_world_mesh_applies_modifiers_and_transform(imp):
     centre, scale = imp.unit_cube_frame(verts)
     assert scale == pytest.approx(verts[:, 0].max() - verts[:, 0].min())
     assert len(me.polygons) == 1  # the original is untouched
+
+
+def test_edit_region_box_from_selected_faces_or_an_empty(addon):
+    ops = addon.operators
+    me = bpy.data.meshes.new("region")
+    me.from_pydata([(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0), (5, 5, 5), (6, 5, 5), (6, 6, 5)],
+                   [], [(0, 1, 2, 3), (4, 5, 6)])
+    obj = bpy.data.objects.new("region", me)
+    bpy.context.scene.collection.objects.link(obj)
+    obj.location = (10, 0, 0)
+    bpy.context.view_layer.update()
+    s = bpy.context.scene.trellis
+    s.region_source = "FACES"
+    me.polygons[0].select = False
+    me.polygons[1].select = False
+    with pytest.raises(ValueError, match="select the faces"):
+        ops._region_box(bpy.context, obj)
+    me.polygons[1].select = True
+    lo, hi = ops._region_box(bpy.context, obj)
+    np.testing.assert_allclose(lo, [15, 5, 5])
+    np.testing.assert_allclose(hi, [16, 6, 5])
+    empty = bpy.data.objects.new("box", None)
+    bpy.context.scene.collection.objects.link(empty)
+    empty.empty_display_type = "CUBE"
+    empty.empty_display_size = 0.5
+    empty.location = (1, 2, 3)
+    empty.scale = (2, 1, 1)
+    s.region_source = "BOX"
+    s.region_box = empty
+    bpy.context.view_layer.update()
+    lo, hi = ops._region_box(bpy.context, obj)
+    np.testing.assert_allclose(lo, [0, 1.5, 2.5])
+    np.testing.assert_allclose(hi, [2, 2.5, 3.5])
+    s.region_source = "FACES"
