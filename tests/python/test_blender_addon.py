@@ -289,7 +289,9 @@ def test_variant_of_selected_appears_at_its_transform(env):
     job = env.run(env.newest_job())
     assert job.state == "done", job.describe()
     objs = collection_objects(job)
-    mesh_obj, gs_obj = objs["box: a mossy stone mesh"], objs["box: a mossy stone gaussians"]
+    label = f"{src.name}: a mossy stone"
+    assert job.label == label
+    mesh_obj, gs_obj = objs[f"{label} mesh"], objs[f"{label} gaussians"]
     for o in (mesh_obj, gs_obj):
         assert np.allclose(np.array(o.matrix_world), np.array(src.matrix_world), atol=1e-6)
         assert o["trellis_kind"] == "variant"
@@ -362,7 +364,7 @@ def test_bad_input_is_refused_with_a_report(env):
 def test_edit_region_is_absent_until_the_daemon_has_edit(env):
     assert env.S.client is not None
     assert "edit" not in env.S.info["capabilities"]
-    obj = bpy.data.objects["box: a mossy stone mesh"]
+    obj = next(o for o in bpy.data.objects if o.get("trellis_kind") == "variant")
     bpy.context.view_layer.objects.active = obj
     assert not bpy.ops.trellis.edit_region.poll()
 

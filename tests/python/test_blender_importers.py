@@ -165,7 +165,7 @@ def test_edit_region_box_from_selected_faces_or_an_empty(addon):
     lo, hi = ops._region_box(bpy.context, obj)
     np.testing.assert_allclose(lo, [15, 5, 5])
     np.testing.assert_allclose(hi, [16, 6, 5])
-    empty = bpy.data.objects.new("box", None)
+    empty = bpy.data.objects.new("region empty", None)
     bpy.context.scene.collection.objects.link(empty)
     empty.empty_display_type = "CUBE"
     empty.empty_display_size = 0.5
