@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -54,25 +55,36 @@ def trellisd_binary() -> Path | None:
     return None
 
 
+class TinyRepos(NamedTuple):
+    image: Path  # TRELLIS-image-tiny
+    text: Path  # TRELLIS-text-tiny
+    dinov2: Path  # dinov2_reg_tiny
+    clip: Path  # clip_text_tiny
+
+
 @functools.lru_cache(maxsize=None)
-def tiny_repos(binary: Path, scratch: Path) -> Path | None:
-    """A folder with pipelines/TRELLIS-{image,text}-tiny and conditioners/{dinov2_reg,clip_text}_tiny:
-    written by `trellisd tiny-repos` when the binary has it, else the reference fixtures
-    ($TRELLIS_REFERENCE_DIR or ../shared/reference)."""
+def tiny_repos(binary: Path, scratch: Path) -> TinyRepos | None:
+    """The tiny model repositories: written by `trellisd tiny-repos --out DIR` (seeded random
+    weights, no ../shared needed) when the binary has that command, else the reference fixtures'
+    copies ($TRELLIS_REFERENCE_DIR or ../shared/reference)."""
     out = scratch / "tiny"
     r = subprocess.run([str(binary), "tiny-repos", "--out", str(out)], capture_output=True)
-    if r.returncode == 0 and (out / "pipelines").is_dir():
-        return out
+    if r.returncode == 0 and (out / "TRELLIS-image-tiny").is_dir():
+        return TinyRepos(out / "TRELLIS-image-tiny", out / "TRELLIS-text-tiny",
+                         out / "dinov2_reg_tiny", out / "clip_text_tiny")
     ref = Path(os.environ.get("TRELLIS_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
     if (ref / "pipelines" / "TRELLIS-image-tiny").is_dir():
-        return ref
+        return TinyRepos(ref / "pipelines" / "TRELLIS-image-tiny",
+                         ref / "pipelines" / "TRELLIS-text-tiny",
+                         ref / "conditioners" / "dinov2_reg_tiny",
+                         ref / "conditioners" / "clip_text_tiny")
     return None
 
 
 class Daemon:
     """A `trellisd serve` on the tiny models, with its own socket, data and runtime folders."""
 
-    def __init__(self, binary: Path, repos: Path, root: Path):
+    def __init__(self, binary: Path, repos: TinyRepos, root: Path):
         self.root = root
         self.address = str(root / "run" / "daemon.sock")
         self.env = dict(os.environ)
@@ -84,12 +96,9 @@ class Daemon:
             "HF_HOME": str(root / "hf"),
         })
         (root / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.image_model = str(repos / "pipelines" / "TRELLIS-image-tiny")
-        self.text_model = str(repos / "pipelines" / "TRELLIS-text-tiny")
-        self.args = [
-            "--image-cond-model", str(repos / "conditioners" / "dinov2_reg_tiny"),
-            "--text-cond-model", str(repos / "conditioners" / "clip_text_tiny"),
-        ]
+        self.image_model = str(repos.image)
+        self.text_model = str(repos.text)
+        self.args = ["--image-cond-model", str(repos.dinov2), "--text-cond-model", str(repos.clip)]
         self.binary = binary
         self.proc = None
         self.shm_dir = None

@@ -26,7 +26,7 @@ FAST = dict(seed=1, ss_steps=2, slat_steps=2)
 class Env:
     """What the tests share: the add-on's modules, its preferences, the daemon's folders."""
 
-    def __init__(self, addon, root: Path, binary: Path, repos: Path):
+    def __init__(self, addon, root: Path, binary: Path, repos):
         self.addon = addon
         self.session = addon.session
         self.S = addon.session.SESSION
@@ -41,10 +41,10 @@ class Env:
         p.daemon_path = str(self.binary) if daemon_path is None else daemon_path
         p.auto_start = auto_start
         p.socket = self.address
-        p.image_model = str(self.repos / "pipelines" / "TRELLIS-image-tiny")
-        p.text_model = str(self.repos / "pipelines" / "TRELLIS-text-tiny")
-        p.image_cond_model = str(self.repos / "conditioners" / "dinov2_reg_tiny")
-        p.text_cond_model = str(self.repos / "conditioners" / "clip_text_tiny")
+        p.image_model = str(self.repos.image)
+        p.text_model = str(self.repos.text)
+        p.image_cond_model = str(self.repos.dinov2)
+        p.text_cond_model = str(self.repos.clip)
 
     def settings(self, **kw):
         s = bpy.context.scene.trellis

@@ -2,10 +2,10 @@
 of a monkey head from a real `trellisd serve`, and Cycles renders it headless.
 
     python tools/blender/render_result.py --trellisd target/debug/trellisd \
-        --models ../shared/reference [--out docs/blender-result.png]
+        --models DIR [--out docs/blender-result.png]
 
-`--models` is a folder with pipelines/TRELLIS-*-tiny and conditioners/*_tiny (the tiny test
-models; real ones work too with --image-model/--text-model). Runs with a Python that has bpy.
+`--models` holds the tiny test models: a `trellisd tiny-repos --out DIR` folder, or the reference
+fixtures (pipelines/TRELLIS-*-tiny, conditioners/*_tiny). Runs with a Python that has bpy.
 """
 
 import argparse
@@ -48,10 +48,15 @@ def main():
     prefs = bpy.context.preferences.addons[addon.__name__].preferences
     prefs.daemon_path = os.path.abspath(a.trellisd)
     prefs.socket = str(tmp / "run" / "daemon.sock")
-    prefs.image_model = str(a.models / "pipelines" / "TRELLIS-image-tiny")
-    prefs.text_model = str(a.models / "pipelines" / "TRELLIS-text-tiny")
-    prefs.image_cond_model = str(a.models / "conditioners" / "dinov2_reg_tiny")
-    prefs.text_cond_model = str(a.models / "conditioners" / "clip_text_tiny")
+    # `trellisd tiny-repos --out DIR` lays the four out flat; the reference fixtures in
+    # pipelines/ and conditioners/.
+    flat = (a.models / "TRELLIS-image-tiny").is_dir()
+    pipes = a.models if flat else a.models / "pipelines"
+    conds = a.models if flat else a.models / "conditioners"
+    prefs.image_model = str(pipes / "TRELLIS-image-tiny")
+    prefs.text_model = str(pipes / "TRELLIS-text-tiny")
+    prefs.image_cond_model = str(conds / "dinov2_reg_tiny")
+    prefs.text_cond_model = str(conds / "clip_text_tiny")
 
     for obj in list(bpy.data.objects):
         bpy.data.objects.remove(obj)
