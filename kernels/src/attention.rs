@@ -11,6 +11,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::vecmath;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttentionError {
     #[error("attention: {what} has {got} values, expected {want}")]
@@ -129,18 +131,7 @@ pub fn varlen_attention(
                 (bq, d, l),
             );
             for row in scores.chunks_exact_mut(l) {
-                let mut max = f32::NEG_INFINITY;
-                for s in row.iter_mut() {
-                    *s *= scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
+                vecmath::softmax_row(row, scale);
             }
             // out[i, e] = Σ_j p[i, j] v[j, e], written straight into this task's rows.
             strided_matmul(
