@@ -135,6 +135,7 @@ pub fn varlen_attention(
         }
         // scores[i, j] for this block's rows i, row-major `[bq × l]`
         let mut scores = vec![0f32; bq * l];
+        let mut sums = vec![0f32; bq];
         for h in 0..heads {
             let qh = &q[rows.start * qrow + h * d..];
             let kh = &kt[h * d * nk + kv.start..];
@@ -150,8 +151,8 @@ pub fn varlen_attention(
                 (qrow as isize, 1),
                 (l, d, bq),
             );
-            for row in scores.chunks_exact_mut(l) {
-                vecmath::softmax_row(row, scale);
+            for (row, sum) in scores.chunks_exact_mut(l).zip(sums.iter_mut()) {
+                *sum = vecmath::exp_shifted_row(row, scale);
             }
             // outᵀ[e, i] = Σ_j vᵀ[e, j] p[i, j]: lhs (e, j) at j*vrow + e, rhs (j, i) at i*l + j,
             // dst (e, i) at i*vrow + e, written straight into this task's rows.
@@ -164,6 +165,12 @@ pub fn varlen_attention(
                 (l as isize, 1),
                 (dv, l, bq),
             );
+            // softmax's normalisation, applied to the output rows (dv values) instead of the
+            // scores (l values)
+            for (i, sum) in sums.iter().enumerate() {
+                let o = &mut dst[i * vrow + h * dv..i * vrow + (h + 1) * dv];
+                vecmath::scale_in_place(o, 1.0 / sum);
+            }
         }
     });
     Ok(out)

@@ -121,12 +121,21 @@ multiversion! {
     }
 }
 
+/// Softmax of `scale * x` for one row, in place: `x[i] = e^{scale x[i] - m} / Σ` with `m`
+/// the largest `scale x[i]`.
+pub fn softmax_row(x: &mut [f32], scale: f32) {
+    let sum = exp_shifted_row(x, scale);
+    let inv = 1.0 / sum;
+    scale_in_place(x, inv);
+}
+
 multiversion! {
-    /// Softmax of `scale * x` for one row, in place: `x[i] = e^{scale x[i] - m} / Σ` with `m`
-    /// the largest `scale x[i]`. Sums in 16 float32 lanes.
-    pub fn softmax_row(x: &mut [f32], scale: f32) {
+    /// The unnormalised softmax of `scale * x` in place, `x[i] = e^{scale x[i] - m}` with `m`
+    /// the largest `scale x[i]`; returns `Σ x[i]` (summed in 16 float32 lanes), by which the
+    /// caller divides (attention divides its output rows instead of the scores).
+    pub fn exp_shifted_row(x: &mut [f32], scale: f32) -> f32 {
         if x.is_empty() {
-            return;
+            return 1.0;
         }
         let mut scale = scale;
         if scale < 0.0 {
@@ -160,10 +169,15 @@ multiversion! {
             *v = exp1(*v * scale - shift);
             sum += *v;
         }
-        sum += acc.iter().sum::<f32>();
-        let inv = 1.0 / sum;
+        sum + acc.iter().sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// `x[i] *= s`.
+    pub fn scale_in_place(x: &mut [f32], s: f32) {
         for v in x.iter_mut() {
-            *v *= inv;
+            *v *= s;
         }
     }
 }
@@ -176,6 +190,32 @@ multiversion! {
         for v in x.iter_mut() {
             let u = *v;
             *v = 0.5 * u * (1.0 + tanh1(C * u * (1.0 + 0.044715 * u * u)));
+        }
+    }
+}
+
+/// `erf(x)`, Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), branch-free.
+#[inline(always)]
+fn erf1(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp1(-a * a);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+multiversion! {
+    /// GELU, exact form (`torch.nn.GELU()`), in place: `0.5 x (1 + erf(x / sqrt 2))`.
+    pub fn gelu_erf_in_place(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            let u = *v;
+            *v = 0.5 * u * (1.0 + erf1(u * std::f32::consts::FRAC_1_SQRT_2));
         }
     }
 }
@@ -287,6 +327,31 @@ mod tests {
             let want = 0.5
                 * x
                 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            assert!(
+                (*y as f64 - want).abs() < 5e-7 * (1.0 + want.abs()),
+                "gelu({x}) = {y}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_erf_matches_float64() {
+        // erf of float64 via its Taylor series (|x| <= 6 / sqrt 2 converges in < 200 terms)
+        fn erf64(x: f64) -> f64 {
+            let (mut term, mut sum, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+                n += 1.0;
+                term *= -x * x / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        let xs: Vec<f32> = (-600..600).map(|i| i as f32 * 0.01).collect();
+        let mut g = xs.clone();
+        gelu_erf_in_place(&mut g);
+        for (x, y) in xs.iter().zip(&g) {
+            let x = *x as f64;
+            let want = 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2));
             assert!(
                 (*y as f64 - want).abs() < 5e-7 * (1.0 + want.abs()),
                 "gelu({x}) = {y}, want {want}"

@@ -53,6 +53,29 @@ impl CustomOp1 for GeluTanh {
     }
 }
 
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "cpu-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut out = values(s, l)?.to_vec();
+        out.par_chunks_mut(ROWS_PER_TASK_MIN_VALUES)
+            .for_each(vecmath::gelu_erf_in_place);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// `torch.nn.GELU()`, the exact erf form (candle's `gelu_erf`).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !is_cpu_f32(x) {
+        return Ok(x.gelu_erf()?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&GeluErf)?)
+}
+
 /// `torch.nn.GELU(approximate="tanh")` (candle's `gelu`).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if !is_cpu_f32(x) {
@@ -254,6 +277,7 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 2.0, (2, 37, 48), &dev).unwrap();
         assert!(close(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap()) < 1e-5);
+        assert!(close(&gelu_erf(&x).unwrap(), &x.gelu_erf().unwrap()) < 1e-5);
 
         let w = Tensor::randn(1f32, 0.1, 48, &dev).unwrap();
         let b = Tensor::randn(0f32, 0.1, 48, &dev).unwrap();

@@ -154,8 +154,8 @@ impl Act {
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Act::Gelu => x.gelu_erf()?,
-            Act::GeluTanh => x.gelu()?,
+            Act::Gelu => crate::modules::cpu_fused::gelu_erf(x)?,
+            Act::GeluTanh => crate::modules::cpu_fused::gelu_tanh(x)?,
             Act::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Act::Relu => x.relu()?,
             Act::Silu => x.silu()?,
