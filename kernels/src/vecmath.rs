@@ -78,7 +78,7 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// `e^x` for one value, branch-free (see the module doc).
 #[inline(always)]
 fn exp1(x: f32) -> f32 {
-    let x = x.max(-87.336_54).min(88.376_26);
+    let x = x.clamp(-87.336_54, 88.376_26);
     let t = x * LOG2E + ROUND_MAGIC;
     let n = t - ROUND_MAGIC;
     // the integer n, from the low mantissa bits of t
@@ -89,7 +89,7 @@ fn exp1(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // 2^n, n in [-126, 127]
     er * f32::from_bits((ni.wrapping_add(127) << 23) as u32)
@@ -99,7 +99,7 @@ fn exp1(x: f32) -> f32 {
 /// beyond); small `|x|` use the odd Taylor series, where the formula above loses digits.
 #[inline(always)]
 fn tanh1(x: f32) -> f32 {
-    let xc = x.max(-9.0).min(9.0);
+    let xc = x.clamp(-9.0, 9.0);
     let e = exp1(2.0 * xc);
     let big = 1.0 - 2.0 / (e + 1.0);
     let x2 = xc * xc;

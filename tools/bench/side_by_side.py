@@ -202,9 +202,14 @@ def run_original(net, d, threads):
         from trellis.modules import sparse as sp
         x = sp.SparseTensor(feats=inputs['feats'], coords=inputs['coords'].int())
         marks = {}
-        m.upsample[0].register_forward_pre_hook(lambda *a: marks.setdefault('torso', time.perf_counter()))
-        m.out_layer.register_forward_pre_hook(lambda *a: marks.setdefault('upsample', time.perf_counter()))
-        m.out_layer.register_forward_hook(lambda *a: marks.setdefault('out_layer', time.perf_counter()))
+
+        def mark(name):
+            def hook(*_):
+                marks.setdefault(name, time.perf_counter())   # returns None: inputs/outputs unchanged
+            return hook
+        m.upsample[0].register_forward_pre_hook(mark('torso'))
+        m.out_layer.register_forward_pre_hook(mark('upsample'))
+        m.out_layer.register_forward_hook(mark('out_layer'))
         meshes = m(x)
         marks['flexicubes'] = time.perf_counter()
         last = t1

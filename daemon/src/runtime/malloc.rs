@@ -5,8 +5,8 @@
 //! on free, so every such tensor is page-faulted and zeroed by the kernel again: on the 2-core box
 //! that was about a quarter of the SS flow's forward time (perf: `clear_page_erms`,
 //! `exc_page_fault` and the page-table locks). [`tune`] makes glibc keep freed memory in its heap
-//! for reuse (no mmap for large blocks, trimming only past 512 MiB of free space at the top);
-//! [`release_free_memory`] hands the free pages back (`malloc_trim`), for a daemon between jobs.
+//! for reuse (no mmap for large blocks, trimming only past 512 MiB of free space at the top).
+//! A resident server should hand the free pages back between jobs (`libc::malloc_trim(0)`).
 
 /// Freed memory above this much at the top of the heap goes back to the kernel at once.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -19,14 +19,5 @@ pub fn tune() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
-    }
-}
-
-/// Returns free heap pages to the kernel.
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
