@@ -5,3 +5,4 @@ pub mod attention;
 pub mod conv3d;
 pub mod flexicubes;
 pub mod sparse_conv;
+pub mod vecmath;

@@ -1,4 +1,4 @@
-//! `trellisd bench NAME [--threads N]` (`--list` shows the names): see [`crate::bench`].
+//! `trellisd bench NAME [--threads N] [--weights W --inputs I]` (`--list` shows the names): see [`crate::bench`].
 
 use anyhow::{bail, Context, Result};
 
@@ -9,6 +9,13 @@ pub struct BenchArgs {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Weights file (TRELLIS key names, or a Hugging Face folder for dinov2-large): run one
+    /// forward from files, as tools/bench/side_by_side.py does (needs --inputs).
+    #[arg(long, requires = "inputs")]
+    pub weights: Option<std::path::PathBuf>,
+    /// Inputs `.safetensors` for --weights.
+    #[arg(long, requires = "weights")]
+    pub inputs: Option<std::path::PathBuf>,
     /// List the benchmarks and exit.
     #[arg(long)]
     pub list: bool,
@@ -34,6 +41,11 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             .build_global()
             .context("bench: setting up the thread pool")?;
     }
-    crate::bench::run(name, &mut stdout)?;
+    if let (Some(weights), Some(inputs)) = (&args.weights, &args.inputs) {
+        let files = crate::bench::side_by_side::Files { weights, inputs };
+        crate::bench::side_by_side::run(name, Some(files), &mut stdout)?;
+    } else {
+        crate::bench::run(name, &mut stdout)?;
+    }
     Ok(0)
 }
