@@ -4,4 +4,5 @@
 pub mod attention;
 pub mod conv3d;
 pub mod flexicubes;
+pub mod raster;
 pub mod sparse_conv;
