@@ -13,7 +13,6 @@ use candle_core::{DType, Device, Tensor};
 use super::progress::{Mode, Reporter};
 use crate::export::asset::Asset;
 use crate::export::atomic::check_output_path;
-use crate::export::glb::{write_glb, GlbMesh};
 use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
 use crate::models::config::{SamplerConfig, SamplerParams};
 use crate::pipelines::base::{Generation, ProgressEvent, RunControl, RunParams, Stage};
@@ -95,6 +94,8 @@ pub struct OutputArgs {
     /// Write the .trellis asset bundle (decodable again with `trellisd decode`).
     #[arg(long)]
     pub asset: Option<PathBuf>,
+    #[command(flatten)]
+    pub glb: super::bake_args::GlbArgs,
 }
 
 /// Where models come from and how progress is shown.
@@ -147,6 +148,9 @@ pub struct OutputPlan {
     pub glb: Option<PathBuf>,
     pub ply: Option<PathBuf>,
     pub asset: Option<PathBuf>,
+    /// How the GLB is made (texture baking, decimation).
+    pub bake: crate::postprocessing::BakeOptions,
+    pub preview: Option<PathBuf>,
 }
 
 fn check_ext(path: &Path, ext: &str, flag: &str) -> Result<()> {
@@ -173,7 +177,18 @@ impl OutputPlan {
         if let Some(p) = &o.asset {
             check_ext(p, "trellis", "--asset")?;
         }
-        let paths: Vec<&PathBuf> = [&o.out, &o.ply, &o.asset].into_iter().flatten().collect();
+        let bake = o.glb.options()?;
+        if let Some(p) = &o.glb.preview {
+            ensure!(
+                o.out.is_some(),
+                "--preview renders the GLB's mesh: give --out FILE.glb"
+            );
+            check_ext(p, "png", "--preview")?;
+        }
+        let paths: Vec<&PathBuf> = [&o.out, &o.ply, &o.asset, &o.glb.preview]
+            .into_iter()
+            .flatten()
+            .collect();
         ensure!(
             !paths.is_empty(),
             "nothing to write: give --out FILE.glb, --ply FILE.ply and/or --asset FILE.trellis"
@@ -198,11 +213,17 @@ impl OutputPlan {
                     o.ply.is_none() || f.gaussian,
                     "--ply writes the Gaussians: add gaussian to --formats"
                 );
+                ensure!(
+                    o.out.is_none() || !bake.bake || f.gaussian,
+                    "--out bakes the Gaussians into a texture: add gaussian to --formats \
+                     (or pass --no-bake)"
+                );
                 f
             }
             None => Formats {
                 mesh: o.out.is_some(),
-                gaussian: o.ply.is_some(),
+                // The texture is baked from the Gaussians.
+                gaussian: o.ply.is_some() || (o.out.is_some() && bake.bake),
                 radiance_field: false,
             },
         };
@@ -211,6 +232,8 @@ impl OutputPlan {
             glb: o.out.clone(),
             ply: o.ply.clone(),
             asset: o.asset.clone(),
+            bake,
+            preview: o.glb.preview.clone(),
         })
     }
 }
@@ -367,27 +390,24 @@ pub fn write_decoded(
             .meshes
             .first()
             .ok_or_else(|| anyhow!("no mesh was decoded"))?;
-        ensure!(
-            m.success && !m.faces.is_empty(),
-            "the decoded mesh is empty (no surface found); nothing written to {}",
-            p.display()
+        rep.emit(
+            Stage::Writing,
+            *done,
+            total,
+            Some(format!("{} (post-processing)", p.display())),
         );
-        let colors: Option<Vec<[f32; 3]>> = (m.attr_dim >= 3).then(|| {
-            m.vertex_attrs
-                .chunks_exact(m.attr_dim)
-                .map(|a| [a[0], a[1], a[2]])
-                .collect()
-        });
-        write_glb(
+        crate::export::textured::write_textured_glb(
             p,
-            &GlbMesh {
-                vertices: &m.vertices,
-                faces: &m.faces,
-                colors: colors.as_deref(),
-            },
+            m,
+            d.gaussians.first(),
+            &plan.bake,
+            plan.preview.as_deref(),
         )?;
         *done += 1;
         written.insert("glb".into(), serde_json::json!(p));
+        if let Some(pv) = &plan.preview {
+            written.insert("preview".into(), serde_json::json!(pv));
+        }
         rep.emit(Stage::Writing, *done, total, Some(p.display().to_string()));
     }
     if let Some(p) = &plan.ply {

@@ -1,5 +1,6 @@
 //! The `trellisd` command line: one module per subcommand.
 
+pub mod bake_args;
 pub mod bench;
 pub mod decode;
 pub mod doctor;
