@@ -126,8 +126,8 @@ pub fn fill_small_holes(mesh: &TriMesh, max_edges: usize, max_perimeter: f32) ->
         } else {
             let mut c = [0f32; 3];
             for &v in &l {
-                for k in 0..3 {
-                    c[k] += mesh.vertices[v as usize][k] / n as f32;
+                for (ck, &x) in c.iter_mut().zip(&mesh.vertices[v as usize]) {
+                    *ck += x / n as f32;
                 }
             }
             let ci = out.vertices.len() as u32;

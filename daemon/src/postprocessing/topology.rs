@@ -113,13 +113,13 @@ impl TriMesh {
         let mut label = vec![u32::MAX; n];
         let mut comp = vec![0u32; n];
         let mut count = 0usize;
-        for f in 0..n {
+        for (f, cf) in comp.iter_mut().enumerate() {
             let r = find(&mut parent, f as u32) as usize;
             if label[r] == u32::MAX {
                 label[r] = count as u32;
                 count += 1;
             }
-            comp[f] = label[r];
+            *cf = label[r];
         }
         (comp, count)
     }

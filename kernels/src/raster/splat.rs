@@ -111,7 +111,7 @@ fn project(
     tiles_y: usize,
 ) -> Option<Projected> {
     let t = cam.to_camera(mean);
-    if !(t[2] > s.near) || !t.iter().all(|v| v.is_finite()) {
+    if !t.iter().all(|v| v.is_finite()) || t[2] <= s.near {
         return None;
     }
     let (fx, fy) = cam.focal_px();
@@ -154,7 +154,7 @@ fn project(
     let det0 = c2[0][0] * c2[1][1] - c2[0][1] * c2[0][1];
     let (ca, cb, cc) = (c2[0][0] + s.kernel_size, c2[0][1], c2[1][1] + s.kernel_size);
     let det = ca * cc - cb * cb;
-    if !(det > 0.0) {
+    if det.is_nan() || det <= 0.0 {
         return None;
     }
     let opacity = opacity * (det0.max(0.0) / det).max(2.5e-5).sqrt();

@@ -148,7 +148,7 @@ pub fn rasterize_screen(
             points[f[2] as usize],
         ];
         if p.iter()
-            .any(|q| !(q[2] > 0.0) || !q[0].is_finite() || !q[1].is_finite())
+            .any(|q| q[2].is_nan() || q[2] <= 0.0 || !q[0].is_finite() || !q[1].is_finite())
         {
             continue;
         }
@@ -236,7 +236,7 @@ fn raster_one(
             }
             let w = [l0 * inv_z[0], l1 * inv_z[1], l2 * inv_z[2]];
             let s = w[0] + w[1] + w[2];
-            if !(s > 0.0) {
+            if s.is_nan() || s <= 0.0 {
                 continue;
             }
             let depth = (1.0 / s) as f32;
