@@ -113,11 +113,14 @@ pub struct BakeSettings {
 }
 
 impl BakeSettings {
+    /// 32 views at half the texture size (512 to 1024 pixels): a texel is seen from many views
+    /// at about one pixel each, and splatting cost stays a quarter of full-size views
+    /// (`bake_quality.rs` checks 1024² textures from 512² views).
     pub fn for_texture(texture_size: usize) -> Self {
         Self {
             texture_size,
             views: 32,
-            view_resolution: texture_size.clamp(256, 1024),
+            view_resolution: (texture_size / 2).clamp(512, 1024),
         }
     }
 }

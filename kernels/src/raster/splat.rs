@@ -1,6 +1,6 @@
 //! Forward 3-D Gaussian splatting (CPU), as described in the 3DGS paper (Kerbl et al. 2023):
 //! each Gaussian is projected to a 2-D Gaussian through the local affine (EWA) approximation of
-//! the perspective, sorted front to back per 16×16 tile, and alpha-blended
+//! the perspective, sorted front to back per 8×8 tile (smaller than the paper's 16×16: with many tiny Gaussians a pixel scans its whole tile list, so cost follows the list length), and alpha-blended
 //! (`C = Σ c_i α_i Π_{j<i} (1 - α_j)`, stopping once the transmittance drops below 1e-4).
 //!
 //! Like the renderer TRELLIS uses (the Mip-Splatting rasteriser with `kernel_size = 0.1`), the
@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::camera::Camera;
 use super::RasterError;
 
-const TILE: usize = 16;
+const TILE: usize = 8;
 
 /// Gaussians in world space, one row each.
 #[derive(Debug, Clone, Copy)]
