@@ -1,5 +1,5 @@
-//! End-to-end runs of the built `trellisd` binary on the tiny model repositories of the reference
-//! fixtures (offline, from files): image → 3D, text → 3D, a variant of an OBJ mesh, decoding a
+//! End-to-end runs of the built `trellisd` binary on the tiny model repositories (generated from
+//! seeded random weights, offline, from files): image → 3D, text → 3D, a variant of an OBJ mesh, decoding a
 //! saved asset, and argument errors. Step counts are kept small (CI has 2 cores).
 
 use std::path::{Path, PathBuf};
@@ -11,8 +11,9 @@ fn bin() -> Command {
     c
 }
 
+/// The tiny repositories, generated from seeded random weights (`trellisd tiny-repos`).
 fn reference() -> PathBuf {
-    trellis::reference_dir()
+    trellis::test_tiny_repos().root
 }
 
 fn s(p: &Path) -> String {
@@ -144,9 +145,9 @@ fn image_to_3d_then_decode_the_asset() {
     let out = run(&[
         "generate".into(),
         "--model".into(),
-        s(&r.join("pipelines/TRELLIS-image-tiny")),
+        s(&r.join("TRELLIS-image-tiny")),
         "--image-cond-model".into(),
-        s(&r.join("conditioners/dinov2_reg_tiny")),
+        s(&r.join("dinov2_reg_tiny")),
         "--image".into(),
         s(&png),
         "--ss-steps".into(),
@@ -212,9 +213,9 @@ fn text_to_3d_with_json_progress() {
     let out = run(&[
         "generate".into(),
         "--model".into(),
-        s(&r.join("pipelines/TRELLIS-text-tiny")),
+        s(&r.join("TRELLIS-text-tiny")),
         "--text-cond-model".into(),
-        s(&r.join("conditioners/clip_text_tiny")),
+        s(&r.join("clip_text_tiny")),
         "--text".into(),
         "a small wooden chair".into(),
         "--ss-steps".into(),
@@ -256,9 +257,9 @@ fn variant_of_an_obj_mesh() {
     let out = run(&[
         "variant".into(),
         "--model".into(),
-        s(&r.join("pipelines/TRELLIS-text-tiny")),
+        s(&r.join("TRELLIS-text-tiny")),
         "--text-cond-model".into(),
-        s(&r.join("conditioners/clip_text_tiny")),
+        s(&r.join("clip_text_tiny")),
         "--mesh".into(),
         s(&obj),
         "--text".into(),
@@ -290,8 +291,8 @@ fn bad_arguments_fail_early_and_write_nothing() {
     let d = tempfile::tempdir().unwrap();
     let png = d.path().join("in.png");
     write_png(&png);
-    let img_model = s(&r.join("pipelines/TRELLIS-image-tiny"));
-    let txt_model = s(&r.join("pipelines/TRELLIS-text-tiny"));
+    let img_model = s(&r.join("TRELLIS-image-tiny"));
+    let txt_model = s(&r.join("TRELLIS-text-tiny"));
     let glb = s(&d.path().join("x.glb"));
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -412,7 +413,7 @@ fn bad_arguments_fail_early_and_write_nothing() {
         vec![
             "variant".into(),
             "--model".into(),
-            s(&r.join("pipelines/TRELLIS-text-tiny")),
+            s(&r.join("TRELLIS-text-tiny")),
             "--mesh".into(),
             s(&obj),
             "--text".into(),

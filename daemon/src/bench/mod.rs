@@ -10,6 +10,7 @@ pub mod mesh_decoder;
 pub mod sparse;
 pub mod ss_decoder;
 pub mod subdivide;
+pub mod u2net;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -59,6 +60,11 @@ pub const BENCHES: &[Bench] = &[
         name: "bake",
         about: "GLB post-processing on the CPU: ~200k-triangle mesh with a hidden inner shell and 512k Gaussians -> visibility clean-up, 20k triangles (meshopt), xatlas UVs, 1024^2 texture baked from 32 views of 512^2",
         run: bake::run,
+    },
+    Bench {
+        name: "u2net",
+        about: "full-size U²-Net background removal (u2net.pth layout from tests/reference-u2net, random weights), f32 CPU: forward on 1x3x320x320, and the whole removal of a 1024x768 image",
+        run: u2net::run,
     },
 ];
 

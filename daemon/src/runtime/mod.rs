@@ -1,6 +1,7 @@
 //! Devices, precision, tiers and weight loading.
 
 pub mod gpu;
+pub mod pth;
 pub mod system;
 pub mod tiers;
 pub mod weights;
