@@ -16,6 +16,7 @@ pub mod models;
 pub mod modules;
 pub mod parity;
 pub mod pipelines;
+pub mod postprocessing;
 pub mod representations;
 pub mod runtime;
 pub mod server;

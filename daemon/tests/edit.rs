@@ -198,9 +198,13 @@ fn editing_an_asset_keeps_the_outside_bit_identical() {
     let (e1, glb) = (d.path().join("e1.trellis"), d.path().join("e1.glb"));
     let mut args = edit_args(&t, &source, region, "5");
     args.extend([a("--save-asset"), s(&e1), a("--out"), s(&glb), a("--json")]);
+    // The GLB flags of generate apply to edit too: a baked 512² texture.
+    args.extend([a("--texture-size"), a("512")]);
     let out = run(&args);
     assert!(out.status.success());
-    assert!(std::fs::metadata(&glb).unwrap().len() > 0);
+    let (_, _, images) = gltf::import(&glb).unwrap();
+    assert_eq!(images.len(), 1, "the edited GLB carries its baked texture");
+    assert_eq!((images[0].width, images[0].height), (512, 512));
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

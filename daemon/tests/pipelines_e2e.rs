@@ -52,9 +52,11 @@ fn write_obj(path: &Path) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Loads and validates a GLB with the gltf crate; returns (vertices, triangles).
-fn check_glb(path: &Path) -> (usize, usize) {
-    let (doc, buffers, _) =
+/// Loads and validates a GLB with the gltf crate: a baked one has a base-colour texture of
+/// `texture` pixels and UVs in [0, 1], an unbaked one vertex colours. Returns (vertices,
+/// triangles).
+fn check_glb(path: &Path, texture: Option<u32>) -> (usize, usize) {
+    let (doc, buffers, images) =
         gltf::import(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let prim = doc.meshes().next().unwrap().primitives().next().unwrap();
     let r = prim.reader(|b| Some(&buffers[b.index()]));
@@ -62,8 +64,26 @@ fn check_glb(path: &Path) -> (usize, usize) {
     let idx: Vec<u32> = r.read_indices().unwrap().into_u32().collect();
     assert!(!pos.is_empty() && idx.len().is_multiple_of(3) && !idx.is_empty());
     assert!(idx.iter().all(|&i| (i as usize) < pos.len()));
-    let cols: Vec<[f32; 3]> = r.read_colors(0).unwrap().into_rgb_f32().collect();
-    assert_eq!(cols.len(), pos.len());
+    let pbr = prim.material().pbr_metallic_roughness();
+    assert_eq!((pbr.metallic_factor(), pbr.roughness_factor()), (0.0, 1.0));
+    match texture {
+        Some(size) => {
+            let uv: Vec<[f32; 2]> = r.read_tex_coords(0).unwrap().into_f32().collect();
+            assert_eq!(uv.len(), pos.len());
+            assert!(uv.iter().flatten().all(|x| (0.0..=1.0).contains(x)));
+            let t = pbr.base_color_texture().expect("a base-colour texture");
+            let img = &images[t.texture().source().index()];
+            assert_eq!((img.width, img.height), (size, size));
+            assert_eq!(img.format, gltf::image::Format::R8G8B8);
+            // Not a blank texture.
+            let first = &img.pixels[..3];
+            assert!(img.pixels.chunks(3).any(|p| p != first), "uniform texture");
+        }
+        None => {
+            let cols: Vec<[f32; 3]> = r.read_colors(0).unwrap().into_rgb_f32().collect();
+            assert_eq!(cols.len(), pos.len());
+        }
+    }
     (pos.len(), idx.len() / 3)
 }
 
@@ -142,11 +162,18 @@ fn image_to_3d_then_decode_the_asset() {
         s(&ply),
         "--asset".into(),
         s(&asset),
+        "--texture-size".into(),
+        "512".into(),
+        "--preview".into(),
+        s(&d.path().join("a.png")),
         "--quiet".into(),
     ]);
     assert!(out.status.success());
-    let (nv, nf) = check_glb(&glb);
+    let (nv, nf) = check_glb(&glb, Some(512));
     assert!(nv > 0 && nf > 0);
+    // The preview: 4 views of 256² over 2 rows (mesh, Gaussians).
+    let pv = image::open(d.path().join("a.png")).unwrap();
+    assert_eq!((pv.width(), pv.height()), (1024, 512));
     let ng = check_ply(&ply);
     let a = trellis::export::asset::Asset::load(&asset, &candle_core::Device::Cpu).unwrap();
     assert_eq!(a.meta["seed"], 3);
@@ -156,7 +183,7 @@ fn image_to_3d_then_decode_the_asset() {
     // Gaussians per voxel are fixed by the decoder config: the PLY has N_voxels * G rows.
     assert_eq!(ng % a.coords.dim(0).unwrap(), 0);
 
-    // Decode the asset again: same mesh, no sampling.
+    // Decode the asset again: same mesh, no sampling (same post-processing: same triangles).
     let (glb2, ply2) = (d.path().join("b.glb"), d.path().join("b.ply"));
     let out = run(&[
         "decode".into(),
@@ -166,10 +193,12 @@ fn image_to_3d_then_decode_the_asset() {
         s(&glb2),
         "--ply".into(),
         s(&ply2),
+        "--texture-size".into(),
+        "512".into(),
         "--json".into(),
     ]);
     assert!(out.status.success());
-    assert_eq!(check_glb(&glb2), (nv, nf));
+    assert_eq!(check_glb(&glb2, Some(512)).1, nf);
     assert_eq!(std::fs::read(&ply2).unwrap(), std::fs::read(&ply).unwrap());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -197,10 +226,11 @@ fn text_to_3d_with_json_progress() {
         s(&glb),
         "--ply".into(),
         s(&ply),
+        "--no-bake".into(),
         "--json".into(),
     ]);
     assert!(out.status.success());
-    check_glb(&glb);
+    check_glb(&glb, None);
     check_ply(&ply);
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -242,10 +272,12 @@ fn variant_of_an_obj_mesh() {
         s(&glb),
         "--asset".into(),
         s(&asset),
+        "--texture-size".into(),
+        "512".into(),
         "--quiet".into(),
     ]);
     assert!(out.status.success());
-    check_glb(&glb);
+    check_glb(&glb, Some(512));
     let a = trellis::export::asset::Asset::load(&asset, &candle_core::Device::Cpu).unwrap();
     // The structure is the voxelised cube surface at 16³: 16³ - 14³ voxels.
     assert_eq!(a.coords.dim(0).unwrap(), 16 * 16 * 16 - 14 * 14 * 14);

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serve_common::*;
 use trellis::client::{Client, RemoteError};
 use trellis_ipc_protocol::{
-    AssetInfo, BinaryBuilder, DType, DecodeParams, ErrorCode, Format, GenerateParams, ImageInput,
-    JobInfo, JobRef, JobState, Op, Transport,
+    AssetInfo, BinaryBuilder, DType, DecodeParams, ErrorCode, Format, GenerateParams, GlbParams,
+    ImageInput, JobInfo, JobRef, JobState, Op, Transport,
 };
 
 fn image_job(b: &mut BinaryBuilder, steps: u32, wait: bool) -> Op {
@@ -319,6 +319,7 @@ fn kill_9_then_restart_lists_every_asset_and_decodes_without_sampling() {
             Op::Decode(DecodeParams {
                 asset: ids[1].clone(),
                 formats: vec![Format::Mesh],
+                glb: None,
                 wait: true,
             }),
             Vec::new(),
@@ -386,4 +387,99 @@ fn second_identical_job_starts_sampling_without_reloading() {
         "time to first sampler step: first job {:.3} s, second identical job {:.3} s",
         times[0], times[1]
     );
+}
+
+#[test]
+fn baked_glb_request_writes_a_textured_mesh_and_fetch_returns_uvs_and_texture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(tiny) = tiny_repos(tmp.path()) else {
+        return;
+    };
+    let mut d = Daemon::start(tmp.path(), &tiny, "cpu");
+    let mut c = d.client();
+    let bake = GlbParams {
+        bake: true,
+        texture_size: Some(512),
+        target_faces: Some(400),
+        ..Default::default()
+    };
+    // Baking needs the Gaussians: refused before anything is queued.
+    let e = c
+        .call(Op::Generate(GenerateParams {
+            text: Some("a small wooden chair".into()),
+            formats: vec![Format::Mesh],
+            glb: Some(bake),
+            wait: true,
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<RemoteError>().unwrap().0.code,
+        ErrorCode::BadRequest
+    );
+    // Options without bake: refused too (they would be ignored).
+    let e = c
+        .call(Op::Generate(GenerateParams {
+            text: Some("a small wooden chair".into()),
+            glb: Some(GlbParams {
+                texture_size: Some(512),
+                ..Default::default()
+            }),
+            wait: true,
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<RemoteError>().unwrap().0.code,
+        ErrorCode::BadRequest
+    );
+
+    let op = Op::Generate(GenerateParams {
+        text: Some("a small wooden chair".into()),
+        ss_steps: Some(2),
+        slat_steps: Some(2),
+        glb: Some(bake),
+        wait: true,
+        ..Default::default()
+    });
+    let (info, _) = run_waited(&mut c, op, BinaryBuilder::default());
+    assert_eq!(info.state, JobState::Done, "{info:?}");
+    let asset = info.asset.unwrap();
+    let m = c.fetch(&asset, Format::Mesh, Transport::Inline).unwrap();
+    let pos = m.f32("positions").unwrap();
+    let tri = m.u32("triangles").unwrap();
+    let v = pos.len() / 3;
+    assert!(!tri.is_empty() && tri.iter().all(|&i| (i as usize) < v));
+    assert!(tri.len() / 3 <= 400, "{} triangles", tri.len() / 3);
+    let uvs = m.f32("uvs").unwrap();
+    assert_eq!(uvs.len(), 2 * v);
+    assert!(uvs.iter().all(|u| (0.0..=1.0).contains(u)));
+    assert!(
+        !m.has("colors"),
+        "a baked mesh has a texture, not vertex colours"
+    );
+    let tex = m.arrays.iter().find(|a| a.name == "texture").unwrap();
+    assert_eq!(tex.dtype, DType::U8);
+    assert_eq!(tex.shape, vec![512, 512, 3]);
+    let px = tex.slice(&m.data).unwrap();
+    assert!(
+        px.iter().any(|&b| b != px[0]),
+        "the texture is one flat colour"
+    );
+    // The asset's GLB is that mesh, with its texture.
+    let a: AssetInfo = serde_json::from_value(
+        c.call(Op::AssetsGet(trellis_ipc_protocol::AssetRef {
+            asset: asset.clone(),
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let glb = std::path::PathBuf::from(&a.files["glb"]);
+    let (doc, _, images) = gltf::import(&glb).unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!((images[0].width, images[0].height), (512, 512));
+    let prim = doc.meshes().next().unwrap().primitives().next().unwrap();
+    assert!(prim.get(&gltf::Semantic::TexCoords(0)).is_some());
+    assert_eq!(prim.indices().unwrap().count(), tri.len());
+    assert_eq!(d.terminate(), Some(0));
 }

@@ -193,6 +193,31 @@ pub struct Sampling {
     pub slat_cfg: Option<f64>,
 }
 
+/// How a job's GLB (`mesh.glb`) and its fetched mesh are made. Absent (the default): the decoded
+/// mesh with vertex colours, every triangle kept. With `bake: true`, as `trellisd generate
+/// --out`: hidden faces removed, decimated, UV-unwrapped and a base-colour texture baked from the
+/// Gaussians (the job must decode `gaussian`); `fetch` of `mesh` then also returns `uvs` and
+/// `texture`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlbParams {
+    /// Bake a texture (default `false`: vertex colours, no decimation).
+    #[serde(default)]
+    pub bake: bool,
+    /// Square texture size, 512 to 4096 (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub texture_size: Option<u32>,
+    /// Decimate to this many triangles (default: decided by `simplify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_faces: Option<u64>,
+    /// Fraction of the triangles to remove, in [0, 1) (default 0.95).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simplify: Option<f64>,
+    /// Keep every triangle (the texture is still baked).
+    #[serde(default)]
+    pub keep_high_poly: bool,
+}
+
 /// Parameters of `generate`. Exactly one of `text` and `images`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +246,9 @@ pub struct GenerateParams {
     /// Default `["mesh", "gaussian"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub formats: Vec<Format>,
+    /// How the GLB is made (default: vertex colours, no baking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glb: Option<GlbParams>,
     /// `false` (default): the reply comes at once with the queued job. `true`: progress replies
     /// follow until the job ends, then the final reply.
     #[serde(default)]
@@ -271,6 +299,9 @@ pub struct VariantParams {
     pub slat_cfg: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub formats: Vec<Format>,
+    /// How the GLB is made (default: vertex colours, no baking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glb: Option<GlbParams>,
     #[serde(default)]
     pub wait: bool,
 }
@@ -293,6 +324,9 @@ impl VariantParams {
 pub struct DecodeParams {
     pub asset: String,
     pub formats: Vec<Format>,
+    /// How the GLB is made (default: vertex colours, no baking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glb: Option<GlbParams>,
     #[serde(default)]
     pub wait: bool,
 }

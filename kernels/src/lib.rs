@@ -4,5 +4,6 @@
 pub mod attention;
 pub mod conv3d;
 pub mod flexicubes;
+pub mod raster;
 pub mod sparse_conv;
 pub mod vecmath;

@@ -4,6 +4,7 @@
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`], the synthetic structure
 //! [`shell_coords`] and [`lcg_vec`] values.
 
+pub mod bake;
 pub mod conditioners;
 pub mod mesh_decoder;
 pub mod side_by_side;
@@ -60,6 +61,11 @@ pub const BENCHES: &[Bench] = &[
         name: "subdivide-conv",
         about: "the mesh decoder's subdivide-block conv (768 -> 192 ch, 5,000-voxel shell at 64^3), explicit 8x subdivide + conv vs subdivided_conv, side by side in one process",
         run: subdivide::run,
+    },
+    Bench {
+        name: "bake",
+        about: "GLB post-processing on the CPU: ~200k-triangle mesh with a hidden inner shell and 512k Gaussians -> visibility clean-up, 20k triangles (meshopt), xatlas UVs, 1024^2 texture baked from 32 views of 512^2",
+        run: bake::run,
     },
     Bench {
         name: "u2net",

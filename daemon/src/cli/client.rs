@@ -222,6 +222,7 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 slat_steps: *slat_steps,
                 slat_cfg: *slat_cfg,
                 formats: output.formats.clone(),
+                glb: None,
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
@@ -251,6 +252,7 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 slat_steps: *slat_steps,
                 slat_cfg: None,
                 formats: output.formats.clone(),
+                glb: None,
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
@@ -260,6 +262,7 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 Op::Decode(DecodeParams {
                     asset: asset.clone(),
                     formats: formats.clone(),
+                    glb: None,
                     wait: true,
                 }),
                 Vec::new(),

@@ -23,6 +23,8 @@ pub struct DecodeArgs {
     /// Write the 3D Gaussians as .ply.
     #[arg(long)]
     pub ply: Option<PathBuf>,
+    #[command(flatten)]
+    pub glb: super::bake_args::GlbArgs,
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -55,6 +57,7 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         out: args.out.clone(),
         ply: args.ply.clone(),
         asset: None,
+        glb: args.glb.clone(),
     })?;
     let job = Job::Decode(DecodeJob {
         asset: args.asset.clone(),

@@ -77,6 +77,8 @@ pub struct EditArgs {
     #[arg(long)]
     pub save_asset: Option<PathBuf>,
     #[command(flatten)]
+    pub glb: super::bake_args::GlbArgs,
+    #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
 
@@ -104,6 +106,7 @@ fn output_plan(args: &EditArgs) -> Result<OutputPlan> {
         out: args.out.clone(),
         ply: args.ply.clone(),
         asset: args.save_asset.clone(),
+        glb: args.glb.clone(),
     })
 }
 

@@ -98,6 +98,8 @@ pub struct OutputArgs {
     /// Write the .trellis asset bundle (decodable again with `trellisd decode`).
     #[arg(long)]
     pub asset: Option<PathBuf>,
+    #[command(flatten)]
+    pub glb: super::bake_args::GlbArgs,
 }
 
 /// Where models come from and how progress is shown.
@@ -162,6 +164,9 @@ pub struct OutputPlan {
     pub glb: Option<PathBuf>,
     pub ply: Option<PathBuf>,
     pub asset: Option<PathBuf>,
+    /// How the GLB is made (texture baking, decimation).
+    pub bake: crate::postprocessing::BakeOptions,
+    pub preview: Option<PathBuf>,
 }
 
 fn check_ext(path: &Path, ext: &str, flag: &str) -> Result<()> {
@@ -188,7 +193,18 @@ impl OutputPlan {
         if let Some(p) = &o.asset {
             check_ext(p, "trellis", "--asset")?;
         }
-        let paths: Vec<&PathBuf> = [&o.out, &o.ply, &o.asset].into_iter().flatten().collect();
+        let bake = o.glb.options()?;
+        if let Some(p) = &o.glb.preview {
+            ensure!(
+                o.out.is_some(),
+                "--preview renders the GLB's mesh: give --out FILE.glb"
+            );
+            check_ext(p, "png", "--preview")?;
+        }
+        let paths: Vec<&PathBuf> = [&o.out, &o.ply, &o.asset, &o.glb.preview]
+            .into_iter()
+            .flatten()
+            .collect();
         ensure!(
             !paths.is_empty(),
             "nothing to write: give --out FILE.glb, --ply FILE.ply and/or --asset FILE.trellis"
@@ -213,11 +229,17 @@ impl OutputPlan {
                     o.ply.is_none() || f.gaussian,
                     "--ply writes the Gaussians: add gaussian to --formats"
                 );
+                ensure!(
+                    o.out.is_none() || !bake.bake || f.gaussian,
+                    "--out bakes the Gaussians into a texture: add gaussian to --formats \
+                     (or pass --no-bake)"
+                );
                 f
             }
             None => Formats {
                 mesh: o.out.is_some(),
-                gaussian: o.ply.is_some(),
+                // The texture is baked from the Gaussians.
+                gaussian: o.ply.is_some() || (o.out.is_some() && bake.bake),
                 radiance_field: false,
             },
         };
@@ -226,6 +248,8 @@ impl OutputPlan {
             glb: o.out.clone(),
             ply: o.ply.clone(),
             asset: o.asset.clone(),
+            bake,
+            preview: o.glb.preview.clone(),
         })
     }
 
@@ -234,6 +258,8 @@ impl OutputPlan {
             glb: self.glb.clone(),
             ply: self.ply.clone(),
             asset: self.asset.clone(),
+            bake: self.bake.clone(),
+            preview: self.preview.clone(),
         }
     }
 }
@@ -431,6 +457,8 @@ pub fn write_outputs(
         glb: plan.glb.clone(),
         ply: plan.ply.clone(),
         asset: None,
+        bake: plan.bake.clone(),
+        preview: plan.preview.clone(),
     };
     let more = with_control(rep, |ctl| {
         crate::jobs::outputs::write_decoded(&files, &g.decoded, ctl)

@@ -1,6 +1,7 @@
 //! The `trellisd` command line: one module per subcommand.
 
 pub mod background;
+pub mod bake_args;
 pub mod bench;
 pub mod client;
 pub mod decode;

@@ -1,6 +1,7 @@
-//! Binary glTF 2.0 (`.glb`) output of a decoded mesh with per-vertex colours; the counterpart of
-//! `trellis/utils/postprocessing_utils.py::to_glb` without its texture baking (which needs a
-//! rasteriser): colours travel as the `COLOR_0` vertex attribute instead.
+//! Binary glTF 2.0 (`.glb`) output of a decoded mesh, the counterpart of
+//! `trellis/utils/postprocessing_utils.py::to_glb`: either with a baked base-colour texture
+//! (`TEXCOORD_0` + an embedded PNG, sRGB as glTF defines base colour; metallic 0, roughness 1,
+//! like the original's `PBRMaterial`) or with per-vertex colours (`COLOR_0`, `--no-bake`).
 //!
 //! Axes: TRELLIS meshes are z-up, glTF is y-up. Like the original (`vertices @ [[1,0,0],[0,0,-1],
 //! [0,1,0]]`), a vertex `(x, y, z)` is written as `(x, z, -y)` — a rotation of -90° about x, so
@@ -22,6 +23,13 @@ pub struct GlbMesh<'a> {
     pub colors: Option<&'a [[f32; 3]]>,
 }
 
+/// A base-colour texture: per-vertex glTF texture coordinates and the PNG bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct GlbTexture<'a> {
+    pub uvs: &'a [[f32; 2]],
+    pub png: &'a [u8],
+}
+
 /// TRELLIS z-up → glTF y-up.
 pub fn z_up_to_y_up(v: [f32; 3]) -> [f32; 3] {
     [v[0], v[2], -v[1]]
@@ -35,6 +43,11 @@ fn pad4(buf: &mut Vec<u8>, byte: u8) {
 
 /// The GLB bytes.
 pub fn encode_glb(mesh: &GlbMesh<'_>) -> Result<Vec<u8>> {
+    encode_glb_textured(mesh, None)
+}
+
+/// The GLB bytes, with a base-colour texture when given.
+pub fn encode_glb_textured(mesh: &GlbMesh<'_>, texture: Option<GlbTexture<'_>>) -> Result<Vec<u8>> {
     let nv = mesh.vertices.len();
     ensure!(nv > 0, "cannot write an empty mesh to GLB (no vertices)");
     ensure!(
@@ -93,6 +106,33 @@ pub fn encode_glb(mesh: &GlbMesh<'_>) -> Result<Vec<u8>> {
         }
         (off, bin.len() - off)
     });
+    let tex = match texture {
+        Some(t) => {
+            ensure!(
+                t.uvs.len() == nv,
+                "{} texture coordinates for {nv} vertices",
+                t.uvs.len()
+            );
+            ensure!(
+                t.uvs.iter().flatten().all(|x| x.is_finite()),
+                "non-finite texture coordinates"
+            );
+            ensure!(t.png.starts_with(b"\x89PNG"), "the texture is not a PNG");
+            pad4(&mut bin, 0);
+            let uv_off = bin.len();
+            for uv in t.uvs {
+                for x in uv {
+                    bin.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            let uv_len = bin.len() - uv_off;
+            pad4(&mut bin, 0);
+            let img_off = bin.len();
+            bin.extend_from_slice(t.png);
+            Some((uv_off, uv_len, img_off, t.png.len()))
+        }
+        None => None,
+    };
     pad4(&mut bin, 0);
     let max_index = mesh
         .faces
@@ -123,20 +163,47 @@ pub fn encode_glb(mesh: &GlbMesh<'_>) -> Result<Vec<u8>> {
             .push(json!({"buffer": 0, "byteOffset": off, "byteLength": len, "target": 34962}));
         accessors
             .push(json!({"bufferView": 2, "componentType": 5126, "count": nv, "type": "VEC3"}));
-        attributes["COLOR_0"] = json!(2);
+        attributes["COLOR_0"] = json!(accessors.len() - 1);
     }
-    let doc = json!({
+    let mut material = json!({"pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0],
+                        "metallicFactor": 0.0, "roughnessFactor": 1.0}, "doubleSided": true});
+    let mut extra = serde_json::Map::new();
+    if let Some((uv_off, uv_len, img_off, img_len)) = tex {
+        buffer_views.push(
+            json!({"buffer": 0, "byteOffset": uv_off, "byteLength": uv_len, "target": 34962}),
+        );
+        accessors.push(
+            json!({"bufferView": buffer_views.len() - 1, "componentType": 5126,
+                              "count": nv, "type": "VEC2"}),
+        );
+        attributes["TEXCOORD_0"] = json!(accessors.len() - 1);
+        buffer_views.push(json!({"buffer": 0, "byteOffset": img_off, "byteLength": img_len}));
+        extra.insert(
+            "images".into(),
+            json!([{"bufferView": buffer_views.len() - 1, "mimeType": "image/png"}]),
+        );
+        // Linear filtering with mipmaps; clamp to the edge (charts never wrap).
+        extra.insert(
+            "samplers".into(),
+            json!([{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]),
+        );
+        extra.insert("textures".into(), json!([{"sampler": 0, "source": 0}]));
+        material["pbrMetallicRoughness"]["baseColorTexture"] = json!({"index": 0, "texCoord": 0});
+    }
+    let mut doc = json!({
         "asset": {"version": "2.0", "generator": "trellis-rs"},
         "scene": 0,
         "scenes": [{"nodes": [0]}],
         "nodes": [{"mesh": 0}],
         "meshes": [{"primitives": [{"attributes": attributes, "indices": 1, "material": 0, "mode": 4}]}],
-        "materials": [{"pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0],
-                        "metallicFactor": 0.0, "roughnessFactor": 1.0}, "doubleSided": true}],
+        "materials": [material],
         "buffers": [{"byteLength": bin.len()}],
         "bufferViews": buffer_views,
         "accessors": accessors,
     });
+    if let Some(o) = doc.as_object_mut() {
+        o.extend(extra);
+    }
     let mut js = serde_json::to_vec(&doc)?;
     pad4(&mut js, b' ');
     let total = 12 + 8 + js.len() + 8 + bin.len();
@@ -159,8 +226,27 @@ pub fn encode_glb(mesh: &GlbMesh<'_>) -> Result<Vec<u8>> {
 
 /// Writes the mesh as a `.glb` file, atomically.
 pub fn write_glb(path: &Path, mesh: &GlbMesh<'_>) -> Result<()> {
-    let bytes = encode_glb(mesh)?;
+    write_glb_textured(path, mesh, None)
+}
+
+/// Writes the mesh with an optional base-colour texture as a `.glb` file, atomically.
+pub fn write_glb_textured(
+    path: &Path,
+    mesh: &GlbMesh<'_>,
+    texture: Option<GlbTexture<'_>>,
+) -> Result<()> {
+    let bytes = encode_glb_textured(mesh, texture)?;
     write_atomic(path, |w: &mut dyn Write| Ok(w.write_all(&bytes)?))
+}
+
+/// PNG bytes of an 8-bit RGB image.
+pub fn encode_png_rgb(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
+    ensure!(rgb.len() == width * height * 3, "texture size mismatch");
+    let img = image::RgbImage::from_raw(width as u32, height as u32, rgb.to_vec())
+        .ok_or_else(|| anyhow::anyhow!("texture size mismatch"))?;
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -224,6 +310,52 @@ mod tests {
             bytes.len()
         );
         assert_eq!(bytes.len() % 4, 0);
+    }
+
+    #[test]
+    fn textured_glb_loads_with_texture_and_uvs() {
+        let (v, f, _) = tetra();
+        let uvs = [[0.1, 0.1], [0.9, 0.1], [0.1, 0.9], [0.9, 0.9]];
+        let rgb: Vec<u8> = (0..4 * 4 * 3).map(|i| (i * 5) as u8).collect();
+        let png = encode_png_rgb(4, 4, &rgb).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.glb");
+        let mesh = GlbMesh {
+            vertices: &v,
+            faces: &f,
+            colors: None,
+        };
+        write_glb_textured(
+            &p,
+            &mesh,
+            Some(GlbTexture {
+                uvs: &uvs,
+                png: &png,
+            }),
+        )
+        .unwrap();
+        let (doc, buffers, images) = gltf::import(&p).unwrap();
+        let prim = doc.meshes().next().unwrap().primitives().next().unwrap();
+        let r = prim.reader(|b| Some(&buffers[b.index()]));
+        let got: Vec<[f32; 2]> = r.read_tex_coords(0).unwrap().into_f32().collect();
+        assert_eq!(got, uvs);
+        let pbr = prim.material().pbr_metallic_roughness();
+        assert_eq!(pbr.metallic_factor(), 0.0);
+        assert_eq!(pbr.roughness_factor(), 1.0);
+        let t = pbr.base_color_texture().unwrap();
+        assert_eq!(t.tex_coord(), 0);
+        assert_eq!(images.len(), 1);
+        assert_eq!((images[0].width, images[0].height), (4, 4));
+        assert_eq!(images[0].pixels, rgb);
+        // Mismatched coordinates are an error.
+        assert!(encode_glb_textured(
+            &mesh,
+            Some(GlbTexture {
+                uvs: &uvs[..3],
+                png: &png
+            })
+        )
+        .is_err());
     }
 
     #[test]

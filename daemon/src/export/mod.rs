@@ -4,3 +4,4 @@ pub mod asset;
 pub mod atomic;
 pub mod glb;
 pub mod ply;
+pub mod textured;

@@ -3,12 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{anyhow, Result};
 use trellis_ipc_protocol::{BinaryBuilder, DType as WireDType};
 
 use super::run::JobOutput;
-use crate::export::glb::{write_glb, GlbMesh};
+use crate::export::textured::write_textured_glb;
 use crate::pipelines::base::{Decoded, RunControl, Stage};
+use crate::postprocessing::{BakeOptions, ExportMesh};
 use crate::representations::gaussian::Gaussian;
 use crate::representations::mesh::MeshExtractResult;
 
@@ -18,6 +19,10 @@ pub struct OutputFiles {
     pub glb: Option<PathBuf>,
     pub ply: Option<PathBuf>,
     pub asset: Option<PathBuf>,
+    /// How the GLB is made (texture baking from the Gaussians, decimation).
+    pub bake: BakeOptions,
+    /// A PNG grid of views of the GLB (mesh above, Gaussians below).
+    pub preview: Option<PathBuf>,
 }
 
 impl OutputFiles {
@@ -75,22 +80,24 @@ fn write_decoded_from(
     let mut written = serde_json::Map::new();
     if let Some(p) = &files.glb {
         let m = first_mesh(d)?;
-        ensure!(
-            m.success && !m.faces.is_empty(),
-            "the decoded mesh is empty (no surface found); nothing written to {}",
-            p.display()
+        ctl.emit(
+            Stage::Writing,
+            done,
+            total,
+            Some(format!("{} (post-processing)", p.display())),
         );
-        let colors = mesh_colors(m);
-        write_glb(
+        write_textured_glb(
             p,
-            &GlbMesh {
-                vertices: &m.vertices,
-                faces: &m.faces,
-                colors: colors.as_deref(),
-            },
+            m,
+            d.gaussians.first(),
+            &files.bake,
+            files.preview.as_deref(),
         )?;
         done += 1;
         written.insert("glb".into(), serde_json::json!(p));
+        if let Some(pv) = &files.preview {
+            written.insert("preview".into(), serde_json::json!(pv));
+        }
         ctl.emit(Stage::Writing, done, total, Some(p.display().to_string()));
     }
     if let Some(p) = &files.ply {
@@ -149,6 +156,45 @@ pub fn mesh_arrays(m: &MeshExtractResult) -> Result<BinaryBuilder> {
     if let Some(c) = mesh_colors(m) {
         let c: Vec<f32> = c.into_iter().flatten().collect();
         b.push("colors", WireDType::F32, &[v, 3], &f32_bytes(&c))?;
+    }
+    Ok(b)
+}
+
+/// The arrays of a baked GLB mesh: `positions f32 [V,3]`, `triangles u32 [F,3]`, `uvs f32 [V,2]`
+/// and `texture u8 [H,W,3]` (glTF's UV convention: v down from the image's top row), or `colors
+/// f32 [V,3]` when not baked (docs/PROTOCOL.md, fetch).
+pub fn export_mesh_arrays(m: &ExportMesh) -> Result<BinaryBuilder> {
+    let mut b = BinaryBuilder::default();
+    let v = m.vertices.len() as u64;
+    let pos: Vec<f32> = m.vertices.iter().flatten().copied().collect();
+    b.push("positions", WireDType::F32, &[v, 3], &f32_bytes(&pos))?;
+    let tri: Vec<u8> = m
+        .faces
+        .iter()
+        .flatten()
+        .flat_map(|i| i.to_le_bytes())
+        .collect();
+    b.push(
+        "triangles",
+        WireDType::U32,
+        &[m.faces.len() as u64, 3],
+        &tri,
+    )?;
+    if let Some(c) = &m.colors {
+        let c: Vec<f32> = c.iter().flatten().copied().collect();
+        b.push("colors", WireDType::F32, &[v, 3], &f32_bytes(&c))?;
+    }
+    if let Some(uv) = &m.uvs {
+        let uv: Vec<f32> = uv.iter().flatten().copied().collect();
+        b.push("uvs", WireDType::F32, &[v, 2], &f32_bytes(&uv))?;
+    }
+    if let Some(t) = &m.texture {
+        b.push(
+            "texture",
+            WireDType::U8,
+            &[t.height as u64, t.width as u64, 3],
+            &t.to_rgb8(),
+        )?;
     }
     Ok(b)
 }

@@ -12,11 +12,14 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use trellis_ipc_protocol::{ArrayDesc, AssetInfo, BinaryBuilder, Format};
 
 use crate::export::atomic::write_atomic;
+use crate::export::textured::{textured_mesh, write_export_glb};
 use crate::jobs::outputs::{
-    first_gaussians, first_mesh, gaussian_arrays, mesh_arrays, write_outputs, OutputFiles,
+    export_mesh_arrays, first_gaussians, first_mesh, gaussian_arrays, mesh_arrays, write_outputs,
+    OutputFiles,
 };
 use crate::jobs::JobOutput;
 use crate::pipelines::base::{ProgressEvent, RunControl};
+use crate::postprocessing::BakeOptions;
 
 pub struct AssetStore {
     pub root: PathBuf,
@@ -72,18 +75,30 @@ impl AssetStore {
     }
 
     /// Stores a finished generation; returns its record.
-    pub fn save_generation(&self, out: &JobOutput, kind: &str) -> Result<AssetInfo> {
+    pub fn save_generation(
+        &self,
+        out: &JobOutput,
+        kind: &str,
+        glb: &BakeOptions,
+    ) -> Result<AssetInfo> {
         let id = self.new_id();
         let dir = self.root.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let result = self.fill(&dir, &id, out, kind);
+        let result = self.fill(&dir, &id, out, kind, glb);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
         result
     }
 
-    fn fill(&self, dir: &Path, id: &str, out: &JobOutput, kind: &str) -> Result<AssetInfo> {
+    fn fill(
+        &self,
+        dir: &Path,
+        id: &str,
+        out: &JobOutput,
+        kind: &str,
+        glb: &BakeOptions,
+    ) -> Result<AssetInfo> {
         let bundle = dir.join("asset.trellis");
         let files = OutputFiles {
             asset: Some(bundle),
@@ -117,31 +132,48 @@ impl AssetStore {
             )]),
             meta,
         };
-        self.add_decoded(dir, &mut info, out)?;
+        self.add_decoded(dir, &mut info, out, glb)?;
         write_json(&dir.join("asset.json"), &info)?;
         Ok(info)
     }
 
     /// Adds the representations of `out` (files and arrays) to the record.
-    fn add_decoded(&self, dir: &Path, info: &mut AssetInfo, out: &JobOutput) -> Result<()> {
+    fn add_decoded(
+        &self,
+        dir: &Path,
+        info: &mut AssetInfo,
+        out: &JobOutput,
+        glb: &BakeOptions,
+    ) -> Result<()> {
         let d = out.decoded();
         if let Ok(m) = first_mesh(d) {
-            if m.success && !m.faces.is_empty() {
-                let files = OutputFiles {
-                    glb: Some(dir.join("mesh.glb")),
-                    ..Default::default()
-                };
-                let mut quiet = |_: &ProgressEvent| {};
-                let mut ctl = RunControl {
-                    progress: &mut quiet,
-                    cancel: None,
-                    keep_trajectory: false,
-                };
-                write_outputs(&files, out, &mut ctl)?;
+            let glb_path = dir.join("mesh.glb");
+            if m.success && !m.faces.is_empty() && glb.bake {
+                // The baked mesh: the GLB and the arrays are the same (decimated, UV-mapped) mesh.
+                let (em, _) = textured_mesh(m, first_gaussians(d).ok(), glb)?;
+                write_export_glb(&glb_path, &em)?;
                 info.files
-                    .insert("glb".into(), dir.join("mesh.glb").display().to_string());
+                    .insert("glb".into(), glb_path.display().to_string());
+                write_arrays(dir, Format::Mesh, &export_mesh_arrays(&em)?)?;
+            } else {
+                if m.success && !m.faces.is_empty() {
+                    let files = OutputFiles {
+                        glb: Some(glb_path.clone()),
+                        bake: glb.clone(),
+                        ..Default::default()
+                    };
+                    let mut quiet = |_: &ProgressEvent| {};
+                    let mut ctl = RunControl {
+                        progress: &mut quiet,
+                        cancel: None,
+                        keep_trajectory: false,
+                    };
+                    write_outputs(&files, out, &mut ctl)?;
+                    info.files
+                        .insert("glb".into(), glb_path.display().to_string());
+                }
+                write_arrays(dir, Format::Mesh, &mesh_arrays(m)?)?;
             }
-            write_arrays(dir, Format::Mesh, &mesh_arrays(m)?)?;
             add_format(info, Format::Mesh);
         }
         if let Ok(g) = first_gaussians(d) {
@@ -155,10 +187,10 @@ impl AssetStore {
     }
 
     /// Adds a decode job's representations to asset `id`.
-    pub fn add_formats(&self, id: &str, out: &JobOutput) -> Result<AssetInfo> {
+    pub fn add_formats(&self, id: &str, out: &JobOutput, glb: &BakeOptions) -> Result<AssetInfo> {
         let dir = self.dir(id)?;
         let mut info = self.get(id)?;
-        self.add_decoded(&dir, &mut info, out)?;
+        self.add_decoded(&dir, &mut info, out, glb)?;
         write_json(&dir.join("asset.json"), &info)?;
         Ok(info)
     }

@@ -167,6 +167,10 @@ async fn handle(frame: Frame, ctx: Arc<Ctx>, out: Out, owned: Owned) {
                 Ok(f) => f,
                 Err(r) => return refuse(&out, id, r),
             };
+            let glb = match requests::glb_options(p.glb.as_ref(), &p.formats) {
+                Ok(g) => g,
+                Err(r) => return refuse(&out, id, r),
+            };
             let dir = match ctx
                 .store
                 .get(&p.asset)
@@ -184,7 +188,7 @@ async fn handle(frame: Frame, ctx: Arc<Ctx>, out: Out, owned: Owned) {
             enqueue(
                 job,
                 model,
-                Destination::AddTo(p.asset.clone()),
+                Destination::AddTo(p.asset.clone(), glb),
                 p.wait,
                 id,
                 &ctx,
@@ -316,16 +320,22 @@ async fn submit(req: Request, binary: Vec<u8>, ctx: Arc<Ctx>, out: Out) {
     let c = ctx.clone();
     // Decoding uploads and checking inputs is CPU work: off the async threads.
     let built = tokio::task::spawn_blocking(move || match &req.op {
-        Op::Generate(p) => requests::generate_job(&req, &binary, p, &c.served, &c.conditioners)
-            .map(|(j, m)| (j, m, p.wait)),
-        Op::Variant(p) => requests::variant_job(&req, &binary, p, &c.served, &c.conditioners)
-            .map(|(j, m)| (j, m, p.wait)),
+        Op::Generate(p) => {
+            let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
+            requests::generate_job(&req, &binary, p, &c.served, &c.conditioners)
+                .map(|(j, m)| (j, m, glb, p.wait))
+        }
+        Op::Variant(p) => {
+            let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
+            requests::variant_job(&req, &binary, p, &c.served, &c.conditioners)
+                .map(|(j, m)| (j, m, glb, p.wait))
+        }
         _ => Err((ErrorCode::Internal, "not a job".into())),
     })
     .await;
     match built {
-        Ok(Ok((job, model, wait))) => {
-            enqueue(job, model, Destination::NewAsset, wait, id, &ctx, &out).await
+        Ok(Ok((job, model, glb, wait))) => {
+            enqueue(job, model, Destination::NewAsset(glb), wait, id, &ctx, &out).await
         }
         Ok(Err(r)) => refuse(&out, id, r),
         Err(e) => refuse(&out, id, (ErrorCode::Internal, e.to_string())),

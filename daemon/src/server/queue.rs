@@ -12,14 +12,15 @@ use trellis_ipc_protocol::{JobInfo, JobState};
 use super::assets::AssetStore;
 use crate::jobs::{run_job, Job, ModelCache};
 use crate::pipelines::base::{ProgressEvent, RunControl, Stage};
+use crate::postprocessing::BakeOptions;
 
 /// What a finished job does with its output.
 #[derive(Debug, Clone)]
 pub enum Destination {
-    /// A new asset.
-    NewAsset,
-    /// More formats for an existing asset (`decode`).
-    AddTo(String),
+    /// A new asset, its GLB made with these options.
+    NewAsset(BakeOptions),
+    /// More formats for an existing asset (`decode`), its GLB made with these options.
+    AddTo(String, BakeOptions),
 }
 
 struct Record {
@@ -278,8 +279,10 @@ impl Queue {
                         i.eta_s = None;
                     });
                     let stored = match &dest {
-                        Destination::NewAsset => self.store.save_generation(&out, job.kind()),
-                        Destination::AddTo(a) => self.store.add_formats(a, &out),
+                        Destination::NewAsset(glb) => {
+                            self.store.save_generation(&out, job.kind(), glb)
+                        }
+                        Destination::AddTo(a, glb) => self.store.add_formats(a, &out, glb),
                     };
                     drop(out);
                     self.update(id, |i| match stored {

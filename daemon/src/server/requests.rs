@@ -16,6 +16,7 @@ use crate::models::config::SamplerParams;
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
 use crate::pipelines::voxelize::TriMesh;
+use crate::postprocessing::BakeOptions;
 
 /// An error reply's code and message.
 pub type Refusal = (ErrorCode, String);
@@ -421,6 +422,73 @@ pub fn variant_job(
     });
     job.validate().map_err(|e| bad(format!("{e:#}")))?;
     Ok((job, model))
+}
+
+/// The daemon's GLB when a request gives no `glb`: the decoded mesh with vertex colours, every
+/// triangle kept (the same mesh as the `mesh` arrays).
+pub fn unbaked() -> BakeOptions {
+    BakeOptions {
+        bake: false,
+        keep_high_poly: true,
+        clean: false,
+        ..Default::default()
+    }
+}
+
+/// A request's `glb` options, checked; baking needs the mesh and the Gaussians decoded.
+pub fn glb_options(p: Option<&proto::GlbParams>, list: &[Format]) -> Result<BakeOptions, Refusal> {
+    let Some(g) = p else {
+        return Ok(unbaked());
+    };
+    if !g.bake {
+        if g.texture_size.is_some()
+            || g.target_faces.is_some()
+            || g.simplify.is_some()
+            || g.keep_high_poly
+        {
+            return Err(bad(
+                "glb: texture_size, target_faces, simplify and keep_high_poly apply with bake: true",
+            ));
+        }
+        return Ok(unbaked());
+    }
+    let f = formats(list);
+    if !f.mesh || !f.gaussian {
+        return Err(bad(
+            "glb.bake: the texture is baked from the Gaussians onto the mesh: formats must include mesh and gaussian",
+        ));
+    }
+    if g.target_faces.is_some() && (g.simplify.is_some() || g.keep_high_poly) {
+        return Err(bad(
+            "glb: give one of target_faces, simplify and keep_high_poly",
+        ));
+    }
+    if g.simplify.is_some() && g.keep_high_poly {
+        return Err(bad(
+            "glb: give one of target_faces, simplify and keep_high_poly",
+        ));
+    }
+    let defaults = BakeOptions::default();
+    let o = BakeOptions {
+        bake: true,
+        texture_size: g.texture_size.map_or(defaults.texture_size, |t| t as usize),
+        target_faces: match g.target_faces {
+            Some(0) => return Err(bad("glb.target_faces: must be at least 1")),
+            Some(n) => Some(usize::try_from(n).map_err(|_| bad("glb.target_faces: too large"))?),
+            None => None,
+        },
+        simplify: match g.simplify {
+            Some(s) if !(0.0..1.0).contains(&s) => {
+                return Err(bad("glb.simplify: must be in [0, 1)"))
+            }
+            Some(s) => s as f32,
+            None => defaults.simplify,
+        },
+        keep_high_poly: g.keep_high_poly,
+        ..defaults
+    };
+    o.validate().map_err(|e| bad(format!("glb: {e:#}")))?;
+    Ok(o)
 }
 
 /// `decode`'s formats (non-empty).
