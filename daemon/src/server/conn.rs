@@ -19,7 +19,10 @@ use super::requests::{self, Refusal};
 use super::Ctx;
 use crate::jobs::{DecodeJob, Job};
 
-type Out = mpsc::UnboundedSender<(Reply, Vec<u8>)>;
+/// One reply on its way out: the frame's JSON, its binary section, and who to tell once the
+/// bytes are written (the `shutdown` reply must reach the client before the daemon stops).
+type Outgoing = (Reply, Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+type Out = mpsc::UnboundedSender<Outgoing>;
 type Owned = Arc<Mutex<BTreeSet<String>>>;
 
 /// The peer's effective uid is ours (always true where the OS gives no uid).
@@ -34,7 +37,7 @@ pub fn peer_is_this_user(s: &Stream) -> bool {
 }
 
 fn send(out: &Out, reply: Reply) {
-    let _ = out.send((reply, Vec::new()));
+    let _ = out.send((reply, Vec::new(), None));
 }
 
 fn refuse(out: &Out, id: u64, (code, msg): Refusal) {
@@ -78,10 +81,10 @@ async fn read_frame(mut rd: &Stream) -> Result<Option<Frame>, Refusal> {
     Ok(Some(Frame { json, binary }))
 }
 
-async fn write_replies(stream: Arc<Stream>, mut rx: mpsc::UnboundedReceiver<(Reply, Vec<u8>)>) {
+async fn write_replies(stream: Arc<Stream>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     let limits = proto::Limits::default();
     let mut wr = &*stream;
-    while let Some((reply, binary)) = rx.recv().await {
+    while let Some((reply, binary, written)) = rx.recv().await {
         let bytes = Frame::from_message(&reply, binary).and_then(|f| f.encode(&limits));
         let bytes = match bytes {
             Ok(b) => b,
@@ -93,7 +96,11 @@ async fn write_replies(stream: Arc<Stream>, mut rx: mpsc::UnboundedReceiver<(Rep
                 }
             }
         };
-        if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
+        let sent = wr.write_all(&bytes).await.is_ok() && wr.flush().await.is_ok();
+        if let Some(w) = written {
+            let _ = w.send(());
+        }
+        if !sent {
             break;
         }
     }
@@ -219,6 +226,7 @@ async fn handle(frame: Frame, ctx: Arc<Ctx>, out: Out, owned: Owned) {
                             },
                         },
                         bin,
+                        None,
                     ));
                 }
                 Ok(Err(r)) => refuse(&out, id, r),
@@ -256,7 +264,12 @@ async fn handle(frame: Frame, ctx: Arc<Ctx>, out: Out, owned: Owned) {
             Err(e) => refuse(&out, id, (ErrorCode::NotFound, format!("{e:#}"))),
         },
         Op::Shutdown {} => {
-            ok(&out, id, serde_json::json!({}));
+            // Stop only once the reply is on the wire (or the client is gone), at most 2 s later.
+            let (written, done) = tokio::sync::oneshot::channel();
+            let reply = Reply::ok(id, serde_json::json!({}));
+            if out.send((reply, Vec::new(), Some(written))).is_ok() {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), done).await;
+            }
             ctx.shutdown.notify_one();
         }
     }
