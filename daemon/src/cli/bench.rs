@@ -9,6 +9,12 @@ pub struct BenchArgs {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Device: cpu, cuda[:N] or auto (no fallback: a GPU that cannot be used is an error).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// auto, full (float32, TF32 off), half or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// List the benchmarks and exit.
     #[arg(long)]
     pub list: bool,
@@ -34,6 +40,11 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             .build_global()
             .context("bench: setting up the thread pool")?;
     }
-    crate::bench::run(name, &mut stdout)?;
+    let device = crate::runtime::select(
+        &args.device,
+        &args.precision,
+        crate::runtime::device::Fallback::Fail,
+    )?;
+    crate::bench::run(name, &device, &mut stdout)?;
     Ok(0)
 }

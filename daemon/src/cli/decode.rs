@@ -27,9 +27,12 @@ pub struct DecodeArgs {
     /// Write the 3D Gaussians as .ply.
     #[arg(long)]
     pub ply: Option<PathBuf>,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the first GPU with enough free memory, else the CPU), cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// auto, full (float32, TF32 off), half (float16 torsos as the original) or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -43,6 +46,7 @@ pub fn run(args: &DecodeArgs) -> Result<i32> {
         image_cond_model: None,
         text_cond_model: None,
         device: args.device.clone(),
+        precision: args.precision.clone(),
         quiet: args.quiet,
         json: args.json,
     };
@@ -65,7 +69,11 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         "asset {} does not exist",
         args.asset.display()
     );
-    let device: Device = crate::runtime::parse_device(&args.device)?;
+    let device: Device = crate::runtime::select(
+        &args.device,
+        &args.precision,
+        crate::runtime::device::Fallback::CpuWithWarning,
+    )?;
     let asset = Asset::load(&args.asset, &device)?;
     let spec = match &args.model {
         Some(m) => m.clone(),

@@ -96,16 +96,41 @@ pub fn report(args: &DoctorArgs, hub: &HubOptions, out: &mut dyn Write) -> Resul
         }
     };
     if has_cuda || !gpus.is_empty() {
-        let dirs = library_dirs();
-        writeln!(out, "\nCUDA libraries")?;
-        for (lib, found) in find_cuda_libraries(&dirs) {
-            match found {
-                Some(p) => writeln!(out, "  {lib:<14} {}", p.display())?,
-                None => writeln!(out, "  {lib:<14} not found")?,
+        writeln!(
+            out,
+            "\nCUDA libraries{}",
+            crate::runtime::device::cuda_major()
+                .map(|m| format!(" (this binary opens CUDA {m}'s)"))
+                .unwrap_or_default()
+        )?;
+        if has_cuda {
+            // What the backend will open, opened the same way (by name, then by full path).
+            for p in crate::runtime::device::probe_libraries() {
+                match &p.result {
+                    Ok(at) => writeln!(out, "  {:<18} {at}", p.what)?,
+                    Err(e) => writeln!(out, "  {:<18} MISSING: {e}", p.what)?,
+                }
             }
+            let dirs = crate::runtime::device::library_dirs();
+            let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            writeln!(out, "  (searched by full path: {})", looked.join(", "))?;
+            if let Some(why) = crate::runtime::device::cuda_unavailable_reason() {
+                writeln!(
+                    out,
+                    "  => CUDA cannot be used: {why}; runs fall back to the CPU"
+                )?;
+            }
+        } else {
+            let dirs = library_dirs();
+            for (lib, found) in find_cuda_libraries(&dirs) {
+                match found {
+                    Some(p) => writeln!(out, "  {lib:<14} {}", p.display())?,
+                    None => writeln!(out, "  {lib:<14} not found")?,
+                }
+            }
+            let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            writeln!(out, "  (searched: {})", looked.join(", "))?;
         }
-        let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-        writeln!(out, "  (searched: {})", looked.join(", "))?;
     }
 
     writeln!(
@@ -172,6 +197,13 @@ pub fn report(args: &DoctorArgs, hub: &HubOptions, out: &mut dyn Write) -> Resul
     writeln!(out, "  tier:      {}", plan.tier)?;
     writeln!(out, "  precision: {}", plan.precision)?;
     writeln!(out, "  why:       {}", plan.reason)?;
+    if let Target::Cuda {
+        compute_capability, ..
+    } = target
+    {
+        let (p, why) = crate::runtime::precision::PrecisionChoice::Auto.resolve(compute_capability);
+        writeln!(out, "  --precision auto: {p} ({why})")?;
+    }
     if !has_cuda && device != "cpu" {
         writeln!(
             out,

@@ -106,9 +106,12 @@ pub struct RuntimeArgs {
     /// Text conditioner (hub id or folder); default: the one pipeline.json names.
     #[arg(long)]
     pub text_cond_model: Option<String>,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the first GPU with enough free memory, else the CPU), cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// auto, full (float32, TF32 off), half (float16 torsos as the original) or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -469,7 +472,11 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             check_image(p)?;
         }
     }
-    let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
+    let device: Device = crate::runtime::select(
+        &args.runtime.device,
+        &args.runtime.precision,
+        crate::runtime::device::Fallback::CpuWithWarning,
+    )?;
     let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
     // Sampler parameters resolve now (step counts of 0 from pipeline.json, ...).
     let ss_meta = sampler_meta(
@@ -493,7 +500,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         "sparse_structure_sampler": ss_meta,
         "slat_sampler": slat_meta,
         "formats": plan.formats.names(),
-        "device": args.runtime.device,
+        "device": crate::runtime::device::device_name(&device),
     });
     // 2. Networks.
     let pipeline =

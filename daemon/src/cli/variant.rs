@@ -80,7 +80,11 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
             "--image-cond-model does not apply to a text prompt"
         );
     }
-    let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
+    let device: Device = crate::runtime::select(
+        &args.runtime.device,
+        &args.runtime.precision,
+        crate::runtime::device::Fallback::CpuWithWarning,
+    )?;
     let is_text = args.text.is_some();
     let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
     let resolution = match args.voxel_resolution {
@@ -112,7 +116,7 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         "seed": args.sampling.seed,
         "slat_sampler": slat_meta,
         "formats": plan.formats.names(),
-        "device": args.runtime.device,
+        "device": crate::runtime::device::device_name(&device),
     });
     let pipeline = TrellisPipeline::load(repo, &device, false, plan.formats)?;
     let (cond, neg) = if let Some(text) = &args.text {
