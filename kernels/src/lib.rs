@@ -3,5 +3,9 @@
 
 pub mod attention;
 pub mod conv3d;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod flexicubes;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod sparse_conv;
