@@ -41,6 +41,8 @@ if ! [[ -d $REG/candle-core-$VER && -d $REG/candle-kernels-$VER ]]; then
   (cd "$ROOT" && cargo fetch --locked)
   REG=$(ls -d "$HOME"/.cargo/registry/src/*/ | head -1)
 fi
+STAMP="$PATCH_DIR/.patched-$VER-$(sha256sum "$0" | cut -c1-16)"
+patch_candle() {   # once per candle version and script version (keeps the build cached)
 mkdir -p "$PATCH_DIR"
 for c in candle-core candle-kernels; do
   rm -rf "$PATCH_DIR/$c"
@@ -66,6 +68,9 @@ if old not in s:
     sys.exit("patching candle-kernels' build.rs failed: link line not found")
 open(p, 'w').write(s.replace(old, new))
 EOF
+touch "$STAMP"
+}
+[[ -f $STAMP ]] || patch_candle
 
 # 3. build, one binary per CUDA major
 SRC=$CARGO_TARGET_DIR/src

@@ -17,12 +17,18 @@ pub struct DoctorArgs {
     /// visible, else cpu).
     #[arg(long)]
     pub device: Option<String>,
+    /// Also run every GPU kernel against its CPU twin on random inputs (cuda builds, a GPU).
+    #[arg(long)]
+    pub check_kernels: bool,
 }
 
 /// Prints the report to stdout; exit code 0 (the report itself is the result).
 pub fn run(args: &DoctorArgs) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     report(args, &HubOptions::from_env(), &mut out)?;
+    if args.check_kernels {
+        return check_kernels(args, &mut out);
+    }
     Ok(0)
 }
 
@@ -242,6 +248,7 @@ mod tests {
         report(
             &DoctorArgs {
                 device: Some("cpu".into()),
+                check_kernels: false,
             },
             &hub,
             &mut out,
@@ -267,11 +274,44 @@ mod tests {
         let mut out = Vec::new();
         assert!(report(
             &DoctorArgs {
-                device: Some("tpu".into())
+                device: Some("tpu".into()),
+                check_kernels: false,
             },
             &hub,
             &mut out
         )
         .is_err());
+    }
+}
+
+/// `--check-kernels`: exit code 1 when a kernel disagrees with its CPU twin or cannot run.
+fn check_kernels(args: &DoctorArgs, out: &mut dyn Write) -> Result<i32> {
+    writeln!(out, "\nGPU kernels against their CPU twins")?;
+    #[cfg(feature = "cuda")]
+    {
+        let dev = crate::runtime::device::open_str(
+            args.device.as_deref().unwrap_or("cuda:0"),
+            crate::runtime::device::Fallback::Fail,
+        )?;
+        let mut failed = false;
+        for (name, r) in crate::runtime::cuda_ops::checks::all(&dev) {
+            match r {
+                Ok(e) => writeln!(out, "  {name:<26} ok (relative error {e:.2e})")?,
+                Err(e) => {
+                    failed = true;
+                    writeln!(out, "  {name:<26} FAILED: {e:#}")?
+                }
+            }
+        }
+        Ok(i32::from(failed))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        writeln!(
+            out,
+            "  this build has no CUDA kernels (build it with tools/build-cuda.sh)"
+        )?;
+        Ok(1)
     }
 }

@@ -1,5 +1,7 @@
 //! Devices, precision, tiers and weight loading.
 
+#[cfg(feature = "cuda")]
+pub mod cuda_ops;
 pub mod device;
 pub mod gpu;
 pub mod precision;
