@@ -236,6 +236,38 @@ fn describe_gpu(g: &GpuInfo) -> String {
     )
 }
 
+/// `--check-kernels`: exit code 1 when a kernel disagrees with its CPU twin or cannot run.
+fn check_kernels(args: &DoctorArgs, out: &mut dyn Write) -> Result<i32> {
+    writeln!(out, "\nGPU kernels against their CPU twins")?;
+    #[cfg(feature = "cuda")]
+    {
+        let dev = crate::runtime::device::open_str(
+            args.device.as_deref().unwrap_or("cuda:0"),
+            crate::runtime::device::Fallback::Fail,
+        )?;
+        let mut failed = false;
+        for (name, r) in crate::runtime::cuda_ops::checks::all(&dev) {
+            match r {
+                Ok(e) => writeln!(out, "  {name:<26} ok (relative error {e:.2e})")?,
+                Err(e) => {
+                    failed = true;
+                    writeln!(out, "  {name:<26} FAILED: {e:#}")?
+                }
+            }
+        }
+        Ok(i32::from(failed))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        writeln!(
+            out,
+            "  this build has no CUDA kernels (build it with tools/build-cuda.sh)"
+        )?;
+        Ok(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,37 +313,5 @@ mod tests {
             &mut out
         )
         .is_err());
-    }
-}
-
-/// `--check-kernels`: exit code 1 when a kernel disagrees with its CPU twin or cannot run.
-fn check_kernels(args: &DoctorArgs, out: &mut dyn Write) -> Result<i32> {
-    writeln!(out, "\nGPU kernels against their CPU twins")?;
-    #[cfg(feature = "cuda")]
-    {
-        let dev = crate::runtime::device::open_str(
-            args.device.as_deref().unwrap_or("cuda:0"),
-            crate::runtime::device::Fallback::Fail,
-        )?;
-        let mut failed = false;
-        for (name, r) in crate::runtime::cuda_ops::checks::all(&dev) {
-            match r {
-                Ok(e) => writeln!(out, "  {name:<26} ok (relative error {e:.2e})")?,
-                Err(e) => {
-                    failed = true;
-                    writeln!(out, "  {name:<26} FAILED: {e:#}")?
-                }
-            }
-        }
-        Ok(i32::from(failed))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = args;
-        writeln!(
-            out,
-            "  this build has no CUDA kernels (build it with tools/build-cuda.sh)"
-        )?;
-        Ok(1)
     }
 }
