@@ -24,6 +24,15 @@ enum Command {
     Variant(Box<cli::variant::VariantArgs>),
     /// Decode a saved .trellis asset again (no sampling).
     Decode(cli::decode::DecodeArgs),
+    /// Run the resident daemon (local socket; docs/PROTOCOL.md).
+    Serve(cli::serve::ServeArgs),
+    /// Send a request to the running daemon.
+    Client(cli::client::ClientArgs),
+    /// Write tiny model repositories from seeded random weights (tests, offline demos).
+    #[command(hide = true)]
+    TinyRepos(cli::tiny_repos::TinyReposArgs),
+    /// Regenerate a region of an asset or a mesh from a prompt or an image; keep the rest exactly.
+    Edit(Box<cli::edit::EditArgs>),
 }
 
 fn main() {
@@ -35,6 +44,10 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Variant(a) => cli::variant::run(a),
         Command::Decode(a) => cli::decode::run(a),
+        Command::Serve(a) => cli::serve::run(a),
+        Command::Client(a) => cli::client::run(a),
+        Command::TinyRepos(a) => cli::tiny_repos::run(a),
+        Command::Edit(a) => cli::edit::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

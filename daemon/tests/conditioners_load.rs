@@ -1,5 +1,6 @@
-//! The conditioners' loading API on the tiny fixture directories (the offline end-to-end
-//! conditioners), the weight check, and the parity handler's comparisons.
+//! The conditioners' loading API on the tiny repositories (generated from seeded random weights;
+//! the reference set's, with their recorded outputs, where it is present), the weight check, and
+//! the parity handler's comparisons.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,14 +8,15 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use trellis::models::conditioners::{ImageConditioner, TextConditioner};
 
-fn fixture(rel: &str) -> Option<PathBuf> {
-    let d = trellis::reference_dir().join(rel);
-    if d.join("meta.json").is_file() {
-        Some(d)
-    } else {
-        eprintln!("fixture {} not found; skipped", d.display());
-        None
-    }
+/// A fixture of the reference set, or `None` (with a note on the terminal) without one.
+fn fixture(rel: &str, test: &str) -> Option<PathBuf> {
+    let d = trellis::reference_dir_or_skip(test)?.join(rel);
+    assert!(
+        d.join("meta.json").is_file(),
+        "{}: no meta.json",
+        d.display()
+    );
+    Some(d)
 }
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
@@ -45,7 +47,10 @@ fn io(dir: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn image_conditioner_loads_the_tiny_dir_and_matches_the_reference() {
-    let Some(dir) = fixture("conditioners/dinov2_reg_tiny") else {
+    let Some(dir) = fixture(
+        "conditioners/dinov2_reg_tiny",
+        "the DINOv2 reference outputs",
+    ) else {
         return;
     };
     let enc = ImageConditioner::load(&dir, &Device::Cpu, DType::F32).unwrap();
@@ -61,11 +66,14 @@ fn image_conditioner_loads_the_tiny_dir_and_matches_the_reference() {
 
 #[test]
 fn text_conditioner_loads_the_tiny_dir_and_matches_the_reference() {
-    let Some(dir) = fixture("conditioners/clip_text_tiny") else {
+    let Some(dir) = fixture(
+        "conditioners/clip_text_tiny",
+        "the CLIP reference outputs and CLIP's real tokenizer",
+    ) else {
         return;
     };
     let enc = TextConditioner::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    // The public sanity check of the CLIP tokenizer.
+    // The public sanity check of the CLIP tokenizer (CLIP's own vocabulary).
     let ids = enc.tokenize(&["a photo of a cat"]).unwrap();
     assert_eq!(&ids[0][..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
     assert!(ids[0][7..].iter().all(|&t| t == 49407));
@@ -97,11 +105,14 @@ fn variant(src: &Path, tensors: &HashMap<String, Tensor>) -> tempfile::TempDir {
 
 #[test]
 fn unknown_and_missing_weights_are_reported_but_known_extras_accepted() {
-    let Some(src) = fixture("conditioners/clip_text_tiny") else {
-        return;
-    };
+    let tiny = trellis::test_tiny_repos();
+    let src = tiny.clip;
     let dev = Device::Cpu;
     let base = candle_core::safetensors::load(src.join("model.safetensors"), &dev).unwrap();
+    let exp = TextConditioner::load(&src, &dev, DType::F32)
+        .unwrap()
+        .encode(&[""])
+        .unwrap();
 
     // A known-harmless extra (HF's position_ids buffer) loads.
     let mut t = base.clone();
@@ -148,15 +159,17 @@ fn unknown_and_missing_weights_are_reported_but_known_extras_accepted() {
     );
     let d = variant(&src, &t);
     let enc = TextConditioner::load(d.path(), &dev, DType::F32).unwrap();
-    let exp = io(&src)["last_hidden_state"].narrow(0, 0, 1).unwrap();
-    assert!(rel_l2(&enc.encode(&[""]).unwrap(), &exp) < 1e-5);
+    assert_eq!(rel_l2(&enc.encode(&[""]).unwrap(), &exp), 0.0);
 
-    // DINOv2: mask_token is accepted, an unknown entry is not.
-    let Some(dsrc) = fixture("conditioners/dinov2_reg_tiny") else {
-        return;
-    };
+    // DINOv2: mask_token (HF's, unused at inference) is accepted, an unknown entry is not.
+    let dsrc = tiny.dinov2;
     let mut t = candle_core::safetensors::load(dsrc.join("model.safetensors"), &dev).unwrap();
-    assert!(t.contains_key("embeddings.mask_token"));
+    t.insert(
+        "embeddings.mask_token".into(),
+        Tensor::zeros((1, 32), DType::F32, &dev).unwrap(),
+    );
+    let d = variant(&dsrc, &t);
+    ImageConditioner::load(d.path(), &dev, DType::F32).unwrap();
     t.insert(
         "pooler.weight".into(),
         Tensor::zeros(3, DType::F32, &dev).unwrap(),
@@ -174,10 +187,10 @@ fn unknown_and_missing_weights_are_reported_but_known_extras_accepted() {
 
 #[test]
 fn parity_handler_compares_every_listed_tensor() {
-    let root = trellis::reference_dir();
-    if !root.join("preprocess/meta.json").is_file() {
+    let Some(root) = trellis::reference_dir_or_skip("the conditioner parity handler's checks")
+    else {
         return;
-    }
+    };
     use trellis::parity::{conditioners, Fixture, Outcome};
     let cases: [(&str, &[&str]); 3] = [
         (
@@ -219,22 +232,50 @@ fn parity_handler_compares_every_listed_tensor() {
 
 #[test]
 fn half_precision_loads_and_stays_close() {
-    let (Some(img), Some(txt)) = (
-        fixture("conditioners/dinov2_reg_tiny"),
-        fixture("conditioners/clip_text_tiny"),
-    ) else {
-        return;
-    };
+    let tiny = trellis::test_tiny_repos();
     let dev = Device::Cpu;
-    let enc = ImageConditioner::load(&img, &dev, DType::F16).unwrap();
-    let io_img = io(&img);
-    let x = io_img["image_normalized_0"].unsqueeze(0).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 518, 518), &dev).unwrap();
+    let full = ImageConditioner::load(&tiny.dinov2, &dev, DType::F32)
+        .unwrap()
+        .encode(&x)
+        .unwrap();
+    let half = ImageConditioner::load(&tiny.dinov2, &dev, DType::F16)
+        .unwrap()
+        .encode(&x)
+        .unwrap();
+    assert_eq!(half.dtype(), DType::F32);
+    let e = rel_l2(&half, &full);
+    assert!(e > 0.0 && e < 2e-2, "f16 image cond rel L2 {e}");
+    let prompts = ["", "a chair"];
+    let full = TextConditioner::load(&tiny.clip, &dev, DType::F32)
+        .unwrap()
+        .encode(&prompts)
+        .unwrap();
+    let half = TextConditioner::load(&tiny.clip, &dev, DType::F16)
+        .unwrap()
+        .encode(&prompts)
+        .unwrap();
+    let e = rel_l2(&half, &full);
+    assert!(e > 0.0 && e < 2e-2, "f16 text cond rel L2 {e}");
+}
+
+/// The generated tiny conditioners: shapes of DINOv2-reg's tokens, and the tiny CLIP tokenizer
+/// (CLIP's byte symbols and specials, a few merges).
+#[test]
+fn tiny_conditioners_encode_with_the_expected_shapes_and_tokens() {
+    let tiny = trellis::test_tiny_repos();
+    let dev = Device::Cpu;
+    let enc = ImageConditioner::load(&tiny.dinov2, &dev, DType::F32).unwrap();
+    let x = Tensor::zeros((2, 3, 518, 518), DType::F32, &dev).unwrap();
     let cond = enc.encode(&x).unwrap();
-    assert_eq!(cond.dtype(), DType::F32);
-    let e = rel_l2(&cond, &io_img["cond"].narrow(0, 0, 1).unwrap());
-    assert!(e < 2e-2, "f16 image cond rel L2 {e}");
-    let enc = TextConditioner::load(&txt, &dev, DType::F16).unwrap();
-    let y = enc.encode(&["", "a photo of a cat"]).unwrap();
-    let e = rel_l2(&y, &io(&txt)["last_hidden_state"].narrow(0, 0, 2).unwrap());
-    assert!(e < 2e-2, "f16 text cond rel L2 {e}");
+    assert_eq!(cond.dims(), &[2, 1 + 4 + 37 * 37, 32]);
+    assert_eq!(enc.num_tokens(518, 518), 1374);
+    let enc = TextConditioner::load(&tiny.clip, &dev, DType::F32).unwrap();
+    let ids = enc.tokenize(&["A chair!", "the"]).unwrap();
+    // a</w> = 320 as in CLIP; "chair" merges to id 523; "!</w>" = 256
+    assert_eq!(&ids[0][..5], &[49406, 320, 523, 256, 49407]);
+    assert_eq!(&ids[1][..3], &[49406, 513, 49407]);
+    assert!(ids[0][5..].iter().all(|&t| t == 49407));
+    let y = enc.encode(&["A chair!"]).unwrap();
+    assert_eq!(y.dims(), &[1, 77, 48]);
 }

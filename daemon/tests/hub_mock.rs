@@ -30,6 +30,8 @@ struct Seen {
 struct MockHub {
     endpoint: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// While set, CDN downloads send half their body, then nothing for 3 s, then close.
+    stall: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MockHub {
@@ -39,13 +41,23 @@ impl MockHub {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         let base = endpoint.clone();
+        let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stall2 = stall.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let _ = serve(stream, &repos, &log, &base);
+                let (repos, log, base, stall) =
+                    (repos.clone(), log.clone(), base.clone(), stall2.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &repos, &log, &base, &stall);
+                });
             }
         });
-        Self { endpoint, seen }
+        Self {
+            endpoint,
+            seen,
+            stall,
+        }
     }
 
     fn count(&self) -> usize {
@@ -74,6 +86,7 @@ fn serve(
     repos: &BTreeMap<String, PathBuf>,
     log: &Mutex<Vec<Seen>>,
     endpoint: &str,
+    stall: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -125,6 +138,27 @@ fn serve(
             return reply(&mut out, "404 Not Found", &[], b"not found");
         };
         let headers = vec![("ETag".to_string(), format!("\"{:016x}\"", fnv(&data)))];
+        if stall.load(std::sync::atomic::Ordering::Relaxed) && method != "HEAD" {
+            let size = data.len();
+            let from: usize = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(a, _)| a.parse().ok())
+                .unwrap_or(0)
+                .min(size);
+            let body = &data[from..];
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nConnection: close\r\nContent-Range: bytes {from}-{}/{size}\r\nContent-Length: {}\r\n\r\n",
+                size.saturating_sub(1),
+                body.len()
+            );
+            out.write_all(head.as_bytes())?;
+            out.write_all(&body[..body.len() / 2])?;
+            out.flush()?;
+            std::thread::sleep(Duration::from_secs(3));
+            return Ok(());
+        }
         return send_range(&mut out, range.as_deref(), headers, &data, &reply);
     }
     // /{owner}/{name}/resolve/{revision}/{file...}
@@ -193,8 +227,10 @@ fn send_range(
     }
 }
 
+/// The tiny repositories (pipelines and conditioners side by side), generated from seeded
+/// random weights.
 fn pipelines_dir() -> PathBuf {
-    trellis::reference_dir().join("pipelines")
+    trellis::test_tiny_repos().root
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -465,7 +501,7 @@ fn local_folders_resolve_relative_entries_without_network() {
     let repo = tmp.path().join("repos/img");
     copy_dir(&pipelines_dir().join("TRELLIS-image-tiny"), &repo);
     copy_dir(
-        &trellis::reference_dir().join("conditioners/dinov2_reg_tiny"),
+        &pipelines_dir().join("dinov2_reg_tiny"),
         &tmp.path().join("conds/dino"),
     );
     edit_json(&repo.join("pipeline.json"), |v| {
@@ -561,7 +597,7 @@ fn unreachable_or_silent_endpoints_fail_fast_with_the_model_hint() {
 #[test]
 fn conditioners_resolve_from_names_ids_and_folders() {
     let tmp = tempfile::tempdir().unwrap();
-    let cond = trellis::reference_dir().join("conditioners");
+    let cond = pipelines_dir();
     let clip_no_tok = tmp.path().join("clip");
     copy_dir(&cond.join("clip_text_tiny"), &clip_no_tok);
     std::fs::remove_file(clip_no_tok.join("tokenizer.json")).unwrap();
@@ -644,6 +680,33 @@ fn an_interrupted_download_resumes() {
             && s.range == Some(format!("bytes={half}-"))),
         "{seen:#?}"
     );
+}
+
+#[test]
+fn a_stalled_download_times_out_with_a_clear_message_and_resumes_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = standard_hub(tmp.path());
+    let cache = tmp.path().join("cache");
+    let mut opts = hub.opts(&cache);
+    opts.stall_timeout = Duration::from_secs(1);
+    hub.stall.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::Instant::now();
+    let e = format!("{:#}", open_pipeline(IMAGE, &opts).unwrap_err());
+    assert!(e.contains("stalled") && e.contains("run again"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    hub.stall.store(false, std::sync::atomic::Ordering::Relaxed);
+    // The stalled connection ends (as a dead one does, in the end); the next run resumes.
+    std::thread::sleep(Duration::from_secs(4));
+    let n = hub.count();
+    let p = open_pipeline(IMAGE, &opts).unwrap();
+    assert!(
+        hub.seen()[n..]
+            .iter()
+            .any(|s| s.path.starts_with("/cdn/") && s.range.as_deref() != Some("bytes=0-")),
+        "nothing was resumed: {:#?}",
+        &hub.seen()[n..]
+    );
+    assert!(p.model("slat_flow_model").unwrap().weights.is_file());
 }
 
 #[test]

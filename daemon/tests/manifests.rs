@@ -9,8 +9,13 @@ use trellis::models::config::ModelConfig;
 use trellis::models::Network;
 use trellis::runtime::weights::{Manifest, ManifestFill};
 
+/// The manifests of the reference set; empty (with a note on the terminal) without one.
 fn checkpoint_manifests() -> Vec<PathBuf> {
-    let dir = trellis::reference_dir().join("manifests");
+    let Some(reference) = trellis::reference_dir_or_skip("the official checkpoint manifests")
+    else {
+        return Vec::new();
+    };
+    let dir = reference.join("manifests");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -43,6 +48,9 @@ fn build(path: &Path, torso: Option<DType>) -> (Manifest, Vec<String>) {
 #[test]
 fn every_official_checkpoint_matches_its_network() {
     let paths = checkpoint_manifests();
+    if paths.is_empty() {
+        return; // no reference set: checkpoint_manifests() said so
+    }
     // ss enc/dec/flow-img, 3 ss text flows, slat enc, 3 decoders, slat img flow, 3 slat text flows
     assert!(paths.len() >= 14, "only {} manifests", paths.len());
     for p in &paths {
@@ -62,7 +70,11 @@ fn every_official_checkpoint_matches_its_network() {
 
 #[test]
 fn a_full_precision_torso_is_told_apart_from_the_checkpoint_layout() {
-    let p = trellis::reference_dir().join("manifests/ss_enc_conv3d_16l8_fp16.json");
+    let Some(reference) = trellis::reference_dir_or_skip("the ss_enc_conv3d_16l8_fp16 manifest")
+    else {
+        return;
+    };
+    let p = reference.join("manifests/ss_enc_conv3d_16l8_fp16.json");
     let (_, mismatches) = build(&p, Some(DType::F32));
     assert!(!mismatches.is_empty());
     assert!(

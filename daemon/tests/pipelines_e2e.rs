@@ -1,5 +1,5 @@
-//! End-to-end runs of the built `trellisd` binary on the tiny model repositories of the reference
-//! fixtures (offline, from files): image → 3D, text → 3D, a variant of an OBJ mesh, decoding a
+//! End-to-end runs of the built `trellisd` binary on the tiny model repositories (generated from
+//! seeded random weights, offline, from files): image → 3D, text → 3D, a variant of an OBJ mesh, decoding a
 //! saved asset, and argument errors. Step counts are kept small (CI has 2 cores).
 
 use std::path::{Path, PathBuf};
@@ -11,8 +11,9 @@ fn bin() -> Command {
     c
 }
 
+/// The tiny repositories, generated from seeded random weights (`trellisd tiny-repos`).
 fn reference() -> PathBuf {
-    trellis::reference_dir()
+    trellis::test_tiny_repos().root
 }
 
 fn s(p: &Path) -> String {
@@ -124,9 +125,9 @@ fn image_to_3d_then_decode_the_asset() {
     let out = run(&[
         "generate".into(),
         "--model".into(),
-        s(&r.join("pipelines/TRELLIS-image-tiny")),
+        s(&r.join("TRELLIS-image-tiny")),
         "--image-cond-model".into(),
-        s(&r.join("conditioners/dinov2_reg_tiny")),
+        s(&r.join("dinov2_reg_tiny")),
         "--image".into(),
         s(&png),
         "--ss-steps".into(),
@@ -183,9 +184,9 @@ fn text_to_3d_with_json_progress() {
     let out = run(&[
         "generate".into(),
         "--model".into(),
-        s(&r.join("pipelines/TRELLIS-text-tiny")),
+        s(&r.join("TRELLIS-text-tiny")),
         "--text-cond-model".into(),
-        s(&r.join("conditioners/clip_text_tiny")),
+        s(&r.join("clip_text_tiny")),
         "--text".into(),
         "a small wooden chair".into(),
         "--ss-steps".into(),
@@ -226,9 +227,9 @@ fn variant_of_an_obj_mesh() {
     let out = run(&[
         "variant".into(),
         "--model".into(),
-        s(&r.join("pipelines/TRELLIS-text-tiny")),
+        s(&r.join("TRELLIS-text-tiny")),
         "--text-cond-model".into(),
-        s(&r.join("conditioners/clip_text_tiny")),
+        s(&r.join("clip_text_tiny")),
         "--mesh".into(),
         s(&obj),
         "--text".into(),
@@ -258,8 +259,8 @@ fn bad_arguments_fail_early_and_write_nothing() {
     let d = tempfile::tempdir().unwrap();
     let png = d.path().join("in.png");
     write_png(&png);
-    let img_model = s(&r.join("pipelines/TRELLIS-image-tiny"));
-    let txt_model = s(&r.join("pipelines/TRELLIS-text-tiny"));
+    let img_model = s(&r.join("TRELLIS-image-tiny"));
+    let txt_model = s(&r.join("TRELLIS-text-tiny"));
     let glb = s(&d.path().join("x.glb"));
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
@@ -380,7 +381,7 @@ fn bad_arguments_fail_early_and_write_nothing() {
         vec![
             "variant".into(),
             "--model".into(),
-            s(&r.join("pipelines/TRELLIS-text-tiny")),
+            s(&r.join("TRELLIS-text-tiny")),
             "--mesh".into(),
             s(&obj),
             "--text".into(),
@@ -400,4 +401,62 @@ fn bad_arguments_fail_early_and_write_nothing() {
     }
     std::fs::remove_file(&png).unwrap();
     no_output_left(d.path());
+}
+
+/// Without CUDA in this build, `--device cuda:0 --precision half` runs on the CPU after exactly
+/// one warning line, and the asset records the device actually used.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_request_falls_back_to_the_cpu_with_one_warning() {
+    let r = reference();
+    let d = tempfile::tempdir().unwrap();
+    let asset = d.path().join("t.trellis");
+    let out = run(&[
+        "generate".into(),
+        "--model".into(),
+        s(&r.join("TRELLIS-text-tiny")),
+        "--text-cond-model".into(),
+        s(&r.join("clip_text_tiny")),
+        "--text".into(),
+        "a chair".into(),
+        "--ss-steps".into(),
+        "1".into(),
+        "--slat-steps".into(),
+        "1".into(),
+        "--formats".into(),
+        "mesh".into(),
+        "--asset".into(),
+        s(&asset),
+        "--device".into(),
+        "cuda:0".into(),
+        "--precision".into(),
+        "half".into(),
+        "--quiet".into(),
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("cuda:0") && warnings[0].ends_with("running on the CPU"));
+    let a = trellis::export::asset::Asset::load(&asset, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(a.meta["device"], "cpu");
+
+    // A precision that does not exist is refused before anything runs.
+    let bad = run(&[
+        "generate".into(),
+        "--model".into(),
+        s(&r.join("TRELLIS-text-tiny")),
+        "--text".into(),
+        "a chair".into(),
+        "--asset".into(),
+        s(&d.path().join("u.trellis")),
+        "--precision".into(),
+        "quarter".into(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown precision"));
+    assert!(!d.path().join("u.trellis").exists());
 }

@@ -23,6 +23,9 @@ use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+mod messages;
+pub use messages::*;
+
 /// Version of this protocol; a peer with another version is refused with
 /// [`ErrorCode::VersionMismatch`].
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -63,6 +66,16 @@ pub type Result<T> = std::result::Result<T, ProtocolError>;
 pub struct Limits {
     pub max_json: u64,
     pub max_binary: u64,
+}
+
+impl Limits {
+    /// What the daemon accepts from a client: 16 MiB of JSON, 1 GiB of binary (uploads).
+    pub fn requests() -> Self {
+        Self {
+            max_json: 16 << 20,
+            max_binary: 1 << 30,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -376,139 +389,6 @@ impl BinaryBuilder {
     }
 }
 
-/// What a client asks for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Method {
-    /// Handshake: the daemon replies with its versions; it refuses other protocol versions.
-    Hello { protocol: u16, client: String },
-    /// Liveness check.
-    Ping,
-    /// Image or text → 3D.
-    Generate(GenerateParams),
-    /// Stop the request with id `target`.
-    Cancel { target: u64 },
-}
-
-/// Parameters of [`Method::Generate`]; unset fields take the pipeline's defaults.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateParams {
-    /// Local folder or hub id of the pipeline.
-    pub model: String,
-    /// Text prompt (text pipelines).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<String>,
-    /// Names of `u8` `[H, W, 3|4]` arrays in the binary section (image pipelines).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub images: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// Output formats (`mesh`, `gaussian`, `radiance_field`, `glb`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub formats: Vec<String>,
-    /// Sampler steps for both stages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steps: Option<u32>,
-}
-
-/// A request frame's JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    pub id: u64,
-    #[serde(flatten)]
-    pub method: Method,
-    /// Arrays of the binary section.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub arrays: Vec<ArrayDesc>,
-}
-
-/// Machine-readable error classes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The frame or its JSON was malformed, or a parameter was invalid.
-    BadRequest,
-    /// The peer speaks another protocol version.
-    VersionMismatch,
-    /// The model (pipeline, conditioner) could not be found or downloaded.
-    ModelUnavailable,
-    /// The device ran out of memory.
-    OutOfMemory,
-    /// The request was cancelled.
-    Cancelled,
-    /// The daemon is busy with another request.
-    Busy,
-    /// Anything else; the message says what.
-    Internal,
-}
-
-/// An error reply's payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ErrorInfo {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-/// What a reply carries.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum Outcome {
-    /// Work in progress: `stage` (e.g. `sparse_structure`), `step` of `total`.
-    Progress {
-        stage: String,
-        step: u32,
-        total: u32,
-    },
-    /// Success; `result` is method-specific JSON, arrays live in the binary section.
-    Ok {
-        #[serde(default)]
-        result: serde_json::Value,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        arrays: Vec<ArrayDesc>,
-    },
-    Error(ErrorInfo),
-}
-
-/// A reply frame's JSON.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reply {
-    /// The id of the request this answers.
-    pub id: u64,
-    #[serde(flatten)]
-    pub outcome: Outcome,
-}
-
-impl Reply {
-    pub fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            id,
-            outcome: Outcome::Error(ErrorInfo {
-                code,
-                message: message.into(),
-            }),
-        }
-    }
-
-    /// Whether this is the last reply to its request (`ok` or `error`).
-    pub fn is_final(&self) -> bool {
-        !matches!(self.outcome, Outcome::Progress { .. })
-    }
-
-    /// Checks that this reply answers `request`.
-    pub fn check_answers(&self, request: &Request) -> Result<()> {
-        if self.id == request.id {
-            Ok(())
-        } else {
-            Err(ProtocolError::IdMismatch {
-                expected: request.id,
-                got: self.id,
-            })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,9 +458,9 @@ mod tests {
     fn frames_round_trip_through_buffers_and_streams() {
         let req = Request {
             id: 7,
-            method: Method::Generate(GenerateParams {
-                model: "microsoft/TRELLIS-image-large".into(),
-                images: vec!["image".into()],
+            op: Op::Generate(GenerateParams {
+                model: Some("microsoft/TRELLIS-image-large".into()),
+                images: vec![ImageInput::Array("image".into())],
                 seed: Some(1),
                 ..Default::default()
             }),
@@ -623,12 +503,52 @@ mod tests {
 
     #[test]
     fn json_shape_of_requests_and_replies() {
-        let r: Request = serde_json::from_str(r#"{"id":3,"method":"cancel","target":2}"#).unwrap();
-        assert_eq!(r.method, Method::Cancel { target: 2 });
-        let r: Request = serde_json::from_str(r#"{"id":4,"method":"ping"}"#).unwrap();
-        assert_eq!(r.method, Method::Ping);
-        assert!(serde_json::from_str::<Request>(r#"{"id":4,"method":"explode"}"#).is_err());
-        assert!(serde_json::from_str::<Request>(r#"{"method":"ping"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"id":3,"op":"cancel","job":2}"#).unwrap();
+        assert_eq!(r.op, Op::Cancel(JobRef { job: 2 }));
+        let r: Request = serde_json::from_str(r#"{"id":4,"op":"ping"}"#).unwrap();
+        assert_eq!(r.op, Op::Ping {});
+        let r: Request = serde_json::from_str(
+            r#"{"id":5,"op":"generate","text":"a crate","slat_steps":3,"formats":["mesh"],"wait":true}"#,
+        )
+        .unwrap();
+        let Op::Generate(g) = &r.op else {
+            panic!("{r:?}")
+        };
+        assert_eq!(g.text.as_deref(), Some("a crate"));
+        assert_eq!(g.sampling().slat_steps, Some(3));
+        assert_eq!(g.formats, vec![Format::Mesh]);
+        assert!(g.wait);
+        let r: Request = serde_json::from_str(
+            r#"{"id":6,"op":"variant","mesh":{"arrays":{"vertices":"v","faces":"f"}},"text":"x"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(&r.op, Op::Variant(v) if v.mesh == MeshInput::Arrays { vertices: "v".into(), faces: "f".into() })
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"id":4,"op":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"ping"}"#).is_err());
+        // Unknown fields are refused, not ignored.
+        assert!(
+            serde_json::from_str::<Request>(r#"{"id":4,"op":"generate","text":"a","sedd":1}"#)
+                .is_err()
+        );
+
+        // parse_request answers the id it could read with a code.
+        let e = parse_request(br#"{"id":9,"op":"explode"}"#).unwrap_err();
+        assert_eq!((e.0, e.1), (9, ErrorCode::UnknownOp));
+        let e = parse_request(b"{not json").unwrap_err();
+        assert_eq!((e.0, e.1), (0, ErrorCode::BadRequest));
+        let e = parse_request(br#"{"id":2,"op":"status","job":"x"}"#).unwrap_err();
+        assert_eq!((e.0, e.1), (2, ErrorCode::BadRequest));
+        let e = parse_request(br#"{"id":-1,"op":"ping"}"#).unwrap_err();
+        assert_eq!(e.1, ErrorCode::BadRequest);
+        for op in OPS {
+            // every listed op is one the enum knows (a missing field is a bad request, not unknown)
+            let text = format!(r#"{{"id":1,"op":"{op}"}}"#);
+            if let Err(e) = parse_request(text.as_bytes()) {
+                assert_eq!(e.1, ErrorCode::BadRequest, "{op}: {}", e.2);
+            }
+        }
 
         let reply = Reply::error(3, ErrorCode::ModelUnavailable, "no network");
         let text = serde_json::to_string(&reply).unwrap();
@@ -639,13 +559,13 @@ mod tests {
         assert_eq!(serde_json::from_str::<Reply>(&text).unwrap(), reply);
         assert!(reply.is_final());
         let p: Reply = serde_json::from_str(
-            r#"{"id":3,"status":"progress","stage":"slat","step":2,"total":25}"#,
+            r#"{"id":3,"status":"progress","job":1,"stage":"slat","step":2,"total":25}"#,
         )
         .unwrap();
         assert!(!p.is_final());
         let req = Request {
             id: 3,
-            method: Method::Ping,
+            op: Op::Ping {},
             arrays: vec![],
         };
         assert!(p.check_answers(&req).is_ok());

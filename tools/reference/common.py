@@ -3,6 +3,7 @@
 TRELLIS_ORIG: a checkout of microsoft/TRELLIS (with its FlexiCubes submodule); default ../../../trellis-orig.
 REF: the fixture set to read; default $TRELLIS_REFERENCE_DIR, else ../../../shared/reference.
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import os, sys, json
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORIG = os.environ.get('TRELLIS_ORIG', os.path.join(HERE, '..', '..', '..', 'trellis-orig'))

@@ -20,6 +20,7 @@ image size, SwiGLU FFN, activation, prompt lists, image sizes). Weights: linear/
 N(0, 0.05^2), LayerNorm weights 1 + N(0, s^2) (s in [0.1, 0.3]), DINOv2 cls/mask/register tokens and position table
 N(0, 0.1^2), LayerScale U(0.2, 0.8), CLIP token/position embeddings N(0, 0.5^2) (as the visible fixtures look).
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import argparse
 import json
 import math

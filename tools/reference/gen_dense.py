@@ -1,6 +1,6 @@
 """Alternate fixtures for the DENSE kinds, recorded by running the ORIGINAL TRELLIS code (see README.md here).
 
-    OMP_NUM_THREADS=1 python gen_dense.py OUT_ROOT SEED [--set 1|2]
+    python gen_dense.py OUT_ROOT SEED [--set 1|2|3]
 
 Writes, under OUT_ROOT, fixtures in the format of shared/reference (config.json, model.safetensors,
 io.safetensors, meta.json with the same tensor names and meta keys as the visible fixture of the same kind):
@@ -10,11 +10,13 @@ io.safetensors, meta.json with the same tensor names and meta keys as the visibl
   models/dn_*    model:SparseStructureEncoder / SparseStructureDecoder / SparseStructureFlowModel (float32 with
                  intermediates, and use_fp16)
 
-`--set` picks one of two size/option tables (channels, heads, batch 1 and 3, resolutions, patch sizes, group
-counts, qk_rms_norm_cross, share_mod, norm_type ...); SEED drives every random number (weights, inputs), so the
+`--set` 1 and 2 pick one of two size/option tables (channels, heads, batch 1 and 3, resolutions, patch sizes, group
+counts, qk_rms_norm_cross, share_mod, norm_type ...); `--set 3` writes SS VAE fixtures (models/dn_ss_*_blocks_*) that
+also record the optional intermediates enc_block<k> / dec_block<k> of the reference README; SEED drives every random number (weights, inputs), so the
 same arguments give the same files. Weights follow the reference README: linear/conv weights N(0, 1/fan_in),
 biases N(0, 0.05^2), 1-D norm weights and RMS gammas 1 + N(0, s^2) with s in [0.1, 0.3]; buffers untouched.
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import argparse
 import json
 import math
@@ -271,22 +273,53 @@ def occupancy(g, batch, res):
     return out
 
 
-def ss_encoder(root, g, name, args, batch, res):
+def block_entries(m, prefix):
+    """The SS VAE's `blocks` and `middle_block` entries in forward order (README: encoder `blocks` then
+    `middle_block`, decoder `middle_block` then `blocks`), with the name each one's output is recorded under."""
+    from trellis.models import SparseStructureEncoder
+    parts = ('blocks', 'middle_block') if isinstance(m, SparseStructureEncoder) else ('middle_block', 'blocks')
+    entries = [(part, i, e) for part in parts for i, e in enumerate(getattr(m, part))]
+    return [(f'{prefix}{k}', f'{part}[{i}] ({type(e).__name__})', e) for k, (part, i, e) in enumerate(entries)]
+
+
+def traced(m, prefix, fn, suffix=''):
+    """Runs fn() with forward hooks on every block entry of m; returns fn's result, the recorded outputs
+    {prefix<k><suffix>: float32 tensor} and their descriptions."""
+    outs, descs, hooks = {}, {}, []
+    for name, what, e in block_entries(m, prefix):
+        def hook(_mod, _inp, out, name=name + suffix):
+            assert name not in outs, f'{name} ran twice'
+            outs[name] = out.detach().float().clone()
+        hooks.append(e.register_forward_hook(hook))
+        descs[name + suffix] = f'output of {what}, entry {name[len(prefix):]} in forward order, cast to float32'
+    try:
+        result = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(outs) == len(descs), 'every block entry must run once'
+    return result, outs, descs
+
+
+def ss_encoder(root, g, name, args, batch, res, blocks=False):
     from trellis.models import SparseStructureEncoder
     m = g.init_(SparseStructureEncoder(**args)).eval()
     x = occupancy(g, batch, res)
-    z, mean, logvar = m(x, sample_posterior=False, return_raw=True)
+    (z, mean, logvar), inter, idescs = traced(m, 'enc_block', lambda: m(x, sample_posterior=False, return_raw=True))
+    if not blocks:
+        inter, idescs = {}, {}
     sd = m.state_dict()
     write(root, f'models/{name}', 'model:SparseStructureEncoder',
-          {'x_occupancy': x, 'z': z, 'mean': mean, 'logvar': logvar},
+          {'x_occupancy': x, 'z': z, 'mean': mean, 'logvar': logvar, **inter},
           first_keys={'desc': 'SparseStructureEncoder on binary occupancy grids; sample_posterior=False so z = mean.',
-                      'conventions': 'x [B,1,X,Y,Z] float occupancy (1 = occupied). out_layer -> [B, 2*latent, ...] split into mean (first half), logvar.'},
+                      'conventions': 'x [B,1,X,Y,Z] float occupancy (1 = occupied). out_layer -> [B, 2*latent, ...] split into mean (first half), logvar.'
+                      + (' enc_block<k>: output of the k-th entry of blocks then middle_block.' if blocks else '')},
           meta_extra=param_stats(sd), config={'name': 'SparseStructureEncoder', 'args': args}, sd=sd,
           descs={'x_occupancy': 'input occupancy [B,1,R,R,R]', 'z': 'latent (= mean)', 'mean': 'posterior mean',
-                 'logvar': 'posterior log variance'}, tols={'z': FWD})
+                 'logvar': 'posterior log variance', **idescs}, tols={'z': FWD, **{k: FWD for k in inter}})
 
 
-def ss_decoder(root, g, name, args, batch, res, frac=0.3):
+def ss_decoder(root, g, name, args, batch, res, frac=0.3, blocks=False):
     from trellis.models import SparseStructureDecoder
     m = g.init_(SparseStructureDecoder(**args)).eval()
     z = g.randn(batch, args['latent_channels'], res, res, res)
@@ -295,16 +328,19 @@ def ss_decoder(root, g, name, args, batch, res, frac=0.3):
     with torch.no_grad():
         q = torch.quantile(logits.flatten()[:2_000_000], 1 - frac)
         m.out_layer[-1].bias -= q
-    logits = m(z)
+    logits, inter, idescs = traced(m, 'dec_block', lambda: m(z))
+    if not blocks:
+        inter, idescs = {}, {}
     coords = torch.argwhere(logits > 0)[:, [0, 2, 3, 4]].int()
     sd = m.state_dict()
-    write(root, f'models/{name}', 'model:SparseStructureDecoder', {'z': z, 'logits': logits, 'coords': coords},
+    write(root, f'models/{name}', 'model:SparseStructureDecoder', {'z': z, 'logits': logits, 'coords': coords, **inter},
           first_keys={'desc': 'SparseStructureDecoder: latent [B,C,r,r,r] -> occupancy logits [B,1,4r,4r,4r]; coords = argwhere(logits>0)[:, [0,2,3,4]] as in sample_sparse_structure.',
                       'positive_fraction': float((logits > 0).float().mean()),
-                      'conventions': 'UpsampleBlock3d = conv3d(C, 8*C_out, 3, pad 1) then pixel_shuffle_3d(2). coords are in torch.argwhere order = lexicographic (b,x,y,z).'},
+                      'conventions': 'UpsampleBlock3d = conv3d(C, 8*C_out, 3, pad 1) then pixel_shuffle_3d(2). coords are in torch.argwhere order = lexicographic (b,x,y,z).'
+                      + (' dec_block<k>: output of the k-th entry of middle_block then blocks.' if blocks else '')},
           meta_extra=param_stats(sd), config={'name': 'SparseStructureDecoder', 'args': args}, sd=sd,
-          descs={'z': 'input latent', 'logits': 'decoder output', 'coords': 'int32 [N,4] occupied voxels'},
-          tols={'logits': 'rel_l2 1e-5; coords: exact except voxels whose |logit| < 1e-4'})
+          descs={'z': 'input latent', 'logits': 'decoder output', 'coords': 'int32 [N,4] occupied voxels', **idescs},
+          tols={'logits': 'rel_l2 1e-5; coords: exact except voxels whose |logit| < 1e-4', **{k: FWD for k in inter}})
 
 
 def fp16_pair(cls, args, m32):
@@ -347,18 +383,21 @@ def ss_encoder_fp16(root, g, name, args, batch, res):
                 'mean_fp32_same_weights': FWD, 'logvar_fp32_same_weights': FWD})
 
 
-def ss_decoder_fp16(root, g, name, args, batch, res):
+def ss_decoder_fp16(root, g, name, args, batch, res, blocks=False):
     from trellis.models import SparseStructureDecoder
     m = g.init_(SparseStructureDecoder(**dict(args, use_fp16=False))).eval()
     m16, sd16, twin = fp16_pair(SparseStructureDecoder, args, m)
     z = g.randn(batch, args['latent_channels'], res, res, res)
-    mixed, full = m16(z).float(), twin(z)
+    mixed, inter16, d16 = traced(m16, 'dec_block', lambda: m16(z).float(), '_mixed_fp16')
+    full, inter32, d32 = traced(twin, 'dec_block', lambda: twin(z), '_fp32_same_weights')
+    inter, idescs = ({**inter16, **inter32}, {**d16, **d32}) if blocks else ({}, {})
+    tols = {k: ('rel_l2 ~1e-2 (float16 activations)' if k.endswith('_mixed_fp16') else FWD) for k in inter}
     write(root, f'models/{name}', 'model:SparseStructureDecoder',
-          {'z': z, 'logits_mixed_fp16': mixed, 'logits_fp32_same_weights': full},
+          {'z': z, 'logits_mixed_fp16': mixed, 'logits_fp32_same_weights': full, **inter},
           first_keys={'desc': 'SparseStructureDecoder with use_fp16=True: latent [B,C,r,r,r] -> occupancy logits.',
                       'conventions': FP16_CONV, **fp16_meta(sd16, mixed, full)},
-          meta_extra=param_stats(sd16), config={'name': 'SparseStructureDecoder', 'args': args}, sd=sd16,
-          tols={'logits_mixed_fp16': 'rel_l2 ~1e-2 (float16 activations)', 'logits_fp32_same_weights': FWD})
+          meta_extra=param_stats(sd16), config={'name': 'SparseStructureDecoder', 'args': args}, sd=sd16, descs=idescs,
+          tols={'logits_mixed_fp16': 'rel_l2 ~1e-2 (float16 activations)', 'logits_fp32_same_weights': FWD, **tols})
 
 
 def ss_flow(root, g, name, args, batch, cond_len):
@@ -502,12 +541,32 @@ def set2(root, g):
     ss_flow(root, g, 'dn_ss_flow_b3_fp16', flow, 3, 11)
 
 
+def set3(root, g):
+    """SS VAE fixtures carrying the optional intermediates enc_block<k> / dec_block<k> (reference README)."""
+    ss_encoder(root, g, 'dn_ss_encoder_blocks_b2', {'in_channels': 1, 'latent_channels': 4, 'num_res_blocks': 1,
+                                                     'channels': [8, 16], 'num_res_blocks_middle': 2,
+                                                     'use_fp16': False}, 2, 8, blocks=True)
+    ss_decoder(root, g, 'dn_ss_decoder_blocks_b1', {'out_channels': 1, 'latent_channels': 4, 'num_res_blocks': 1,
+                                                     'channels': [16, 8], 'num_res_blocks_middle': 2,
+                                                     'use_fp16': False}, 1, 4, blocks=True)
+    ss_encoder(root, g, 'dn_ss_encoder_blocks_group_b1', {'in_channels': 1, 'latent_channels': 8, 'num_res_blocks': 2,
+                                                           'channels': [32, 32, 64], 'num_res_blocks_middle': 2,
+                                                           'norm_type': 'group', 'use_fp16': False}, 1, 16, blocks=True)
+    ss_decoder(root, g, 'dn_ss_decoder_blocks_b3', {'out_channels': 1, 'latent_channels': 8, 'num_res_blocks': 2,
+                                                     'channels': [32, 16, 8], 'num_res_blocks_middle': 1,
+                                                     'use_fp16': False}, 3, 4, blocks=True)
+    ss_decoder_fp16(root, g, 'dn_ss_decoder_blocks_fp16_b1', {'out_channels': 1, 'latent_channels': 8,
+                                                               'num_res_blocks': 2, 'channels': [32, 16, 8],
+                                                               'num_res_blocks_middle': 2, 'use_fp16': True},
+                    1, 4, blocks=True)
+
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('out')
     ap.add_argument('seed', type=int)
-    ap.add_argument('--set', type=int, default=1, choices=[1, 2])
+    ap.add_argument('--set', type=int, default=1, choices=[1, 2, 3])
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     print(f'gen_dense: set {a.set}, seed {a.seed} -> {a.out} (torch threads {torch.get_num_threads()})')
-    (set1 if a.set == 1 else set2)(a.out, Gen(a.seed))
+    {1: set1, 2: set2, 3: set3}[a.set](a.out, Gen(a.seed))

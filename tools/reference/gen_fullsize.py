@@ -29,6 +29,7 @@ selections give the same files). The weights are GBs: do not commit the output.
 
 ALWAYS run with OMP_NUM_THREADS=1 (spconv 2.3.8's CPU scatter_add races between threads).
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import argparse
 import json
 import os

@@ -6,6 +6,7 @@ decoded to meshes and Gaussians, and the text variant on another recorded voxeli
 usage: OMP_NUM_THREADS=1 python gen_pipelines.py BASE_PIPELINES_DIR OUT_DIR SEED [N_IMAGES] [N_SAMPLES]
 The tiny repositories and voxelize_* tensors are taken from BASE (the repositories are copied).
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import sys, os, shutil, copy
 from common import *
 from safetensors.torch import save_file

@@ -19,6 +19,7 @@ helpers Gaussian.save_ply calls; without it the .ply file is not written.
 
 ALWAYS run with OMP_NUM_THREADS=1 (spconv 2.3.8's CPU scatter_add races between threads).
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import argparse
 import hashlib
 import io as _io

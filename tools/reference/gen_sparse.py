@@ -18,6 +18,7 @@ biases N(0, 0.05^2) (0.1 for the conv module), norm weights 1 + N(0, s^2), RMS g
 ALWAYS run with OMP_NUM_THREADS=1: spconv 2.3.8's CPU scatter_add races between OpenMP threads.
 The helpers here (init_params, rand_coords, write_fixture) are shared with gen_slat_models.py.
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import argparse
 import json
 import os

@@ -1,6 +1,7 @@
 """Re-run the original TRELLIS code on a fixture's own inputs and weights and write a copy of the
 fixture whose recorded outputs are replaced by the re-run values. Prints, per tensor, the rel L2
 between the re-run and the recorded value."""
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import sys, os, shutil
 from common import *
 from safetensors.torch import save_file

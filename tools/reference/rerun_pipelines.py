@@ -5,6 +5,7 @@ re-run values. Prints, per tensor, the rel L2 between the re-run and the recorde
 
 usage: OMP_NUM_THREADS=1 python rerun_pipelines.py pipelines OUT_ROOT
 """
+import one_thread  # noqa: F401  (first: one thread for spconv/torch, see one_thread.py)
 import sys, os, shutil
 from common import *
 from safetensors.torch import save_file

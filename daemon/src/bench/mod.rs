@@ -9,6 +9,7 @@ pub mod mesh_decoder;
 pub mod sparse;
 pub mod ss_decoder;
 pub mod subdivide;
+pub mod u2net;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ pub const BENCHES: &[Bench] = &[
         name: "subdivide-conv",
         about: "the mesh decoder's subdivide-block conv (768 -> 192 ch, 5,000-voxel shell at 64^3), explicit 8x subdivide + conv vs subdivided_conv, side by side in one process",
         run: subdivide::run,
+    },
+    Bench {
+        name: "u2net",
+        about: "full-size U²-Net background removal (u2net.pth layout from tests/reference-u2net, random weights), f32 CPU: forward on 1x3x320x320, and the whole removal of a 1024x768 image",
+        run: u2net::run,
     },
 ];
 

@@ -3,15 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, ensure, Result};
-use candle_core::Device;
+use anyhow::{ensure, Result};
 
-use super::generate::{with_control, with_reporter, write_decoded, OutputPlan};
+use super::generate::{run_in_process, with_reporter, OutputPlan};
 use super::progress::Reporter;
-use crate::export::asset::Asset;
-use crate::hub::{self, HubOptions};
-use crate::pipelines::base::{decode_slat, Stage};
-use crate::pipelines::loader::{load_decoders, Formats};
+use crate::jobs::{DecodeJob, Job};
 
 #[derive(Debug, clap::Args)]
 pub struct DecodeArgs {
@@ -64,40 +60,12 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         ply: args.ply.clone(),
         asset: None,
     })?;
-    ensure!(
-        args.asset.is_file(),
-        "asset {} does not exist",
-        args.asset.display()
-    );
-    let device: Device = crate::runtime::select(
-        &args.device,
-        &args.precision,
-        crate::runtime::device::Fallback::CpuWithWarning,
-    )?;
-    let asset = Asset::load(&args.asset, &device)?;
-    let spec = match &args.model {
-        Some(m) => m.clone(),
-        None => asset
-            .meta
-            .get("model")
-            .and_then(|m| m.as_str())
-            .map(String::from)
-            .ok_or_else(|| anyhow!("the asset records no model; give --model"))?,
-    };
-    rep.emit(Stage::Loading, 0, 1, Some(spec.clone()));
-    let repo = hub::open_pipeline(&spec, &HubOptions::from_env())?;
-    let formats: Formats = plan.formats;
-    let decoders = load_decoders(&repo, formats, &device)?;
-    rep.emit(Stage::Loading, 1, 1, None);
-    let d = with_control(rep, |ctl| {
-        decode_slat(&decoders, &asset.coords, &asset.slat, formats, ctl)
-    })?;
-    let total = [&plan.glb, &plan.ply]
-        .iter()
-        .filter(|p| p.is_some())
-        .count();
-    let mut written = serde_json::Map::new();
-    let mut done = 0;
-    write_decoded(&plan, &d, &mut written, &mut done, total, rep)?;
-    Ok(serde_json::Value::Object(written))
+    let job = Job::Decode(DecodeJob {
+        asset: args.asset.clone(),
+        model: args.model.clone(),
+        formats: plan.formats,
+    });
+    job.validate()?;
+    let opened = super::generate::open_device(&args.device, &args.precision)?;
+    run_in_process(&job, &plan.files(), opened, rep)
 }

@@ -7,22 +7,19 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{ensure, Context, Result};
 
 use super::progress::{Mode, Reporter};
-use crate::export::asset::Asset;
 use crate::export::atomic::check_output_path;
-use crate::export::glb::{write_glb, GlbMesh};
-use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
-use crate::models::config::{SamplerConfig, SamplerParams};
-use crate::pipelines::base::{Generation, ProgressEvent, RunControl, RunParams, Stage};
+use crate::jobs::outputs::{self, OutputFiles};
+use crate::jobs::{
+    run_job, ConditionerOverrides, GenerateJob, ImageSource, Job, ModelCache, Prompt, Sampling,
+};
+use crate::models::config::SamplerParams;
+use crate::pipelines::base::{ProgressEvent, RunControl};
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
-use crate::pipelines::samplers::SamplerSettings;
-
-pub const DEFAULT_IMAGE_MODEL: &str = "microsoft/TRELLIS-image-large";
-pub const DEFAULT_TEXT_MODEL: &str = "microsoft/TRELLIS-text-large";
+use crate::runtime::precision::PrecisionChoice;
 
 fn parse_steps(s: &str) -> Result<usize, String> {
     let n: usize = s
@@ -78,6 +75,13 @@ impl SamplingArgs {
             ..Default::default()
         }
     }
+    pub fn to_sampling(&self) -> Sampling {
+        Sampling {
+            seed: self.seed,
+            ss: self.ss_params(),
+            slat: self.slat_params(),
+        }
+    }
 }
 
 /// Output files and formats.
@@ -120,13 +124,29 @@ pub struct RuntimeArgs {
     pub json: bool,
 }
 
+impl RuntimeArgs {
+    /// Sets `--precision` and opens `--device` (a CUDA device that cannot be used falls back to
+    /// the CPU with one warning line).
+    pub fn open_device(&self) -> Result<(candle_core::Device, PrecisionChoice)> {
+        open_device(&self.device, &self.precision)
+    }
+
+    pub fn conditioners(&self) -> ConditionerOverrides {
+        ConditionerOverrides {
+            image: self.image_cond_model.clone(),
+            text: self.text_cond_model.clone(),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// Pipeline: hub id or local folder (default microsoft/TRELLIS-image-large for images,
     /// microsoft/TRELLIS-text-large for text).
     #[arg(long)]
     pub model: Option<String>,
-    /// Input image(s) (RGBA with the object on a transparent background); several = multi-view.
+    /// Input image(s): RGBA with the object on a transparent background, or an ordinary photo
+    /// (its background is removed first); several = multi-view.
     #[arg(long, num_args = 1.., required_unless_present = "text", conflicts_with = "text")]
     pub image: Vec<PathBuf>,
     /// How several images condition the generation.
@@ -141,6 +161,8 @@ pub struct GenerateArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub background: super::background::BackgroundArgs,
 }
 
 /// Validated outputs.
@@ -216,194 +238,14 @@ impl OutputPlan {
             asset: o.asset.clone(),
         })
     }
-}
 
-/// Checks an input image exists and can be preprocessed (alpha channel with an object).
-pub fn check_image(p: &Path) -> Result<()> {
-    ensure!(p.is_file(), "image {} does not exist", p.display());
-    let img = crate::models::conditioners::preprocess::load_image(p)?;
-    crate::models::conditioners::preprocess::preprocess_rgba(&img, 518)
-        .with_context(|| format!("image {}", p.display()))?;
-    Ok(())
-}
-
-/// Opens the pipeline repository for a text or an image prompt (`--model`, else the default of
-/// that kind), reporting the loading step, and checks its class fits the prompt. Returns the
-/// model spec used and the repository.
-pub fn open_model<'a>(
-    model: Option<&'a str>,
-    is_text: bool,
-    rep: &mut Reporter,
-) -> Result<(&'a str, PipelineRepo)> {
-    let (spec, want, input) = if is_text {
-        (
-            model.unwrap_or(DEFAULT_TEXT_MODEL),
-            PipelineClass::TextTo3D,
-            "a text prompt",
-        )
-    } else {
-        (
-            model.unwrap_or(DEFAULT_IMAGE_MODEL),
-            PipelineClass::ImageTo3D,
-            "images",
-        )
-    };
-    rep.emit(Stage::Loading, 0, 2, Some(spec.to_string()));
-    let repo = hub::open_pipeline(spec, &HubOptions::from_env())?;
-    if repo.config.class != want {
-        bail!(
-            "model {spec} is a {} pipeline; it cannot take {input} (use a {} model)",
-            repo.config.class.name(),
-            want.name()
-        );
+    pub fn files(&self) -> OutputFiles {
+        OutputFiles {
+            glb: self.glb.clone(),
+            ply: self.ply.clone(),
+            asset: self.asset.clone(),
+        }
     }
-    Ok((spec, repo))
-}
-
-/// The conditioner folder a text (CLIP) or image (DINOv2) prompt needs: the
-/// `--text-cond-model` / `--image-cond-model` flag, else the name in pipeline.json.
-pub fn prompt_conditioner_dir(
-    runtime: &RuntimeArgs,
-    repo: &PipelineRepo,
-    is_text: bool,
-) -> Result<PathBuf> {
-    if is_text {
-        conditioner_dir(
-            runtime.text_cond_model.as_deref(),
-            repo,
-            repo.config.text_cond_model.as_deref(),
-            "text",
-        )
-    } else {
-        conditioner_dir(
-            runtime.image_cond_model.as_deref(),
-            repo,
-            repo.config.image_cond_model.as_deref(),
-            "image",
-        )
-    }
-}
-
-/// The conditioner folder: the flag, else the name in pipeline.json (a hub name, or a folder
-/// relative to the repository folder).
-pub fn conditioner_dir(
-    flag: Option<&str>,
-    repo: &PipelineRepo,
-    from_pipeline: Option<&str>,
-    what: &str,
-) -> Result<PathBuf> {
-    let opts = HubOptions::from_env();
-    if let Some(f) = flag {
-        return hub::resolve_conditioner(f, &opts);
-    }
-    let name = from_pipeline.ok_or_else(|| {
-        anyhow!("the pipeline names no {what} conditioner; give --{what}-cond-model")
-    })?;
-    let local = repo.root.join(name);
-    if local.is_dir() {
-        return hub::resolve_conditioner(&local.to_string_lossy(), &opts);
-    }
-    hub::resolve_conditioner(name, &opts)
-}
-
-/// JSON summary of a sampler as it will run.
-pub fn sampler_meta(c: &SamplerConfig, over: &SamplerParams) -> Result<serde_json::Value> {
-    let s = SamplerSettings::resolve(&c.params.overridden_by(over))?;
-    Ok(serde_json::json!({
-        "kind": format!("{:?}", c.kind),
-        "sigma_min": c.args.sigma_min,
-        "steps": s.steps,
-        "rescale_t": s.rescale_t,
-        "cfg_strength": s.cfg_strength,
-        "cfg_interval": [s.cfg_interval.0, s.cfg_interval.1],
-    }))
-}
-
-/// Writes the requested outputs of a generation (sample 0).
-pub fn write_outputs(
-    plan: &OutputPlan,
-    g: &Generation,
-    cond: Option<&Tensor>,
-    meta: serde_json::Value,
-    rep: &mut Reporter,
-) -> Result<serde_json::Value> {
-    let total = [&plan.glb, &plan.ply, &plan.asset]
-        .iter()
-        .filter(|p| p.is_some())
-        .count();
-    let mut done = 0;
-    let mut written = serde_json::Map::new();
-    rep.emit(Stage::Writing, 0, total, None);
-    if let Some(p) = &plan.asset {
-        let a = Asset {
-            coords: g.coords.clone(),
-            slat: g.slat.slat.clone(),
-            ss_latent: g.structure.as_ref().map(|s| s.samples.clone()),
-            ss_noise: g.structure.as_ref().map(|s| s.noise.clone()),
-            slat_noise: Some(g.slat.noise.clone()),
-            cond_summary: match cond {
-                Some(c) => Some(c.to_dtype(DType::F32)?.mean(1)?),
-                None => None,
-            },
-            meta: meta.clone(),
-        };
-        a.save(p)?;
-        done += 1;
-        written.insert("asset".into(), serde_json::json!(p));
-        rep.emit(Stage::Writing, done, total, Some(p.display().to_string()));
-    }
-    write_decoded(plan, &g.decoded, &mut written, &mut done, total, rep)?;
-    Ok(serde_json::Value::Object(written))
-}
-
-/// Writes the GLB / PLY of decoded representations.
-pub fn write_decoded(
-    plan: &OutputPlan,
-    d: &crate::pipelines::base::Decoded,
-    written: &mut serde_json::Map<String, serde_json::Value>,
-    done: &mut usize,
-    total: usize,
-    rep: &mut Reporter,
-) -> Result<()> {
-    if let Some(p) = &plan.glb {
-        let m = d
-            .meshes
-            .first()
-            .ok_or_else(|| anyhow!("no mesh was decoded"))?;
-        ensure!(
-            m.success && !m.faces.is_empty(),
-            "the decoded mesh is empty (no surface found); nothing written to {}",
-            p.display()
-        );
-        let colors: Option<Vec<[f32; 3]>> = (m.attr_dim >= 3).then(|| {
-            m.vertex_attrs
-                .chunks_exact(m.attr_dim)
-                .map(|a| [a[0], a[1], a[2]])
-                .collect()
-        });
-        write_glb(
-            p,
-            &GlbMesh {
-                vertices: &m.vertices,
-                faces: &m.faces,
-                colors: colors.as_deref(),
-            },
-        )?;
-        *done += 1;
-        written.insert("glb".into(), serde_json::json!(p));
-        rep.emit(Stage::Writing, *done, total, Some(p.display().to_string()));
-    }
-    if let Some(p) = &plan.ply {
-        let gs = d
-            .gaussians
-            .first()
-            .ok_or_else(|| anyhow!("no Gaussians were decoded"))?;
-        crate::export::ply::save_gaussian_ply(gs, p)?;
-        *done += 1;
-        written.insert("ply".into(), serde_json::json!(p));
-        rep.emit(Stage::Writing, *done, total, Some(p.display().to_string()));
-    }
-    Ok(())
 }
 
 /// Runs `body` with the reporter, turning an error into a JSON event too (in `--json` mode).
@@ -449,95 +291,183 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     with_reporter(&args.runtime, |rep| generate(args, rep))
 }
 
-fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
-    // 1. Everything cheap, before any download or network load.
-    let plan = OutputPlan::from_args(&args.output)?;
-    let is_text = args.text.is_some();
-    if let Some(t) = &args.text {
-        ensure!(!t.trim().is_empty(), "--text: the prompt is empty");
-        ensure!(
-            args.runtime.image_cond_model.is_none(),
-            "--image-cond-model does not apply to a text prompt"
-        );
-    } else {
-        ensure!(
-            !args.image.is_empty(),
-            "give --image PATH... or --text PROMPT"
-        );
-        ensure!(
-            args.runtime.text_cond_model.is_none(),
-            "--text-cond-model does not apply to images"
-        );
-        for p in &args.image {
-            check_image(p)?;
-        }
-    }
-    let device: Device = crate::runtime::select(
-        &args.runtime.device,
-        &args.runtime.precision,
+/// What `--device` / `--precision` select for an in-process job: the precision parsed and set,
+/// the device opened with the CPU fallback (one warning line).
+pub fn open_device(
+    device: &str,
+    precision: &str,
+) -> Result<(candle_core::Device, PrecisionChoice)> {
+    let precision: PrecisionChoice = precision.parse()?;
+    let device = crate::runtime::select(
+        device,
+        &precision.to_string(),
         crate::runtime::device::Fallback::CpuWithWarning,
     )?;
-    let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
-    // Sampler parameters resolve now (step counts of 0 from pipeline.json, ...).
-    let ss_meta = sampler_meta(
-        &repo.config.sparse_structure_sampler,
-        &args.sampling.ss_params(),
-    )?;
-    let slat_meta = sampler_meta(&repo.config.slat_sampler, &args.sampling.slat_params())?;
-    let cond_dir = prompt_conditioner_dir(&args.runtime, &repo, is_text)?;
-    let params = RunParams {
-        ss: args.sampling.ss_params(),
-        slat: args.sampling.slat_params(),
-        formats: plan.formats,
-    };
-    let mut meta = serde_json::json!({
-        "generator": format!("trellis-rs {}", env!("CARGO_PKG_VERSION")),
-        "task": if is_text { "text_to_3d" } else { "image_to_3d" },
-        "model": spec,
-        "pipeline": repo.config.class.name(),
-        "conditioner": cond_dir,
-        "seed": args.sampling.seed,
-        "sparse_structure_sampler": ss_meta,
-        "slat_sampler": slat_meta,
-        "formats": plan.formats.names(),
-        "device": crate::runtime::device::device_name(&device),
-    });
-    // 2. Networks.
-    let pipeline =
-        crate::pipelines::base::TrellisPipeline::load(repo, &device, true, plan.formats)?;
-    let mut noise = crate::pipelines::noise::TorchNoise::new(args.sampling.seed);
-    let (cond, g) = if let Some(text) = &args.text {
-        meta["text"] = serde_json::json!(text);
-        let conditioner = crate::models::conditioners::clip::TextConditioner::load(
-            &cond_dir,
-            &device,
-            DType::F32,
-        )?;
-        rep.emit(Stage::Loading, 2, 2, None);
-        let t = crate::pipelines::text_to_3d::TextTo3D {
-            pipeline,
-            conditioner,
-        };
-        with_control(rep, |ctl| t.run(text, &mut noise, &params, ctl))?
-    } else {
-        meta["images"] = serde_json::json!(args.image);
-        if args.image.len() > 1 {
-            meta["multi_image_mode"] = serde_json::json!(args.multi_image_mode);
+    Ok((device, precision))
+}
+
+/// Runs a validated job in-process on a fresh model cache (on `device`, at `precision`) and
+/// writes its files.
+pub fn run_in_process(
+    job: &Job,
+    files: &OutputFiles,
+    (device, precision): (candle_core::Device, PrecisionChoice),
+    rep: &mut Reporter,
+) -> Result<serde_json::Value> {
+    let mut cache = ModelCache::on(device, precision, 1);
+    let out = with_control(rep, |ctl| run_job(job, &mut cache, ctl))?;
+    with_control(rep, |ctl| outputs::write_outputs(files, &out, ctl))
+}
+
+fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
+    // Everything cheap, before any download or network load.
+    let plan = OutputPlan::from_args(&args.output)?;
+    let mut prepared = None;
+    let mut opened = None;
+    let prompt = match &args.text {
+        Some(t) => {
+            ensure!(
+                args.background.save_mask.is_none() && args.background.background_model.is_none(),
+                "--save-mask and --background-model apply to images, not to a text prompt"
+            );
+            Prompt::Text(t.clone())
         }
-        let conditioner = crate::models::conditioners::dinov2::ImageConditioner::load(
-            &cond_dir,
-            &device,
-            DType::F32,
-        )?;
-        rep.emit(Stage::Loading, 2, 2, None);
-        let t = crate::pipelines::image_to_3d::ImageTo3D {
-            pipeline,
-            conditioner,
-        };
-        let paths: Vec<&Path> = args.image.iter().map(PathBuf::as_path).collect();
-        with_control(rep, |ctl| {
-            t.run(&paths, args.multi_image_mode, &mut noise, &params, ctl)
-        })?
+        None => {
+            // Background removal of images without transparency, before any pipeline network.
+            args.background.options().check(&args.image)?;
+            let o = args.runtime.open_device()?;
+            let p = args.background.prepare(&args.image, &o.0, rep)?;
+            opened = Some(o);
+            let images = decoded_sources(&args.image, &p.images);
+            prepared = Some(p);
+            Prompt::Images(images)
+        }
     };
-    write_outputs(&plan, &g, Some(&cond), meta, rep)
+    let job = Job::Generate(GenerateJob {
+        model: args.model.clone(),
+        prompt,
+        multi_image_mode: args.multi_image_mode,
+        sampling: args.sampling.to_sampling(),
+        formats: plan.formats,
+        conditioners: args.runtime.conditioners(),
+    });
+    job.validate()?;
+    let opened = match opened {
+        Some(o) => o,
+        None => args.runtime.open_device()?,
+    };
+    let mut written = run_in_process(&job, &plan.files(), opened, rep)?;
+    if let Some(p) = &prepared {
+        for (i, m) in p.write_masks()?.into_iter().enumerate() {
+            written[format!("mask{}", if i == 0 { String::new() } else { i.to_string() })] =
+                serde_json::json!(m);
+        }
+    }
+    Ok(written)
+}
+
+/// Prepared (decoded, background-removed) images as job inputs, named by their files.
+pub fn decoded_sources(paths: &[PathBuf], images: &[image::RgbaImage]) -> Vec<ImageSource> {
+    paths
+        .iter()
+        .zip(images)
+        .map(|(p, i)| ImageSource::Decoded {
+            path: p.clone(),
+            image: std::sync::Arc::new(i.clone()),
+        })
+        .collect()
+}
+
+// What `trellisd edit` (cli/edit.rs) shares with the generating commands.
+
+/// Checks an input image exists and can be preprocessed (alpha channel with an object).
+pub fn check_image(p: &Path) -> Result<()> {
+    ImageSource::Path(p.to_path_buf()).check()
+}
+
+/// Opens the pipeline repository for a text or an image prompt (`--model`, else the default of
+/// that kind), reporting the loading step, and checks its class fits the prompt.
+pub fn open_model<'a>(
+    model: Option<&'a str>,
+    is_text: bool,
+    rep: &mut Reporter,
+) -> Result<(&'a str, crate::hub::PipelineRepo)> {
+    let spec = crate::jobs::models::model_spec(model, is_text);
+    rep.emit(
+        crate::pipelines::base::Stage::Loading,
+        0,
+        2,
+        Some(spec.to_string()),
+    );
+    let want = if is_text {
+        crate::hub::PipelineClass::TextTo3D
+    } else {
+        crate::hub::PipelineClass::ImageTo3D
+    };
+    Ok((spec, crate::jobs::models::open_repo(spec, want)?))
+}
+
+/// The conditioner folder a prompt needs: the flag, else the name in pipeline.json.
+pub fn prompt_conditioner_dir(
+    runtime: &RuntimeArgs,
+    repo: &crate::hub::PipelineRepo,
+    is_text: bool,
+) -> Result<PathBuf> {
+    use crate::jobs::models::conditioner_dir;
+    if is_text {
+        conditioner_dir(
+            runtime.text_cond_model.as_deref(),
+            repo,
+            repo.config.text_cond_model.as_deref(),
+            "text",
+        )
+    } else {
+        conditioner_dir(
+            runtime.image_cond_model.as_deref(),
+            repo,
+            repo.config.image_cond_model.as_deref(),
+            "image",
+        )
+    }
+}
+
+pub use crate::jobs::sampler_meta;
+
+/// Writes the requested outputs of a generation (sample 0).
+pub fn write_outputs(
+    plan: &OutputPlan,
+    g: &crate::pipelines::base::Generation,
+    cond: Option<&candle_core::Tensor>,
+    meta: serde_json::Value,
+    rep: &mut Reporter,
+) -> Result<serde_json::Value> {
+    let mut written = serde_json::Map::new();
+    if let Some(p) = &plan.asset {
+        let a = crate::export::asset::Asset {
+            coords: g.coords.clone(),
+            slat: g.slat.slat.clone(),
+            ss_latent: g.structure.as_ref().map(|s| s.samples.clone()),
+            ss_noise: g.structure.as_ref().map(|s| s.noise.clone()),
+            slat_noise: Some(g.slat.noise.clone()),
+            cond_summary: match cond {
+                Some(c) => Some(c.to_dtype(candle_core::DType::F32)?.mean(1)?),
+                None => None,
+            },
+            meta: meta.clone(),
+        };
+        a.save(p)?;
+        written.insert("asset".into(), serde_json::json!(p));
+    }
+    let files = OutputFiles {
+        glb: plan.glb.clone(),
+        ply: plan.ply.clone(),
+        asset: None,
+    };
+    let more = with_control(rep, |ctl| {
+        crate::jobs::outputs::write_decoded(&files, &g.decoded, ctl)
+    })?;
+    if let serde_json::Value::Object(m) = more {
+        written.extend(m);
+    }
+    Ok(serde_json::Value::Object(written))
 }

@@ -4,19 +4,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Result};
-use candle_core::{DType, Device};
+use anyhow::Result;
 
 use super::generate::{
-    check_image, open_model, prompt_conditioner_dir, sampler_meta, with_control, with_reporter,
-    write_outputs, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
+    run_in_process, with_reporter, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
-use crate::pipelines::base::{RunParams, Stage, TrellisPipeline};
-use crate::pipelines::loader::structure_resolution;
-use crate::pipelines::mesh_input::load_mesh;
-use crate::pipelines::noise::TorchNoise;
-use crate::pipelines::variant::{run_variant, voxelize_with_progress};
+use crate::jobs::{Job, MeshSource, Prompt, VariantJob};
 
 #[derive(Debug, clap::Args)]
 pub struct VariantArgs {
@@ -30,7 +24,8 @@ pub struct VariantArgs {
     /// Text prompt.
     #[arg(long, required_unless_present = "image", conflicts_with = "image")]
     pub text: Option<String>,
-    /// Image prompt (RGBA, object on a transparent background).
+    /// Image prompt (RGBA with the object on a transparent background, or a photo whose
+    /// background is removed first).
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Voxel grid resolution (default: the structure decoder's, 64 for the official models).
@@ -42,6 +37,8 @@ pub struct VariantArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub background: super::background::BackgroundArgs,
 }
 
 pub fn run(args: &VariantArgs) -> Result<i32> {
@@ -50,108 +47,41 @@ pub fn run(args: &VariantArgs) -> Result<i32> {
 
 fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     let plan = OutputPlan::from_args(&args.output)?;
-    ensure!(
-        args.sampling.ss_steps.is_none() && args.sampling.ss_cfg.is_none(),
-        "a variant keeps the structure of the mesh: --ss-steps / --ss-cfg do not apply"
-    );
-    if let Some(r) = args.voxel_resolution {
-        ensure!(
-            (1..=1024).contains(&r),
-            "--voxel-resolution must be between 1 and 1024 (got {r})"
-        );
-    }
-    ensure!(
-        args.mesh.is_file(),
-        "mesh {} does not exist",
-        args.mesh.display()
-    );
-    let mesh = load_mesh(&args.mesh)?;
-    if let Some(p) = &args.image {
-        check_image(p)?;
-        ensure!(
-            args.runtime.text_cond_model.is_none(),
-            "--text-cond-model does not apply to an image prompt"
-        );
-    }
-    if let Some(t) = &args.text {
-        ensure!(!t.trim().is_empty(), "--text: the prompt is empty");
-        ensure!(
-            args.runtime.image_cond_model.is_none(),
-            "--image-cond-model does not apply to a text prompt"
-        );
-    }
-    let device: Device = crate::runtime::select(
-        &args.runtime.device,
-        &args.runtime.precision,
-        crate::runtime::device::Fallback::CpuWithWarning,
-    )?;
-    let is_text = args.text.is_some();
-    let (spec, repo) = open_model(args.model.as_deref(), is_text, rep)?;
-    let resolution = match args.voxel_resolution {
-        Some(r) => r,
-        None => structure_resolution(&repo)?,
+    let mut prepared = None;
+    let mut opened = None;
+    let prompt = match (&args.text, &args.image) {
+        (Some(t), _) => Prompt::Text(t.clone()),
+        (None, Some(i)) => {
+            let one = std::slice::from_ref(i);
+            args.background.options().check(one)?;
+            let o = args.runtime.open_device()?;
+            let p = args.background.prepare(one, &o.0, rep)?;
+            opened = Some(o);
+            let images = super::generate::decoded_sources(one, &p.images);
+            prepared = Some(p);
+            Prompt::Images(images)
+        }
+        (None, None) => anyhow::bail!("give --text or --image"),
     };
-    if plan.formats.mesh {
-        let limit = crate::pipelines::loader::mesh_decoder_resolution(&repo)?;
-        ensure!(
-            resolution <= limit,
-            "voxel resolution {resolution} is finer than the {limit}³ grid this model's mesh decoder handles"
-        );
-    }
-    let slat_meta = sampler_meta(&repo.config.slat_sampler, &args.sampling.slat_params())?;
-    let cond_dir = prompt_conditioner_dir(&args.runtime, &repo, is_text)?;
-    let params = RunParams {
-        ss: Default::default(),
-        slat: args.sampling.slat_params(),
+    let job = Job::Variant(VariantJob {
+        model: args.model.clone(),
+        mesh: MeshSource::Path(args.mesh.clone()),
+        prompt,
+        voxel_resolution: args.voxel_resolution,
+        sampling: args.sampling.to_sampling(),
         formats: plan.formats,
-    };
-    let mut meta = serde_json::json!({
-        "generator": format!("trellis-rs {}", env!("CARGO_PKG_VERSION")),
-        "task": "variant",
-        "model": spec,
-        "pipeline": repo.config.class.name(),
-        "conditioner": cond_dir,
-        "mesh": args.mesh,
-        "voxel_resolution": resolution,
-        "seed": args.sampling.seed,
-        "slat_sampler": slat_meta,
-        "formats": plan.formats.names(),
-        "device": crate::runtime::device::device_name(&device),
+        conditioners: args.runtime.conditioners(),
     });
-    let pipeline = TrellisPipeline::load(repo, &device, false, plan.formats)?;
-    let (cond, neg) = if let Some(text) = &args.text {
-        meta["text"] = serde_json::json!(text);
-        let c = crate::models::conditioners::clip::TextConditioner::load(
-            &cond_dir,
-            &device,
-            DType::F32,
-        )?;
-        rep.emit(Stage::Loading, 2, 2, None);
-        rep.emit(Stage::Conditioning, 0, 1, None);
-        crate::pipelines::text_to_3d::text_cond(&c, text)?
-    } else {
-        let image = args
-            .image
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("give --text or --image"))?;
-        meta["image"] = serde_json::json!(image);
-        let conditioner = crate::models::conditioners::dinov2::ImageConditioner::load(
-            &cond_dir,
-            &device,
-            DType::F32,
-        )?;
-        rep.emit(Stage::Loading, 2, 2, None);
-        rep.emit(Stage::Conditioning, 0, 1, None);
-        let x = crate::models::conditioners::preprocess::preprocess_file(image, &device)?;
-        let cond = conditioner.encode(&x)?;
-        let neg = cond.zeros_like()?;
-        (cond, neg)
+    job.validate()?;
+    let opened = match opened {
+        Some(o) => o,
+        None => args.runtime.open_device()?,
     };
-    rep.emit(Stage::Conditioning, 1, 1, None);
-    let mut noise = TorchNoise::new(args.sampling.seed);
-    let g = with_control(rep, |ctl| {
-        let coords = voxelize_with_progress(&mesh, resolution, &device, ctl)?;
-        run_variant(&pipeline, &coords, &cond, &neg, &mut noise, &params, ctl)
-    })?;
-    write_outputs(&plan, &g, Some(&cond), meta, rep)
+    let mut written = run_in_process(&job, &plan.files(), opened, rep)?;
+    if let Some(p) = &prepared {
+        for m in p.write_masks()? {
+            written["mask"] = serde_json::json!(m);
+        }
+    }
+    Ok(written)
 }

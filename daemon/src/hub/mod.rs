@@ -92,6 +92,82 @@ pub fn open_pipeline(spec: &str, opts: &HubOptions) -> Result<PipelineRepo> {
     Ok(repo)
 }
 
+/// The files of the pipeline's `SparseStructureEncoder` (occupancy → structure latent), which
+/// no official `pipeline.json` names although its repository ships it: `sparse_structure_encoder`
+/// when pipeline.json names one; else the decoder's entry with `ss_dec_` replaced by `ss_enc_`
+/// (`ckpts/ss_enc_conv3d_16l8_fp16` of TRELLIS-image-large, found through the same rules as every
+/// entry, so a text pipeline finds the image repository's encoder); else the only `ss_enc_*`
+/// checkpoint beside the decoder's files.
+pub fn structure_encoder(repo: &PipelineRepo, opts: &HubOptions) -> Result<ModelFiles> {
+    if let Some(files) = repo.models.get("sparse_structure_encoder") {
+        return Ok(files.clone());
+    }
+    let entry = repo
+        .config
+        .models
+        .get("sparse_structure_decoder")
+        .ok_or_else(|| {
+            anyhow!(
+                "pipeline {} names no sparse_structure_decoder",
+                repo.root.display()
+            )
+        })?;
+    let (dir, stem) = match entry.rsplit_once('/') {
+        Some((d, s)) => (format!("{d}/"), s),
+        None => (String::new(), entry.as_str()),
+    };
+    let mut tried = Vec::new();
+    if let Some(rest) = stem.strip_prefix("ss_dec_") {
+        let candidate = format!("{dir}ss_enc_{rest}");
+        let hub_id = match &repo.source {
+            PipelineSource::Hub(id) => Some(id.as_str()),
+            PipelineSource::Local => None,
+        };
+        let mut remote = Remote::new(opts);
+        match locate_model(&repo.root, hub_id, &candidate, &mut remote)? {
+            Ok(files) => return Ok(files),
+            Err(missing) => tried.extend(missing),
+        }
+    }
+    let dec = repo.model("sparse_structure_decoder")?;
+    if let Some(folder) = dec.config.parent() {
+        let mut found: Vec<ModelFiles> = std::fs::read_dir(folder)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let stem = name.strip_suffix(".json")?;
+                stem.starts_with("ss_enc_").then(|| ModelFiles {
+                    config: e.path(),
+                    weights: folder.join(format!("{stem}.safetensors")),
+                })
+            })
+            .filter(|f| f.weights.is_file())
+            .collect();
+        found.sort_by(|a, b| a.config.cmp(&b.config));
+        match found.len() {
+            1 => return Ok(found.remove(0)),
+            0 => tried.push(format!("{}/ss_enc_*.json", folder.display())),
+            _ => bail!(
+                "{} holds several structure encoders ({}); name one as sparse_structure_encoder in pipeline.json",
+                folder.display(),
+                found
+                    .iter()
+                    .map(|f| f.config.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    bail!(
+        "pipeline {}: no SparseStructureEncoder found (needed to edit a mesh, or an asset without \
+         its structure latent); looked for:\n  - {}",
+        repo.root.display(),
+        tried.join("\n  - ")
+    )
+}
+
 /// The hub repository of a conditioner name used in `pipeline.json` (`image_cond_model`,
 /// `text_cond_model`): TRELLIS loads DINOv2 through torch.hub by its hub name; we use the same
 /// weights from their Hugging Face Transformers repository.

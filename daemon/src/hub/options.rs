@@ -25,7 +25,13 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// How long the reachability check before the first download may take (connect and answer).
     pub probe_timeout: Duration,
+    /// A download that receives no data for this long fails (and resumes on the next run):
+    /// `$TRELLIS_RS_STALL_TIMEOUT` seconds, default 60.
+    pub stall_timeout: Duration,
 }
+
+/// How long a download may receive nothing before it fails.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl HubOptions {
     /// Options from the environment, with `huggingface_hub`'s defaults:
@@ -66,6 +72,11 @@ impl HubOptions {
             progress: !var("HF_HUB_DISABLE_PROGRESS_BARS").is_some_and(|v| truthy(&v)),
             token,
             probe_timeout: Duration::from_secs(5),
+            stall_timeout: var("TRELLIS_RS_STALL_TIMEOUT")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64)
+                .unwrap_or(DEFAULT_STALL_TIMEOUT),
         }
     }
 
@@ -78,6 +89,7 @@ impl HubOptions {
             progress: false,
             token: None,
             probe_timeout: Duration::from_secs(5),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
 }

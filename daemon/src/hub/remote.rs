@@ -150,11 +150,44 @@ impl<'a> Remote<'a> {
         }
         let api = self.api()?;
         let canonical = canonical_repo(repo).to_string();
-        let handle = api.model(canonical.clone());
-        let result = if self.opts.progress {
-            handle.download_with_progress(file, Bar::new())
-        } else {
-            handle.download_with_progress(file, ())
+        // hf-hub sets no read timeout: the download runs on its own thread while this one
+        // watches the partial blob grow, and gives up when nothing arrives for `stall_timeout`
+        // (the partial file stays; hf-hub resumes it next time).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (name, f, progress) = (canonical.clone(), file.to_string(), self.opts.progress);
+        std::thread::spawn(move || {
+            let handle = api.model(name);
+            let r = if progress {
+                handle.download_with_progress(&f, Bar::new())
+            } else {
+                handle.download_with_progress(&f, ())
+            };
+            let _ = tx.send(r);
+        });
+        let blobs = repo_cache_dir(self.opts, &canonical).join("blobs");
+        let mut last = folder_bytes(&blobs);
+        let mut since = std::time::Instant::now();
+        let result = loop {
+            match rx.recv_timeout(Duration::from_millis(250)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the download of {canonical}/{file} ended without an answer")
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let now = folder_bytes(&blobs);
+                    if now != last {
+                        last = now;
+                        since = std::time::Instant::now();
+                    } else if since.elapsed() >= self.opts.stall_timeout {
+                        bail!(
+                            "downloading {}/{canonical}/resolve/main/{file} stalled: no data for {:.0} s; \
+                             run again to resume it, or pass a local copy with --model DIR",
+                            self.opts.endpoint,
+                            self.opts.stall_timeout.as_secs_f64()
+                        );
+                    }
+                }
+            }
         };
         match result {
             Ok(p) => {
@@ -187,6 +220,18 @@ impl<'a> Remote<'a> {
         self.api = Some(api.clone());
         Ok(api)
     }
+}
+
+/// Bytes in the files of `dir` (partial downloads grow there).
+fn folder_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Turns an `hf-hub` error into "absent" (404, unknown repository) or a clear error.

@@ -497,7 +497,10 @@ mod tests {
 
     #[test]
     fn parses_every_official_manifest_config() {
-        let dir = crate::reference_dir().join("manifests");
+        let Some(reference) = crate::reference_dir_or_skip("the official manifest configs") else {
+            return;
+        };
+        let dir = reference.join("manifests");
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();

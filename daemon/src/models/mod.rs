@@ -1,5 +1,6 @@
 //! The TRELLIS networks, one file per network (twins of `trellis/models/*`).
 
+pub mod background;
 pub mod conditioners;
 pub mod config;
 pub mod slat_flow;

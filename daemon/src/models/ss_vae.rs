@@ -105,15 +105,13 @@ impl OutLayer {
     }
 }
 
-fn middle(vb: &VarBuilder, channels: usize, count: usize) -> Result<Vec<ResBlock3d>> {
+fn middle(vb: &VarBuilder, channels: usize, count: usize) -> Result<Vec<Block>> {
     (0..count)
         .map(|i| {
-            ResBlock3d::new(
-                vb.pp(format!("middle_block.{i}")),
-                channels,
-                channels,
-                "layer",
-            )
+            let vb = vb.pp(format!("middle_block.{i}"));
+            Ok(Block::Res(ResBlock3d::new(
+                vb, channels, channels, "layer",
+            )?))
         })
         .collect()
 }
@@ -146,7 +144,7 @@ impl Posterior {
 pub struct SparseStructureEncoder {
     input_layer: Conv3d,
     blocks: Vec<Block>,
-    middle_block: Vec<ResBlock3d>,
+    middle_block: Vec<Block>,
     out_layer: OutLayer,
     latent_channels: usize,
     torso_dtype: DType,
@@ -194,6 +192,18 @@ impl SparseStructureEncoder {
 
     /// The posterior (`return_raw=True`).
     pub fn forward_raw(&self, x: &Tensor) -> Result<Posterior> {
+        self.run(x, None)
+    }
+
+    /// The posterior and the output of every entry of `blocks` then `middle_block`, in forward
+    /// order (the fixtures' `enc_block<k>`), as float32.
+    pub fn forward_raw_traced(&self, x: &Tensor) -> Result<(Posterior, Vec<Tensor>)> {
+        let mut trace = Vec::new();
+        let post = self.run(x, Some(&mut trace))?;
+        Ok((post, trace))
+    }
+
+    fn run(&self, x: &Tensor, mut trace: Option<&mut Vec<Tensor>>) -> Result<Posterior> {
         if x.rank() != 5 {
             bail!(
                 "SparseStructureEncoder: input must be [B, C, R, R, R], got {:?}",
@@ -202,11 +212,11 @@ impl SparseStructureEncoder {
         }
         let x = x.to_dtype(DType::F32)?;
         let mut h = self.input_layer.forward(&x)?.to_dtype(self.torso_dtype)?;
-        for b in &self.blocks {
+        for b in self.blocks.iter().chain(&self.middle_block) {
             h = b.forward(&h)?;
-        }
-        for b in &self.middle_block {
-            h = b.forward(&h)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(h.to_dtype(DType::F32)?);
+            }
         }
         let h = self.out_layer.forward(&h.to_dtype(DType::F32)?)?;
         let l = self.latent_channels;
@@ -227,7 +237,7 @@ impl SparseStructureEncoder {
 #[derive(Debug, Clone)]
 pub struct SparseStructureDecoder {
     input_layer: Conv3d,
-    middle_block: Vec<ResBlock3d>,
+    middle_block: Vec<Block>,
     blocks: Vec<Block>,
     out_layer: OutLayer,
     latent_channels: usize,
@@ -276,6 +286,18 @@ impl SparseStructureDecoder {
     }
 
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.run(z, None)
+    }
+
+    /// The logits and the output of every entry of `middle_block` then `blocks`, in forward
+    /// order (the fixtures' `dec_block<k>`), as float32.
+    pub fn forward_traced(&self, z: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut trace = Vec::new();
+        let logits = self.run(z, Some(&mut trace))?;
+        Ok((logits, trace))
+    }
+
+    fn run(&self, z: &Tensor, mut trace: Option<&mut Vec<Tensor>>) -> Result<Tensor> {
         let dims = z.dims();
         if dims.len() != 5 || dims[1] != self.latent_channels {
             bail!(
@@ -285,11 +307,11 @@ impl SparseStructureDecoder {
         }
         let z = z.to_dtype(DType::F32)?;
         let mut h = self.input_layer.forward(&z)?.to_dtype(self.torso_dtype)?;
-        for b in &self.middle_block {
+        for b in self.middle_block.iter().chain(&self.blocks) {
             h = b.forward(&h)?;
-        }
-        for b in &self.blocks {
-            h = b.forward(&h)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(h.to_dtype(DType::F32)?);
+            }
         }
         self.out_layer.forward(&h.to_dtype(DType::F32)?)
     }

@@ -510,10 +510,39 @@ fn run_precision(run: Run, use_fp16: bool) -> (DType, f64) {
     }
 }
 
+/// meta.json's tensor names, once io.safetensors is known to record none that meta.json leaves
+/// out (an unlisted tensor is one no handler checks: it fails the fixture).
+fn listed_tensors(fx: &Fixture) -> Result<Vec<String>> {
+    let names = meta_tensors(fx);
+    if let Some(extra) = fx.io_names().into_iter().find(|n| !names.contains(n)) {
+        bail!("io.safetensors records {extra:?}, which meta.json does not list");
+    }
+    Ok(names)
+}
+
+/// The `k` of an optional SS VAE intermediate named `<prefix><k>` (`enc_block3` → 3).
+fn block_index(stem: &str, prefix: &str) -> Option<usize> {
+    let k = stem.strip_prefix(prefix)?;
+    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    k.parse().ok()
+}
+
+/// Entry `k` of a forward trace; the error names the tensor and how many entries there are.
+fn traced<'a>(trace: &'a [Tensor], k: usize, name: &str, what: &str) -> Result<&'a Tensor> {
+    trace.get(k).ok_or_else(|| {
+        anyhow!(
+            "meta.json lists {name:?}, but the {what} has {} entries in blocks and middle_block",
+            trace.len()
+        )
+    })
+}
+
 fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
     fx.load_io()?;
     let cfg: SparseStructureEncoderConfig = model_config(fx)?;
-    let names = meta_tensors(fx);
+    let names = listed_tensors(fx)?;
     let input = names
         .iter()
         .find(|n| *n == "x" || n.starts_with("x_"))
@@ -524,20 +553,23 @@ fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
         let (vb, check) = fx.weights(DType::F32)?;
         let enc = SparseStructureEncoder::new(&cfg, vb, run_precision(run, cfg.use_fp16).0)?;
         check.finish()?;
-        enc.forward_raw(&x)
+        enc.forward_raw_traced(&x)
     };
-    let mut posts = std::collections::HashMap::new();
+    let mut runs = std::collections::HashMap::new();
     let mut report = Report::default();
     for name in names.iter().filter(|n| **n != input) {
         let (stem, r) = split_run(name);
-        let post = match posts.entry(r) {
+        let (post, trace) = match runs.entry(r) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(run(r)?),
         };
         let got = match stem {
             "z" | "mean" => &post.mean,
             "logvar" => &post.logvar,
-            _ => bail!("meta.json lists {name:?}, which this handler does not know"),
+            _ => match block_index(stem, "enc_block") {
+                Some(k) => traced(trace, k, name, "encoder")?,
+                None => bail!("meta.json lists {name:?}, which this handler does not know"),
+            },
         };
         let default_tol = run_precision(r, cfg.use_fp16).1;
         report.close(name, got, &fx.io(name)?, tol_of(fx, name, default_tol))?;
@@ -582,27 +614,28 @@ fn coords_error(got: &Tensor, want: &Tensor, logits: &Tensor, margin: f32) -> Re
 fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
     fx.load_io()?;
     let cfg: SparseStructureDecoderConfig = model_config(fx)?;
+    let names = listed_tensors(fx)?;
     let z = fx.io("z")?;
-    let run = |run: Run| -> Result<Tensor> {
+    let run = |run: Run| -> Result<(Tensor, Vec<Tensor>)> {
         let (vb, check) = fx.weights(DType::F32)?;
         let dec = SparseStructureDecoder::new(&cfg, vb, run_precision(run, cfg.use_fp16).0)?;
         check.finish()?;
-        dec.forward(&z)
+        dec.forward_traced(&z)
     };
-    let mut logits = std::collections::HashMap::new();
+    let mut runs = std::collections::HashMap::new();
     let mut report = Report::default();
-    for name in meta_tensors(fx) {
+    for name in names {
         if name == "z" {
             continue;
         }
         let (stem, r) = split_run(&name);
-        let ours = match logits.entry(r) {
+        let (ours, trace) = match runs.entry(r) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(run(r)?),
         };
+        let default_tol = run_precision(r, cfg.use_fp16).1;
         match stem {
             "logits" => {
-                let default_tol = run_precision(r, cfg.use_fp16).1;
                 report.close(&name, ours, &fx.io(&name)?, tol_of(fx, &name, default_tol))?
             }
             "coords" => {
@@ -615,7 +648,13 @@ fn ss_decoder(fx: &mut Fixture) -> Result<Outcome> {
                 let err = coords_error(&got, &fx.io(&name)?, &reference, 1e-4)?;
                 report.record(&name, err, 0.0);
             }
-            _ => bail!("meta.json lists {name:?}, which this handler does not know"),
+            _ => match block_index(stem, "dec_block") {
+                Some(k) => {
+                    let got = traced(trace, k, &name, "decoder")?;
+                    report.close(&name, got, &fx.io(&name)?, tol_of(fx, &name, default_tol))?
+                }
+                None => bail!("meta.json lists {name:?}, which this handler does not know"),
+            },
         }
     }
     Ok(Outcome::Checked(report))

@@ -17,8 +17,6 @@ pub struct Fixture {
     pub config: Option<serde_json::Value>,
     pub device: Device,
     io: HashMap<String, Tensor>,
-    /// Re-run reference values that replace recorded ones on [`Fixture::load_io`].
-    replacement: Option<super::rerun::Replacement>,
 }
 
 impl Fixture {
@@ -51,7 +49,6 @@ impl Fixture {
             config,
             device: device.clone(),
             io: HashMap::new(),
-            replacement: None,
         })
     }
 
@@ -59,23 +56,7 @@ impl Fixture {
         let p = self.dir.join("io.safetensors");
         self.io = candle_core::safetensors::load(&p, &self.device)
             .with_context(|| format!("reading {}", p.display()))?;
-        if let Some(r) = &self.replacement {
-            for (name, t) in &r.tensors {
-                if !self.io.contains_key(name) {
-                    bail!(
-                        "{}: the re-run overlay replaces {name:?}, which io.safetensors does not record",
-                        p.display()
-                    );
-                }
-                self.io.insert(name.clone(), t.to_device(&self.device)?);
-            }
-        }
         Ok(())
-    }
-
-    /// Compare against `r`'s re-run values instead of the recorded ones they name.
-    pub fn replace_recorded(&mut self, r: super::rerun::Replacement) {
-        self.replacement = Some(r);
     }
 
     /// A tensor of `io.safetensors`; the error names the fixture and the tensor.

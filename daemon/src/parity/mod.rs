@@ -2,15 +2,15 @@
 //! dispatches on each `meta.json`'s `kind`, and compares our networks with the original's tensors.
 //!
 //! Each family of kinds has one handler module, next to the code it checks:
-//! [`dense`] (issue: dense networks), [`conditioners`], [`sparse`], [`decoders`], [`pipelines`].
+//! [`dense`] (issue: dense networks), [`conditioners`], [`sparse`], [`decoders`], [`pipelines`],
+//! [`background`] (U²-Net background removal).
 
+pub mod background;
 pub mod conditioners;
 pub mod decoders;
 pub mod dense;
 pub mod fixture;
-pub mod known;
 pub mod pipelines;
-pub mod rerun;
 pub mod sparse;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +36,7 @@ pub fn known_kinds() -> Vec<&'static str> {
         sparse::KINDS,
         decoders::KINDS,
         pipelines::KINDS,
+        background::KINDS,
     ]
     .concat()
 }
@@ -53,6 +54,8 @@ pub fn dispatch(fx: &mut Fixture) -> Result<Outcome> {
         decoders::check(fx)
     } else if pipelines::KINDS.contains(&k) {
         pipelines::check(fx)
+    } else if background::KINDS.contains(&k) {
+        background::check(fx)
     } else {
         bail!(
             "unknown fixture kind {k:?} (known: {})",
@@ -105,36 +108,13 @@ pub struct Failure {
     /// Names of the checks over tolerance (empty when `error` is set).
     pub checks: Vec<String>,
     pub error: Option<String>,
-    /// The fixture was compared with re-run reference values ([`rerun`]).
-    pub rerun: bool,
-    /// SHA-256 of the fixture's `io.safetensors` (what [`known`] entries are pinned to).
-    pub io_sha256: String,
-}
-
-impl Failure {
-    /// The documented divergence of the recording behind `check`, if any; never against re-run
-    /// reference values.
-    pub fn explain(&self, check: &str) -> Option<&'static known::KnownDivergence> {
-        if self.rerun {
-            return None;
-        }
-        known::explain(&self.kind, check, &self.io_sha256)
-    }
-
-    /// True when every failing check is a documented [`known`] divergence of this kind. Never
-    /// true against re-run reference values: those divergences are properties of the recorded
-    /// values only.
-    pub fn all_known(&self) -> bool {
-        self.error.is_none()
-            && !self.checks.is_empty()
-            && self.checks.iter().all(|c| self.explain(c).is_some())
-    }
 }
 
 impl Summary {
-    /// True only when something was checked and nothing failed.
+    /// True only when something was checked and every fixture passed: a skipped fixture is not
+    /// a pass.
     pub fn ok(&self) -> bool {
-        self.failed == 0 && self.checked > 0
+        self.failed == 0 && self.skipped == 0 && self.checked > 0
     }
 }
 
@@ -168,8 +148,6 @@ pub fn run(
 pub struct RunOptions<'a> {
     /// Only fixtures whose path contains this text.
     pub only: Option<&'a str>,
-    /// Compare against these re-run reference values where the overlay has them.
-    pub overlay: Option<&'a rerun::Overlay>,
     /// Print every check, not only the failing ones.
     pub verbose: bool,
 }
@@ -181,7 +159,7 @@ pub fn run_with(
     opts: &RunOptions,
     out: &mut dyn std::io::Write,
 ) -> Result<Summary> {
-    let (only, overlay) = (opts.only, opts.overlay);
+    let only = opts.only;
     let dirs = find_fixtures(root)?;
     if dirs.is_empty() {
         bail!("parity: no fixture (no meta.json) under {}", root.display());
@@ -201,23 +179,11 @@ pub fn run_with(
         }
         s.checked += 1;
         let t0 = Instant::now();
-        let mut replaced = 0;
         let result = Fixture::open(&dir, device).and_then(|mut fx| {
-            if let Some(o) = overlay {
-                if let Some(r) = o.for_fixture(&rel, &dir.join("io.safetensors"), device)? {
-                    replaced = r.tensors.len();
-                    fx.replace_recorded(r);
-                }
-            }
             let kind = fx.kind.clone();
             dispatch(&mut fx).map(|o| (kind, o))
         });
         let secs = t0.elapsed().as_secs_f64();
-        let note = if replaced > 0 {
-            format!(" (re-run reference: {replaced} tensors)")
-        } else {
-            String::new()
-        };
         match result {
             Ok((kind, Outcome::Skipped(why))) => {
                 s.skipped += 1;
@@ -242,18 +208,18 @@ pub fn run_with(
                 }
                 if report.passed() {
                     s.passed += 1;
-                    writeln!(out, "ok   {rel:<32} {kind}: {worst} [{secs:.1}s]{note}")?;
+                    writeln!(out, "ok   {rel:<32} {kind}: {worst} [{secs:.1}s]")?;
                 } else {
                     s.failed += 1;
-                    writeln!(out, "FAIL {rel:<32} {kind}: {worst} [{secs:.1}s]{note}")?;
-                    // Known divergences are pinned to the recorded file: hash it only when
-                    // the recorded values are the ones compared.
-                    let io_sha256 = if replaced > 0 {
-                        String::new()
-                    } else {
-                        rerun::sha256_hex(&dir.join("io.safetensors")).unwrap_or_default()
-                    };
-                    let failure = Failure {
+                    writeln!(out, "FAIL {rel:<32} {kind}: {worst} [{secs:.1}s]")?;
+                    for c in report.checks.iter().filter(|c| !c.passed()) {
+                        writeln!(
+                            out,
+                            "       {}: {:.3e} > tol {:.0e}",
+                            c.name, c.error, c.tolerance
+                        )?;
+                    }
+                    s.failures.push(Failure {
                         fixture: rel.clone(),
                         kind,
                         checks: report
@@ -263,32 +229,7 @@ pub fn run_with(
                             .map(|c| c.name.clone())
                             .collect(),
                         error: None,
-                        rerun: replaced > 0,
-                        io_sha256,
-                    };
-                    let mut reasons = std::collections::BTreeSet::new();
-                    for c in report.checks.iter().filter(|c| !c.passed()) {
-                        let known = failure.explain(&c.name);
-                        writeln!(
-                            out,
-                            "       {}: {:.3e} > tol {:.0e}{}",
-                            c.name,
-                            c.error,
-                            c.tolerance,
-                            if known.is_some() {
-                                " (known divergence)"
-                            } else {
-                                ""
-                            }
-                        )?;
-                        if let Some(k) = known {
-                            reasons.insert(k.reason);
-                        }
-                    }
-                    for r in reasons {
-                        writeln!(out, "       known divergence: {r}")?;
-                    }
-                    s.failures.push(failure);
+                    });
                 }
             }
             Err(e) => {
@@ -299,8 +240,6 @@ pub fn run_with(
                     kind: String::new(),
                     checks: Vec::new(),
                     error: Some(format!("{e:#}")),
-                    rerun: replaced > 0,
-                    io_sha256: String::new(),
                 });
             }
         }

@@ -33,6 +33,8 @@ use crate::representations::strivec::Strivec;
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     Loading,
+    /// Background removal of input images without transparency.
+    RemovingBackground,
     Conditioning,
     Voxelizing,
     SparseStructure,
@@ -45,6 +47,7 @@ impl Stage {
     pub fn label(self) -> &'static str {
         match self {
             Stage::Loading => "loading models",
+            Stage::RemovingBackground => "removing background",
             Stage::Conditioning => "conditioning",
             Stage::Voxelizing => "voxelizing",
             Stage::SparseStructure => "sparse structure",

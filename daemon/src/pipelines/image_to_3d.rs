@@ -6,14 +6,15 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
+use image::RgbaImage;
 
 use super::base::{Generation, RunControl, RunParams, Stage, TrellisPipeline};
 use super::noise::NoiseSource;
 use super::samplers::Conditioning;
 use crate::models::conditioners::dinov2::ImageConditioner;
-use crate::models::conditioners::preprocess::preprocess_file;
+use crate::models::conditioners::preprocess::{load_image, preprocess_decoded};
 
 /// How several images condition one generation (`run_multi_image`'s `mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -34,11 +35,24 @@ pub struct ImageTo3D {
 impl ImageTo3D {
     /// `get_cond`: (cond `[n, L, C]`, neg_cond zeros `[1, L, C]`) of the image files.
     pub fn get_cond(&self, images: &[&Path]) -> Result<(Tensor, Tensor)> {
+        let decoded = images
+            .iter()
+            .map(|p| load_image(p))
+            .collect::<Result<Vec<_>>>()?;
+        self.get_cond_images(&decoded)
+    }
+
+    /// `get_cond` of decoded RGBA images (with transparency: the alpha path of `preprocess_image`;
+    /// images without it have been through `models::background` already).
+    pub fn get_cond_images(&self, images: &[RgbaImage]) -> Result<(Tensor, Tensor)> {
         ensure!(!images.is_empty(), "no input image");
         let dev = &self.pipeline.device;
         let batch: Vec<Tensor> = images
             .iter()
-            .map(|p| preprocess_file(p, dev))
+            .enumerate()
+            .map(|(i, img)| {
+                preprocess_decoded(img, dev).with_context(|| format!("input image {}", i + 1))
+            })
             .collect::<Result<_>>()?;
         let x = Tensor::cat(&batch, 0)?;
         let cond = self.conditioner.encode(&x)?;
@@ -77,8 +91,24 @@ impl ImageTo3D {
         params: &RunParams,
         ctl: &mut RunControl<'_>,
     ) -> Result<(Tensor, Generation)> {
+        let decoded = images
+            .iter()
+            .map(|p| load_image(p))
+            .collect::<Result<Vec<_>>>()?;
+        self.run_images(&decoded, mode, noise, params, ctl)
+    }
+
+    /// Decoded RGBA images → 3D.
+    pub fn run_images(
+        &self,
+        images: &[RgbaImage],
+        mode: MultiImageMode,
+        noise: &mut dyn NoiseSource,
+        params: &RunParams,
+        ctl: &mut RunControl<'_>,
+    ) -> Result<(Tensor, Generation)> {
         ctl.emit(Stage::Conditioning, 0, images.len(), None);
-        let (cond, neg) = self.get_cond(images)?;
+        let (cond, neg) = self.get_cond_images(images)?;
         ctl.emit(Stage::Conditioning, images.len(), images.len(), None);
         let g = self.run_with_cond(&cond, &neg, mode, noise, params, ctl)?;
         Ok((cond, g))

@@ -16,7 +16,7 @@ use crate::models::slat_vae::decoder_gs::SLatGaussianDecoder;
 use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
 use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
 use crate::models::ss_flow::SparseStructureFlowModel;
-use crate::models::ss_vae::SparseStructureDecoder;
+use crate::models::ss_vae::{SparseStructureDecoder, SparseStructureEncoder};
 use crate::runtime::weights;
 
 /// The torso dtype for a checkpoint saved with `use_fp16` on `device` (see `runtime::precision`).
@@ -56,6 +56,22 @@ pub fn load_ss_decoder(repo: &PipelineRepo, device: &Device) -> Result<SparseStr
     };
     let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
     let m = SparseStructureDecoder::new(&cfg, vb, torso_dtype(cfg.use_fp16, device))?;
+    check
+        .finish()
+        .with_context(|| format!("weights {}", files.weights.display()))?;
+    Ok(m)
+}
+
+/// A `SparseStructureEncoder` from its files (see [`crate::hub::structure_encoder`]).
+pub fn load_ss_encoder(files: &ModelFiles, device: &Device) -> Result<SparseStructureEncoder> {
+    let ModelConfig::SparseStructureEncoder(cfg) = config_of(files)? else {
+        bail!(
+            "{}: expected a SparseStructureEncoder",
+            files.config.display()
+        );
+    };
+    let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
+    let m = SparseStructureEncoder::new(&cfg, vb, torso_dtype(cfg.use_fp16, device))?;
     check
         .finish()
         .with_context(|| format!("weights {}", files.weights.display()))?;

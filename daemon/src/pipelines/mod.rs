@@ -1,6 +1,7 @@
 //! Pipelines and samplers (twin of `trellis/pipelines`).
 
 pub mod base;
+pub mod edit;
 pub mod image_to_3d;
 pub mod loader;
 pub mod mesh_input;

@@ -204,8 +204,11 @@ impl FlowEulerSampler {
         Ok(out)
     }
 
+    /// The (guided) velocity at time `t` for sample `x`: one model call, or two with
+    /// classifier-free guidance; `step` picks the image of stochastic multi-image conditioning.
+    /// Samplers that do more than plain Euler steps (RePaint-style region edits) build on it.
     #[allow(clippy::too_many_arguments)]
-    fn velocity(
+    pub fn velocity(
         &self,
         model: &mut Velocity<'_>,
         x: &Tensor,

@@ -5,6 +5,7 @@ pub mod cuda_ops;
 pub mod device;
 pub mod gpu;
 pub mod precision;
+pub mod pth;
 pub mod system;
 pub mod tiers;
 pub mod weights;

@@ -258,6 +258,14 @@ impl WeightCheck {
         rec.requested.clone()
     }
 
+    /// The entries the network asked for that the source lacks, with the shapes it asked for, in
+    /// request order. Built over an empty source ([`from_tensors`] of nothing), this is the
+    /// network's whole state dict (names and shapes), as random checkpoints are made.
+    pub fn missing(&self) -> Vec<(String, Vec<usize>)> {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.missing.clone()
+    }
+
     /// The names the network asked for so far (sorted).
     pub fn used(&self) -> Vec<String> {
         let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());

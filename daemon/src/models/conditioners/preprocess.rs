@@ -12,8 +12,9 @@
 //! 3. `uint8(float32(rgb)/255 * float32(a)/255 * 255)` (truncation), i.e. premultiplied RGB;
 //! 4. `encode_image`: `/255` then ImageNet `Normalize` in float32 -> `[1, 3, 518, 518]`.
 //!
-//! Images without transparency would need background removal (rembg in the original), which is not
-//! available: they are rejected with a clear error.
+//! Images without transparency go through background removal first (`models::background`, the
+//! original's rembg branch), which hands this path an RGBA cutout; given here directly, they are
+//! rejected with a clear error.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -148,8 +149,8 @@ pub fn alpha_crop_box(img: &RgbaImage) -> Result<(i64, i64, i64, i64)> {
     }
     if !any_transparent {
         bail!(
-            "the image needs background removal (not available yet); give an RGBA image with a \
-             transparent background"
+            "the image has no transparency: it needs background removal first; give an RGBA image \
+             with a transparent background"
         );
     }
     if !any_visible {
@@ -298,8 +299,13 @@ pub fn normalize(images: &[&RgbImage], device: &Device) -> Result<Tensor> {
 /// File -> the normalised `[1, 3, 518, 518]` tensor the image conditioner takes.
 pub fn preprocess_file(path: &Path, device: &Device) -> Result<Tensor> {
     let rgba = load_image(path)?;
-    let rgb = preprocess_rgba(&rgba, TRELLIS_IMAGE_SIZE)
-        .with_context(|| format!("image {}", path.display()))?;
+    preprocess_decoded(&rgba, device).with_context(|| format!("image {}", path.display()))
+}
+
+/// A decoded RGBA image (with transparency, e.g. after background removal) -> the normalised
+/// `[1, 3, 518, 518]` tensor the image conditioner takes.
+pub fn preprocess_decoded(rgba: &RgbaImage, device: &Device) -> Result<Tensor> {
+    let rgb = preprocess_rgba(rgba, TRELLIS_IMAGE_SIZE)?;
     normalize(&[&rgb], device)
 }
 

@@ -1,0 +1,190 @@
+//! What a finished job leaves behind: files (GLB mesh, Gaussian PLY, `.trellis` bundle) written
+//! atomically, and the described arrays the daemon hands to clients (`fetch`).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, ensure, Result};
+use trellis_ipc_protocol::{BinaryBuilder, DType as WireDType};
+
+use super::run::JobOutput;
+use crate::export::glb::{write_glb, GlbMesh};
+use crate::pipelines::base::{Decoded, RunControl, Stage};
+use crate::representations::gaussian::Gaussian;
+use crate::representations::mesh::MeshExtractResult;
+
+/// Files to write (each optional).
+#[derive(Debug, Clone, Default)]
+pub struct OutputFiles {
+    pub glb: Option<PathBuf>,
+    pub ply: Option<PathBuf>,
+    pub asset: Option<PathBuf>,
+}
+
+impl OutputFiles {
+    fn count(&self) -> usize {
+        [&self.glb, &self.ply, &self.asset]
+            .iter()
+            .filter(|p| p.is_some())
+            .count()
+    }
+}
+
+/// Writes the requested files of a job's output (sample 0); returns `{"glb": path, ...}`.
+pub fn write_outputs(
+    files: &OutputFiles,
+    out: &JobOutput,
+    ctl: &mut RunControl<'_>,
+) -> Result<serde_json::Value> {
+    let total = files.count();
+    let mut done = 0;
+    let mut written = serde_json::Map::new();
+    ctl.emit(Stage::Writing, 0, total, None);
+    if let Some(p) = &files.asset {
+        let a = out
+            .asset()?
+            .ok_or_else(|| anyhow!("a decode job has no new .trellis bundle to write"))?;
+        a.save(p)?;
+        done += 1;
+        written.insert("asset".into(), serde_json::json!(p));
+        ctl.emit(Stage::Writing, done, total, Some(p.display().to_string()));
+    }
+    let more = write_decoded_from(files, out.decoded(), done, total, ctl)?;
+    if let serde_json::Value::Object(m) = more {
+        written.extend(m);
+    }
+    Ok(serde_json::Value::Object(written))
+}
+
+/// Writes the GLB / PLY files of decoded representations.
+pub fn write_decoded(
+    files: &OutputFiles,
+    d: &Decoded,
+    ctl: &mut RunControl<'_>,
+) -> Result<serde_json::Value> {
+    let total = files.count();
+    write_decoded_from(files, d, 0, total, ctl)
+}
+
+fn write_decoded_from(
+    files: &OutputFiles,
+    d: &Decoded,
+    mut done: usize,
+    total: usize,
+    ctl: &mut RunControl<'_>,
+) -> Result<serde_json::Value> {
+    let mut written = serde_json::Map::new();
+    if let Some(p) = &files.glb {
+        let m = first_mesh(d)?;
+        ensure!(
+            m.success && !m.faces.is_empty(),
+            "the decoded mesh is empty (no surface found); nothing written to {}",
+            p.display()
+        );
+        let colors = mesh_colors(m);
+        write_glb(
+            p,
+            &GlbMesh {
+                vertices: &m.vertices,
+                faces: &m.faces,
+                colors: colors.as_deref(),
+            },
+        )?;
+        done += 1;
+        written.insert("glb".into(), serde_json::json!(p));
+        ctl.emit(Stage::Writing, done, total, Some(p.display().to_string()));
+    }
+    if let Some(p) = &files.ply {
+        crate::export::ply::save_gaussian_ply(first_gaussians(d)?, p)?;
+        done += 1;
+        written.insert("ply".into(), serde_json::json!(p));
+        ctl.emit(Stage::Writing, done, total, Some(p.display().to_string()));
+    }
+    Ok(serde_json::Value::Object(written))
+}
+
+pub fn first_mesh(d: &Decoded) -> Result<&MeshExtractResult> {
+    d.meshes
+        .first()
+        .ok_or_else(|| anyhow!("no mesh was decoded"))
+}
+
+pub fn first_gaussians(d: &Decoded) -> Result<&Gaussian> {
+    d.gaussians
+        .first()
+        .ok_or_else(|| anyhow!("no Gaussians were decoded"))
+}
+
+/// The first three vertex attributes (RGB) when the decoder gives colours.
+pub fn mesh_colors(m: &MeshExtractResult) -> Option<Vec<[f32; 3]>> {
+    (m.attr_dim >= 3).then(|| {
+        m.vertex_attrs
+            .chunks_exact(m.attr_dim)
+            .map(|a| [a[0], a[1], a[2]])
+            .collect()
+    })
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// `positions f32 [V,3]`, `triangles u32 [F,3]`, `colors f32 [V,3]` (docs/PROTOCOL.md, fetch).
+pub fn mesh_arrays(m: &MeshExtractResult) -> Result<BinaryBuilder> {
+    let mut b = BinaryBuilder::default();
+    let v = m.vertices.len() as u64;
+    let pos: Vec<f32> = m.vertices.iter().flatten().copied().collect();
+    b.push("positions", WireDType::F32, &[v, 3], &f32_bytes(&pos))?;
+    let tri: Vec<u8> = m
+        .faces
+        .iter()
+        .flatten()
+        .flat_map(|i| i.to_le_bytes())
+        .collect();
+    b.push(
+        "triangles",
+        WireDType::U32,
+        &[m.faces.len() as u64, 3],
+        &tri,
+    )?;
+    if let Some(c) = mesh_colors(m) {
+        let c: Vec<f32> = c.into_iter().flatten().collect();
+        b.push("colors", WireDType::F32, &[v, 3], &f32_bytes(&c))?;
+    }
+    Ok(b)
+}
+
+/// The zeroth spherical-harmonics band's constant.
+const SH_C0: f32 = 0.282_094_8;
+
+/// `positions`, `colors`, `scales`, `rotations`, `opacities` (activated values, `f32`).
+pub fn gaussian_arrays(g: &Gaussian) -> Result<BinaryBuilder> {
+    let mut b = BinaryBuilder::default();
+    let n = g.len() as u64;
+    b.push(
+        "positions",
+        WireDType::F32,
+        &[n, 3],
+        &f32_bytes(&g.get_xyz()),
+    )?;
+    let colors: Vec<f32> = g.get_features().iter().map(|f| 0.5 + SH_C0 * f).collect();
+    b.push("colors", WireDType::F32, &[n, 3], &f32_bytes(&colors))?;
+    b.push(
+        "scales",
+        WireDType::F32,
+        &[n, 3],
+        &f32_bytes(&g.get_scaling()),
+    )?;
+    b.push(
+        "rotations",
+        WireDType::F32,
+        &[n, 4],
+        &f32_bytes(&g.get_rotation()),
+    )?;
+    b.push(
+        "opacities",
+        WireDType::F32,
+        &[n, 1],
+        &f32_bytes(&g.get_opacity()),
+    )?;
+    Ok(b)
+}
