@@ -36,6 +36,7 @@ enum Command {
 }
 
 fn main() {
+    trellis::runtime::malloc::tune();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Parity(a) => cli::parity::run(a),

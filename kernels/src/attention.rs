@@ -5,11 +5,16 @@
 //!
 //! Every group is a range of query rows attending to a range of key/value rows. Work is split into
 //! (group, block of query rows) tasks run in parallel; a task holds one `[rows × keys]` score tile
-//! (f32) per head at a time, never the whole attention matrix. Softmax per row in f32.
+//! (f32) per head at a time, never the whole attention matrix. Softmax per row in f32
+//! (vectorised, `crate::vecmath`). Both products are GEMMs laid out so that gemm reads the keys,
+//! values and score tile in place: the keys are transposed per head once per call (one copy of
+//! `k`), and each task computes `scoresᵀ = K Qᵀ` and `outᵀ = Vᵀ Pᵀ` on column-major views.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
+
+use crate::vecmath;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttentionError {
@@ -43,7 +48,7 @@ pub struct AttnShape {
 }
 
 /// Query rows per task.
-const Q_BLOCK: usize = 64;
+const Q_BLOCK: usize = 128;
 
 /// `out[Nq, H, Dv]`: for every group, `softmax(scale · q kᵀ) v` per head. Query rows that no group
 /// names stay zero. `q` is `[Nq, H, D]`, `k` `[Nk, H, D]`, `v` `[Nk, H, Dv]`, all row-major.
@@ -105,6 +110,22 @@ pub fn varlen_attention(
             start = end;
         }
     }
+    // Keys transposed per head, `kt[h][e][j] = k[j, h, e]`: each head's keys of a group are then
+    // a column-major `[keys × D]` operand, which the GEMM reads without repacking.
+    let mut kt = vec![0f32; heads * d * nk];
+    kt.par_chunks_mut((d * nk).max(1))
+        .enumerate()
+        .for_each(|(h, dst)| {
+            for j0 in (0..nk).step_by(64) {
+                for e in 0..d {
+                    let row = &mut dst[e * nk..(e + 1) * nk];
+                    for j in j0..(j0 + 64).min(nk) {
+                        row[j] = k[j * qrow + h * d + e];
+                    }
+                }
+            }
+        });
+    let kt = &kt;
     tasks.into_par_iter().for_each(|(g, rows, dst)| {
         let kv = groups[g].kv.clone();
         let bq = rows.len();
@@ -112,46 +133,44 @@ pub fn varlen_attention(
         if l == 0 {
             return;
         }
+        // scores[i, j] for this block's rows i, row-major `[bq × l]`
         let mut scores = vec![0f32; bq * l];
+        let mut sums = vec![0f32; bq];
         for h in 0..heads {
-            // Strided views of this head: no copies; gemm packs its panels itself.
             let qh = &q[rows.start * qrow + h * d..];
-            let kh = &k[kv.start * qrow + h * d..];
+            let kh = &kt[h * d * nk + kv.start..];
             let vh = &v[kv.start * vrow + h * dv..];
-            // scores[i, j] = q[i] · k[j]: lhs (i, e) at i*qrow + e, rhs (e, j) at e + j*qrow.
+            // scoresᵀ[j, i] = Σ_e kᵀ[j, e] q[i, e]: lhs (j, e) at e*nk + j, rhs (e, i) at i*qrow + e,
+            // dst (j, i) at i*l + j.
             strided_matmul(
                 &mut scores,
-                (1, l as isize),
-                qh,
-                (1, qrow as isize),
+                (l as isize, 1),
                 kh,
+                (nk as isize, 1),
+                qh,
                 (qrow as isize, 1),
-                (bq, d, l),
+                (l, d, bq),
             );
-            for row in scores.chunks_exact_mut(l) {
-                let mut max = f32::NEG_INFINITY;
-                for s in row.iter_mut() {
-                    *s *= scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in row.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
+            for (row, sum) in scores.chunks_exact_mut(l).zip(sums.iter_mut()) {
+                *sum = vecmath::exp_shifted_row(row, scale);
             }
-            // out[i, e] = Σ_j p[i, j] v[j, e], written straight into this task's rows.
+            // outᵀ[e, i] = Σ_j vᵀ[e, j] p[i, j]: lhs (e, j) at j*vrow + e, rhs (j, i) at i*l + j,
+            // dst (e, i) at i*vrow + e, written straight into this task's rows.
             strided_matmul(
                 &mut dst[h * dv..],
-                (1, vrow as isize),
-                &scores,
-                (1, l as isize),
+                (vrow as isize, 1),
                 vh,
-                (1, vrow as isize),
-                (bq, l, dv),
+                (vrow as isize, 1),
+                &scores,
+                (l as isize, 1),
+                (dv, l, bq),
             );
+            // softmax's normalisation, applied to the output rows (dv values) instead of the
+            // scores (l values)
+            for (i, sum) in sums.iter().enumerate() {
+                let o = &mut dst[i * vrow + h * dv..i * vrow + (h + 1) * dv];
+                vecmath::scale_in_place(o, 1.0 / sum);
+            }
         }
     });
     Ok(out)

@@ -9,3 +9,4 @@ pub mod flexicubes;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod sparse_conv;
+pub mod vecmath;

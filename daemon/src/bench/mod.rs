@@ -6,6 +6,7 @@
 
 pub mod conditioners;
 pub mod mesh_decoder;
+pub mod side_by_side;
 pub mod sparse;
 pub mod ss_decoder;
 pub mod subdivide;
@@ -25,6 +26,11 @@ pub struct Bench {
 
 /// Every benchmark, in the order `trellisd bench --list` shows them.
 pub const BENCHES: &[Bench] = &[
+    Bench {
+        name: "ss-flow",
+        about: "full-size SparseStructureFlowModel (ss_flow_img_dit_L_16l8_fp16 manifest, random weights), f32 CPU, x [1,8,16,16,16], cond [1,1374,1024]; with --weights/--inputs, one forward from files (also slat-flow, mesh-decoder, dinov2-large: see tools/bench/side_by_side.py)",
+        run: side_by_side::run_ss_flow,
+    },
     Bench {
         name: "ss-decoder",
         about: "full-size SparseStructureDecoder (ss_dec_conv3d_16l8_fp16 manifest, random weights), f32 CPU, latent [1,8,16,16,16]",

@@ -1,4 +1,5 @@
-//! `trellisd bench NAME [--threads N]` (`--list` shows the names): see [`crate::bench`].
+//! `trellisd bench NAME [--threads N] [--device D] [--precision P] [--weights W --inputs I]` (`--list`
+//! shows the names): see [`crate::bench`].
 
 use anyhow::{bail, Context, Result};
 
@@ -15,6 +16,13 @@ pub struct BenchArgs {
     /// auto, full (float32, TF32 off), half or bf16.
     #[arg(long, default_value = "auto")]
     pub precision: String,
+    /// Weights file (TRELLIS key names, or a Hugging Face folder for dinov2-large): run one
+    /// forward from files, as tools/bench/side_by_side.py does (needs --inputs).
+    #[arg(long, requires = "inputs")]
+    pub weights: Option<std::path::PathBuf>,
+    /// Inputs `.safetensors` for --weights.
+    #[arg(long, requires = "weights")]
+    pub inputs: Option<std::path::PathBuf>,
     /// List the benchmarks and exit.
     #[arg(long)]
     pub list: bool,
@@ -45,6 +53,11 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
         &args.precision,
         crate::runtime::device::Fallback::Fail,
     )?;
-    crate::bench::run(name, &device, &mut stdout)?;
+    if let (Some(weights), Some(inputs)) = (&args.weights, &args.inputs) {
+        let files = crate::bench::side_by_side::Files { weights, inputs };
+        crate::bench::side_by_side::run(name, Some(files), &device, &mut stdout)?;
+    } else {
+        crate::bench::run(name, &device, &mut stdout)?;
+    }
     Ok(0)
 }

@@ -8,6 +8,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
+use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 
 use super::norm::MultiHeadRMSNorm;
 
@@ -18,6 +19,37 @@ const SCORE_BUDGET: usize = 1 << 24;
 /// (any float dtype); computed in float32; returns `[B, Lq, H, Dv]` in `q`'s dtype.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     attention_in_chunks(q, k, v, SCORE_BUDGET)
+}
+
+/// On the CPU: the same attention through the blocked kernel `trellis_kernels::attention`
+/// (one group per batch element, threads over query blocks, vectorised softmax), for shapes
+/// already checked by the caller. `None` on other devices.
+pub fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    if !q.device().is_cpu() {
+        return Ok(None);
+    }
+    let (b, lq, h, d) = q.dims4()?;
+    let lk = k.dim(1)?;
+    let dv = v.dim(3)?;
+    let rows = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let groups: Vec<AttnGroup> = (0..b)
+        .map(|i| AttnGroup {
+            q: i * lq..(i + 1) * lq,
+            kv: i * lk..(i + 1) * lk,
+        })
+        .collect();
+    let shape = AttnShape {
+        heads: h,
+        head_dim: d,
+        v_dim: dv,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let o = varlen_attention(&rows(q)?, &rows(k)?, &rows(v)?, &groups, shape, scale)?;
+    Ok(Some(
+        Tensor::from_vec(o, (b, lq, h, dv), q.device())?.to_dtype(q.dtype())?,
+    ))
 }
 
 /// [`scaled_dot_product_attention`] materialising at most about `budget` scores at once.
@@ -32,6 +64,11 @@ fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Res
             k.dims(),
             v.dims()
         );
+    }
+    if budget == SCORE_BUDGET {
+        if let Some(o) = cpu_attention(q, k, v)? {
+            return Ok(o);
+        }
     }
     let out_dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();

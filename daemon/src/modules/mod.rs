@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod conv3d;
+pub mod cpu_fused;
 pub mod embedders;
 pub mod norm;
 pub mod patchify;

@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::cpu_fused;
+
 /// `(x - mean) / sqrt(var + eps)` with the statistics taken over `dims` (biased variance), float32.
 fn standardize(x: &Tensor, dims: &[usize], eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(dims)?;
@@ -70,7 +72,40 @@ impl LayerNorm32 {
         Self { weight, bias, eps }
     }
 
+    fn affine_params(&self) -> Option<(&Tensor, &Tensor)> {
+        self.weight.as_ref().zip(self.bias.as_ref())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.is_some() == self.bias.is_some() {
+            if let Some(y) = cpu_fused::layer_norm(x, self.eps, self.affine_params(), None)? {
+                return Ok(y);
+            }
+        }
+        self.forward_candle(x)
+    }
+
+    /// The norm followed by the adaLN modulation `y * (1 + scale[b]) + shift[b]` in one fused
+    /// pass, where batch element `b` (`shift`, `scale` `[B, C]`) owns the rows `rows[b]` of `x`
+    /// seen as `[rows, C]`. `None` (nothing computed) unless `x` is a float32 CPU tensor.
+    pub fn forward_modulated(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+        rows: Vec<Range<usize>>,
+    ) -> Result<Option<Tensor>> {
+        if !(x.device().is_cpu() && x.dtype() == DType::F32)
+            || self.weight.is_some() != self.bias.is_some()
+        {
+            return Ok(None);
+        }
+        let m = cpu_fused::RowModulation::new(shift, scale, rows)?;
+        cpu_fused::layer_norm(x, self.eps, self.affine_params(), Some(m))
+    }
+
+    /// The norm with candle ops (any device and dtype).
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(D::Minus1).context("LayerNorm32: scalar input")?;
         let last = x.rank() - 1;
         let y = standardize(&x.to_dtype(DType::F32)?, &[last], self.eps)?;

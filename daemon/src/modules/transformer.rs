@@ -46,7 +46,7 @@ impl FeedForwardNet {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-        let h = self.fc1.forward(x)?.gelu()?;
+        let h = super::cpu_fused::gelu_tanh(&self.fc1.forward(x)?)?;
         Ok(self.fc2.forward(&h)?)
     }
 }
@@ -122,6 +122,22 @@ impl ModulatedTransformerCrossBlock {
         })
     }
 
+    /// `modulate(norm(x), shift, scale)` for `x` `[B, L, C]`, fused on the CPU.
+    fn modulated_norm(
+        &self,
+        norm: &LayerNorm32,
+        x: &Tensor,
+        shift: &Tensor,
+        scale: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let rows = (0..b).map(|i| i * l..(i + 1) * l).collect();
+        match norm.forward_modulated(x, shift, scale, rows)? {
+            Some(h) => Ok(h),
+            None => modulate(&norm.forward(x)?, shift, scale),
+        }
+    }
+
     /// `x` `[B, L, C]`, `modulation` `[B, C]` (or the shared `[B, 6C]` when `share_mod`), `context`
     /// `[B, Lc, Cc]`.
     pub fn forward(&self, x: &Tensor, modulation: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -151,29 +167,33 @@ impl ModulatedTransformerCrossBlock {
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
 
-        let h = modulate(&self.norm1.forward(x)?, &shift_msa, &scale_msa)?;
+        let h = self.modulated_norm(&self.norm1, x, &shift_msa, &scale_msa)?;
         let h = self.self_attn.forward(&h, None)?;
-        let h = h.broadcast_mul(&gate_msa.unsqueeze(1)?)?;
-        let after_self_attn = (x + h)?;
+        let after_self_attn = gated_residual(x, &h, &gate_msa)?;
 
         let h = self.norm2.forward(&after_self_attn)?;
         let h = self.cross_attn.forward(&h, Some(context))?;
         let after_cross_attn = (&after_self_attn + h)?;
 
-        let h = modulate(
-            &self.norm3.forward(&after_cross_attn)?,
-            &shift_mlp,
-            &scale_mlp,
-        )?;
+        let h = self.modulated_norm(&self.norm3, &after_cross_attn, &shift_mlp, &scale_mlp)?;
         let h = self.mlp.forward(&h)?;
-        let h = h.broadcast_mul(&gate_mlp.unsqueeze(1)?)?;
-        let out = (&after_cross_attn + h)?;
+        let out = gated_residual(&after_cross_attn, &h, &gate_mlp)?;
         Ok(CrossBlockTrace {
             adaln,
             after_self_attn,
             after_cross_attn,
             out,
         })
+    }
+}
+
+/// `x + h * gate` with `x`, `h` `[B, L, C]` and `gate` `[B, C]` broadcast over L.
+fn gated_residual(x: &Tensor, h: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    let (b, l, _) = x.dims3()?;
+    let rows = (0..b).map(|i| i * l..(i + 1) * l).collect();
+    match super::cpu_fused::gated_add(x, h, gate, rows)? {
+        Some(y) => Ok(y),
+        None => Ok((x + h.broadcast_mul(&gate.unsqueeze(1)?)?)?),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod cuda_ops;
 pub mod device;
 pub mod gpu;
+pub mod malloc;
 pub mod precision;
 pub mod pth;
 pub mod system;

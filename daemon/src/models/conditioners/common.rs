@@ -31,6 +31,17 @@ pub fn self_attention(
 ) -> Result<Tensor> {
     let (b, n, c) = h.dims3()?;
     let d = c / heads;
+    if !causal && h.device().is_cpu() {
+        let rows = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, n, heads, d))?) };
+        let (q, k, v) = (
+            rows(q.forward(h)?)?,
+            rows(k.forward(h)?)?,
+            rows(v.forward(h)?)?,
+        );
+        if let Some(o) = crate::modules::attention::cpu_attention(&q, &k, &v)? {
+            return Ok(o.reshape((b, n, c))?);
+        }
+    }
     let split = |t: Tensor| -> Result<Tensor> {
         Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
     };
@@ -143,8 +154,8 @@ impl Act {
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Act::Gelu => x.gelu_erf()?,
-            Act::GeluTanh => x.gelu()?,
+            Act::Gelu => crate::modules::cpu_fused::gelu_erf(x)?,
+            Act::GeluTanh => crate::modules::cpu_fused::gelu_tanh(x)?,
             Act::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Act::Relu => x.relu()?,
             Act::Silu => x.silu()?,

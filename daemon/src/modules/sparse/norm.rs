@@ -26,6 +26,23 @@ impl SparseLayerNorm32 {
     pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
         x.replace(self.inner.forward(x.feats())?)
     }
+
+    /// `forward(x).modulate(shift, scale)` (`[B, C]` shift and scale), fused on the CPU.
+    pub fn forward_modulated(
+        &self,
+        x: &SparseTensor,
+        shift: &Tensor,
+        scale: &Tensor,
+    ) -> Result<SparseTensor> {
+        let rows = x.layout().to_vec();
+        match self
+            .inner
+            .forward_modulated(x.feats(), shift, scale, rows)?
+        {
+            Some(y) => x.replace(y),
+            None => self.forward(x)?.modulate(shift, scale),
+        }
+    }
 }
 
 /// `SparseGroupNorm32(groups, channels)`: per batch element, statistics over (rows, channels of a

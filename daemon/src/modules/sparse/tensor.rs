@@ -381,6 +381,17 @@ impl SparseTensor {
         self.replace(self.feats.mul(&self.batch_broadcast(gate)?)?)
     }
 
+    /// `self + h * gate[b]` with a `[B, C]` gate (the gated residual of the DiT blocks), one fused
+    /// pass on the CPU.
+    pub fn gated_add(&self, h: &SparseTensor, gate: &Tensor) -> Result<Self> {
+        self.same_rows(h)?;
+        let rows = self.layout().to_vec();
+        match crate::modules::cpu_fused::gated_add(&self.feats, h.feats(), gate, rows)? {
+            Some(y) => self.replace(y),
+            None => self.add(&h.gate(gate)?),
+        }
+    }
+
     /// Feats concatenated along channels with another `[N, C']` tensor on the same rows.
     pub fn cat_feats(&self, other: &Tensor) -> Result<Self> {
         self.replace(Tensor::cat(&[&self.feats, other], 1)?)

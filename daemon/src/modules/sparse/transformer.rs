@@ -33,7 +33,7 @@ impl SparseFeedForwardNet {
 
     pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
         let h = self.fc1.forward(x)?;
-        let h = h.replace(h.feats().gelu()?)?;
+        let h = h.replace(crate::modules::cpu_fused::gelu_tanh(h.feats())?)?;
         self.fc2.forward(&h)
     }
 }
@@ -167,16 +167,16 @@ impl ModulatedSparseTransformerCrossBlock {
         let chunk = |i: usize| m.narrow(1, i * self.channels, self.channels);
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
-        let h = self.norm1.forward(x)?.modulate(&shift_msa, &scale_msa)?;
-        let h = self.self_attn.forward(&h)?.gate(&gate_msa)?;
-        let x = x.add(&h)?;
+        let h = self.norm1.forward_modulated(x, &shift_msa, &scale_msa)?;
+        let h = self.self_attn.forward(&h)?;
+        let x = x.gated_add(&h, &gate_msa)?;
         let h = self.norm2.forward(&x)?;
         let h = self
             .cross_attn
             .forward_cross(&h, &context.to_dtype(x.dtype())?)?;
         let x = x.add(&h)?;
-        let h = self.norm3.forward(&x)?.modulate(&shift_mlp, &scale_mlp)?;
-        let h = self.mlp.forward(&h)?.gate(&gate_mlp)?;
-        x.add(&h)
+        let h = self.norm3.forward_modulated(&x, &shift_mlp, &scale_mlp)?;
+        let h = self.mlp.forward(&h)?;
+        x.gated_add(&h, &gate_mlp)
     }
 }
