@@ -739,6 +739,7 @@ fn doctor_reports_complete_partial_and_absent_official_repositories() {
     let mut out = Vec::new();
     let args = trellis::cli::doctor::DoctorArgs {
         device: Some("cpu".into()),
+        check_kernels: false,
     };
     trellis::cli::doctor::report(&args, &opts, &mut out).unwrap();
     let text = String::from_utf8(out).unwrap();

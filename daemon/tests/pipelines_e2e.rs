@@ -434,3 +434,61 @@ fn bad_arguments_fail_early_and_write_nothing() {
     std::fs::remove_file(&png).unwrap();
     no_output_left(d.path());
 }
+
+/// Without CUDA in this build, `--device cuda:0 --precision half` runs on the CPU after exactly
+/// one warning line, and the asset records the device actually used.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_request_falls_back_to_the_cpu_with_one_warning() {
+    let r = reference();
+    let d = tempfile::tempdir().unwrap();
+    let asset = d.path().join("t.trellis");
+    let out = run(&[
+        "generate".into(),
+        "--model".into(),
+        s(&r.join("TRELLIS-text-tiny")),
+        "--text-cond-model".into(),
+        s(&r.join("clip_text_tiny")),
+        "--text".into(),
+        "a chair".into(),
+        "--ss-steps".into(),
+        "1".into(),
+        "--slat-steps".into(),
+        "1".into(),
+        "--formats".into(),
+        "mesh".into(),
+        "--asset".into(),
+        s(&asset),
+        "--device".into(),
+        "cuda:0".into(),
+        "--precision".into(),
+        "half".into(),
+        "--quiet".into(),
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("cuda:0") && warnings[0].ends_with("running on the CPU"));
+    let a = trellis::export::asset::Asset::load(&asset, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(a.meta["device"], "cpu");
+
+    // A precision that does not exist is refused before anything runs.
+    let bad = run(&[
+        "generate".into(),
+        "--model".into(),
+        s(&r.join("TRELLIS-text-tiny")),
+        "--text".into(),
+        "a chair".into(),
+        "--asset".into(),
+        s(&d.path().join("u.trellis")),
+        "--precision".into(),
+        "quarter".into(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown precision"));
+    assert!(!d.path().join("u.trellis").exists());
+}

@@ -483,3 +483,35 @@ fn baked_glb_request_writes_a_textured_mesh_and_fetch_returns_uvs_and_texture() 
     assert_eq!(prim.indices().unwrap().count(), tri.len());
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// Without CUDA in this build, `--devices cuda:0,auto` starts two workers on the CPU (one warning
+/// line for cuda:0) and `hello` reports the devices actually used.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn hello_reports_the_devices_actually_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(tiny) = tiny_repos(tmp.path()) else {
+        return;
+    };
+    let d = Daemon::start(tmp.path(), &tiny, "cuda:0,auto");
+    let mut c = d.client();
+    let hello = c
+        .call(Op::Hello(trellis_ipc_protocol::HelloParams {
+            protocol: trellis_ipc_protocol::PROTOCOL_VERSION,
+            client: "test".into(),
+        }))
+        .unwrap();
+    assert_eq!(
+        hello["devices"],
+        serde_json::json!(["cpu", "cpu"]),
+        "{hello}"
+    );
+    assert_eq!(hello["tier"], "cpu", "{hello}");
+    // A job runs on one of them and records it.
+    let mut b = BinaryBuilder::default();
+    let op = image_job(&mut b, 1, true);
+    let a = c.call_with(op, b.arrays, b.binary, |_| {}).unwrap();
+    let j: JobInfo = serde_json::from_value(a.result).unwrap();
+    assert_eq!(j.state, JobState::Done, "{j:?}");
+    assert_eq!(j.device.as_deref(), Some("cpu"));
+}

@@ -3,7 +3,11 @@
 
 pub mod attention;
 pub mod conv3d;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod flexicubes;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod raster;
 pub mod sparse_conv;
 pub mod vecmath;

@@ -77,7 +77,8 @@ fn gaussians(n: usize) -> SplatData {
     g
 }
 
-pub fn run(out: &mut dyn Write) -> Result<()> {
+/// The bake runs on the CPU rasteriser whatever `--device` says (no GPU rasteriser yet).
+pub fn run(_device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
     // 4 n² triangles outside (n = 216: 186,624), an inner shell facing inward of 10k.
     let mut mesh = bumpy_sphere(216, 1.0, 0, false);
     let inner = bumpy_sphere(50, 0.6, mesh.vertices.len() as u32, true);

@@ -61,8 +61,8 @@ fn report(out: &mut dyn Write, what: &str, build: f64, runs: &[f64]) -> Result<(
 }
 
 /// `facebook/dinov2-with-registers-large` sizes, one 518x518 image.
-pub fn run_dinov2(out: &mut dyn Write) -> Result<()> {
-    let dev = Device::Cpu;
+pub fn run_dinov2(dev: &Device, out: &mut dyn Write) -> Result<()> {
+    let dev = dev.clone();
     let cfg = Dinov2Config::from_json(&serde_json::json!({
         "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
         "image_size": 518, "patch_size": 14, "num_register_tokens": 4, "layer_norm_eps": 1e-6
@@ -127,8 +127,8 @@ pub fn run_dinov2(out: &mut dyn Write) -> Result<()> {
 }
 
 /// `openai/clip-vit-large-patch14` text sizes, batch 2 (a prompt and the empty negative).
-pub fn run_clip(out: &mut dyn Write) -> Result<()> {
-    let dev = Device::Cpu;
+pub fn run_clip(dev: &Device, out: &mut dyn Write) -> Result<()> {
+    let dev = dev.clone();
     let cfg = ClipTextConfig::from_json(&serde_json::json!({
         "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
         "num_attention_heads": 12, "max_position_embeddings": 77, "vocab_size": 49408

@@ -31,7 +31,7 @@ fn stage(out: &mut dyn Write, name: &str, t: Instant, extra: &str) -> Result<()>
     Ok(())
 }
 
-pub fn run(out: &mut dyn Write) -> Result<()> {
+pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
     let stem = "slat_dec_mesh_swin8_B_64l8m256c_fp16";
     let manifest = Manifest::load(&manifest_path(stem)?)?;
     let ModelConfig::SLatMeshDecoder { config: cfg, .. } =
@@ -39,7 +39,7 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     else {
         bail!("{stem}: not a SLatMeshDecoder manifest");
     };
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     writeln!(
         out,
         "mesh-decoder: {stem}, {} blocks x {} channels, {VOXELS} voxels at {}^3 -> FlexiCubes at {}^3, f32, threads {}",

@@ -22,7 +22,7 @@ use anyhow::{bail, Result};
 pub struct Bench {
     pub name: &'static str,
     pub about: &'static str,
-    pub run: fn(&mut dyn Write) -> Result<()>,
+    pub run: fn(&candle_core::Device, &mut dyn Write) -> Result<()>,
 }
 
 /// Every benchmark, in the order `trellisd bench --list` shows them.
@@ -75,9 +75,9 @@ pub const BENCHES: &[Bench] = &[
 ];
 
 /// Runs the benchmark called `name`; an unknown name is an error listing the known ones.
-pub fn run(name: &str, out: &mut dyn Write) -> Result<()> {
+pub fn run(name: &str, device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
     match BENCHES.iter().find(|b| b.name == name) {
-        Some(b) => (b.run)(out),
+        Some(b) => (b.run)(device, out),
         None => bail!(
             "unknown benchmark {name:?} (known: {})",
             BENCHES
@@ -201,7 +201,9 @@ mod tests {
     #[test]
     fn unknown_bench_is_an_error() {
         let mut out = Vec::new();
-        let e = run("no-such-bench", &mut out).unwrap_err().to_string();
+        let e = run("no-such-bench", &candle_core::Device::Cpu, &mut out)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ss-decoder"), "{e}");
     }
 }

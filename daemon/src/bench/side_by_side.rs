@@ -49,19 +49,19 @@ pub struct Files<'a> {
 }
 
 /// `trellisd bench ss-flow` without files: random manifest weights, seeded inputs.
-pub fn run_ss_flow(out: &mut dyn Write) -> Result<()> {
-    run("ss-flow", None, out)
+pub fn run_ss_flow(dev: &Device, out: &mut dyn Write) -> Result<()> {
+    run("ss-flow", None, dev, out)
 }
 
 /// Runs network `name` once, from `files` or (SS flow only) from random weights.
-pub fn run(name: &str, files: Option<Files>, out: &mut dyn Write) -> Result<()> {
+pub fn run(name: &str, files: Option<Files>, dev: &Device, out: &mut dyn Write) -> Result<()> {
     let Some(&(_, stem)) = NETS.iter().find(|(n, _)| *n == name) else {
         bail!(
             "bench: --weights/--inputs work with {} only, not {name:?}",
             NETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
         );
     };
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let t0 = Instant::now();
     let inputs = match &files {
         Some(f) => candle_core::safetensors::load(f.inputs, &dev)

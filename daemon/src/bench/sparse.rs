@@ -20,14 +20,14 @@ use crate::modules::sparse::spatial::SparseDownsample;
 use crate::modules::sparse::tensor::SparseTensor;
 use crate::runtime::weights::{Manifest, ManifestFill};
 
-pub fn run(out: &mut dyn Write) -> Result<()> {
+pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
     let stem = "slat_flow_img_dit_L_64l8p2_fp16";
     let manifest = Manifest::load(&manifest_path(stem)?)?;
     let ModelConfig::SLatFlow { config: cfg, .. } = ModelConfig::from_json(stem, &manifest.config)?
     else {
         bail!("{stem}: not an SLatFlowModel manifest");
     };
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     let coords = super::shell_coords(cfg.resolution, 20_000);
     let n = coords.len() / 4;
     writeln!(

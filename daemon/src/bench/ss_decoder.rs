@@ -13,14 +13,14 @@ use crate::models::config::ModelConfig;
 use crate::models::ss_vae::SparseStructureDecoder;
 use crate::runtime::weights::{Manifest, ManifestFill};
 
-pub fn run(out: &mut dyn Write) -> Result<()> {
+pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
     let stem = "ss_dec_conv3d_16l8_fp16";
     let manifest = Manifest::load(&manifest_path(stem)?)?;
     let ModelConfig::SparseStructureDecoder(cfg) = ModelConfig::from_json(stem, &manifest.config)?
     else {
         bail!("{stem}: not a SparseStructureDecoder manifest");
     };
-    let dev = Device::Cpu;
+    let dev = dev.clone();
     writeln!(
         out,
         "ss-decoder: {stem}, channels {:?}, threads {}",

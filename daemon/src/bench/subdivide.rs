@@ -19,7 +19,7 @@ const VOXELS: usize = 5_000;
 const CIN: usize = 768;
 const COUT: usize = 192;
 
-pub fn run(out: &mut dyn Write) -> Result<()> {
+pub fn run(_dev: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
     let coords = shell_coords(64, VOXELS);
     let n = coords.len() / 4;
     let feats = lcg_vec(n * CIN, 1);

@@ -61,8 +61,8 @@ pub fn random_full_size(seed: u64, dev: &Device) -> Result<U2Net> {
     network_from_state_dict(sd, &U2NetConfig::u2net(), "u2net manifest", dev)
 }
 
-pub fn run(out: &mut dyn Write) -> Result<()> {
-    let dev = Device::Cpu;
+pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
+    let dev = dev.clone();
     let t = Instant::now();
     let net = random_full_size(7, &dev)?;
     writeln!(out, "u2net: build {:.2}s", t.elapsed().as_secs_f64())?;

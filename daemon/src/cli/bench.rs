@@ -1,4 +1,5 @@
-//! `trellisd bench NAME [--threads N] [--weights W --inputs I]` (`--list` shows the names): see [`crate::bench`].
+//! `trellisd bench NAME [--threads N] [--device D] [--precision P] [--weights W --inputs I]` (`--list`
+//! shows the names): see [`crate::bench`].
 
 use anyhow::{bail, Context, Result};
 
@@ -9,6 +10,12 @@ pub struct BenchArgs {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Device: cpu, cuda[:N] or auto (no fallback: a GPU that cannot be used is an error).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// auto, full (float32, TF32 off), half or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// Weights file (TRELLIS key names, or a Hugging Face folder for dinov2-large): run one
     /// forward from files, as tools/bench/side_by_side.py does (needs --inputs).
     #[arg(long, requires = "inputs")]
@@ -41,11 +48,16 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             .build_global()
             .context("bench: setting up the thread pool")?;
     }
+    let device = crate::runtime::select(
+        &args.device,
+        &args.precision,
+        crate::runtime::device::Fallback::Fail,
+    )?;
     if let (Some(weights), Some(inputs)) = (&args.weights, &args.inputs) {
         let files = crate::bench::side_by_side::Files { weights, inputs };
-        crate::bench::side_by_side::run(name, Some(files), &mut stdout)?;
+        crate::bench::side_by_side::run(name, Some(files), &device, &mut stdout)?;
     } else {
-        crate::bench::run(name, &mut stdout)?;
+        crate::bench::run(name, &device, &mut stdout)?;
     }
     Ok(0)
 }

@@ -25,9 +25,12 @@ pub struct DecodeArgs {
     pub ply: Option<PathBuf>,
     #[command(flatten)]
     pub glb: super::bake_args::GlbArgs,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the first GPU with enough free memory, else the CPU), cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// auto, full (float32, TF32 off), half (float16 torsos as the original) or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -41,6 +44,7 @@ pub fn run(args: &DecodeArgs) -> Result<i32> {
         image_cond_model: None,
         text_cond_model: None,
         device: args.device.clone(),
+        precision: args.precision.clone(),
         quiet: args.quiet,
         json: args.json,
     };
@@ -65,6 +69,6 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         formats: plan.formats,
     });
     job.validate()?;
-    crate::runtime::parse_device(&args.device)?;
-    run_in_process(&job, &plan.files(), &args.device, rep)
+    let opened = super::generate::open_device(&args.device, &args.precision)?;
+    run_in_process(&job, &plan.files(), opened, rep)
 }

@@ -17,12 +17,18 @@ pub struct DoctorArgs {
     /// visible, else cpu).
     #[arg(long)]
     pub device: Option<String>,
+    /// Also run every GPU kernel against its CPU twin on random inputs (cuda builds, a GPU).
+    #[arg(long)]
+    pub check_kernels: bool,
 }
 
 /// Prints the report to stdout; exit code 0 (the report itself is the result).
 pub fn run(args: &DoctorArgs) -> Result<i32> {
     let mut out = std::io::stdout().lock();
     report(args, &HubOptions::from_env(), &mut out)?;
+    if args.check_kernels {
+        return check_kernels(args, &mut out);
+    }
     Ok(0)
 }
 
@@ -96,16 +102,41 @@ pub fn report(args: &DoctorArgs, hub: &HubOptions, out: &mut dyn Write) -> Resul
         }
     };
     if has_cuda || !gpus.is_empty() {
-        let dirs = library_dirs();
-        writeln!(out, "\nCUDA libraries")?;
-        for (lib, found) in find_cuda_libraries(&dirs) {
-            match found {
-                Some(p) => writeln!(out, "  {lib:<14} {}", p.display())?,
-                None => writeln!(out, "  {lib:<14} not found")?,
+        writeln!(
+            out,
+            "\nCUDA libraries{}",
+            crate::runtime::device::cuda_major()
+                .map(|m| format!(" (this binary opens CUDA {m}'s)"))
+                .unwrap_or_default()
+        )?;
+        if has_cuda {
+            // What the backend will open, opened the same way (by name, then by full path).
+            for p in crate::runtime::device::probe_libraries() {
+                match &p.result {
+                    Ok(at) => writeln!(out, "  {:<18} {at}", p.what)?,
+                    Err(e) => writeln!(out, "  {:<18} MISSING: {e}", p.what)?,
+                }
             }
+            let dirs = crate::runtime::device::library_dirs();
+            let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            writeln!(out, "  (searched by full path: {})", looked.join(", "))?;
+            if let Some(why) = crate::runtime::device::cuda_unavailable_reason() {
+                writeln!(
+                    out,
+                    "  => CUDA cannot be used: {why}; runs fall back to the CPU"
+                )?;
+            }
+        } else {
+            let dirs = library_dirs();
+            for (lib, found) in find_cuda_libraries(&dirs) {
+                match found {
+                    Some(p) => writeln!(out, "  {lib:<14} {}", p.display())?,
+                    None => writeln!(out, "  {lib:<14} not found")?,
+                }
+            }
+            let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            writeln!(out, "  (searched: {})", looked.join(", "))?;
         }
-        let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-        writeln!(out, "  (searched: {})", looked.join(", "))?;
     }
 
     writeln!(
@@ -172,6 +203,13 @@ pub fn report(args: &DoctorArgs, hub: &HubOptions, out: &mut dyn Write) -> Resul
     writeln!(out, "  tier:      {}", plan.tier)?;
     writeln!(out, "  precision: {}", plan.precision)?;
     writeln!(out, "  why:       {}", plan.reason)?;
+    if let Target::Cuda {
+        compute_capability, ..
+    } = target
+    {
+        let (p, why) = crate::runtime::precision::PrecisionChoice::Auto.resolve(compute_capability);
+        writeln!(out, "  --precision auto: {p} ({why})")?;
+    }
     if !has_cuda && device != "cpu" {
         writeln!(
             out,
@@ -198,6 +236,38 @@ fn describe_gpu(g: &GpuInfo) -> String {
     )
 }
 
+/// `--check-kernels`: exit code 1 when a kernel disagrees with its CPU twin or cannot run.
+fn check_kernels(args: &DoctorArgs, out: &mut dyn Write) -> Result<i32> {
+    writeln!(out, "\nGPU kernels against their CPU twins")?;
+    #[cfg(feature = "cuda")]
+    {
+        let dev = crate::runtime::device::open_str(
+            args.device.as_deref().unwrap_or("cuda:0"),
+            crate::runtime::device::Fallback::Fail,
+        )?;
+        let mut failed = false;
+        for (name, r) in crate::runtime::cuda_ops::checks::all(&dev) {
+            match r {
+                Ok(e) => writeln!(out, "  {name:<26} ok (relative error {e:.2e})")?,
+                Err(e) => {
+                    failed = true;
+                    writeln!(out, "  {name:<26} FAILED: {e:#}")?
+                }
+            }
+        }
+        Ok(i32::from(failed))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        writeln!(
+            out,
+            "  this build has no CUDA kernels (build it with tools/build-cuda.sh)"
+        )?;
+        Ok(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +280,7 @@ mod tests {
         report(
             &DoctorArgs {
                 device: Some("cpu".into()),
+                check_kernels: false,
             },
             &hub,
             &mut out,
@@ -235,7 +306,8 @@ mod tests {
         let mut out = Vec::new();
         assert!(report(
             &DoctorArgs {
-                device: Some("tpu".into())
+                device: Some("tpu".into()),
+                check_kernels: false,
             },
             &hub,
             &mut out

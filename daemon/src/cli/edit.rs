@@ -155,7 +155,7 @@ fn edit(args: &EditArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
             "--text-cond-model does not apply to an image prompt"
         );
     }
-    let device: Device = crate::runtime::parse_device(&args.runtime.device)?;
+    let (device, _) = args.runtime.open_device()?;
     let asset = match &args.asset {
         Some(p) => {
             ensure!(p.is_file(), "asset {} does not exist", p.display());
@@ -250,7 +250,7 @@ fn edit(args: &EditArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
         "sparse_structure_sampler": ss_meta,
         "slat_sampler": slat_meta,
         "formats": plan.formats.names(),
-        "device": args.runtime.device,
+        "device": crate::runtime::device::device_name(&device),
     });
     match (&args.asset, &args.mesh) {
         (Some(p), _) => {

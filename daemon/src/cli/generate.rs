@@ -19,6 +19,7 @@ use crate::models::config::SamplerParams;
 use crate::pipelines::base::{ProgressEvent, RunControl};
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
+use crate::runtime::precision::PrecisionChoice;
 
 fn parse_steps(s: &str) -> Result<usize, String> {
     let n: usize = s
@@ -111,9 +112,12 @@ pub struct RuntimeArgs {
     /// Text conditioner (hub id or folder); default: the one pipeline.json names.
     #[arg(long)]
     pub text_cond_model: Option<String>,
-    /// cpu or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// auto (the first GPU with enough free memory, else the CPU), cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// auto, full (float32, TF32 off), half (float16 torsos as the original) or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -123,6 +127,12 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
+    /// Sets `--precision` and opens `--device` (a CUDA device that cannot be used falls back to
+    /// the CPU with one warning line).
+    pub fn open_device(&self) -> Result<(candle_core::Device, PrecisionChoice)> {
+        open_device(&self.device, &self.precision)
+    }
+
     pub fn conditioners(&self) -> ConditionerOverrides {
         ConditionerOverrides {
             image: self.image_cond_model.clone(),
@@ -307,14 +317,30 @@ pub fn run(args: &GenerateArgs) -> Result<i32> {
     with_reporter(&args.runtime, |rep| generate(args, rep))
 }
 
-/// Runs a validated job in-process on a fresh model cache and writes its files.
+/// What `--device` / `--precision` select for an in-process job: the precision parsed and set,
+/// the device opened with the CPU fallback (one warning line).
+pub fn open_device(
+    device: &str,
+    precision: &str,
+) -> Result<(candle_core::Device, PrecisionChoice)> {
+    let precision: PrecisionChoice = precision.parse()?;
+    let device = crate::runtime::select(
+        device,
+        &precision.to_string(),
+        crate::runtime::device::Fallback::CpuWithWarning,
+    )?;
+    Ok((device, precision))
+}
+
+/// Runs a validated job in-process on a fresh model cache (on `device`, at `precision`) and
+/// writes its files.
 pub fn run_in_process(
     job: &Job,
     files: &OutputFiles,
-    device: &str,
+    (device, precision): (candle_core::Device, PrecisionChoice),
     rep: &mut Reporter,
 ) -> Result<serde_json::Value> {
-    let mut cache = ModelCache::new(device, 1)?;
+    let mut cache = ModelCache::on(device, precision, 1);
     let out = with_control(rep, |ctl| run_job(job, &mut cache, ctl))?;
     with_control(rep, |ctl| outputs::write_outputs(files, &out, ctl))
 }
@@ -323,6 +349,7 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
     // Everything cheap, before any download or network load.
     let plan = OutputPlan::from_args(&args.output)?;
     let mut prepared = None;
+    let mut opened = None;
     let prompt = match &args.text {
         Some(t) => {
             ensure!(
@@ -334,8 +361,9 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         None => {
             // Background removal of images without transparency, before any pipeline network.
             args.background.options().check(&args.image)?;
-            let device = crate::runtime::parse_device(&args.runtime.device)?;
-            let p = args.background.prepare(&args.image, &device, rep)?;
+            let o = args.runtime.open_device()?;
+            let p = args.background.prepare(&args.image, &o.0, rep)?;
+            opened = Some(o);
             let images = decoded_sources(&args.image, &p.images);
             prepared = Some(p);
             Prompt::Images(images)
@@ -350,8 +378,11 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         conditioners: args.runtime.conditioners(),
     });
     job.validate()?;
-    crate::runtime::parse_device(&args.runtime.device)?;
-    let mut written = run_in_process(&job, &plan.files(), &args.runtime.device, rep)?;
+    let opened = match opened {
+        Some(o) => o,
+        None => args.runtime.open_device()?,
+    };
+    let mut written = run_in_process(&job, &plan.files(), opened, rep)?;
     if let Some(p) = &prepared {
         for (i, m) in p.write_masks()?.into_iter().enumerate() {
             written[format!("mask{}", if i == 0 { String::new() } else { i.to_string() })] =

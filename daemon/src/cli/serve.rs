@@ -17,9 +17,13 @@ pub struct ServeArgs {
     /// Text conditioner (hub id or folder) for every text model; default: pipeline.json's.
     #[arg(long)]
     pub text_cond_model: Option<String>,
-    /// Devices, one worker each: `cpu`, `cuda:0,cuda:1`, `cpu,cpu`.
+    /// Devices, one worker each: `auto`, `cpu`, `cuda:0,cuda:1`, `cpu,cpu`. A CUDA device that
+    /// cannot be used falls back to the CPU with one warning line (`hello` reports the device used).
     #[arg(long, value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<String>,
+    /// auto, full (float32, TF32 off), half (float16 torsos as the original) or bf16.
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
     /// Pipelines each worker keeps loaded at once (least recently used goes first).
     #[arg(long, default_value_t = 2)]
     pub max_resident: usize,
@@ -38,6 +42,7 @@ pub fn run(args: &ServeArgs) -> Result<i32> {
             text: args.text_cond_model.clone(),
         },
         devices: args.devices.clone(),
+        precision: args.precision.parse()?,
         max_resident: args.max_resident,
     })
 }

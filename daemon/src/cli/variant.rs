@@ -48,13 +48,15 @@ pub fn run(args: &VariantArgs) -> Result<i32> {
 fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     let plan = OutputPlan::from_args(&args.output)?;
     let mut prepared = None;
+    let mut opened = None;
     let prompt = match (&args.text, &args.image) {
         (Some(t), _) => Prompt::Text(t.clone()),
         (None, Some(i)) => {
             let one = std::slice::from_ref(i);
             args.background.options().check(one)?;
-            let device = crate::runtime::parse_device(&args.runtime.device)?;
-            let p = args.background.prepare(one, &device, rep)?;
+            let o = args.runtime.open_device()?;
+            let p = args.background.prepare(one, &o.0, rep)?;
+            opened = Some(o);
             let images = super::generate::decoded_sources(one, &p.images);
             prepared = Some(p);
             Prompt::Images(images)
@@ -71,8 +73,11 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         conditioners: args.runtime.conditioners(),
     });
     job.validate()?;
-    crate::runtime::parse_device(&args.runtime.device)?;
-    let mut written = run_in_process(&job, &plan.files(), &args.runtime.device, rep)?;
+    let opened = match opened {
+        Some(o) => o,
+        None => args.runtime.open_device()?,
+    };
+    let mut written = run_in_process(&job, &plan.files(), opened, rep)?;
     if let Some(p) = &prepared {
         for m in p.write_masks()? {
             written["mask"] = serde_json::json!(m);

@@ -12,6 +12,8 @@ use crate::models::conditioners::clip::TextConditioner;
 use crate::models::conditioners::dinov2::ImageConditioner;
 use crate::pipelines::base::{RunControl, Stage, TrellisPipeline};
 use crate::pipelines::loader::{self, Formats};
+use crate::runtime::device::Fallback;
+use crate::runtime::precision::PrecisionChoice;
 
 pub const DEFAULT_IMAGE_MODEL: &str = "microsoft/TRELLIS-image-large";
 pub const DEFAULT_TEXT_MODEL: &str = "microsoft/TRELLIS-text-large";
@@ -27,11 +29,13 @@ pub struct Resident {
     pub loads: usize,
 }
 
-/// The models one device holds.
+/// The models one device holds, with the device and precision they run at.
 pub struct ModelCache {
     pub device: Device,
-    /// `cpu`, `cuda:0`, ...
+    /// The device actually used (`cpu`, `cuda:0`, ...), after any fallback.
     pub device_name: String,
+    /// The precision its jobs run at (`use_fp16` torsos on a GPU follow it).
+    pub precision: PrecisionChoice,
     /// Most pipelines kept at once (the least recently used goes first).
     pub max_resident: usize,
     /// Most recently used last.
@@ -41,14 +45,24 @@ pub struct ModelCache {
 }
 
 impl ModelCache {
-    pub fn new(device_name: &str, max_resident: usize) -> Result<Self> {
-        Ok(Self {
-            device: crate::runtime::parse_device(device_name)?,
-            device_name: device_name.to_string(),
+    /// Opens the device `spec` names (`auto`, `cpu`, `cuda[:N]`; a CUDA device that cannot be
+    /// used falls back to the CPU with one warning line) and sets `precision`.
+    pub fn new(spec: &str, precision: PrecisionChoice, max_resident: usize) -> Result<Self> {
+        crate::runtime::precision::set(precision);
+        let device = crate::runtime::device::open_str(spec, Fallback::CpuWithWarning)?;
+        Ok(Self::on(device, precision, max_resident))
+    }
+
+    /// A cache on an already opened device.
+    pub fn on(device: Device, precision: PrecisionChoice, max_resident: usize) -> Self {
+        Self {
+            device_name: crate::runtime::device::device_name(&device),
+            device,
+            precision,
             max_resident: max_resident.max(1),
             entries: Vec::new(),
             opened: 0,
-        })
+        }
     }
 
     /// Specs of the resident pipelines.
@@ -83,6 +97,8 @@ impl ModelCache {
         ctl: &mut RunControl<'_>,
     ) -> Result<&mut Resident> {
         ctl.emit(Stage::Loading, 0, 2, Some(spec.to_string()));
+        // Torso dtypes follow the process precision: make it this cache's before loading.
+        crate::runtime::precision::set(self.precision);
         let idx = match self.entries.iter().position(|e| e.spec == spec) {
             Some(i) => i,
             None => {

@@ -3,7 +3,8 @@
 //! checked, every weight checked (missing / wrong shape / unexpected reported at once).
 //!
 //! Precision: checkpoints saved with `use_fp16` run their torso in float16 on CUDA (as the
-//! original does); on the CPU everything runs in float32.
+//! original does) unless `--precision` says otherwise (`runtime::precision`); on the CPU everything
+//! runs in float32.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -18,13 +19,9 @@ use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::{SparseStructureDecoder, SparseStructureEncoder};
 use crate::runtime::weights;
 
-/// The torso dtype for a checkpoint saved with `use_fp16` on `device`.
+/// The torso dtype for a checkpoint saved with `use_fp16` on `device` (see `runtime::precision`).
 pub fn torso_dtype(use_fp16: bool, device: &Device) -> DType {
-    if use_fp16 && device.is_cuda() {
-        DType::F16
-    } else {
-        DType::F32
-    }
+    crate::runtime::precision::torso_dtype(use_fp16, device)
 }
 
 fn config_of(files: &ModelFiles) -> Result<ModelConfig> {

@@ -1,33 +1,28 @@
 //! Devices, precision, tiers and weight loading.
 
+#[cfg(feature = "cuda")]
+pub mod cuda_ops;
+pub mod device;
 pub mod gpu;
 pub mod malloc;
+pub mod precision;
 pub mod pth;
 pub mod system;
 pub mod tiers;
 pub mod weights;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::Device;
 
-/// Parses `cpu` or `cuda:N` (`cuda` = `cuda:0`).
+/// Parses `cpu` or `cuda:N` (`cuda` = `cuda:0`) and fails when the device cannot be opened.
+/// Commands use [`device::open_str`], which also takes `auto` and can fall back to the CPU.
 pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx: usize = match s.strip_prefix("cuda:") {
-                Some(i) => i
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("bad device {s:?}: expected cuda:N"))?,
-                None => 0,
-            };
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "device {s:?}: this build has no CUDA support (rebuild with --features cuda)"
-                );
-            }
-            Ok(Device::new_cuda(idx)?)
-        }
-        other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
-    }
+    device::open_str(s, device::Fallback::Fail)
+}
+
+/// What every command does with `--device` and `--precision`: sets this process's precision,
+/// then opens the device (falling back to the CPU with one warning line where `fallback` says).
+pub fn select(device: &str, precision: &str, fallback: device::Fallback) -> Result<Device> {
+    precision::set(precision.parse()?);
+    device::open_str(device, fallback)
 }

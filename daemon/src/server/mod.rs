@@ -18,7 +18,8 @@ use anyhow::{Context, Result};
 use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 
-use crate::jobs::ConditionerOverrides;
+use crate::jobs::{ConditionerOverrides, ModelCache};
+use crate::runtime::device::Fallback;
 use assets::AssetStore;
 use buffers::Buffers;
 use queue::Queue;
@@ -29,7 +30,9 @@ use requests::Served;
 pub struct ServeOptions {
     pub models: Vec<String>,
     pub conditioners: ConditionerOverrides,
+    /// `auto`, `cpu`, `cuda[:N]` entries, one worker each.
     pub devices: Vec<String>,
+    pub precision: crate::runtime::precision::PrecisionChoice,
     pub max_resident: usize,
 }
 
@@ -40,6 +43,7 @@ pub struct Ctx {
     pub buffers: Arc<Buffers>,
     pub served: Vec<Served>,
     pub conditioners: ConditionerOverrides,
+    /// The devices the workers actually use (after any CPU fallback).
     pub devices: Vec<String>,
     pub address: String,
     pub shutdown: tokio::sync::Notify,
@@ -72,7 +76,8 @@ pub fn serve(opts: ServeOptions) -> Result<i32> {
         "--devices: give at least one device"
     );
     for d in &opts.devices {
-        crate::runtime::parse_device(d).with_context(|| format!("--devices {d}"))?;
+        d.parse::<crate::runtime::device::DeviceRequest>()
+            .with_context(|| format!("--devices {d}"))?;
     }
     let address = paths::socket_address();
     #[cfg(unix)]
@@ -111,16 +116,28 @@ fn serve_inner(
 ) -> Result<i32> {
     let store = Arc::new(AssetStore::open(paths::data_dir()?.join("assets"))?);
     let served = served_models(&opts.models);
-    let queue = Queue::new(store.clone(), opts.devices.len());
+    // Open every worker's device now, so that `hello` reports the ones actually used.
+    crate::runtime::precision::set(opts.precision);
+    let mut opened = Vec::new();
+    for d in &opts.devices {
+        let dev = crate::runtime::device::open_str(d, Fallback::CpuWithWarning)
+            .with_context(|| format!("--devices {d}"))?;
+        opened.push(dev);
+    }
+    let used: Vec<String> = opened
+        .iter()
+        .map(crate::runtime::device::device_name)
+        .collect();
+    let queue = Queue::new(store.clone(), opened.len());
     let mut workers = Vec::new();
-    for (i, d) in opts.devices.iter().enumerate() {
+    for (i, dev) in opened.into_iter().enumerate() {
         let q = queue.clone();
-        let dev = d.clone();
         let max = opts.max_resident;
+        let precision = opts.precision;
         workers.push(
             std::thread::Builder::new()
-                .name(format!("worker-{i}-{d}"))
-                .spawn(move || q.worker(i, dev, max))
+                .name(format!("worker-{i}-{}", used[i]))
+                .spawn(move || q.worker(i, ModelCache::on(dev, precision, max)))
                 .context("starting a worker thread")?,
         );
     }
@@ -130,7 +147,7 @@ fn serve_inner(
         buffers,
         served,
         conditioners: opts.conditioners.clone(),
-        devices: opts.devices.clone(),
+        devices: used,
         address: address.display().to_string(),
         shutdown: tokio::sync::Notify::new(),
     });

@@ -215,15 +215,9 @@ impl Queue {
         }
     }
 
-    /// A worker's loop: runs jobs on `device` until the queue stops.
-    pub fn worker(self: Arc<Self>, index: usize, device: String, max_resident: usize) {
-        let mut cache = match ModelCache::new(&device, max_resident) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("worker {index} ({device}): {e:#}");
-                return;
-            }
-        };
+    /// A worker's loop: runs jobs on `cache`'s device until the queue stops.
+    pub fn worker(self: Arc<Self>, index: usize, mut cache: ModelCache) {
+        let device = cache.device_name.clone();
         while let Some((id, job, dest, cancel)) = self.take(&device) {
             let started = Instant::now();
             let mut stage_start: Option<(Stage, Instant)> = None;

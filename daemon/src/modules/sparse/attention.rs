@@ -191,6 +191,10 @@ impl SparseMultiHeadAttention {
             None => t.qkv.narrow(1, 1, 1)?.squeeze(1)?,
         };
         let v = t.qkv.narrow(1, 2, 1)?.squeeze(1)?;
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.forward_self_cuda(x, *mode, &q, &k, &v);
+        }
         let (q, k, v) = (to_f32_vec(&q)?, to_f32_vec(&k)?, to_f32_vec(&v)?);
         let shape = AttnShape {
             heads: self.heads,
@@ -275,6 +279,12 @@ impl SparseMultiHeadAttention {
                 kv: i * l..(i + 1) * l,
             })
             .collect();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let q = q.feats().reshape((x.rows(), h, d))?;
+            let o = crate::runtime::cuda_ops::varlen_attention(&q, &k, &v, &groups)?;
+            return self.output_tensor(x, o.reshape((x.rows(), self.channels))?);
+        }
         let shape = AttnShape {
             heads: h,
             head_dim: d,
@@ -289,6 +299,67 @@ impl SparseMultiHeadAttention {
             1.0 / (d as f32).sqrt(),
         )?;
         self.output(x, out)
+    }
+
+    /// Self-attention on the GPU (`runtime::cuda_ops::varlen_attention`): q/k/v `[N, H, D]` stay
+    /// on the device; windows are a gather into window order and back.
+    #[cfg(feature = "cuda")]
+    fn forward_self_cuda(
+        &self,
+        x: &SparseTensor,
+        mode: AttnMode,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<SparseTensor> {
+        use crate::runtime::cuda_ops::varlen_attention as gpu_attention;
+        let o = match mode {
+            AttnMode::Full => {
+                let groups: Vec<AttnGroup> = x
+                    .layout()
+                    .iter()
+                    .map(|r| AttnGroup {
+                        q: r.clone(),
+                        kv: r.clone(),
+                    })
+                    .collect();
+                gpu_attention(q, k, v, &groups)?
+            }
+            AttnMode::Windowed { window, shift } => {
+                let p = x
+                    .geometry()
+                    .window_partition([window; 3], [shift as i32; 3])?;
+                let dev = x.device();
+                let fwd = Tensor::from_slice(&p.fwd, p.fwd.len(), dev)?;
+                let mut groups = Vec::with_capacity(p.seq_lens.len());
+                let mut start = 0;
+                for &len in &p.seq_lens {
+                    groups.push(AttnGroup {
+                        q: start..start + len,
+                        kv: start..start + len,
+                    });
+                    start += len;
+                }
+                let (qw, kw, vw) = (
+                    q.index_select(&fwd, 0)?,
+                    k.index_select(&fwd, 0)?,
+                    v.index_select(&fwd, 0)?,
+                );
+                let o = gpu_attention(&qw, &kw, &vw, &groups)?;
+                // row fwd[i] of the input is row i of `o`
+                let mut inv = vec![0u32; p.fwd.len()];
+                for (i, &r) in p.fwd.iter().enumerate() {
+                    inv[r as usize] = i as u32;
+                }
+                o.index_select(&Tensor::from_vec(inv, p.fwd.len(), dev)?, 0)?
+            }
+        };
+        self.output_tensor(x, o.reshape((x.rows(), self.channels))?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn output_tensor(&self, x: &SparseTensor, out: Tensor) -> Result<SparseTensor> {
+        self.to_out.forward(&x.replace(out.to_dtype(x.dtype())?)?)
     }
 
     fn output(&self, x: &SparseTensor, out: Vec<f32>) -> Result<SparseTensor> {

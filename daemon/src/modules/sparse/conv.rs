@@ -40,6 +40,9 @@ pub struct SparseConv3d {
     /// f32 copies made on first use (a weight may be a zero-cost broadcast placeholder until then).
     weight_f32: OnceLock<Vec<f32>>,
     bias_f32: OnceLock<Option<Vec<f32>>>,
+    /// The f32 kernel-layout weight on the GPU (made on first GPU use).
+    #[cfg(feature = "cuda")]
+    weight_dev: OnceLock<Tensor>,
 }
 
 impl SparseConv3d {
@@ -67,6 +70,8 @@ impl SparseConv3d {
             bias,
             weight_f32: OnceLock::new(),
             bias_f32: OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            weight_dev: OnceLock::new(),
         })
     }
 
@@ -95,6 +100,49 @@ impl SparseConv3d {
         Ok((w, b.as_deref()))
     }
 
+    /// The GPU path (`runtime::cuda_ops`): the f32 weight `[Cout, K, Cin]` on `x`'s device (made
+    /// once), the geometry's neighbour map built on the GPU (cached per geometry), one gather-GEMM
+    /// launch. `subdivided`: `x` holds the coarse rows and `fine` the 8× geometry; each child row
+    /// reads its parent's feats (the `SparseSubdivide` copy is a broadcast on the device).
+    #[cfg(feature = "cuda")]
+    fn compute_cuda(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
+        let w = match self.weight_dev.get() {
+            Some(w) => w.clone(),
+            None => {
+                let (w, _) = self.weights_f32()?;
+                let vol: usize = self.kernel.iter().product();
+                let t =
+                    Tensor::from_slice(w, (self.out_channels, vol, self.in_channels), x.device())?;
+                self.weight_dev.get_or_init(|| t).clone()
+            }
+        };
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_device(x.device()))
+            .transpose()?;
+        let (geo, feats) = match fine {
+            None => (x.geometry().as_ref(), x.feats().to_dtype(DType::F32)?),
+            Some(f) => {
+                let (n, c) = x.feats().dims2()?;
+                let rep = x
+                    .feats()
+                    .to_dtype(DType::F32)?
+                    .unsqueeze(1)?
+                    .broadcast_as((n, 8, c))?
+                    .reshape((8 * n, c))?;
+                (f, rep)
+            }
+        };
+        let nbr = geo.neighbour_table_cuda(self.kernel)?;
+        let out = crate::runtime::cuda_ops::sparse_conv(&feats, &nbr, &w, bias.as_ref())?;
+        Ok(if x.dtype() == DType::F32 {
+            out
+        } else {
+            out.to_dtype(x.dtype())?
+        })
+    }
+
     /// Runs `kernel` (a `trellis_kernels::sparse_conv` convolution) on the f32 feats of `x` with
     /// its neighbour map and this layer's f32 weights; the `[rows, out]` result in `x`'s dtype.
     fn compute(&self, x: &SparseTensor, rows: usize, kernel: ConvKernel) -> Result<Tensor> {
@@ -104,6 +152,10 @@ impl SparseConv3d {
             "SparseConv3d: expected {} input channels, got {c}",
             self.in_channels
         );
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.compute_cuda(x, None);
+        }
         let map = x.geometry().neighbour_map(self.kernel)?;
         let (w, b) = self.weights_f32()?;
         let feats = to_f32_vec(x.feats())?;
@@ -140,6 +192,17 @@ impl SparseConv3d {
             fine.rows(),
             x.rows()
         );
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let c = x.channels()?;
+            ensure!(
+                c == self.in_channels,
+                "SparseConv3d: expected {} input channels, got {c}",
+                self.in_channels
+            );
+            let t = self.compute_cuda(x, Some(&fine))?;
+            return SparseTensor::from_geometry(fine, t);
+        }
         let t = self.compute(x, fine.rows(), subdivided_conv)?;
         SparseTensor::from_geometry(fine, t)
     }

@@ -46,6 +46,8 @@ pub struct Geometry {
     device: Device,
     upsample: Option<UpsampleCache>,
     neighbours: Mutex<HashMap<[usize; 3], Arc<NeighbourMap>>>,
+    #[cfg(feature = "cuda")]
+    neighbours_cuda: Mutex<HashMap<[usize; 3], Tensor>>,
     windows: Mutex<HashMap<WindowKey, Arc<WindowPartition>>>,
     batch_index: Mutex<Option<Tensor>>,
 }
@@ -103,6 +105,8 @@ impl Geometry {
             device: device.clone(),
             upsample: None,
             neighbours: Mutex::new(HashMap::new()),
+            #[cfg(feature = "cuda")]
+            neighbours_cuda: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
             batch_index: Mutex::new(None),
         })
@@ -223,6 +227,22 @@ impl Geometry {
         let idx: Vec<u32> = self.coords.chunks_exact(4).map(|c| c[0] as u32).collect();
         let t = Tensor::from_vec(idx, self.rows(), &self.device)?;
         *m = Some(t.clone());
+        Ok(t)
+    }
+
+    /// The submanifold neighbour map of `kernel` as an int32 tensor `[N * K]` on this geometry's
+    /// (CUDA) device, built on the GPU from the coords and cached like [`Self::neighbour_map`].
+    #[cfg(feature = "cuda")]
+    pub fn neighbour_table_cuda(&self, kernel: [usize; 3]) -> Result<Tensor> {
+        let mut m = self
+            .neighbours_cuda
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = m.get(&kernel) {
+            return Ok(t.clone());
+        }
+        let t = crate::runtime::cuda_ops::submanifold_neighbours(&self.coords_tensor()?, kernel)?;
+        m.insert(kernel, t.clone());
         Ok(t)
     }
 
