@@ -3,7 +3,7 @@
 # `carry: [".devbin"]`. .devbin/ (git-ignored) must hold: trellisd.xz (tools/build-cuda.sh 13, xz -9),
 # ref1.tar.xz (../shared/reference without conditioners/, as reference/) and dino.tar.xz
 # (reference/conditioners/dinov2_reg_tiny). Writes doctor, parity full/half, generate and bench logs to $OUT.
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 set -x
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv
