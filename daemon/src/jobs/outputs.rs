@@ -135,24 +135,25 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// `positions f32 [V,3]`, `triangles u32 [F,3]`, `colors f32 [V,3]` (docs/PROTOCOL.md, fetch).
-pub fn mesh_arrays(m: &MeshExtractResult) -> Result<BinaryBuilder> {
+/// `positions f32 [V,3]` and `triangles u32 [F,3]`, the part every fetched mesh shares.
+fn geometry_arrays(vertices: &[[f32; 3]], faces: &[[u32; 3]]) -> Result<BinaryBuilder> {
     let mut b = BinaryBuilder::default();
-    let v = m.vertices.len() as u64;
-    let pos: Vec<f32> = m.vertices.iter().flatten().copied().collect();
+    let pos: Vec<f32> = vertices.iter().flatten().copied().collect();
+    let v = vertices.len() as u64;
     b.push("positions", WireDType::F32, &[v, 3], &f32_bytes(&pos))?;
-    let tri: Vec<u8> = m
-        .faces
+    let tri: Vec<u8> = faces
         .iter()
         .flatten()
         .flat_map(|i| i.to_le_bytes())
         .collect();
-    b.push(
-        "triangles",
-        WireDType::U32,
-        &[m.faces.len() as u64, 3],
-        &tri,
-    )?;
+    b.push("triangles", WireDType::U32, &[faces.len() as u64, 3], &tri)?;
+    Ok(b)
+}
+
+/// `positions f32 [V,3]`, `triangles u32 [F,3]`, `colors f32 [V,3]` (docs/PROTOCOL.md, fetch).
+pub fn mesh_arrays(m: &MeshExtractResult) -> Result<BinaryBuilder> {
+    let mut b = geometry_arrays(&m.vertices, &m.faces)?;
+    let v = m.vertices.len() as u64;
     if let Some(c) = mesh_colors(m) {
         let c: Vec<f32> = c.into_iter().flatten().collect();
         b.push("colors", WireDType::F32, &[v, 3], &f32_bytes(&c))?;
@@ -164,22 +165,8 @@ pub fn mesh_arrays(m: &MeshExtractResult) -> Result<BinaryBuilder> {
 /// and `texture u8 [H,W,3]` (glTF's UV convention: v down from the image's top row), or `colors
 /// f32 [V,3]` when not baked (docs/PROTOCOL.md, fetch).
 pub fn export_mesh_arrays(m: &ExportMesh) -> Result<BinaryBuilder> {
-    let mut b = BinaryBuilder::default();
+    let mut b = geometry_arrays(&m.vertices, &m.faces)?;
     let v = m.vertices.len() as u64;
-    let pos: Vec<f32> = m.vertices.iter().flatten().copied().collect();
-    b.push("positions", WireDType::F32, &[v, 3], &f32_bytes(&pos))?;
-    let tri: Vec<u8> = m
-        .faces
-        .iter()
-        .flatten()
-        .flat_map(|i| i.to_le_bytes())
-        .collect();
-    b.push(
-        "triangles",
-        WireDType::U32,
-        &[m.faces.len() as u64, 3],
-        &tri,
-    )?;
     if let Some(c) = &m.colors {
         let c: Vec<f32> = c.iter().flatten().copied().collect();
         b.push("colors", WireDType::F32, &[v, 3], &f32_bytes(&c))?;
