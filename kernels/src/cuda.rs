@@ -25,6 +25,13 @@ pub const ATTENTION: KernelSource = KernelSource {
     entry_points: &["varlen_attention"],
 };
 
+/// Fused tensor-core attention (float16 / bfloat16, head dim 64) with the same groups.
+pub const FLASH_ATTENTION: KernelSource = KernelSource {
+    name: "flash_attention",
+    source: include_str!("cuda/flash_attention.cu"),
+    entry_points: &["flash_attention_f16", "flash_attention_bf16"],
+};
+
 /// Neighbour maps built on the GPU (hash table of coordinates).
 pub const NEIGHBOURS: KernelSource = KernelSource {
     name: "neighbours",
@@ -33,7 +40,7 @@ pub const NEIGHBOURS: KernelSource = KernelSource {
 };
 
 /// Every kernel source, for the compile-only test.
-pub const ALL: &[KernelSource] = &[SPARSE_CONV, ATTENTION, NEIGHBOURS];
+pub const ALL: &[KernelSource] = &[SPARSE_CONV, ATTENTION, FLASH_ATTENTION, NEIGHBOURS];
 
 /// Threads per block of `varlen_attention` (8 warps).
 pub const ATTENTION_THREADS: u32 = 256;
@@ -42,3 +49,7 @@ pub const SPARSE_CONV_THREADS: u32 = 256;
 pub const SPARSE_CONV_TILE: u32 = 64;
 /// Largest head dimension `varlen_attention` takes.
 pub const ATTENTION_MAX_DIM: usize = 256;
+/// `flash_attention_*`: threads per block (4 warps), query rows per block, the one head dimension.
+pub const FLASH_THREADS: u32 = 128;
+pub const FLASH_ROWS: usize = 64;
+pub const FLASH_HEAD_DIM: usize = 64;

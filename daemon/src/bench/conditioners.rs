@@ -63,11 +63,37 @@ fn report(out: &mut dyn Write, what: &str, build: f64, runs: &[f64]) -> Result<(
 /// `facebook/dinov2-with-registers-large` sizes, one 518x518 image.
 pub fn run_dinov2(dev: &Device, out: &mut dyn Write) -> Result<()> {
     let dev = dev.clone();
+    let t0 = Instant::now();
+    let (model, _) = random_dinov2_large(&dev)?;
+    let build = t0.elapsed().as_secs_f64();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 518, 518), &dev)?;
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let t1 = Instant::now();
+        let y = model.forward_prenorm(&x)?;
+        runs.push(t1.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            y.dims() == [1, 1374, 1024],
+            "unexpected output {:?}",
+            y.dims()
+        );
+    }
+    report(
+        out,
+        "dinov2-large [1,3,518,518] -> [1,1374,1024]",
+        build,
+        &runs,
+    )
+}
+
+/// `facebook/dinov2-with-registers-large` with random weights, float32.
+/// Also returns its parameter count.
+pub fn random_dinov2_large(dev: &Device) -> Result<(Dinov2WithRegisters, usize)> {
+    let dev = dev.clone();
     let cfg = Dinov2Config::from_json(&serde_json::json!({
         "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
         "image_size": 518, "patch_size": 14, "num_register_tokens": 4, "layer_norm_eps": 1e-6
     }))?;
-    let t0 = Instant::now();
     let (c, p) = (cfg.hidden_size, cfg.patch_size);
     let g = cfg.image_size / p;
     let mut t = HashMap::new();
@@ -102,38 +128,49 @@ pub fn run_dinov2(dev: &Device, out: &mut dyn Write) -> Result<()> {
         t.insert(format!("{l}.layer_scale2.lambda1"), randn(&[c], &dev)?);
     }
     norm(&mut t, "layernorm", c, &dev)?;
+    let params = t.values().map(|t| t.elem_count()).sum();
     let (vb, check) = weights::from_tensors(t, "random dinov2-large", DType::F32, &dev);
     let model = Dinov2WithRegisters::new(&cfg, vb)?;
     check.finish()?;
-    let build = t0.elapsed().as_secs_f64();
-    let x = Tensor::randn(0f32, 1.0, (1, 3, 518, 518), &dev)?;
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        let t1 = Instant::now();
-        let y = model.forward_prenorm(&x)?;
-        runs.push(t1.elapsed().as_secs_f64());
-        anyhow::ensure!(
-            y.dims() == [1, 1374, 1024],
-            "unexpected output {:?}",
-            y.dims()
-        );
-    }
-    report(
-        out,
-        "dinov2-large [1,3,518,518] -> [1,1374,1024]",
-        build,
-        &runs,
-    )
+    Ok((model, params))
 }
 
 /// `openai/clip-vit-large-patch14` text sizes, batch 2 (a prompt and the empty negative).
 pub fn run_clip(dev: &Device, out: &mut dyn Write) -> Result<()> {
     let dev = dev.clone();
+    let t0 = Instant::now();
+    let (model, _) = random_clip_large_text(&dev)?;
+    let build = t0.elapsed().as_secs_f64();
+    let ids = clip_ids(&dev)?;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let t1 = Instant::now();
+        let y = model.forward(&ids)?;
+        runs.push(t1.elapsed().as_secs_f64());
+        anyhow::ensure!(y.dims() == [2, 77, 768], "unexpected output {:?}", y.dims());
+    }
+    report(out, "clip-large text [2,77] -> [2,77,768]", build, &runs)
+}
+
+/// A prompt and the empty prompt as CLIP token ids `[2, 77]` (start, nine words, end padding).
+pub fn clip_ids(dev: &Device) -> Result<Tensor> {
+    let mut ids = vec![49407u32; 2 * 77];
+    ids[0] = 49406;
+    ids[77] = 49406;
+    for (k, id) in ids[1..10].iter_mut().enumerate() {
+        *id = 320 + k as u32;
+    }
+    Ok(Tensor::from_vec(ids, (2, 77), dev)?)
+}
+
+/// `openai/clip-vit-large-patch14`'s text transformer with random weights, float32.
+/// Also returns its parameter count.
+pub fn random_clip_large_text(dev: &Device) -> Result<(ClipTextTransformer, usize)> {
+    let dev = dev.clone();
     let cfg = ClipTextConfig::from_json(&serde_json::json!({
         "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
         "num_attention_heads": 12, "max_position_embeddings": 77, "vocab_size": 49408
     }))?;
-    let t0 = Instant::now();
     let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
     let mut t = HashMap::new();
     t.insert(
@@ -155,23 +192,9 @@ pub fn run_clip(dev: &Device, out: &mut dyn Write) -> Result<()> {
         norm(&mut t, &format!("{l}.layer_norm2"), c, &dev)?;
     }
     norm(&mut t, "final_layer_norm", c, &dev)?;
+    let params = t.values().map(|t| t.elem_count()).sum();
     let (vb, check) = weights::from_tensors(t, "random clip-large text", DType::F32, &dev);
     let model = ClipTextTransformer::new(&cfg, vb)?;
     check.finish()?;
-    let build = t0.elapsed().as_secs_f64();
-    let mut ids = vec![49407u32; 2 * 77];
-    ids[0] = 49406;
-    ids[77] = 49406;
-    for (k, id) in ids[1..10].iter_mut().enumerate() {
-        *id = 320 + k as u32;
-    }
-    let ids = Tensor::from_vec(ids, (2, 77), &dev)?;
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let t1 = Instant::now();
-        let y = model.forward(&ids)?;
-        runs.push(t1.elapsed().as_secs_f64());
-        anyhow::ensure!(y.dims() == [2, 77, 768], "unexpected output {:?}", y.dims());
-    }
-    report(out, "clip-large text [2,77] -> [2,77,768]", build, &runs)
+    Ok((model, params))
 }

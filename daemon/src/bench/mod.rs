@@ -4,9 +4,11 @@
 //! shared by all: [`peak_rss_kib`] (VmHWM), [`manifest_path`], the synthetic structure
 //! [`shell_coords`] and [`lcg_vec`] values.
 
+pub mod attention;
 pub mod bake;
 pub mod conditioners;
 pub mod mesh_decoder;
+pub mod pipeline;
 pub mod side_by_side;
 pub mod sparse;
 pub mod ss_decoder;
@@ -27,6 +29,16 @@ pub struct Bench {
 
 /// Every benchmark, in the order `trellisd bench --list` shows them.
 pub const BENCHES: &[Bench] = &[
+    Bench {
+        name: "pipeline",
+        about: "a whole official pipeline end to end (image-large by default; --pipeline, --voxels, --steps, --runs, --json) from the manifests with random weights on --device/--precision: per-stage median time, flow ms per forward, peak GPU memory (pool high-water marks) and host RSS",
+        run: pipeline::run_default,
+    },
+    Bench {
+        name: "attention",
+        about: "the attention kernels on TRELLIS's shapes (SS flow self/cross, SLat varlen, decoder windows) in TFLOP/s beside the device's matrix-product rate: tensor cores in f16/bf16 on a GPU, f32 on the CPU",
+        run: attention::run,
+    },
     Bench {
         name: "ss-flow",
         about: "full-size SparseStructureFlowModel (ss_flow_img_dit_L_16l8_fp16 manifest, random weights), f32 CPU, x [1,8,16,16,16], cond [1,1374,1024]; with --weights/--inputs, one forward from files (also slat-flow, mesh-decoder, dinov2-large: see tools/bench/side_by_side.py)",

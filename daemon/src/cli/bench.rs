@@ -23,6 +23,24 @@ pub struct BenchArgs {
     /// Inputs `.safetensors` for --weights.
     #[arg(long, requires = "weights")]
     pub inputs: Option<std::path::PathBuf>,
+    /// `pipeline`: which one (image-large, text-base, text-large, text-xlarge).
+    #[arg(long, default_value = "image-large")]
+    pub pipeline: String,
+    /// `pipeline`: voxels of the SLat stage's shell at 64^3.
+    #[arg(long, default_value_t = 20_000)]
+    pub voxels: usize,
+    /// `pipeline`: sampler steps of both flows (default: the pipeline's, 25).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// `pipeline`: timed runs after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// `pipeline`: decoders to run (mesh,gaussian,radiance_field).
+    #[arg(long, default_value = "mesh,gaussian,radiance_field")]
+    pub formats: String,
+    /// `pipeline`: also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
     /// List the benchmarks and exit.
     #[arg(long)]
     pub list: bool,
@@ -56,6 +74,16 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
     if let (Some(weights), Some(inputs)) = (&args.weights, &args.inputs) {
         let files = crate::bench::side_by_side::Files { weights, inputs };
         crate::bench::side_by_side::run(name, Some(files), &device, &mut stdout)?;
+    } else if name == "pipeline" {
+        let opts = crate::bench::pipeline::PipelineOptions {
+            pipeline: args.pipeline.clone(),
+            voxels: args.voxels,
+            steps: args.steps,
+            runs: args.runs,
+            formats: crate::pipelines::loader::Formats::parse(&args.formats)?,
+            json: args.json.clone(),
+        };
+        crate::bench::pipeline::run(&device, &opts, &mut stdout)?;
     } else {
         crate::bench::run(name, &device, &mut stdout)?;
     }

@@ -63,7 +63,11 @@ fn raw(t: &Tensor) -> Result<RawTensor> {
             )
         }
         DType::I64 | DType::U32 | DType::U8 | DType::I16 => {
-            let v: Vec<i64> = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+            let v: Vec<i64> = t
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::I64)?
+                .flatten_all()?
+                .to_vec1()?;
             let mut b = Vec::with_capacity(v.len() * 4);
             for x in v {
                 let x = i32::try_from(x).map_err(|_| anyhow!("coordinate {x} out of i32 range"))?;
@@ -212,7 +216,12 @@ mod tests {
         a.save(&p).unwrap();
         let b = Asset::load(&p, &dev).unwrap();
         assert_eq!(b.coords.dtype(), DType::I32);
-        let back: Vec<Vec<i64>> = b.coords.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
+        let back: Vec<Vec<i64>> = b
+            .coords
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         assert_eq!(back, coords.to_vec2::<i64>().unwrap());
         assert_eq!(
             b.slat.to_vec2::<f32>().unwrap(),

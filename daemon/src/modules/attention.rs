@@ -69,6 +69,27 @@ fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Res
         if let Some(o) = cpu_attention(q, k, v)? {
             return Ok(o);
         }
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda()
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype()
+            && crate::runtime::cuda_ops::flash_attention_supports(q.dtype(), d, _dv)
+        {
+            // The tensor-core kernel: one group per batch element, no score matrix in memory.
+            let groups: Vec<AttnGroup> = (0..b)
+                .map(|i| AttnGroup {
+                    q: i * lq..(i + 1) * lq,
+                    kv: i * lk..(i + 1) * lk,
+                })
+                .collect();
+            let o = crate::runtime::cuda_ops::flash_attention(
+                &q.reshape((b * lq, h, d))?,
+                &k.reshape((b * lk, h, d))?,
+                &v.reshape((b * lk, h, _dv))?,
+                &groups,
+            )?;
+            return Ok(o.reshape((b, lq, h, _dv))?);
+        }
     }
     let out_dtype = q.dtype();
     let scale = 1.0 / (d as f64).sqrt();

@@ -140,7 +140,12 @@ impl AbsolutePositionEmbedder {
                 self.in_channels
             );
         }
-        let p: Vec<f32> = pos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // Read on the host (the GPU has no int32 casts; the table is built on the host anyway).
+        let p: Vec<f32> = pos
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let table = self.embed_rows(&p)?;
         Ok(Tensor::from_vec(table, (n, self.channels), pos.device())?)
     }

@@ -67,6 +67,7 @@ pub struct BatchRows {
 /// The batch elements of `[N, 4]` (batch, x, y, z) coordinates: contiguous blocks in batch order.
 pub fn split_batches(coords: &Tensor) -> Result<Vec<BatchRows>> {
     let rows = coords
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::I64)?
         .to_vec2::<i64>()
         .context("coords must be [N, 4] integers")?;
@@ -475,6 +476,7 @@ fn compare_mesh(cmp: &mut Cmp<'_>, p: &str, mesh: &MeshExtractResult) -> Result<
     let ev: Vec<[f32; 3]> = to_triples(&fx.io(&format!("{p}vertices"))?)?;
     let ef: Vec<[u32; 3]> = fx
         .io(&format!("{p}faces"))?
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::I64)?
         .to_vec2::<i64>()?
         .into_iter()
@@ -657,7 +659,8 @@ fn canonical_face(f: [u32; 3]) -> [u32; 3] {
 }
 
 fn faces_of(t: &Tensor) -> Result<Vec<[u32; 3]>> {
-    Ok(t.to_dtype(DType::I64)?
+    Ok(t.to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::I64)?
         .to_vec2::<i64>()?
         .into_iter()
         .map(|r| [r[0] as u32, r[1] as u32, r[2] as u32])

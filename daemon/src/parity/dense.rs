@@ -120,7 +120,10 @@ fn eps_in(s: &str) -> Option<f64> {
 
 /// Row ranges of each batch element from sparse coords `[N, 4]` (batch column first, blocks contiguous).
 pub fn batch_ranges(coords: &Tensor) -> Result<Vec<Range<usize>>> {
-    let c: Vec<Vec<i64>> = coords.to_dtype(DType::I64)?.to_vec2()?;
+    let c: Vec<Vec<i64>> = coords
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::I64)?
+        .to_vec2()?;
     let mut out: Vec<Range<usize>> = Vec::new();
     let mut cur: Option<i64> = None;
     for (i, row) in c.iter().enumerate() {
@@ -582,7 +585,8 @@ fn ss_encoder(fx: &mut Fixture) -> Result<Outcome> {
 fn coords_error(got: &Tensor, want: &Tensor, logits: &Tensor, margin: f32) -> Result<f64> {
     use std::collections::BTreeSet;
     let set = |t: &Tensor| -> Result<BTreeSet<Vec<i64>>> {
-        Ok(t.to_dtype(DType::I64)?
+        Ok(t.to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::I64)?
             .to_vec2::<i64>()?
             .into_iter()
             .collect())

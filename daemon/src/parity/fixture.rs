@@ -54,8 +54,20 @@ impl Fixture {
 
     pub fn load_io(&mut self) -> Result<()> {
         let p = self.dir.join("io.safetensors");
-        self.io = candle_core::safetensors::load(&p, &self.device)
+        let host = candle_core::safetensors::load(&p, &Device::Cpu)
             .with_context(|| format!("reading {}", p.display()))?;
+        // int32 tensors become int64 on the host first: candle's CUDA kernels cast no int32.
+        self.io = host
+            .into_iter()
+            .map(|(k, t)| {
+                let t = if t.dtype() == DType::I32 {
+                    t.to_dtype(DType::I64)?
+                } else {
+                    t
+                };
+                Ok((k, t.to_device(&self.device)?))
+            })
+            .collect::<Result<_>>()?;
         Ok(())
     }
 
@@ -131,6 +143,11 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
+/// `t` in host memory (a no-op for CPU tensors).
+pub fn host(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_device(&Device::Cpu)?)
+}
+
 /// Relative L2 error `||a-b|| / ||b||` in float64 (absolute L2 when `b` is zero).
 pub fn rel_l2(actual: &Tensor, expected: &Tensor) -> Result<f64> {
     if actual.dims() != expected.dims() {
@@ -140,8 +157,9 @@ pub fn rel_l2(actual: &Tensor, expected: &Tensor) -> Result<f64> {
             expected.dims()
         );
     }
-    let a = actual.to_dtype(DType::F64)?.flatten_all()?;
-    let b = expected.to_dtype(DType::F64)?.flatten_all()?;
+    // On the host, in float64 (the GPU lacks integer casts, and this is the reference side).
+    let a = host(actual)?.to_dtype(DType::F64)?.flatten_all()?;
+    let b = host(expected)?.to_dtype(DType::F64)?.flatten_all()?;
     let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
     Ok(if den > 0.0 { num / den } else { num })
@@ -181,8 +199,8 @@ impl Report {
             );
             f64::INFINITY
         } else {
-            let a = actual.to_dtype(DType::F64)?.flatten_all()?;
-            let b = expected.to_dtype(DType::F64)?.flatten_all()?;
+            let a = host(actual)?.to_dtype(DType::F64)?.flatten_all()?;
+            let b = host(expected)?.to_dtype(DType::F64)?.flatten_all()?;
             let n = b.elem_count().max(1) as f64;
             let diff = a
                 .ne(&b)?

@@ -118,7 +118,11 @@ fn count_steps(fx: &Fixture, prefix: &str) -> usize {
 }
 
 fn voxel_set(t: &Tensor) -> Result<BTreeSet<[i32; 3]>> {
-    let v: Vec<Vec<i32>> = t.to_dtype(DType::I64)?.to_dtype(DType::I32)?.to_vec2()?;
+    let v: Vec<Vec<i32>> = t
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::I64)?
+        .to_dtype(DType::I32)?
+        .to_vec2()?;
     Ok(v.into_iter().map(|r| [r[0], r[1], r[2]]).collect())
 }
 
@@ -142,6 +146,7 @@ fn check_voxelize(fx: &Fixture, report: &mut Report) -> Result<usize> {
             .to_vec2()?;
         let f: Vec<Vec<i64>> = fx
             .io(&format!("voxelize_{m}_mesh_faces"))?
+            .to_device(&candle_core::Device::Cpu)?
             .to_dtype(DType::I64)?
             .to_vec2()?;
         let mesh = TriMesh {
@@ -200,11 +205,17 @@ fn slat_input_coords(fx: &Fixture, run: &str, kind: &RunKind) -> Result<Tensor> 
         RunKind::Variant { mesh } => {
             let v = fx
                 .io(&format!("voxelize_{mesh}_coords"))?
+                .to_device(&candle_core::Device::Cpu)?
                 .to_dtype(DType::I64)?;
             let zeros = Tensor::zeros((v.dim(0)?, 1), DType::I64, v.device())?;
-            Ok(Tensor::cat(&[zeros, v], 1)?.to_dtype(DType::I32)?)
+            Ok(Tensor::cat(&[zeros, v], 1)?
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::I32)?)
         }
-        _ => Ok(fx.io(&format!("{run}_coords"))?.to_dtype(DType::I32)?),
+        _ => Ok(fx
+            .io(&format!("{run}_coords"))?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::I32)?),
     }
 }
 
@@ -250,7 +261,7 @@ fn check_slat_stage(
     let coords = slat_input_coords(fx, run, kind)?;
     let name = format!("{run}_slat_coords");
     if fx.has_io(&name) {
-        report.exact(&name, &coords, &fx.io(&name)?.to_dtype(DType::I32)?)?;
+        report.exact(&name, &coords, &fx.io(&name)?)?;
     }
     let recorded = count_steps(fx, &format!("{run}_slat_x_t"));
     let (_, settings) = settings_of(&pipe.repo, false, recorded)?;
@@ -392,6 +403,7 @@ fn compare_mesh(
         .collect();
     let ef: Vec<[u32; 3]> = fx
         .io(&format!("{p}faces"))?
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::I64)?
         .to_vec2::<i64>()?
         .into_iter()

@@ -376,6 +376,7 @@ fn slat_flow(fx: &mut Fixture) -> Result<Outcome> {
         let coords_key = name.replace("_feats", "_coords");
         let coords = if fx.has_io(&coords_key) {
             fx.io(&coords_key)?
+                .to_device(&candle_core::Device::Cpu)?
                 .to_dtype(DType::I64)?
                 .flatten_all()?
                 .to_vec1::<i64>()?

@@ -194,6 +194,7 @@ pub fn occupied_coords(logits: &Tensor) -> Result<Tensor> {
 pub fn coords_batch(coords: &Tensor) -> Result<usize> {
     let b = coords
         .narrow(1, 0, 1)?
+        .to_device(&candle_core::Device::Cpu)?
         .to_dtype(DType::I64)?
         .max_all()?
         .to_scalar::<i64>()?;
@@ -418,7 +419,11 @@ impl TrellisPipeline {
         let (sampler, settings) = self.slat_sampler(over)?;
         let n = coords.dim(0)?;
         let feats = noise.randn(&[n, self.slat_in_channels], &self.device)?;
-        let cv: Vec<i32> = coords.to_dtype(DType::I32)?.flatten_all()?.to_vec1()?;
+        let cv: Vec<i32> = coords
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::I32)?
+            .flatten_all()?
+            .to_vec1()?;
         let geo = Arc::new(Geometry::new(cv, None, &self.device)?);
         let flow = &self.slat_flow;
         let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
@@ -490,7 +495,7 @@ pub fn decode_slat(
     formats: Formats,
     ctl: &mut RunControl<'_>,
 ) -> Result<Decoded> {
-    let x = SparseTensor::from_tensors(&coords.to_dtype(DType::I32)?, slat.clone())?;
+    let x = SparseTensor::from_tensors(coords, slat.clone())?;
     let mut out = Decoded::default();
     let total = formats.names().len();
     let mut done = 0;

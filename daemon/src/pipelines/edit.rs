@@ -467,7 +467,12 @@ impl EditSource {
                 s.dims2()?.0
             );
         }
-        let flat: Vec<i64> = self.coords.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        let flat: Vec<i64> = self
+            .coords
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1()?;
         let r = resolution as i64;
         let mut out = Vec::with_capacity(n);
         for c in flat.chunks_exact(4) {
@@ -625,7 +630,11 @@ impl EditPipeline {
             "the structure decoder produced {:?} for a {r}³ grid",
             logits.dims()
         );
-        let dv: Vec<i64> = decoded.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        let dv: Vec<i64> = decoded
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1()?;
         let mut voxels: Vec<[i32; 3]> = original
             .iter()
             .copied()

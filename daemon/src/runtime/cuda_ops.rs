@@ -321,6 +321,207 @@ pub fn varlen_attention(
     Ok(f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?)
 }
 
+/// Tiles of [`FlashAttentionOp`]: (group, first query row) per block of `FLASH_ROWS` rows.
+struct FlashAttentionOp {
+    nq: usize,
+    heads: usize,
+    tile_group: Vec<i32>,
+    tile_q0: Vec<i32>,
+    q_end: Vec<i32>,
+    kv_start: Vec<i32>,
+    kv_end: Vec<i32>,
+}
+
+impl CustomOp3 for FlashAttentionOp {
+    fn name(&self) -> &'static str {
+        "trellis-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        Err(err("trellis-flash-attention: CUDA only"))
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        lq: &Layout,
+        kk: &CudaStorage,
+        lk: &Layout,
+        v: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = q.device().clone();
+        let dtype = q.dtype();
+        let shape = Shape::from((self.nq, self.heads, k::FLASH_HEAD_DIM));
+        let stream = dev.cuda_stream();
+        let entry = match dtype {
+            DType::F16 => "flash_attention_f16",
+            DType::BF16 => "flash_attention_bf16",
+            other => {
+                return Err(err(format!(
+                    "flash attention: {other:?} (f16 or bf16 only)"
+                )))
+            }
+        };
+        let heads = i32_arg(self.heads, "heads")?;
+        let scale_log2 = std::f32::consts::LOG2_E / (k::FLASH_HEAD_DIM as f32).sqrt();
+        let tiles = u32::try_from(self.tile_group.len())
+            .map_err(|_| err("flash attention: too many tiles"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                tiles,
+                u32::try_from(self.heads).map_err(|_| err("flash attention: too many heads"))?,
+                1,
+            ),
+            block_dim: (k::FLASH_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! launch {
+            ($t:ty) => {{
+                // Rows the tiles do not cover (outside every group) stay zero.
+                let out = dev.alloc_zeros::<$t>(shape.elem_count())?;
+                if tiles > 0 {
+                    let meta = |v: &Vec<i32>| stream.clone_htod(v).w();
+                    let (tg, tq, qe, k0, k1) = (
+                        meta(&self.tile_group)?,
+                        meta(&self.tile_q0)?,
+                        meta(&self.q_end)?,
+                        meta(&self.kv_start)?,
+                        meta(&self.kv_end)?,
+                    );
+                    let func = module(&dev, &k::FLASH_ATTENTION)?
+                        .load_function(entry)
+                        .w()?;
+                    let qs = q.as_cuda_slice::<$t>()?.slice(range(lq, "q")?);
+                    let ks = kk.as_cuda_slice::<$t>()?.slice(range(lk, "k")?);
+                    let vs = v.as_cuda_slice::<$t>()?.slice(range(lv, "v")?);
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&qs)
+                        .arg(&ks)
+                        .arg(&vs)
+                        .arg(&tg)
+                        .arg(&tq)
+                        .arg(&qe)
+                        .arg(&k0)
+                        .arg(&k1)
+                        .arg(&heads)
+                        .arg(&scale_log2)
+                        .arg(&out);
+                    // SAFETY: argument types and counts match the kernel's signature; shapes,
+                    // ranges and alignment checked by `flash_attention`.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+            }};
+        }
+        match dtype {
+            DType::F16 => launch!(half::f16),
+            _ => launch!(half::bf16),
+        }
+    }
+}
+
+/// Attention on the GPU for every caller (dense, cross, variable-length, windowed): the
+/// tensor-core kernel where it applies (float16/bfloat16, head dim 64), else the float32 kernel;
+/// the output has `q`'s dtype.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+) -> anyhow::Result<Tensor> {
+    let same = k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    if same && flash_attention_supports(q.dtype(), q.dim(2)?, v.dim(2)?) {
+        return flash_attention(q, k, v, groups);
+    }
+    Ok(varlen_attention(q, k, v, groups)?.to_dtype(q.dtype())?)
+}
+
+/// Whether [`flash_attention`] takes tensors of this dtype and head dimension.
+pub fn flash_attention_supports(dtype: DType, head_dim: usize, v_dim: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && head_dim == k::FLASH_HEAD_DIM
+        && v_dim == k::FLASH_HEAD_DIM
+}
+
+/// [`varlen_attention`]'s contract on the tensor cores: `q` `[Nq, H, 64]`, `k`/`v` `[Nk, H, 64]`,
+/// all float16 or all bfloat16; scores, softmax and accumulation in float32; the output in the
+/// inputs' dtype. Query rows that no group names are zero.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+) -> anyhow::Result<Tensor> {
+    let (nq, heads, d) = q.dims3()?;
+    let (nk, hk, dk) = k.dims3()?;
+    let (nv, hv, dv) = v.dims3()?;
+    anyhow::ensure!(
+        hk == heads && hv == heads && dk == d && nv == nk && dv == d,
+        "flash attention: q {:?}, k {:?}, v {:?} do not match",
+        q.dims(),
+        k.dims(),
+        v.dims()
+    );
+    anyhow::ensure!(
+        flash_attention_supports(q.dtype(), d, dv)
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype(),
+        "flash attention: {:?}/{:?}/{:?} with head dim {d} (float16 or bfloat16, head dim {})",
+        q.dtype(),
+        k.dtype(),
+        v.dtype(),
+        k::FLASH_HEAD_DIM
+    );
+    let mut op = FlashAttentionOp {
+        nq,
+        heads,
+        tile_group: Vec::new(),
+        tile_q0: Vec::new(),
+        q_end: Vec::with_capacity(groups.len()),
+        kv_start: Vec::with_capacity(groups.len()),
+        kv_end: Vec::with_capacity(groups.len()),
+    };
+    for (g, grp) in groups.iter().enumerate() {
+        anyhow::ensure!(
+            grp.q.start <= grp.q.end
+                && grp.q.end <= nq
+                && grp.kv.end <= nk
+                && grp.kv.start <= grp.kv.end,
+            "flash attention: group {g} ({:?}, {:?}) out of range",
+            grp.q,
+            grp.kv
+        );
+        let gi = i32::try_from(g)?;
+        op.q_end.push(i32::try_from(grp.q.end)?);
+        op.kv_start.push(i32::try_from(grp.kv.start)?);
+        op.kv_end.push(i32::try_from(grp.kv.end)?);
+        let mut r = grp.q.start;
+        while r < grp.q.end {
+            op.tile_group.push(gi);
+            op.tile_q0.push(i32::try_from(r)?);
+            r += k::FLASH_ROWS;
+        }
+    }
+    // Contiguous, starting on a 16-byte boundary (the kernel moves 16-byte vectors).
+    let aligned = |t: &Tensor| -> anyhow::Result<Tensor> {
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let offset = layout.start_offset();
+        drop(storage);
+        Ok(if offset % 8 == 0 { t } else { t.copy()? })
+    };
+    Ok(aligned(q)?.apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &op)?)
+}
+
 struct NeighboursOp {
     kernel: [usize; 3],
 }
@@ -517,12 +718,82 @@ pub mod checks {
         Ok(e)
     }
 
+    /// Tensor-core attention vs the CPU kernel on the same (rounded) inputs, in `dtype`: dense,
+    /// cross (77 keys), variable-length groups of odd sizes, an empty key range and rows outside
+    /// every group (zero). Relative error below `tol`.
+    pub fn flash_attention_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
+        let (heads, d) = (3, 64);
+        let (nq, nk) = (530, 700);
+        let groups = vec![
+            AttnGroup {
+                q: 0..200,
+                kv: 0..200,
+            },
+            AttnGroup {
+                q: 200..330,
+                kv: 200..277,
+            },
+            AttnGroup {
+                q: 330..401,
+                kv: 277..690,
+            },
+            AttnGroup {
+                q: 401..470,
+                kv: 690..690,
+            },
+            AttnGroup {
+                q: 470..471,
+                kv: 0..1,
+            },
+        ];
+        let mk = |n: usize, seed: u64| -> anyhow::Result<(Tensor, Vec<f32>)> {
+            let x: Vec<f32> = noise(n * heads * d, seed).iter().map(|v| 2.0 * v).collect();
+            let t = Tensor::from_slice(&x, (n, heads, d), dev)?.to_dtype(dtype)?;
+            let r: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            Ok((t, r))
+        };
+        let (q, qr) = mk(nq, 7)?;
+        let (kk, kr) = mk(nk, 8)?;
+        let (v, vr) = mk(nk, 9)?;
+        let shape = AttnShape {
+            heads,
+            head_dim: d,
+            v_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let cpu =
+            trellis_kernels::attention::varlen_attention(&qr, &kr, &vr, &groups, shape, scale)?;
+        let g: Vec<f32> = flash_attention(&q, &kk, &v, &groups)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        anyhow::ensure!(g.iter().all(|x| x.is_finite()), "non-finite output");
+        anyhow::ensure!(
+            g[401 * heads * d..470 * heads * d]
+                .iter()
+                .all(|x| *x == 0.0)
+                && g[471 * heads * d..].iter().all(|x| *x == 0.0),
+            "rows with no keys or outside every group are not zero"
+        );
+        let e = rel_err(&g, &cpu);
+        anyhow::ensure!(e < tol, "flash attention {dtype:?}: relative error {e}");
+        Ok(e)
+    }
+
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
             ("neighbour map (exact)", neighbours(dev)),
             ("sparse conv gather-GEMM", sparse_conv_vs_cpu(dev)),
             ("varlen attention", attention_vs_cpu(dev)),
+            (
+                "flash attention f16",
+                flash_attention_vs_cpu(dev, DType::F16, 4e-3),
+            ),
+            (
+                "flash attention bf16",
+                flash_attention_vs_cpu(dev, DType::BF16, 3e-2),
+            ),
         ]
     }
 }

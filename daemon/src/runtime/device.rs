@@ -221,6 +221,9 @@ fn open_cuda(index: usize) -> Result<Device> {
         .map_err(|_| anyhow::anyhow!("cuda:{index}: the CUDA backend failed to start"))?;
     let device = opened.map_err(|e| anyhow::anyhow!("cuda:{index}: {e}"))?;
     super::precision::apply_to_backend();
+    // Freed memory stays in the pool for the next step (as PyTorch's caching allocator does);
+    // the job layer trims it between jobs.
+    super::vram::keep_freed_memory(&device, u64::MAX);
     Ok(device)
 }
 

@@ -9,6 +9,7 @@ pub mod precision;
 pub mod pth;
 pub mod system;
 pub mod tiers;
+pub mod vram;
 pub mod weights;
 
 use anyhow::Result;

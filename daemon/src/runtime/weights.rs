@@ -64,7 +64,15 @@ impl Source {
 
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         match self {
-            Source::Mmap(m) => m.load(name, dev),
+            Source::Mmap(m) => {
+                let t = m.load(name, dev)?;
+                // The tensor owns a copy now: hand the file's pages back so that the mapping and
+                // the copies never both sit in memory (the whole-load peak stays ~1x the weights).
+                if let Ok(view) = m.get(name) {
+                    release_pages(view.data());
+                }
+                Ok(t)
+            }
             Source::Tensors(t) => match t.get(name) {
                 Some(t) => t.to_device(dev),
                 None => candle_core::bail!("no tensor {name}"),
@@ -82,6 +90,27 @@ impl Source {
             }
         }
     }
+}
+
+/// Drops the resident pages of a read-only file mapping that lie wholly inside `bytes` (they are
+/// read again from the file if touched later). Unix only; a no-op elsewhere.
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = bytes.as_ptr() as usize;
+        let first = start.div_ceil(PAGE) * PAGE;
+        let end = (start + bytes.len()) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: the range lies inside a live read-only mapping that nothing writes;
+            // MADV_DONTNEED on a private file mapping only drops this process's copies.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }
 
 fn safetensors_dtype(d: safetensors::Dtype) -> Option<DType> {
@@ -110,7 +139,6 @@ fn random_entry(
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(h);
     let n: usize = spec.shape.iter().product();
     let fan_in: usize = spec.shape.iter().skip(1).product::<usize>().max(1);
     let std = if spec.shape.len() >= 2 {
@@ -123,14 +151,23 @@ fn random_entry(
     } else {
         0.0
     };
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            // Box-Muller from two uniforms keeps this independent of rand_distr's API churn.
-            let u1: f32 = rng.random::<f32>().max(1e-7);
-            let u2: f32 = rng.random::<f32>();
-            base + std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
-        .collect();
+    // Chunks of 64k values, each from its own seeded stream, filled in parallel (full-size
+    // networks have hundreds of millions of values).
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0f32; n];
+    {
+        use rayon::prelude::*;
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(h ^ (c as u64).wrapping_mul(0x9e37_79b9));
+            for x in out.iter_mut() {
+                // Box-Muller from two uniforms keeps this independent of rand_distr's API churn.
+                let u1: f32 = rng.random::<f32>().max(1e-7);
+                let u2: f32 = rng.random::<f32>();
+                *x = base + std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+            }
+        });
+    }
     Tensor::from_vec(v, spec.shape.as_slice(), dev)?.to_dtype(spec.dtype)
 }
 

@@ -282,7 +282,7 @@ impl SparseMultiHeadAttention {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let q = q.feats().reshape((x.rows(), h, d))?;
-            let o = crate::runtime::cuda_ops::varlen_attention(&q, &k, &v, &groups)?;
+            let o = crate::runtime::cuda_ops::attention(&q, &k, &v, &groups)?;
             return self.output_tensor(x, o.reshape((x.rows(), self.channels))?);
         }
         let shape = AttnShape {
@@ -312,7 +312,7 @@ impl SparseMultiHeadAttention {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<SparseTensor> {
-        use crate::runtime::cuda_ops::varlen_attention as gpu_attention;
+        use crate::runtime::cuda_ops::attention as gpu_attention;
         let o = match mode {
             AttnMode::Full => {
                 let groups: Vec<AttnGroup> = x
@@ -340,10 +340,11 @@ impl SparseMultiHeadAttention {
                     });
                     start += len;
                 }
+                // (candle's CUDA index_select reads contiguous tensors only; q/k/v are views)
                 let (qw, kw, vw) = (
-                    q.index_select(&fwd, 0)?,
-                    k.index_select(&fwd, 0)?,
-                    v.index_select(&fwd, 0)?,
+                    q.contiguous()?.index_select(&fwd, 0)?,
+                    k.contiguous()?.index_select(&fwd, 0)?,
+                    v.contiguous()?.index_select(&fwd, 0)?,
                 );
                 let o = gpu_attention(&qw, &kw, &vw, &groups)?;
                 // row fwd[i] of the input is row i of `o`

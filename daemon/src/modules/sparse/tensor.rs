@@ -278,6 +278,7 @@ impl SparseTensor {
             coords.dims()
         );
         let c: Vec<i32> = coords
+            .to_device(&candle_core::Device::Cpu)?
             .to_dtype(DType::I64)?
             .flatten_all()?
             .to_vec1::<i64>()?
