@@ -223,6 +223,8 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 slat_cfg: *slat_cfg,
                 formats: output.formats.clone(),
                 glb: None,
+                no_background_removal: false,
+                save_mask: false,
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
@@ -253,6 +255,8 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 slat_cfg: None,
                 formats: output.formats.clone(),
                 glb: None,
+                no_background_removal: false,
+                save_mask: false,
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
