@@ -33,14 +33,18 @@ fn jpeg_bytes() -> Vec<u8> {
     });
     let mut out = Vec::new();
     image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg)
+        .write_to(
+            &mut std::io::Cursor::new(&mut out),
+            image::ImageFormat::Jpeg,
+        )
         .unwrap();
     out
 }
 
 fn photo_job(b: &mut BinaryBuilder, save_mask: bool, no_removal: bool) -> Op {
     let jpg = jpeg_bytes();
-    b.push("photo", DType::U8, &[jpg.len() as u64], &jpg).unwrap();
+    b.push("photo", DType::U8, &[jpg.len() as u64], &jpg)
+        .unwrap();
     Op::Generate(GenerateParams {
         images: vec![ImageInput::Encoded("photo".into())],
         ss_steps: Some(2),
@@ -82,11 +86,17 @@ fn a_jpeg_goes_through_the_daemon_with_background_removal() {
     let mut b = BinaryBuilder::default();
     let (job, stages) = call(&mut c, photo_job(&mut b, true, false), b).expect("the photo job");
     assert_eq!(job.state, JobState::Done, "{job:?}");
-    assert!(stages.iter().any(|s| s == "removing_background"), "{stages:?}");
+    assert!(
+        stages.iter().any(|s| s == "removing_background"),
+        "{stages:?}"
+    );
     let id = job.asset.unwrap();
     let info: AssetInfo =
         serde_json::from_value(c.call(Op::AssetsGet(AssetRef { asset: id })).unwrap()).unwrap();
-    assert_eq!(info.meta["background_removed"]["images"], serde_json::json!([0]));
+    assert_eq!(
+        info.meta["background_removed"]["images"],
+        serde_json::json!([0])
+    );
     let mask = image::open(&info.files["mask"]).unwrap();
     assert!(matches!(mask, image::DynamicImage::ImageLuma8(_)));
     assert_eq!((mask.width(), mask.height()), (120, 90));
@@ -140,7 +150,8 @@ fn missing_weights_offline_are_refused_and_the_daemon_keeps_serving() {
     let cache = tmp.path().join("empty-hub-cache");
     std::fs::create_dir(&cache).unwrap();
     let d = Daemon::start_with(tmp.path(), &tiny, "cpu", |c| {
-        c.env("HF_HUB_CACHE", &cache).env("HF_HOME", tmp.path().join("hf"));
+        c.env("HF_HUB_CACHE", &cache)
+            .env("HF_HOME", tmp.path().join("hf"));
     });
     let mut c = d.client();
     let mut b = BinaryBuilder::default();

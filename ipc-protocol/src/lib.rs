@@ -507,9 +507,7 @@ mod tests {
             r#"{"id":6,"op":"edit","asset":"a-1","region":{"box":{"min":[-0.5,0,-0.5],"max":[0.5,0.5,0.5]}},"text":"a red roof","seed":3,"jumps":1,"jump_length":2}"#,
         )
         .unwrap();
-        let Op::Edit(e) = &r.op else {
-            panic!("{r:?}")
-        };
+        let Op::Edit(e) = &r.op else { panic!("{r:?}") };
         assert_eq!(e.asset, "a-1");
         let b = e.region.region_box.unwrap();
         assert_eq!((b.min, b.max), ([-0.5, 0.0, -0.5], [0.5, 0.5, 0.5]));

@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 
 use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
-use crate::models::conditioners::clip::TextConditioner;
 use crate::models::background::{self, BackgroundModel};
+use crate::models::conditioners::clip::TextConditioner;
 use crate::models::conditioners::dinov2::ImageConditioner;
 use crate::models::ss_vae::SparseStructureEncoder;
 use crate::pipelines::base::{RunControl, Stage, TrellisPipeline};

@@ -409,7 +409,12 @@ pub(super) fn plan_edit(job: &EditJob, dev: &Device) -> Result<EditPlan> {
         hub::structure_encoder(&repo, &HubOptions::from_env())?;
     }
     let cond_dir = prompt_conditioner_dir(&job.prompt, &job.conditioners, &repo)?;
-    let mut meta = base_meta("edit", &spec, &repo, &crate::runtime::device::device_name(dev));
+    let mut meta = base_meta(
+        "edit",
+        &spec,
+        &repo,
+        &crate::runtime::device::device_name(dev),
+    );
     meta["conditioner"] = serde_json::json!(cond_dir);
     meta["region"] = job.region.describe();
     meta["resampling"] = serde_json::to_value(job.resampling)?;
@@ -536,9 +541,7 @@ fn remove_backgrounds(
             bail!("cancelled");
         }
         let name = images[k].name();
-        let (cut, matte) = model
-            .remove(&loaded[k])
-            .with_context(|| name.clone())?;
+        let (cut, matte) = model.remove(&loaded[k]).with_context(|| name.clone())?;
         // The crop of preprocess_image needs an opaque object.
         alpha_crop_box(&cut).with_context(|| format!("{name} after background removal"))?;
         let cut = Arc::new(cut);

@@ -14,8 +14,8 @@ use crate::jobs::{
     BackgroundRemoval, ConditionerOverrides, EditInput, EditJob, GenerateJob, ImageSource, Job,
     MeshSource, Prompt, Sampling, VariantJob,
 };
-use crate::pipelines::edit::{Region, Resampling};
 use crate::models::config::SamplerParams;
+use crate::pipelines::edit::{Region, Resampling};
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
 use crate::pipelines::voxelize::TriMesh;
