@@ -360,9 +360,6 @@ impl Job {
                     ensure!(i.len() == 1, "an edit takes one image (got {})", i.len());
                 }
                 check_prompt(&e.prompt, &e.conditioners, &e.background)?;
-                if !e.formats.any() {
-                    bail!("no output format asked for");
-                }
                 // The region, the source and the resampling against the model's grid and
                 // sampler (configs and the source only, no network).
                 super::run::plan_edit(e, &Device::Cpu)?;
