@@ -607,7 +607,7 @@ def test_panel_draws_every_mode_and_job_state(env):
         log = draw_panel(env)
         ops = [x for k, x in log if k == "operator"]
         assert {"trellis.generate", "trellis.variant", "trellis.connect"} <= set(ops)
-        assert ("trellis.edit_region" in ops) == ("edit" in env.S.info["capabilities"])
+        assert ("trellis.edit_region" in ops) == env.S.capable("edit")
         names = [x for k, x in log if k == "prop"]
         assert "seed" in names and "outputs" in names
         assert ("image_path" in names) == (mode == "IMAGE")
@@ -626,12 +626,12 @@ def test_panel_draws_every_mode_and_job_state(env):
         assert ("operator", "trellis.cancel") in log
     finally:
         del env.S.jobs[job.key]
-    # With a daemon that does not offer edit, the region controls are absent.
-    caps = list(env.S.info.get("capabilities", []))
-    env.S.info = dict(env.S.info, capabilities=[c for c in caps if c != "edit"])
+    # The region controls appear exactly when the daemon offers edit.
+    saved = env.S.info
     try:
-        ops = [x for k, x in draw_panel(env) if k == "operator"]
-        assert "trellis.edit_region" not in ops
-        assert not bpy.ops.trellis.edit_region.poll()
+        for caps, shown in ((["generate", "edit"], True), (["generate"], False)):
+            env.S.info = dict(saved, capabilities=caps)
+            ops = [x for k, x in draw_panel(env) if k == "operator"]
+            assert ("trellis.edit_region" in ops) == shown, caps
     finally:
-        env.S.info["capabilities"] = caps
+        env.S.info = saved
