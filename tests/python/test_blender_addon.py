@@ -22,6 +22,7 @@ import client as trellis  # noqa: E402
 from mathutils import Euler  # noqa: E402
 
 FAST = dict(seed=1, ss_steps=2, slat_steps=2)
+TINY_U2NET = Path(__file__).resolve().parents[1] / "reference-u2net" / "u2net_tiny"
 
 
 class Env:
@@ -46,6 +47,8 @@ class Env:
         p.text_model = str(self.repos.text)
         p.image_cond_model = str(self.repos.dinov2)
         p.text_cond_model = str(self.repos.clip)
+        # Photos without transparency are matted by the daemon with tiny random U²-Net weights.
+        p.extra_args = f"--background-model {TINY_U2NET}"
 
     def settings(self, **kw):
         s = bpy.context.scene.trellis
@@ -237,6 +240,35 @@ def test_generate_from_an_image_of_the_blend_file(env):
     assert list(objs) == ["disc mesh"]
     assert len(objs["disc mesh"].data.polygons) > 0
     assert env.shm_files() == []
+
+
+def _photo(name, w=120, h=90):
+    """An opaque photo: a white disc on black, no alpha channel."""
+    img = bpy.data.images.new(name, w, h, alpha=False)
+    y, x = np.mgrid[0:h, 0:w]
+    px = np.zeros((h, w, 4), np.float32)
+    px[..., :3] = (((x - 64) ** 2 + (y - 44) ** 2) < 30 ** 2)[..., None]
+    px[..., 3] = 1.0
+    img.pixels.foreach_set(px.ravel())
+    return img
+
+
+def test_photos_without_transparency_go_through(env, tmp_path):
+    # A JPEG file, read by the daemon, and an opaque image of the .blend, uploaded as pixels:
+    # both have their background removed by the daemon, no complaint from the add-on.
+    img = _photo("photo")
+    path = tmp_path / "photo.jpg"
+    img.filepath_raw = str(path)
+    img.file_format = "JPEG"
+    img.save()
+    for settings in (dict(image=None, image_path=str(path)), dict(image=_photo("opaque"))):
+        env.settings(mode="IMAGE", outputs="MESH", **settings)
+        assert bpy.ops.trellis.generate() == {"FINISHED"}
+        job = env.run(env.newest_job())
+        assert job.state == "done", job.describe()
+        info = env.S.client.assets_get(job.asset)
+        assert info["meta"]["background_removed"]["images"] == [0], info["meta"]
+        assert len(next(iter(collection_objects(job).values())).data.polygons) > 0
 
 
 def test_generate_from_several_image_files(env, tmp_path):
