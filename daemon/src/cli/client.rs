@@ -124,7 +124,8 @@ pub enum ClientOp {
         #[arg(
             long = "box",
             value_name = "X0,Y0,Z0,X1,Y1,Z1",
-            required_unless_present = "mask"
+            required_unless_present = "mask",
+            allow_hyphen_values = true
         )]
         region_box: Option<String>,
         /// The region as a voxel mask: an [R, R, R] .npy on the model's structure grid
