@@ -716,6 +716,62 @@ class Client:
         )
         return reply.result
 
+    def edit(
+        self,
+        asset: str,
+        box: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        mask: Any = None,
+        text: Optional[str] = None,
+        image: Any = None,
+        model: Optional[str] = None,
+        seed: Optional[int] = None,
+        ss_steps: Optional[int] = None,
+        ss_cfg: Optional[float] = None,
+        slat_steps: Optional[int] = None,
+        slat_cfg: Optional[float] = None,
+        jumps: Optional[int] = None,
+        jump_length: Optional[int] = None,
+        formats: Optional[Sequence[str]] = None,
+        wait: bool = False,
+        on_progress: Optional[Callable[[dict], None]] = None,
+    ) -> Dict[str, Any]:
+        """Queues a region edit of the stored ``asset`` under ``text`` or one ``image``: the
+        region is ``box`` (``(min, max)`` in the asset's normalised space ``[-0.5, 0.5]^3``),
+        ``mask`` (a ``[R, R, R]`` array on the model's structure grid, non-zero = regenerate) or
+        both. The result is a new asset (the finished job's ``asset``)."""
+        arrays: Dict[str, np.ndarray] = {}
+        region: Dict[str, Any] = {}
+        if box is not None:
+            lo, hi = box
+            region["box"] = {"min": [float(x) for x in lo], "max": [float(x) for x in hi]}
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.ndim != 3:
+                raise ValueError(f"the region mask must be [R, R, R], got {m.shape}")
+            arrays["region_mask"] = (m != 0).astype(np.uint8)
+            region["mask"] = "region_mask"
+        image_ref = None
+        if image is not None:
+            refs, img_arrays = image_inputs([image], "image")
+            image_ref = refs[0]
+            arrays.update(img_arrays)
+        fields: Dict[str, Any] = {
+            "asset": asset,
+            "region": region,
+            "model": model,
+            "text": text,
+            "image": image_ref,
+            "jumps": jumps,
+            "jump_length": jump_length,
+            "formats": list(formats) if formats else None,
+            "wait": True if wait else None,
+        }
+        fields.update(self._sampling(seed, ss_steps, ss_cfg, slat_steps, slat_cfg))
+        reply = self.request(
+            "edit", fields, arrays, on_progress, timeout=None if wait else "default"
+        )
+        return reply.result
+
     def decode(self, asset: str, formats: Sequence[str], wait: bool = False) -> Dict[str, Any]:
         return self.request(
             "decode",

@@ -17,6 +17,9 @@ import numpy as np
 from mathutils import Matrix
 
 ASSET_KEY = "trellis_asset"
+# The object's local space -> its asset's normalised space ([-0.5, 0.5]^3, what `edit` regions
+# are given in): 16 floats, row-major.
+TO_ASSET_KEY = "trellis_to_asset"
 JOB_KEY = "trellis_job"
 KIND_KEY = "trellis_kind"
 PREVIEW_GROUP = "TRELLIS Gaussian preview"

@@ -201,9 +201,30 @@ def _region_box(context, obj) -> tuple:
     return world.min(axis=0), world.max(axis=0)
 
 
+def _to_asset(obj) -> np.ndarray:
+    """The 4x4 matrix from the object's local space to its asset's normalised space (recorded
+    at import; identity for an object without the record, as a generated object's)."""
+    rec = obj.get(importers.TO_ASSET_KEY)
+    if rec is None or len(rec) != 16:
+        return np.eye(4)
+    return np.array(list(rec), dtype=np.float64).reshape(4, 4)
+
+
+def region_in_asset_space(obj, lo, hi) -> tuple:
+    """The world-space box (lo, hi) as a box in the asset's normalised space (the bounds of its
+    eight corners: a rotated object's box grows to stay axis-aligned there)."""
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                        for z in (lo[2], hi[2])], dtype=np.float64)
+    inv = np.linalg.inv(np.array(obj.matrix_world, dtype=np.float64))
+    t = _to_asset(obj) @ inv
+    u = corners @ t[:3, :3].T + t[:3, 3]
+    return u.min(axis=0), u.max(axis=0)
+
+
 class TRELLIS_OT_edit_region(bpy.types.Operator):
-    """Re-generate a region of an object TRELLIS made (from its stored latent); the region is
-    the faces selected in Edit Mode or a box empty. Available when the daemon offers `edit`"""
+    """Re-generate a region of an object TRELLIS made (from its stored latent) under the prompt
+    or the image, keeping the rest; the region is the faces selected in Edit Mode or a box
+    empty. Available when the daemon offers `edit`"""
 
     bl_idname = "trellis.edit_region"
     bl_label = "Edit Region"
@@ -219,16 +240,34 @@ class TRELLIS_OT_edit_region(bpy.types.Operator):
         s = context.scene.trellis
         obj = context.active_object
         try:
-            lo, hi = _region_box(context, obj)
+            lo, hi = region_in_asset_space(obj, *_region_box(context, obj))
             fields = {"asset": obj[importers.ASSET_KEY],
                       "region": {"box": {"min": lo.tolist(), "max": hi.tolist()}},
-                      "text": s.prompt.strip() or None, "formats": s.formats()}
+                      "formats": s.formats()}
             fields.update(s.sampling())
-            placement = {"matrix": [list(r) for r in obj.matrix_world], "source": obj.name,
-                         "keep_original": s.keep_original}
-            job = SESSION.submit(preferences.get(context), "edit",
-                                 _label(f"{obj.name}: edit"), "edit", fields, None,
-                                 s.formats(), placement)
+            arrays = None
+            if s.mode == "TEXT":
+                text = s.prompt.strip()
+                if not text:
+                    raise ValueError("type a prompt first")
+                fields["text"] = text
+                label = f"{obj.name}: {text}"
+            else:
+                images, img_label = _images(s)
+                refs, arrays = trellis.image_inputs(images[:1], "image")
+                fields["image"] = refs[0]
+                label = f"{obj.name}: {img_label}"
+            offset = None
+            if s.keep_original == "SIDE_BY_SIDE":
+                m = np.array(obj.matrix_world, dtype=np.float64)
+                bb = np.array([list(c) for c in obj.bound_box], dtype=np.float64)
+                world = bb @ m[:3, :3].T + m[:3, 3]
+                offset = [1.2 * max(float(np.ptp(world[:, 0])), 1e-3), 0.0, 0.0]
+            placement = {"matrix": [list(r) for r in obj.matrix_world],
+                         "to_asset": _to_asset(obj).tolist(), "source": obj.name,
+                         "keep_original": s.keep_original, "offset": offset}
+            job = SESSION.submit(preferences.get(context), "edit", _label(label), "edit",
+                                 fields, arrays, s.formats(), placement)
         except (trellis.TrellisError, ValueError, OSError) as e:
             return _report_error(self, e)
         self.report({"INFO"}, f"TRELLIS: edit '{job.label}' {job.state}")

@@ -384,8 +384,9 @@ def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def placement_for(job: Job):
-    """(object matrix, function mapping unit-cube positions to the object's local space,
-    uniform scale factor for Gaussian sizes, rotation to apply to Gaussian orientations)."""
+    """(object matrix, function mapping the asset's unit-cube positions to the object's local
+    space, uniform scale factor for Gaussian sizes, rotation to apply to Gaussian orientations,
+    4x4 matrix from the object's local space back to the asset's space)."""
     p = job.placement
     if p.get("frame") is not None:
         # A variant: unit cube -> the source's world bounds -> the source's local space.
@@ -402,10 +403,26 @@ def placement_for(job: Job):
             world = u.astype(np.float64) * scale + centre
             return (world @ inv[:3, :3].T + inv[:3, 3]).astype(np.float32)
 
+        to_asset = np.diag([1.0 / scale] * 3 + [1.0])
+        to_asset[:3, 3] = -centre / scale
+        to_asset = to_asset @ np.array(Matrix(p["matrix"]), dtype=np.float64)
         q = rot.inverted()
-        return m, to_local, scale / mean_scale, np.array([q.w, q.x, q.y, q.z])
+        return m, to_local, scale / mean_scale, np.array([q.w, q.x, q.y, q.z]), to_asset
     m = Matrix(p.get("matrix") or Matrix.Identity(4))
-    return m, (lambda u: np.asarray(u, dtype=np.float32)), 1.0, None
+    if p.get("offset"):
+        m = Matrix.Translation(Vector(p["offset"])) @ m
+    if p.get("to_asset") is not None:
+        # An edit: the result is in its source's asset space; it takes the source's place.
+        to_asset = np.asarray(p["to_asset"], dtype=np.float64)
+        back = np.linalg.inv(to_asset)
+        _, rot, sca = Matrix(back.tolist()).decompose()
+        factor = float(np.mean(np.abs(np.array(sca)))) or 1.0
+
+        def to_local_edit(u: np.ndarray) -> np.ndarray:
+            return (u.astype(np.float64) @ back[:3, :3].T + back[:3, 3]).astype(np.float32)
+
+        return m, to_local_edit, factor, np.array([rot.w, rot.x, rot.y, rot.z]), to_asset
+    return m, (lambda u: np.asarray(u, dtype=np.float32)), 1.0, None, np.eye(4)
 
 
 def _get(fetched: trellis.Fetched, name: str, required: bool = True):
@@ -420,7 +437,8 @@ def _get(fetched: trellis.Fetched, name: str, required: bool = True):
 def build_objects(c: trellis.Client, job: Job) -> None:
     """Fetches each requested representation of the job's asset, builds its object in a
     collection named after the job, and releases the daemon's buffer whatever happens."""
-    matrix, to_local, size_factor, rot = placement_for(job)
+    matrix, to_local, size_factor, rot, to_asset = placement_for(job)
+    to_asset_record = [float(x) for x in np.asarray(to_asset, dtype=np.float64).ravel()]
     coll = importers.ensure_collection(f"TRELLIS {job.label}")
     job.collection = coll.name
     for what in job.formats:
@@ -436,6 +454,7 @@ def build_objects(c: trellis.Client, job: Job) -> None:
                 )
                 obj = importers.new_object(f"{job.label} mesh", data, coll, matrix,
                                            job.asset, job.job, job.kind)
+                obj[importers.TO_ASSET_KEY] = to_asset_record
             elif what == "gaussian":
                 scales = _get(f, "scales", False)
                 rots = _get(f, "rotations", False)
@@ -453,6 +472,7 @@ def build_objects(c: trellis.Client, job: Job) -> None:
                 )
                 obj = importers.new_object(f"{job.label} gaussians", data, coll, matrix,
                                            job.asset, job.job, job.kind)
+                obj[importers.TO_ASSET_KEY] = to_asset_record
                 importers.add_gaussian_preview(obj)
             else:
                 continue

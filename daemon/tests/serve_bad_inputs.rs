@@ -1,7 +1,8 @@
 //! Every bad input gets an error reply while the daemon keeps serving: malformed JSON, unknown
-//! ops, missing and mistyped fields, limits, bad uploads, unknown jobs / assets / buffers, the
-//! reserved `edit`, another protocol version; broken framing closes only that connection; random
-//! JSON sections never stop the connection; a second `serve` names the running one.
+//! ops, missing and mistyped fields, limits, bad uploads, unknown jobs / assets / buffers, an
+//! `edit` without a region, another protocol version; broken framing closes only that
+//! connection; random JSON sections never stop the connection; a second `serve` names the
+//! running one.
 #![cfg(unix)]
 
 mod serve_common;
@@ -62,7 +63,7 @@ fn bad_inputs_are_answered_and_the_daemon_keeps_serving() {
         (r#"{"id":6,"op":"status","job":999}"#.into(), vec![], 6, ErrorCode::NotFound),
         (r#"{"id":7,"op":"cancel","job":999}"#.into(), vec![], 7, ErrorCode::NotFound),
         (r#"{"id":8,"op":"hello","protocol":2}"#.into(), vec![], 8, ErrorCode::VersionMismatch),
-        (r#"{"id":9,"op":"edit","asset":"x"}"#.into(), vec![], 9, ErrorCode::Unsupported),
+        (r#"{"id":9,"op":"edit","asset":"x"}"#.into(), vec![], 9, ErrorCode::BadRequest),
         (r#"{"id":10,"op":"generate"}"#.into(), vec![], 10, ErrorCode::BadRequest),
         (r#"{"id":11,"op":"generate","text":"a","images":[{"path":"/x.png"}]}"#.into(), vec![], 11, ErrorCode::BadRequest),
         (r#"{"id":12,"op":"generate","text":"  "}"#.into(), vec![], 12, ErrorCode::BadRequest),

@@ -502,6 +502,32 @@ mod tests {
     }
 
     #[test]
+    fn json_shape_of_edit_requests() {
+        let r: Request = serde_json::from_str(
+            r#"{"id":6,"op":"edit","asset":"a-1","region":{"box":{"min":[-0.5,0,-0.5],"max":[0.5,0.5,0.5]}},"text":"a red roof","seed":3,"jumps":1,"jump_length":2}"#,
+        )
+        .unwrap();
+        let Op::Edit(e) = &r.op else { panic!("{r:?}") };
+        assert_eq!(e.asset, "a-1");
+        let b = e.region.region_box.unwrap();
+        assert_eq!((b.min, b.max), ([-0.5, 0.0, -0.5], [0.5, 0.5, 0.5]));
+        assert_eq!(e.region.mask, None);
+        assert_eq!((e.jumps, e.jump_length), (Some(1), Some(2)));
+        assert_eq!(e.sampling().seed, Some(3));
+        // Round trip, and unknown fields refused (inside the region too).
+        let back: Request = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        for bad in [
+            r#"{"id":6,"op":"edit","asset":"a","region":{"box":{"min":[0,0,0],"max":[1,1,1]},"sphere":1},"text":"x"}"#,
+            r#"{"id":6,"op":"edit","asset":"a","region":{"box":{"min":[0,0],"max":[1,1,1]}},"text":"x"}"#,
+            r#"{"id":6,"op":"edit","region":{"mask":"m"},"text":"x"}"#,
+            r#"{"id":6,"op":"edit","asset":"a","text":"x"}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn json_shape_of_requests_and_replies() {
         let r: Request = serde_json::from_str(r#"{"id":3,"op":"cancel","job":2}"#).unwrap();
         assert_eq!(r.op, Op::Cancel(JobRef { job: 2 }));

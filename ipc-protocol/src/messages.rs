@@ -87,8 +87,8 @@ pub enum Op {
     Generate(GenerateParams),
     /// A new appearance for an existing mesh: a job.
     Variant(VariantParams),
-    /// Region edits: reserved; answered with `unsupported` until they exist.
-    Edit(BTreeMap<String, serde_json::Value>),
+    /// Regenerate a region of a stored asset under a new prompt, the rest kept: a job.
+    Edit(EditParams),
     /// Decode a stored asset again (other formats), never re-sampling: a job.
     Decode(DecodeParams),
     /// One job's state.
@@ -249,10 +249,22 @@ pub struct GenerateParams {
     /// How the GLB is made (default: vertex colours, no baking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub glb: Option<GlbParams>,
+    /// `true`: an image without transparency is an error instead of having its background
+    /// removed (U²-Net).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_background_removal: bool,
+    /// `true`: the matte of each background-removed image is stored with the asset (`mask.png`,
+    /// `mask_<i>.png` for several).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub save_mask: bool,
     /// `false` (default): the reply comes at once with the queued job. `true`: progress replies
     /// follow until the job ends, then the final reply.
     #[serde(default)]
     pub wait: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl GenerateParams {
@@ -302,6 +314,12 @@ pub struct VariantParams {
     /// How the GLB is made (default: vertex colours, no baking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub glb: Option<GlbParams>,
+    /// As in `generate`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_background_removal: bool,
+    /// As in `generate`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub save_mask: bool,
     #[serde(default)]
     pub wait: bool,
 }
@@ -312,6 +330,85 @@ impl VariantParams {
             seed: self.seed,
             ss_steps: None,
             ss_cfg: None,
+            slat_steps: self.slat_steps,
+            slat_cfg: self.slat_cfg,
+        }
+    }
+}
+
+/// An axis-aligned box in the asset's normalised space: the cube `[-0.5, 0.5]^3` on TRELLIS'
+/// axes (z up), `min < max` on every axis.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionBox {
+    pub min: [f64; 3],
+    pub max: [f64; 3],
+}
+
+/// The region an `edit` regenerates: a `box`, a voxel `mask` (the name of an uploaded `u8` array `[R, R, R]` on the model's structure grid, non-zero = regenerate), or both (their
+/// union).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionParams {
+    #[serde(rename = "box", default, skip_serializing_if = "Option::is_none")]
+    pub region_box: Option<RegionBox>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+}
+
+/// Parameters of `edit`: regenerate `region` of the stored `asset` under `text` or `image` and
+/// keep the rest (`docs/EDIT.md`). Exactly one of `text` and `image`. The result is a new asset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditParams {
+    /// The stored asset to edit (its id).
+    pub asset: String,
+    pub region: RegionParams,
+    /// A served model; default: the asset's model when it is served and takes this kind of
+    /// prompt, else the first served model of the prompt's kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInput>,
+    /// Random seed (default [`DEFAULT_SEED`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ss_steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ss_cfg: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slat_steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slat_cfg: Option<f64>,
+    /// RePaint resampling: jumps back per jump point (default 0: none), at most 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jumps: Option<u32>,
+    /// RePaint resampling: the length of a jump in sampler steps (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump_length: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<Format>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glb: Option<GlbParams>,
+    /// As in `generate`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_background_removal: bool,
+    /// As in `generate`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub save_mask: bool,
+    #[serde(default)]
+    pub wait: bool,
+}
+
+impl EditParams {
+    pub fn sampling(&self) -> Sampling {
+        Sampling {
+            seed: self.seed,
+            ss_steps: self.ss_steps,
+            ss_cfg: self.ss_cfg,
             slat_steps: self.slat_steps,
             slat_cfg: self.slat_cfg,
         }
@@ -396,7 +493,7 @@ impl JobState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
     pub job: u64,
-    /// `generate`, `variant` or `decode`.
+    /// `generate`, `variant`, `edit` or `decode`.
     pub kind: String,
     pub state: JobState,
     /// Model of the job.
@@ -443,7 +540,7 @@ pub struct JobInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssetInfo {
     pub asset: String,
-    /// `image_to_3d`, `text_to_3d` or `variant`.
+    /// `image_to_3d`, `text_to_3d`, `variant` or `edit`.
     pub task: String,
     pub model: String,
     /// Seconds since the Unix epoch.

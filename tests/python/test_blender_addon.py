@@ -7,6 +7,7 @@ share the daemon the first generate starts."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import client as trellis  # noqa: E402
 from mathutils import Euler  # noqa: E402
 
 FAST = dict(seed=1, ss_steps=2, slat_steps=2)
+TINY_U2NET = Path(__file__).resolve().parents[1] / "reference-u2net" / "u2net_tiny"
 
 
 class Env:
@@ -45,6 +47,8 @@ class Env:
         p.text_model = str(self.repos.text)
         p.image_cond_model = str(self.repos.dinov2)
         p.text_cond_model = str(self.repos.clip)
+        # Photos without transparency are matted by the daemon with tiny random U²-Net weights.
+        p.extra_args = f"--background-model {TINY_U2NET}"
 
     def settings(self, **kw):
         s = bpy.context.scene.trellis
@@ -238,6 +242,35 @@ def test_generate_from_an_image_of_the_blend_file(env):
     assert env.shm_files() == []
 
 
+def _photo(name, w=120, h=90):
+    """An opaque photo: a white disc on black, no alpha channel."""
+    img = bpy.data.images.new(name, w, h, alpha=False)
+    y, x = np.mgrid[0:h, 0:w]
+    px = np.zeros((h, w, 4), np.float32)
+    px[..., :3] = (((x - 64) ** 2 + (y - 44) ** 2) < 30 ** 2)[..., None]
+    px[..., 3] = 1.0
+    img.pixels.foreach_set(px.ravel())
+    return img
+
+
+def test_photos_without_transparency_go_through(env, tmp_path):
+    # A JPEG file, read by the daemon, and an opaque image of the .blend, uploaded as pixels:
+    # both have their background removed by the daemon, no complaint from the add-on.
+    img = _photo("photo")
+    path = tmp_path / "photo.jpg"
+    img.filepath_raw = str(path)
+    img.file_format = "JPEG"
+    img.save()
+    for settings in (dict(image=None, image_path=str(path)), dict(image=_photo("opaque"))):
+        env.settings(mode="IMAGE", outputs="MESH", **settings)
+        assert bpy.ops.trellis.generate() == {"FINISHED"}
+        job = env.run(env.newest_job())
+        assert job.state == "done", job.describe()
+        info = env.S.client.assets_get(job.asset)
+        assert info["meta"]["background_removed"]["images"] == [0], info["meta"]
+        assert len(next(iter(collection_objects(job).values())).data.polygons) > 0
+
+
 def test_generate_from_several_image_files(env, tmp_path):
     files = []
     for i in range(2):
@@ -361,12 +394,142 @@ def test_bad_input_is_refused_with_a_report(env):
     assert not bpy.ops.trellis.variant.poll()
 
 
-def test_edit_region_is_absent_until_the_daemon_has_edit(env):
-    assert env.S.client is not None
-    assert "edit" not in env.S.info["capabilities"]
-    obj = next(o for o in bpy.data.objects if o.get("trellis_kind") == "variant")
+def _make_active(obj):
+    for o in bpy.context.view_layer.objects:
+        o.select_set(False)
+    obj.select_set(True)
     bpy.context.view_layer.objects.active = obj
-    assert not bpy.ops.trellis.edit_region.poll()
+
+
+def _assets_get(env, asset):
+    with env.client() as c:
+        return c.request("assets_get", {"asset": asset}).result
+
+
+def test_edit_region_of_a_generated_object_end_to_end(env):
+    assert "edit" in env.S.info["capabilities"]
+    env.settings(mode="TEXT", prompt="a small house", outputs="MESH", keep_original="HIDE")
+    bpy.context.scene.cursor.location = (1.0, 2.0, 3.0)
+    assert bpy.ops.trellis.generate() == {"FINISHED"}
+    gen = env.run(env.newest_job())
+    assert gen.state == "done", gen.describe()
+    (obj,) = collection_objects(gen).values()
+    np.testing.assert_allclose(list(obj["trellis_to_asset"]), np.eye(4).ravel())
+    _make_active(obj)
+    # The region: a box empty over the object's upper part. The object sits at the cursor with
+    # the asset's axes, so the world box [0.5, 1.5] x [1.5, 2.5] x [2.75, 3.75] is the asset
+    # box [-0.5, 0.5] x [-0.5, 0.5] x [-0.25, 0.75].
+    empty = bpy.data.objects.new("edit box", None)
+    bpy.context.scene.collection.objects.link(empty)
+    empty.empty_display_type = "CUBE"
+    empty.empty_display_size = 0.5
+    empty.location = (1.0, 2.0, 3.25)
+    bpy.context.view_layer.update()
+    s = env.settings(mode="TEXT", prompt="a red roof", outputs="BOTH", region_source="BOX")
+    s.region_box = empty
+    assert bpy.ops.trellis.edit_region.poll()
+    assert bpy.ops.trellis.edit_region() == {"FINISHED"}
+    job = env.run(env.newest_job())
+    assert job.state == "done", job.describe()
+    assert job.kind == "edit" and job.asset != gen.asset
+    objs = collection_objects(job)
+    label = f"{obj.name}: a red roof"
+    assert set(objs) == {f"{label} mesh", f"{label} gaussians"}
+    for o in objs.values():
+        assert np.allclose(np.array(o.matrix_world), np.array(obj.matrix_world), atol=1e-6)
+        assert o["trellis_kind"] == "edit" and o["trellis_asset"] == job.asset
+        np.testing.assert_allclose(list(o["trellis_to_asset"]), np.eye(4).ravel())
+    assert obj.hide_get(), "the original is hidden (keep_original HIDE)"
+    info = _assets_get(env, job.asset)
+    assert info["task"] == "edit" and info["meta"]["source"]["asset_id"] == gen.asset
+    lo, hi = info["meta"]["region"]["box"]
+    np.testing.assert_allclose(lo, [-0.5, -0.5, -0.25], atol=1e-6)
+    np.testing.assert_allclose(hi, [0.5, 0.5, 0.75], atol=1e-6)
+    mlo, mhi = world_bounds(objs[f"{label} mesh"])
+    assert np.all(mlo >= np.array([0.5, 1.5, 2.5]) - 1e-4)
+    assert np.all(mhi <= np.array([1.5, 2.5, 3.5]) + 1e-4)
+    assert env.shm_files() == []
+
+    # An edit of the edit, side by side: the region travels through the edit's own record.
+    obj.hide_set(False)
+    edited = objs[f"{label} mesh"]
+    _make_active(edited)
+    env.settings(mode="TEXT", prompt="a chimney", outputs="MESH", keep_original="SIDE_BY_SIDE")
+    assert bpy.ops.trellis.edit_region() == {"FINISHED"}
+    job2 = env.run(env.newest_job())
+    assert job2.state == "done", job2.describe()
+    (side,) = collection_objects(job2).values()
+    shift = np.array(side.matrix_world.translation) - np.array(edited.matrix_world.translation)
+    assert shift[0] > 0 and shift[1] == pytest.approx(0) and shift[2] == pytest.approx(0)
+    assert _assets_get(env, job2.asset)["meta"]["source"]["asset_id"] == job.asset
+
+
+def test_edit_region_of_a_variant_uses_the_variant_frame(env):
+    # The variant of the rotated, scaled cube made above: its asset space is the unit cube of the
+    # source's world bounds (centre, largest side).
+    var = next(o for o in bpy.data.objects
+               if o.get("trellis_kind") == "variant" and o.type == "MESH" and o.data.polygons)
+    src = bpy.data.objects["box"]
+    importers = importlib.import_module(env.addon.__name__ + ".importers")
+    verts, _ = importers.evaluated_world_mesh(src, bpy.context.evaluated_depsgraph_get())
+    centre, scale = importers.unit_cube_frame(verts)
+    # Select the faces of the variant's upper world half.
+    var.hide_set(False)
+    _make_active(var)
+    me = var.data
+    m = np.array(var.matrix_world)
+    co = np.empty(len(me.vertices) * 3, np.float32)
+    me.vertices.foreach_get("co", co)
+    world = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+    centres = np.empty(len(me.polygons) * 3, np.float32)
+    me.polygons.foreach_get("center", centres)
+    wc = centres.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+    sel = wc[:, 2] > float(np.median(wc[:, 2]))
+    me.polygons.foreach_set("select", sel)
+    idx = np.empty(len(me.loops), np.int32)
+    me.loops.foreach_get("vertex_index", idx)
+    starts = np.empty(len(me.polygons), np.int32)
+    totals = np.empty(len(me.polygons), np.int32)
+    me.polygons.foreach_get("loop_start", starts)
+    me.polygons.foreach_get("loop_total", totals)
+    used = np.concatenate([idx[a:a + n] for a, n in zip(starts[sel], totals[sel])])
+    want_lo = (world[used].min(0) - centre) / scale
+    want_hi = (world[used].max(0) - centre) / scale
+    env.settings(mode="TEXT", prompt="a mossy top", outputs="MESH", keep_original="HIDE",
+                 region_source="FACES")
+    assert bpy.ops.trellis.edit_region() == {"FINISHED"}
+    job = env.run(env.newest_job())
+    assert job.state == "done", job.describe()
+    lo, hi = _assets_get(env, job.asset)["meta"]["region"]["box"]
+    np.testing.assert_allclose(lo, want_lo, atol=1e-4)
+    np.testing.assert_allclose(hi, want_hi, atol=1e-4)
+    (out,) = collection_objects(job).values()
+    assert np.allclose(np.array(out.matrix_world), m, atol=1e-6)
+    np.testing.assert_allclose(list(out["trellis_to_asset"]), list(var["trellis_to_asset"]))
+    # The kept part is where the variant was: the result fills the source's world bounds too.
+    lo_w, hi_w = world_bounds(out)
+    tol = 0.1 * scale
+    assert np.all(lo_w >= verts.min(0) - tol) and np.all(hi_w <= verts.max(0) + tol)
+
+
+def test_edit_region_bad_input_is_a_report(env):
+    obj = next(o for o in bpy.data.objects if o.get("trellis_kind") == "edit" and o.type == "MESH")
+    _make_active(obj)
+    env.settings(mode="TEXT", prompt="a door", region_source="FACES")
+    obj.data.polygons.foreach_set("select", np.zeros(len(obj.data.polygons), bool))
+    with pytest.raises(RuntimeError, match="select the faces"):
+        bpy.ops.trellis.edit_region()
+    # A box far outside the object: the daemon refuses it (the region misses the grid).
+    empty = bpy.data.objects.new("far box", None)
+    bpy.context.scene.collection.objects.link(empty)
+    empty.location = (100.0, 100.0, 100.0)
+    bpy.context.view_layer.update()
+    s = env.settings(region_source="BOX")
+    s.region_box = empty
+    n = len(env.S.jobs)
+    with pytest.raises(RuntimeError, match="outside the grid"):
+        bpy.ops.trellis.edit_region()
+    assert len(env.S.jobs) == n
 
 
 def test_crashed_daemon_is_explained_then_started_again(env):
@@ -476,7 +639,7 @@ def test_panel_draws_every_mode_and_job_state(env):
         log = draw_panel(env)
         ops = [x for k, x in log if k == "operator"]
         assert {"trellis.generate", "trellis.variant", "trellis.connect"} <= set(ops)
-        assert "trellis.edit_region" not in ops, "absent until the daemon has edit"
+        assert ("trellis.edit_region" in ops) == env.S.capable("edit")
         names = [x for k, x in log if k == "prop"]
         assert "seed" in names and "outputs" in names
         assert ("image_path" in names) == (mode == "IMAGE")
@@ -495,10 +658,12 @@ def test_panel_draws_every_mode_and_job_state(env):
         assert ("operator", "trellis.cancel") in log
     finally:
         del env.S.jobs[job.key]
-    # With a daemon that offers edit, the region controls appear.
-    env.S.info = dict(env.S.info, capabilities=[*env.S.info.get("capabilities", []), "edit"])
+    # The region controls appear exactly when the daemon offers edit.
+    saved = env.S.info
     try:
-        ops = [x for k, x in draw_panel(env) if k == "operator"]
-        assert "trellis.edit_region" in ops
+        for caps, shown in ((["generate", "edit"], True), (["generate"], False)):
+            env.S.info = dict(saved, capabilities=caps)
+            ops = [x for k, x in draw_panel(env) if k == "operator"]
+            assert ("trellis.edit_region" in ops) == shown, caps
     finally:
-        env.S.info["capabilities"].remove("edit")
+        env.S.info = saved

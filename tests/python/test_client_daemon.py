@@ -60,7 +60,7 @@ def check_mesh(f):
 def test_hello_lists_capabilities_models_and_buffers(c, daemon):
     info = c.info
     assert info["protocol"] == trellis.PROTOCOL_VERSION
-    for op in ("generate", "variant", "status", "cancel", "fetch", "release", "jobs"):
+    for op in ("generate", "variant", "edit", "status", "cancel", "fetch", "release", "jobs"):
         assert c.capable(op), op
     classes = {m["class"] for m in info["models"]}
     assert classes == {"image_to_3d", "text_to_3d"}
@@ -119,6 +119,29 @@ def test_variant_of_uploaded_arrays(c):
     done = c.wait(job["job"], poll=0.05, timeout=600)
     with c.fetch(done["asset"], "mesh") as m:
         check_mesh(m)
+
+
+def test_edit_a_stored_asset_with_a_box_and_a_mask(c):
+    made = c.generate(text="a stone lantern", formats=["mesh"], wait=True, **FAST)
+    job = c.edit(made["asset"], box=([0.0, -0.5, -0.5], [0.5, 0.5, 0.5]), text="a glass top",
+                 formats=["mesh"], wait=True, **FAST)
+    assert job["kind"] == "edit" and job["state"] == "done"
+    info = c.assets_get(job["asset"])
+    assert info["task"] == "edit" and info["meta"]["source"]["asset_id"] == made["asset"]
+    with c.fetch(job["asset"], "mesh") as m:
+        check_mesh(m)
+    # A voxel mask on the tiny models' 32^3 grid (the lower half), edited again.
+    mask = np.zeros((32, 32, 32), bool)
+    mask[:, :, :16] = True
+    again = c.edit(job["asset"], mask=mask, text="a bronze base", formats=["mesh"], wait=True,
+                   **FAST)
+    assert c.assets_get(again["asset"])["meta"]["region"]["mask"]["voxels"] == 32 * 32 * 16
+    with pytest.raises(trellis.TrellisError) as e:
+        c.edit(job["asset"], mask=np.ones((16, 16, 16)), text="x", wait=True, **FAST)
+    assert e.value.code == "bad_request" and "shape [16, 16, 16]" in e.value.message
+    with pytest.raises(trellis.TrellisError) as e:
+        c.edit("no-such-asset", box=([0, 0, 0], [0.5, 0.5, 0.5]), text="x")
+    assert e.value.code == "not_found"
 
 
 def test_wait_true_streams_progress(c):

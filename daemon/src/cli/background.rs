@@ -1,14 +1,13 @@
-//! The background-removal flags of the commands that take input images (`generate`, `variant`).
+//! The background-removal flags of the commands that take input images (`generate`, `variant`,
+//! `edit`). The removal itself runs in the job ([`crate::jobs`]), the same path the daemon takes.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
-use candle_core::Device;
+use anyhow::{ensure, Context, Result};
 
-use super::progress::Reporter;
-use crate::hub::HubOptions;
-use crate::models::background::{BackgroundOptions, PreparedImages, DEFAULT_MODEL};
-use crate::pipelines::base::Stage;
+use crate::jobs::{BackgroundRemoval, JobOutput};
+use crate::models::background::{has_useful_alpha, mask_path};
+use crate::models::conditioners::preprocess::load_image;
 
 /// How input images without transparency are handled.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -30,28 +29,71 @@ pub struct BackgroundArgs {
 }
 
 impl BackgroundArgs {
-    pub fn options(&self) -> BackgroundOptions {
-        BackgroundOptions {
+    /// The job's background-removal settings.
+    pub fn removal(&self) -> BackgroundRemoval {
+        BackgroundRemoval {
             enabled: !self.no_background_removal,
             model: self.background_model.clone(),
-            save_mask: self.save_mask.clone(),
+            keep_masks: self.save_mask.is_some(),
         }
     }
 
-    /// Decodes the input images, removing the background of those without transparency.
-    pub fn prepare(
-        &self,
-        images: &[PathBuf],
-        device: &Device,
-        rep: &mut Reporter,
-    ) -> Result<PreparedImages> {
-        let opts = self.options();
-        let model = opts
-            .model
-            .clone()
-            .unwrap_or_else(|| DEFAULT_MODEL.to_string());
-        opts.prepare(images, &HubOptions::from_env(), device, |done, total| {
-            rep.emit(Stage::RemovingBackground, done, total, Some(model.clone()))
-        })
+    /// `--save-mask` checks, before any work: a `.png` that can be written, and some input image
+    /// without transparency (whose matte it would be).
+    pub fn check(&self, images: &[PathBuf]) -> Result<()> {
+        let Some(m) = &self.save_mask else {
+            return Ok(());
+        };
+        let ok = m
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        ensure!(
+            ok,
+            "--save-mask {}: the file name must end in .png",
+            m.display()
+        );
+        crate::export::atomic::check_output_path(m)
+            .with_context(|| format!("--save-mask {}", m.display()))?;
+        let mut any = false;
+        for p in images {
+            ensure!(p.is_file(), "image {} does not exist", p.display());
+            any |= !has_useful_alpha(&load_image(p)?);
+        }
+        ensure!(
+            any,
+            "--save-mask {}: no input image needs background removal (each has transparency)",
+            m.display()
+        );
+        Ok(())
+    }
+
+    /// Writes the job's mattes to `--save-mask` (atomically); adds `mask` (`mask<i>` for input
+    /// `i` when several were matted) to `written`.
+    pub fn write_masks(&self, out: &JobOutput, written: &mut serde_json::Value) -> Result<()> {
+        let Some(base) = &self.save_mask else {
+            return Ok(());
+        };
+        let removed: Vec<usize> = out.meta()["background_removed"]["images"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i.as_u64().map(|i| i as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let masks = out.masks();
+        for (k, m) in masks.iter().enumerate() {
+            let i = removed.get(k).copied().unwrap_or(k);
+            let p = mask_path(base, i, masks.len());
+            crate::models::background::write_mask(&p, m)?;
+            let key = if masks.len() == 1 {
+                "mask".to_string()
+            } else {
+                format!("mask{i}")
+            };
+            written[key] = serde_json::json!(p);
+        }
+        Ok(())
     }
 }

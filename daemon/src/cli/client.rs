@@ -6,11 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use trellis_ipc_protocol::{
-    AssetRef, BinaryBuilder, DType, DecodeParams, Format, GenerateParams, HelloParams, ImageInput,
-    JobInfo, JobRef, MeshInput, MultiImageMode, Op, Transport, VariantParams, PROTOCOL_VERSION,
+    AssetRef, BinaryBuilder, DType, DecodeParams, EditParams, Format, GenerateParams, HelloParams,
+    ImageInput, JobInfo, JobRef, MeshInput, MultiImageMode, Op, RegionBox, RegionParams, Transport,
+    VariantParams, PROTOCOL_VERSION,
 };
 
 use crate::client::Client;
+use crate::pipelines::edit::Region;
 
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
@@ -114,6 +116,43 @@ pub enum ClientOp {
         #[command(flatten)]
         output: JobOutputArgs,
     },
+    /// Regenerate a region of a stored asset (docs/EDIT.md); the result is a new asset.
+    Edit {
+        /// The stored asset's id.
+        asset: String,
+        /// The region as a box in the asset's normalised space: x0,y0,z0,x1,y1,z1.
+        #[arg(
+            long = "box",
+            value_name = "X0,Y0,Z0,X1,Y1,Z1",
+            required_unless_present = "mask",
+            allow_hyphen_values = true
+        )]
+        region_box: Option<String>,
+        /// The region as a voxel mask: an [R, R, R] .npy on the model's structure grid
+        /// (non-zero = regenerate); with --box, their union.
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, required_unless_present = "image")]
+        text: Option<String>,
+        #[arg(long, conflicts_with = "text")]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        ss_steps: Option<u32>,
+        #[arg(long)]
+        slat_steps: Option<u32>,
+        /// RePaint resampling: jumps back per jump point.
+        #[arg(long)]
+        jumps: Option<u32>,
+        /// RePaint resampling: a jump's length in sampler steps.
+        #[arg(long)]
+        jump_length: Option<u32>,
+        #[command(flatten)]
+        output: JobOutputArgs,
+    },
     /// Decode a stored asset into more formats (no sampling).
     Decode {
         asset: String,
@@ -172,6 +211,32 @@ fn image_upload(paths: &[PathBuf], b: &mut BinaryBuilder) -> Result<Vec<ImageInp
         .collect()
 }
 
+/// An edit's region from `--box` and/or `--mask` (uploaded as `u8 [R, R, R]`).
+fn edit_region(
+    region_box: Option<&str>,
+    mask: Option<&Path>,
+    b: &mut BinaryBuilder,
+) -> Result<RegionParams> {
+    let mut r = RegionParams::default();
+    if let Some(spec) = region_box {
+        let Region::Box { min, max } = Region::parse_box(spec).context("--box")? else {
+            bail!("--box: not a box");
+        };
+        r.region_box = Some(RegionBox { min, max });
+    }
+    if let Some(p) = mask {
+        let spec = format!("mask:{}", p.display());
+        let Region::Mask { dims, voxels } = Region::parse(&spec).context("--mask")? else {
+            bail!("--mask: not a mask");
+        };
+        let bytes: Vec<u8> = voxels.iter().map(|&v| u8::from(v)).collect();
+        let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        b.push("region_mask", DType::U8, &shape, &bytes)?;
+        r.mask = Some("region_mask".into());
+    }
+    Ok(r)
+}
+
 fn absolute(p: &Path) -> Result<String> {
     Ok(std::path::absolute(p)
         .with_context(|| format!("{}", p.display()))?
@@ -223,6 +288,8 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 slat_cfg: *slat_cfg,
                 formats: output.formats.clone(),
                 glb: None,
+                no_background_removal: false,
+                save_mask: false,
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;
@@ -253,6 +320,49 @@ pub fn run(args: &ClientArgs) -> Result<i32> {
                 slat_cfg: None,
                 formats: output.formats.clone(),
                 glb: None,
+                no_background_removal: false,
+                save_mask: false,
+                wait: !output.no_wait,
+            });
+            run_job(&mut c, op, b, output)?;
+        }
+        ClientOp::Edit {
+            asset,
+            region_box,
+            mask,
+            model,
+            text,
+            image,
+            seed,
+            ss_steps,
+            slat_steps,
+            jumps,
+            jump_length,
+            output,
+        } => {
+            let mut b = BinaryBuilder::default();
+            let image = match image {
+                Some(p) => image_upload(std::slice::from_ref(p), &mut b)?.pop(),
+                None => None,
+            };
+            let region = edit_region(region_box.as_deref(), mask.as_deref(), &mut b)?;
+            let op = Op::Edit(EditParams {
+                asset: asset.clone(),
+                region,
+                model: model.clone(),
+                text: text.clone(),
+                image,
+                seed: *seed,
+                ss_steps: *ss_steps,
+                ss_cfg: None,
+                slat_steps: *slat_steps,
+                slat_cfg: None,
+                jumps: *jumps,
+                jump_length: *jump_length,
+                formats: output.formats.clone(),
+                glb: None,
+                no_background_removal: false,
+                save_mask: false,
                 wait: !output.no_wait,
             });
             run_job(&mut c, op, b, output)?;

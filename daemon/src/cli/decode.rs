@@ -70,5 +70,5 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     });
     job.validate()?;
     let opened = super::generate::open_device(&args.device, &args.precision)?;
-    run_in_process(&job, &plan.files(), opened, rep)
+    run_in_process(&job, &plan.files(), opened, None, rep)
 }

@@ -333,23 +333,29 @@ pub fn open_device(
 }
 
 /// Runs a validated job in-process on a fresh model cache (on `device`, at `precision`) and
-/// writes its files.
+/// writes its files (and the mattes of `background`'s `--save-mask`).
 pub fn run_in_process(
     job: &Job,
     files: &OutputFiles,
     (device, precision): (candle_core::Device, PrecisionChoice),
+    background: Option<&super::background::BackgroundArgs>,
     rep: &mut Reporter,
 ) -> Result<serde_json::Value> {
     let mut cache = ModelCache::on(device, precision, 1);
     let out = with_control(rep, |ctl| run_job(job, &mut cache, ctl))?;
-    with_control(rep, |ctl| outputs::write_outputs(files, &out, ctl))
+    let mut written = with_control(rep, |ctl| outputs::write_outputs(files, &out, ctl))?;
+    if let Some(b) = background {
+        b.write_masks(&out, &mut written)?;
+    }
+    if out.meta()["edit"]["slat_regenerated_everywhere"] == serde_json::json!(true) {
+        rep.note("the mesh has no structured latent: every voxel's latent was sampled anew (a variant of the edited structure)");
+    }
+    Ok(written)
 }
 
 fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     // Everything cheap, before any download or network load.
     let plan = OutputPlan::from_args(&args.output)?;
-    let mut prepared = None;
-    let mut opened = None;
     let prompt = match &args.text {
         Some(t) => {
             ensure!(
@@ -359,14 +365,8 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
             Prompt::Text(t.clone())
         }
         None => {
-            // Background removal of images without transparency, before any pipeline network.
-            args.background.options().check(&args.image)?;
-            let o = args.runtime.open_device()?;
-            let p = args.background.prepare(&args.image, &o.0, rep)?;
-            opened = Some(o);
-            let images = decoded_sources(&args.image, &p.images);
-            prepared = Some(p);
-            Prompt::Images(images)
+            args.background.check(&args.image)?;
+            Prompt::Images(args.image.iter().cloned().map(ImageSource::Path).collect())
         }
     };
     let job = Job::Generate(GenerateJob {
@@ -376,126 +376,9 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
         sampling: args.sampling.to_sampling(),
         formats: plan.formats,
         conditioners: args.runtime.conditioners(),
+        background: args.background.removal(),
     });
     job.validate()?;
-    let opened = match opened {
-        Some(o) => o,
-        None => args.runtime.open_device()?,
-    };
-    let mut written = run_in_process(&job, &plan.files(), opened, rep)?;
-    if let Some(p) = &prepared {
-        for (i, m) in p.write_masks()?.into_iter().enumerate() {
-            written[format!("mask{}", if i == 0 { String::new() } else { i.to_string() })] =
-                serde_json::json!(m);
-        }
-    }
-    Ok(written)
-}
-
-/// Prepared (decoded, background-removed) images as job inputs, named by their files.
-pub fn decoded_sources(paths: &[PathBuf], images: &[image::RgbaImage]) -> Vec<ImageSource> {
-    paths
-        .iter()
-        .zip(images)
-        .map(|(p, i)| ImageSource::Decoded {
-            path: p.clone(),
-            image: std::sync::Arc::new(i.clone()),
-        })
-        .collect()
-}
-
-// What `trellisd edit` (cli/edit.rs) shares with the generating commands.
-
-/// Checks an input image exists and can be preprocessed (alpha channel with an object).
-pub fn check_image(p: &Path) -> Result<()> {
-    ImageSource::Path(p.to_path_buf()).check()
-}
-
-/// Opens the pipeline repository for a text or an image prompt (`--model`, else the default of
-/// that kind), reporting the loading step, and checks its class fits the prompt.
-pub fn open_model<'a>(
-    model: Option<&'a str>,
-    is_text: bool,
-    rep: &mut Reporter,
-) -> Result<(&'a str, crate::hub::PipelineRepo)> {
-    let spec = crate::jobs::models::model_spec(model, is_text);
-    rep.emit(
-        crate::pipelines::base::Stage::Loading,
-        0,
-        2,
-        Some(spec.to_string()),
-    );
-    let want = if is_text {
-        crate::hub::PipelineClass::TextTo3D
-    } else {
-        crate::hub::PipelineClass::ImageTo3D
-    };
-    Ok((spec, crate::jobs::models::open_repo(spec, want)?))
-}
-
-/// The conditioner folder a prompt needs: the flag, else the name in pipeline.json.
-pub fn prompt_conditioner_dir(
-    runtime: &RuntimeArgs,
-    repo: &crate::hub::PipelineRepo,
-    is_text: bool,
-) -> Result<PathBuf> {
-    use crate::jobs::models::conditioner_dir;
-    if is_text {
-        conditioner_dir(
-            runtime.text_cond_model.as_deref(),
-            repo,
-            repo.config.text_cond_model.as_deref(),
-            "text",
-        )
-    } else {
-        conditioner_dir(
-            runtime.image_cond_model.as_deref(),
-            repo,
-            repo.config.image_cond_model.as_deref(),
-            "image",
-        )
-    }
-}
-
-pub use crate::jobs::sampler_meta;
-
-/// Writes the requested outputs of a generation (sample 0).
-pub fn write_outputs(
-    plan: &OutputPlan,
-    g: &crate::pipelines::base::Generation,
-    cond: Option<&candle_core::Tensor>,
-    meta: serde_json::Value,
-    rep: &mut Reporter,
-) -> Result<serde_json::Value> {
-    let mut written = serde_json::Map::new();
-    if let Some(p) = &plan.asset {
-        let a = crate::export::asset::Asset {
-            coords: g.coords.clone(),
-            slat: g.slat.slat.clone(),
-            ss_latent: g.structure.as_ref().map(|s| s.samples.clone()),
-            ss_noise: g.structure.as_ref().map(|s| s.noise.clone()),
-            slat_noise: Some(g.slat.noise.clone()),
-            cond_summary: match cond {
-                Some(c) => Some(c.to_dtype(candle_core::DType::F32)?.mean(1)?),
-                None => None,
-            },
-            meta: meta.clone(),
-        };
-        a.save(p)?;
-        written.insert("asset".into(), serde_json::json!(p));
-    }
-    let files = OutputFiles {
-        glb: plan.glb.clone(),
-        ply: plan.ply.clone(),
-        asset: None,
-        bake: plan.bake.clone(),
-        preview: plan.preview.clone(),
-    };
-    let more = with_control(rep, |ctl| {
-        crate::jobs::outputs::write_decoded(&files, &g.decoded, ctl)
-    })?;
-    if let serde_json::Value::Object(m) = more {
-        written.extend(m);
-    }
-    Ok(serde_json::Value::Object(written))
+    let opened = args.runtime.open_device()?;
+    run_in_process(&job, &plan.files(), opened, Some(&args.background), rep)
 }

@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Pipelines each worker keeps loaded at once (least recently used goes first).
     #[arg(long, default_value_t = 2)]
     pub max_resident: usize,
+    /// U²-Net weights for removing the background of input images without transparency: a hub
+    /// id (default leonelhs/u2net) or a local folder holding u2net.pth or model.safetensors.
+    #[arg(long, value_name = "ID|DIR")]
+    pub background_model: Option<String>,
 }
 
 pub fn run(args: &ServeArgs) -> Result<i32> {
@@ -44,5 +48,6 @@ pub fn run(args: &ServeArgs) -> Result<i32> {
         devices: args.devices.clone(),
         precision: args.precision.parse()?,
         max_resident: args.max_resident,
+        background_model: args.background_model.clone(),
     })
 }

@@ -10,7 +10,7 @@ use super::generate::{
     run_in_process, with_reporter, OutputArgs, OutputPlan, RuntimeArgs, SamplingArgs,
 };
 use super::progress::Reporter;
-use crate::jobs::{Job, MeshSource, Prompt, VariantJob};
+use crate::jobs::{ImageSource, Job, MeshSource, Prompt, VariantJob};
 
 #[derive(Debug, clap::Args)]
 pub struct VariantArgs {
@@ -47,19 +47,11 @@ pub fn run(args: &VariantArgs) -> Result<i32> {
 
 fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     let plan = OutputPlan::from_args(&args.output)?;
-    let mut prepared = None;
-    let mut opened = None;
     let prompt = match (&args.text, &args.image) {
         (Some(t), _) => Prompt::Text(t.clone()),
         (None, Some(i)) => {
-            let one = std::slice::from_ref(i);
-            args.background.options().check(one)?;
-            let o = args.runtime.open_device()?;
-            let p = args.background.prepare(one, &o.0, rep)?;
-            opened = Some(o);
-            let images = super::generate::decoded_sources(one, &p.images);
-            prepared = Some(p);
-            Prompt::Images(images)
+            args.background.check(std::slice::from_ref(i))?;
+            Prompt::Images(vec![ImageSource::Path(i.clone())])
         }
         (None, None) => anyhow::bail!("give --text or --image"),
     };
@@ -71,17 +63,9 @@ fn variant(args: &VariantArgs, rep: &mut Reporter) -> Result<serde_json::Value> 
         sampling: args.sampling.to_sampling(),
         formats: plan.formats,
         conditioners: args.runtime.conditioners(),
+        background: args.background.removal(),
     });
     job.validate()?;
-    let opened = match opened {
-        Some(o) => o,
-        None => args.runtime.open_device()?,
-    };
-    let mut written = run_in_process(&job, &plan.files(), opened, rep)?;
-    if let Some(p) = &prepared {
-        for m in p.write_masks()? {
-            written["mask"] = serde_json::json!(m);
-        }
-    }
-    Ok(written)
+    let opened = args.runtime.open_device()?;
+    run_in_process(&job, &plan.files(), opened, Some(&args.background), rep)
 }

@@ -8,8 +8,10 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 
 use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
+use crate::models::background::{self, BackgroundModel};
 use crate::models::conditioners::clip::TextConditioner;
 use crate::models::conditioners::dinov2::ImageConditioner;
+use crate::models::ss_vae::SparseStructureEncoder;
 use crate::pipelines::base::{RunControl, Stage, TrellisPipeline};
 use crate::pipelines::loader::{self, Formats};
 use crate::runtime::device::Fallback;
@@ -25,6 +27,8 @@ pub struct Resident {
     pub pipeline: TrellisPipeline,
     pub image_conditioner: Option<(PathBuf, ImageConditioner)>,
     pub text_conditioner: Option<(PathBuf, TextConditioner)>,
+    /// The structure encoder (edits of a source without a structure latent).
+    pub ss_encoder: Option<SparseStructureEncoder>,
     /// Networks loaded into it after it was opened.
     pub loads: usize,
 }
@@ -42,6 +46,10 @@ pub struct ModelCache {
     entries: Vec<Resident>,
     /// Pipelines opened (weights read) so far.
     opened: usize,
+    /// The background-removal network, with the spec it was loaded by.
+    background: Option<(String, BackgroundModel)>,
+    /// Background networks loaded so far.
+    background_loads: usize,
 }
 
 impl ModelCache {
@@ -62,6 +70,8 @@ impl ModelCache {
             max_resident: max_resident.max(1),
             entries: Vec::new(),
             opened: 0,
+            background: None,
+            background_loads: 0,
         }
     }
 
@@ -78,12 +88,30 @@ impl ModelCache {
     /// How many times weights were read (pipelines opened, networks or conditioners added):
     /// unchanged across a job that found everything resident.
     pub fn weight_loads(&self) -> usize {
-        self.opened + self.entries.iter().map(|e| e.loads).sum::<usize>()
+        self.opened + self.background_loads + self.entries.iter().map(|e| e.loads).sum::<usize>()
     }
 
     /// Drops every resident model (frees their memory).
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.background = None;
+    }
+
+    /// The U²-Net of `spec` (hub id or folder; default
+    /// [`crate::models::background::DEFAULT_MODEL`]), loaded unless it is already.
+    pub fn background_model(&mut self, spec: Option<&str>) -> Result<&BackgroundModel> {
+        let spec = spec.unwrap_or(background::DEFAULT_MODEL);
+        if self.background.as_ref().is_none_or(|(s, _)| s != spec) {
+            self.background = None;
+            let src = background::resolve(Some(spec), &HubOptions::from_env())?;
+            let m = BackgroundModel::load(&src, &self.device)?;
+            self.background = Some((spec.to_string(), m));
+            self.background_loads += 1;
+        }
+        self.background
+            .as_ref()
+            .map(|(_, m)| m)
+            .ok_or_else(|| anyhow!("background model not loaded"))
     }
 
     /// The pipeline `spec` with the structure networks (when `need_structure`) and the decoders
@@ -113,6 +141,7 @@ impl ModelCache {
                     pipeline,
                     image_conditioner: None,
                     text_conditioner: None,
+                    ss_encoder: None,
                     loads: 0,
                 });
                 self.opened += 1;
@@ -225,6 +254,19 @@ pub fn conditioner_dir(
 }
 
 impl Resident {
+    /// The structure encoder of this pipeline (named in pipeline.json, or found beside its
+    /// structure decoder), loaded unless it is already.
+    pub fn structure_encoder(&mut self, dev: &Device) -> Result<&SparseStructureEncoder> {
+        if self.ss_encoder.is_none() {
+            let files = hub::structure_encoder(&self.pipeline.repo, &HubOptions::from_env())?;
+            self.ss_encoder = Some(loader::load_ss_encoder(&files, dev)?);
+            self.loads += 1;
+        }
+        self.ss_encoder
+            .as_ref()
+            .ok_or_else(|| anyhow!("structure encoder not loaded"))
+    }
+
     /// The image conditioner in `dir`, loaded unless it is already.
     pub fn image_conditioner(&mut self, dir: &Path, dev: &Device) -> Result<&ImageConditioner> {
         if self

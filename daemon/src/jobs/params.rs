@@ -9,10 +9,12 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use image::RgbaImage;
 
+use crate::models::background::has_useful_alpha;
 use crate::models::conditioners::preprocess::{
     load_image, normalize, preprocess_rgba, TRELLIS_IMAGE_SIZE,
 };
 use crate::models::config::SamplerParams;
+use crate::pipelines::edit::{Region, Resampling};
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
 use crate::pipelines::mesh_input::load_mesh;
@@ -53,7 +55,7 @@ impl ImageSource {
         }
     }
 
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         match self {
             ImageSource::Path(p) | ImageSource::Decoded { path: p, .. } => {
                 format!("image {}", p.display())
@@ -62,11 +64,23 @@ impl ImageSource {
         }
     }
 
-    /// Checks the image decodes and can be preprocessed (an alpha channel with an object).
-    pub fn check(&self) -> Result<()> {
+    /// Checks the image decodes and either can be preprocessed (an alpha channel with an
+    /// object) or, without useful alpha, will have its background removed (`removal`). Returns
+    /// whether it needs background removal.
+    pub fn check(&self, removal: bool) -> Result<bool> {
         let img = self.load()?;
+        if !has_useful_alpha(&img) {
+            ensure!(
+                removal,
+                "{}: the image has no transparency and background removal is off \
+                 (--no-background-removal, or no_background_removal in the request); give an \
+                 RGBA image with a transparent background, or allow background removal",
+                self.name()
+            );
+            return Ok(true);
+        }
         preprocess_rgba(&img, TRELLIS_IMAGE_SIZE).with_context(|| self.name())?;
-        Ok(())
+        Ok(false)
     }
 
     /// The normalised `[1, 3, 518, 518]` tensor the image conditioner takes.
@@ -155,6 +169,29 @@ pub struct ConditionerOverrides {
     pub text: Option<String>,
 }
 
+/// How input images without useful alpha are handled: matted with U²-Net
+/// ([`crate::models::background`]) in the job, or refused.
+#[derive(Debug, Clone)]
+pub struct BackgroundRemoval {
+    /// `false`: an image without transparency is an error (checked before the job runs).
+    pub enabled: bool,
+    /// Hub id or local folder of the U²-Net weights (default
+    /// [`crate::models::background::DEFAULT_MODEL`]).
+    pub model: Option<String>,
+    /// Keep the mattes in the job's output ([`super::JobOutput::masks`]).
+    pub keep_masks: bool,
+}
+
+impl Default for BackgroundRemoval {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            model: None,
+            keep_masks: false,
+        }
+    }
+}
+
 /// Image(s) or text → 3D.
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
@@ -165,6 +202,7 @@ pub struct GenerateJob {
     pub sampling: Sampling,
     pub formats: Formats,
     pub conditioners: ConditionerOverrides,
+    pub background: BackgroundRemoval,
 }
 
 /// A new appearance for an existing mesh.
@@ -178,6 +216,44 @@ pub struct VariantJob {
     pub sampling: Sampling,
     pub formats: Formats,
     pub conditioners: ConditionerOverrides,
+    pub background: BackgroundRemoval,
+}
+
+/// What an edit starts from.
+#[derive(Debug, Clone)]
+pub enum EditInput {
+    /// A `.trellis` bundle; `id` names it in the daemon's asset store.
+    Asset { path: PathBuf, id: Option<String> },
+    /// A mesh, voxelised on the structure grid (its structure latent encoded).
+    Mesh(MeshSource),
+}
+
+impl EditInput {
+    pub fn describe(&self) -> serde_json::Value {
+        match self {
+            EditInput::Asset { path, id: None } => serde_json::json!({ "asset": path }),
+            EditInput::Asset { path, id: Some(id) } => {
+                serde_json::json!({ "asset": path, "asset_id": id })
+            }
+            EditInput::Mesh(m) => serde_json::json!({ "mesh": m.describe() }),
+        }
+    }
+}
+
+/// Regenerate a region of an asset (or of a mesh) under a prompt, the rest kept (`docs/EDIT.md`).
+#[derive(Debug, Clone)]
+pub struct EditJob {
+    /// Default: the model recorded in the asset, else the official model of the prompt's kind.
+    pub model: Option<String>,
+    pub source: EditInput,
+    pub region: Region,
+    /// Text, or exactly one image.
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+    pub resampling: Resampling,
+    pub formats: Formats,
+    pub conditioners: ConditionerOverrides,
+    pub background: BackgroundRemoval,
 }
 
 /// Decode a saved `.trellis` asset again (no sampling).
@@ -194,10 +270,15 @@ pub struct DecodeJob {
 pub enum Job {
     Generate(GenerateJob),
     Variant(VariantJob),
+    Edit(EditJob),
     Decode(DecodeJob),
 }
 
-fn check_prompt(prompt: &Prompt, cond: &ConditionerOverrides) -> Result<()> {
+fn check_prompt(
+    prompt: &Prompt,
+    cond: &ConditionerOverrides,
+    background: &BackgroundRemoval,
+) -> Result<()> {
     match prompt {
         Prompt::Text(t) => {
             ensure!(!t.trim().is_empty(), "the text prompt is empty");
@@ -213,7 +294,7 @@ fn check_prompt(prompt: &Prompt, cond: &ConditionerOverrides) -> Result<()> {
                 "a text conditioner (--text-cond-model) does not apply to images"
             );
             for i in images {
-                i.check()?;
+                i.check(background.enabled)?;
             }
         }
     }
@@ -221,10 +302,29 @@ fn check_prompt(prompt: &Prompt, cond: &ConditionerOverrides) -> Result<()> {
 }
 
 impl Job {
+    /// The background-removal settings of a job some of whose input images have no useful
+    /// alpha and will be matted (`None`: no image needs it, or removal is off).
+    pub fn background_removal(&self) -> Option<&BackgroundRemoval> {
+        let (prompt, bg) = match self {
+            Job::Generate(g) => (&g.prompt, &g.background),
+            Job::Variant(v) => (&v.prompt, &v.background),
+            Job::Edit(e) => (&e.prompt, &e.background),
+            Job::Decode(_) => return None,
+        };
+        let Prompt::Images(images) = prompt else {
+            return None;
+        };
+        let needed = images
+            .iter()
+            .any(|i| i.load().is_ok_and(|img| !has_useful_alpha(&img)));
+        (bg.enabled && needed).then_some(bg)
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Job::Generate(_) => "generate",
             Job::Variant(_) => "variant",
+            Job::Edit(_) => "edit",
             Job::Decode(_) => "decode",
         }
     }
@@ -234,7 +334,7 @@ impl Job {
         match self {
             Job::Generate(g) => {
                 g.sampling.check()?;
-                check_prompt(&g.prompt, &g.conditioners)?;
+                check_prompt(&g.prompt, &g.conditioners, &g.background)?;
             }
             Job::Variant(v) => {
                 ensure!(
@@ -252,7 +352,17 @@ impl Job {
                     ensure!(i.len() == 1, "a variant takes one image (got {})", i.len());
                 }
                 v.mesh.load()?;
-                check_prompt(&v.prompt, &v.conditioners)?;
+                check_prompt(&v.prompt, &v.conditioners, &v.background)?;
+            }
+            Job::Edit(e) => {
+                e.sampling.check()?;
+                if let Prompt::Images(i) = &e.prompt {
+                    ensure!(i.len() == 1, "an edit takes one image (got {})", i.len());
+                }
+                check_prompt(&e.prompt, &e.conditioners, &e.background)?;
+                // The region, the source and the resampling against the model's grid and
+                // sampler (configs and the source only, no network).
+                super::run::plan_edit(e, &Device::Cpu)?;
             }
             Job::Decode(d) => {
                 ensure!(

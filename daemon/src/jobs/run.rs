@@ -4,29 +4,42 @@
 
 use std::sync::atomic::Ordering;
 
-use anyhow::{anyhow, bail, ensure, Result};
-use candle_core::{DType, Tensor};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::models::{conditioner_dir, model_spec, ModelCache};
-use super::params::{DecodeJob, GenerateJob, Job, Prompt, VariantJob};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::GrayImage;
+
+use super::models::{conditioner_dir, model_spec, open_repo, ModelCache};
+use super::params::{
+    BackgroundRemoval, DecodeJob, EditInput, EditJob, GenerateJob, ImageSource, Job, Prompt,
+    VariantJob,
+};
 use crate::export::asset::Asset;
-use crate::hub::{PipelineClass, PipelineRepo};
+use crate::hub::{self, HubOptions, PipelineClass, PipelineRepo};
+use crate::models::background::has_useful_alpha;
+use crate::models::conditioners::preprocess::alpha_crop_box;
 use crate::models::config::{SamplerConfig, SamplerParams};
 use crate::pipelines::base::{decode_slat, Decoded, Generation, RunControl, RunParams, Stage};
+use crate::pipelines::edit::{run_edit, EditParams, EditPipeline, EditSource, VoxelMask};
 use crate::pipelines::image_to_3d::MultiImageMode;
-use crate::pipelines::loader::{load_decoders, structure_resolution};
+use crate::pipelines::loader::{load_decoders, mesh_decoder_resolution, structure_resolution};
 use crate::pipelines::noise::TorchNoise;
 use crate::pipelines::samplers::{Conditioning, SamplerSettings};
 use crate::pipelines::text_to_3d::text_cond;
 use crate::pipelines::variant::{run_variant, voxelize_with_progress};
+use crate::pipelines::voxelize::TriMesh;
 
 /// What a job produced.
 pub enum JobOutput {
-    /// `generate` / `variant`: the whole generation, its condition and the asset metadata.
+    /// `generate` / `variant` / `edit`: the whole generation, its condition, the asset
+    /// metadata and the mattes of the background-removed input images (when asked to keep them).
     Generated {
         generation: Box<Generation>,
         cond: Tensor,
         meta: serde_json::Value,
+        masks: Vec<GrayImage>,
     },
     /// `decode`: the representations decoded from a saved asset.
     Decoded {
@@ -43,6 +56,15 @@ impl JobOutput {
         }
     }
 
+    /// The mattes of the input images whose background was removed (empty unless the job's
+    /// [`BackgroundRemoval::keep_masks`]).
+    pub fn masks(&self) -> &[GrayImage] {
+        match self {
+            JobOutput::Generated { masks, .. } => masks,
+            JobOutput::Decoded { .. } => &[],
+        }
+    }
+
     pub fn meta(&self) -> &serde_json::Value {
         match self {
             JobOutput::Generated { meta, .. } | JobOutput::Decoded { meta, .. } => meta,
@@ -55,6 +77,7 @@ impl JobOutput {
             generation: g,
             cond,
             meta,
+            ..
         } = self
         else {
             return Ok(None);
@@ -97,6 +120,7 @@ pub fn run_job(job: &Job, cache: &mut ModelCache, ctl: &mut RunControl<'_>) -> R
     match job {
         Job::Generate(g) => generate(g, cache, ctl),
         Job::Variant(v) => variant(v, cache, ctl),
+        Job::Edit(e) => edit(e, cache, ctl),
         Job::Decode(d) => decode(d, cache, ctl),
     }
 }
@@ -188,6 +212,7 @@ fn generate(
         slat: job.sampling.slat.clone(),
         formats: job.formats,
     };
+    let (prompt, masks, removed) = remove_backgrounds(&job.prompt, &job.background, cache, ctl)?;
     let resident = cache.pipeline(&spec, class_of(&job.prompt), true, job.formats, ctl)?;
     let repo = &resident.pipeline.repo;
     // Sampler parameters resolve now (step counts of 0 from pipeline.json, ...).
@@ -209,7 +234,8 @@ fn generate(
             }
         }
     }
-    let (cond, neg) = encode_prompt(&job.prompt, &cond_dir, resident, &dev, ctl)?;
+    record_removed(&mut meta, &removed, &job.background);
+    let (cond, neg) = encode_prompt(&prompt, &cond_dir, resident, &dev, ctl)?;
     check_cancel(ctl)?;
     let c = if cond.dim(0)? == 1 {
         Conditioning::Single {
@@ -236,6 +262,7 @@ fn generate(
         generation: Box::new(g),
         cond,
         meta,
+        masks,
     })
 }
 
@@ -285,8 +312,10 @@ fn variant(
             meta["image"] = first.describe();
         }
     }
+    let (prompt, masks, removed) = remove_backgrounds(&job.prompt, &job.background, cache, ctl)?;
+    record_removed(&mut meta, &removed, &job.background);
     let resident = cache.pipeline(&spec, class_of(&job.prompt), false, job.formats, ctl)?;
-    let (cond, neg) = encode_prompt(&job.prompt, &cond_dir, resident, &dev, ctl)?;
+    let (cond, neg) = encode_prompt(&prompt, &cond_dir, resident, &dev, ctl)?;
     check_cancel(ctl)?;
     let mut noise = TorchNoise::new(job.sampling.seed);
     let coords = voxelize_with_progress(&mesh, resolution, &dev, ctl)?;
@@ -303,7 +332,243 @@ fn variant(
         generation: Box::new(g),
         cond,
         meta,
+        masks,
     })
+}
+
+/// What an edit runs on, checked: everything that needs no network (the region against the
+/// model's grid, the source's voxels, the resampling against the sampler steps).
+pub(super) struct EditPlan {
+    spec: String,
+    mask: VoxelMask,
+    asset: Option<Asset>,
+    mesh: Option<Arc<TriMesh>>,
+    cond_dir: PathBuf,
+    meta: serde_json::Value,
+}
+
+/// Checks an edit job and gathers what it runs on (the source loaded on `dev`).
+pub(super) fn plan_edit(job: &EditJob, dev: &Device) -> Result<EditPlan> {
+    job.region.check_box()?;
+    let (asset, mesh) = match &job.source {
+        EditInput::Asset { path, .. } => {
+            ensure!(path.is_file(), "asset {} does not exist", path.display());
+            (Some(Asset::load(path, dev)?), None)
+        }
+        EditInput::Mesh(m) => (None, Some(m.load()?)),
+    };
+    let is_text = job.prompt.is_text();
+    let recorded = asset
+        .as_ref()
+        .and_then(|a| a.meta.get("model"))
+        .and_then(|m| m.as_str())
+        .map(String::from);
+    let from_asset = job.model.is_none() && recorded.is_some();
+    let spec = job
+        .model
+        .clone()
+        .or(recorded)
+        .unwrap_or_else(|| model_spec(None, is_text).to_string());
+    let repo = open_repo(&spec, class_of(&job.prompt)).with_context(|| {
+        if from_asset {
+            format!("model {spec}, recorded in the asset (give a model to choose another)")
+        } else {
+            format!("model {spec}")
+        }
+    })?;
+    let resolution = structure_resolution(&repo)?;
+    let mask = job.region.voxel_mask(resolution)?;
+    if job.formats.mesh {
+        let limit = mesh_decoder_resolution(&repo)?;
+        ensure!(
+            resolution <= limit,
+            "the structure grid {resolution}³ is finer than the {limit}³ grid this model's mesh decoder handles"
+        );
+    }
+    let ss_meta = sampler_meta(&repo.config.sparse_structure_sampler, &job.sampling.ss)?;
+    let slat_meta = sampler_meta(&repo.config.slat_sampler, &job.sampling.slat)?;
+    for (c, over) in [
+        (&repo.config.sparse_structure_sampler, &job.sampling.ss),
+        (&repo.config.slat_sampler, &job.sampling.slat),
+    ] {
+        let steps = SamplerSettings::resolve(&c.params.overridden_by(over))?.steps;
+        job.resampling.validate(steps)?;
+    }
+    if let Some(a) = &asset {
+        // A variant's asset records the grid its mesh was voxelised on.
+        if let Some(vr) = a.meta.get("voxel_resolution").and_then(|v| v.as_u64()) {
+            ensure!(
+                vr == resolution as u64,
+                "the asset's voxels are on a {vr}³ grid; this model's structure grid is {resolution}³"
+            );
+        }
+        EditSource::from_asset(a).voxels(resolution)?;
+    }
+    if asset.as_ref().is_none_or(|a| a.ss_latent.is_none()) {
+        // The source's structure latent is encoded: the encoder must exist.
+        hub::structure_encoder(&repo, &HubOptions::from_env())?;
+    }
+    let cond_dir = prompt_conditioner_dir(&job.prompt, &job.conditioners, &repo)?;
+    let mut meta = base_meta(
+        "edit",
+        &spec,
+        &repo,
+        &crate::runtime::device::device_name(dev),
+    );
+    meta["conditioner"] = serde_json::json!(cond_dir);
+    meta["region"] = job.region.describe();
+    meta["resampling"] = serde_json::to_value(job.resampling)?;
+    meta["seed"] = serde_json::json!(job.sampling.seed);
+    meta["sparse_structure_sampler"] = ss_meta;
+    meta["slat_sampler"] = slat_meta;
+    meta["formats"] = serde_json::json!(job.formats.names());
+    meta["source"] = job.source.describe();
+    if let Some(a) = &asset {
+        meta["source_meta"] = a.meta.clone();
+    }
+    match &job.prompt {
+        Prompt::Text(t) => meta["text"] = serde_json::json!(t),
+        Prompt::Images(images) => {
+            let first = images
+                .first()
+                .ok_or_else(|| anyhow!("give a text prompt or an image"))?;
+            meta["image"] = first.describe();
+        }
+    }
+    Ok(EditPlan {
+        spec,
+        mask,
+        asset,
+        mesh,
+        cond_dir,
+        meta,
+    })
+}
+
+fn edit(job: &EditJob, cache: &mut ModelCache, ctl: &mut RunControl<'_>) -> Result<JobOutput> {
+    let dev = cache.device.clone();
+    let EditPlan {
+        spec,
+        mask,
+        asset,
+        mesh,
+        cond_dir,
+        mut meta,
+    } = plan_edit(job, &dev)?;
+    let (prompt, masks, removed) = remove_backgrounds(&job.prompt, &job.background, cache, ctl)?;
+    record_removed(&mut meta, &removed, &job.background);
+    let source = match (&asset, &mesh) {
+        (Some(a), _) => EditSource::from_asset(a),
+        (None, Some(m)) => {
+            let r = mask.resolution();
+            ctl.emit(Stage::Voxelizing, 0, 1, None);
+            let s = EditSource::from_mesh(m, r, &dev)?;
+            let n = s.coords.dim(0)?;
+            ctl.emit(Stage::Voxelizing, 1, 1, Some(format!("{n} voxels at {r}³")));
+            s
+        }
+        (None, None) => bail!("an edit needs an asset or a mesh"),
+    };
+    check_cancel(ctl)?;
+    let resident = cache.pipeline(&spec, class_of(&job.prompt), true, job.formats, ctl)?;
+    if source.ss_latent.is_none() {
+        resident.structure_encoder(&dev)?;
+    }
+    let (cond, neg) = encode_prompt(&prompt, &cond_dir, resident, &dev, ctl)?;
+    check_cancel(ctl)?;
+    let pipe = EditPipeline {
+        pipeline: &resident.pipeline,
+        encoder: resident.ss_encoder.as_ref(),
+    };
+    let params = EditParams {
+        ss: job.sampling.ss.clone(),
+        slat: job.sampling.slat.clone(),
+        resampling: job.resampling,
+        formats: job.formats,
+    };
+    let mut noise = TorchNoise::new(job.sampling.seed);
+    let c = Conditioning::Single {
+        cond: &cond,
+        neg: &neg,
+    };
+    let outcome = run_edit(&pipe, &source, &mask, &c, &mut noise, &params, ctl)?;
+    meta["edit"] = serde_json::to_value(&outcome.report)?;
+    Ok(JobOutput::Generated {
+        generation: Box::new(outcome.generation),
+        cond,
+        meta,
+        masks,
+    })
+}
+
+/// Removes the background of every input image without useful alpha (U²-Net, loaded into the
+/// cache on first need), as TRELLIS' `preprocess_image` does with rembg: returns the prompt with
+/// those images replaced by their cutouts, the mattes (when `bg.keep_masks`) and which images
+/// were matted.
+fn remove_backgrounds(
+    prompt: &Prompt,
+    bg: &BackgroundRemoval,
+    cache: &mut ModelCache,
+    ctl: &mut RunControl<'_>,
+) -> Result<(Prompt, Vec<GrayImage>, Vec<usize>)> {
+    let Prompt::Images(images) = prompt else {
+        return Ok((prompt.clone(), Vec::new(), Vec::new()));
+    };
+    let mut loaded = Vec::with_capacity(images.len());
+    for i in images {
+        loaded.push(i.load()?);
+    }
+    let todo: Vec<usize> = (0..loaded.len())
+        .filter(|&k| !has_useful_alpha(&loaded[k]))
+        .collect();
+    if todo.is_empty() {
+        return Ok((prompt.clone(), Vec::new(), Vec::new()));
+    }
+    if !bg.enabled {
+        // Validation refuses this before the job runs; a file changed since is refused here.
+        images[todo[0]].check(false)?;
+    }
+    let model_name = bg
+        .model
+        .clone()
+        .unwrap_or_else(|| crate::models::background::DEFAULT_MODEL.to_string());
+    ctl.emit(Stage::RemovingBackground, 0, todo.len(), Some(model_name));
+    let model = cache.background_model(bg.model.as_deref())?;
+    let mut out = images.clone();
+    let mut masks = Vec::new();
+    for (done, &k) in todo.iter().enumerate() {
+        if ctl.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            bail!("cancelled");
+        }
+        let name = images[k].name();
+        let (cut, matte) = model.remove(&loaded[k]).with_context(|| name.clone())?;
+        // The crop of preprocess_image needs an opaque object.
+        alpha_crop_box(&cut).with_context(|| format!("{name} after background removal"))?;
+        let cut = Arc::new(cut);
+        out[k] = match &images[k] {
+            ImageSource::Path(p) | ImageSource::Decoded { path: p, .. } => ImageSource::Decoded {
+                path: p.clone(),
+                image: cut,
+            },
+            ImageSource::Rgba(_) => ImageSource::Rgba(cut),
+        };
+        if bg.keep_masks {
+            masks.push(matte);
+        }
+        ctl.emit(Stage::RemovingBackground, done + 1, todo.len(), None);
+    }
+    Ok((Prompt::Images(out), masks, todo))
+}
+
+/// Notes in the asset metadata which input images were matted, and by which network.
+fn record_removed(meta: &mut serde_json::Value, removed: &[usize], bg: &BackgroundRemoval) {
+    if removed.is_empty() {
+        return;
+    }
+    meta["background_removed"] = serde_json::json!({
+        "images": removed,
+        "model": bg.model.as_deref().unwrap_or(crate::models::background::DEFAULT_MODEL),
+    });
 }
 
 fn decode(job: &DecodeJob, cache: &mut ModelCache, ctl: &mut RunControl<'_>) -> Result<JobOutput> {

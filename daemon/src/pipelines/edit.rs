@@ -48,6 +48,8 @@ pub enum Region {
     Box { min: [f64; 3], max: [f64; 3] },
     /// A voxel mask of the structure grid: `dims` must be `[R, R, R]`, `voxels[(x R + y) R + z]`.
     Mask { dims: Vec<usize>, voxels: Vec<bool> },
+    /// The voxels of any of these regions (each must be valid on its own).
+    Union(Vec<Region>),
 }
 
 impl Region {
@@ -102,7 +104,13 @@ impl Region {
         })
     }
 
-    fn check_box(&self) -> Result<()> {
+    /// The checks that need no grid: a box is not empty and meets the grid (every box of a
+    /// union).
+    pub fn check_box(&self) -> Result<()> {
+        if let Region::Union(parts) = self {
+            ensure!(!parts.is_empty(), "the region is empty: no box and no mask");
+            return parts.iter().try_for_each(Region::check_box);
+        }
         let Region::Box { min, max } = self else {
             return Ok(());
         };
@@ -162,6 +170,16 @@ impl Region {
                 );
                 voxels.clone()
             }
+            Region::Union(parts) => {
+                ensure!(!parts.is_empty(), "the region is empty: no box and no mask");
+                let mut v = vec![false; r * r * r];
+                for p in parts {
+                    for (o, i) in v.iter_mut().zip(p.voxel_mask(r)?.inside) {
+                        *o |= i;
+                    }
+                }
+                v
+            }
         };
         let m = VoxelMask {
             resolution: r,
@@ -181,6 +199,9 @@ impl Region {
             Region::Mask { dims, voxels } => serde_json::json!({
                 "mask": {"shape": dims, "voxels": voxels.iter().filter(|&&b| b).count()}
             }),
+            Region::Union(parts) => {
+                serde_json::json!({"union": parts.iter().map(Region::describe).collect::<Vec<_>>()})
+            }
         }
     }
 }
@@ -503,9 +524,9 @@ pub struct EditParams {
 
 /// The networks of an edit: a pipeline with its structure networks, and the structure encoder
 /// when the source has no structure latent.
-pub struct EditPipeline {
-    pub pipeline: TrellisPipeline,
-    pub encoder: Option<SparseStructureEncoder>,
+pub struct EditPipeline<'a> {
+    pub pipeline: &'a TrellisPipeline,
+    pub encoder: Option<&'a SparseStructureEncoder>,
 }
 
 /// What an edit kept and changed.
@@ -547,7 +568,7 @@ fn coords_tensor(voxels: &[[i32; 3]], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (voxels.len(), 4), device)?)
 }
 
-impl EditPipeline {
+impl EditPipeline<'_> {
     /// The known structure latent: the source's, or the encoder's posterior mean of its occupancy.
     fn known_latent(
         &self,
@@ -753,7 +774,7 @@ impl EditPipeline {
 /// Runs a region edit: stage 1 on the structure, stage 2 on the structured latent, then the
 /// decoders of `params.formats`. `region` must be a mask of the pipeline's structure grid.
 pub fn run_edit(
-    pipe: &EditPipeline,
+    pipe: &EditPipeline<'_>,
     source: &EditSource,
     region: &VoxelMask,
     cond: &Conditioning<'_>,

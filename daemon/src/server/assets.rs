@@ -1,6 +1,7 @@
 //! The asset store: one folder per finished job under `<data>/assets/<id>/` holding
 //! `asset.trellis`, `mesh.glb`, `gaussians.ply`, the `fetch` arrays per format
-//! (`<format>.json` + `<format>.bin`) and, written last, `asset.json`. Every file is written
+//! (`<format>.json` + `<format>.bin`), the mattes of background-removed inputs when asked
+//! (`mask.png`) and, written last, `asset.json`. Every file is written
 //! atomically, so a killed daemon leaves either a whole asset or a folder without `asset.json`
 //! (not listed).
 
@@ -133,6 +134,18 @@ impl AssetStore {
             meta,
         };
         self.add_decoded(dir, &mut info, out, glb)?;
+        // The mattes of background-removed inputs (a request's `save_mask`).
+        let masks = out.masks();
+        for (i, m) in masks.iter().enumerate() {
+            let (key, name) = if masks.len() == 1 {
+                ("mask".to_string(), "mask.png".to_string())
+            } else {
+                (format!("mask_{i}"), format!("mask_{i}.png"))
+            };
+            let p = dir.join(name);
+            crate::models::background::write_mask(&p, m)?;
+            info.files.insert(key, p.display().to_string());
+        }
         write_json(&dir.join("asset.json"), &info)?;
         Ok(info)
     }

@@ -159,15 +159,7 @@ async fn handle(frame: Frame, ctx: Arc<Ctx>, out: Out, owned: Owned) {
             ok(&out, id, hello(&ctx));
         }
         Op::Ping {} => ok(&out, id, serde_json::json!({})),
-        Op::Generate(_) | Op::Variant(_) => submit(req, binary, ctx, out).await,
-        Op::Edit(_) => refuse(
-            &out,
-            id,
-            (
-                ErrorCode::Unsupported,
-                "edit: region edits are not available in this daemon yet".into(),
-            ),
-        ),
+        Op::Generate(_) | Op::Variant(_) | Op::Edit(_) => submit(req, binary, ctx, out).await,
         Op::Decode(p) => {
             let p = p.clone();
             let formats = match requests::decode_formats(&p.formats) {
@@ -291,11 +283,7 @@ fn hello(ctx: &Ctx) -> HelloResult {
         daemon: format!("trellis-rs {}", env!("CARGO_PKG_VERSION")),
         pid: std::process::id(),
         address: ctx.address.clone(),
-        capabilities: proto::OPS
-            .iter()
-            .filter(|o| **o != "edit")
-            .map(|o| o.to_string())
-            .collect(),
+        capabilities: proto::OPS.iter().map(|o| o.to_string()).collect(),
         devices: ctx.devices.clone(),
         tier,
         models: ctx
@@ -332,18 +320,28 @@ async fn submit(req: Request, binary: Vec<u8>, ctx: Arc<Ctx>, out: Out) {
     let id = req.id;
     let c = ctx.clone();
     // Decoding uploads and checking inputs is CPU work: off the async threads.
-    let built = tokio::task::spawn_blocking(move || match &req.op {
-        Op::Generate(p) => {
-            let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
-            requests::generate_job(&req, &binary, p, &c.served, &c.conditioners)
-                .map(|(j, m)| (j, m, glb, p.wait))
-        }
-        Op::Variant(p) => {
-            let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
-            requests::variant_job(&req, &binary, p, &c.served, &c.conditioners)
-                .map(|(j, m)| (j, m, glb, p.wait))
-        }
-        _ => Err((ErrorCode::Internal, "not a job".into())),
+    let built = tokio::task::spawn_blocking(move || -> Result<_, Refusal> {
+        let bg = c.background_model.as_deref();
+        let (job, model, glb, wait) = match &req.op {
+            Op::Generate(p) => {
+                let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
+                requests::generate_job(&req, &binary, p, &c.served, &c.conditioners, bg)
+                    .map(|(j, m)| (j, m, glb, p.wait))?
+            }
+            Op::Variant(p) => {
+                let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
+                requests::variant_job(&req, &binary, p, &c.served, &c.conditioners, bg)
+                    .map(|(j, m)| (j, m, glb, p.wait))?
+            }
+            Op::Edit(p) => {
+                let glb = requests::glb_options(p.glb.as_ref(), &p.formats)?;
+                requests::edit_job(&req, &binary, p, &c.served, &c.conditioners, bg, &c.store)
+                    .map(|(j, m)| (j, m, glb, p.wait))?
+            }
+            _ => return Err((ErrorCode::Internal, "not a job".into())),
+        };
+        check_background_weights(&job)?;
+        Ok((job, model, glb, wait))
     })
     .await;
     match built {
@@ -353,6 +351,20 @@ async fn submit(req: Request, binary: Vec<u8>, ctx: Arc<Ctx>, out: Out) {
         Ok(Err(r)) => refuse(&out, id, r),
         Err(e) => refuse(&out, id, (ErrorCode::Internal, e.to_string())),
     }
+}
+
+/// Offline, a job that must remove a background is refused at once when the U²-Net weights are
+/// not at hand (online they are downloaded by the job).
+fn check_background_weights(job: &Job) -> Result<(), Refusal> {
+    let opts = crate::hub::HubOptions::from_env();
+    if !opts.offline {
+        return Ok(());
+    }
+    if let Some(bg) = job.background_removal() {
+        crate::models::background::resolve(bg.model.as_deref(), &opts)
+            .map_err(|e| (ErrorCode::ModelUnavailable, format!("{e:#}")))?;
+    }
+    Ok(())
 }
 
 async fn enqueue(

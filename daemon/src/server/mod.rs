@@ -34,6 +34,9 @@ pub struct ServeOptions {
     pub devices: Vec<String>,
     pub precision: crate::runtime::precision::PrecisionChoice,
     pub max_resident: usize,
+    /// U²-Net weights (hub id or folder) for images without transparency; default
+    /// [`crate::models::background::DEFAULT_MODEL`].
+    pub background_model: Option<String>,
 }
 
 /// Shared by every connection.
@@ -43,6 +46,8 @@ pub struct Ctx {
     pub buffers: Arc<Buffers>,
     pub served: Vec<Served>,
     pub conditioners: ConditionerOverrides,
+    /// `serve --background-model`.
+    pub background_model: Option<String>,
     /// The devices the workers actually use (after any CPU fallback).
     pub devices: Vec<String>,
     pub address: String,
@@ -147,6 +152,7 @@ fn serve_inner(
         buffers,
         served,
         conditioners: opts.conditioners.clone(),
+        background_model: opts.background_model.clone(),
         devices: used,
         address: address.display().to_string(),
         shutdown: tokio::sync::Notify::new(),

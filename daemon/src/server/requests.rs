@@ -5,14 +5,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use trellis_ipc_protocol::{
-    self as proto, ArrayDesc, DType as WireDType, ErrorCode, Format, GenerateParams, ImageInput,
-    MeshInput, Request, VariantParams,
+    self as proto, ArrayDesc, DType as WireDType, EditParams, ErrorCode, Format, GenerateParams,
+    ImageInput, MeshInput, RegionParams, Request, VariantParams,
 };
 
+use super::assets::AssetStore;
 use crate::jobs::{
-    ConditionerOverrides, GenerateJob, ImageSource, Job, MeshSource, Prompt, Sampling, VariantJob,
+    BackgroundRemoval, ConditionerOverrides, EditInput, EditJob, GenerateJob, ImageSource, Job,
+    MeshSource, Prompt, Sampling, VariantJob,
 };
 use crate::models::config::SamplerParams;
+use crate::pipelines::edit::{Region, Resampling};
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
 use crate::pipelines::voxelize::TriMesh;
@@ -330,6 +333,15 @@ fn mesh(req: &Request, binary: &[u8], m: &MeshInput) -> Result<MeshSource, Refus
     }
 }
 
+/// The background-removal settings of a request (`serve --background-model`'s network).
+fn background(no_removal: bool, save_mask: bool, model: Option<&str>) -> BackgroundRemoval {
+    BackgroundRemoval {
+        enabled: !no_removal,
+        model: model.map(String::from),
+        keep_masks: save_mask,
+    }
+}
+
 /// A `generate` request as a job (validated); returns it with the served model's name.
 pub fn generate_job(
     req: &Request,
@@ -337,6 +349,7 @@ pub fn generate_job(
     p: &GenerateParams,
     served: &[Served],
     cond: &ConditionerOverrides,
+    background_model: Option<&str>,
 ) -> Result<(Job, String), Refusal> {
     let prompt = match (&p.text, p.images.is_empty()) {
         (Some(_), false) => return Err(bad("give either text or images, not both")),
@@ -372,6 +385,7 @@ pub fn generate_job(
         prompt,
         sampling: sampling(p.sampling())?,
         formats: formats(&p.formats),
+        background: background(p.no_background_removal, p.save_mask, background_model),
     });
     job.validate().map_err(|e| bad(format!("{e:#}")))?;
     Ok((job, model))
@@ -392,6 +406,7 @@ pub fn variant_job(
     p: &VariantParams,
     served: &[Served],
     cond: &ConditionerOverrides,
+    background_model: Option<&str>,
 ) -> Result<(Job, String), Refusal> {
     let prompt = match (&p.text, &p.image) {
         (Some(_), Some(_)) => return Err(bad("give either text or image, not both")),
@@ -419,6 +434,119 @@ pub fn variant_job(
         voxel_resolution: p.voxel_resolution.map(|r| r as usize),
         sampling: sampling(p.sampling())?,
         formats: formats(&p.formats),
+        background: background(p.no_background_removal, p.save_mask, background_model),
+    });
+    job.validate().map_err(|e| bad(format!("{e:#}")))?;
+    Ok((job, model))
+}
+
+/// Largest side of an uploaded region mask (the official structure grid is 64).
+pub const MAX_MASK_SIDE: u64 = 1024;
+
+/// An edit's region: the box, the uploaded mask, or their union.
+fn region(req: &Request, binary: &[u8], r: &RegionParams) -> Result<Region, Refusal> {
+    let mut parts = Vec::new();
+    if let Some(b) = &r.region_box {
+        if !b.min.iter().chain(&b.max).all(|x| x.is_finite()) {
+            return Err(bad("region.box: every coordinate must be a finite number"));
+        }
+        let part = Region::Box {
+            min: b.min,
+            max: b.max,
+        };
+        part.check_box()
+            .map_err(|e| bad(format!("region.box: {e:#}")))?;
+        parts.push(part);
+    }
+    if let Some(name) = &r.mask {
+        let (d, bytes) = upload(req, binary, name)?;
+        if d.dtype != WireDType::U8 || d.shape.len() != 3 {
+            return Err(bad(format!(
+                "region mask {name:?}: expected u8 [R, R, R], got {:?} {:?}",
+                d.dtype, d.shape
+            )));
+        }
+        if d.shape.iter().any(|&s| s > MAX_MASK_SIDE) {
+            return Err(too_large(format!(
+                "region mask {name:?}: shape {:?}, the longest side allowed is {MAX_MASK_SIDE}",
+                d.shape
+            )));
+        }
+        parts.push(Region::Mask {
+            dims: d.shape.iter().map(|&s| s as usize).collect(),
+            voxels: bytes.iter().map(|&b| b != 0).collect(),
+        });
+    }
+    match parts.len() {
+        0 => Err(bad("region: give a box ({\"box\": {\"min\": [x, y, z], \"max\": [x, y, z]}}) and/or a mask")),
+        1 => Ok(parts.remove(0)),
+        _ => Ok(Region::Union(parts)),
+    }
+}
+
+/// An `edit` request as a job (validated): the stored asset, its region and the prompt.
+pub fn edit_job(
+    req: &Request,
+    binary: &[u8],
+    p: &EditParams,
+    served: &[Served],
+    cond: &ConditionerOverrides,
+    background_model: Option<&str>,
+    store: &AssetStore,
+) -> Result<(Job, String), Refusal> {
+    check_name(&p.asset, "asset")?;
+    let info = store
+        .get(&p.asset)
+        .map_err(|e| (ErrorCode::NotFound, format!("{e:#}")))?;
+    let path = store
+        .dir(&p.asset)
+        .map_err(|e| (ErrorCode::NotFound, format!("{e:#}")))?
+        .join("asset.trellis");
+    if !path.is_file() {
+        return Err((
+            ErrorCode::NotFound,
+            format!("asset {} has no latent bundle to edit", p.asset),
+        ));
+    }
+    let prompt = match (&p.text, &p.image) {
+        (Some(_), Some(_)) => return Err(bad("give either text or image, not both")),
+        (None, None) => return Err(bad("edit: give text or image (what the region becomes)")),
+        (Some(t), None) => {
+            check_text(t)?;
+            Prompt::Text(t.clone())
+        }
+        (None, Some(i)) => Prompt::Images(vec![image(req, binary, i)?]),
+    };
+    let region = region(req, binary, &p.region)?;
+    let is_text = prompt.is_text();
+    // Default: the asset's own model when this daemon serves it for this kind of prompt.
+    let own = served
+        .iter()
+        .find(|s| s.name == info.model && s.is_text == Some(is_text))
+        .map(|s| s.name.clone());
+    let model = match (&p.model, own) {
+        (None, Some(m)) => m,
+        (asked, _) => pick_model(served, asked.as_deref(), is_text)?,
+    };
+    let jumps = p.jumps.unwrap_or(0) as usize;
+    let jump_length = match p.jump_length {
+        Some(0) => return Err(bad("jump_length: must be at least 1 step")),
+        Some(n) => n as usize,
+        None => 1,
+    };
+    let job = Job::Edit(EditJob {
+        model: Some(model.clone()),
+        source: EditInput::Asset {
+            path,
+            id: Some(p.asset.clone()),
+        },
+        region,
+        conditioners: only_for(cond, is_text),
+        prompt,
+        sampling: sampling(p.sampling())?,
+        resampling: Resampling { jump_length, jumps },
+        formats: formats(&p.formats),
+        background: background(p.no_background_removal, p.save_mask, background_model),
     });
     job.validate().map_err(|e| bad(format!("{e:#}")))?;
     Ok((job, model))

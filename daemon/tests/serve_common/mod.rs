@@ -89,7 +89,19 @@ pub fn serve_command(dir: &Path, tiny: &Tiny, devices: &str) -> Command {
 impl Daemon {
     /// Starts a daemon and waits for its `READY <address>` line.
     pub fn start(dir: &Path, tiny: &Tiny, devices: &str) -> Self {
-        let mut child = serve_command(dir, tiny, devices)
+        Self::start_with(dir, tiny, devices, |_| {})
+    }
+
+    /// [`Daemon::start`] with more arguments or environment (`more` edits the command).
+    pub fn start_with(
+        dir: &Path,
+        tiny: &Tiny,
+        devices: &str,
+        more: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut cmd = serve_command(dir, tiny, devices);
+        more(&mut cmd);
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -19,7 +19,7 @@ pub mod u2net;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::{GrayImage, RgbImage, RgbaImage};
 
@@ -240,43 +240,18 @@ pub fn has_useful_alpha(img: &RgbaImage) -> bool {
     img.as_raw().chunks_exact(4).any(|p| p[3] != 255)
 }
 
-/// How input images without alpha are handled.
-#[derive(Debug, Clone, Default)]
-pub struct BackgroundOptions {
-    /// `false`: an image without alpha is an error, as before background removal existed.
-    pub enabled: bool,
-    /// Hub id or local folder of the U²-Net weights (default [`DEFAULT_MODEL`]).
-    pub model: Option<String>,
-    /// Write the matte of each image whose background was removed (PNG).
-    pub save_mask: Option<PathBuf>,
+/// Writes a matte as a PNG, atomically.
+pub fn write_mask(path: &Path, matte: &GrayImage) -> Result<()> {
+    let mut png = Vec::new();
+    matte
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .with_context(|| format!("encoding the matte for {}", path.display()))?;
+    crate::export::atomic::write_atomic(path, |w| Ok(w.write_all(&png)?))
 }
 
-/// Input images ready for the alpha path of `preprocess_image`, plus the mattes to write.
-pub struct PreparedImages {
-    /// One RGBA image per input: the decoded file, or its background-removed cutout.
-    pub images: Vec<RgbaImage>,
-    /// `(path, matte)` for `--save-mask`.
-    pub masks: Vec<(PathBuf, GrayImage)>,
-}
-
-impl PreparedImages {
-    /// Writes the mattes (atomically); returns the paths written.
-    pub fn write_masks(&self) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for (p, m) in &self.masks {
-            let mut png = Vec::new();
-            m.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .with_context(|| format!("encoding the matte for {}", p.display()))?;
-            crate::export::atomic::write_atomic(p, |w| Ok(w.write_all(&png)?))?;
-            out.push(p.clone());
-        }
-        Ok(out)
-    }
-}
-
-/// The `--save-mask` path of input `i` when `n` images need background removal: the path itself
-/// for one, `<stem>_<i>.<ext>` otherwise.
-fn mask_path(base: &Path, i: usize, n: usize) -> PathBuf {
+/// The `--save-mask` path of input `i` when `n` images had their background removed: the path
+/// itself for one, `<stem>_<i>.<ext>` otherwise.
+pub fn mask_path(base: &Path, i: usize, n: usize) -> PathBuf {
     if n <= 1 {
         return base.to_path_buf();
     }
@@ -289,104 +264,6 @@ fn mask_path(base: &Path, i: usize, n: usize) -> PathBuf {
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "png".into());
     base.with_file_name(format!("{stem}_{i}.{ext}"))
-}
-
-impl BackgroundOptions {
-    /// Cheap checks before any network is loaded: every image decodes and either has a usable
-    /// alpha channel or, with removal enabled, will get one; `--save-mask` can be written.
-    /// Returns, per image, whether its background will be removed.
-    pub fn check(&self, paths: &[PathBuf]) -> Result<Vec<bool>> {
-        use crate::models::conditioners::preprocess::{load_image, preprocess_rgba};
-        let mut needs = Vec::with_capacity(paths.len());
-        for p in paths {
-            ensure!(p.is_file(), "image {} does not exist", p.display());
-            let img = load_image(p)?;
-            let remove = !has_useful_alpha(&img);
-            if remove && !self.enabled {
-                bail!(
-                    "image {}: the image has no transparency and background removal is off \
-                     (--no-background-removal); give an RGBA image with a transparent background, \
-                     or drop the flag",
-                    p.display()
-                );
-            }
-            if !remove {
-                preprocess_rgba(&img, 518).with_context(|| format!("image {}", p.display()))?;
-            }
-            needs.push(remove);
-        }
-        if let Some(m) = &self.save_mask {
-            let ok = m
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-            ensure!(
-                ok,
-                "--save-mask {}: the file name must end in .png",
-                m.display()
-            );
-            crate::export::atomic::check_output_path(m)
-                .with_context(|| format!("--save-mask {}", m.display()))?;
-            ensure!(
-                needs.iter().any(|&n| n),
-                "--save-mask {}: no input image needs background removal (each has transparency)",
-                m.display()
-            );
-        }
-        Ok(needs)
-    }
-
-    /// Decodes every image and removes the background of those without alpha (loading the
-    /// network once, only if needed). `progress(done, total)` is called per removed background.
-    pub fn prepare(
-        &self,
-        paths: &[PathBuf],
-        opts: &HubOptions,
-        device: &Device,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<PreparedImages> {
-        use crate::models::conditioners::preprocess::load_image;
-        let needs = self.check(paths)?;
-        let total = needs.iter().filter(|&&n| n).count();
-        let model = if total > 0 {
-            let src = resolve(self.model.as_deref(), opts)?;
-            Some(BackgroundModel::load(&src, device)?)
-        } else {
-            None
-        };
-        let mut images = Vec::with_capacity(paths.len());
-        let mut masks = Vec::new();
-        for (i, (p, &remove)) in paths.iter().zip(&needs).enumerate() {
-            let img = load_image(p)?;
-            match (&model, remove) {
-                (Some(m), true) => {
-                    progress(masks.len(), total);
-                    let (cut, matte) = m
-                        .remove(&img)
-                        .with_context(|| format!("image {}", p.display()))?;
-                    // The crop of preprocess_image needs an opaque object.
-                    crate::models::conditioners::preprocess::alpha_crop_box(&cut).with_context(
-                        || format!("image {} after background removal", p.display()),
-                    )?;
-                    let mp = self
-                        .save_mask
-                        .as_ref()
-                        .map(|b| mask_path(b, i, total))
-                        .unwrap_or_default();
-                    masks.push((mp, matte));
-                    images.push(cut);
-                }
-                _ => images.push(img),
-            }
-        }
-        if total > 0 {
-            progress(total, total);
-        }
-        if self.save_mask.is_none() {
-            masks.clear();
-        }
-        Ok(PreparedImages { images, masks })
-    }
 }
 
 #[cfg(test)]
