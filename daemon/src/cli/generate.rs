@@ -270,6 +270,7 @@ impl OutputPlan {
             asset: self.asset.clone(),
             bake: self.bake.clone(),
             preview: self.preview.clone(),
+            device: None,
         }
     }
 }
@@ -340,9 +341,13 @@ pub fn run_in_process(
     (device, precision): (candle_core::Device, PrecisionChoice),
     rep: &mut Reporter,
 ) -> Result<serde_json::Value> {
+    let files = OutputFiles {
+        device: Some(device.clone()),
+        ..files.clone()
+    };
     let mut cache = ModelCache::on(device, precision, 1);
     let out = with_control(rep, |ctl| run_job(job, &mut cache, ctl))?;
-    with_control(rep, |ctl| outputs::write_outputs(files, &out, ctl))
+    with_control(rep, |ctl| outputs::write_outputs(&files, &out, ctl))
 }
 
 fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
@@ -490,6 +495,7 @@ pub fn write_outputs(
         asset: None,
         bake: plan.bake.clone(),
         preview: plan.preview.clone(),
+        device: Some(g.slat.slat.device().clone()),
     };
     let more = with_control(rep, |ctl| {
         crate::jobs::outputs::write_decoded(&files, &g.decoded, ctl)
