@@ -483,7 +483,10 @@ fn baked_glb_request_writes_a_textured_mesh_and_fetch_returns_uvs_and_texture() 
     assert_eq!(prim.indices().unwrap().count(), tri.len());
     // The thumbnail for job lists: the job names the asset's preview.png, four views of the
     // textured mesh above four of the Gaussians.
-    let preview = info.preview.clone().expect("a done job with a mesh has a preview");
+    let preview = info
+        .preview
+        .clone()
+        .expect("a done job with a mesh has a preview");
     assert_eq!(a.files.get("preview"), Some(&preview));
     let img = image::open(&preview).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (4 * 128, 2 * 128));

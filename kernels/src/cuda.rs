@@ -50,14 +50,24 @@ pub const RASTER: KernelSource = KernelSource {
 pub const SPLAT: KernelSource = KernelSource {
     name: "splat",
     source: include_str!("cuda/splat.cu"),
-    entry_points: &["splat_preprocess", "splat_keys", "tile_ranges", "splat_render"],
+    entry_points: &[
+        "splat_preprocess",
+        "splat_keys",
+        "tile_ranges",
+        "splat_render",
+    ],
 };
 
 /// Exclusive prefix sum and stable radix sort (64-bit keys, 32-bit values).
 pub const SORT: KernelSource = KernelSource {
     name: "sort",
     source: include_str!("cuda/sort.cu"),
-    entry_points: &["scan_blocks", "scan_add", "radix_histogram", "radix_scatter"],
+    entry_points: &[
+        "scan_blocks",
+        "scan_add",
+        "radix_histogram",
+        "radix_scatter",
+    ],
 };
 
 /// Every kernel source, for the compile-only test.

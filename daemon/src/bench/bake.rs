@@ -10,9 +10,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use trellis_kernels::raster::camera::hammersley_cameras;
-use trellis_kernels::raster::{Rasterizer, SplatSettings};
+use trellis_kernels::raster::{CpuRasterizer, Rasterizer, SplatSettings};
 
-use crate::export::textured::rasterizer_for;
 use crate::postprocessing::bake::SplatData;
 use crate::postprocessing::topology::TriMesh;
 use crate::postprocessing::{to_textured_mesh, BakeOptions};
@@ -93,6 +92,21 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
+/// The GPU rasterisers on a CUDA device (an error when they cannot be used: no silent fallback
+/// in a benchmark), else the CPU's; and its name.
+fn rasterizer(device: &candle_core::Device) -> Result<(Box<dyn Rasterizer>, String)> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let r = crate::runtime::cuda_raster::CudaRasterizer::new(device)?;
+        return Ok((Box::new(r), format!("GPU {device:?}")));
+    }
+    anyhow::ensure!(
+        !device.is_cuda(),
+        "this build has no GPU rasteriser (build with --features cuda)"
+    );
+    Ok((Box::new(CpuRasterizer), "CPU".to_string()))
+}
+
 /// Rasterises on `device`: the GPU rasterisers on a CUDA device (cuda builds), else the CPU's.
 pub fn run(device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
     // 4 n² triangles outside (n = 216: 186,624), an inner shell facing inward of 10k.
@@ -107,14 +121,9 @@ pub fn run(device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
         ..Default::default()
     };
     let t = Instant::now();
-    let raster = rasterizer_for(Some(device));
+    let (raster, backend) = rasterizer(device)?;
     let raster = raster.as_ref();
     let setup = t.elapsed().as_secs_f64();
-    let backend = if device.is_cuda() {
-        format!("GPU {device:?}")
-    } else {
-        "CPU".to_string()
-    };
     writeln!(
         out,
         "bake: {} triangles, {} Gaussians -> {} triangles, {}^2 texture, {} views, rasteriser {backend}, threads {}",

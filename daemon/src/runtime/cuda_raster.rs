@@ -141,7 +141,12 @@ impl CudaRasterizer {
     }
 
     /// World-space vertices through the camera: screen points as `rasterize` makes them.
-    fn project(&self, verts: &CudaSlice<f32>, nv: usize, cam: &CudaView<'_, f32>) -> R<CudaSlice<f32>> {
+    fn project(
+        &self,
+        verts: &CudaSlice<f32>,
+        nv: usize,
+        cam: &CudaView<'_, f32>,
+    ) -> R<CudaSlice<f32>> {
         let out = self.alloc::<f32>(3 * nv)?;
         if nv == 0 {
             return Ok(out);
@@ -461,11 +466,7 @@ impl CudaRasterizer {
             .arg(&img.alpha)
             .arg(&img.depth);
         let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(ntiles).map_err(be)?,
-                1,
-                1,
-            ),
+            grid_dim: (u32::try_from(ntiles).map_err(be)?, 1, 1),
             block_dim: ((tile * tile) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -525,7 +526,11 @@ impl Rasterizer for CudaRasterizer {
         Ok(SplatImage {
             width: camera.width,
             height: camera.height,
-            color: color.chunks_exact(3).take(npx).map(|c| [c[0], c[1], c[2]]).collect(),
+            color: color
+                .chunks_exact(3)
+                .take(npx)
+                .map(|c| [c[0], c[1], c[2]])
+                .collect(),
             alpha,
             depth,
         })
@@ -623,7 +628,12 @@ pub mod checks {
         let inner = bumpy_sphere(10, 0.6, m.vertices.len() as u32, true);
         m.vertices.extend(inner.vertices);
         m.faces.extend(inner.faces);
-        let dup: Vec<[u32; 3]> = m.faces.iter().step_by(7).map(|f| [f[1], f[2], f[0]]).collect();
+        let dup: Vec<[u32; 3]> = m
+            .faces
+            .iter()
+            .step_by(7)
+            .map(|f| [f[1], f[2], f[0]])
+            .collect();
         m.faces.extend(dup);
         let o = m.vertices.len() as u32;
         m.vertices.extend([
@@ -675,14 +685,20 @@ pub mod checks {
         anyhow::ensure!(covered > 5000, "the scenes cover only {covered} pixels");
         let mut s = 12345u64;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 40) as f32 / (1u64 << 24) as f32
         };
         let (w, h) = (200, 150);
         let mut pts = Vec::new();
         let mut faces = Vec::new();
         for t in 0..3000u32 {
-            let size = if t % 100 == 0 { 250.0 } else { 12.0 * rnd() + 0.5 };
+            let size = if t % 100 == 0 {
+                250.0
+            } else {
+                12.0 * rnd() + 0.5
+            };
             let (cx, cy) = (rnd() * 220.0 - 10.0, rnd() * 170.0 - 10.0);
             // Depths from a few levels only: many exact ties.
             let z = 1.0 + (rnd() * 4.0).floor() * 0.5;
@@ -795,11 +811,7 @@ pub mod checks {
         let r = g.bake_views(&cams, &m.vertices, &m.faces, &s, &settings, &texels)?;
         anyhow::ensure!(c.len() == r.len(), "sizes differ");
         let seen = c.iter().filter(|a| a[3] > 0.0).count();
-        anyhow::ensure!(
-            seen * 2 > c.len(),
-            "only {seen} of {} texels seen",
-            c.len()
-        );
+        anyhow::ensure!(seen * 2 > c.len(), "only {seen} of {} texels seen", c.len());
         let (mut num, mut den) = (0f64, 0f64);
         for (a, b) in c.iter().zip(&r) {
             for k in 0..4 {
