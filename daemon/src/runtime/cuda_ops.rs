@@ -159,7 +159,7 @@ pub fn sparse_conv(
     );
     let n = nbr.elem_count();
     anyhow::ensure!(
-        volume > 0 && n % volume == 0,
+        volume > 0 && n.is_multiple_of(volume),
         "sparse_conv: neighbour map of {n} entries for kernel volume {volume}"
     );
     anyhow::ensure!(

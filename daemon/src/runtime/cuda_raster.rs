@@ -751,15 +751,19 @@ pub mod checks {
             anyhow::ensure!(r.color.len() == c.color.len(), "view {i}: sizes differ");
             let lit = c.alpha.iter().filter(|&&a| a > 0.5).count();
             anyhow::ensure!(lit > 100, "view {i}: only {lit} pixels covered");
-            for p in 0..c.color.len() {
-                for k in 0..3 {
-                    let d = (c.color[p][k] - r.color[p][k]).abs() as f64;
+            for (cc, rc) in c.color.iter().zip(&r.color) {
+                for (a, b) in cc.iter().zip(rc) {
+                    let d = (a - b).abs() as f64;
                     worst = worst.max(d);
                     sum += d;
                     count += 1;
                 }
-                worst = worst.max((c.alpha[p] - r.alpha[p]).abs() as f64);
-                worst = worst.max((c.depth[p] - r.depth[p]).abs() as f64 / 4.0);
+            }
+            for (a, b) in c.alpha.iter().zip(&r.alpha) {
+                worst = worst.max((a - b).abs() as f64);
+            }
+            for (a, b) in c.depth.iter().zip(&r.depth) {
+                worst = worst.max((a - b).abs() as f64 / 4.0);
             }
         }
         let mean = sum / count.max(1) as f64;
@@ -813,11 +817,9 @@ pub mod checks {
         let seen = c.iter().filter(|a| a[3] > 0.0).count();
         anyhow::ensure!(seen * 2 > c.len(), "only {seen} of {} texels seen", c.len());
         let (mut num, mut den) = (0f64, 0f64);
-        for (a, b) in c.iter().zip(&r) {
-            for k in 0..4 {
-                num += ((a[k] - b[k]) as f64).powi(2);
-                den += (a[k] as f64).powi(2);
-            }
+        for (a, b) in c.iter().flatten().zip(r.iter().flatten()) {
+            num += ((a - b) as f64).powi(2);
+            den += (*a as f64).powi(2);
         }
         let e = (num / den.max(1e-30)).sqrt();
         anyhow::ensure!(e < 5e-3, "bake views: relative error {e:.3e}");
