@@ -830,7 +830,7 @@ pub mod checks {
     pub fn all(dev: &candle_core::Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
             ("triangle raster (exact)", triangles_exact(dev)),
-            ("Gaussian splatting", splat_vs_cpu(dev)),
+            ("Gaussian splatting (max abs)", splat_vs_cpu(dev)),
             ("bake texel projection", bake_views_vs_cpu(dev)),
         ]
     }
