@@ -9,7 +9,7 @@ Nothing here imports ``bpy`` at package level, so ``from blender_addon import cl
 outside Blender.
 """
 
-_MODULES = ("preferences", "props", "operators", "panel", "session")
+_MODULES = ("preferences", "props", "operators", "panel", "session", "thumbnails")
 
 
 def _modules():

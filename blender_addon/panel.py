@@ -4,6 +4,7 @@ session's timer last learnt."""
 
 import bpy
 
+from . import thumbnails
 from .session import SESSION
 
 HAS_PROGRESS = "progress" in bpy.types.UILayout.bl_rna.functions
@@ -89,6 +90,9 @@ class VIEW3D_PT_trellis(bpy.types.Panel):
                     jb.progress(factor=job.progress, type="BAR", text=job.describe())
                 else:
                     jb.label(text=job.describe())
+                icon = thumbnails.icon_id(job.preview) if job.state == "done" else 0
+                if icon:
+                    jb.template_icon(icon_value=icon, scale=6.0)
 
 
 classes = (TRELLIS_UL_images, VIEW3D_PT_trellis)

@@ -49,6 +49,7 @@ class Job:
         self.eta_s: Optional[float] = None
         self.message = ""
         self.asset: Optional[str] = None
+        self.preview: Optional[str] = None  # the asset's preview.png (done jobs)
         self.queue_position: Optional[int] = None
         self.objects: List[str] = []
         self.collection: Optional[str] = None
@@ -88,6 +89,7 @@ class Job:
         self.queue_position = st.get("queue_position")
         self.message = st.get("message") or ""
         self.asset = st.get("asset") or self.asset
+        self.preview = st.get("preview") or self.preview
 
 
 class Session:

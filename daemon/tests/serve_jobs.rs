@@ -481,6 +481,21 @@ fn baked_glb_request_writes_a_textured_mesh_and_fetch_returns_uvs_and_texture() 
     let prim = doc.meshes().next().unwrap().primitives().next().unwrap();
     assert!(prim.get(&gltf::Semantic::TexCoords(0)).is_some());
     assert_eq!(prim.indices().unwrap().count(), tri.len());
+    // The thumbnail for job lists: the job names the asset's preview.png, four views of the
+    // textured mesh above four of the Gaussians.
+    let preview = info
+        .preview
+        .clone()
+        .expect("a done job with a mesh has a preview");
+    assert_eq!(a.files.get("preview"), Some(&preview));
+    let img = image::open(&preview).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (4 * 128, 2 * 128));
+    let (top, bottom) = img.as_raw().split_at(img.as_raw().len() / 2);
+    let bg = [top[0], top[1], top[2]];
+    for (row, half) in [("mesh", top), ("Gaussians", bottom)] {
+        let drawn = half.chunks_exact(3).filter(|p| *p != bg).count();
+        assert!(drawn > 200, "the {row} row shows {drawn} pixels only");
+    }
     assert_eq!(d.terminate(), Some(0));
 }
 

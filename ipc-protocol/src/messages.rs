@@ -523,6 +523,10 @@ pub struct JobInfo {
     /// The stored asset, once done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asset: Option<String>,
+    /// Done jobs whose asset has a mesh: the path of its `preview.png` thumbnail (four views,
+    /// the mesh above the Gaussians), the asset's `files.preview`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
     /// Seconds since the job was queued.
     #[serde(default)]
     pub elapsed_s: f64,

@@ -39,8 +39,67 @@ pub const NEIGHBOURS: KernelSource = KernelSource {
     entry_points: &["hash_clear", "hash_insert", "submanifold_query"],
 };
 
+/// Triangle rasteriser (depth test on packed depth + id keys) and the bake's texel projection.
+pub const RASTER: KernelSource = KernelSource {
+    name: "raster",
+    source: include_str!("cuda/raster.cu"),
+    entry_points: &[
+        "project_vertices",
+        "clear_keys",
+        "raster_small",
+        "raster_large",
+        "resolve_frags",
+        "bake_accumulate",
+    ],
+};
+
+/// Forward Gaussian splatting: projection, tile keys, tile ranges, blending.
+pub const SPLAT: KernelSource = KernelSource {
+    name: "splat",
+    source: include_str!("cuda/splat.cu"),
+    entry_points: &[
+        "splat_preprocess",
+        "splat_keys",
+        "tile_ranges",
+        "splat_render",
+    ],
+};
+
+/// Exclusive prefix sum and stable radix sort (64-bit keys, 32-bit values).
+pub const SORT: KernelSource = KernelSource {
+    name: "sort",
+    source: include_str!("cuda/sort.cu"),
+    entry_points: &[
+        "scan_blocks",
+        "scan_add",
+        "radix_histogram",
+        "radix_scatter",
+    ],
+};
+
 /// Every kernel source, for the compile-only test.
-pub const ALL: &[KernelSource] = &[SPARSE_CONV, ATTENTION, FLASH_ATTENTION, NEIGHBOURS];
+pub const ALL: &[KernelSource] = &[
+    SPARSE_CONV,
+    ATTENTION,
+    FLASH_ATTENTION,
+    NEIGHBOURS,
+    RASTER,
+    SPLAT,
+    SORT,
+];
+
+/// Floats per camera in the raster and splat kernels: rotation rows (9), translation (3), fx,
+/// fy, cx, cy, width, height, near, far, eye (3), padding.
+pub const CAM_FLOATS: usize = 24;
+/// Side of a splatting tile (threads per block: its square), as the CPU renderer's.
+pub const SPLAT_TILE: usize = 8;
+/// Elements one `scan_blocks` block scans.
+pub const SCAN_ITEMS: usize = 1024;
+/// Threads per block of the scan kernels.
+pub const SCAN_THREADS: u32 = 256;
+/// Elements one radix-sort block handles per pass, and its threads.
+pub const RADIX_CHUNK: usize = 4096;
+pub const RADIX_THREADS: u32 = 256;
 
 /// Threads per block of `varlen_attention` (8 warps).
 pub const ATTENTION_THREADS: u32 = 256;

@@ -31,6 +31,7 @@ class Env:
     def __init__(self, addon, root: Path, binary: Path, repos):
         self.addon = addon
         self.session = addon.session
+        self.thumbnails = addon.thumbnails
         self.S = addon.session.SESSION
         self.prefs = bpy.context.preferences.addons[addon.__name__].preferences
         self.root = root
@@ -207,6 +208,14 @@ def test_generate_text_starts_the_daemon_and_imports_mesh_and_gaussians(env):
     gme.attributes["opacity"].data.foreach_get("value", got)
     np.testing.assert_allclose(got, opac, atol=1e-6)
     assert gs_obj.modifiers[0].type == "NODES"
+    # The job list's thumbnail: the asset's preview.png, four views of the mesh over four of the
+    # Gaussians.
+    assert job.preview and os.path.isfile(job.preview), job.preview
+    thumb = bpy.data.images.load(job.preview)
+    try:
+        assert tuple(thumb.size) == (512, 256)
+    finally:
+        bpy.data.images.remove(thumb)
     assert env.shm_files() == [], "every buffer released"
     assert any(lvl == "INFO" and "imported" in msg for lvl, msg in env.S.reports)
 
@@ -624,6 +633,10 @@ class Layout:
     def separator(self, **kw):
         pass
 
+    def template_icon(self, icon_value=0, scale=1.0):
+        assert icon_value > 0
+        self.log.append(("icon", icon_value))
+
 
 def draw_panel(env):
     log = []
@@ -656,6 +669,24 @@ def test_panel_draws_every_mode_and_job_state(env):
         log = draw_panel(env)
         assert ("progress", "sparse structure 3/12, ETA 4 s") in log
         assert ("operator", "trellis.cancel") in log
+    finally:
+        del env.S.jobs[job.key]
+    # A done job with a thumbnail shows it (when this Blender makes preview icons at all).
+    png = str(env.root / "thumb.png")
+    img = bpy.data.images.new("thumb", 8, 4)
+    img.filepath_raw = png
+    img.file_format = "PNG"
+    img.save()
+    bpy.data.images.remove(img)
+    job = env.session.Job(998, "generate", "done probe", ["mesh"], {}, None)
+    job.update({"state": "done", "asset": "a-1", "preview": png})
+    assert job.preview == png
+    env.S.jobs[job.key] = job
+    try:
+        icon = env.thumbnails.icon_id(png)
+        log = draw_panel(env)
+        assert (("icon", icon) in log) == (icon > 0), (icon, log)
+        assert env.thumbnails.icon_id(None) == 0
     finally:
         del env.S.jobs[job.key]
     # The region controls appear exactly when the daemon offers edit.

@@ -1,14 +1,16 @@
-//! `trellisd bench bake`: GLB post-processing and texture baking on the CPU for a full-size-like
-//! asset: a bumpy sphere of about 200k triangles with a hidden inner shell (what FlexiCubes
-//! leaves inside), 512k Gaussians on its surface (TRELLIS decodes 32 per voxel of a ~16k-voxel
+//! `trellisd bench bake`: GLB post-processing and texture baking for a full-size-like asset: a
+//! bumpy sphere of about 200k triangles with a hidden inner shell (what FlexiCubes leaves
+//! inside), 512k Gaussians on its surface (TRELLIS decodes 32 per voxel of a ~16k-voxel
 //! structure), decimated to 20k triangles and baked into a 1024² texture. Prints the time of
-//! every step.
+//! every step, and of one view of each rasteriser. `--device cuda:N` rasterises on the GPU
+//! (decimation and UV unwrap stay on the CPU).
 
 use std::io::Write;
 use std::time::Instant;
 
 use anyhow::Result;
-use trellis_kernels::raster::CpuRasterizer;
+use trellis_kernels::raster::camera::hammersley_cameras;
+use trellis_kernels::raster::{CpuRasterizer, Rasterizer, SplatSettings};
 
 use crate::postprocessing::bake::SplatData;
 use crate::postprocessing::topology::TriMesh;
@@ -19,7 +21,7 @@ fn bump(d: [f32; 3]) -> f32 {
 }
 
 /// A UV sphere with `n` rings, radius modulated by [`bump`], scaled by `s`; vertex offset `o`.
-fn bumpy_sphere(n: usize, s: f32, o: u32, flip: bool) -> TriMesh {
+pub fn bumpy_sphere(n: usize, s: f32, o: u32, flip: bool) -> TriMesh {
     let dir = |th: f32, ph: f32| [th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()];
     let at = |d: [f32; 3]| d.map(|x| x * bump(d) * s);
     let mut v = vec![at([0.0, 0.0, 1.0])];
@@ -49,7 +51,8 @@ fn bumpy_sphere(n: usize, s: f32, o: u32, flip: bool) -> TriMesh {
     TriMesh::new(v, f)
 }
 
-fn gaussians(n: usize) -> SplatData {
+/// `n` flat Gaussians spread evenly over the bumpy sphere's surface, with a colour pattern.
+pub fn gaussians(n: usize) -> SplatData {
     let golden = std::f32::consts::PI * (3.0 - 5f32.sqrt());
     let spacing = (4.0 * std::f32::consts::PI * 0.16 / n as f32).sqrt();
     let mut g = SplatData::default();
@@ -77,8 +80,35 @@ fn gaussians(n: usize) -> SplatData {
     g
 }
 
-/// The bake runs on the CPU rasteriser whatever `--device` says (no GPU rasteriser yet).
-pub fn run(_device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
+/// Seconds of the best of `reps` calls of `f` (after one warm-up call).
+fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// The GPU rasterisers on a CUDA device (an error when they cannot be used: no silent fallback
+/// in a benchmark), else the CPU's; and its name.
+fn rasterizer(device: &candle_core::Device) -> Result<(Box<dyn Rasterizer>, String)> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let r = crate::runtime::cuda_raster::CudaRasterizer::new(device)?;
+        return Ok((Box::new(r), format!("GPU {device:?}")));
+    }
+    anyhow::ensure!(
+        !device.is_cuda(),
+        "this build has no GPU rasteriser (build with --features cuda)"
+    );
+    Ok((Box::new(CpuRasterizer), "CPU".to_string()))
+}
+
+/// Rasterises on `device`: the GPU rasterisers on a CUDA device (cuda builds), else the CPU's.
+pub fn run(device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
     // 4 n² triangles outside (n = 216: 186,624), an inner shell facing inward of 10k.
     let mut mesh = bumpy_sphere(216, 1.0, 0, false);
     let inner = bumpy_sphere(50, 0.6, mesh.vertices.len() as u32, true);
@@ -90,9 +120,13 @@ pub fn run(_device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
         texture_size: 1024,
         ..Default::default()
     };
+    let t = Instant::now();
+    let (raster, backend) = rasterizer(device)?;
+    let raster = raster.as_ref();
+    let setup = t.elapsed().as_secs_f64();
     writeln!(
         out,
-        "bake: {} triangles, {} Gaussians -> {} triangles, {}^2 texture, {} views, threads {}",
+        "bake: {} triangles, {} Gaussians -> {} triangles, {}^2 texture, {} views, rasteriser {backend}, threads {}",
         mesh.faces.len(),
         g.means.len(),
         20_000,
@@ -100,8 +134,31 @@ pub fn run(_device: &candle_core::Device, out: &mut dyn Write) -> Result<()> {
         opts.views,
         rayon::current_num_threads()
     )?;
+    if device.is_cuda() {
+        writeln!(
+            out,
+            "  GPU rasteriser set-up (NVRTC compile or kernel cache, module load): {setup:.2} s"
+        )?;
+    }
+    // One view of each rasteriser (best of 3 after a warm-up; includes the copies to and from
+    // the device on the GPU).
+    let cam = hammersley_cameras(8, 2.0, 40.0, 512)[3].with_clip(0.5, 4.0);
+    let tri = best_of(3, || {
+        raster.triangles(&cam, &mesh.vertices, &mesh.faces)?;
+        Ok(())
+    })?;
+    let splat = best_of(3, || {
+        raster.splat(&cam, &g.splats(), &SplatSettings::default())?;
+        Ok(())
+    })?;
+    writeln!(
+        out,
+        "  one 512^2 view: triangles {:.1} ms, Gaussians {:.1} ms",
+        tri * 1e3,
+        splat * 1e3
+    )?;
     let t = Instant::now();
-    let (m, rep) = to_textured_mesh(&CpuRasterizer, &mesh, None, Some(&g), &opts)?;
+    let (m, rep) = to_textured_mesh(raster, &mesh, None, Some(&g), &opts)?;
     let total = t.elapsed().as_secs_f64();
     writeln!(
         out,

@@ -76,7 +76,7 @@ pub const BENCHES: &[Bench] = &[
     },
     Bench {
         name: "bake",
-        about: "GLB post-processing on the CPU: ~200k-triangle mesh with a hidden inner shell and 512k Gaussians -> visibility clean-up, 20k triangles (meshopt), xatlas UVs, 1024^2 texture baked from 32 views of 512^2",
+        about: "GLB post-processing (rasterisers on --device: cuda:N uses the GPU ones): ~200k-triangle mesh with a hidden inner shell and 512k Gaussians -> visibility clean-up, 20k triangles (meshopt), xatlas UVs, 1024^2 texture baked from 32 views of 512^2",
         run: bake::run,
     },
     Bench {

@@ -246,12 +246,14 @@ fn check_kernels(args: &DoctorArgs, out: &mut dyn Write) -> Result<i32> {
             crate::runtime::device::Fallback::Fail,
         )?;
         let mut failed = false;
-        for (name, r) in crate::runtime::cuda_ops::checks::all(&dev) {
+        let mut checks = crate::runtime::cuda_ops::checks::all(&dev);
+        checks.extend(crate::runtime::cuda_raster::checks::all(&dev));
+        for (name, r) in checks {
             match r {
-                Ok(e) => writeln!(out, "  {name:<26} ok (relative error {e:.2e})")?,
+                Ok(e) => writeln!(out, "  {name:<28} ok (error {e:.2e})")?,
                 Err(e) => {
                     failed = true;
-                    writeln!(out, "  {name:<26} FAILED: {e:#}")?
+                    writeln!(out, "  {name:<28} FAILED: {e:#}")?
                 }
             }
         }

@@ -270,6 +270,7 @@ impl OutputPlan {
             asset: self.asset.clone(),
             bake: self.bake.clone(),
             preview: self.preview.clone(),
+            device: None,
         }
     }
 }
@@ -341,9 +342,13 @@ pub fn run_in_process(
     background: Option<&super::background::BackgroundArgs>,
     rep: &mut Reporter,
 ) -> Result<serde_json::Value> {
+    let files = OutputFiles {
+        device: Some(device.clone()),
+        ..files.clone()
+    };
     let mut cache = ModelCache::on(device, precision, 1);
     let out = with_control(rep, |ctl| run_job(job, &mut cache, ctl))?;
-    let mut written = with_control(rep, |ctl| outputs::write_outputs(files, &out, ctl))?;
+    let mut written = with_control(rep, |ctl| outputs::write_outputs(&files, &out, ctl))?;
     if let Some(b) = background {
         b.write_masks(&out, &mut written)?;
     }

@@ -216,12 +216,7 @@ mod tests {
         a.save(&p).unwrap();
         let b = Asset::load(&p, &dev).unwrap();
         assert_eq!(b.coords.dtype(), DType::I32);
-        let back: Vec<Vec<i64>> = b
-            .coords
-            .to_dtype(DType::I64)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let back: Vec<Vec<i64>> = b.coords.to_dtype(DType::I64).unwrap().to_vec2().unwrap();
         assert_eq!(back, coords.to_vec2::<i64>().unwrap());
         assert_eq!(
             b.slat.to_vec2::<f32>().unwrap(),

@@ -16,19 +16,32 @@ use crate::postprocessing::{
 use crate::representations::gaussian::Gaussian;
 use crate::representations::mesh::MeshExtractResult;
 
-/// The rasteriser backend for post-processing (the CPU one; a GPU backend slots in here).
-pub fn default_rasterizer() -> &'static dyn Rasterizer {
-    &CpuRasterizer
+/// The rasteriser for post-processing on `device`: on a CUDA device (cuda builds) the GPU one,
+/// whose kernels are compiled (or read from the kernel cache) here, falling back to the CPU one
+/// with one warning line when that fails; otherwise the CPU one.
+pub fn rasterizer_for(device: Option<&candle_core::Device>) -> Box<dyn Rasterizer> {
+    #[cfg(feature = "cuda")]
+    if let Some(d @ candle_core::Device::Cuda(_)) = device {
+        match crate::runtime::cuda_raster::CudaRasterizer::new(d) {
+            Ok(r) => return Box::new(r),
+            Err(e) => eprintln!("warning: GPU rasteriser unavailable, baking on the CPU: {e:#}"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Box::new(CpuRasterizer)
 }
 
 /// Writes `path` (GLB) from a decoded mesh, baking the Gaussians into a texture unless
-/// `opts.bake` is off, and `preview` (PNG) when given.
+/// `opts.bake` is off, and `preview` (PNG) when given; the rasterisers run on `device` (see
+/// [`rasterizer_for`]).
 pub fn write_textured_glb(
     path: &Path,
     mesh: &MeshExtractResult,
     gaussians: Option<&Gaussian>,
     opts: &BakeOptions,
     preview_path: Option<&Path>,
+    device: Option<&candle_core::Device>,
 ) -> Result<PostprocessReport> {
     ensure!(
         mesh.success && !mesh.faces.is_empty(),
@@ -39,7 +52,8 @@ pub fn write_textured_glb(
         !opts.bake || gaussians.is_some(),
         "baking a texture needs the Gaussians (decode them, or pass --no-bake)"
     );
-    let raster = default_rasterizer();
+    let raster = rasterizer_for(device);
+    let raster = raster.as_ref();
     let splats = gaussians.map(SplatData::from_gaussian);
     let (out, report) = textured_mesh_from(raster, mesh, splats.as_ref(), opts)?;
     write_export_glb(path, &out)?;
@@ -63,8 +77,9 @@ pub fn write_textured_glb(
 }
 
 /// The mesh a GLB gets (cleaned, decimated, unwrapped and baked unless `opts.bake` is off), without
-/// writing anything: the daemon hands its arrays to clients.
+/// writing anything: the daemon hands its arrays to clients. `raster`: see [`rasterizer_for`].
 pub fn textured_mesh(
+    raster: &dyn Rasterizer,
     mesh: &MeshExtractResult,
     gaussians: Option<&Gaussian>,
     opts: &BakeOptions,
@@ -78,7 +93,7 @@ pub fn textured_mesh(
         "baking a texture needs the Gaussians (decode them, or do not bake)"
     );
     let splats = gaussians.map(SplatData::from_gaussian);
-    textured_mesh_from(default_rasterizer(), mesh, splats.as_ref(), opts)
+    textured_mesh_from(raster, mesh, splats.as_ref(), opts)
 }
 
 fn textured_mesh_from(

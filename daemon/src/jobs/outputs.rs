@@ -23,6 +23,8 @@ pub struct OutputFiles {
     pub bake: BakeOptions,
     /// A PNG grid of views of the GLB (mesh above, Gaussians below).
     pub preview: Option<PathBuf>,
+    /// Where post-processing rasterises (a CUDA device: the GPU rasterisers); `None`: the CPU.
+    pub device: Option<candle_core::Device>,
 }
 
 impl OutputFiles {
@@ -92,6 +94,7 @@ fn write_decoded_from(
             d.gaussians.first(),
             &files.bake,
             files.preview.as_deref(),
+            files.device.as_ref(),
         )?;
         done += 1;
         written.insert("glb".into(), serde_json::json!(p));

@@ -13,7 +13,7 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 use trellis_kernels::raster::camera::hammersley_cameras;
 use trellis_kernels::raster::splat::covariance;
-use trellis_kernels::raster::{Camera, Rasterizer, SplatSettings, Splats};
+use trellis_kernels::raster::{Camera, Rasterizer, SplatSettings, Splats, TexelPoint};
 
 use super::topology::{cross, dot, sub};
 use super::uv::UvMesh;
@@ -125,49 +125,13 @@ impl BakeSettings {
     }
 }
 
-/// Bilinear colour and alpha of a rendered image at continuous pixel coordinates.
-fn sample_view(
-    color: &[[f32; 3]],
-    alpha: &[f32],
-    w: usize,
-    h: usize,
-    px: f32,
-    py: f32,
-) -> ([f32; 3], f32) {
-    let x = (px - 0.5).clamp(0.0, w as f32 - 1.0);
-    let y = (py - 0.5).clamp(0.0, h as f32 - 1.0);
-    let (x0, y0) = (x.floor() as usize, y.floor() as usize);
-    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
-    let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-    let wts = [
-        (y0 * w + x0, (1.0 - fx) * (1.0 - fy)),
-        (y0 * w + x1, fx * (1.0 - fy)),
-        (y1 * w + x0, (1.0 - fx) * fy),
-        (y1 * w + x1, fx * fy),
-    ];
-    let mut c = [0f32; 3];
-    let mut a = 0f32;
-    for (i, wt) in wts {
-        for k in 0..3 {
-            c[k] += color[i][k] * wt;
-        }
-        a += alpha[i] * wt;
-    }
-    (c, a)
-}
-
-/// The surface point and unit normal under each texel the UV layout covers.
-struct TexelSurface {
-    index: usize,
-    pos: [f32; 3],
-    normal: [f32; 3],
-}
-
+/// The texels the UV layout covers (row-major indices) and the surface point and unit normal
+/// under each.
 fn texel_surfaces(
     raster: &dyn Rasterizer,
     mesh: &UvMesh,
     size: usize,
-) -> Result<Vec<TexelSurface>> {
+) -> Result<(Vec<usize>, Vec<TexelPoint>)> {
     let pts: Vec<[f32; 3]> = mesh
         .uvs
         .iter()
@@ -184,13 +148,15 @@ fn texel_surfaces(
             let pos = [0, 1, 2].map(|k| w[0] * tri[0][k] + w[1] * tri[1][k] + w[2] * tri[2][k]);
             let n = cross(sub(tri[1], tri[0]), sub(tri[2], tri[0]));
             let l = dot(n, n).sqrt().max(1e-20);
-            TexelSurface {
+            (
                 index,
-                pos,
-                normal: n.map(|x| x / l),
-            }
+                TexelPoint {
+                    pos,
+                    normal: n.map(|x| x / l),
+                },
+            )
         })
-        .collect())
+        .unzip())
 }
 
 /// Bakes the Gaussians' appearance into a texture over the mesh's UV layout.
@@ -207,65 +173,25 @@ pub fn bake_texture(
     );
     ensure!(settings.views > 0, "baking needs at least one view");
     ensure!(!mesh.faces.is_empty(), "baking needs a mesh with triangles");
-    let texels = texel_surfaces(raster, mesh, size)?;
-    let mut acc = vec![[0f32; 4]; texels.len()];
+    let (index, texels) = texel_surfaces(raster, mesh, size)?;
     let cams: Vec<Camera> = hammersley_cameras(settings.views, 2.0, 40.0, settings.view_resolution)
         .into_iter()
         .map(|c| c.with_clip(0.5, 4.0))
         .collect();
-    let splat_settings = SplatSettings::default();
-    for cam in &cams {
-        let img = raster.splat(cam, &gaussians.splats(), &splat_settings)?;
-        let depth = raster.triangles(cam, &mesh.vertices, &mesh.faces)?;
-        let (w, h) = (cam.width, cam.height);
-        let eye = cam.center();
-        // Size of a pixel at unit depth: the depth tolerance grows with it.
-        let pix = 1.0 / (cam.fx * w as f32);
-        acc.par_iter_mut()
-            .zip(texels.par_iter())
-            .for_each(|(a, t)| {
-                let Some(p) = cam.project(t.pos) else {
-                    return;
-                };
-                if p[0] < 0.0 || p[1] < 0.0 || p[0] >= w as f32 || p[1] >= h as f32 {
-                    return;
-                }
-                let to_eye = sub(eye, t.pos);
-                let cos = dot(to_eye, t.normal) / dot(to_eye, to_eye).sqrt().max(1e-12);
-                if cos <= 0.05 {
-                    return;
-                }
-                // Visible when nothing in the mesh's depth buffer (3×3 neighbourhood) is clearly in
-                // front of the texel's point.
-                let (ix, iy) = (p[0] as usize, p[1] as usize);
-                let mut front = f32::INFINITY;
-                for y in iy.saturating_sub(1)..(iy + 2).min(h) {
-                    for x in ix.saturating_sub(1)..(ix + 2).min(w) {
-                        front = front.min(depth.frags[y * w + x].depth);
-                    }
-                }
-                let tol = 4.0 * pix * p[2] / cos.max(0.2) + 2e-3;
-                if p[2] > front + tol {
-                    return;
-                }
-                let (c, alpha) = sample_view(&img.color, &img.alpha, w, h, p[0], p[1]);
-                if alpha < 0.05 {
-                    return;
-                }
-                let wt = cos.powi(4) * alpha;
-                // The background is black: colour / alpha un-premultiplies it.
-                for k in 0..3 {
-                    a[k] += wt * c[k] / alpha;
-                }
-                a[3] += wt;
-            });
-    }
+    let acc = raster.bake_views(
+        &cams,
+        &mesh.vertices,
+        &mesh.faces,
+        &gaussians.splats(),
+        &SplatSettings::default(),
+        &texels,
+    )?;
     let mut rgb = vec![[0f32; 3]; size * size];
     let mut valid = vec![false; size * size];
-    for (t, a) in texels.iter().zip(&acc) {
+    for (&t, a) in index.iter().zip(&acc) {
         if a[3] > 0.0 {
-            rgb[t.index] = [a[0] / a[3], a[1] / a[3], a[2] / a[3]];
-            valid[t.index] = true;
+            rgb[t] = [a[0] / a[3], a[1] / a[3], a[2] / a[3]];
+            valid[t] = true;
         }
     }
     fill_texture(&mut rgb, &mut valid, size, size, 4);

@@ -29,7 +29,7 @@ fn nvrtc() -> Result<&'static Nvrtc> {
 type ModuleKey = (candle_core::cuda_backend::DeviceId, &'static str);
 
 /// The compiled module of `src` on `dev` (compiled for its arch on first use, then cached).
-fn module(dev: &CudaDevice, src: &KernelSource) -> Result<Arc<CudaModule>> {
+pub(crate) fn module(dev: &CudaDevice, src: &KernelSource) -> Result<Arc<CudaModule>> {
     static MODULES: OnceLock<Mutex<HashMap<ModuleKey, Arc<CudaModule>>>> = OnceLock::new();
     let modules = MODULES.get_or_init(|| Mutex::new(HashMap::new()));
     let key = (dev.id(), src.name);
@@ -159,7 +159,7 @@ pub fn sparse_conv(
     );
     let n = nbr.elem_count();
     anyhow::ensure!(
-        volume > 0 && n % volume == 0,
+        volume > 0 && n.is_multiple_of(volume),
         "sparse_conv: neighbour map of {n} entries for kernel volume {volume}"
     );
     anyhow::ensure!(

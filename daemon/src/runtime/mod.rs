@@ -2,6 +2,8 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda_ops;
+#[cfg(feature = "cuda")]
+pub mod cuda_raster;
 pub mod device;
 pub mod gpu;
 pub mod malloc;

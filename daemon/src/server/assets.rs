@@ -13,14 +13,18 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use trellis_ipc_protocol::{ArrayDesc, AssetInfo, BinaryBuilder, Format};
 
 use crate::export::atomic::write_atomic;
-use crate::export::textured::{textured_mesh, write_export_glb};
+use crate::export::textured::{rasterizer_for, textured_mesh, write_export_glb};
 use crate::jobs::outputs::{
     export_mesh_arrays, first_gaussians, first_mesh, gaussian_arrays, mesh_arrays, write_outputs,
     OutputFiles,
 };
 use crate::jobs::JobOutput;
 use crate::pipelines::base::{ProgressEvent, RunControl};
-use crate::postprocessing::BakeOptions;
+use crate::postprocessing::bake::SplatData;
+use crate::postprocessing::{preview, BakeOptions, ExportMesh};
+
+/// Pixels per view of an asset's `preview.png` (a grid of 4 views: mesh above, Gaussians below).
+pub const PREVIEW_RESOLUTION: usize = 128;
 
 pub struct AssetStore {
     pub root: PathBuf,
@@ -45,6 +49,35 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `preview.png`: the stored mesh (and the Gaussians, when decoded) from four views, the
+/// thumbnail clients show in their job lists (`files.preview`, the job's `preview`).
+fn write_preview(
+    dir: &Path,
+    info: &mut AssetInfo,
+    raster: &dyn trellis_kernels::raster::Rasterizer,
+    mesh: &ExportMesh,
+    splats: Option<&SplatData>,
+) -> Result<()> {
+    let path = dir.join("preview.png");
+    let uvtex = match (&mesh.uvs, &mesh.texture) {
+        (Some(u), Some(t)) => Some((u.as_slice(), t)),
+        _ => None,
+    };
+    preview::write_preview(
+        &path,
+        raster,
+        PREVIEW_RESOLUTION,
+        &mesh.vertices,
+        &mesh.faces,
+        uvtex,
+        mesh.colors.as_deref(),
+        splats,
+    )?;
+    info.files
+        .insert("preview".into(), path.display().to_string());
+    Ok(())
 }
 
 fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
@@ -75,17 +108,19 @@ impl AssetStore {
         format!("{ms:x}-{:x}-{n:x}", std::process::id())
     }
 
-    /// Stores a finished generation; returns its record.
+    /// Stores a finished generation; returns its record. Post-processing (bake, preview)
+    /// rasterises on `device` (the job's).
     pub fn save_generation(
         &self,
         out: &JobOutput,
         kind: &str,
         glb: &BakeOptions,
+        device: &candle_core::Device,
     ) -> Result<AssetInfo> {
         let id = self.new_id();
         let dir = self.root.join(&id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let result = self.fill(&dir, &id, out, kind, glb);
+        let result = self.fill(&dir, &id, out, kind, glb, device);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -99,6 +134,7 @@ impl AssetStore {
         out: &JobOutput,
         kind: &str,
         glb: &BakeOptions,
+        device: &candle_core::Device,
     ) -> Result<AssetInfo> {
         let bundle = dir.join("asset.trellis");
         let files = OutputFiles {
@@ -133,7 +169,7 @@ impl AssetStore {
             )]),
             meta,
         };
-        self.add_decoded(dir, &mut info, out, glb)?;
+        self.add_decoded(dir, &mut info, out, glb, device)?;
         // The mattes of background-removed inputs (a request's `save_mask`).
         let masks = out.masks();
         for (i, m) in masks.iter().enumerate() {
@@ -157,17 +193,21 @@ impl AssetStore {
         info: &mut AssetInfo,
         out: &JobOutput,
         glb: &BakeOptions,
+        device: &candle_core::Device,
     ) -> Result<()> {
         let d = out.decoded();
         if let Ok(m) = first_mesh(d) {
             let glb_path = dir.join("mesh.glb");
+            let raster = rasterizer_for(Some(device));
+            let splats = first_gaussians(d).ok().map(SplatData::from_gaussian);
             if m.success && !m.faces.is_empty() && glb.bake {
                 // The baked mesh: the GLB and the arrays are the same (decimated, UV-mapped) mesh.
-                let (em, _) = textured_mesh(m, first_gaussians(d).ok(), glb)?;
+                let (em, _) = textured_mesh(raster.as_ref(), m, first_gaussians(d).ok(), glb)?;
                 write_export_glb(&glb_path, &em)?;
                 info.files
                     .insert("glb".into(), glb_path.display().to_string());
                 write_arrays(dir, Format::Mesh, &export_mesh_arrays(&em)?)?;
+                write_preview(dir, info, raster.as_ref(), &em, splats.as_ref())?;
             } else {
                 if m.success && !m.faces.is_empty() {
                     let files = OutputFiles {
@@ -184,6 +224,14 @@ impl AssetStore {
                     write_outputs(&files, out, &mut ctl)?;
                     info.files
                         .insert("glb".into(), glb_path.display().to_string());
+                    let em = ExportMesh {
+                        vertices: m.vertices.clone(),
+                        faces: m.faces.clone(),
+                        uvs: None,
+                        texture: None,
+                        colors: crate::jobs::outputs::mesh_colors(m),
+                    };
+                    write_preview(dir, info, raster.as_ref(), &em, splats.as_ref())?;
                 }
                 write_arrays(dir, Format::Mesh, &mesh_arrays(m)?)?;
             }
@@ -200,10 +248,16 @@ impl AssetStore {
     }
 
     /// Adds a decode job's representations to asset `id`.
-    pub fn add_formats(&self, id: &str, out: &JobOutput, glb: &BakeOptions) -> Result<AssetInfo> {
+    pub fn add_formats(
+        &self,
+        id: &str,
+        out: &JobOutput,
+        glb: &BakeOptions,
+        device: &candle_core::Device,
+    ) -> Result<AssetInfo> {
         let dir = self.dir(id)?;
         let mut info = self.get(id)?;
-        self.add_decoded(&dir, &mut info, out, glb)?;
+        self.add_decoded(&dir, &mut info, out, glb, device)?;
         write_json(&dir.join("asset.json"), &info)?;
         Ok(info)
     }

@@ -95,6 +95,7 @@ impl Queue {
             device: None,
             message: None,
             asset: None,
+            preview: None,
             elapsed_s: 0.0,
             first_step_s: None,
             models_resident: None,
@@ -274,14 +275,18 @@ impl Queue {
                     });
                     let stored = match &dest {
                         Destination::NewAsset(glb) => {
-                            self.store.save_generation(&out, job.kind(), glb)
+                            self.store
+                                .save_generation(&out, job.kind(), glb, &cache.device)
                         }
-                        Destination::AddTo(a, glb) => self.store.add_formats(a, &out, glb),
+                        Destination::AddTo(a, glb) => {
+                            self.store.add_formats(a, &out, glb, &cache.device)
+                        }
                     };
                     drop(out);
                     self.update(id, |i| match stored {
                         Ok(a) => {
                             i.state = JobState::Done;
+                            i.preview = a.files.get("preview").cloned();
                             i.asset = Some(a.asset);
                             i.stage = None;
                             i.message = None;

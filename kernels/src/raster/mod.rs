@@ -5,10 +5,12 @@
 
 pub mod camera;
 pub mod splat;
+pub mod texels;
 pub mod triangles;
 
 pub use camera::Camera;
 pub use splat::{SplatImage, SplatSettings, Splats};
+pub use texels::TexelPoint;
 pub use triangles::{Fragment, RasterBuffers, NO_FACE};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,6 +25,9 @@ pub enum RasterError {
     FaceIndex { face: usize, vertices: usize },
     #[error("the image has no pixels")]
     EmptyImage,
+    /// A GPU backend failed (kernel compile or load, launch, copy, out of memory).
+    #[error("GPU rasteriser: {0}")]
+    Backend(String),
 }
 
 /// The rasterisers a bake or preview needs. Every backend must give the CPU one's results (the
@@ -52,6 +57,27 @@ pub trait Rasterizer: Sync {
         splats: &Splats<'_>,
         settings: &SplatSettings,
     ) -> Result<SplatImage, RasterError>;
+
+    /// The bake's views: for each camera, the Gaussians splatted over black and the mesh's depth
+    /// buffer, then [`texels::accumulate_view`] into one `[r, g, b, weight]` sum per texel, views
+    /// in order. A backend may keep everything on its device between views.
+    fn bake_views(
+        &self,
+        cams: &[Camera],
+        vertices: &[[f32; 3]],
+        faces: &[[u32; 3]],
+        splats: &Splats<'_>,
+        settings: &SplatSettings,
+        texels: &[TexelPoint],
+    ) -> Result<Vec<[f32; 4]>, RasterError> {
+        let mut acc = vec![[0f32; 4]; texels.len()];
+        for cam in cams {
+            let img = self.splat(cam, splats, settings)?;
+            let depth = self.triangles(cam, vertices, faces)?;
+            texels::accumulate_view(cam, &depth, &img, texels, &mut acc)?;
+        }
+        Ok(acc)
+    }
 }
 
 /// The CPU rasterisers (rayon over row bands and tiles).

@@ -109,7 +109,8 @@ impl RasterBuffers {
     }
 }
 
-pub(crate) fn check_faces(faces: &[[u32; 3]], nv: usize) -> Result<(), RasterError> {
+/// An error naming the first triangle that refers past `nv` vertices.
+pub fn check_faces(faces: &[[u32; 3]], nv: usize) -> Result<(), RasterError> {
     if let Some((i, _)) = faces
         .iter()
         .enumerate()
