@@ -2,8 +2,11 @@
 //! bounded-memory CPU kernel `trellis_kernels::conv3d` in float32, and `pixel_shuffle_3d` likewise.
 //!
 //! Weights keep the builder's dtype (float16 in fp16 torsos) and are widened to float32 per call;
-//! the result is returned in the input's dtype on the input's device. The kernel is CPU-only: on
-//! another device the data makes a round trip through host memory (candle has no 3-D convolution).
+//! the result is returned in the input's dtype on the input's device. On a GPU (candle has no 3-D
+//! convolution) a stride-1 convolution is an implicit im2col of candle ops — the k³ shifted views
+//! of the zero-padded input stacked along the channels — and one matrix product with the
+//! `[Cout, Cin·k³]` weight, in the input's dtype (float32 accumulation), without leaving the
+//! device; `pixel_shuffle_3d` is a reshape-permute there. Other strides take the CPU kernel.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -89,6 +92,9 @@ impl Conv3d {
             padding: self.padding,
         };
         let out_dims = shape.output().map_err(|e| anyhow!("{e}"))?;
+        if !x.device().is_cpu() && self.stride == 1 {
+            return self.forward_im2col(x, out_dims);
+        }
         let out = with_f32(x, |input| {
             with_f32(&self.weight, |weight| match &self.bias {
                 Some(b) => with_f32(b, |bias| {
@@ -113,7 +119,62 @@ impl Conv3d {
     }
 }
 
-/// `pixel_shuffle_3d(x [B, C·s³, H, W, D], s)` → `[B, C, H·s, W·s, D·s]` by the CPU kernel.
+impl Conv3d {
+    /// Stride 1 on a GPU: `[B, Cin·k³, OD·OH·OW]` columns (channel-major, then kz, ky, kx, as
+    /// the weight is laid out) times the `[Cout, Cin·k³]` weight.
+    fn forward_im2col(&self, x: &Tensor, out_dims: [usize; 3]) -> Result<Tensor> {
+        let (b, c, k, p) = (x.dim(0)?, self.in_channels, self.kernel, self.padding);
+        let mut xp = x.clone();
+        for axis in 2..5 {
+            xp = xp.pad_with_zeros(axis, p, p)?;
+        }
+        let [od, oh, ow] = out_dims;
+        let mut taps = Vec::with_capacity(k * k * k);
+        for dz in 0..k {
+            for dy in 0..k {
+                for dx in 0..k {
+                    taps.push(
+                        xp.narrow(2, dz, od)?
+                            .narrow(3, dy, oh)?
+                            .narrow(4, dx, ow)?
+                            .unsqueeze(2)?,
+                    );
+                }
+            }
+        }
+        let cols = Tensor::cat(&taps, 2)?.reshape((b, c * k * k * k, od * oh * ow))?;
+        drop(taps);
+        let w = self
+            .weight
+            .to_dtype(x.dtype())?
+            .reshape((self.out_channels, c * k * k * k))?;
+        let mut y = w.broadcast_left(b)?.matmul(&cols)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&bias.to_dtype(x.dtype())?.reshape((
+                1,
+                self.out_channels,
+                1,
+            ))?)?;
+        }
+        Ok(y.reshape((b, self.out_channels, od, oh, ow))?)
+    }
+}
+
+/// [`pixel_shuffle_3d`] as candle ops (any device).
+fn pixel_shuffle_3d_ops(x: &Tensor, scale: usize) -> Result<Tensor> {
+    let (b, c, h, w, d) = x.dims5()?;
+    let s3 = scale.pow(3).max(1);
+    if scale == 0 || c % s3 != 0 {
+        bail!("pixel_shuffle_3d: {c} channels are not a multiple of {scale}^3");
+    }
+    Ok(x.reshape(vec![b, c / s3, scale, scale, scale, h, w, d])?
+        .permute(vec![0, 1, 5, 2, 6, 3, 7, 4])?
+        .contiguous()?
+        .reshape((b, c / s3, h * scale, w * scale, d * scale))?)
+}
+
+/// `pixel_shuffle_3d(x [B, C·s³, H, W, D], s)` → `[B, C, H·s, W·s, D·s]`: the CPU kernel, or on
+/// a GPU the original's reshape `[B, C, s, s, s, H, W, D]`, permute `(0, 1, 5, 2, 6, 3, 7, 4)`.
 pub fn pixel_shuffle_3d(x: &Tensor, scale: usize) -> Result<Tensor> {
     let dims = x.dims();
     if dims.len() != 5 {
@@ -121,6 +182,9 @@ pub fn pixel_shuffle_3d(x: &Tensor, scale: usize) -> Result<Tensor> {
     }
     let (b, c) = (dims[0], dims[1]);
     let sp = [dims[2], dims[3], dims[4]];
+    if !x.device().is_cpu() {
+        return pixel_shuffle_3d_ops(x, scale);
+    }
     let out = with_f32(x, |v| {
         kernel::pixel_shuffle_3d(v, b, c, sp, scale).map_err(|e| anyhow!("{e}"))
     })?;
@@ -137,6 +201,48 @@ pub fn pixel_shuffle_3d(x: &Tensor, scale: usize) -> Result<Tensor> {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn the_gpu_formulations_match_the_cpu_kernels() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 6, 7, 4), &dev).unwrap();
+        let mut t = HashMap::new();
+        t.insert(
+            "weight".to_string(),
+            Tensor::randn(0f32, 0.3, (4, 5, 3, 3, 3), &dev).unwrap(),
+        );
+        t.insert(
+            "bias".to_string(),
+            Tensor::randn(0f32, 1.0, 4, &dev).unwrap(),
+        );
+        let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+        let conv = Conv3d::new(vb, 5, 4, 3, 1, 1).unwrap();
+        let cpu = conv.forward(&x).unwrap();
+        let ops = conv.forward_im2col(&x, [6, 7, 4]).unwrap();
+        let err = (cpu - ops)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-4, "im2col conv3d differs by {err}");
+        let y = Tensor::randn(0f32, 1.0, (2, 16, 3, 2, 4), &dev).unwrap();
+        let a: Vec<f32> = pixel_shuffle_3d(&y, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = pixel_shuffle_3d_ops(&y, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn conv_layer_matches_naive_kernel_and_keeps_dtype() {

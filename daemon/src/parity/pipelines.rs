@@ -351,7 +351,7 @@ fn check_ss_stage(
             want.dim(0)?
         );
     }
-    report.exact(&name, &out.coords, &want.to_dtype(out.coords.dtype())?)?;
+    report.exact(&name, &out.coords, &want)?;
     Ok(())
 }
 
