@@ -17,9 +17,19 @@ use crate::models::background::u2net::{U2Net, U2NetConfig};
 use crate::models::background::{network_from_state_dict, BackgroundModel};
 use crate::runtime::weights::Manifest;
 
-/// The full-size U2NET manifest kept in the repository.
+/// The full-size U2NET manifest kept in the repository: beside the sources this binary was built
+/// from, else under the current directory (a binary carried to another machine, run from a
+/// checkout).
 pub fn manifest_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference-u2net/u2net_manifest.json")
+    let rel = "tests/reference-u2net/u2net_manifest.json";
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel);
+    if built.is_file() {
+        built
+    } else {
+        PathBuf::from(rel)
+    }
 }
 
 /// A state dict with every name, shape and dtype of the full-size manifest and seeded random

@@ -1,12 +1,14 @@
 //! The memory tier and precision a run uses, chosen from the device. No TRELLIS twin: the original
 //! assumes one GPU with at least 16 GB and keeps every network resident in float16.
 //!
-//! Policy (free memory measured when the run starts):
+//! Policy (free memory measured when the run starts). Only `high` behaves as described today:
+//! every run keeps its networks resident; the other tiers are chosen and reported (`doctor`) but
+//! run as `high` until issue 12's per-stage loading lands.
 //!
 //! | tier      | when                       | what it means for a run                                         |
 //! |-----------|----------------------------|-----------------------------------------------------------------|
-//! | `high`    | GPU, free ≥ 16 GiB         | every network resident; CFG cond/uncond batched                 |
-//! | `medium`  | GPU, 10 GiB ≤ free < 16    | networks loaded per stage and freed after it; CFG batched       |
+//! | `high`    | GPU, free ≥ 16 GiB         | every network resident                                          |
+//! | `medium`  | GPU, 10 GiB ≤ free < 16    | networks loaded per stage and freed after it                    |
 //! | `low`     | GPU, 6 GiB ≤ free < 10     | one network at a time; CFG branches one after the other; decoders in chunks |
 //! | `minimal` | GPU, free < 6 GiB          | as `low`, weights stay in host memory and move per block        |
 //! | `cpu`     | CPU                        | float32 in host memory                                          |
@@ -61,10 +63,12 @@ impl Tier {
     /// What this tier does, in one line.
     pub fn describe(self) -> &'static str {
         match self {
-            Tier::High => "every network resident; CFG cond/uncond batched",
-            Tier::Medium => "networks loaded per stage and freed after it; CFG batched",
-            Tier::Low => "one network at a time; CFG branches sequential; decoders in chunks",
-            Tier::Minimal => "one network at a time, weights streamed from host memory per block",
+            Tier::High => "every network resident",
+            Tier::Medium => "planned: networks loaded per stage (runs as high today; issue 12)",
+            Tier::Low => "planned: one network at a time, decoders in chunks (runs as high today)",
+            Tier::Minimal => {
+                "planned: weights streamed from host memory per block (runs as high today)"
+            }
             Tier::Cpu => "float32 in host memory",
         }
     }
