@@ -101,8 +101,7 @@ fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<
         dev.synchronize()?;
         t.push(s.elapsed().as_secs_f64());
     }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    Ok(super::median(&t))
 }
 
 pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {

@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::{manifest_path, peak_rss_kib};
+use super::{manifest_path, median, peak_rss_kib};
 use crate::hub::config::PipelineConfig;
 use crate::models::conditioners::common::layer_norm_plain;
 use crate::models::config::{ModelConfig, SamplerParams};
@@ -449,16 +449,6 @@ fn run_once(
         fig.push((name.into(), s, None, v));
     }
     Ok(fig)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
 }
 
 fn max_stats(a: Option<PoolStats>, b: Option<PoolStats>) -> Option<PoolStats> {

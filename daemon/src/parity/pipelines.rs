@@ -208,9 +208,8 @@ fn slat_input_coords(fx: &Fixture, run: &str, kind: &RunKind) -> Result<Tensor> 
                 .to_device(&candle_core::Device::Cpu)?
                 .to_dtype(DType::I64)?;
             let zeros = Tensor::zeros((v.dim(0)?, 1), DType::I64, v.device())?;
-            Ok(Tensor::cat(&[zeros, v], 1)?
-                .to_device(&candle_core::Device::Cpu)?
-                .to_dtype(DType::I32)?)
+            // `v` is on the host already: integer casts stay there.
+            Ok(Tensor::cat(&[zeros, v], 1)?.to_dtype(DType::I32)?)
         }
         _ => Ok(fx
             .io(&format!("{run}_coords"))?

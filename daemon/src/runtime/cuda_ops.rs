@@ -268,6 +268,32 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+/// Checks every group against `nq` query rows and `nk` keys and returns the groups' key ranges
+/// as int32 (`kv_start`, `kv_end`), as both attention kernels take them.
+fn kv_ranges(
+    groups: &[trellis_kernels::attention::AttnGroup],
+    nq: usize,
+    nk: usize,
+    what: &str,
+) -> anyhow::Result<(Vec<i32>, Vec<i32>)> {
+    let mut kv_start = Vec::with_capacity(groups.len());
+    let mut kv_end = Vec::with_capacity(groups.len());
+    for (g, grp) in groups.iter().enumerate() {
+        anyhow::ensure!(
+            grp.q.start <= grp.q.end
+                && grp.q.end <= nq
+                && grp.kv.end <= nk
+                && grp.kv.start <= grp.kv.end,
+            "{what}: group {g} ({:?}, {:?}) out of range",
+            grp.q,
+            grp.kv
+        );
+        kv_start.push(i32::try_from(grp.kv.start)?);
+        kv_end.push(i32::try_from(grp.kv.end)?);
+    }
+    Ok((kv_start, kv_end))
+}
+
 /// `out[Nq, H, Dv]`: per group, `softmax(q kᵀ / sqrt(D)) v` per head, on the GPU in f32; query
 /// rows that no group names are zero. `q` `[Nq, H, D]`, `k` `[Nk, H, D]`, `v` `[Nk, H, Dv]`.
 /// Same contract as `trellis_kernels::attention::varlen_attention`.
@@ -292,21 +318,12 @@ pub fn varlen_attention(
         "varlen attention: head dims {d}/{dv} above {}",
         k::ATTENTION_MAX_DIM
     );
+    let (kv_start, kv_end) = kv_ranges(groups, nq, nk, "varlen attention")?;
     let mut row_group = vec![-1i32; nq];
-    let mut kv_start = Vec::with_capacity(groups.len());
-    let mut kv_end = Vec::with_capacity(groups.len());
     for (g, grp) in groups.iter().enumerate() {
-        anyhow::ensure!(
-            grp.q.end <= nq && grp.kv.end <= nk && grp.kv.start <= grp.kv.end,
-            "varlen attention: group {g} ({:?}, {:?}) out of range",
-            grp.q,
-            grp.kv
-        );
         for r in grp.q.clone() {
             row_group[r] = i32::try_from(g)?;
         }
-        kv_start.push(i32::try_from(grp.kv.start)?);
-        kv_end.push(i32::try_from(grp.kv.end)?);
     }
     let op = AttentionOp {
         nq,
@@ -481,29 +498,19 @@ pub fn flash_attention(
         v.dtype(),
         k::FLASH_HEAD_DIM
     );
+    let (kv_start, kv_end) = kv_ranges(groups, nq, nk, "flash attention")?;
     let mut op = FlashAttentionOp {
         nq,
         heads,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
         q_end: Vec::with_capacity(groups.len()),
-        kv_start: Vec::with_capacity(groups.len()),
-        kv_end: Vec::with_capacity(groups.len()),
+        kv_start,
+        kv_end,
     };
     for (g, grp) in groups.iter().enumerate() {
-        anyhow::ensure!(
-            grp.q.start <= grp.q.end
-                && grp.q.end <= nq
-                && grp.kv.end <= nk
-                && grp.kv.start <= grp.kv.end,
-            "flash attention: group {g} ({:?}, {:?}) out of range",
-            grp.q,
-            grp.kv
-        );
         let gi = i32::try_from(g)?;
         op.q_end.push(i32::try_from(grp.q.end)?);
-        op.kv_start.push(i32::try_from(grp.kv.start)?);
-        op.kv_end.push(i32::try_from(grp.kv.end)?);
         let mut r = grp.q.start;
         while r < grp.q.end {
             op.tile_group.push(gi);
@@ -514,10 +521,11 @@ pub fn flash_attention(
     // Contiguous, starting on a 16-byte boundary (the kernel moves 16-byte vectors).
     let aligned = |t: &Tensor| -> anyhow::Result<Tensor> {
         let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        let offset = layout.start_offset();
-        drop(storage);
-        Ok(if offset % 8 == 0 { t } else { t.copy()? })
+        Ok(if t.layout().start_offset() % 8 == 0 {
+            t
+        } else {
+            t.copy()?
+        })
     };
     Ok(aligned(q)?.apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &op)?)
 }
