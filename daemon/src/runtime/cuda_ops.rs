@@ -181,6 +181,126 @@ pub fn sparse_conv(
     })
 }
 
+/// The tensor-core sparse conv (`sparse_conv_mma_*`): `feats` `[N_in, Cin]` and `weight`
+/// `[Cout, K, Cin]` in float16 or bfloat16, `nbr` int32 `[rows * K]` (−1 = no neighbour; source
+/// row `nbr >> src_shift`), optional float32 `bias` `[Cout]`; `[rows, Cout]` in the feats' dtype.
+/// Cin and Cout must be multiples of 8.
+pub fn sparse_conv_half(
+    feats: &Tensor,
+    nbr: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    src_shift: u32,
+) -> anyhow::Result<Tensor> {
+    use super::cuda_fused::{device_of, view, wrap};
+    let (cout, volume, cin) = weight.dims3()?;
+    let (_, fc) = feats.dims2()?;
+    let dtype = feats.dtype();
+    anyhow::ensure!(
+        fc == cin,
+        "sparse_conv: feats have {fc} channels, weight {cin}"
+    );
+    anyhow::ensure!(
+        cin % 8 == 0 && cout % 8 == 0,
+        "sparse_conv_half: channels {cin} -> {cout} must be multiples of 8"
+    );
+    anyhow::ensure!(
+        weight.dtype() == dtype && matches!(dtype, DType::F16 | DType::BF16),
+        "sparse_conv_half: feats {dtype:?} and weight {:?} must both be f16 or bf16",
+        weight.dtype()
+    );
+    anyhow::ensure!(
+        nbr.dtype() == DType::I32,
+        "sparse_conv: neighbour map must be int32"
+    );
+    for (t, what) in [(feats, "feats"), (weight, "weight"), (nbr, "neighbour map")] {
+        anyhow::ensure!(
+            t.is_contiguous() && t.layout().start_offset() % 8 == 0,
+            "sparse_conv_half: {what} must be contiguous and 16-byte aligned"
+        );
+    }
+    if let Some(b) = bias {
+        anyhow::ensure!(
+            b.dtype() == DType::F32 && b.elem_count() == cout && b.is_contiguous(),
+            "sparse_conv_half: bias must be float32 [{cout}]"
+        );
+    }
+    let n = nbr.elem_count();
+    anyhow::ensure!(
+        volume > 0 && n.is_multiple_of(volume),
+        "sparse_conv: neighbour map of {n} entries for kernel volume {volume}"
+    );
+    let rows = n / volume;
+    let dev = device_of(feats)?;
+    let entry = if dtype == DType::F16 {
+        "sparse_conv_mma_f16"
+    } else {
+        "sparse_conv_mma_bf16"
+    };
+    let func = module(&dev, &k::SPARSE_CONV)?.load_function(entry).w()?;
+    let stream = dev.cuda_stream();
+    let tile = k::SPARSE_CONV_TILE;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (cout as u32).div_ceil(tile),
+            u32::try_from(rows.div_ceil(tile as usize))?,
+            1,
+        ),
+        block_dim: (k::SPARSE_CONV_MMA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (cin_i, rows_i, vol_i, cout_i, shift_i) = (
+        i32_arg(cin, "cin")?,
+        i32_arg(rows, "rows")?,
+        i32_arg(volume, "volume")?,
+        i32_arg(cout, "cout")?,
+        src_shift as i32,
+    );
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every [rows, cout] element (cout % 8 == 0, full tiles
+            // masked per pair of columns).
+            let out = unsafe { dev.alloc::<$t>(rows * cout)? };
+            let (gf, lf) = feats.storage_and_layout();
+            let (gn, ln) = nbr.storage_and_layout();
+            let (gw, lw) = weight.storage_and_layout();
+            let gb = bias.map(|b| b.storage_and_layout());
+            let fs = view::<$t>(&gf, lf, "feats")?;
+            let ns = view::<i32>(&gn, ln, "neighbour map")?;
+            let ws = view::<$t>(&gw, lw, "weight")?;
+            let bs = match &gb {
+                Some((g, l)) => Some(view::<f32>(g, l, "bias")?),
+                None => None,
+            };
+            let null = 0u64;
+            let mut b = stream.launch_builder(&func);
+            b.arg(&fs)
+                .arg(&cin_i)
+                .arg(&ns)
+                .arg(&rows_i)
+                .arg(&vol_i)
+                .arg(&shift_i)
+                .arg(&ws);
+            match &bs {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&cout_i).arg(&out);
+            if rows > 0 {
+                // SAFETY: argument types and order match `sparse_conv_mma_*`; shapes, dtypes
+                // and 16-byte alignment checked above.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok(wrap(out, &dev, &[rows, cout]))
+        }};
+    }
+    if dtype == DType::F16 {
+        go!(half::f16)
+    } else {
+        go!(half::bf16)
+    }
+}
+
 struct AttentionOp {
     nq: usize,
     heads: usize,
@@ -788,11 +908,162 @@ pub mod checks {
         Ok(e)
     }
 
+    /// The tensor-core sparse conv in `dtype` vs the CPU's f32 `submanifold_conv` on the same
+    /// (rounded) inputs; `subdivided`: the rows read their parent row (`nbr >> 3`) of a feats
+    /// table 8x smaller, against the CPU conv of the explicit 8x copy.
+    pub fn sparse_conv_half_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        subdivided: bool,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
+        let coords = shell(2000);
+        let rows = coords.len() / 4;
+        let (cin, cout) = (96, 136);
+        let map = trellis_kernels::sparse_conv::submanifold_neighbours(&coords, [3, 3, 3])?;
+        let parents = if subdivided { rows.div_ceil(8) } else { rows };
+        let round = |v: Vec<f32>| -> anyhow::Result<Vec<f32>> {
+            Ok(Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        };
+        let pf = round(noise(parents * cin, 11))?;
+        let w = round(noise(cout * 27 * cin, 12))?;
+        let b = noise(cout, 13);
+        let feats: Vec<f32> = if subdivided {
+            (0..rows)
+                .flat_map(|r| pf[(r / 8) * cin..(r / 8 + 1) * cin].to_vec())
+                .collect()
+        } else {
+            pf.clone()
+        };
+        let cpu =
+            trellis_kernels::sparse_conv::submanifold_conv(&feats, cin, &map, &w, Some(&b), cout)?;
+        let ft = Tensor::from_slice(&pf, (parents, cin), dev)?.to_dtype(dtype)?;
+        let nt = Tensor::from_slice(&map.table, map.table.len(), dev)?;
+        let wt = Tensor::from_slice(&w, (cout, 27, cin), dev)?.to_dtype(dtype)?;
+        let bt = Tensor::from_slice(&b, cout, dev)?;
+        let shift = if subdivided { 3 } else { 0 };
+        let g: Vec<f32> = sparse_conv_half(&ft, &nt, &wt, Some(&bt), shift)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let e = rel_err(&g, &cpu);
+        anyhow::ensure!(e < tol, "sparse conv {dtype:?}: relative error {e}");
+        Ok(e)
+    }
+
+    /// The fused block kernels (`cuda_fused`) in `dtype` against candle's ops on the CPU in f32
+    /// with the same roundings: Linear bias + GELU, LayerNorm + modulation, gated residual,
+    /// per-head RMS norm of a strided q view.
+    pub fn fused_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
+        use crate::runtime::cuda_fused as f;
+        let (b, l, c, heads) = (2usize, 300usize, 256usize, 4usize);
+        let on = |v: Vec<f32>, shape: &[usize]| -> anyhow::Result<(Tensor, Tensor)> {
+            let cpu = Tensor::from_vec(v, shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            Ok((cpu.to_device(dev)?.to_dtype(dtype)?, cpu))
+        };
+        let back = |t: &Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+        };
+        let rnd =
+            |t: Tensor| -> anyhow::Result<Tensor> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+        let err_of = |g: &Tensor, c: &Tensor| -> anyhow::Result<f64> {
+            let g: Vec<f32> = back(g)?.flatten_all()?.to_vec1()?;
+            let c: Vec<f32> = c.flatten_all()?.to_vec1()?;
+            Ok(rel_err(&g, &c))
+        };
+        let (x, xc) = on(noise(b * l * c, 21), &[b, l, c])?;
+        let (bias, bias_c) = on(noise(c, 22), &[c])?;
+        let (h, hc) = on(noise(b * l * c, 23), &[b, l, c])?;
+        let (m6, m6c) = on(noise(b * 6 * c, 24), &[b, 6 * c])?;
+        let w = Tensor::from_vec(noise(c, 25), c, &Device::Cpu)?;
+        let bb = Tensor::from_vec(noise(c, 26), c, &Device::Cpu)?;
+        let mut worst = 0f64;
+        // bias + GELU
+        let g = f::bias_act(&x, Some(&bias), f::Act::GeluTanh)?;
+        let cpu = rnd(xc.broadcast_add(&bias_c)?)?.gelu()?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // LayerNorm (affine) + modulation with strided shift / scale
+        let (shift, scale) = (m6.narrow(1, 0, c)?, m6.narrow(1, c, c)?);
+        let seg = f::Segments::dense(b, l).ok_or_else(|| anyhow::anyhow!("segments"))?;
+        let g = f::layer_norm(
+            &x,
+            1e-6,
+            Some((&w.to_device(dev)?, &bb.to_device(dev)?)),
+            Some(f::Modulation {
+                shift: &shift,
+                scale: &scale,
+                segments: seg,
+            }),
+        )?;
+        let mean = xc.mean_keepdim(2)?;
+        let xm = xc.broadcast_sub(&mean)?;
+        let var = xm.sqr()?.mean_keepdim(2)?;
+        let y = xm.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+        let y = rnd(y.broadcast_mul(&w)?.broadcast_add(&bb)?)?;
+        let (sc, shc) = (
+            m6c.narrow(1, c, c)?.unsqueeze(1)?,
+            m6c.narrow(1, 0, c)?.unsqueeze(1)?,
+        );
+        let one_plus = rnd((sc + 1.0)?)?;
+        let cpu = rnd(rnd(y.broadcast_mul(&one_plus)?)?.broadcast_add(&shc)?)?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // gated residual with a strided gate
+        let gate = m6.narrow(1, 2 * c, c)?;
+        let g = f::gated_add(&x, &h, &gate, seg)?;
+        let gc = m6c.narrow(1, 2 * c, c)?.unsqueeze(1)?;
+        let cpu = rnd((&xc + rnd(hc.broadcast_mul(&gc)?)?)?)?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // RMS norm of q sliced out of a packed [b, l, 3, heads, d] projection
+        let d = c / heads;
+        let (qkv, qkv_c) = on(noise(b * l * 3 * c, 27), &[b, l, 3, heads, d])?;
+        let gamma = Tensor::from_vec(noise(heads * d, 28), (heads, d), &Device::Cpu)?;
+        let q = qkv.get_on_dim(2, 1)?;
+        let g = f::rms_norm_heads(&q, &gamma.to_device(dev)?, (d as f64).sqrt())?;
+        let qc = qkv_c.get_on_dim(2, 1)?;
+        let nrm = qc
+            .sqr()?
+            .sum_keepdim(3)?
+            .sqrt()?
+            .clamp(1e-12f32, f32::INFINITY)?;
+        let cpu = rnd((qc.broadcast_div(&nrm)?.broadcast_mul(&gamma)? * (d as f64).sqrt())?)?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        anyhow::ensure!(
+            worst < tol,
+            "fused kernels {dtype:?}: relative error {worst}"
+        );
+        Ok(worst)
+    }
+
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
             ("neighbour map (exact)", neighbours(dev)),
             ("sparse conv gather-GEMM", sparse_conv_vs_cpu(dev)),
+            (
+                "sparse conv tensor cores f16",
+                sparse_conv_half_vs_cpu(dev, DType::F16, false, 2e-3),
+            ),
+            (
+                "sparse conv tensor cores bf16, subdivided",
+                sparse_conv_half_vs_cpu(dev, DType::BF16, true, 1e-2),
+            ),
+            (
+                "fused block kernels f32",
+                fused_vs_cpu(dev, DType::F32, 1e-5),
+            ),
+            (
+                "fused block kernels f16",
+                fused_vs_cpu(dev, DType::F16, 2e-3),
+            ),
+            (
+                "fused block kernels bf16",
+                fused_vs_cpu(dev, DType::BF16, 1.6e-2),
+            ),
             ("varlen attention", attention_vs_cpu(dev)),
             (
                 "flash attention f16",
