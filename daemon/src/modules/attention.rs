@@ -76,19 +76,15 @@ fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Res
             && v.dtype() == q.dtype()
             && crate::runtime::cuda_ops::flash_attention_supports(q.dtype(), d, _dv)
         {
-            // The tensor-core kernel: one group per batch element, no score matrix in memory.
+            // The tensor-core kernel: one group per batch element, no score matrix in memory; q,
+            // k and v go in as the (strided) views of their projections, no copies.
             let groups: Vec<AttnGroup> = (0..b)
                 .map(|i| AttnGroup {
                     q: i * lq..(i + 1) * lq,
                     kv: i * lk..(i + 1) * lk,
                 })
                 .collect();
-            let o = crate::runtime::cuda_ops::flash_attention(
-                &q.reshape((b * lq, h, d))?,
-                &k.reshape((b * lk, h, d))?,
-                &v.reshape((b * lk, h, _dv))?,
-                &groups,
-            )?;
+            let o = crate::runtime::cuda_ops::flash_attention(q, k, v, &groups)?;
             return Ok(o.reshape((b, lq, h, _dv))?);
         }
     }

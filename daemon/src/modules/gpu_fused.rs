@@ -115,12 +115,18 @@ mod imp {
         };
         let cout = w.dim(0)?;
         let rows = x.elem_count() / cin.max(1);
-        let y = x.contiguous()?.reshape((rows, cin))?.matmul(&w.t()?)?;
+        let x2 = x.contiguous()?.reshape((rows, cin))?;
         let act = match act {
             Act::None => f::Act::None,
             Act::GeluTanh => f::Act::GeluTanh,
         };
-        let y = f::bias_act(&y, Some(bias), act)?;
+        // Half types: bias and GELU in cuBLASLt's epilogue; float32 (TF32 never used): candle's
+        // matmul and the fused bias pass.
+        let y = if matches!(x.dtype(), DType::F16 | DType::BF16) && bias.dtype() == x.dtype() {
+            f::linear_lt(&x2, &w.contiguous()?, &bias.contiguous()?, act)?
+        } else {
+            f::bias_act(&x2.matmul(&w.t()?)?, Some(bias), act)?
+        };
         let mut out = dims;
         if let Some(last) = out.last_mut() {
             *last = cout;

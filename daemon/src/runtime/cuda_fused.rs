@@ -4,6 +4,9 @@
 //! norm) with one; the modules call them through `modules::gpu_fused`, which falls back to
 //! candle's ops where a shape or dtype is not covered. `cuda` builds only.
 
+use candle_core::cuda_backend::cudarc::cublaslt::{
+    Activation as LtActivation, CudaBlasLT, Matmul, MatmulConfig,
+};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -495,5 +498,88 @@ pub fn segment_mean(feats: &Tensor, starts: &Tensor, members: &Tensor) -> Result
         DType::F32 => go!(f32),
         DType::F16 => go!(half::f16),
         _ => go!(half::bf16),
+    }
+}
+
+/// One cuBLASLt handle (with its workspace) per device, on candle's stream.
+fn blas_lt(dev: &CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LT: OnceLock<Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<CudaBlasLT>>>> =
+        OnceLock::new();
+    let map = LT.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = m.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let h =
+        Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(|e| err(format!("cuBLASLt: {e:?}")))?);
+    m.insert(dev.id(), h.clone());
+    Ok(h)
+}
+
+/// `act(x · wᵀ + bias)` in one cuBLASLt call with the bias (and GELU) in its epilogue, for float16 /
+/// bfloat16 `x` `[rows, Cin]`, `w` `[Cout, Cin]` and `bias` `[Cout]` of one dtype (float32
+/// accumulation, one rounding of the result, as PyTorch's `addmm` through cuBLASLt).
+pub fn linear_lt(x: &Tensor, w: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
+    let (rows, cin) = x.dims2()?;
+    let (cout, wcin) = w.dims2()?;
+    let dt = x.dtype();
+    if wcin != cin || bias.elem_count() != cout || w.dtype() != dt || bias.dtype() != dt {
+        return Err(err("linear_lt: shapes or dtypes do not agree"));
+    }
+    for (t, what) in [(x, "x"), (w, "weight"), (bias, "bias")] {
+        check_contiguous(t, what)?;
+    }
+    let act = match act {
+        Act::None => None,
+        Act::GeluTanh => Some(LtActivation::Gelu),
+        Act::Silu => return Err(err("linear_lt: no SiLU epilogue")),
+    };
+    let dev = device_of(x)?;
+    let lt = blas_lt(&dev)?;
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: cout as u64,
+        n: rows as u64,
+        k: cin as u64,
+        alpha: 1.0,
+        lda: cin as i64,
+        ldb: cin as i64,
+        beta: 0.0,
+        ldc: cout as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: cuBLASLt writes every element of the [rows, cout] output (beta = 0).
+            let mut out = unsafe { dev.alloc::<$t>(rows * cout)? };
+            let (gx, lx) = x.storage_and_layout();
+            let (gw, lw) = w.storage_and_layout();
+            let (gb, lb) = bias.storage_and_layout();
+            let (xs, ws, bs) = (
+                view::<$t>(&gx, lx, "x")?,
+                view::<$t>(&gw, lw, "weight")?,
+                view::<$t>(&gb, lb, "bias")?,
+            );
+            if rows > 0 {
+                // SAFETY: column-major view of the row-major product: A = w (transposed, lda =
+                // Cin), B = x (ldb = Cin), C = out (ldc = Cout); sizes checked above.
+                unsafe { lt.matmul(cfg, &ws, &xs, &mut out, Some(&bs), act.as_ref()) }
+                    .map_err(|e| err(format!("cuBLASLt matmul: {e:?}")))?;
+            }
+            Ok(wrap(out, &dev, &[rows, cout]))
+        }};
+    }
+    match dt {
+        DType::F16 => go!(half::f16),
+        DType::BF16 => go!(half::bf16),
+        other => Err(err(format!("linear_lt: {other:?} (f16 or bf16 only)"))),
     }
 }

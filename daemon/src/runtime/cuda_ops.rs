@@ -462,6 +462,8 @@ pub fn varlen_attention(
 struct FlashAttentionOp {
     nq: usize,
     heads: usize,
+    /// Logical row -> physical row of q, k, v and out (windows attended in window order).
+    perm: Option<Vec<i32>>,
     tile_group: Vec<i32>,
     tile_q0: Vec<i32>,
     q_end: Vec<i32>,
@@ -537,9 +539,14 @@ impl CustomOp3 for FlashAttentionOp {
                     let func = module(&dev, &k::FLASH_ATTENTION)?
                         .load_function(entry)
                         .w()?;
-                    let qs = q.as_cuda_slice::<$t>()?.slice(range(lq, "q")?);
-                    let ks = kk.as_cuda_slice::<$t>()?.slice(range(lk, "k")?);
-                    let vs = v.as_cuda_slice::<$t>()?.slice(range(lv, "v")?);
+                    let (q0, q_stride) = row_layout(lq, self.heads, "q")?;
+                    let (k0, k_stride) = row_layout(lk, self.heads, "k")?;
+                    let (v0, v_stride) = row_layout(lv, self.heads, "v")?;
+                    let qs = q.as_cuda_slice::<$t>()?.slice(q0..);
+                    let ks = kk.as_cuda_slice::<$t>()?.slice(k0..);
+                    let vs = v.as_cuda_slice::<$t>()?.slice(v0..);
+                    let perm = self.perm.as_ref().map(meta).transpose()?;
+                    let null = 0u64;
                     let mut b = stream.launch_builder(&func);
                     b.arg(&qs)
                         .arg(&ks)
@@ -551,7 +558,14 @@ impl CustomOp3 for FlashAttentionOp {
                         .arg(&k1)
                         .arg(&heads)
                         .arg(&scale_log2)
-                        .arg(&out);
+                        .arg(&out)
+                        .arg(&q_stride)
+                        .arg(&k_stride)
+                        .arg(&v_stride);
+                    match &perm {
+                        Some(p) => b.arg(p),
+                        None => b.arg(&null),
+                    };
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
                     // ranges and alignment checked by `flash_attention`.
                     unsafe { b.launch(cfg) }.w()?;
@@ -582,6 +596,40 @@ pub fn attention(
     Ok(varlen_attention(q, k, v, groups)?.to_dtype(q.dtype())?)
 }
 
+/// Where the rows of a `[..., heads, 64]` view start and how far apart they are (elements): the
+/// (heads, 64) block must be contiguous, the leading dims must flatten to one row stride, and
+/// start and stride must keep the kernel's 16-byte loads aligned.
+fn row_layout(l: &Layout, heads: usize, what: &str) -> Result<(usize, i64)> {
+    let (dims, st) = (l.dims(), l.stride());
+    let r = dims.len();
+    let hd = k::FLASH_HEAD_DIM;
+    let bad = || {
+        err(format!(
+            "flash attention: {what} layout {dims:?} / {st:?} not supported"
+        ))
+    };
+    if r < 3 || dims[r - 1] != hd || dims[r - 2] != heads || st[r - 1] != 1 || st[r - 2] != hd {
+        return Err(bad());
+    }
+    let row = st[r - 3];
+    let mut expect = row;
+    for i in (0..r - 3).rev() {
+        expect *= dims[i + 1];
+        if dims[i] > 1 && st[i] != expect {
+            return Err(bad());
+        }
+    }
+    if l.start_offset() % 8 != 0 || row % 8 != 0 {
+        return Err(bad());
+    }
+    Ok((l.start_offset(), row as i64))
+}
+
+/// Whether [`row_layout`] accepts `t` (else the caller makes a contiguous copy).
+fn rows_ok(t: &Tensor, heads: usize) -> bool {
+    row_layout(t.layout(), heads, "").is_ok()
+}
+
 /// Whether [`flash_attention`] takes tensors of this dtype and head dimension.
 pub fn flash_attention_supports(dtype: DType, head_dim: usize, v_dim: usize) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
@@ -598,9 +646,35 @@ pub fn flash_attention(
     v: &Tensor,
     groups: &[trellis_kernels::attention::AttnGroup],
 ) -> anyhow::Result<Tensor> {
-    let (nq, heads, d) = q.dims3()?;
-    let (nk, hk, dk) = k.dims3()?;
-    let (nv, hv, dv) = v.dims3()?;
+    flash_attention_rows(q, k, v, groups, None)
+}
+
+/// `[rows, heads, dim]` of a `[..., heads, dim]` tensor (leading dims flattened).
+fn rows3(t: &Tensor) -> anyhow::Result<(usize, usize, usize)> {
+    let d = t.dims();
+    anyhow::ensure!(
+        d.len() >= 3,
+        "flash attention: {:?} is not [..., heads, dim]",
+        d
+    );
+    let r = d.len();
+    Ok((d[..r - 2].iter().product(), d[r - 2], d[r - 1]))
+}
+
+/// [`flash_attention`] on strided views (`q`, `k`, `v` may be `[..., H, 64]` slices of a packed
+/// projection: rows a fixed stride apart, no copy) and, with `perm`, in a permuted row order:
+/// logical row `r` (what `groups` index) is physical row `perm[r]` of q, k, v and of the output,
+/// so windowed attention needs no gather or scatter. Output `[rows, H, 64]` contiguous.
+pub fn flash_attention_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+    perm: Option<&[u32]>,
+) -> anyhow::Result<Tensor> {
+    let (nq, heads, d) = rows3(q)?;
+    let (nk, hk, dk) = rows3(k)?;
+    let (nv, hv, dv) = rows3(v)?;
     anyhow::ensure!(
         hk == heads && hv == heads && dk == d && nv == nk && dv == d,
         "flash attention: q {:?}, k {:?}, v {:?} do not match",
@@ -619,9 +693,21 @@ pub fn flash_attention(
         k::FLASH_HEAD_DIM
     );
     let (kv_start, kv_end) = kv_ranges(groups, nq, nk, "flash attention")?;
+    let perm = match perm {
+        Some(p) => {
+            anyhow::ensure!(
+                p.len() == nq && nq == nk && p.iter().all(|&r| (r as usize) < nq),
+                "flash attention: permutation of {} rows for {nq} queries / {nk} keys",
+                p.len()
+            );
+            Some(p.iter().map(|&r| r as i32).collect())
+        }
+        None => None,
+    };
     let mut op = FlashAttentionOp {
         nq,
         heads,
+        perm,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
         q_end: Vec::with_capacity(groups.len()),
@@ -638,16 +724,20 @@ pub fn flash_attention(
             r += k::FLASH_ROWS;
         }
     }
-    // Contiguous, starting on a 16-byte boundary (the kernel moves 16-byte vectors).
-    let aligned = |t: &Tensor| -> anyhow::Result<Tensor> {
-        let t = t.contiguous()?;
-        Ok(if t.layout().start_offset() % 8 == 0 {
-            t
+    // Views the kernel can stride through go as they are; others are made contiguous, and
+    // re-made in a fresh allocation (`affine(1, 0)`: exact) when their start is not 16-byte aligned.
+    let fit = |t: &Tensor| -> anyhow::Result<Tensor> {
+        if rows_ok(t, heads) {
+            return Ok(t.clone());
+        }
+        let c = t.contiguous()?;
+        Ok(if rows_ok(&c, heads) {
+            c
         } else {
-            t.copy()?
+            c.affine(1.0, 0.0)?
         })
     };
-    Ok(aligned(q)?.apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &op)?)
+    Ok(fit(q)?.apply_op3_no_bwd(&fit(k)?, &fit(v)?, &op)?)
 }
 
 struct NeighboursOp {
@@ -1032,6 +1122,15 @@ pub mod checks {
             .clamp(1e-12f32, f32::INFINITY)?;
         let cpu = rnd((qc.broadcast_div(&nrm)?.broadcast_mul(&gamma)? * (d as f64).sqrt())?)?;
         worst = worst.max(err_of(&g, &cpu)?);
+        // cuBLASLt Linear with the bias and GELU in its epilogue (half types only)
+        if dtype != DType::F32 {
+            let (xw, xw_c) = on(noise(l * c, 29), &[l, c])?;
+            let (ww, ww_c) = on(noise(96 * c, 30), &[96, c])?;
+            let (wb, wb_c) = on(noise(96, 31), &[96])?;
+            let g = f::linear_lt(&xw, &ww, &wb, f::Act::GeluTanh)?;
+            let cpu = xw_c.matmul(&ww_c.t()?)?.broadcast_add(&wb_c)?.gelu()?;
+            worst = worst.max(err_of(&g, &cpu)?);
+        }
         anyhow::ensure!(
             worst < tol,
             "fused kernels {dtype:?}: relative error {worst}"
