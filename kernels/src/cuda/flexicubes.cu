@@ -302,21 +302,23 @@ extern "C" __global__ void fc_vd_flags(const int* __restrict__ rcase, int ns,
 }
 
 // First dual vertex of each surface cube: cubes grouped by their number of dual vertices (1..4,
-// ascending), then in cube order. ranks: 4 scans of ns + 1 entries (fc_vd_flags for num 1..4).
-// total[0] = number of dual vertices.
+// ascending), then in cube order. r1..r4: exclusive scans (ns + 1 entries) of fc_vd_flags for
+// num 1..4. total[0] = number of dual vertices.
 extern "C" __global__ void fc_vd_base(const int* __restrict__ rcase, int ns,
-                                      const int* __restrict__ num_vd,
-                                      const u32* __restrict__ ranks, u32* __restrict__ base,
+                                      const int* __restrict__ num_vd, const u32* __restrict__ r1,
+                                      const u32* __restrict__ r2, const u32* __restrict__ r3,
+                                      const u32* __restrict__ r4, u32* __restrict__ base,
                                       u32* __restrict__ total) {
     const long long s = fc_tid();
     if (s >= ns) return;
+    const u32* ranks[4] = {r1, r2, r3, r4};
     u32 start[6];
+    start[0] = 0u;
     start[1] = 0u;
-    for (int n = 1; n <= 4; ++n) start[n + 1] = start[n] + ranks[(long long)(n - 1) * (ns + 1) + ns] * (u32)n;
+    for (int n = 1; n <= 4; ++n) start[n + 1] = start[n] + ranks[n - 1][ns] * (u32)n;
     const int num = num_vd[rcase[s]];
     // every surface case has 1..4 dual vertices (the tables' invariant, tested on the CPU)
-    base[s] = (num >= 1 && num <= 4) ? start[num] + ranks[(long long)(num - 1) * (ns + 1) + s] * (u32)num
-                                     : 0u;
+    base[s] = (num >= 1 && num <= 4) ? start[num] + ranks[num - 1][s] * (u32)num : 0u;
     if (s == 0) total[0] = start[5];
 }
 
