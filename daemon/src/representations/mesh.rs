@@ -404,6 +404,7 @@ mod tests {
                 }
             }
         }
+        let raw = feats.clone();
         s2m.apply_sdf_bias(&mut feats).unwrap();
         let (mesh, data) = s2m.extract(&coords, &feats).unwrap();
         assert!(mesh.success);
@@ -429,5 +430,16 @@ mod tests {
             assert!(centre[0] * n[0] + centre[1] * n[1] + centre[2] * n[2] > 0.0);
         }
         assert!(s2m.extract(&coords, &feats[1..]).is_err());
+
+        // the tensor entry point takes the rows without the bias and gives the same mesh
+        let t = Tensor::from_slice(&raw, (coords.len(), c), &candle_core::Device::Cpu).unwrap();
+        let mut trace = ExtractTrace::default();
+        let (m2, g2) = s2m.extract_tensor(&coords, &t, true, Some(&mut trace)).unwrap();
+        assert_eq!(m2, mesh);
+        assert_eq!(g2.map(|g| g.coords), Some(data.coords));
+        assert_eq!(trace.gammas.len(), mesh.vertices.len());
+        assert!(!trace.edges.is_empty() && trace.cases.len() == trace.surf_cubes.len());
+        let (_, none) = s2m.extract_tensor(&coords, &t, false, None).unwrap();
+        assert!(none.is_none());
     }
 }
