@@ -434,7 +434,9 @@ mod tests {
         // the tensor entry point takes the rows without the bias and gives the same mesh
         let t = Tensor::from_slice(&raw, (coords.len(), c), &candle_core::Device::Cpu).unwrap();
         let mut trace = ExtractTrace::default();
-        let (m2, g2) = s2m.extract_tensor(&coords, &t, true, Some(&mut trace)).unwrap();
+        let (m2, g2) = s2m
+            .extract_tensor(&coords, &t, true, Some(&mut trace))
+            .unwrap();
         assert_eq!(m2, mesh);
         assert_eq!(g2.map(|g| g.coords), Some(data.coords));
         assert_eq!(trace.gammas.len(), mesh.vertices.len());
