@@ -868,11 +868,24 @@ pub mod checks {
         let mut biased = feats.clone();
         s2m.apply_sdf_bias(&mut biased)?;
         let mut ct = ExtractTrace::default();
+        let t0 = std::time::Instant::now();
         let (cm, cg): (MeshExtractResult, GridVertexData) =
             s2m.extract_traced(&cubes, &biased, Some(&mut ct))?;
+        let cpu_s = t0.elapsed().as_secs_f64();
         let t = Tensor::from_slice(&feats, (cubes.len(), c), dev)?;
         let mut gt = ExtractTrace::default();
         let (gm, gg) = s2m.extract_tensor(&cubes, &t, true, Some(&mut gt))?;
+        // a second run, kernels compiled and loaded, without the intermediates: the stage's time
+        let t0 = std::time::Instant::now();
+        s2m.extract_tensor(&cubes, &t, false, None)?;
+        let gpu_s = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "flexicubes check, {what}: {} cubes, {} faces; CPU {:.1} ms, GPU {:.1} ms",
+            cubes.len(),
+            cm.faces.len(),
+            cpu_s * 1e3,
+            gpu_s * 1e3
+        );
         let gg = gg.ok_or_else(|| anyhow!("{what}: the GPU did not return the grid vertices"))?;
         let run = || -> Result<f64> {
             exact("grid vertices (coords)", &gg.coords, &cg.coords)?;
