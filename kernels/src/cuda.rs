@@ -107,6 +107,35 @@ pub const FUSED: KernelSource = KernelSource {
 
 /// Batch segments the fused kernels take by value (`Segments` in fused.cu).
 pub const FUSED_MAX_SEGMENTS: usize = 8;
+/// Sparse FlexiCubes: grid vertices, surface cubes, case ids, dual vertices, surface edges and
+/// faces (with `SORT` for its sorts and scans).
+pub const FLEXICUBES: KernelSource = KernelSource {
+    name: "flexicubes",
+    source: include_str!("cuda/flexicubes.cu"),
+    entry_points: &[
+        "fc_corner_keys",
+        "fc_unique_flags",
+        "fc_unique_scatter",
+        "fc_vertex_attrs",
+        "fc_cube_keys",
+        "fc_count_duplicates",
+        "fc_neg_count",
+        "fc_neg_cubes",
+        "fc_surf_flags",
+        "fc_surf_write",
+        "fc_resolve_cases",
+        "fc_vd_flags",
+        "fc_vd_base",
+        "fc_dual_vertices",
+        "fc_edge_count",
+        "fc_edge_keys",
+        "fc_quads",
+        "fc_faces",
+    ],
+};
+
+/// Largest colour width the FlexiCubes kernels take per vertex.
+pub const FLEXICUBES_MAX_COLOR: usize = 8;
 
 /// Every kernel source, for the compile-only test.
 pub const ALL: &[KernelSource] = &[
@@ -118,6 +147,7 @@ pub const ALL: &[KernelSource] = &[
     RASTER,
     SPLAT,
     SORT,
+    FLEXICUBES,
 ];
 
 /// Floats per camera in the raster and splat kernels: rotation rows (9), translation (3), fx,

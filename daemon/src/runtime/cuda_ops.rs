@@ -1138,6 +1138,67 @@ pub mod checks {
         Ok(worst)
     }
 
+    /// The flash kernel on strided views (q, k, v sliced out of one packed `[N, 3, H, 64]`
+    /// projection) in a permuted row order (windows), against the CPU kernel on the gathered rows.
+    pub fn flash_attention_rows_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
+        let (heads, d, n) = (2usize, 64usize, 600usize);
+        let packed: Vec<f32> = noise(n * 3 * heads * d, 17).iter().map(|v| 2.0 * v).collect();
+        let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
+        let (q, k, v) = (
+            qkv.get_on_dim(1, 0)?,
+            qkv.get_on_dim(1, 1)?,
+            qkv.get_on_dim(1, 2)?,
+        );
+        // A permutation: odd rows first (reversed), then even rows; windows of uneven sizes.
+        let mut perm: Vec<u32> = (0..n as u32).filter(|r| r % 2 == 1).rev().collect();
+        perm.extend((0..n as u32).filter(|r| r % 2 == 0));
+        let mut groups = Vec::new();
+        let mut s = 0;
+        for len in [1usize, 64, 65, 200, 7, 263] {
+            groups.push(AttnGroup {
+                q: s..s + len,
+                kv: s..s + len,
+            });
+            s += len;
+        }
+        anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
+        let g: Vec<f32> = flash_attention_rows(&q, &k, &v, &groups, Some(&perm))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let host = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+            let all: Vec<f32> = t.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1()?;
+            let w = heads * d;
+            Ok(perm
+                .iter()
+                .flat_map(|&r| all[r as usize * w..(r as usize + 1) * w].to_vec())
+                .collect())
+        };
+        let shape = AttnShape {
+            heads,
+            head_dim: d,
+            v_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let o = trellis_kernels::attention::varlen_attention(
+            &host(&q)?,
+            &host(&k)?,
+            &host(&v)?,
+            &groups,
+            shape,
+            scale,
+        )?;
+        // Back to physical row order: window-order row i is input row perm[i].
+        let w = heads * d;
+        let mut cpu = vec![0f32; n * w];
+        for (i, &r) in perm.iter().enumerate() {
+            cpu[r as usize * w..(r as usize + 1) * w].copy_from_slice(&o[i * w..(i + 1) * w]);
+        }
+        let e = rel_err(&g, &cpu);
+        anyhow::ensure!(e < tol, "flash attention rows {dtype:?}: relative error {e}");
+        Ok(e)
+    }
+
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
@@ -1171,6 +1232,10 @@ pub mod checks {
             (
                 "flash attention bf16",
                 flash_attention_vs_cpu(dev, DType::BF16, 3e-2),
+            ),
+            (
+                "flash attention f16, strided views + windows",
+                flash_attention_rows_vs_cpu(dev, DType::F16, 4e-3),
             ),
         ]
     }

@@ -3,6 +3,8 @@
 #[cfg(feature = "cuda")]
 pub mod cuda_fused;
 #[cfg(feature = "cuda")]
+pub mod cuda_flexicubes;
+#[cfg(feature = "cuda")]
 pub mod cuda_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda_raster;
