@@ -539,12 +539,12 @@ impl CustomOp3 for FlashAttentionOp {
                     let func = module(&dev, &k::FLASH_ATTENTION)?
                         .load_function(entry)
                         .w()?;
-                    let (q0, q_stride) = row_layout(lq, self.heads, "q")?;
-                    let (k0, k_stride) = row_layout(lk, self.heads, "k")?;
-                    let (v0, v_stride) = row_layout(lv, self.heads, "v")?;
-                    let qs = q.as_cuda_slice::<$t>()?.slice(q0..);
-                    let ks = kk.as_cuda_slice::<$t>()?.slice(k0..);
-                    let vs = v.as_cuda_slice::<$t>()?.slice(v0..);
+                    let (q_at, q_stride) = row_layout(lq, self.heads, "q")?;
+                    let (k_at, k_stride) = row_layout(lk, self.heads, "k")?;
+                    let (v_at, v_stride) = row_layout(lv, self.heads, "v")?;
+                    let qs = q.as_cuda_slice::<$t>()?.slice(q_at..);
+                    let ks = kk.as_cuda_slice::<$t>()?.slice(k_at..);
+                    let vs = v.as_cuda_slice::<$t>()?.slice(v_at..);
                     let perm = self.perm.as_ref().map(meta).transpose()?;
                     let null = 0u64;
                     let mut b = stream.launch_builder(&func);
@@ -1140,9 +1140,16 @@ pub mod checks {
 
     /// The flash kernel on strided views (q, k, v sliced out of one packed `[N, 3, H, 64]`
     /// projection) in a permuted row order (windows), against the CPU kernel on the gathered rows.
-    pub fn flash_attention_rows_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
+    pub fn flash_attention_rows_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
         let (heads, d, n) = (2usize, 64usize, 600usize);
-        let packed: Vec<f32> = noise(n * 3 * heads * d, 17).iter().map(|v| 2.0 * v).collect();
+        let packed: Vec<f32> = noise(n * 3 * heads * d, 17)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
         let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
         let (q, k, v) = (
             qkv.get_on_dim(1, 0)?,
@@ -1167,7 +1174,11 @@ pub mod checks {
             .flatten_all()?
             .to_vec1()?;
         let host = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
-            let all: Vec<f32> = t.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1()?;
+            let all: Vec<f32> = t
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1()?;
             let w = heads * d;
             Ok(perm
                 .iter()
@@ -1195,7 +1206,10 @@ pub mod checks {
             cpu[r as usize * w..(r as usize + 1) * w].copy_from_slice(&o[i * w..(i + 1) * w]);
         }
         let e = rel_err(&g, &cpu);
-        anyhow::ensure!(e < tol, "flash attention rows {dtype:?}: relative error {e}");
+        anyhow::ensure!(
+            e < tol,
+            "flash attention rows {dtype:?}: relative error {e}"
+        );
         Ok(e)
     }
 
