@@ -170,6 +170,8 @@ pub const SPARSE_CONV_THREADS: u32 = 256;
 pub const SPARSE_CONV_TILE: u32 = 64;
 /// Threads of one `sparse_conv_mma_*` block (4 warps, 16 rows each of a 64-row tile).
 pub const SPARSE_CONV_MMA_THREADS: u32 = 128;
+/// Largest kernel volume `sparse_conv_mma_*` takes (`CONV_MAX_VOLUME`: a 3x3x3 kernel).
+pub const SPARSE_CONV_MMA_MAX_VOLUME: usize = 27;
 /// Largest head dimension `varlen_attention` takes.
 pub const ATTENTION_MAX_DIM: usize = 256;
 /// `flash_attention_*`: threads per block (4 warps), query rows per block, the one head dimension.

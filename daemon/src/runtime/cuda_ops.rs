@@ -230,6 +230,11 @@ pub fn sparse_conv_half(
         volume > 0 && n.is_multiple_of(volume),
         "sparse_conv: neighbour map of {n} entries for kernel volume {volume}"
     );
+    anyhow::ensure!(
+        volume <= k::SPARSE_CONV_MMA_MAX_VOLUME,
+        "sparse_conv_half: kernel volume {volume} above {}",
+        k::SPARSE_CONV_MMA_MAX_VOLUME
+    );
     let rows = n / volume;
     let dev = device_of(feats)?;
     let entry = if dtype == DType::F16 {

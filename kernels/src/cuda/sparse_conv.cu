@@ -82,8 +82,9 @@ extern "C" __global__ void sparse_conv_gather_gemm(
 // 3 when the rows of a subdivided geometry (child c of parent p at row 8p + c) read their
 // parent's feats directly, so the 8x copy of the coarse feats is never made.
 // Tile: 64 rows x 64 output channels per block of 4 warps (16 rows each), the reduction over
-// (kernel offset, 32-channel slices) staged in shared memory; mma.sync m16n8k16 (sm_80+).
-// Requires cin % 8 == 0 and cout % 8 == 0 (16-byte rows), checked by the caller.
+// (kernel offset, 32-channel slices) double-buffered in shared memory through cp.async;
+// mma.sync m16n8k16 (sm_80+). Requires cin % 8 == 0, cout % 8 == 0 (16-byte rows) and a
+// kernel volume of at most 27, checked by the caller.
 typedef unsigned short u16;
 typedef unsigned int u32;
 #define CM 64
@@ -115,62 +116,98 @@ __device__ __forceinline__ u32 conv_pack2(float lo, float hi) {
     return r;
 }
 
+__device__ __forceinline__ unsigned conv_smem(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16-byte global -> shared copy through cp.async; `ok` false zero-fills the destination.
+__device__ __forceinline__ void conv_cp16(void* dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(conv_smem(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+
+#define CONV_MAX_VOLUME 27
+
 template <bool BF16>
 __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __restrict__ nbr,
                          int rows, int volume, int src_shift, const u16* __restrict__ weight,
                          const float* __restrict__ bias, int cout, u16* __restrict__ out) {
-    __shared__ __align__(16) u16 As[CM][CLD];
-    __shared__ __align__(16) u16 Bs[CN][CLD];
-    __shared__ int rowsrc[CM];
+    // Two stages of A (gathered feats) and B (weights) tiles: step s + 1's copies fly while step
+    // s is multiplied. A step is one (kernel offset with at least one neighbour in the tile,
+    // 32-channel slice) pair; the tile's source rows of every offset are read once up front.
+    __shared__ __align__(16) u16 As[2][CM][CLD];
+    __shared__ __align__(16) u16 Bs[2][CN][CLD];
+    __shared__ int rowsrc[CONV_MAX_VOLUME][CM];
+    __shared__ int active[CONV_MAX_VOLUME];
+    __shared__ int n_active;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.y * CM, col0 = blockIdx.x * CN;
+    for (int e = tid; e < volume * CM; e += 128) {
+        const int k = e / CM, m = e % CM, r = row0 + m;
+        int s = r < rows ? nbr[(long long)r * volume + k] : -1;
+        if (s >= 0) s >>= src_shift;
+        rowsrc[k][m] = s;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int n = 0;
+        for (int k = 0; k < volume; ++k) {
+            int any = 0;
+            for (int m = 0; m < CM; ++m) any |= rowsrc[k][m] >= 0;
+            if (any) active[n++] = k;
+        }
+        n_active = n;
+    }
+    __syncthreads();
+    const int slices = (cin + CK - 1) / CK;
+    const int steps = n_active * slices;
     float acc[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    for (int k = 0; k < volume; ++k) {
-        int src = -1;
-        if (tid < CM) {
-            const int r = row0 + tid;
-            src = r < rows ? nbr[(long long)r * volume + k] : -1;
-            if (src >= 0) src >>= src_shift;
-            rowsrc[tid] = src;
+
+    auto issue = [&](int step, int buf) {
+        const int k = active[step / slices], c0 = (step % slices) * CK;
+        for (int e = tid; e < CM * (CK / 8); e += 128) {
+            const int m = e >> 2, q = e & 3, c = c0 + q * 8, s = rowsrc[k][m];
+            const bool ok = s >= 0 && c < cin;
+            conv_cp16(&As[buf][m][q * 8], feats + (ok ? (long long)s * cin + c : 0), ok);
         }
-        // Every thread passes this barrier; it also publishes rowsrc.
-        if (!__syncthreads_or(src >= 0)) continue;
-        for (int c0 = 0; c0 < cin; c0 += CK) {
-            for (int e = tid; e < CM * (CK / 8); e += 128) {
-                const int m = e >> 2, q = e & 3, c = c0 + q * 8, s = rowsrc[m];
-                *(uint4*)&As[m][q * 8] =
-                    (s >= 0 && c < cin) ? *(const uint4*)(feats + (long long)s * cin + c) : zero;
-            }
-            for (int e = tid; e < CN * (CK / 8); e += 128) {
-                const int n = e >> 2, q = e & 3, c = c0 + q * 8, o = col0 + n;
-                *(uint4*)&Bs[n][q * 8] =
-                    (o < cout && c < cin)
-                        ? *(const uint4*)(weight + ((long long)o * volume + k) * cin + c)
-                        : zero;
-            }
-            __syncthreads();
+        for (int e = tid; e < CN * (CK / 8); e += 128) {
+            const int n = e >> 2, q = e & 3, c = c0 + q * 8, o = col0 + n;
+            const bool ok = o < cout && c < cin;
+            conv_cp16(&Bs[buf][n][q * 8],
+                      weight + (ok ? ((long long)o * volume + k) * cin + c : 0), ok);
+        }
+    };
+
+    if (steps > 0) issue(0, 0);
+    asm volatile("cp.async.commit_group;");
+    for (int step = 0; step < steps; ++step) {
+        const int buf = step & 1;
+        __syncthreads();   // every warp is done with the stage step + 1 is copied into
+        if (step + 1 < steps) issue(step + 1, buf ^ 1);
+        asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group 1;");   // this step's copies have landed
+        __syncthreads();
 #pragma unroll
-            for (int kk = 0; kk < CK; kk += 16) {
-                u32 a[4];
-                const int ar = warp * 16 + g;
-                a[0] = *(const u32*)&As[ar][kk + 2 * t];
-                a[1] = *(const u32*)&As[ar + 8][kk + 2 * t];
-                a[2] = *(const u32*)&As[ar][kk + 2 * t + 8];
-                a[3] = *(const u32*)&As[ar + 8][kk + 2 * t + 8];
+        for (int kk = 0; kk < CK; kk += 16) {
+            u32 a[4];
+            const int ar = warp * 16 + g;
+            a[0] = *(const u32*)&As[buf][ar][kk + 2 * t];
+            a[1] = *(const u32*)&As[buf][ar + 8][kk + 2 * t];
+            a[2] = *(const u32*)&As[buf][ar][kk + 2 * t + 8];
+            a[3] = *(const u32*)&As[buf][ar + 8][kk + 2 * t + 8];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const u32 b0 = *(const u32*)&Bs[j * 8 + g][kk + 2 * t];
-                    const u32 b1 = *(const u32*)&Bs[j * 8 + g][kk + 2 * t + 8];
-                    conv_mma16816<BF16>(acc[j], a, b0, b1);
-                }
+            for (int j = 0; j < 8; ++j) {
+                const u32 b0 = *(const u32*)&Bs[buf][j * 8 + g][kk + 2 * t];
+                const u32 b1 = *(const u32*)&Bs[buf][j * 8 + g][kk + 2 * t + 8];
+                conv_mma16816<BF16>(acc[j], a, b0, b1);
             }
-            __syncthreads();
         }
     }
     const int r0 = row0 + warp * 16 + g, r1 = r0 + 8;

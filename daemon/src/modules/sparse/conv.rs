@@ -119,6 +119,8 @@ impl SparseConv3d {
         if matches!(x.dtype(), DType::F16 | DType::BF16)
             && self.in_channels % 8 == 0
             && self.out_channels % 8 == 0
+            && self.kernel.iter().product::<usize>()
+                <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
         {
             return self.compute_cuda_half(x, fine);
         }
