@@ -19,6 +19,8 @@ pub const SPARSE_CONV: KernelSource = KernelSource {
         "sparse_conv_gather_gemm",
         "sparse_conv_mma_f16",
         "sparse_conv_mma_bf16",
+        "sparse_conv_mma_async_f16",
+        "sparse_conv_mma_async_bf16",
     ],
 };
 
@@ -33,7 +35,12 @@ pub const ATTENTION: KernelSource = KernelSource {
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
     source: include_str!("cuda/flash_attention.cu"),
-    entry_points: &["flash_attention_f16", "flash_attention_bf16"],
+    entry_points: &[
+        "flash_attention_f16",
+        "flash_attention_bf16",
+        "flash_attention_async_f16",
+        "flash_attention_async_bf16",
+    ],
 };
 
 /// Neighbour maps built on the GPU (hash table of coordinates).

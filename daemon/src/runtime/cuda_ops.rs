@@ -57,6 +57,29 @@ fn range(l: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
         .ok_or_else(|| err(format!("{what} must be contiguous")))
 }
 
+/// Whether `var` asks for the cp.async (double-buffered) variant of a kernel: `1` yes, `0` no,
+/// unset the given default. Read once per process.
+fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool) -> bool {
+    *cell.get_or_init(|| match std::env::var(var).as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => default,
+    })
+}
+
+/// `TRELLIS_FLASH_ASYNC`: the flash kernel's K/V staging (default: through registers, one stage;
+/// it measured faster on the H100 than the cp.async double buffer, `docs/BENCHMARKS.md`).
+pub fn flash_async() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    async_variant("TRELLIS_FLASH_ASYNC", &C, false)
+}
+
+/// `TRELLIS_CONV_ASYNC`: the tensor-core sparse conv's tile staging (default: one stage).
+pub fn conv_async() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    async_variant("TRELLIS_CONV_ASYNC", &C, false)
+}
+
 fn i32_arg(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| err(format!("{what} = {v} does not fit in int32")))
 }
@@ -237,10 +260,11 @@ pub fn sparse_conv_half(
     );
     let rows = n / volume;
     let dev = device_of(feats)?;
-    let entry = if dtype == DType::F16 {
-        "sparse_conv_mma_f16"
-    } else {
-        "sparse_conv_mma_bf16"
+    let entry = match (dtype == DType::F16, conv_async()) {
+        (true, false) => "sparse_conv_mma_f16",
+        (false, false) => "sparse_conv_mma_bf16",
+        (true, true) => "sparse_conv_mma_async_f16",
+        (false, true) => "sparse_conv_mma_async_bf16",
     };
     let func = module(&dev, &k::SPARSE_CONV)?.load_function(entry).w()?;
     let stream = dev.cuda_stream();
@@ -506,10 +530,12 @@ impl CustomOp3 for FlashAttentionOp {
         let dtype = q.dtype();
         let shape = Shape::from((self.nq, self.heads, k::FLASH_HEAD_DIM));
         let stream = dev.cuda_stream();
-        let entry = match dtype {
-            DType::F16 => "flash_attention_f16",
-            DType::BF16 => "flash_attention_bf16",
-            other => {
+        let entry = match (dtype, flash_async()) {
+            (DType::F16, false) => "flash_attention_f16",
+            (DType::BF16, false) => "flash_attention_bf16",
+            (DType::F16, true) => "flash_attention_async_f16",
+            (DType::BF16, true) => "flash_attention_async_bf16",
+            (other, _) => {
                 return Err(err(format!(
                     "flash attention: {other:?} (f16 or bf16 only)"
                 )))

@@ -82,10 +82,31 @@ __device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict
     }
 }
 
+// The same tile through registers (plain 16-byte loads and stores), for the single-buffered
+// variant.
+__device__ __forceinline__ void stage_tile_sync(u16* dst, const u16* __restrict__ src, int j0,
+                                                int j1, long long stride, const int* perm, int h,
+                                                int tid) {
+    #pragma unroll
+    for (int i = 0; i < (BN * HD / 8) / 128; ++i) {
+        const int idx = tid + i * 128;
+        const int row = idx >> 3, chunk = idx & 7;
+        const int j = j0 + row;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (j < j1)
+            val = *reinterpret_cast<const uint4*>(src + (long long)(perm ? perm[j] : j) * stride +
+                                                  h * HD + chunk * 8);
+        *reinterpret_cast<uint4*>(dst + row * LDS + chunk * 8) = val;
+    }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;"); }
 
-template <bool BF16>
+// ASYNC: K/V double-buffered through cp.async (two 18 KiB stages); otherwise one stage loaded
+// through registers between two barriers. Both are kept: which is faster depends on occupancy
+// (`TRELLIS_FLASH_ASYNC` picks at run time; `bench attention` measures both).
+template <bool BF16, bool ASYNC>
 __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict__ k,
                                 const u16* __restrict__ v, const int* __restrict__ tile_group,
                                 const int* __restrict__ tile_q0, const int* __restrict__ q_end,
@@ -94,8 +115,8 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
                                 long long q_stride, long long k_stride, long long v_stride,
                                 const int* __restrict__ perm) {
     // Two K/V buffers: tile i is computed from one while tile i + 1 is copied into the other.
-    __shared__ __align__(16) u16 kbuf[2][BN * LDS];
-    __shared__ __align__(16) u16 vbuf[2][BN * LDS];
+    __shared__ __align__(16) u16 kbuf[ASYNC ? 2 : 1][BN * LDS];
+    __shared__ __align__(16) u16 vbuf[ASYNC ? 2 : 1][BN * LDS];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, h = blockIdx.y;
@@ -127,20 +148,27 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;   // rows g and g + 8
 
-    if (j_begin < j_end) {
-        stage_tile_async(kbuf[0], k, j_begin, j_end, k_stride, perm, h, tid);
-        stage_tile_async(vbuf[0], v, j_begin, j_end, v_stride, perm, h, tid);
-    }
-    cp_async_commit();
-    int buf = 0;
-    for (int j0 = j_begin; j0 < j_end; j0 += BN, buf ^= 1) {
-        __syncthreads();   // every warp is done with the buffer the next tile goes into
-        if (j0 + BN < j_end) {
-            stage_tile_async(kbuf[buf ^ 1], k, j0 + BN, j_end, k_stride, perm, h, tid);
-            stage_tile_async(vbuf[buf ^ 1], v, j0 + BN, j_end, v_stride, perm, h, tid);
+    if constexpr (ASYNC) {
+        if (j_begin < j_end) {
+            stage_tile_async(kbuf[0], k, j_begin, j_end, k_stride, perm, h, tid);
+            stage_tile_async(vbuf[0], v, j_begin, j_end, v_stride, perm, h, tid);
         }
         cp_async_commit();
-        cp_async_wait_one();   // this tile's copies (all but the newest group) have landed
+    }
+    int buf = 0;
+    for (int j0 = j_begin; j0 < j_end; j0 += BN, buf ^= (ASYNC ? 1 : 0)) {
+        __syncthreads();   // every warp is done with the buffer the next tile goes into
+        if constexpr (ASYNC) {
+            if (j0 + BN < j_end) {
+                stage_tile_async(kbuf[buf ^ 1], k, j0 + BN, j_end, k_stride, perm, h, tid);
+                stage_tile_async(vbuf[buf ^ 1], v, j0 + BN, j_end, v_stride, perm, h, tid);
+            }
+            cp_async_commit();
+            cp_async_wait_one();   // this tile's copies (all but the newest group) have landed
+        } else {
+            stage_tile_sync(kbuf[0], k, j0, j_end, k_stride, perm, h, tid);
+            stage_tile_sync(vbuf[0], v, j0, j_end, v_stride, perm, h, tid);
+        }
         __syncthreads();
         const u16* ks = kbuf[buf];
         const u16* vs = vbuf[buf];
@@ -238,22 +266,18 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_attention_f16(
-    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const int* __restrict__ tile_group, const int* __restrict__ tile_q0,
-    const int* __restrict__ q_end, const int* __restrict__ kv_start,
-    const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,
-    long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) {
-    flash_attention<false>(q, k, v, tile_group, tile_q0, q_end, kv_start, kv_end, heads,
-                           scale_log2, out, q_stride, k_stride, v_stride, perm);
-}
+#define FLASH_ENTRY(NAME, BF16, ASYNC)                                                          \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                     \
+        const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,        \
+        const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                    \
+        const int* __restrict__ q_end, const int* __restrict__ kv_start,                        \
+        const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,     \
+        long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) { \
+        flash_attention<BF16, ASYNC>(q, k, v, tile_group, tile_q0, q_end, kv_start, kv_end,     \
+                                     heads, scale_log2, out, q_stride, k_stride, v_stride, perm); \
+    }
 
-extern "C" __global__ void __launch_bounds__(128) flash_attention_bf16(
-    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const int* __restrict__ tile_group, const int* __restrict__ tile_q0,
-    const int* __restrict__ q_end, const int* __restrict__ kv_start,
-    const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,
-    long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) {
-    flash_attention<true>(q, k, v, tile_group, tile_q0, q_end, kv_start, kv_end, heads,
-                          scale_log2, out, q_stride, k_stride, v_stride, perm);
-}
+FLASH_ENTRY(flash_attention_f16, false, false)
+FLASH_ENTRY(flash_attention_bf16, true, false)
+FLASH_ENTRY(flash_attention_async_f16, false, true)
+FLASH_ENTRY(flash_attention_async_bf16, true, true)

@@ -130,15 +130,17 @@ __device__ __forceinline__ void conv_cp16(void* dst, const void* src, bool ok) {
 
 #define CONV_MAX_VOLUME 27
 
-template <bool BF16>
+// ASYNC: two stages filled through cp.async while the other is multiplied; otherwise one stage
+// filled through registers between two barriers (`TRELLIS_CONV_ASYNC` picks at run time).
+template <bool BF16, bool ASYNC>
 __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __restrict__ nbr,
                          int rows, int volume, int src_shift, const u16* __restrict__ weight,
                          const float* __restrict__ bias, int cout, u16* __restrict__ out) {
     // Two stages of A (gathered feats) and B (weights) tiles: step s + 1's copies fly while step
     // s is multiplied. A step is one (kernel offset with at least one neighbour in the tile,
     // 32-channel slice) pair; the tile's source rows of every offset are read once up front.
-    __shared__ __align__(16) u16 As[2][CM][CLD];
-    __shared__ __align__(16) u16 Bs[2][CN][CLD];
+    __shared__ __align__(16) u16 As[ASYNC ? 2 : 1][CM][CLD];
+    __shared__ __align__(16) u16 Bs[ASYNC ? 2 : 1][CN][CLD];
     __shared__ int rowsrc[CONV_MAX_VOLUME][CM];
     __shared__ int active[CONV_MAX_VOLUME];
     __shared__ int n_active;
@@ -175,24 +177,33 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         for (int e = tid; e < CM * (CK / 8); e += 128) {
             const int m = e >> 2, q = e & 3, c = c0 + q * 8, s = rowsrc[k][m];
             const bool ok = s >= 0 && c < cin;
-            conv_cp16(&As[buf][m][q * 8], feats + (ok ? (long long)s * cin + c : 0), ok);
+            const u16* src = feats + (ok ? (long long)s * cin + c : 0);
+            if constexpr (ASYNC) conv_cp16(&As[buf][m][q * 8], src, ok);
+            else *(uint4*)&As[buf][m][q * 8] = ok ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
         }
         for (int e = tid; e < CN * (CK / 8); e += 128) {
             const int n = e >> 2, q = e & 3, c = c0 + q * 8, o = col0 + n;
             const bool ok = o < cout && c < cin;
-            conv_cp16(&Bs[buf][n][q * 8],
-                      weight + (ok ? ((long long)o * volume + k) * cin + c : 0), ok);
+            const u16* src = weight + (ok ? ((long long)o * volume + k) * cin + c : 0);
+            if constexpr (ASYNC) conv_cp16(&Bs[buf][n][q * 8], src, ok);
+            else *(uint4*)&Bs[buf][n][q * 8] = ok ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
         }
     };
 
-    if (steps > 0) issue(0, 0);
-    asm volatile("cp.async.commit_group;");
-    for (int step = 0; step < steps; ++step) {
-        const int buf = step & 1;
-        __syncthreads();   // every warp is done with the stage step + 1 is copied into
-        if (step + 1 < steps) issue(step + 1, buf ^ 1);
+    if constexpr (ASYNC) {
+        if (steps > 0) issue(0, 0);
         asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group 1;");   // this step's copies have landed
+    }
+    for (int step = 0; step < steps; ++step) {
+        const int buf = ASYNC ? (step & 1) : 0;
+        __syncthreads();   // every warp is done with the stage the next copies go into
+        if constexpr (ASYNC) {
+            if (step + 1 < steps) issue(step + 1, buf ^ 1);
+            asm volatile("cp.async.commit_group;");
+            asm volatile("cp.async.wait_group 1;");   // this step's copies have landed
+        } else {
+            issue(step, 0);
+        }
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < CK; kk += 16) {
@@ -225,16 +236,15 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     }
 }
 
-extern "C" __global__ void sparse_conv_mma_f16(const u16* feats, int cin, const int* nbr,
-                                               int rows, int volume, int src_shift,
-                                               const u16* weight, const float* bias, int cout,
-                                               u16* out) {
-    conv_mma<false>(feats, cin, nbr, rows, volume, src_shift, weight, bias, cout, out);
-}
+#define CONV_ENTRY(NAME, BF16, ASYNC)                                                            \
+    extern "C" __global__ void NAME(const u16* feats, int cin, const int* nbr, int rows,        \
+                                    int volume, int src_shift, const u16* weight,               \
+                                    const float* bias, int cout, u16* out) {                    \
+        conv_mma<BF16, ASYNC>(feats, cin, nbr, rows, volume, src_shift, weight, bias, cout,     \
+                              out);                                                             \
+    }
 
-extern "C" __global__ void sparse_conv_mma_bf16(const u16* feats, int cin, const int* nbr,
-                                                int rows, int volume, int src_shift,
-                                                const u16* weight, const float* bias, int cout,
-                                                u16* out) {
-    conv_mma<true>(feats, cin, nbr, rows, volume, src_shift, weight, bias, cout, out);
-}
+CONV_ENTRY(sparse_conv_mma_f16, false, false)
+CONV_ENTRY(sparse_conv_mma_bf16, true, false)
+CONV_ENTRY(sparse_conv_mma_async_f16, false, true)
+CONV_ENTRY(sparse_conv_mma_async_bf16, true, true)
