@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod malloc;
 pub mod precision;
 pub mod pth;
+pub mod residency;
 pub mod system;
 pub mod tiers;
 pub mod vram;

@@ -179,6 +179,8 @@ struct Record {
     missing: Vec<(String, Vec<usize>)>,
     wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
     unreadable: Vec<(String, String)>,
+    /// Every tensor handed out, as handed out (see [`WeightCheck::capture_host`]).
+    host: Option<HashMap<String, Tensor>>,
 }
 
 /// The [`SimpleBackend`] behind every network's `VarBuilder`.
@@ -211,7 +213,13 @@ impl SimpleBackend for CheckedBackend {
         }
         drop(rec);
         match self.source.load(name, dev).and_then(|t| t.to_dtype(dtype)) {
-            Ok(t) => Ok(t),
+            Ok(t) => {
+                let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(host) = rec.host.as_mut() {
+                    host.insert(name.to_string(), t.clone());
+                }
+                Ok(t)
+            }
             Err(e) => {
                 let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
                 rec.unreadable.push((name.to_string(), e.to_string()));
@@ -230,7 +238,12 @@ impl SimpleBackend for CheckedBackend {
             return Tensor::zeros((), dtype, dev);
         }
         drop(rec);
-        self.source.load(name, dev)?.to_dtype(dtype)
+        let t = self.source.load(name, dev)?.to_dtype(dtype)?;
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = rec.host.as_mut() {
+            host.insert(name.to_string(), t.clone());
+        }
+        Ok(t)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -254,6 +267,20 @@ pub struct WeightCheck {
 }
 
 impl WeightCheck {
+    /// Keeps every tensor the network is handed from now on (in the dtype it asked for, on the
+    /// device the `VarBuilder` was opened on): build on the CPU after this call and
+    /// [`WeightCheck::host_weights`] holds the host copy `runtime::residency` places from.
+    pub fn capture_host(&self) {
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.host.get_or_insert_with(HashMap::new);
+    }
+
+    /// The tensors captured since [`WeightCheck::capture_host`] (empty without that call).
+    pub fn host_weights(&self) -> HostWeights {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        HostWeights::new(rec.host.clone().unwrap_or_default(), &self.origin)
+    }
+
     /// Names the source holds that the network never asked for, plus every recorded problem.
     pub fn finish(self) -> Result<(), WeightError> {
         let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
@@ -366,6 +393,63 @@ pub fn from_tensors(
     dev: &Device,
 ) -> (VarBuilder<'static>, WeightCheck) {
     checked(Source::Tensors(tensors), origin.to_string(), dtype, dev)
+}
+
+/// A network's weights in host memory, in the dtypes the network runs them in: what
+/// `runtime::residency` uploads a network from (no file is read again).
+#[derive(Clone)]
+pub struct HostWeights {
+    tensors: HashMap<String, Tensor>,
+    origin: String,
+    bytes: u64,
+}
+
+impl HostWeights {
+    pub fn new(tensors: HashMap<String, Tensor>, origin: &str) -> Self {
+        let bytes = tensors
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        Self {
+            tensors,
+            origin: origin.to_string(),
+            bytes,
+        }
+    }
+
+    /// Bytes of the weights (what placing the network on a device takes).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The tensors by name.
+    pub fn tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
+    }
+
+    /// Where the weights came from (a file or a manifest).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// A checked `VarBuilder` that copies each tensor to `dev` as the network asks for it (on the
+    /// CPU the tensors are shared, not copied).
+    pub fn var_builder(&self, dev: &Device) -> (VarBuilder<'static>, WeightCheck) {
+        checked(
+            Source::Tensors(self.tensors.clone()),
+            self.origin.clone(),
+            DType::F32,
+            dev,
+        )
+    }
 }
 
 /// A checkpoint manifest of `../shared/reference/manifests`: its `config` and its state-dict specs.
