@@ -171,10 +171,10 @@ where
     })
     .with_context(|| format!("building {stem}"))?;
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for (_, t) in net.host().tensors() {
+    for (_, dtype, n) in net.host().entries() {
         *kinds
-            .entry(format!("{:?}", t.dtype()).to_lowercase())
-            .or_default() += t.elem_count() as u64;
+            .entry(format!("{dtype:?}").to_lowercase())
+            .or_default() += n as u64;
     }
     let main = kinds
         .iter()

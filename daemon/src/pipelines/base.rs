@@ -648,10 +648,10 @@ pub fn decode_slat(
         .then(|| loaded(&decoders.radiance_field, "radiance-field"))
         .transpose()?;
     let mut out = Decoded::default();
-    let mut done = 0;
     let begin = |ctl: &mut RunControl<'_>, done: usize, name: &str| {
         ctl.emit(Stage::Decoding, done, total, Some(name.into()));
     };
+    let mut together = false;
     if res.tier() == crate::runtime::tiers::Tier::Medium {
         let mut nets: Vec<&dyn Placeable> = Vec::new();
         if let Some(m) = mesh {
@@ -663,7 +663,9 @@ pub fn decode_slat(
         if let Some(r) = radiance_field {
             nets.push(r);
         }
-        out = res.stage("decoders", &nets, || {
+        // Out of memory with every decoder placed: the tier drops to low, which runs them one
+        // at a time below.
+        match res.stage_or_drop("decoders", &nets, || {
             let mut o = Decoded::default();
             let mut k = 0;
             if let Some(m) = mesh {
@@ -681,8 +683,17 @@ pub fn decode_slat(
                 o.radiance_fields = r.get()?.forward(&x)?;
             }
             Ok(o)
-        })?;
-    } else {
+        }) {
+            Ok(o) => {
+                out = o;
+                together = true;
+            }
+            Err(e) if crate::runtime::residency::is_oom(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !together {
+        let mut done = 0;
         if let Some(m) = mesh {
             out.meshes = res.stage("mesh decoder", &[m], || {
                 begin(ctl, done, "mesh");

@@ -62,7 +62,7 @@ where
 fn load_net<C, M>(
     files: &ModelFiles,
     name: &str,
-    device: &Device,
+    dtype_of: impl Fn(bool) -> DType,
     pick: impl Fn(ModelConfig) -> Option<C>,
     use_fp16: impl Fn(&C) -> bool,
     build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
@@ -79,7 +79,7 @@ where
             files.config.display()
         );
     };
-    let dtype = torso_dtype(use_fp16(&cfg), device);
+    let dtype = dtype_of(use_fp16(&cfg));
     let vb = weights::from_safetensors(&files.weights, DType::F32, &Device::Cpu)?;
     let weights_path = files.weights.display().to_string();
     let config_path = files.config.display().to_string();
@@ -99,7 +99,7 @@ pub fn load_ss_flow(
     load_net(
         repo.model("sparse_structure_flow_model")?,
         "sparse_structure_flow_model",
-        device,
+        |f| torso_dtype(f, device),
         |c| match c {
             ModelConfig::SparseStructureFlow(c) => Some(c),
             _ => None,
@@ -117,7 +117,7 @@ pub fn load_ss_decoder(
     load_net(
         repo.model("sparse_structure_decoder")?,
         "sparse_structure_decoder",
-        device,
+        |f| torso_dtype(f, device),
         |c| match c {
             ModelConfig::SparseStructureDecoder(c) => Some(c),
             _ => None,
@@ -199,7 +199,7 @@ pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<Network<SL
     load_net(
         repo.model("slat_flow_model")?,
         "slat_flow_model",
-        device,
+        |f| torso_dtype(f, device),
         |c| match c {
             ModelConfig::SLatFlow { config, .. } => Some(config),
             _ => None,
@@ -222,7 +222,7 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
         Some(load_net(
             repo.model("slat_decoder_mesh")?,
             "slat_decoder_mesh",
-            device,
+            |f| torso_dtype(f, device),
             |c| match c {
                 ModelConfig::SLatMeshDecoder { config, .. } => Some(config),
                 _ => None,
@@ -237,7 +237,7 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
         Some(load_net(
             repo.model("slat_decoder_gs")?,
             "slat_decoder_gs",
-            device,
+            |f| torso_dtype(f, device),
             |c| match c {
                 ModelConfig::SLatGaussianDecoder { config, .. } => Some(config),
                 _ => None,
@@ -252,7 +252,7 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
         Some(load_net(
             repo.model("slat_decoder_rf")?,
             "slat_decoder_rf",
-            device,
+            |f| torso_dtype(f, device),
             |c| match c {
                 ModelConfig::SLatRadianceFieldDecoder { config, .. } => Some(config),
                 _ => None,
@@ -298,5 +298,121 @@ pub fn mesh_decoder_resolution(repo: &PipelineRepo) -> Result<usize> {
             files.config.display(),
             other.class_name()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::residency::{Placeable, Residency};
+
+    /// On a GPU the networks are first built on the CPU with float16 torsos (to capture their
+    /// host copy): every constructor must accept that, and the rebuilt network must hold the
+    /// float16 weights.
+    #[test]
+    fn networks_build_on_the_cpu_in_float16_and_rebuild_from_the_host_copy() {
+        let tiny = crate::test_tiny_repos();
+        let repo =
+            crate::hub::open_pipeline(&tiny.image.to_string_lossy(), &Default::default()).unwrap();
+        let half = |_: bool| DType::F16;
+        let res = Residency::keep_all(&Device::Cpu);
+        let flow = load_net(
+            repo.model("slat_flow_model").unwrap(),
+            "slat_flow_model",
+            half,
+            |c| match c {
+                ModelConfig::SLatFlow { config, .. } => Some(config),
+                _ => None,
+            },
+            |c| c.use_fp16,
+            |c, vb, dt| Ok(SLatFlowModel::new(c, vb, dt)?),
+        )
+        .unwrap();
+        let dtypes: Vec<DType> = flow.host().entries().iter().map(|e| e.1).collect();
+        assert!(dtypes.contains(&DType::F16), "{dtypes:?}");
+        flow.place(&res).unwrap();
+        assert!(flow.is_placed());
+        for name in ["slat_decoder_mesh", "slat_decoder_gs", "slat_decoder_rf"] {
+            let files = repo.model(name).unwrap();
+            match name {
+                "slat_decoder_mesh" => {
+                    let n = load_net(
+                        files,
+                        name,
+                        half,
+                        |c| match c {
+                            ModelConfig::SLatMeshDecoder { config, .. } => Some(config),
+                            _ => None,
+                        },
+                        |c| c.use_fp16,
+                        |c, vb, dt| Ok(SLatMeshDecoder::new(c, vb, dt)?),
+                    )
+                    .unwrap();
+                    n.place(&res).unwrap();
+                }
+                "slat_decoder_gs" => {
+                    let n = load_net(
+                        files,
+                        name,
+                        half,
+                        |c| match c {
+                            ModelConfig::SLatGaussianDecoder { config, .. } => Some(config),
+                            _ => None,
+                        },
+                        |c| c.use_fp16,
+                        |c, vb, dt| Ok(SLatGaussianDecoder::new(c, vb, dt)?),
+                    )
+                    .unwrap();
+                    n.place(&res).unwrap();
+                }
+                _ => {
+                    let n = load_net(
+                        files,
+                        name,
+                        half,
+                        |c| match c {
+                            ModelConfig::SLatRadianceFieldDecoder { config, .. } => Some(config),
+                            _ => None,
+                        },
+                        |c| c.use_fp16,
+                        |c, vb, dt| Ok(SLatRadianceFieldDecoder::new(c, vb, dt)?),
+                    )
+                    .unwrap();
+                    n.place(&res).unwrap();
+                }
+            }
+        }
+        for name in ["sparse_structure_flow_model", "sparse_structure_decoder"] {
+            let files = repo.model(name).unwrap();
+            if name == "sparse_structure_flow_model" {
+                let n = load_net(
+                    files,
+                    name,
+                    half,
+                    |c| match c {
+                        ModelConfig::SparseStructureFlow(c) => Some(c),
+                        _ => None,
+                    },
+                    |c| c.use_fp16,
+                    |c, vb, dt| Ok(SparseStructureFlowModel::new(c, vb, dt)?),
+                )
+                .unwrap();
+                n.place(&res).unwrap();
+            } else {
+                let n = load_net(
+                    files,
+                    name,
+                    half,
+                    |c| match c {
+                        ModelConfig::SparseStructureDecoder(c) => Some(c),
+                        _ => None,
+                    },
+                    |c| c.use_fp16,
+                    |c, vb, dt| Ok(SparseStructureDecoder::new(c, vb, dt)?),
+                )
+                .unwrap();
+                n.place(&res).unwrap();
+            }
+        }
     }
 }

@@ -284,6 +284,8 @@ pub struct StageRecord {
 
 struct State {
     tier: Tier,
+    /// Fallbacks of a stage given up by [`Residency::stage_or_drop`], counted in the next record.
+    pending_fallbacks: usize,
     slots: Vec<Weak<Slot>>,
     log: Vec<StageRecord>,
 }
@@ -345,6 +347,7 @@ impl Residency {
             options,
             state: Mutex::new(State {
                 tier,
+                pending_fallbacks: 0,
                 slots: Vec::new(),
                 log: Vec::new(),
             }),
@@ -396,6 +399,7 @@ impl Residency {
         let mut st = self.lock();
         st.tier = tier;
         st.log.clear();
+        st.pending_fallbacks = 0;
         drop(st);
         if !tier.keeps_resident() {
             self.evict_all();
@@ -478,9 +482,32 @@ impl Residency {
         &self,
         name: &str,
         nets: &[&dyn Placeable],
-        mut f: impl FnMut() -> Result<T>,
+        f: impl FnMut() -> Result<T>,
     ) -> Result<T> {
-        let mut fallbacks = 0;
+        self.run_stage(name, nets, f, true)
+    }
+
+    /// As [`Residency::stage`], but an out-of-memory error is returned after the tier dropped
+    /// (the stage's networks freed) instead of running the stage again: for a caller that splits
+    /// the work differently at the lower tier (the decoders: together at `medium`, one at a time
+    /// below).
+    pub fn stage_or_drop<T>(
+        &self,
+        name: &str,
+        nets: &[&dyn Placeable],
+        f: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        self.run_stage(name, nets, f, false)
+    }
+
+    fn run_stage<T>(
+        &self,
+        name: &str,
+        nets: &[&dyn Placeable],
+        mut f: impl FnMut() -> Result<T>,
+        retry: bool,
+    ) -> Result<T> {
+        let mut fallbacks = std::mem::take(&mut self.lock().pending_fallbacks);
         loop {
             let tier = self.tier();
             let mut uploads = 0;
@@ -541,9 +568,14 @@ impl Residency {
                     self.lock().tier = lower;
                     fallbacks += 1;
                     eprintln!(
-                        "warning: {name}: out of device memory at tier {tier} ({}); retrying at tier {lower}",
-                        first_line(&e)
+                        "warning: {name}: out of device memory at tier {tier} ({}); {} at tier {lower}",
+                        first_line(&e),
+                        if retry { "retrying" } else { "going on" }
                     );
+                    if !retry {
+                        self.lock().pending_fallbacks = fallbacks;
+                        return Err(e);
+                    }
                 }
                 Err(e) => return Err(e),
             }
