@@ -522,7 +522,11 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         crate::runtime::device::device_name(&dev),
         opts.memory
             .budget
-            .map_or(String::new(), |b| format!(", weights budget {}", vram::gib(b))),
+            .map_or(String::new(), |b| format!(", weights budget {}", vram::gib(b)))
+            + &match res.ballast_bytes() {
+                0 => String::new(),
+                b => format!(", {} ballast held (not in the figures below)", vram::gib(b)),
+            },
         opts.voxels,
         opts.runs
     )?;
@@ -538,7 +542,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             .join(", ")
     )?;
     out.flush()?;
-    let vram_resident = vram::pool_stats(&dev);
+    let vram_resident = res.pool_stats();
     let mut runs: Vec<RunFigures> = Vec::new();
     for i in 0..opts.runs {
         let r = run_once(&nets, &res, opts, &dev, &shell, 100 * (i as u64 + 1))?;

@@ -623,8 +623,9 @@ pub fn sampler_with(
 }
 
 /// `decode_slat`: the representations of `formats` (their decoders must be loaded). Stages on
-/// `res`: at `medium` one stage `decoders` with every decoder placed; at the other tiers one stage
-/// per decoder (`low` and `minimal` thereby hold one decoder at a time; `high` keeps them all).
+/// `res`: at `medium` one stage `decoders` with every decoder placed (out of memory there: the
+/// tier drops to `low` and they run one at a time); at the other tiers one stage per decoder
+/// (`low` and `minimal` thereby hold one decoder at a time; `high` keeps them all).
 pub fn decode_slat(
     res: &Residency,
     decoders: &Decoders,

@@ -312,8 +312,11 @@ mod tests {
     #[test]
     fn networks_build_on_the_cpu_in_float16_and_rebuild_from_the_host_copy() {
         let tiny = crate::test_tiny_repos();
-        let repo =
-            crate::hub::open_pipeline(&tiny.image.to_string_lossy(), &Default::default()).unwrap();
+        let repo = crate::hub::open_pipeline(
+            &tiny.image.to_string_lossy(),
+            &crate::hub::HubOptions::from_env(),
+        )
+        .unwrap();
         let half = |_: bool| DType::F16;
         let res = Residency::keep_all(&Device::Cpu);
         let flow = load_net(

@@ -38,15 +38,28 @@ use super::weights::HostWeights;
 #[derive(Debug, thiserror::Error)]
 #[error(
     "out of device memory (budget): placing {network} ({}) beside {} already placed exceeds the {} budget",
-    vram::gib(*.bytes),
-    vram::gib(*.placed),
-    vram::gib(*.budget)
+    size(*.bytes),
+    size(*.placed),
+    size(*.budget)
 )]
 pub struct OutOfDeviceMemory {
     pub network: String,
     pub bytes: u64,
     pub placed: u64,
     pub budget: u64,
+}
+
+/// Bytes as GiB, MiB or KiB text.
+pub fn size(b: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = b as f64;
+    if f >= K * K * K {
+        format!("{:.2} GiB", f / (K * K * K))
+    } else if f >= K * K {
+        format!("{:.1} MiB", f / (K * K))
+    } else {
+        format!("{:.1} KiB", f / K)
+    }
 }
 
 /// Whether `e` is a device out-of-memory error: the budget's [`OutOfDeviceMemory`], or a CUDA
@@ -277,7 +290,8 @@ pub struct StageRecord {
     pub compute_s: f64,
     /// Out-of-memory fallbacks taken in this stage.
     pub fallbacks: usize,
-    /// The memory pool's high-water marks over the stage (its uploads included); GPU only.
+    /// The memory pool's high-water marks over the stage (its uploads included, the ballast
+    /// not); GPU only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vram: Option<vram::PoolStats>,
 }
@@ -357,6 +371,24 @@ impl Residency {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes of the `--vram-ballast` held.
+    pub fn ballast_bytes(&self) -> u64 {
+        self._ballast
+            .as_ref()
+            .map_or(0, |t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+    }
+
+    /// The memory pool's counters without the ballast (`None` on the CPU).
+    pub fn pool_stats(&self) -> Option<vram::PoolStats> {
+        let b = self.ballast_bytes();
+        vram::pool_stats(&self.device).map(|p| vram::PoolStats {
+            used: p.used.saturating_sub(b),
+            used_high: p.used_high.saturating_sub(b),
+            reserved: p.reserved.saturating_sub(b),
+            reserved_high: p.reserved_high.saturating_sub(b),
+        })
     }
 
     pub fn options(&self) -> &MemoryOptions {
@@ -549,7 +581,7 @@ impl Residency {
                         upload_hidden_s: 0.0,
                         compute_s,
                         fallbacks,
-                        vram: vram::pool_stats(&self.device),
+                        vram: self.pool_stats(),
                     });
                     return Ok(v);
                 }
