@@ -229,7 +229,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             }
             other => wrong("SparseStructureFlowModel", other),
         },
-        |c, vb, dt| Ok(SparseStructureFlowModel::new(c, vb, dt)?),
+        |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
     )?;
     let ss_flow_config =
         ss_flow_config.ok_or_else(|| anyhow::anyhow!("no sparse-structure flow config"))?;
@@ -246,7 +246,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             }
             other => wrong("SparseStructureDecoder", other),
         },
-        |c, vb, dt| Ok(SparseStructureDecoder::new(c, vb, dt)?),
+        |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
     )?;
     bytes += b;
     let mut slat_in_channels = 0;
@@ -263,7 +263,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             }
             other => wrong("SLatFlowModel", other),
         },
-        |c, vb, dt| Ok(SLatFlowModel::new(c, vb, dt)?),
+        |c, vb, dt| SLatFlowModel::new(c, vb, dt),
     )?;
     bytes += b;
     let mut decoders = Decoders::default();
@@ -280,7 +280,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
                 }
                 other => wrong("SLatMeshDecoder", other),
             },
-            |c, vb, dt| Ok(SLatMeshDecoder::new(c, vb, dt)?),
+            |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
         )?;
         decoders.mesh = Some(m);
         bytes += b;
@@ -298,7 +298,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
                 }
                 other => wrong("SLatGaussianDecoder", other),
             },
-            |c, vb, dt| Ok(SLatGaussianDecoder::new(c, vb, dt)?),
+            |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
         )?;
         decoders.gaussian = Some(m);
         bytes += b;
@@ -316,7 +316,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
                 }
                 other => wrong("SLatRadianceFieldDecoder", other),
             },
-            |c, vb, dt| Ok(SLatRadianceFieldDecoder::new(c, vb, dt)?),
+            |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
         )?;
         decoders.radiance_field = Some(m);
         bytes += b;
@@ -385,7 +385,7 @@ fn run_once(
         }
         Conditioner::Text(m) => {
             let ids = super::conditioners::clip_ids(dev)?;
-            let y = res.stage("conditioner", &[m], || Ok(m.get()?.forward(&ids)?))?;
+            let y = res.stage("conditioner", &[m], || m.get()?.forward(&ids))?;
             (y.narrow(0, 0, 1)?, y.narrow(0, 1, 1)?)
         }
     };

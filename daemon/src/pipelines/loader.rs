@@ -105,7 +105,7 @@ pub fn load_ss_flow(
             _ => None,
         },
         |c| c.use_fp16,
-        |c, vb, dt| Ok(SparseStructureFlowModel::new(c, vb, dt)?),
+        |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
     )
 }
 
@@ -123,7 +123,7 @@ pub fn load_ss_decoder(
             _ => None,
         },
         |c| c.use_fp16,
-        |c, vb, dt| Ok(SparseStructureDecoder::new(c, vb, dt)?),
+        |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
     )
 }
 
@@ -205,7 +205,7 @@ pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<Network<SL
             _ => None,
         },
         |c| c.use_fp16,
-        |c, vb, dt| Ok(SLatFlowModel::new(c, vb, dt)?),
+        |c, vb, dt| SLatFlowModel::new(c, vb, dt),
     )
 }
 
@@ -228,7 +228,7 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| Ok(SLatMeshDecoder::new(c, vb, dt)?),
+            |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
         )?)
     } else {
         None
@@ -243,7 +243,7 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| Ok(SLatGaussianDecoder::new(c, vb, dt)?),
+            |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
         )?)
     } else {
         None
@@ -258,7 +258,7 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| Ok(SLatRadianceFieldDecoder::new(c, vb, dt)?),
+            |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
         )?)
     } else {
         None
@@ -328,7 +328,7 @@ mod tests {
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| Ok(SLatFlowModel::new(c, vb, dt)?),
+            |c, vb, dt| SLatFlowModel::new(c, vb, dt),
         )
         .unwrap();
         let dtypes: Vec<DType> = flow.host().entries().iter().map(|e| e.1).collect();
@@ -348,7 +348,7 @@ mod tests {
                             _ => None,
                         },
                         |c| c.use_fp16,
-                        |c, vb, dt| Ok(SLatMeshDecoder::new(c, vb, dt)?),
+                        |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
                     )
                     .unwrap();
                     n.place(&res).unwrap();
@@ -363,7 +363,7 @@ mod tests {
                             _ => None,
                         },
                         |c| c.use_fp16,
-                        |c, vb, dt| Ok(SLatGaussianDecoder::new(c, vb, dt)?),
+                        |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
                     )
                     .unwrap();
                     n.place(&res).unwrap();
@@ -378,7 +378,7 @@ mod tests {
                             _ => None,
                         },
                         |c| c.use_fp16,
-                        |c, vb, dt| Ok(SLatRadianceFieldDecoder::new(c, vb, dt)?),
+                        |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
                     )
                     .unwrap();
                     n.place(&res).unwrap();
@@ -397,7 +397,7 @@ mod tests {
                         _ => None,
                     },
                     |c| c.use_fp16,
-                    |c, vb, dt| Ok(SparseStructureFlowModel::new(c, vb, dt)?),
+                    |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
                 )
                 .unwrap();
                 n.place(&res).unwrap();
@@ -411,7 +411,7 @@ mod tests {
                         _ => None,
                     },
                     |c| c.use_fp16,
-                    |c, vb, dt| Ok(SparseStructureDecoder::new(c, vb, dt)?),
+                    |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
                 )
                 .unwrap();
                 n.place(&res).unwrap();
