@@ -463,7 +463,7 @@ fn run_once(
             "mesh decoder" => "mesh decode + FlexiCubes".to_string(),
             "Gaussian decoder" => "Gaussian decode".to_string(),
             "radiance-field decoder" => "radiance-field decode".to_string(),
-            "decoders" => "decoders (mesh + FlexiCubes, Gaussian, RF)".to_string(),
+            "decoders" => format!("decoders ({}, one stage)", opts.formats.names().join(", ")),
             other => other.to_string(),
         };
         fig.push((name, rec.upload_s + rec.compute_s, None, rec));

@@ -405,7 +405,8 @@ impl Residency {
     }
 
     /// Starts a job: the tier is `--vram-tier`'s, else chosen from the device's free memory
-    /// (plus what this process's networks hold, capped by the budget); the stage log restarts.
+    /// (plus what this process's networks and its pool's freed memory hold, capped by the
+    /// budget); the stage log restarts.
     /// Returns the tier with the reason.
     pub fn begin_job(&self) -> (Tier, String) {
         let (tier, reason) = match self.options.tier {
@@ -413,7 +414,10 @@ impl Residency {
             None => match vram::mem_info(&self.device) {
                 None => (Tier::Cpu, "CPU device".to_string()),
                 Some((free, _)) => {
-                    let mut avail = free + self.placed_bytes();
+                    // Our own networks and the freed memory our pool keeps count as available.
+                    let slack = vram::pool_stats(&self.device)
+                        .map_or(0, |p| p.reserved.saturating_sub(p.used));
+                    let mut avail = free + self.placed_bytes() + slack;
                     if let Some(b) = self.options.budget {
                         avail = avail.min(b);
                     }
