@@ -8,7 +8,9 @@
 //! `TRELLIS_PINNED=0` keeps them pageable (for comparison); a failed pinned allocation does too.
 
 use anyhow::{anyhow, bail, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, DeviceRepr, PinnedHostSlice};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaContext, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{DType, Device, Shape, Storage, Tensor, WithDType};
 use std::sync::Arc;
@@ -30,7 +32,7 @@ pub struct PinnedTensor {
     shape: Shape,
 }
 
-fn pin<T: WithDType + DeviceRepr>(
+fn pin<T: WithDType + DeviceRepr + ValidAsZeroBits>(
     ctx: &Arc<CudaContext>,
     t: &Tensor,
 ) -> Result<PinnedHostSlice<T>> {
