@@ -590,7 +590,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
     let total: f64 = stages.iter().map(|s| s.median_s).sum();
     writeln!(
         out,
-        "{:<44} {:>8} {:>10} {:>9} {:>11} {:>10} {:>10} {:>9} {:>11} {:>13}",
+        "{:<52} {:>8} {:>10} {:>9} {:>11} {:>10} {:>10} {:>9} {:>11} {:>13}",
         "stage",
         "tier",
         "median",
@@ -605,7 +605,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
     for s in &stages {
         writeln!(
             out,
-            "{:<44} {:>8} {:>8.1}ms {:>9} {:>11} {:>8.1}ms {:>10} {:>7.1}ms {:>11} {:>13}",
+            "{:<52} {:>8} {:>8.1}ms {:>9} {:>11} {:>8.1}ms {:>10} {:>7.1}ms {:>11} {:>13}",
             s.stage,
             s.tiers.join("/"),
             s.median_s * 1e3,
@@ -619,7 +619,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             s.vram.map_or("n/a".into(), |v| vram::gib(v.reserved_high)),
         )?;
     }
-    writeln!(out, "{:<44} {:>8} {:>8.1}ms", "sum", "", total * 1e3)?;
+    writeln!(out, "{:<52} {:>8} {:>8.1}ms", "sum", "", total * 1e3)?;
     let fallbacks: usize = stages.iter().map(|s| s.fallbacks).sum();
     if fallbacks > 0 {
         writeln!(
