@@ -9,13 +9,14 @@
 //! |-----------|----------------------------|-----------------------------------------------------------------|
 //! | `high`    | GPU, free ≥ 16 GiB         | every network stays on the device once used (no uploads after the first job) |
 //! | `medium`  | GPU, 10 GiB ≤ free < 16    | each stage's networks uploaded for it and freed after it (conditioner, SS flow, SS decoder, SLat flow, decoders) |
-//! | `low`     | GPU, 6 GiB ≤ free < 10     | as `medium`, and the decoders one at a time; CFG branches one after the other |
+//! | `low`     | GPU, 6 GiB ≤ free < 10     | as `medium`, and the decoders one at a time; CFG branches never batched |
 //! | `minimal` | GPU, free < 6 GiB          | as `low` (TODO: stream the flows' transformer blocks from host memory) |
 //! | `cpu`     | CPU                        | float32 in host memory, every network resident                  |
 //!
 //! A CUDA out-of-memory error inside a stage frees what the stage holds, drops one tier and runs
 //! the stage again (`residency::Residency::stage`); uploads are synchronous for now (none of their
-//! time is hidden behind compute).
+//! time is hidden behind compute). The samplers run the two CFG branches one after the other at
+//! every tier today; [`Tier::batches_cfg`] says where batching them is allowed.
 //!
 //! Why these numbers: the official image pipeline holds about 3 GB of float16 weights
 //! (the two 0.55–0.6 B parameter flows are 1.1–1.2 GB each, the decoders ~0.17 GB each) plus
