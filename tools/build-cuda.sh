@@ -75,11 +75,26 @@ touch "$STAMP"
 # 3. build, one binary per CUDA major
 SRC=$CARGO_TARGET_DIR/src
 mkdir -p "$SRC"
-# tar keeps modification times, so unchanged files are not rebuilt.
-rm -rf "$SRC/daemon/src" "$SRC/kernels/src" "$SRC/ipc-protocol/src"
+# Files whose content changed get a fresh modification time (so cargo rebuilds them even when
+# they were edited while an earlier build ran); unchanged files keep theirs and are not rebuilt.
+STAGE=$(mktemp -d)
 tar -C "$ROOT" -cf - --exclude=./target --exclude=./target-cuda --exclude=./dist --exclude=./.git \
   --exclude=./.devbin --exclude=./tests Cargo.toml Cargo.lock daemon kernels ipc-protocol |
-  tar -C "$SRC" -xf -
+  tar -C "$STAGE" -xf -
+(cd "$STAGE" && find . -type f) | while read -r f; do
+  if ! cmp -s "$STAGE/$f" "$SRC/$f"; then
+    mkdir -p "$(dirname "$SRC/$f")"
+    cp "$STAGE/$f" "$SRC/$f"
+  fi
+done
+# Sources deleted from the checkout go from the copy too.
+for d in daemon/src kernels/src ipc-protocol/src; do
+  [ -d "$SRC/$d" ] || continue
+  (cd "$SRC" && find "$d" -type f) | while read -r f; do
+    [ -e "$STAGE/$f" ] || rm -f "$SRC/$f"
+  done
+done
+rm -rf "$STAGE"
 mkdir -p "$OUT_DIR"
 for major in "${MAJORS[@]}"; do
   case $major in

@@ -15,7 +15,11 @@ pub struct KernelSource {
 pub const SPARSE_CONV: KernelSource = KernelSource {
     name: "sparse_conv",
     source: include_str!("cuda/sparse_conv.cu"),
-    entry_points: &["sparse_conv_gather_gemm"],
+    entry_points: &[
+        "sparse_conv_gather_gemm",
+        "sparse_conv_mma_f16",
+        "sparse_conv_mma_bf16",
+    ],
 };
 
 /// Variable-length (and, through its groups, windowed and cross) attention with online softmax.
@@ -77,15 +81,73 @@ pub const SORT: KernelSource = KernelSource {
     ],
 };
 
+/// Fused elementwise / row-wise work of the transformer blocks: Linear bias (+ activation),
+/// LayerNorm (+ adaLN modulation), gated residual, per-head RMS norm.
+pub const FUSED: KernelSource = KernelSource {
+    name: "fused",
+    source: include_str!("cuda/fused.cu"),
+    entry_points: &[
+        "bias_act_f32",
+        "bias_act_f16",
+        "bias_act_bf16",
+        "layer_norm_f32",
+        "layer_norm_f16",
+        "layer_norm_bf16",
+        "gated_add_f32",
+        "gated_add_f16",
+        "gated_add_bf16",
+        "rms_norm_heads_f32",
+        "rms_norm_heads_f16",
+        "rms_norm_heads_bf16",
+        "segment_mean_f32",
+        "segment_mean_f16",
+        "segment_mean_bf16",
+    ],
+};
+
+/// Batch segments the fused kernels take by value (`Segments` in fused.cu).
+pub const FUSED_MAX_SEGMENTS: usize = 8;
+/// Sparse FlexiCubes: grid vertices, surface cubes, case ids, dual vertices, surface edges and
+/// faces (with `SORT` for its sorts and scans).
+pub const FLEXICUBES: KernelSource = KernelSource {
+    name: "flexicubes",
+    source: include_str!("cuda/flexicubes.cu"),
+    entry_points: &[
+        "fc_corner_keys",
+        "fc_unique_flags",
+        "fc_unique_scatter",
+        "fc_vertex_attrs",
+        "fc_cube_keys",
+        "fc_count_duplicates",
+        "fc_neg_count",
+        "fc_neg_cubes",
+        "fc_surf_flags",
+        "fc_surf_write",
+        "fc_resolve_cases",
+        "fc_vd_flags",
+        "fc_vd_base",
+        "fc_dual_vertices",
+        "fc_edge_count",
+        "fc_edge_keys",
+        "fc_quads",
+        "fc_faces",
+    ],
+};
+
+/// Largest colour width the FlexiCubes kernels take per vertex.
+pub const FLEXICUBES_MAX_COLOR: usize = 8;
+
 /// Every kernel source, for the compile-only test.
 pub const ALL: &[KernelSource] = &[
     SPARSE_CONV,
+    FUSED,
     ATTENTION,
     FLASH_ATTENTION,
     NEIGHBOURS,
     RASTER,
     SPLAT,
     SORT,
+    FLEXICUBES,
 ];
 
 /// Floats per camera in the raster and splat kernels: rotation rows (9), translation (3), fx,
@@ -106,6 +168,8 @@ pub const ATTENTION_THREADS: u32 = 256;
 /// Threads per block of `sparse_conv_gather_gemm`, and the rows × channels each block computes.
 pub const SPARSE_CONV_THREADS: u32 = 256;
 pub const SPARSE_CONV_TILE: u32 = 64;
+/// Threads of one `sparse_conv_mma_*` block (4 warps, 16 rows each of a 64-row tile).
+pub const SPARSE_CONV_MMA_THREADS: u32 = 128;
 /// Largest head dimension `varlen_attention` takes.
 pub const ATTENTION_MAX_DIM: usize = 256;
 /// `flash_attention_*`: threads per block (4 warps), query rows per block, the one head dimension.

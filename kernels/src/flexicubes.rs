@@ -422,7 +422,7 @@ struct CubeWeights {
 }
 
 /// For every case, the dual-vertex group of each cube edge (-1 when the edge is in none).
-fn edge_group_table() -> [[i8; 12]; 256] {
+pub fn edge_group_table() -> [[i8; 12]; 256] {
     let mut t = [[-1i8; 12]; 256];
     for (case, groups) in DMC_TABLE.iter().enumerate() {
         for (g, edges) in groups.iter().enumerate() {
@@ -490,10 +490,36 @@ impl Grid<'_> {
     }
 }
 
+/// The intermediates of one extraction, for comparing another implementation (the GPU one)
+/// stage by stage: what [`extract_traced`] fills in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExtractTrace {
+    /// Surface cube ids (`grid_id` on the `res` grid: x-major, z fastest), ascending.
+    pub surf_cubes: Vec<u64>,
+    /// Their case ids before the ambiguity check.
+    pub raw_cases: Vec<u8>,
+    /// Their case ids after it.
+    pub cases: Vec<u8>,
+    /// Gamma of every dual vertex (output order).
+    pub gammas: Vec<f32>,
+    /// Sign-changing grid edges as `v0 << 32 | v1` (vertex ids on the `res + 1` grid), sorted,
+    /// unique.
+    pub edges: Vec<u64>,
+}
+
 /// Runs FlexiCubes (inference mode) on a sparse grid.
 pub fn extract(
     grid: &SparseGrid<'_>,
     opts: FlexiCubesOptions,
+) -> Result<ExtractedMesh, FlexiCubesError> {
+    extract_traced(grid, opts, None)
+}
+
+/// [`extract`], recording its intermediates in `trace` when given.
+pub fn extract_traced(
+    grid: &SparseGrid<'_>,
+    opts: FlexiCubesOptions,
+    mut trace: Option<&mut ExtractTrace>,
 ) -> Result<ExtractedMesh, FlexiCubesError> {
     let res = grid.res;
     check_res(res)?;
@@ -575,6 +601,11 @@ pub fn extract(
         surf_index.insert(s.key, i as u32);
     }
     let cases = resolve_cases(&surf, &surf_index, res);
+    if let Some(t) = trace.as_deref_mut() {
+        t.surf_cubes = surf.iter().map(|s| s.key).collect();
+        t.raw_cases = surf.iter().map(|s| s.case).collect();
+        t.cases = cases.clone();
+    }
 
     // Dual vertex numbering: by vd count, then cube order, then group.
     let mut per_num: [Vec<u32>; 5] = Default::default();
@@ -613,7 +644,11 @@ pub fn extract(
         colors.clear();
     }
 
-    let faces = triangulate(&ctx, &surf, &surf_index, &cases, &base, &gammas);
+    let (faces, edges) = triangulate(&ctx, &surf, &surf_index, &cases, &base, &gammas);
+    if let Some(t) = trace {
+        t.gammas = gammas;
+        t.edges = edges;
+    }
     Ok(ExtractedMesh {
         vertices,
         faces,
@@ -736,7 +771,8 @@ fn dual_vertices(
     }
 }
 
-/// Quads around surface edges shared by 4 surface cubes, split into triangles (`_triangulate`).
+/// Quads around surface edges shared by 4 surface cubes, split into triangles (`_triangulate`);
+/// the sorted sign-changing edges come back too.
 fn triangulate(
     ctx: &Grid<'_>,
     surf: &[SurfCube],
@@ -744,7 +780,7 @@ fn triangulate(
     cases: &[u8],
     base: &[u32],
     gammas: &[f32],
-) -> Vec<[i32; 3]> {
+) -> (Vec<[i32; 3]>, Vec<u64>) {
     let res = ctx.g.res;
     let side = res + 1;
     // Sign-changing edges as (v0 << 32 | v1) in cube-edge orientation, sorted and unique.
@@ -834,7 +870,7 @@ fn triangulate(
         let [a, b, c, d] = q.1;
         faces.extend(split([c, d, b, a]));
     }
-    faces
+    (faces, edges)
 }
 
 /// Corner number of an offset in `{0,1}^3`.

@@ -4,7 +4,8 @@
 set -x
 T0=$(date +%s)
 W=/tmp/w; mkdir -p "$W"
-[ -x "$W/trellisd" ] || { xz -dc .devbin/trellisd.xz > "$W/trellisd"; chmod +x "$W/trellisd"; }
+# Always unpack: a warm machine may hold an older (or a broken) binary from an earlier call.
+xz -dc .devbin/trellisd.xz > "$W/trellisd" && chmod +x "$W/trellisd" || { echo "no usable .devbin/trellisd.xz"; exit 1; }
 L=$(dirname "$(find / -xdev -name 'libcublasLt.so.13*' 2>/dev/null | head -1)" 2>/dev/null)
 N=$(dirname "$(find / -xdev -name 'libnvrtc.so.13*' 2>/dev/null | head -1)" 2>/dev/null)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:/usr/local/nvidia/lib:$L:$N:${LD_LIBRARY_PATH:-}

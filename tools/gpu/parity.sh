@@ -15,3 +15,9 @@ for p in full half; do
   grep -E "^(ok|FAIL)|^parity" $OUT/parity_alt_${p}.txt | cut -c1-160
 done
 echo "elapsed $(elapsed) s"
+# With the manifests carried too (.devbin/manifests-root), one full-size image-large job.
+if [ -d .devbin/manifests-root ] && [ "$(elapsed)" -lt ${BENCH_BEFORE:-400} ]; then
+  export TRELLIS_REFERENCE_DIR=$PWD/.devbin/manifests-root
+  echo "== bench pipeline"; timeout 150 $W/trellisd bench pipeline --device cuda:0 --precision half --runs ${RUNS:-1} --json $OUT/pipeline.json > $OUT/pipeline.txt 2>&1; echo rc=$?; cat $OUT/pipeline.txt
+fi
+echo "elapsed $(elapsed) s"

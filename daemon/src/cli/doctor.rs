@@ -248,6 +248,7 @@ fn check_kernels(args: &DoctorArgs, out: &mut dyn Write) -> Result<i32> {
         let mut failed = false;
         let mut checks = crate::runtime::cuda_ops::checks::all(&dev);
         checks.extend(crate::runtime::cuda_raster::checks::all(&dev));
+        checks.extend(crate::runtime::cuda_flexicubes::checks::all(&dev));
         for (name, r) in checks {
             match r {
                 Ok(e) => writeln!(out, "  {name:<28} ok (error {e:.2e})")?,

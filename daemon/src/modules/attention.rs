@@ -6,10 +6,11 @@
 //! `O(Lq * Lk)`.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 
+use super::gpu_fused::{self, Act};
 use super::norm::MultiHeadRMSNorm;
 
 /// Largest number of attention scores materialised at once (per call, all heads and batch together).
@@ -75,19 +76,15 @@ fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Res
             && v.dtype() == q.dtype()
             && crate::runtime::cuda_ops::flash_attention_supports(q.dtype(), d, _dv)
         {
-            // The tensor-core kernel: one group per batch element, no score matrix in memory.
+            // The tensor-core kernel: one group per batch element, no score matrix in memory; q,
+            // k and v go in as the (strided) views of their projections, no copies.
             let groups: Vec<AttnGroup> = (0..b)
                 .map(|i| AttnGroup {
                     q: i * lq..(i + 1) * lq,
                     kv: i * lk..(i + 1) * lk,
                 })
                 .collect();
-            let o = crate::runtime::cuda_ops::flash_attention(
-                &q.reshape((b * lq, h, d))?,
-                &k.reshape((b * lk, h, d))?,
-                &v.reshape((b * lk, h, _dv))?,
-                &groups,
-            )?;
+            let o = crate::runtime::cuda_ops::flash_attention(q, k, v, &groups)?;
             return Ok(o.reshape((b, lq, h, _dv))?);
         }
     }
@@ -227,7 +224,7 @@ impl MultiHeadAttention {
         let h = self.num_heads;
         let (q, k, v) = match &self.proj {
             Projection::SelfAttn { to_qkv } => {
-                let qkv = to_qkv.forward(x)?.reshape((b, l, 3, h, c / h))?;
+                let qkv = gpu_fused::linear(to_qkv, x, Act::None)?.reshape((b, l, 3, h, c / h))?;
                 (
                     qkv.get_on_dim(2, 0)?,
                     qkv.get_on_dim(2, 1)?,
@@ -242,8 +239,8 @@ impl MultiHeadAttention {
                 if bc != b {
                     bail!("MultiHeadAttention: context batch {bc} != x batch {b}");
                 }
-                let q = to_q.forward(x)?.reshape((b, l, h, c / h))?;
-                let kv = to_kv.forward(ctx)?.reshape((b, lc, 2, h, c / h))?;
+                let q = gpu_fused::linear(to_q, x, Act::None)?.reshape((b, l, h, c / h))?;
+                let kv = gpu_fused::linear(to_kv, ctx, Act::None)?.reshape((b, lc, 2, h, c / h))?;
                 (q, kv.get_on_dim(2, 0)?, kv.get_on_dim(2, 1)?)
             }
         };
@@ -252,7 +249,7 @@ impl MultiHeadAttention {
             None => (q, k),
         };
         let o = scaled_dot_product_attention(&q, &k, &v)?.reshape((b, l, c))?;
-        Ok(self.to_out.forward(&o)?)
+        gpu_fused::linear(&self.to_out, &o, Act::None)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conv3d;
 pub mod cpu_fused;
 pub mod embedders;
+pub mod gpu_fused;
 pub mod norm;
 pub mod patchify;
 pub mod sparse;

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::cpu_fused;
+use super::{cpu_fused, gpu_fused};
 
 /// `(x - mean) / sqrt(var + eps)` with the statistics taken over `dims` (biased variance), float32.
 fn standardize(x: &Tensor, dims: &[usize], eps: f64) -> Result<Tensor> {
@@ -81,13 +81,17 @@ impl LayerNorm32 {
             if let Some(y) = cpu_fused::layer_norm(x, self.eps, self.affine_params(), None)? {
                 return Ok(y);
             }
+            if let Some(y) = gpu_fused::layer_norm(x, self.eps, self.affine_params(), None)? {
+                return Ok(y);
+            }
         }
         self.forward_candle(x)
     }
 
     /// The norm followed by the adaLN modulation `y * (1 + scale[b]) + shift[b]` in one fused
     /// pass, where batch element `b` (`shift`, `scale` `[B, C]`) owns the rows `rows[b]` of `x`
-    /// seen as `[rows, C]`. `None` (nothing computed) unless `x` is a float32 CPU tensor.
+    /// seen as `[rows, C]`. `None` (nothing computed) unless `x` is a float32 CPU tensor or a GPU
+    /// tensor the fused kernels cover.
     pub fn forward_modulated(
         &self,
         x: &Tensor,
@@ -95,9 +99,14 @@ impl LayerNorm32 {
         scale: &Tensor,
         rows: Vec<Range<usize>>,
     ) -> Result<Option<Tensor>> {
-        if !(x.device().is_cpu() && x.dtype() == DType::F32)
-            || self.weight.is_some() != self.bias.is_some()
-        {
+        if self.weight.is_some() != self.bias.is_some() {
+            return Ok(None);
+        }
+        if x.device().is_cuda() {
+            let m = Some((shift, scale, &rows[..]));
+            return gpu_fused::layer_norm(x, self.eps, self.affine_params(), m);
+        }
+        if !(x.device().is_cpu() && x.dtype() == DType::F32) {
             return Ok(None);
         }
         let m = cpu_fused::RowModulation::new(shift, scale, rows)?;
@@ -301,6 +310,9 @@ impl MultiHeadRMSNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = gpu_fused::rms_norm_heads(x, &self.gamma, self.scale)? {
+            return Ok(y);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let norm = xf
             .sqr()?

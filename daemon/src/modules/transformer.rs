@@ -2,10 +2,11 @@
 //! (`FeedForwardNet`, `ModulatedTransformerCrossBlock`) and `modulate` of trellis/modules/utils.py.
 
 use anyhow::{bail, Result};
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::{Linear, VarBuilder};
 
 use super::attention::MultiHeadAttention;
+use super::gpu_fused::{self, Act};
 use super::norm::LayerNorm32;
 
 /// adaLN modulation `x * (1 + scale) + shift`. With `x` `[B, L, C]` and `shift`/`scale` `[B, C]`, the
@@ -45,9 +46,9 @@ impl FeedForwardNet {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (`gelu_erf` is the exact one).
-        let h = super::cpu_fused::gelu_tanh(&self.fc1.forward(x)?)?;
-        Ok(self.fc2.forward(&h)?)
+        // GELU with the tanh approximation, as the original's `nn.GELU(approximate="tanh")`.
+        let h = gpu_fused::linear(&self.fc1, x, Act::GeluTanh)?;
+        gpu_fused::linear(&self.fc2, &h, Act::None)
     }
 }
 
@@ -153,7 +154,7 @@ impl ModulatedTransformerCrossBlock {
     ) -> Result<CrossBlockTrace> {
         let c = self.channels;
         let adaln = match &self.ada_ln {
-            Some(l) => l.forward(&modulation.silu()?)?,
+            Some(l) => gpu_fused::linear(l, &modulation.silu()?, Act::None)?,
             None => modulation.clone(),
         };
         if adaln.rank() != 2 || adaln.dim(1)? != 6 * c {
@@ -190,7 +191,10 @@ impl ModulatedTransformerCrossBlock {
 /// `x + h * gate` with `x`, `h` `[B, L, C]` and `gate` `[B, C]` broadcast over L.
 fn gated_residual(x: &Tensor, h: &Tensor, gate: &Tensor) -> Result<Tensor> {
     let (b, l, _) = x.dims3()?;
-    let rows = (0..b).map(|i| i * l..(i + 1) * l).collect();
+    let rows: Vec<_> = (0..b).map(|i| i * l..(i + 1) * l).collect();
+    if let Some(y) = gpu_fused::gated_add(x, h, gate, &rows)? {
+        return Ok(y);
+    }
     match super::cpu_fused::gated_add(x, h, gate, rows)? {
         Some(y) => Ok(y),
         None => Ok((x + h.broadcast_mul(&gate.unsqueeze(1)?)?)?),

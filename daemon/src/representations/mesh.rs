@@ -3,8 +3,9 @@
 //! FlexiCubes of `trellis_kernels::flexicubes`.
 
 use anyhow::{anyhow, bail, Result};
+use candle_core::Tensor;
 use trellis_kernels::flexicubes::{
-    self, CornerLayout, FlexiCubesOptions, RowView, SparseGrid, WEIGHT_CHANNELS,
+    self, CornerLayout, ExtractTrace, FlexiCubesOptions, RowView, SparseGrid, WEIGHT_CHANNELS,
 };
 
 /// A mesh with per-vertex attributes (colours) and per-face normals (`MeshExtractResult`).
@@ -191,6 +192,16 @@ impl SparseFeatures2Mesh {
         coords: &[[i32; 3]],
         feats: &[f32],
     ) -> Result<(MeshExtractResult, GridVertexData)> {
+        self.extract_traced(coords, feats, None)
+    }
+
+    /// [`Self::extract`], recording FlexiCubes' intermediates in `trace` when given.
+    pub fn extract_traced(
+        &self,
+        coords: &[[i32; 3]],
+        feats: &[f32],
+        trace: Option<&mut ExtractTrace>,
+    ) -> Result<(MeshExtractResult, GridVertexData)> {
         let c = self.feats_channels();
         if feats.len() != coords.len() * c {
             bail!(
@@ -242,7 +253,8 @@ impl SparseFeatures2Mesh {
                 offset: MeshFeatureLayout::WEIGHTS,
             }),
         };
-        let m = flexicubes::extract(&grid, self.options).map_err(|e| anyhow!("{e}"))?;
+        let m =
+            flexicubes::extract_traced(&grid, self.options, trace).map_err(|e| anyhow!("{e}"))?;
         drop((sdf, colors));
         let faces = m.faces.iter().map(|f| f.map(|i| i as u32)).collect();
         let mesh = MeshExtractResult::new(m.vertices, faces, m.colors, m.color_dim, self.res)?;
@@ -253,6 +265,77 @@ impl SparseFeatures2Mesh {
             deformed,
         };
         Ok((mesh, data))
+    }
+
+    /// Extracts the mesh from feature rows `[N, feats_channels]` that may live on a GPU and do
+    /// NOT carry the SDF bias yet (it is added as [`Self::apply_sdf_bias`] adds it). On a CUDA
+    /// device (`cuda` builds) the whole extraction runs there (`runtime::cuda_flexicubes`): the
+    /// features stay on the device, the coordinates go up once, and only the mesh (with
+    /// `keep_grid`, the grid vertices too) comes back. Elsewhere this is [`Self::extract`].
+    pub fn extract_tensor(
+        &self,
+        coords: &[[i32; 3]],
+        feats: &Tensor,
+        keep_grid: bool,
+        trace: Option<&mut ExtractTrace>,
+    ) -> Result<(MeshExtractResult, Option<GridVertexData>)> {
+        #[cfg(feature = "cuda")]
+        if feats.device().is_cuda() {
+            return self.extract_on_gpu(coords, feats, keep_grid, trace);
+        }
+        let mut host = crate::modules::sparse::tensor::to_f32_vec(feats)?;
+        self.apply_sdf_bias(&mut host)?;
+        let (mesh, grid) = self.extract_traced(coords, &host, trace)?;
+        Ok((mesh, keep_grid.then_some(grid)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn extract_on_gpu(
+        &self,
+        coords: &[[i32; 3]],
+        feats: &Tensor,
+        keep_grid: bool,
+        trace: Option<&mut ExtractTrace>,
+    ) -> Result<(MeshExtractResult, Option<GridVertexData>)> {
+        use crate::runtime::cuda_flexicubes::{CudaFlexiCubes, FeatureLayout, Keep};
+        let c = self.feats_channels();
+        if feats.dims() != [coords.len(), c] {
+            bail!(
+                "mesh features: shape {:?}, expected [{} voxels, {c} channels]",
+                feats.dims(),
+                coords.len()
+            );
+        }
+        let layout = FeatureLayout {
+            stride: c,
+            sdf: MeshFeatureLayout::SDF,
+            deform: MeshFeatureLayout::DEFORM,
+            weights: Some(MeshFeatureLayout::WEIGHTS),
+            color: self
+                .layout
+                .use_color
+                .then_some((MeshFeatureLayout::COLOR, MeshFeatureLayout::COLOR_DIM)),
+            sdf_bias: self.sdf_bias(),
+        };
+        let gpu = CudaFlexiCubes::new(feats.device())?;
+        let keep = Keep {
+            grid: keep_grid,
+            trace: trace.is_some(),
+        };
+        let r = gpu.extract(self.res, coords, feats, layout, self.options, keep)?;
+        if let (Some(t), Some(rt)) = (trace, r.trace) {
+            *t = rt;
+        }
+        let m = r.mesh;
+        let faces = m.faces.iter().map(|f| f.map(|i| i as u32)).collect();
+        let mesh = MeshExtractResult::new(m.vertices, faces, m.colors, m.color_dim, self.res)?;
+        let grid = r.grid.map(|(g, deformed)| GridVertexData {
+            coords: g.coords,
+            attrs: g.attrs,
+            attr_dim: g.dim,
+            deformed,
+        });
+        Ok((mesh, grid))
     }
 }
 
@@ -321,6 +404,7 @@ mod tests {
                 }
             }
         }
+        let raw = feats.clone();
         s2m.apply_sdf_bias(&mut feats).unwrap();
         let (mesh, data) = s2m.extract(&coords, &feats).unwrap();
         assert!(mesh.success);
@@ -346,5 +430,18 @@ mod tests {
             assert!(centre[0] * n[0] + centre[1] * n[1] + centre[2] * n[2] > 0.0);
         }
         assert!(s2m.extract(&coords, &feats[1..]).is_err());
+
+        // the tensor entry point takes the rows without the bias and gives the same mesh
+        let t = Tensor::from_slice(&raw, (coords.len(), c), &candle_core::Device::Cpu).unwrap();
+        let mut trace = ExtractTrace::default();
+        let (m2, g2) = s2m
+            .extract_tensor(&coords, &t, true, Some(&mut trace))
+            .unwrap();
+        assert_eq!(m2, mesh);
+        assert_eq!(g2.map(|g| g.coords), Some(data.coords));
+        assert_eq!(trace.gammas.len(), mesh.vertices.len());
+        assert!(!trace.edges.is_empty() && trace.cases.len() == trace.surf_cubes.len());
+        let (_, none) = s2m.extract_tensor(&coords, &t, false, None).unwrap();
+        assert!(none.is_none());
     }
 }

@@ -181,6 +181,126 @@ pub fn sparse_conv(
     })
 }
 
+/// The tensor-core sparse conv (`sparse_conv_mma_*`): `feats` `[N_in, Cin]` and `weight`
+/// `[Cout, K, Cin]` in float16 or bfloat16, `nbr` int32 `[rows * K]` (−1 = no neighbour; source
+/// row `nbr >> src_shift`), optional float32 `bias` `[Cout]`; `[rows, Cout]` in the feats' dtype.
+/// Cin and Cout must be multiples of 8.
+pub fn sparse_conv_half(
+    feats: &Tensor,
+    nbr: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    src_shift: u32,
+) -> anyhow::Result<Tensor> {
+    use super::cuda_fused::{device_of, view, wrap};
+    let (cout, volume, cin) = weight.dims3()?;
+    let (_, fc) = feats.dims2()?;
+    let dtype = feats.dtype();
+    anyhow::ensure!(
+        fc == cin,
+        "sparse_conv: feats have {fc} channels, weight {cin}"
+    );
+    anyhow::ensure!(
+        cin % 8 == 0 && cout % 8 == 0,
+        "sparse_conv_half: channels {cin} -> {cout} must be multiples of 8"
+    );
+    anyhow::ensure!(
+        weight.dtype() == dtype && matches!(dtype, DType::F16 | DType::BF16),
+        "sparse_conv_half: feats {dtype:?} and weight {:?} must both be f16 or bf16",
+        weight.dtype()
+    );
+    anyhow::ensure!(
+        nbr.dtype() == DType::I32,
+        "sparse_conv: neighbour map must be int32"
+    );
+    for (t, what) in [(feats, "feats"), (weight, "weight"), (nbr, "neighbour map")] {
+        anyhow::ensure!(
+            t.is_contiguous() && t.layout().start_offset() % 8 == 0,
+            "sparse_conv_half: {what} must be contiguous and 16-byte aligned"
+        );
+    }
+    if let Some(b) = bias {
+        anyhow::ensure!(
+            b.dtype() == DType::F32 && b.elem_count() == cout && b.is_contiguous(),
+            "sparse_conv_half: bias must be float32 [{cout}]"
+        );
+    }
+    let n = nbr.elem_count();
+    anyhow::ensure!(
+        volume > 0 && n.is_multiple_of(volume),
+        "sparse_conv: neighbour map of {n} entries for kernel volume {volume}"
+    );
+    let rows = n / volume;
+    let dev = device_of(feats)?;
+    let entry = if dtype == DType::F16 {
+        "sparse_conv_mma_f16"
+    } else {
+        "sparse_conv_mma_bf16"
+    };
+    let func = module(&dev, &k::SPARSE_CONV)?.load_function(entry).w()?;
+    let stream = dev.cuda_stream();
+    let tile = k::SPARSE_CONV_TILE;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (cout as u32).div_ceil(tile),
+            u32::try_from(rows.div_ceil(tile as usize))?,
+            1,
+        ),
+        block_dim: (k::SPARSE_CONV_MMA_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (cin_i, rows_i, vol_i, cout_i, shift_i) = (
+        i32_arg(cin, "cin")?,
+        i32_arg(rows, "rows")?,
+        i32_arg(volume, "volume")?,
+        i32_arg(cout, "cout")?,
+        src_shift as i32,
+    );
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every [rows, cout] element (cout % 8 == 0, full tiles
+            // masked per pair of columns).
+            let out = unsafe { dev.alloc::<$t>(rows * cout)? };
+            let (gf, lf) = feats.storage_and_layout();
+            let (gn, ln) = nbr.storage_and_layout();
+            let (gw, lw) = weight.storage_and_layout();
+            let gb = bias.map(|b| b.storage_and_layout());
+            let fs = view::<$t>(&gf, lf, "feats")?;
+            let ns = view::<i32>(&gn, ln, "neighbour map")?;
+            let ws = view::<$t>(&gw, lw, "weight")?;
+            let bs = match &gb {
+                Some((g, l)) => Some(view::<f32>(g, l, "bias")?),
+                None => None,
+            };
+            let null = 0u64;
+            let mut b = stream.launch_builder(&func);
+            b.arg(&fs)
+                .arg(&cin_i)
+                .arg(&ns)
+                .arg(&rows_i)
+                .arg(&vol_i)
+                .arg(&shift_i)
+                .arg(&ws);
+            match &bs {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&cout_i).arg(&out);
+            if rows > 0 {
+                // SAFETY: argument types and order match `sparse_conv_mma_*`; shapes, dtypes
+                // and 16-byte alignment checked above.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok(wrap(out, &dev, &[rows, cout]))
+        }};
+    }
+    if dtype == DType::F16 {
+        go!(half::f16)
+    } else {
+        go!(half::bf16)
+    }
+}
+
 struct AttentionOp {
     nq: usize,
     heads: usize,
@@ -342,6 +462,8 @@ pub fn varlen_attention(
 struct FlashAttentionOp {
     nq: usize,
     heads: usize,
+    /// Logical row -> physical row of q, k, v and out (windows attended in window order).
+    perm: Option<Vec<i32>>,
     tile_group: Vec<i32>,
     tile_q0: Vec<i32>,
     q_end: Vec<i32>,
@@ -417,9 +539,14 @@ impl CustomOp3 for FlashAttentionOp {
                     let func = module(&dev, &k::FLASH_ATTENTION)?
                         .load_function(entry)
                         .w()?;
-                    let qs = q.as_cuda_slice::<$t>()?.slice(range(lq, "q")?);
-                    let ks = kk.as_cuda_slice::<$t>()?.slice(range(lk, "k")?);
-                    let vs = v.as_cuda_slice::<$t>()?.slice(range(lv, "v")?);
+                    let (q_at, q_stride) = row_layout(lq, self.heads, "q")?;
+                    let (k_at, k_stride) = row_layout(lk, self.heads, "k")?;
+                    let (v_at, v_stride) = row_layout(lv, self.heads, "v")?;
+                    let qs = q.as_cuda_slice::<$t>()?.slice(q_at..);
+                    let ks = kk.as_cuda_slice::<$t>()?.slice(k_at..);
+                    let vs = v.as_cuda_slice::<$t>()?.slice(v_at..);
+                    let perm = self.perm.as_ref().map(meta).transpose()?;
+                    let null = 0u64;
                     let mut b = stream.launch_builder(&func);
                     b.arg(&qs)
                         .arg(&ks)
@@ -431,7 +558,14 @@ impl CustomOp3 for FlashAttentionOp {
                         .arg(&k1)
                         .arg(&heads)
                         .arg(&scale_log2)
-                        .arg(&out);
+                        .arg(&out)
+                        .arg(&q_stride)
+                        .arg(&k_stride)
+                        .arg(&v_stride);
+                    match &perm {
+                        Some(p) => b.arg(p),
+                        None => b.arg(&null),
+                    };
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
                     // ranges and alignment checked by `flash_attention`.
                     unsafe { b.launch(cfg) }.w()?;
@@ -462,6 +596,40 @@ pub fn attention(
     Ok(varlen_attention(q, k, v, groups)?.to_dtype(q.dtype())?)
 }
 
+/// Where the rows of a `[..., heads, 64]` view start and how far apart they are (elements): the
+/// (heads, 64) block must be contiguous, the leading dims must flatten to one row stride, and
+/// start and stride must keep the kernel's 16-byte loads aligned.
+fn row_layout(l: &Layout, heads: usize, what: &str) -> Result<(usize, i64)> {
+    let (dims, st) = (l.dims(), l.stride());
+    let r = dims.len();
+    let hd = k::FLASH_HEAD_DIM;
+    let bad = || {
+        err(format!(
+            "flash attention: {what} layout {dims:?} / {st:?} not supported"
+        ))
+    };
+    if r < 3 || dims[r - 1] != hd || dims[r - 2] != heads || st[r - 1] != 1 || st[r - 2] != hd {
+        return Err(bad());
+    }
+    let row = st[r - 3];
+    let mut expect = row;
+    for i in (0..r - 3).rev() {
+        expect *= dims[i + 1];
+        if dims[i] > 1 && st[i] != expect {
+            return Err(bad());
+        }
+    }
+    if l.start_offset() % 8 != 0 || row % 8 != 0 {
+        return Err(bad());
+    }
+    Ok((l.start_offset(), row as i64))
+}
+
+/// Whether [`row_layout`] accepts `t` (else the caller makes a contiguous copy).
+fn rows_ok(t: &Tensor, heads: usize) -> bool {
+    row_layout(t.layout(), heads, "").is_ok()
+}
+
 /// Whether [`flash_attention`] takes tensors of this dtype and head dimension.
 pub fn flash_attention_supports(dtype: DType, head_dim: usize, v_dim: usize) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
@@ -478,9 +646,35 @@ pub fn flash_attention(
     v: &Tensor,
     groups: &[trellis_kernels::attention::AttnGroup],
 ) -> anyhow::Result<Tensor> {
-    let (nq, heads, d) = q.dims3()?;
-    let (nk, hk, dk) = k.dims3()?;
-    let (nv, hv, dv) = v.dims3()?;
+    flash_attention_rows(q, k, v, groups, None)
+}
+
+/// `[rows, heads, dim]` of a `[..., heads, dim]` tensor (leading dims flattened).
+fn rows3(t: &Tensor) -> anyhow::Result<(usize, usize, usize)> {
+    let d = t.dims();
+    anyhow::ensure!(
+        d.len() >= 3,
+        "flash attention: {:?} is not [..., heads, dim]",
+        d
+    );
+    let r = d.len();
+    Ok((d[..r - 2].iter().product(), d[r - 2], d[r - 1]))
+}
+
+/// [`flash_attention`] on strided views (`q`, `k`, `v` may be `[..., H, 64]` slices of a packed
+/// projection: rows a fixed stride apart, no copy) and, with `perm`, in a permuted row order:
+/// logical row `r` (what `groups` index) is physical row `perm[r]` of q, k, v and of the output,
+/// so windowed attention needs no gather or scatter. Output `[rows, H, 64]` contiguous.
+pub fn flash_attention_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+    perm: Option<&[u32]>,
+) -> anyhow::Result<Tensor> {
+    let (nq, heads, d) = rows3(q)?;
+    let (nk, hk, dk) = rows3(k)?;
+    let (nv, hv, dv) = rows3(v)?;
     anyhow::ensure!(
         hk == heads && hv == heads && dk == d && nv == nk && dv == d,
         "flash attention: q {:?}, k {:?}, v {:?} do not match",
@@ -499,9 +693,21 @@ pub fn flash_attention(
         k::FLASH_HEAD_DIM
     );
     let (kv_start, kv_end) = kv_ranges(groups, nq, nk, "flash attention")?;
+    let perm = match perm {
+        Some(p) => {
+            anyhow::ensure!(
+                p.len() == nq && nq == nk && p.iter().all(|&r| (r as usize) < nq),
+                "flash attention: permutation of {} rows for {nq} queries / {nk} keys",
+                p.len()
+            );
+            Some(p.iter().map(|&r| r as i32).collect())
+        }
+        None => None,
+    };
     let mut op = FlashAttentionOp {
         nq,
         heads,
+        perm,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
         q_end: Vec::with_capacity(groups.len()),
@@ -518,16 +724,20 @@ pub fn flash_attention(
             r += k::FLASH_ROWS;
         }
     }
-    // Contiguous, starting on a 16-byte boundary (the kernel moves 16-byte vectors).
-    let aligned = |t: &Tensor| -> anyhow::Result<Tensor> {
-        let t = t.contiguous()?;
-        Ok(if t.layout().start_offset() % 8 == 0 {
-            t
+    // Views the kernel can stride through go as they are; others are made contiguous, and
+    // re-made in a fresh allocation (`affine(1, 0)`: exact) when their start is not 16-byte aligned.
+    let fit = |t: &Tensor| -> anyhow::Result<Tensor> {
+        if rows_ok(t, heads) {
+            return Ok(t.clone());
+        }
+        let c = t.contiguous()?;
+        Ok(if rows_ok(&c, heads) {
+            c
         } else {
-            t.copy()?
+            c.affine(1.0, 0.0)?
         })
     };
-    Ok(aligned(q)?.apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &op)?)
+    Ok(fit(q)?.apply_op3_no_bwd(&fit(k)?, &fit(v)?, &op)?)
 }
 
 struct NeighboursOp {
@@ -788,11 +998,246 @@ pub mod checks {
         Ok(e)
     }
 
+    /// The tensor-core sparse conv in `dtype` vs the CPU's f32 `submanifold_conv` on the same
+    /// (rounded) inputs; `subdivided`: the rows read their parent row (`nbr >> 3`) of a feats
+    /// table 8x smaller, against the CPU conv of the explicit 8x copy.
+    pub fn sparse_conv_half_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        subdivided: bool,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
+        let coords = shell(2000);
+        let rows = coords.len() / 4;
+        let (cin, cout) = (96, 136);
+        let map = trellis_kernels::sparse_conv::submanifold_neighbours(&coords, [3, 3, 3])?;
+        let parents = if subdivided { rows.div_ceil(8) } else { rows };
+        let round = |v: Vec<f32>| -> anyhow::Result<Vec<f32>> {
+            Ok(Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        };
+        let pf = round(noise(parents * cin, 11))?;
+        let w = round(noise(cout * 27 * cin, 12))?;
+        let b = noise(cout, 13);
+        let feats: Vec<f32> = if subdivided {
+            (0..rows)
+                .flat_map(|r| pf[(r / 8) * cin..(r / 8 + 1) * cin].to_vec())
+                .collect()
+        } else {
+            pf.clone()
+        };
+        let cpu =
+            trellis_kernels::sparse_conv::submanifold_conv(&feats, cin, &map, &w, Some(&b), cout)?;
+        let ft = Tensor::from_slice(&pf, (parents, cin), dev)?.to_dtype(dtype)?;
+        let nt = Tensor::from_slice(&map.table, map.table.len(), dev)?;
+        let wt = Tensor::from_slice(&w, (cout, 27, cin), dev)?.to_dtype(dtype)?;
+        let bt = Tensor::from_slice(&b, cout, dev)?;
+        let shift = if subdivided { 3 } else { 0 };
+        let g: Vec<f32> = sparse_conv_half(&ft, &nt, &wt, Some(&bt), shift)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let e = rel_err(&g, &cpu);
+        anyhow::ensure!(e < tol, "sparse conv {dtype:?}: relative error {e}");
+        Ok(e)
+    }
+
+    /// The fused block kernels (`cuda_fused`) in `dtype` against candle's ops on the CPU in f32
+    /// with the same roundings: Linear bias + GELU, LayerNorm + modulation, gated residual,
+    /// per-head RMS norm of a strided q view.
+    pub fn fused_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
+        use crate::runtime::cuda_fused as f;
+        let (b, l, c, heads) = (2usize, 300usize, 256usize, 4usize);
+        let on = |v: Vec<f32>, shape: &[usize]| -> anyhow::Result<(Tensor, Tensor)> {
+            let cpu = Tensor::from_vec(v, shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            Ok((cpu.to_device(dev)?.to_dtype(dtype)?, cpu))
+        };
+        let back = |t: &Tensor| -> anyhow::Result<Tensor> {
+            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+        };
+        let rnd =
+            |t: Tensor| -> anyhow::Result<Tensor> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+        let err_of = |g: &Tensor, c: &Tensor| -> anyhow::Result<f64> {
+            let g: Vec<f32> = back(g)?.flatten_all()?.to_vec1()?;
+            let c: Vec<f32> = c.flatten_all()?.to_vec1()?;
+            Ok(rel_err(&g, &c))
+        };
+        let (x, xc) = on(noise(b * l * c, 21), &[b, l, c])?;
+        let (bias, bias_c) = on(noise(c, 22), &[c])?;
+        let (h, hc) = on(noise(b * l * c, 23), &[b, l, c])?;
+        let (m6, m6c) = on(noise(b * 6 * c, 24), &[b, 6 * c])?;
+        let w = Tensor::from_vec(noise(c, 25), c, &Device::Cpu)?;
+        let bb = Tensor::from_vec(noise(c, 26), c, &Device::Cpu)?;
+        let mut worst = 0f64;
+        // bias + GELU
+        let g = f::bias_act(&x, Some(&bias), f::Act::GeluTanh)?;
+        let cpu = rnd(xc.broadcast_add(&bias_c)?)?.gelu()?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // LayerNorm (affine) + modulation with strided shift / scale
+        let (shift, scale) = (m6.narrow(1, 0, c)?, m6.narrow(1, c, c)?);
+        let seg = f::Segments::dense(b, l).ok_or_else(|| anyhow::anyhow!("segments"))?;
+        let g = f::layer_norm(
+            &x,
+            1e-6,
+            Some((&w.to_device(dev)?, &bb.to_device(dev)?)),
+            Some(f::Modulation {
+                shift: &shift,
+                scale: &scale,
+                segments: seg,
+            }),
+        )?;
+        let mean = xc.mean_keepdim(2)?;
+        let xm = xc.broadcast_sub(&mean)?;
+        let var = xm.sqr()?.mean_keepdim(2)?;
+        let y = xm.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+        let y = rnd(y.broadcast_mul(&w)?.broadcast_add(&bb)?)?;
+        let (sc, shc) = (
+            m6c.narrow(1, c, c)?.unsqueeze(1)?,
+            m6c.narrow(1, 0, c)?.unsqueeze(1)?,
+        );
+        let one_plus = rnd((sc + 1.0)?)?;
+        let cpu = rnd(rnd(y.broadcast_mul(&one_plus)?)?.broadcast_add(&shc)?)?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // gated residual with a strided gate
+        let gate = m6.narrow(1, 2 * c, c)?;
+        let g = f::gated_add(&x, &h, &gate, seg)?;
+        let gc = m6c.narrow(1, 2 * c, c)?.unsqueeze(1)?;
+        let cpu = rnd((&xc + rnd(hc.broadcast_mul(&gc)?)?)?)?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // RMS norm of q sliced out of a packed [b, l, 3, heads, d] projection
+        let d = c / heads;
+        let (qkv, qkv_c) = on(noise(b * l * 3 * c, 27), &[b, l, 3, heads, d])?;
+        let gamma = Tensor::from_vec(noise(heads * d, 28), (heads, d), &Device::Cpu)?;
+        let q = qkv.get_on_dim(2, 1)?;
+        let g = f::rms_norm_heads(&q, &gamma.to_device(dev)?, (d as f64).sqrt())?;
+        let qc = qkv_c.get_on_dim(2, 1)?;
+        let nrm = qc
+            .sqr()?
+            .sum_keepdim(3)?
+            .sqrt()?
+            .clamp(1e-12f32, f32::INFINITY)?;
+        let cpu = rnd((qc.broadcast_div(&nrm)?.broadcast_mul(&gamma)? * (d as f64).sqrt())?)?;
+        worst = worst.max(err_of(&g, &cpu)?);
+        // cuBLASLt Linear with the bias and GELU in its epilogue (half types only)
+        if dtype != DType::F32 {
+            let (xw, xw_c) = on(noise(l * c, 29), &[l, c])?;
+            let (ww, ww_c) = on(noise(96 * c, 30), &[96, c])?;
+            let (wb, wb_c) = on(noise(96, 31), &[96])?;
+            let g = f::linear_lt(&xw, &ww, &wb, f::Act::GeluTanh)?;
+            let cpu = xw_c.matmul(&ww_c.t()?)?.broadcast_add(&wb_c)?.gelu()?;
+            worst = worst.max(err_of(&g, &cpu)?);
+        }
+        anyhow::ensure!(
+            worst < tol,
+            "fused kernels {dtype:?}: relative error {worst}"
+        );
+        Ok(worst)
+    }
+
+    /// The flash kernel on strided views (q, k, v sliced out of one packed `[N, 3, H, 64]`
+    /// projection) in a permuted row order (windows), against the CPU kernel on the gathered rows.
+    pub fn flash_attention_rows_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
+        let (heads, d, n) = (2usize, 64usize, 600usize);
+        let packed: Vec<f32> = noise(n * 3 * heads * d, 17)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
+        let (q, k, v) = (
+            qkv.get_on_dim(1, 0)?,
+            qkv.get_on_dim(1, 1)?,
+            qkv.get_on_dim(1, 2)?,
+        );
+        // A permutation: odd rows first (reversed), then even rows; windows of uneven sizes.
+        let mut perm: Vec<u32> = (0..n as u32).filter(|r| r % 2 == 1).rev().collect();
+        perm.extend((0..n as u32).filter(|r| r % 2 == 0));
+        let mut groups = Vec::new();
+        let mut s = 0;
+        for len in [1usize, 64, 65, 200, 7, 263] {
+            groups.push(AttnGroup {
+                q: s..s + len,
+                kv: s..s + len,
+            });
+            s += len;
+        }
+        anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
+        let g: Vec<f32> = flash_attention_rows(&q, &k, &v, &groups, Some(&perm))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let host = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+            let all: Vec<f32> = t
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1()?;
+            let w = heads * d;
+            Ok(perm
+                .iter()
+                .flat_map(|&r| all[r as usize * w..(r as usize + 1) * w].to_vec())
+                .collect())
+        };
+        let shape = AttnShape {
+            heads,
+            head_dim: d,
+            v_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let o = trellis_kernels::attention::varlen_attention(
+            &host(&q)?,
+            &host(&k)?,
+            &host(&v)?,
+            &groups,
+            shape,
+            scale,
+        )?;
+        // Back to physical row order: window-order row i is input row perm[i].
+        let w = heads * d;
+        let mut cpu = vec![0f32; n * w];
+        for (i, &r) in perm.iter().enumerate() {
+            cpu[r as usize * w..(r as usize + 1) * w].copy_from_slice(&o[i * w..(i + 1) * w]);
+        }
+        let e = rel_err(&g, &cpu);
+        anyhow::ensure!(
+            e < tol,
+            "flash attention rows {dtype:?}: relative error {e}"
+        );
+        Ok(e)
+    }
+
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
             ("neighbour map (exact)", neighbours(dev)),
             ("sparse conv gather-GEMM", sparse_conv_vs_cpu(dev)),
+            (
+                "sparse conv tensor cores f16",
+                sparse_conv_half_vs_cpu(dev, DType::F16, false, 2e-3),
+            ),
+            (
+                "sparse conv tensor cores bf16, subdivided",
+                sparse_conv_half_vs_cpu(dev, DType::BF16, true, 1e-2),
+            ),
+            (
+                "fused block kernels f32",
+                fused_vs_cpu(dev, DType::F32, 1e-5),
+            ),
+            (
+                "fused block kernels f16",
+                fused_vs_cpu(dev, DType::F16, 2e-3),
+            ),
+            (
+                "fused block kernels bf16",
+                fused_vs_cpu(dev, DType::BF16, 1.6e-2),
+            ),
             ("varlen attention", attention_vs_cpu(dev)),
             (
                 "flash attention f16",
@@ -801,6 +1246,10 @@ pub mod checks {
             (
                 "flash attention bf16",
                 flash_attention_vs_cpu(dev, DType::BF16, 3e-2),
+            ),
+            (
+                "flash attention f16, strided views + windows",
+                flash_attention_rows_vs_cpu(dev, DType::F16, 4e-3),
             ),
         ]
     }

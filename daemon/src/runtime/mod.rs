@@ -1,6 +1,10 @@
 //! Devices, precision, tiers and weight loading.
 
 #[cfg(feature = "cuda")]
+pub mod cuda_flexicubes;
+#[cfg(feature = "cuda")]
+pub mod cuda_fused;
+#[cfg(feature = "cuda")]
 pub mod cuda_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda_raster;

@@ -3,8 +3,10 @@
 //   out[q, h, :] = softmax_j(scale * <Q[q, h, :], K[j, h, :]>) V[j, h, :]
 // over the keys j of q's group, with a running (online) softmax: no score matrix exists in memory.
 //
-// Layouts (row-major, element strides): q [nq, heads, 64], k and v [nk, heads, 64], out
-// [nq, heads, 64]. Group g covers query rows [q_start[g], q_end[g]) and keys [kv_start[g],
+// Layouts: row r of q (k, v) starts q_stride (k_stride, v_stride) elements after row r - 1 and
+// holds heads x 64 contiguous values (so q, k and v can be views into one packed projection);
+// out is [nq, heads, 64] contiguous. With `perm` (nullable), logical row r of q, k, v and out is
+// physical row perm[r]: windows are attended in window order without gathering. Group g covers query rows [q_start[g], q_end[g]) and keys [kv_start[g],
 // kv_end[g]): one group per batch element gives dense (self or cross) attention, one per sparse
 // batch element variable-length attention, one per window windowed attention.
 //
@@ -59,29 +61,41 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 addr) {
                  : "r"(addr));
 }
 
-// Copies rows [j0, j0 + BN) of one head of `src` ([n, heads, 64]) into `dst` (BN x LDS halves);
-// rows at or past `j1` become zeros. 128 threads, 16 bytes each per step.
-__device__ __forceinline__ void stage_tile(u16* dst, const u16* __restrict__ src, int j0, int j1,
-                                           int heads, int h, int tid) {
+// Copies rows [j0, j0 + BN) of one head of `src` ([n, heads, 64]) into `dst` (BN x LDS halves)
+// through cp.async (128 threads, 16 bytes per copy; rows at or past `j1` zero-filled), so the
+// next tile's loads fly while the current one is computed; completion is waited for with
+// cp.async.wait_group before the barrier that publishes the tile.
+__device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict__ src, int j0,
+                                                 int j1, long long stride, const int* perm,
+                                                 int h, int tid) {
     #pragma unroll
     for (int i = 0; i < (BN * HD / 8) / 128; ++i) {
         const int idx = tid + i * 128;
         const int row = idx >> 3, chunk = idx & 7;
-        uint4 val = make_uint4(0u, 0u, 0u, 0u);
         const int j = j0 + row;
-        if (j < j1) val = *reinterpret_cast<const uint4*>(src + ((long long)j * heads + h) * HD + chunk * 8);
-        *reinterpret_cast<uint4*>(dst + row * LDS + chunk * 8) = val;
+        const bool ok = j < j1;
+        const int jr = ok ? j : j0;
+        const u16* g = src + (long long)(perm ? perm[jr] : jr) * stride + h * HD + chunk * 8;
+        const int bytes = ok ? 16 : 0;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                     :: "r"(smem_addr(dst + row * LDS + chunk * 8)), "l"(g), "r"(bytes));
     }
 }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;"); }
 
 template <bool BF16>
 __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict__ k,
                                 const u16* __restrict__ v, const int* __restrict__ tile_group,
                                 const int* __restrict__ tile_q0, const int* __restrict__ q_end,
                                 const int* __restrict__ kv_start, const int* __restrict__ kv_end,
-                                int heads, float scale_log2, u16* __restrict__ out) {
-    __shared__ __align__(16) u16 ks[BN * LDS];
-    __shared__ __align__(16) u16 vs[BN * LDS];
+                                int heads, float scale_log2, u16* __restrict__ out,
+                                long long q_stride, long long k_stride, long long v_stride,
+                                const int* __restrict__ perm) {
+    // Two K/V buffers: tile i is computed from one while tile i + 1 is copied into the other.
+    __shared__ __align__(16) u16 kbuf[2][BN * LDS];
+    __shared__ __align__(16) u16 vbuf[2][BN * LDS];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, h = blockIdx.y;
@@ -94,8 +108,10 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     u32 qa[4][4];
     {
         const int ra = r0 + g, rb = r0 + g + 8;
-        const u16* pa = q + ((long long)ra * heads + h) * HD;
-        const u16* pb = q + ((long long)rb * heads + h) * HD;
+        const int pra = ra < r_end ? (perm ? perm[ra] : ra) : 0;
+        const int prb = rb < r_end ? (perm ? perm[rb] : rb) : 0;
+        const u16* pa = q + (long long)pra * q_stride + h * HD;
+        const u16* pb = q + (long long)prb * q_stride + h * HD;
         #pragma unroll
         for (int s = 0; s < 4; ++s) {
             const int c = s * 16 + 2 * t;
@@ -111,11 +127,23 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     for (int n = 0; n < 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;   // rows g and g + 8
 
-    for (int j0 = j_begin; j0 < j_end; j0 += BN) {
-        __syncthreads();   // the previous tile is no longer read
-        stage_tile(ks, k, j0, j_end, heads, h, tid);
-        stage_tile(vs, v, j0, j_end, heads, h, tid);
+    if (j_begin < j_end) {
+        stage_tile_async(kbuf[0], k, j_begin, j_end, k_stride, perm, h, tid);
+        stage_tile_async(vbuf[0], v, j_begin, j_end, v_stride, perm, h, tid);
+    }
+    cp_async_commit();
+    int buf = 0;
+    for (int j0 = j_begin; j0 < j_end; j0 += BN, buf ^= 1) {
+        __syncthreads();   // every warp is done with the buffer the next tile goes into
+        if (j0 + BN < j_end) {
+            stage_tile_async(kbuf[buf ^ 1], k, j0 + BN, j_end, k_stride, perm, h, tid);
+            stage_tile_async(vbuf[buf ^ 1], v, j0 + BN, j_end, v_stride, perm, h, tid);
+        }
+        cp_async_commit();
+        cp_async_wait_one();   // this tile's copies (all but the newest group) have landed
         __syncthreads();
+        const u16* ks = kbuf[buf];
+        const u16* vs = vbuf[buf];
 
         // S = Q K^T: 16 rows x 64 keys per warp, 8 blocks of 8 keys.
         float s[8][4];
@@ -196,14 +224,16 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
     const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
     const int ra = r0 + g, rb = r0 + g + 8;
+    const int pra = ra < r_end ? (perm ? perm[ra] : ra) : 0;
+    const int prb = rb < r_end ? (perm ? perm[rb] : rb) : 0;
     #pragma unroll
     for (int n = 0; n < 8; ++n) {
         const int c = n * 8 + 2 * t;
         if (ra < r_end)
-            *reinterpret_cast<u32*>(out + ((long long)ra * heads + h) * HD + c) =
+            *reinterpret_cast<u32*>(out + ((long long)pra * heads + h) * HD + c) =
                 pack2<BF16>(o[n][0] * inv_a, o[n][1] * inv_a);
         if (rb < r_end)
-            *reinterpret_cast<u32*>(out + ((long long)rb * heads + h) * HD + c) =
+            *reinterpret_cast<u32*>(out + ((long long)prb * heads + h) * HD + c) =
                 pack2<BF16>(o[n][2] * inv_b, o[n][3] * inv_b);
     }
 }
@@ -212,16 +242,18 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_f16(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const int* __restrict__ tile_group, const int* __restrict__ tile_q0,
     const int* __restrict__ q_end, const int* __restrict__ kv_start,
-    const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out) {
+    const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,
+    long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) {
     flash_attention<false>(q, k, v, tile_group, tile_q0, q_end, kv_start, kv_end, heads,
-                           scale_log2, out);
+                           scale_log2, out, q_stride, k_stride, v_stride, perm);
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_attention_bf16(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const int* __restrict__ tile_group, const int* __restrict__ tile_q0,
     const int* __restrict__ q_end, const int* __restrict__ kv_start,
-    const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out) {
+    const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,
+    long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) {
     flash_attention<true>(q, k, v, tile_group, tile_q0, q_end, kv_start, kv_end, heads,
-                          scale_log2, out);
+                          scale_log2, out, q_stride, k_stride, v_stride, perm);
 }

@@ -18,7 +18,7 @@
 //! first one's pairs on the same coords, and the 1x1 skip takes spconv's `conv1x1` shortcut, which
 //! runs before any `indice_dict` lookup (on `subdivide(x)`, a fresh tensor with no pairs anyway).
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
@@ -234,7 +234,7 @@ impl SLatMeshDecoder {
     pub fn forward(&self, x: &SparseTensor) -> Result<Vec<MeshExtractResult>> {
         let raw = self.forward_raw(x)?;
         Ok(self
-            .to_representation(raw)?
+            .to_representation_with(raw, false)?
             .into_iter()
             .map(|(m, _)| m)
             .collect())
@@ -247,21 +247,52 @@ impl SLatMeshDecoder {
         &self,
         raw: SparseTensor,
     ) -> Result<Vec<(MeshExtractResult, GridVertexData)>> {
+        self.to_representation_with(raw, true)?
+            .into_iter()
+            .map(|(m, g)| {
+                g.map(|g| (m, g))
+                    .ok_or_else(|| anyhow!("mesh decoder: the grid vertices did not come back"))
+            })
+            .collect()
+    }
+
+    /// `to_representation`, the grid vertices kept when `keep_grid`. Output on a GPU: FlexiCubes
+    /// runs there and only the meshes (and the grid vertices when kept) come back; on the CPU the
+    /// output is copied to the host first and freed.
+    fn to_representation_with(
+        &self,
+        raw: SparseTensor,
+        keep_grid: bool,
+    ) -> Result<Vec<(MeshExtractResult, Option<GridVertexData>)>> {
         let c = raw.channels()?;
-        let mut feats = to_f32_vec(raw.feats())?;
         let coords: Vec<[i32; 3]> = raw
             .coords()
             .chunks_exact(4)
             .map(|p| [p[1], p[2], p[3]])
             .collect();
         let layout = raw.layout().to_vec();
+        if raw.feats().device().is_cuda() {
+            let feats = raw.feats().clone();
+            drop(raw);
+            return layout
+                .iter()
+                .map(|r| {
+                    let rows = feats.narrow(0, r.start, r.len())?;
+                    self.mesher
+                        .extract_tensor(&coords[r.clone()], &rows, keep_grid, None)
+                })
+                .collect();
+        }
+        let mut feats = to_f32_vec(raw.feats())?;
         drop(raw);
         self.mesher.apply_sdf_bias(&mut feats)?;
         layout
             .iter()
             .map(|r| {
-                self.mesher
-                    .extract(&coords[r.clone()], &feats[r.start * c..r.end * c])
+                let (m, g) = self
+                    .mesher
+                    .extract(&coords[r.clone()], &feats[r.start * c..r.end * c])?;
+                Ok((m, keep_grid.then_some(g)))
             })
             .collect()
     }

@@ -330,7 +330,6 @@ impl SparseMultiHeadAttention {
                     .geometry()
                     .window_partition([window; 3], [shift as i32; 3])?;
                 let dev = x.device();
-                let fwd = Tensor::from_slice(&p.fwd, p.fwd.len(), dev)?;
                 let mut groups = Vec::with_capacity(p.seq_lens.len());
                 let mut start = 0;
                 for &len in &p.seq_lens {
@@ -340,6 +339,24 @@ impl SparseMultiHeadAttention {
                     });
                     start += len;
                 }
+                if crate::runtime::cuda_ops::flash_attention_supports(
+                    q.dtype(),
+                    self.head_dim(),
+                    self.head_dim(),
+                ) && k.dtype() == q.dtype()
+                    && v.dtype() == q.dtype()
+                {
+                    // Window order through the kernel's row permutation: no gather, no scatter.
+                    let o = crate::runtime::cuda_ops::flash_attention_rows(
+                        q,
+                        k,
+                        v,
+                        &groups,
+                        Some(&p.fwd),
+                    )?;
+                    return self.output_tensor(x, o.reshape((x.rows(), self.channels))?);
+                }
+                let fwd = Tensor::from_slice(&p.fwd, p.fwd.len(), dev)?;
                 // (candle's CUDA index_select reads contiguous tensors only; q/k/v are views)
                 let (qw, kw, vw) = (
                     q.contiguous()?.index_select(&fwd, 0)?,

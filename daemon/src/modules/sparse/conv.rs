@@ -43,6 +43,12 @@ pub struct SparseConv3d {
     /// The f32 kernel-layout weight on the GPU (made on first GPU use).
     #[cfg(feature = "cuda")]
     weight_dev: OnceLock<Tensor>,
+    /// The kernel-layout weight in the half type of the first half-precision GPU input, and the
+    /// f32 bias on that device (tensor-core path).
+    #[cfg(feature = "cuda")]
+    weight_dev_half: OnceLock<Tensor>,
+    #[cfg(feature = "cuda")]
+    bias_dev: OnceLock<Option<Tensor>>,
 }
 
 impl SparseConv3d {
@@ -72,6 +78,10 @@ impl SparseConv3d {
             bias_f32: OnceLock::new(),
             #[cfg(feature = "cuda")]
             weight_dev: OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            weight_dev_half: OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            bias_dev: OnceLock::new(),
         })
     }
 
@@ -106,16 +116,13 @@ impl SparseConv3d {
     /// reads its parent's feats (the `SparseSubdivide` copy is a broadcast on the device).
     #[cfg(feature = "cuda")]
     fn compute_cuda(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
-        let w = match self.weight_dev.get() {
-            Some(w) => w.clone(),
-            None => {
-                let (w, _) = self.weights_f32()?;
-                let vol: usize = self.kernel.iter().product();
-                let t =
-                    Tensor::from_slice(w, (self.out_channels, vol, self.in_channels), x.device())?;
-                self.weight_dev.get_or_init(|| t).clone()
-            }
-        };
+        if matches!(x.dtype(), DType::F16 | DType::BF16)
+            && self.in_channels % 8 == 0
+            && self.out_channels % 8 == 0
+        {
+            return self.compute_cuda_half(x, fine);
+        }
+        let w = self.weight_device(x)?;
         let bias = self
             .bias
             .as_ref()
@@ -141,6 +148,57 @@ impl SparseConv3d {
         } else {
             out.to_dtype(x.dtype())?
         })
+    }
+
+    /// The f32 kernel-layout weight `[Cout, K, Cin]` on `x`'s device (made once).
+    #[cfg(feature = "cuda")]
+    fn weight_device(&self, x: &SparseTensor) -> Result<Tensor> {
+        if let Some(w) = self.weight_dev.get() {
+            return Ok(w.clone());
+        }
+        let (w, _) = self.weights_f32()?;
+        let vol: usize = self.kernel.iter().product();
+        let t = Tensor::from_slice(w, (self.out_channels, vol, self.in_channels), x.device())?;
+        Ok(self.weight_dev.get_or_init(|| t).clone())
+    }
+
+    /// Half-precision feats on the tensor cores (`cuda_ops::sparse_conv_half`): weight in the
+    /// feats' type, f32 bias, output in the feats' type; a subdivided input is read through
+    /// its parent rows (`nbr >> 3`) instead of an 8x copy.
+    #[cfg(feature = "cuda")]
+    fn compute_cuda_half(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
+        let dt = x.dtype();
+        let w = match self.weight_dev_half.get() {
+            Some(w) if w.dtype() == dt => w.clone(),
+            Some(_) => self.weight_device(x)?.to_dtype(dt)?,
+            None => {
+                let w = self.weight_device(x)?.to_dtype(dt)?;
+                self.weight_dev_half.get_or_init(|| w).clone()
+            }
+        };
+        let bias = match self.bias_dev.get() {
+            Some(b) => b.clone(),
+            None => {
+                let b = self
+                    .bias
+                    .as_ref()
+                    .map(|b| b.to_dtype(DType::F32)?.to_device(x.device()))
+                    .transpose()?;
+                self.bias_dev.get_or_init(|| b).clone()
+            }
+        };
+        let (geo, shift) = match fine {
+            None => (x.geometry().as_ref(), 0),
+            Some(f) => (f, 3),
+        };
+        let nbr = geo.neighbour_table_cuda(self.kernel)?;
+        crate::runtime::cuda_ops::sparse_conv_half(
+            &x.feats().contiguous()?,
+            &nbr,
+            &w,
+            bias.as_ref(),
+            shift,
+        )
     }
 
     /// Runs `kernel` (a `trellis_kernels::sparse_conv` convolution) on the f32 feats of `x` with

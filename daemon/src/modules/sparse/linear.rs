@@ -1,8 +1,9 @@
 //! `SparseLinear` (twin of `trellis/modules/sparse/linear.py`): a `nn.Linear` on the feats.
 
 use anyhow::Result;
-use candle_core::Module;
 use candle_nn::VarBuilder;
+
+use crate::modules::gpu_fused::{self, Act};
 
 use super::tensor::SparseTensor;
 
@@ -26,13 +27,27 @@ impl SparseLinear {
 
     /// Applies the layer to `[.., in]`, computing in the weights' dtype and returning the input's.
     pub fn forward_dense(&self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        self.forward_dense_act(x, Act::None)
+    }
+
+    /// [`Self::forward_dense`] followed by `act` (fused with the bias on the GPU).
+    pub fn forward_dense_act(
+        &self,
+        x: &candle_core::Tensor,
+        act: Act,
+    ) -> Result<candle_core::Tensor> {
         let wd = self.inner.weight().dtype();
         let xd = x.dtype();
-        let y = self.inner.forward(&x.to_dtype(wd)?)?;
+        let y = gpu_fused::linear(&self.inner, &x.to_dtype(wd)?, act)?;
         Ok(y.to_dtype(xd)?)
     }
 
     pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
         x.replace(self.forward_dense(x.feats())?)
+    }
+
+    /// The layer then `act` on the feats.
+    pub fn forward_act(&self, x: &SparseTensor, act: Act) -> Result<SparseTensor> {
+        x.replace(self.forward_dense_act(x.feats(), act)?)
     }
 }

@@ -65,6 +65,35 @@ impl SparseDownsample {
         }
         let m = counts.len();
         let dev = x.device();
+        #[cfg(feature = "cuda")]
+        if dev.is_cuda() {
+            // Segments of the coarse rows, children in ascending row order (index_add's order).
+            let mut starts = vec![0i32; m + 1];
+            for &j in &inverse {
+                starts[j as usize + 1] += 1;
+            }
+            for j in 0..m {
+                starts[j + 1] += starts[j];
+            }
+            let mut fill: Vec<i32> = starts[..m].to_vec();
+            let mut members = vec![0i32; n];
+            for (i, &j) in inverse.iter().enumerate() {
+                members[fill[j as usize] as usize] = i as i32;
+                fill[j as usize] += 1;
+            }
+            let mean = crate::runtime::cuda_fused::segment_mean(
+                &x.feats().contiguous()?,
+                &Tensor::from_vec(starts, m + 1, dev)?,
+                &Tensor::from_vec(members, n, dev)?,
+            )?;
+            let geo =
+                Geometry::new(coords, Some(x.batch_size()), dev)?.with_upsample(UpsampleCache {
+                    factor: self.factor,
+                    fine: x.geometry().clone(),
+                    inverse,
+                });
+            return SparseTensor::from_geometry(Arc::new(geo), mean);
+        }
         let idx = Tensor::from_slice(&inverse, n, dev)?;
         let feats32 = x.feats().to_dtype(DType::F32)?;
         let c = x.channels()?;

@@ -387,6 +387,10 @@ impl SparseTensor {
     pub fn gated_add(&self, h: &SparseTensor, gate: &Tensor) -> Result<Self> {
         self.same_rows(h)?;
         let rows = self.layout().to_vec();
+        if let Some(y) = crate::modules::gpu_fused::gated_add(&self.feats, h.feats(), gate, &rows)?
+        {
+            return self.replace(y);
+        }
         match crate::modules::cpu_fused::gated_add(&self.feats, h.feats(), gate, rows)? {
             Some(y) => self.replace(y),
             None => self.add(&h.gate(gate)?),

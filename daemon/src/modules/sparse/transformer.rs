@@ -13,6 +13,7 @@ use super::attention::{AttnMode, SparseMultiHeadAttention};
 use super::linear::SparseLinear;
 use super::norm::SparseLayerNorm32;
 use super::tensor::SparseTensor;
+use crate::modules::gpu_fused::Act;
 
 /// `Linear(C, C*ratio) -> GELU(tanh) -> Linear(C*ratio, C)`, tensors `mlp.0.*` / `mlp.2.*`.
 #[derive(Debug, Clone)]
@@ -32,8 +33,7 @@ impl SparseFeedForwardNet {
     }
 
     pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
-        let h = self.fc1.forward(x)?;
-        let h = h.replace(crate::modules::cpu_fused::gelu_tanh(h.feats())?)?;
+        let h = self.fc1.forward_act(x, Act::GeluTanh)?;
         self.fc2.forward(&h)
     }
 }

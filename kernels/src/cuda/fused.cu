@@ -1,0 +1,215 @@
+// Fused elementwise and row-wise kernels of the transformer blocks, one launch where candle's
+// generic kernels would make several full passes over the activations (the broadcast bias add, the
+// float32 round trip of every norm, the adaLN modulation, the gated residual):
+//   bias_act        out = act(y + bias[col])                       (Linear's bias, GELU of the MLP)
+//   layer_norm      out = modulate(LN(x) * w + b)                  (LayerNorm32, adaLN modulation)
+//   gated_add       out = x + h * gate[batch(row)]                 (the blocks' gated residuals)
+//   rms_norm_heads  out = normalize(x[row, head, :]) * gamma * scale (MultiHeadRMSNorm of q and k)
+// Every kernel computes in float32 and rounds to the storage type exactly where the original
+// (PyTorch, float16/bfloat16 torsos with float32 norms) rounds, so the half-precision results are
+// the original's up to the order of float32 sums. Types: float32, float16, bfloat16, moved as raw
+// 16-bit words and converted with cvt (no headers under NVRTC).
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+// Batch element of each row: rows [ends[b-1], ends[b]) belong to batch element b.
+#define MAX_SEGMENTS 8
+struct Segments {
+    int n;
+    int ends[MAX_SEGMENTS];
+};
+
+__device__ __forceinline__ int segment_of(const Segments& s, int row) {
+    int b = 0;
+    while (b + 1 < s.n && row >= s.ends[b]) ++b;
+    return b;
+}
+
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
+
+// float16 and bfloat16 are distinct storage types so that overloads pick the conversion.
+struct f16 { u16 bits; };
+struct bf16 { u16 bits; };
+
+__device__ __forceinline__ float ld(const f16* p, u64 i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
+    return f;
+}
+__device__ __forceinline__ float ld(const bf16* p, u64 i) {
+    return __uint_as_float(((unsigned int)p[i].bits) << 16);
+}
+__device__ __forceinline__ void st(f16* p, u64 i, float v) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p[i].bits = h;
+}
+__device__ __forceinline__ void st(bf16* p, u64 i, float v) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p[i].bits = h;
+}
+
+// Rounds a float32 value to the storage type T and back (identity for float32).
+template <typename T>
+__device__ __forceinline__ float rnd(float v) {
+    T t[1];
+    st(t, 0, v);
+    return ld(t, 0);
+}
+template <>
+__device__ __forceinline__ float rnd<float>(float v) { return v; }
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+// act: 0 none, 1 GELU (tanh approximation), 2 SiLU. The bias add rounds to T before the
+// activation, as a separate Linear then activation would.
+template <typename T>
+__device__ void bias_act(const T* y, const T* bias, T* out, u64 n, int cols, int act) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        float v = ld(y, i);
+        if (bias) v = rnd<T>(v + ld(bias, i % (u64)cols));
+        if (act == 1) v = gelu_tanh(v);
+        else if (act == 2) v = v / (1.0f + expf(-v));
+        st(out, i, v);
+    }
+}
+
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float t = 0.0f;
+    for (int w = 0; w < warps; ++w) t += shared[w];
+    return t;
+}
+
+// One block per row of `cols` values: two-pass statistics in float32 (mean, then the biased
+// variance of the deviations), y = (x - mean) * rstd [* w + b] rounded to T (LayerNorm32's cast
+// back), then, when `shift` is given, the adaLN modulation in T's arithmetic:
+// y * (1 + scale[b]) + shift[b], each product and sum rounded to T as the original's float16
+// elementwise ops do. shift/scale rows of batch element b start at b * mod_stride.
+template <typename T>
+__device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, const float* w,
+                           const float* b, const T* shift, const T* scale, int mod_stride,
+                           Segments seg) {
+    __shared__ float shared[32];
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const T* xr = x + (u64)row * cols;
+    T* outr = out + (u64)row * cols;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
+    const float mean = block_sum(s, shared) / cols;
+    float q = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float d = ld(xr, c) - mean;
+        q += d * d;
+    }
+    const float var = block_sum(q, shared) / cols;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    const int bi = shift ? segment_of(seg, row) : 0;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float y = (ld(xr, c) - mean) * rstd;
+        if (w) y = y * w[c];
+        if (b) y = y + b[c];
+        y = rnd<T>(y);
+        if (shift) {
+            const float one_plus = rnd<T>(1.0f + ld(scale, (u64)bi * mod_stride + c));
+            y = rnd<T>(rnd<T>(y * one_plus) + ld(shift, (u64)bi * mod_stride + c));
+        }
+        st(outr, c, y);
+    }
+}
+
+// out = x + h * gate[b] with the product rounded to T first (two float16 ops in the original).
+template <typename T>
+__device__ void gated_add(const T* x, const T* h, const T* gate, int gate_stride, T* out,
+                          u64 rows, int cols, Segments seg) {
+    const u64 n = rows * (u64)cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const int row = (int)(i / cols), c = (int)(i % cols);
+        const int bi = segment_of(seg, row);
+        const float hg = rnd<T>(ld(h, i) * ld(gate, (u64)bi * gate_stride + c));
+        st(out, i, ld(x, i) + hg);
+    }
+}
+
+// One warp per (row, head) of a [rows, heads, dim] view whose rows are `row_stride` elements
+// apart (q and k straight out of the packed qkv projection): F.normalize over dim in float32
+// (x / max(||x||, 1e-12)), times gamma[head, :] (float32), times `scale`, rounded to T into a
+// contiguous [rows, heads, dim] output.
+template <typename T>
+__device__ void rms_norm_heads(const T* x, u64 row_stride, const float* gamma, T* out, int rows,
+                               int heads, int dim, float scale) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (warp >= rows * heads) return;
+    const int row = warp / heads, head = warp % heads;
+    const T* xr = x + (u64)row * row_stride + (u64)head * dim;
+    T* outr = out + ((u64)row * heads + head) * dim;
+    float s = 0.0f;
+    for (int c = lane; c < dim; c += 32) {
+        const float v = ld(xr, c);
+        s += v * v;
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    const float norm = fmaxf(sqrtf(s), 1e-12f);
+    for (int c = lane; c < dim; c += 32)
+        st(outr, c, ld(xr, c) / norm * gamma[head * dim + c] * scale);
+}
+
+// SparseDownsample's scatter-mean with the zero it starts from counted (include_self):
+// out[j, :] = sum of feats[members[p], :] over p in [starts[j], starts[j+1]) / (count + 1), summed
+// in float32 in the members' (ascending) order, rounded once to T.
+template <typename T>
+__device__ void segment_mean(const T* feats, const int* starts, const int* members, T* out,
+                             int segments, int cols) {
+    const u64 n = (u64)segments * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const int j = (int)(i / cols), c = (int)(i % cols);
+        const int a = starts[j], b = starts[j + 1];
+        float s = 0.0f;
+        for (int p = a; p < b; ++p) s += ld(feats, (u64)members[p] * cols + c);
+        st(out, i, s / (float)(b - a + 1));
+    }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                   \
+    extern "C" __global__ void bias_act_##SUFFIX(const T* y, const T* bias, T* out, u64 n,       \
+                                                 int cols, int act) {                             \
+        bias_act<T>(y, bias, out, n, cols, act);                                                  \
+    }                                                                                             \
+    extern "C" __global__ void layer_norm_##SUFFIX(const T* x, T* out, int rows, int cols,       \
+                                                   float eps, const float* w, const float* b,     \
+                                                   const T* shift, const T* scale,               \
+                                                   int mod_stride, Segments seg) {                \
+        layer_norm<T>(x, out, rows, cols, eps, w, b, shift, scale, mod_stride, seg);             \
+    }                                                                                             \
+    extern "C" __global__ void gated_add_##SUFFIX(const T* x, const T* h, const T* gate,         \
+                                                  int gate_stride, T* out, u64 rows, int cols,   \
+                                                  Segments seg) {                                 \
+        gated_add<T>(x, h, gate, gate_stride, out, rows, cols, seg);                              \
+    }                                                                                             \
+    extern "C" __global__ void rms_norm_heads_##SUFFIX(const T* x, u64 row_stride,               \
+                                                       const float* gamma, T* out, int rows,     \
+                                                       int heads, int dim, float scale) {         \
+        rms_norm_heads<T>(x, row_stride, gamma, out, rows, heads, dim, scale);                    \
+    }                                                                                             \
+    extern "C" __global__ void segment_mean_##SUFFIX(const T* feats, const int* starts,          \
+                                                     const int* members, T* out, int segments,    \
+                                                     int cols) {                                  \
+        segment_mean<T>(feats, starts, members, out, segments, cols);                             \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(f16, f16)
+INSTANTIATE(bf16, bf16)
