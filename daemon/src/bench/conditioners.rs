@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use super::peak_rss_kib;
 use crate::models::conditioners::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::conditioners::dinov2::{Dinov2Config, Dinov2WithRegisters};
+use crate::runtime::residency::Network;
 use crate::runtime::weights;
 
 /// Random weights N(0, 1/fan_in) (1-D: N(0, 0.05²)), the same on every run: each call takes the
@@ -89,6 +90,26 @@ pub fn run_dinov2(dev: &Device, out: &mut dyn Write) -> Result<()> {
 /// `facebook/dinov2-with-registers-large` with random weights, float32.
 /// Also returns its parameter count.
 pub fn random_dinov2_large(dev: &Device) -> Result<(Dinov2WithRegisters, usize)> {
+    let (cfg, t, params) = dinov2_large_weights(dev)?;
+    let (vb, check) = weights::from_tensors(t, "random dinov2-large", DType::F32, dev);
+    let model = Dinov2WithRegisters::new(&cfg, vb)?;
+    check.finish()?;
+    Ok((model, params))
+}
+
+/// [`random_dinov2_large`] in host memory, as `runtime::residency` places it per stage.
+pub fn random_dinov2_large_network() -> Result<(Network<Dinov2WithRegisters>, usize)> {
+    let (cfg, t, params) = dinov2_large_weights(&Device::Cpu)?;
+    let host = weights::HostWeights::new(t, "random dinov2-large");
+    let net = Network::new("dinov2_vitl14_reg", host, move |vb| {
+        Dinov2WithRegisters::new(&cfg, vb)
+    });
+    Ok((net, params))
+}
+
+type RandomWeights<C> = (C, HashMap<String, Tensor>, usize);
+
+fn dinov2_large_weights(dev: &Device) -> Result<RandomWeights<Dinov2Config>> {
     let dev = dev.clone();
     let cfg = Dinov2Config::from_json(&serde_json::json!({
         "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
@@ -129,10 +150,7 @@ pub fn random_dinov2_large(dev: &Device) -> Result<(Dinov2WithRegisters, usize)>
     }
     norm(&mut t, "layernorm", c, &dev)?;
     let params = t.values().map(|t| t.elem_count()).sum();
-    let (vb, check) = weights::from_tensors(t, "random dinov2-large", DType::F32, &dev);
-    let model = Dinov2WithRegisters::new(&cfg, vb)?;
-    check.finish()?;
-    Ok((model, params))
+    Ok((cfg, t, params))
 }
 
 /// `openai/clip-vit-large-patch14` text sizes, batch 2 (a prompt and the empty negative).
@@ -166,6 +184,24 @@ pub fn clip_ids(dev: &Device) -> Result<Tensor> {
 /// `openai/clip-vit-large-patch14`'s text transformer with random weights, float32.
 /// Also returns its parameter count.
 pub fn random_clip_large_text(dev: &Device) -> Result<(ClipTextTransformer, usize)> {
+    let (cfg, t, params) = clip_large_text_weights(dev)?;
+    let (vb, check) = weights::from_tensors(t, "random clip-large text", DType::F32, dev);
+    let model = ClipTextTransformer::new(&cfg, vb)?;
+    check.finish()?;
+    Ok((model, params))
+}
+
+/// [`random_clip_large_text`] in host memory, as `runtime::residency` places it per stage.
+pub fn random_clip_large_text_network() -> Result<(Network<ClipTextTransformer>, usize)> {
+    let (cfg, t, params) = clip_large_text_weights(&Device::Cpu)?;
+    let host = weights::HostWeights::new(t, "random clip-large text");
+    let net = Network::new("clip-vit-large-patch14 (text)", host, move |vb| {
+        ClipTextTransformer::new(&cfg, vb)
+    });
+    Ok((net, params))
+}
+
+fn clip_large_text_weights(dev: &Device) -> Result<RandomWeights<ClipTextConfig>> {
     let dev = dev.clone();
     let cfg = ClipTextConfig::from_json(&serde_json::json!({
         "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -193,8 +229,5 @@ pub fn random_clip_large_text(dev: &Device) -> Result<(ClipTextTransformer, usiz
     }
     norm(&mut t, "final_layer_norm", c, &dev)?;
     let params = t.values().map(|t| t.elem_count()).sum();
-    let (vb, check) = weights::from_tensors(t, "random clip-large text", DType::F32, &dev);
-    let model = ClipTextTransformer::new(&cfg, vb)?;
-    check.finish()?;
-    Ok((model, params))
+    Ok((cfg, t, params))
 }

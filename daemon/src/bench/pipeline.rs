@@ -7,11 +7,18 @@
 //! shell the issue-12 figures of the original were measured on), then the mesh (+ FlexiCubes),
 //! Gaussian and radiance-field decoders.
 //!
+//! The stages run through the same code as a job's (`pipelines::base`'s stage functions on a
+//! `runtime::residency::Residency`), at the tier `--vram-tier` names (default: chosen from free
+//! memory), with `--vram-budget` / `--vram-ballast` as a job would. The weights are built once in
+//! host memory; each stage's networks are placed on the device as the tier says.
+//!
 //! Per stage: the median wall time of `--runs` runs after one warm-up (the device synchronised
-//! before each clock read), the number of flow forwards, and the peak GPU memory of the stage: the
-//! high-water mark of the memory pool candle allocates from (`runtime::vram`: "allocated" is
-//! memory handed to live tensors, "reserved" what the pool took from the driver), plus the peak
-//! host RSS. Prints a table; `--json FILE` writes the same figures.
+//! before each clock read; uploads included), the tier it ran at, the number of flow forwards,
+//! how long the weight uploads took (and how much of that was hidden behind compute: none, the
+//! uploads are synchronous for now), and the peak GPU memory of the stage: the high-water mark of
+//! the memory pool candle allocates from (`runtime::vram`: "allocated" is memory handed to live
+//! tensors, "reserved" what the pool took from the driver), plus the peak host RSS. Prints a
+//! table; `--json FILE` writes the same figures.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,6 +31,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{manifest_path, median, peak_rss_kib};
 use crate::hub::config::PipelineConfig;
 use crate::models::conditioners::common::layer_norm_plain;
+use crate::models::config::SparseStructureFlowConfig;
 use crate::models::config::{ModelConfig, SamplerParams};
 use crate::models::slat_flow::SLatFlowModel;
 use crate::models::slat_vae::decoder_gs::SLatGaussianDecoder;
@@ -31,13 +39,13 @@ use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
 use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::SparseStructureDecoder;
-use crate::modules::sparse::tensor::{Geometry, SparseTensor};
 use crate::pipelines::base::{
-    decode_slat, sample_slat, sample_sparse_structure, sampler_with, RunControl,
+    decode_slat, sampler_with, slat_stage, ss_decoder_stage, ss_flow_stage, RunControl,
 };
-use crate::pipelines::loader::{Decoders, Formats};
+use crate::pipelines::loader::{host_network, Decoders, Formats};
 use crate::pipelines::samplers::Conditioning;
 use crate::runtime::precision::torso_dtype;
+use crate::runtime::residency::{MemoryOptions, Network, Residency, StageRecord};
 use crate::runtime::vram::{self, PoolStats};
 use crate::runtime::weights::{Manifest, ManifestFill};
 
@@ -54,6 +62,8 @@ pub struct PipelineOptions {
     pub runs: usize,
     pub formats: Formats,
     pub json: Option<PathBuf>,
+    /// `--vram-tier`, `--vram-budget`, `--vram-ballast`.
+    pub memory: MemoryOptions,
 }
 
 impl Default for PipelineOptions {
@@ -65,6 +75,7 @@ impl Default for PipelineOptions {
             runs: 3,
             formats: Formats::ALL,
             json: None,
+            memory: MemoryOptions::default(),
         }
     }
 }
@@ -82,6 +93,15 @@ pub struct StageFigures {
     /// GPU pool high-water marks during the stage (bytes), absent on the CPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vram: Option<PoolStats>,
+    /// The tier(s) the stage ran at over the timed runs.
+    pub tiers: Vec<String>,
+    /// Median seconds of its weight uploads, the bytes uploaded per run (median), and the median
+    /// seconds of uploads hidden behind compute (0: uploads are synchronous).
+    pub upload_median_s: f64,
+    pub upload_bytes: u64,
+    pub upload_hidden_median_s: f64,
+    /// Out-of-memory fallbacks over the timed runs.
+    pub fallbacks: usize,
 }
 
 /// The whole report (`--json`).
@@ -93,14 +113,18 @@ pub struct PipelineReport {
     pub voxels: usize,
     pub runs: usize,
     pub build_s: f64,
-    /// Bytes of weights as the networks hold them (their run dtypes).
+    /// The tier asked for (`auto` when chosen per run) and the memory budget, if any.
+    pub tier: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vram_budget: Option<u64>,
+    /// Bytes of weights as the networks hold them (their run dtypes), in host memory.
     pub weight_bytes: u64,
     pub stages: Vec<StageFigures>,
     pub total_median_s: f64,
     /// Pool high-water marks over the whole timed runs (bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vram_peak: Option<PoolStats>,
-    /// Pool figures right after the networks were built (the resident weights).
+    /// Pool figures after the warm-up (the weights the tier keeps resident).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vram_resident: Option<PoolStats>,
     pub peak_rss_bytes: Option<u64>,
@@ -109,9 +133,10 @@ pub struct PipelineReport {
 /// The networks of one pipeline, random weights.
 struct Networks {
     cond: Conditioner,
-    ss_flow: SparseStructureFlowModel,
-    ss_decoder: SparseStructureDecoder,
-    slat_flow: SLatFlowModel,
+    ss_flow: Network<SparseStructureFlowModel>,
+    ss_decoder: Network<SparseStructureDecoder>,
+    ss_flow_config: SparseStructureFlowConfig,
+    slat_flow: Network<SLatFlowModel>,
     slat_in_channels: usize,
     decoders: Decoders,
     config: PipelineConfig,
@@ -120,36 +145,36 @@ struct Networks {
 }
 
 enum Conditioner {
-    Image(crate::models::conditioners::dinov2::Dinov2WithRegisters),
-    Text(crate::models::conditioners::clip::ClipTextTransformer),
+    Image(Network<crate::models::conditioners::dinov2::Dinov2WithRegisters>),
+    Text(Network<crate::models::conditioners::clip::ClipTextTransformer>),
 }
 
-/// Builds one network of the pipeline from its manifest, in its torso dtype on `dev`; returns it
-/// with the bytes its weights take.
-fn build<M>(
+/// Builds one network of the pipeline from its manifest into host memory, in the torso dtype it
+/// runs in on `dev`; returns it with the bytes its weights take.
+fn build<C, M>(
     stem: &str,
     dev: &Device,
     seed: u64,
     dtypes: &mut BTreeMap<String, String>,
-    make: impl Fn(ModelConfig, candle_nn::VarBuilder<'static>, &dyn Fn(bool) -> DType) -> Result<M>,
-) -> Result<(M, u64)> {
+    mut pick: impl FnMut(ModelConfig) -> Result<(C, bool)>,
+    make: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
+) -> Result<(Network<M>, u64)>
+where
+    C: Send + Sync + 'static,
+    M: Send + Sync + 'static,
+{
     let manifest = Manifest::load(&manifest_path(stem)?)?;
-    let cfg = ModelConfig::from_json(stem, &manifest.config)?;
-    let (vb, check) = manifest.var_builder(ManifestFill::Random { seed }, DType::F32, dev);
-    let dtype_of = |fp16: bool| torso_dtype(fp16, dev);
-    let m = make(cfg, vb, &dtype_of).with_context(|| format!("building {stem}"))?;
-    let requested = check.requested_dtypes();
-    check
-        .finish()
-        .with_context(|| format!("weights of {stem}"))?;
-    let mut bytes = 0u64;
+    let (cfg, use_fp16) = pick(ModelConfig::from_json(stem, &manifest.config)?)?;
+    let vb = manifest.var_builder(ManifestFill::Random { seed }, DType::F32, &Device::Cpu);
+    let net = host_network(stem, vb, cfg, torso_dtype(use_fp16, dev), make, |check| {
+        Ok(check.finish()?)
+    })
+    .with_context(|| format!("building {stem}"))?;
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for (name, dt) in &requested {
-        if let Some(spec) = manifest.entries.get(name) {
-            let n: usize = spec.shape.iter().product();
-            bytes += (n * dt.size_in_bytes()) as u64;
-            *kinds.entry(format!("{dt:?}").to_lowercase()).or_default() += n as u64;
-        }
+    for (_, dtype, n) in net.host().entries() {
+        *kinds
+            .entry(format!("{dtype:?}").to_lowercase())
+            .or_default() += n as u64;
     }
     let main = kinds
         .iter()
@@ -157,7 +182,8 @@ fn build<M>(
         .map(|(d, _)| d.clone())
         .unwrap_or_default();
     dtypes.insert(stem.to_string(), main);
-    Ok((m, bytes))
+    let bytes = net.host().bytes();
+    Ok((net, bytes))
 }
 
 fn model_stem(config: &PipelineConfig, key: &str) -> Result<String> {
@@ -176,79 +202,85 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
     let mut dtypes = BTreeMap::new();
     let mut bytes = 0u64;
     let cond = if config.image_cond_model.is_some() {
-        let (m, params) = super::conditioners::random_dinov2_large(dev)?;
+        let (m, params) = super::conditioners::random_dinov2_large_network()?;
         bytes += params as u64 * 4;
         dtypes.insert("dinov2_vitl14_reg".into(), "f32".into());
         Conditioner::Image(m)
     } else {
-        let (m, params) = super::conditioners::random_clip_large_text(dev)?;
+        let (m, params) = super::conditioners::random_clip_large_text_network()?;
         bytes += params as u64 * 4;
         dtypes.insert("clip-vit-large-patch14 (text)".into(), "f32".into());
         Conditioner::Text(m)
     };
+    fn wrong<T>(want: &str, got: ModelConfig) -> Result<T> {
+        bail!("expected a {want}, got {}", got.class_name())
+    }
+    let mut ss_flow_config = None;
     let (ss_flow, b) = build(
         &model_stem(&config, "sparse_structure_flow_model")?,
         dev,
         1,
         &mut dtypes,
-        |c, vb, dt| match c {
+        |c| match c {
             ModelConfig::SparseStructureFlow(c) => {
-                SparseStructureFlowModel::new(&c, vb, dt(c.use_fp16))
+                ss_flow_config = Some(c.clone());
+                let fp16 = c.use_fp16;
+                Ok((c, fp16))
             }
-            other => bail!(
-                "expected a SparseStructureFlowModel, got {}",
-                other.class_name()
-            ),
+            other => wrong("SparseStructureFlowModel", other),
         },
+        |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
     )?;
+    let ss_flow_config =
+        ss_flow_config.ok_or_else(|| anyhow::anyhow!("no sparse-structure flow config"))?;
     bytes += b;
     let (ss_decoder, b) = build(
         &model_stem(&config, "sparse_structure_decoder")?,
         dev,
         2,
         &mut dtypes,
-        |c, vb, dt| match c {
+        |c| match c {
             ModelConfig::SparseStructureDecoder(c) => {
-                SparseStructureDecoder::new(&c, vb, dt(c.use_fp16))
+                let fp16 = c.use_fp16;
+                Ok((c, fp16))
             }
-            other => bail!(
-                "expected a SparseStructureDecoder, got {}",
-                other.class_name()
-            ),
+            other => wrong("SparseStructureDecoder", other),
         },
+        |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
     )?;
     bytes += b;
+    let mut slat_in_channels = 0;
     let (slat_flow, b) = build(
         &model_stem(&config, "slat_flow_model")?,
         dev,
         3,
         &mut dtypes,
-        |c, vb, dt| match c {
+        |c| match c {
             ModelConfig::SLatFlow { config: c, .. } => {
-                Ok((c.in_channels, SLatFlowModel::new(&c, vb, dt(c.use_fp16))?))
+                slat_in_channels = c.in_channels;
+                let fp16 = c.use_fp16;
+                Ok((c, fp16))
             }
-            other => bail!("expected a SLatFlowModel, got {}", other.class_name()),
+            other => wrong("SLatFlowModel", other),
         },
+        |c, vb, dt| SLatFlowModel::new(c, vb, dt),
     )?;
-    let (slat_in_channels, slat_flow) = slat_flow;
     bytes += b;
-    let mut decoders = Decoders {
-        mesh: None,
-        gaussian: None,
-        radiance_field: None,
-    };
+    let mut decoders = Decoders::default();
     if opts.formats.mesh {
         let (m, b) = build(
             &model_stem(&config, "slat_decoder_mesh")?,
             dev,
             4,
             &mut dtypes,
-            |c, vb, dt| match c {
+            |c| match c {
                 ModelConfig::SLatMeshDecoder { config: c, .. } => {
-                    SLatMeshDecoder::new(&c, vb, dt(c.use_fp16))
+                    let fp16 = c.use_fp16;
+                    Ok((c, fp16))
                 }
-                other => bail!("expected a SLatMeshDecoder, got {}", other.class_name()),
+                other => wrong("SLatMeshDecoder", other),
             },
+            |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
         )?;
         decoders.mesh = Some(m);
         bytes += b;
@@ -259,12 +291,14 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             dev,
             5,
             &mut dtypes,
-            |c, vb, dt| match c {
+            |c| match c {
                 ModelConfig::SLatGaussianDecoder { config: c, .. } => {
-                    SLatGaussianDecoder::new(&c, vb, dt(c.use_fp16))
+                    let fp16 = c.use_fp16;
+                    Ok((c, fp16))
                 }
-                other => bail!("expected a SLatGaussianDecoder, got {}", other.class_name()),
+                other => wrong("SLatGaussianDecoder", other),
             },
+            |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
         )?;
         decoders.gaussian = Some(m);
         bytes += b;
@@ -275,15 +309,14 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             dev,
             6,
             &mut dtypes,
-            |c, vb, dt| match c {
+            |c| match c {
                 ModelConfig::SLatRadianceFieldDecoder { config: c, .. } => {
-                    SLatRadianceFieldDecoder::new(&c, vb, dt(c.use_fp16))
+                    let fp16 = c.use_fp16;
+                    Ok((c, fp16))
                 }
-                other => bail!(
-                    "expected a SLatRadianceFieldDecoder, got {}",
-                    other.class_name()
-                ),
+                other => wrong("SLatRadianceFieldDecoder", other),
             },
+            |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
         )?;
         decoders.radiance_field = Some(m);
         bytes += b;
@@ -292,6 +325,7 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
         cond,
         ss_flow,
         ss_decoder,
+        ss_flow_config,
         slat_flow,
         slat_in_channels,
         decoders,
@@ -301,27 +335,26 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
     })
 }
 
-/// Times `f` on `dev` (synchronised) and reads the pool's high-water marks of that span.
-fn timed<T>(dev: &Device, f: impl FnOnce() -> Result<T>) -> Result<(T, f64, Option<PoolStats>)> {
-    dev.synchronize()?;
-    vram::reset_peaks(dev);
-    let t = Instant::now();
-    let v = f()?;
-    dev.synchronize()?;
-    Ok((v, t.elapsed().as_secs_f64(), vram::pool_stats(dev)))
-}
+/// One run of every stage: per stage (name, seconds, forwards, its residency record).
+type RunFigures = Vec<(String, f64, Option<usize>, StageRecord)>;
 
-/// One run of every stage: (stage name, seconds, forwards, pool marks).
-type RunFigures = Vec<(String, f64, Option<usize>, Option<PoolStats>)>;
+/// The record of the stage `res` ran last.
+fn last_stage(res: &Residency) -> Result<StageRecord> {
+    res.stage_log()
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no stage ran"))
+}
 
 fn run_once(
     nets: &Networks,
+    res: &Residency,
     opts: &PipelineOptions,
     dev: &Device,
     shell: &[i32],
     seed: u64,
 ) -> Result<RunFigures> {
     let mut fig: RunFigures = Vec::new();
+    res.begin_job();
     let over = SamplerParams {
         steps: opts.steps,
         ..SamplerParams::default()
@@ -332,121 +365,108 @@ fn run_once(
         cancel: None,
         keep_trajectory: false,
     };
+    // Wall time of a stage: synchronised before and after (its uploads included).
+    let clock = |t: Instant| -> Result<f64> {
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
 
     // Conditioning.
-    let ((cond, neg), s, v) = timed(dev, || -> Result<(Tensor, Tensor)> {
-        match &nets.cond {
-            Conditioner::Image(m) => {
-                let x = super::randn(&[1, 3, 518, 518], seed, dev)?;
-                let c = layer_norm_plain(&m.forward_prenorm(&x)?, 1e-6)?;
-                let n = c.zeros_like()?;
-                Ok((c, n))
-            }
-            Conditioner::Text(m) => {
-                let ids = super::conditioners::clip_ids(dev)?;
-                let y = m.forward(&ids)?;
-                Ok((y.narrow(0, 0, 1)?, y.narrow(0, 1, 1)?))
-            }
+    dev.synchronize()?;
+    let t = Instant::now();
+    let (cond, neg) = match &nets.cond {
+        Conditioner::Image(m) => {
+            let x = super::randn(&[1, 3, 518, 518], seed, dev)?;
+            let c = res.stage("conditioner", &[m], || {
+                layer_norm_plain(&m.get()?.forward_prenorm(&x)?, 1e-6)
+            })?;
+            let n = c.zeros_like()?;
+            (c, n)
         }
-    })?;
-    fig.push(("conditioner".into(), s, None, v));
+        Conditioner::Text(m) => {
+            let ids = super::conditioners::clip_ids(dev)?;
+            let y = res.stage("conditioner", &[m], || m.get()?.forward(&ids))?;
+            (y.narrow(0, 0, 1)?, y.narrow(0, 1, 1)?)
+        }
+    };
+    fig.push(("conditioner".into(), clock(t)?, None, last_stage(res)?));
     let c = Conditioning::Single {
         cond: &cond,
         neg: &neg,
     };
 
-    // Sparse structure: flow, then decoder (timed apart).
+    // Sparse structure: flow, then decoder (each its own stage).
     let (sampler, settings) = sampler_with(&nets.config.sparse_structure_sampler, &over)?;
-    let fc = nets.ss_flow.config();
+    let fc = &nets.ss_flow_config;
     let r = fc.resolution;
     let z = super::randn(&[1, fc.in_channels, r, r, r], seed + 1, dev)?;
-    let mut forwards = 0usize;
-    let mut z_s: Option<Tensor> = None;
-    let (_, s, v) = timed(dev, || -> Result<()> {
-        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
-            forwards += 1;
-            nets.ss_flow.forward(x, t, c)
-        };
-        // The decoder runs apart below: here it only hands z_s out.
-        let mut keep = |z: &Tensor| -> Result<Tensor> {
-            z_s = Some(z.clone());
-            Ok(Tensor::ones((1, 1, 1, 1, 1), DType::F32, dev)?)
-        };
-        sample_sparse_structure(&sampler, &settings, &mut fl, &mut keep, z, &c, &mut ctl)?;
-        Ok(())
-    })?;
-    fig.push(("sparse-structure flow".into(), s, Some(forwards), v));
-    let z_s = z_s.ok_or_else(|| anyhow::anyhow!("the structure sampler returned nothing"))?;
-    let (occupied, s, v) = timed(dev, || -> Result<usize> {
-        let logits = nets.ss_decoder.forward(&z_s)?;
-        let coords = crate::models::ss_vae::occupied_coords(&logits)?;
-        Ok(coords.dim(0)?)
-    })?;
+    dev.synchronize()?;
+    let t = Instant::now();
+    let (out, forwards) = ss_flow_stage(res, &nets.ss_flow, &sampler, &settings, &z, &c, &mut ctl)?;
+    fig.push((
+        "sparse-structure flow".into(),
+        clock(t)?,
+        Some(forwards),
+        last_stage(res)?,
+    ));
+    let t = Instant::now();
+    let logits = ss_decoder_stage(res, &nets.ss_decoder, &out.samples)?;
+    let occupied = crate::models::ss_vae::occupied_coords(&logits)?.dim(0)?;
     fig.push((
         format!("sparse-structure decode ({occupied} occupied, unused)"),
-        s,
+        clock(t)?,
         None,
-        v,
+        last_stage(res)?,
     ));
 
     // Structured latent on the fixed shell.
     let (sampler, settings) = sampler_with(&nets.config.slat_sampler, &over)?;
     let n = shell.len() / 4;
     let coords = Tensor::from_vec(shell.to_vec(), (n, 4), dev)?;
-    let in_ch = nets.slat_in_channels;
-    let feats = super::randn(&[n, in_ch], seed + 2, dev)?;
-    let geo = std::sync::Arc::new(Geometry::new(shell.to_vec(), None, dev)?);
+    let feats = super::randn(&[n, nets.slat_in_channels], seed + 2, dev)?;
     let norm = &nets.config.slat_normalization;
-    let mut forwards = 0usize;
-    let (slat, s, v) = timed(dev, || -> Result<Tensor> {
-        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
-            forwards += 1;
-            let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
-            Ok(nets.slat_flow.forward(&st, t, c)?.feats().clone())
-        };
-        let out = sample_slat(
-            &sampler, &settings, &mut fl, &coords, feats, &c, &norm.mean, &norm.std, &mut ctl,
-        )?;
-        Ok(out.slat)
-    })?;
-    fig.push(("SLat flow".into(), s, Some(forwards), v));
+    dev.synchronize()?;
+    let t = Instant::now();
+    let (slat, forwards) = slat_stage(
+        res,
+        &nets.slat_flow,
+        &sampler,
+        &settings,
+        &coords,
+        feats,
+        &c,
+        &norm.mean,
+        &norm.std,
+        &mut ctl,
+    )?;
+    fig.push((
+        "SLat flow".into(),
+        clock(t)?,
+        Some(forwards),
+        last_stage(res)?,
+    ));
 
-    // Decoders, one by one.
-    for (name, f) in [
-        (
-            "mesh decode + FlexiCubes",
-            Formats {
-                mesh: true,
-                ..Formats::default()
-            },
-        ),
-        (
-            "Gaussian decode",
-            Formats {
-                gaussian: true,
-                ..Formats::default()
-            },
-        ),
-        (
-            "radiance-field decode",
-            Formats {
-                radiance_field: true,
-                ..Formats::default()
-            },
-        ),
-    ] {
-        let wanted = (f.mesh && opts.formats.mesh)
-            || (f.gaussian && opts.formats.gaussian)
-            || (f.radiance_field && opts.formats.radiance_field);
-        if !wanted {
-            continue;
-        }
-        let (_, s, v) = timed(dev, || -> Result<()> {
-            let d = decode_slat(&nets.decoders, &coords, &slat, f, &mut ctl)?;
-            drop(d);
-            Ok(())
-        })?;
-        fig.push((name.into(), s, None, v));
+    // Decoders: one stage each, or one for all of them at `medium` (as a job runs them).
+    let before = res.stage_log().len();
+    let d = decode_slat(
+        res,
+        &nets.decoders,
+        &coords,
+        &slat.slat,
+        opts.formats,
+        &mut ctl,
+    )?;
+    dev.synchronize()?;
+    drop(d);
+    for rec in res.stage_log().into_iter().skip(before) {
+        let name = match rec.stage.as_str() {
+            "mesh decoder" => "mesh decode + FlexiCubes".to_string(),
+            "Gaussian decoder" => "Gaussian decode".to_string(),
+            "radiance-field decoder" => "radiance-field decode".to_string(),
+            "decoders" => format!("decoders ({}, one stage)", opts.formats.names().join(", ")),
+            other => other.to_string(),
+        };
+        fig.push((name, rec.upload_s + rec.compute_s, None, rec));
     }
     Ok(fig)
 }
@@ -479,15 +499,19 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         );
     }
     let dev = dev.clone();
+    let res = Residency::new(&dev, opts.memory.clone())?;
     let t = Instant::now();
     let nets = build_networks(opts, &dev)?;
     dev.synchronize()?;
     let build_s = t.elapsed().as_secs_f64();
-    let vram_resident = vram::pool_stats(&dev);
     let shell = super::shell_coords(64, opts.voxels);
+    let tier_asked = opts
+        .memory
+        .tier
+        .map_or("auto".to_string(), |t| t.name().to_string());
     writeln!(
         out,
-        "pipeline TRELLIS-{}: built in {build_s:.1}s, weights {} ({}), on {}; SLat stage on a {}-voxel shell at 64^3; {} timed run(s) after a warm-up",
+        "pipeline TRELLIS-{}: built in {build_s:.1}s, weights {} in host memory ({}), on {}, tier {tier_asked}{}; SLat stage on a {}-voxel shell at 64^3; {} timed run(s) after a warm-up",
         opts.pipeline,
         vram::gib(nets.weight_bytes),
         nets.dtypes
@@ -496,28 +520,58 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             .collect::<Vec<_>>()
             .join(", "),
         crate::runtime::device::device_name(&dev),
+        opts.memory
+            .budget
+            .map_or(String::new(), |b| format!(", weights budget {}", vram::gib(b)))
+            + &match res.ballast_bytes() {
+                0 => String::new(),
+                b => format!(", {} ballast held (not in the figures below)", vram::gib(b)),
+            },
         opts.voxels,
         opts.runs
     )?;
     out.flush()?;
-    let warm = run_once(&nets, opts, &dev, &shell, 0)?;
+    let warm = run_once(&nets, &res, opts, &dev, &shell, 0)?;
     writeln!(
         out,
-        "warm-up: {:.2}s",
-        warm.iter().map(|f| f.1).sum::<f64>()
+        "warm-up: {:.2}s (tiers: {})",
+        warm.iter().map(|f| f.1).sum::<f64>(),
+        warm.iter()
+            .map(|f| format!("{} {}", f.0, f.3.tier))
+            .collect::<Vec<_>>()
+            .join(", ")
     )?;
     out.flush()?;
+    let vram_resident = res.pool_stats();
     let mut runs: Vec<RunFigures> = Vec::new();
     for i in 0..opts.runs {
-        runs.push(run_once(&nets, opts, &dev, &shell, 100 * (i as u64 + 1))?);
+        let r = run_once(&nets, &res, opts, &dev, &shell, 100 * (i as u64 + 1))?;
+        if let Some(first) = runs.first() {
+            let names = |r: &RunFigures| r.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
+            if names(first) != names(&r) {
+                bail!(
+                    "bench pipeline: run {} went through other stages than run 1 ({:?} vs {:?})",
+                    i + 1,
+                    names(&r),
+                    names(first)
+                );
+            }
+        }
+        runs.push(r);
     }
     let mut stages = Vec::new();
     let mut vram_peak = None;
     for (k, (name, _, forwards, _)) in runs[0].iter().enumerate() {
         let seconds: Vec<f64> = runs.iter().map(|r| r[k].1).collect();
+        let uploads: Vec<f64> = runs.iter().map(|r| r[k].3.upload_s).collect();
+        let hidden: Vec<f64> = runs.iter().map(|r| r[k].3.upload_hidden_s).collect();
+        let mut bytes: Vec<u64> = runs.iter().map(|r| r[k].3.upload_bytes).collect();
+        bytes.sort_unstable();
+        let mut tiers: Vec<String> = runs.iter().map(|r| r[k].3.tier.clone()).collect();
+        tiers.dedup();
         let mut v = None;
         for r in &runs {
-            v = max_stats(v, r[k].3);
+            v = max_stats(v, r[k].3.vram);
         }
         vram_peak = max_stats(vram_peak, v);
         stages.push(StageFigures {
@@ -526,32 +580,61 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             seconds,
             forwards: *forwards,
             vram: v,
+            tiers,
+            upload_median_s: median(&uploads),
+            upload_bytes: bytes[bytes.len() / 2],
+            upload_hidden_median_s: median(&hidden),
+            fallbacks: runs.iter().map(|r| r[k].3.fallbacks).sum(),
         });
     }
     let total: f64 = stages.iter().map(|s| s.median_s).sum();
     writeln!(
         out,
-        "{:<44} {:>10} {:>9} {:>12} {:>14} {:>14}",
-        "stage", "median", "forwards", "ms/forward", "peak alloc", "peak reserved"
+        "{:<52} {:>8} {:>10} {:>9} {:>11} {:>10} {:>10} {:>9} {:>11} {:>13}",
+        "stage",
+        "tier",
+        "median",
+        "forwards",
+        "ms/forward",
+        "upload",
+        "uploaded",
+        "hidden",
+        "peak alloc",
+        "peak reserved"
     )?;
     for s in &stages {
         writeln!(
             out,
-            "{:<44} {:>9.1}ms {:>9} {:>12} {:>14} {:>14}",
+            "{:<52} {:>8} {:>8.1}ms {:>9} {:>11} {:>8.1}ms {:>10} {:>7.1}ms {:>11} {:>13}",
             s.stage,
+            s.tiers.join("/"),
             s.median_s * 1e3,
             s.forwards.map_or("".into(), |f| f.to_string()),
             s.forwards
                 .map_or("".into(), |f| format!("{:.1}", s.median_s * 1e3 / f as f64)),
+            s.upload_median_s * 1e3,
+            vram::gib(s.upload_bytes),
+            s.upload_hidden_median_s * 1e3,
             s.vram.map_or("n/a".into(), |v| vram::gib(v.used_high)),
             s.vram.map_or("n/a".into(), |v| vram::gib(v.reserved_high)),
         )?;
     }
-    writeln!(out, "{:<44} {:>9.1}ms", "sum", total * 1e3)?;
+    writeln!(out, "{:<52} {:>8} {:>8.1}ms", "sum", "", total * 1e3)?;
+    let fallbacks: usize = stages.iter().map(|s| s.fallbacks).sum();
+    if fallbacks > 0 {
+        writeln!(
+            out,
+            "out-of-memory fallbacks over the timed runs: {fallbacks} (each run starts at tier {tier_asked} again)"
+        )?;
+    }
+    writeln!(
+        out,
+        "uploads are synchronous on candle's stream: none of their time is hidden behind compute"
+    )?;
     if let (Some(r), Some(p)) = (vram_resident, vram_peak) {
         writeln!(
             out,
-            "GPU memory: weights resident {} (pool after building), peak allocated {}, peak reserved {}",
+            "GPU memory: resident between runs {} (pool after the warm-up), peak allocated {}, peak reserved {}",
             vram::gib(r.used),
             vram::gib(p.used_high),
             vram::gib(p.reserved_high)
@@ -570,6 +653,8 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         voxels: opts.voxels,
         runs: opts.runs,
         build_s,
+        tier: tier_asked,
+        vram_budget: opts.memory.budget,
         weight_bytes: nets.weight_bytes,
         stages,
         total_median_s: total,

@@ -1,5 +1,6 @@
 //! `trellisd bench NAME [--threads N] [--device D] [--precision P] [--weights W --inputs I]` (`--list`
-//! shows the names): see [`crate::bench`].
+//! shows the names; `pipeline` also takes `--vram-tier`, `--vram-budget`, `--vram-ballast`): see
+//! [`crate::bench`].
 
 use anyhow::{bail, Context, Result};
 
@@ -41,6 +42,8 @@ pub struct BenchArgs {
     /// `pipeline`: also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub memory: super::memory_args::MemoryArgs,
     /// List the benchmarks and exit.
     #[arg(long)]
     pub list: bool,
@@ -82,6 +85,7 @@ pub fn run(args: &BenchArgs) -> Result<i32> {
             runs: args.runs,
             formats: crate::pipelines::loader::Formats::parse(&args.formats)?,
             json: args.json.clone(),
+            memory: args.memory.options()?,
         };
         crate::bench::pipeline::run(&device, &opts, &mut stdout)?;
     } else {

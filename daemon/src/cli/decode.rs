@@ -47,6 +47,7 @@ pub fn run(args: &DecodeArgs) -> Result<i32> {
         precision: args.precision.clone(),
         quiet: args.quiet,
         json: args.json,
+        memory: Default::default(),
     };
     with_reporter(&runtime, |rep| decode(args, rep))
 }
@@ -70,5 +71,6 @@ fn decode(args: &DecodeArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     });
     job.validate()?;
     let opened = super::generate::open_device(&args.device, &args.precision)?;
-    run_in_process(&job, &plan.files(), opened, None, rep)
+    let memory = crate::runtime::residency::MemoryOptions::from_env()?;
+    run_in_process(&job, &plan.files(), opened, memory, None, rep)
 }

@@ -148,5 +148,13 @@ fn edit(args: &EditArgs, rep: &mut Reporter) -> Result<serde_json::Value> {
     });
     job.validate()?;
     let opened = args.runtime.open_device()?;
-    run_in_process(&job, &plan.files(), opened, Some(&args.background), rep)
+    let memory = args.runtime.memory.options()?;
+    run_in_process(
+        &job,
+        &plan.files(),
+        opened,
+        memory,
+        Some(&args.background),
+        rep,
+    )
 }

@@ -20,6 +20,7 @@ use crate::pipelines::base::{ProgressEvent, RunControl};
 use crate::pipelines::image_to_3d::MultiImageMode;
 use crate::pipelines::loader::Formats;
 use crate::runtime::precision::PrecisionChoice;
+use crate::runtime::residency::MemoryOptions;
 
 fn parse_steps(s: &str) -> Result<usize, String> {
     let n: usize = s
@@ -124,6 +125,8 @@ pub struct RuntimeArgs {
     /// One JSON object per progress event on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub memory: super::memory_args::MemoryArgs,
 }
 
 impl RuntimeArgs {
@@ -339,6 +342,7 @@ pub fn run_in_process(
     job: &Job,
     files: &OutputFiles,
     (device, precision): (candle_core::Device, PrecisionChoice),
+    memory: MemoryOptions,
     background: Option<&super::background::BackgroundArgs>,
     rep: &mut Reporter,
 ) -> Result<serde_json::Value> {
@@ -346,7 +350,7 @@ pub fn run_in_process(
         device: Some(device.clone()),
         ..files.clone()
     };
-    let mut cache = ModelCache::on(device, precision, 1);
+    let mut cache = ModelCache::with_memory(device, precision, 1, memory)?;
     let out = with_control(rep, |ctl| run_job(job, &mut cache, ctl))?;
     let mut written = with_control(rep, |ctl| outputs::write_outputs(&files, &out, ctl))?;
     if let Some(b) = background {
@@ -385,5 +389,13 @@ fn generate(args: &GenerateArgs, rep: &mut Reporter) -> Result<serde_json::Value
     });
     job.validate()?;
     let opened = args.runtime.open_device()?;
-    run_in_process(&job, &plan.files(), opened, Some(&args.background), rep)
+    let memory = args.runtime.memory.options()?;
+    run_in_process(
+        &job,
+        &plan.files(),
+        opened,
+        memory,
+        Some(&args.background),
+        rep,
+    )
 }

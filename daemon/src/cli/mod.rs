@@ -8,6 +8,7 @@ pub mod decode;
 pub mod doctor;
 pub mod edit;
 pub mod generate;
+pub mod memory_args;
 pub mod parity;
 pub mod progress;
 pub mod serve;

@@ -31,6 +31,8 @@ pub struct ServeArgs {
     /// id (default leonelhs/u2net) or a local folder holding u2net.pth or model.safetensors.
     #[arg(long, value_name = "ID|DIR")]
     pub background_model: Option<String>,
+    #[command(flatten)]
+    pub memory: super::memory_args::MemoryArgs,
 }
 
 pub fn run(args: &ServeArgs) -> Result<i32> {
@@ -49,5 +51,6 @@ pub fn run(args: &ServeArgs) -> Result<i32> {
         precision: args.precision.parse()?,
         max_resident: args.max_resident,
         background_model: args.background_model.clone(),
+        memory: args.memory.options()?,
     })
 }

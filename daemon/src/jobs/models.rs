@@ -3,6 +3,7 @@
 //! command line uses a fresh cache per run; the daemon keeps one per worker (device).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
@@ -16,6 +17,7 @@ use crate::pipelines::base::{RunControl, Stage, TrellisPipeline};
 use crate::pipelines::loader::{self, Formats};
 use crate::runtime::device::Fallback;
 use crate::runtime::precision::PrecisionChoice;
+use crate::runtime::residency::{MemoryOptions, Network, Residency};
 
 pub const DEFAULT_IMAGE_MODEL: &str = "microsoft/TRELLIS-image-large";
 pub const DEFAULT_TEXT_MODEL: &str = "microsoft/TRELLIS-text-large";
@@ -25,8 +27,8 @@ pub struct Resident {
     /// The model spec it was opened by (hub id or folder).
     pub spec: String,
     pub pipeline: TrellisPipeline,
-    pub image_conditioner: Option<(PathBuf, ImageConditioner)>,
-    pub text_conditioner: Option<(PathBuf, TextConditioner)>,
+    pub image_conditioner: Option<(PathBuf, Network<ImageConditioner>)>,
+    pub text_conditioner: Option<(PathBuf, Network<TextConditioner>)>,
     /// The structure encoder (edits of a source without a structure latent).
     pub ss_encoder: Option<SparseStructureEncoder>,
     /// Networks loaded into it after it was opened.
@@ -42,6 +44,9 @@ pub struct ModelCache {
     pub precision: PrecisionChoice,
     /// Most pipelines kept at once (the least recently used goes first).
     pub max_resident: usize,
+    /// Where the networks' weights are placed on the device (tier, memory budget); the weights
+    /// themselves stay in host memory for as long as their pipeline is resident.
+    pub residency: Arc<Residency>,
     /// Most recently used last.
     entries: Vec<Resident>,
     /// Pipelines opened (weights read) so far.
@@ -61,9 +66,37 @@ impl ModelCache {
         Ok(Self::on(device, precision, max_resident))
     }
 
-    /// A cache on an already opened device.
+    /// A cache on an already opened device, its tier chosen per job from free memory.
     pub fn on(device: Device, precision: PrecisionChoice, max_resident: usize) -> Self {
+        let residency = Arc::new(Residency::auto(&device));
+        Self::with_residency(device, precision, max_resident, residency)
+    }
+
+    /// A cache on an already opened device with `--vram-tier` / `--vram-budget` /
+    /// `--vram-ballast` (the ballast is allocated now).
+    pub fn with_memory(
+        device: Device,
+        precision: PrecisionChoice,
+        max_resident: usize,
+        memory: MemoryOptions,
+    ) -> Result<Self> {
+        let residency = Arc::new(Residency::new(&device, memory)?);
+        Ok(Self::with_residency(
+            device,
+            precision,
+            max_resident,
+            residency,
+        ))
+    }
+
+    fn with_residency(
+        device: Device,
+        precision: PrecisionChoice,
+        max_resident: usize,
+        residency: Arc<Residency>,
+    ) -> Self {
         Self {
+            residency,
             device_name: crate::runtime::device::device_name(&device),
             device,
             precision,
@@ -135,7 +168,8 @@ impl ModelCache {
                 while self.entries.len() >= self.max_resident {
                     self.entries.remove(0);
                 }
-                let pipeline = TrellisPipeline::load(repo, &self.device, need_structure, formats)?;
+                let pipeline =
+                    TrellisPipeline::load(repo, self.residency.clone(), need_structure, formats)?;
                 self.entries.push(Resident {
                     spec: spec.to_string(),
                     pipeline,
@@ -169,9 +203,11 @@ impl Resident {
         let p = &mut self.pipeline;
         if need_structure && p.ss_flow.is_none() {
             p.ss_flow = Some(loader::load_ss_flow(&p.repo, dev)?);
+            self.loads += 1;
         }
         if need_structure && p.ss_decoder.is_none() {
             p.ss_decoder = Some(loader::load_ss_decoder(&p.repo, dev)?);
+            self.loads += 1;
         }
         let missing = Formats {
             mesh: formats.mesh && p.decoders.mesh.is_none(),
@@ -267,15 +303,16 @@ impl Resident {
             .ok_or_else(|| anyhow!("structure encoder not loaded"))
     }
 
-    /// The image conditioner in `dir`, loaded unless it is already.
-    pub fn image_conditioner(&mut self, dir: &Path, dev: &Device) -> Result<&ImageConditioner> {
+    /// The image conditioner in `dir`, read into host memory unless it is already (placed on
+    /// the device by the conditioning stage).
+    pub fn image_conditioner(&mut self, dir: &Path) -> Result<&Network<ImageConditioner>> {
         if self
             .image_conditioner
             .as_ref()
             .is_none_or(|(d, _)| d != dir)
         {
             self.image_conditioner = None;
-            let c = ImageConditioner::load(dir, dev, DType::F32)?;
+            let c = ImageConditioner::load_host(dir, DType::F32)?;
             self.image_conditioner = Some((dir.to_path_buf(), c));
             self.loads += 1;
         }
@@ -285,11 +322,12 @@ impl Resident {
             .ok_or_else(|| anyhow!("image conditioner not loaded"))
     }
 
-    /// The text conditioner in `dir`, loaded unless it is already.
-    pub fn text_conditioner(&mut self, dir: &Path, dev: &Device) -> Result<&TextConditioner> {
+    /// The text conditioner in `dir`, read into host memory unless it is already (placed on the
+    /// device by the conditioning stage).
+    pub fn text_conditioner(&mut self, dir: &Path) -> Result<&Network<TextConditioner>> {
         if self.text_conditioner.as_ref().is_none_or(|(d, _)| d != dir) {
             self.text_conditioner = None;
-            let c = TextConditioner::load(dir, dev, DType::F32)?;
+            let c = TextConditioner::load_host(dir, DType::F32)?;
             self.text_conditioner = Some((dir.to_path_buf(), c));
             self.loads += 1;
         }

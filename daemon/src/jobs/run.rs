@@ -115,14 +115,29 @@ fn check_cancel(ctl: &RunControl<'_>) -> Result<()> {
 }
 
 /// Runs `job` (already [`Job::validate`]d) on `cache`'s device.
+/// The memory tier starts where `--vram-tier` (or the free memory) says; an out-of-memory error
+/// inside a stage drops it for the rest of the job (`runtime::residency`). The metadata records
+/// the tier the job started and ended at.
 pub fn run_job(job: &Job, cache: &mut ModelCache, ctl: &mut RunControl<'_>) -> Result<JobOutput> {
     check_cancel(ctl)?;
-    match job {
+    let (tier, why) = cache.residency.begin_job();
+    let mut out = match job {
         Job::Generate(g) => generate(g, cache, ctl),
         Job::Variant(v) => variant(v, cache, ctl),
         Job::Edit(e) => edit(e, cache, ctl),
         Job::Decode(d) => decode(d, cache, ctl),
+    }?;
+    let end = cache.residency.tier();
+    let memory = serde_json::json!({
+        "tier": tier.name(),
+        "tier_reason": why,
+        "tier_at_end": end.name(),
+    });
+    match &mut out {
+        JobOutput::Generated { meta, .. } => meta["memory"] = memory,
+        JobOutput::Decoded { .. } => {}
     }
+    Ok(out)
 }
 
 fn class_of(prompt: &Prompt) -> PipelineClass {
@@ -173,24 +188,26 @@ fn encode_prompt(
     dev: &candle_core::Device,
     ctl: &mut RunControl<'_>,
 ) -> Result<(Tensor, Tensor)> {
+    let res = resident.pipeline.residency.clone();
     match prompt {
         Prompt::Text(text) => {
-            let c = resident.text_conditioner(cond_dir, dev)?;
+            let c = resident.text_conditioner(cond_dir)?;
             ctl.emit(Stage::Loading, 2, 2, None);
             ctl.emit(Stage::Conditioning, 0, 1, None);
-            let r = text_cond(c, text)?;
+            let r = res.stage("conditioner", &[c], || text_cond(&*c.get()?, text))?;
             ctl.emit(Stage::Conditioning, 1, 1, None);
             Ok(r)
         }
         Prompt::Images(images) => {
-            let c = resident.image_conditioner(cond_dir, dev)?;
+            let c = resident.image_conditioner(cond_dir)?;
             ctl.emit(Stage::Loading, 2, 2, None);
             ctl.emit(Stage::Conditioning, 0, images.len(), None);
             let batch: Vec<Tensor> = images
                 .iter()
                 .map(|i| i.tensor(dev))
                 .collect::<Result<_>>()?;
-            let cond = c.encode(&Tensor::cat(&batch, 0)?)?;
+            let x = Tensor::cat(&batch, 0)?;
+            let cond = res.stage("conditioner", &[c], || c.get()?.encode(&x))?;
             let neg = cond.narrow(0, 0, 1)?.zeros_like()?;
             ctl.emit(Stage::Conditioning, images.len(), images.len(), None);
             Ok((cond, neg))
@@ -587,6 +604,7 @@ fn decode(job: &DecodeJob, cache: &mut ModelCache, ctl: &mut RunControl<'_>) -> 
     // A resident pipeline lends its decoders (loading those missing); otherwise only the
     // decoders are read, not the flows.
     let standalone;
+    let res = cache.residency.clone();
     let decoders = match cache.resident_mut(&spec) {
         Some(r) => {
             r.complete(false, job.formats, &dev)?;
@@ -600,7 +618,7 @@ fn decode(job: &DecodeJob, cache: &mut ModelCache, ctl: &mut RunControl<'_>) -> 
     };
     ctl.emit(Stage::Loading, 1, 1, None);
     check_cancel(ctl)?;
-    let decoded = decode_slat(decoders, &asset.coords, &asset.slat, job.formats, ctl)?;
+    let decoded = decode_slat(&res, decoders, &asset.coords, &asset.slat, job.formats, ctl)?;
     Ok(JobOutput::Decoded {
         decoded,
         meta: asset.meta,

@@ -26,6 +26,7 @@ use crate::pipelines::loader::{self, Formats};
 use crate::pipelines::noise::{NoiseSource, RecordedNoise, TorchNoise};
 use crate::pipelines::samplers::{Conditioning, FlowEulerSampler, SamplerSettings};
 use crate::pipelines::voxelize::{voxelize, TriMesh};
+use crate::runtime::residency::Residency;
 
 pub const KINDS: &[&str] = &["pipelines"];
 
@@ -298,8 +299,9 @@ fn check_ss_stage(
     report: &mut Report,
 ) -> Result<()> {
     let dev = fx.device.clone();
-    let flow = loader::load_ss_flow(repo, &dev)?;
-    let decoder = loader::load_ss_decoder(repo, &dev)?;
+    let res = Residency::keep_all(&dev);
+    let flow = loader::load_ss_flow(repo, &dev)?.place_on(&res)?;
+    let decoder = loader::load_ss_decoder(repo, &dev)?.place_on(&res)?;
     let steps = count_steps(fx, &format!("{run}_ss_x_t"));
     let (sampler, settings) = settings_of(repo, true, steps)?;
     let (cond, neg) = conditions(fx, kind)?;
@@ -499,7 +501,9 @@ fn check_decoded(fx: &Fixture, run: &str, repo: &PipelineRepo, report: &mut Repo
         cancel: None,
         keep_trajectory: false,
     };
-    let d = crate::pipelines::base::decode_slat(&decoders, &coords, &slat, formats, &mut ctl)?;
+    let res = Residency::keep_all(&fx.device);
+    let d =
+        crate::pipelines::base::decode_slat(&res, &decoders, &coords, &slat, formats, &mut ctl)?;
     let t = tol::FORWARD;
     for (i, g) in d.gaussians.iter().enumerate() {
         let fields = [
@@ -578,7 +582,8 @@ pub fn check(fx: &mut Fixture) -> Result<Outcome> {
         if fx.has_io(&format!("{run}_slat_noise")) {
             let key = repo.root.display().to_string();
             if !pipes.contains_key(&key) {
-                let p = TrellisPipeline::load(repo.clone(), &fx.device, false, Formats::default())?;
+                let res = std::sync::Arc::new(Residency::keep_all(&fx.device));
+                let p = TrellisPipeline::load(repo.clone(), res, false, Formats::default())?;
                 pipes.insert(key.clone(), p);
             }
             check_slat_stage(fx, run, &kind, &pipes[&key], &mut report)

@@ -19,7 +19,7 @@ use super::samplers::{
     Conditioning, FlowEulerSampler, Hooks, SamplerSettings, StepEvent, Velocity,
 };
 use crate::hub::PipelineRepo;
-use crate::models::config::{ModelConfig, SamplerConfig, SamplerParams};
+use crate::models::config::{ModelConfig, SamplerConfig, SamplerParams, SparseStructureFlowConfig};
 use crate::models::slat_flow::SLatFlowModel;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::SparseStructureDecoder;
@@ -27,6 +27,7 @@ use crate::modules::sparse::tensor::{Geometry, SparseTensor};
 use crate::representations::gaussian::Gaussian;
 use crate::representations::mesh::MeshExtractResult;
 use crate::representations::strivec::Strivec;
+use crate::runtime::residency::{Network, Placeable, Residency};
 
 /// The stages a generation goes through, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -247,6 +248,122 @@ pub fn sample_slat(
     })
 }
 
+/// The sparse-structure stages on `res`: the flow sampled ([`ss_flow_stage`]), then the decoder
+/// ([`ss_decoder_stage`]), each with its network placed as the tier says.
+#[allow(clippy::too_many_arguments)]
+pub fn structure_stages(
+    res: &Residency,
+    flow: &Network<SparseStructureFlowModel>,
+    decoder: &Network<SparseStructureDecoder>,
+    sampler: &FlowEulerSampler,
+    settings: &SamplerSettings,
+    noise: Tensor,
+    cond: &Conditioning<'_>,
+    ctl: &mut RunControl<'_>,
+) -> Result<SparseStructureSample> {
+    let (out, _) = ss_flow_stage(res, flow, sampler, settings, &noise, cond, ctl)?;
+    let logits = ss_decoder_stage(res, decoder, &out.samples)?;
+    let coords = occupied_coords(&logits)?;
+    Ok(SparseStructureSample {
+        noise,
+        samples: out.samples,
+        coords,
+        pred_x_t: out.pred_x_t,
+        pred_x0: out.pred_x0,
+    })
+}
+
+/// Stage `sparse-structure flow`: `flow` sampled from `noise` `[B, C, R, R, R]`. Returns the
+/// sampler's output and the number of flow forwards.
+pub fn ss_flow_stage(
+    res: &Residency,
+    flow: &Network<SparseStructureFlowModel>,
+    sampler: &FlowEulerSampler,
+    settings: &SamplerSettings,
+    noise: &Tensor,
+    cond: &Conditioning<'_>,
+    ctl: &mut RunControl<'_>,
+) -> Result<(super::samplers::SampleOutput, usize)> {
+    let batch = noise.dim(0)?;
+    let mut forwards = 0;
+    let out = res.stage("sparse-structure flow", &[flow], || {
+        let f = flow.get()?;
+        forwards = 0;
+        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
+            forwards += 1;
+            f.forward(x, t, c)
+        };
+        run_sampler(
+            Stage::SparseStructure,
+            sampler,
+            settings,
+            &mut fl,
+            noise,
+            batch,
+            cond,
+            ctl,
+        )
+    })?;
+    Ok((out, forwards))
+}
+
+/// Stage `sparse-structure decoder`: occupancy logits `[B, 1, R, R, R]` of z_s.
+pub fn ss_decoder_stage(
+    res: &Residency,
+    decoder: &Network<SparseStructureDecoder>,
+    z_s: &Tensor,
+) -> Result<Tensor> {
+    res.stage("sparse-structure decoder", &[decoder], || {
+        decoder.get()?.forward(z_s)
+    })
+}
+
+/// The structured-latent stage on `res` (stage `SLat flow`): `flow` on `coords` from the noise
+/// feats `noise` `[N, C]`. Returns the sample and the number of flow forwards.
+#[allow(clippy::too_many_arguments)]
+pub fn slat_stage(
+    res: &Residency,
+    flow: &Network<SLatFlowModel>,
+    sampler: &FlowEulerSampler,
+    settings: &SamplerSettings,
+    coords: &Tensor,
+    noise: Tensor,
+    cond: &Conditioning<'_>,
+    mean: &[f32],
+    std: &[f32],
+    ctl: &mut RunControl<'_>,
+) -> Result<(SlatSample, usize)> {
+    let dev = noise.device().clone();
+    let cv: Vec<i32> = coords
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::I32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let geo = Arc::new(Geometry::new(cv, None, &dev)?);
+    let mut forwards = 0;
+    let out = res.stage("SLat flow", &[flow], || {
+        let f = flow.get()?;
+        forwards = 0;
+        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
+            forwards += 1;
+            let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
+            Ok(f.forward(&st, t, c)?.feats().clone())
+        };
+        sample_slat(
+            sampler,
+            settings,
+            &mut fl,
+            coords,
+            noise.clone(),
+            cond,
+            mean,
+            std,
+            ctl,
+        )
+    })?;
+    Ok((out, forwards))
+}
+
 /// `x * std + mean` per channel (last dim).
 pub fn denormalize(x: &Tensor, mean: &[f32], std: &[f32]) -> Result<Tensor> {
     let dev: &Device = x.device();
@@ -320,25 +437,34 @@ pub struct RunParams {
 
 /// The networks of a TRELLIS pipeline repository (twin of `Pipeline` in base.py plus the
 /// samplers and normalisation `from_pretrained` reads from pipeline.json).
+///
+/// The networks live in host memory; [`Residency`] places each stage's on the device (all of
+/// them stay there at tier `high`).
 pub struct TrellisPipeline {
     pub repo: PipelineRepo,
     pub device: Device,
-    pub ss_flow: Option<SparseStructureFlowModel>,
-    pub ss_decoder: Option<SparseStructureDecoder>,
-    pub slat_flow: SLatFlowModel,
+    /// Where the networks are placed (the model cache's, shared by its pipelines).
+    pub residency: Arc<Residency>,
+    pub ss_flow: Option<Network<SparseStructureFlowModel>>,
+    pub ss_decoder: Option<Network<SparseStructureDecoder>>,
+    /// The structure flow's config (latent shape), read with it.
+    pub ss_flow_config: Option<SparseStructureFlowConfig>,
+    pub slat_flow: Network<SLatFlowModel>,
     pub slat_in_channels: usize,
     pub decoders: Decoders,
 }
 
 impl TrellisPipeline {
-    /// Loads the networks a run needs: the structure flow and decoder only when `need_structure`
-    /// (not for variants), the decoders of `formats` only.
+    /// Loads the networks a run needs into host memory: the structure flow and decoder only when
+    /// `need_structure` (not for variants), the decoders of `formats` only. They are placed on
+    /// `residency`'s device per stage.
     pub fn load(
         repo: PipelineRepo,
-        device: &Device,
+        residency: Arc<Residency>,
         need_structure: bool,
         formats: Formats,
     ) -> Result<Self> {
+        let device = &residency.device().clone();
         let (ss_flow, ss_decoder) = if need_structure {
             (
                 Some(loader::load_ss_flow(&repo, device)?),
@@ -347,6 +473,7 @@ impl TrellisPipeline {
         } else {
             (None, None)
         };
+        let ss_flow_config = ss_flow_config(&repo)?;
         let slat_flow = loader::load_slat_flow(&repo, device)?;
         let slat_in_channels = match ModelConfig::from_file(&repo.model("slat_flow_model")?.config)?
         {
@@ -364,8 +491,10 @@ impl TrellisPipeline {
         Ok(Self {
             repo,
             device: device.clone(),
+            residency,
             ss_flow,
             ss_decoder,
+            ss_flow_config,
             slat_flow,
             slat_in_channels,
             decoders,
@@ -394,17 +523,24 @@ impl TrellisPipeline {
         over: &SamplerParams,
         ctl: &mut RunControl<'_>,
     ) -> Result<SparseStructureSample> {
-        let (Some(flow), Some(decoder)) = (&self.ss_flow, &self.ss_decoder) else {
+        let (Some(flow), Some(decoder), Some(cfg)) =
+            (&self.ss_flow, &self.ss_decoder, &self.ss_flow_config)
+        else {
             anyhow::bail!("this pipeline was loaded without its sparse-structure networks");
         };
         let (sampler, settings) = self.ss_sampler(over)?;
-        let cfg = flow.config();
         let r = cfg.resolution;
         let z = noise.randn(&[num_samples, cfg.in_channels, r, r, r], &self.device)?;
-        let mut fl =
-            |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
-        let mut dec = |z: &Tensor| -> Result<Tensor> { decoder.forward(z) };
-        sample_sparse_structure(&sampler, &settings, &mut fl, &mut dec, z, cond, ctl)
+        structure_stages(
+            &self.residency,
+            flow,
+            decoder,
+            &sampler,
+            &settings,
+            z,
+            cond,
+            ctl,
+        )
     }
 
     /// `sample_slat` on `coords` (`[N, 4]` int32, batch-major).
@@ -419,21 +555,20 @@ impl TrellisPipeline {
         let (sampler, settings) = self.slat_sampler(over)?;
         let n = coords.dim(0)?;
         let feats = noise.randn(&[n, self.slat_in_channels], &self.device)?;
-        let cv: Vec<i32> = coords
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::I32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let geo = Arc::new(Geometry::new(cv, None, &self.device)?);
-        let flow = &self.slat_flow;
-        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
-            let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
-            Ok(flow.forward(&st, t, c)?.feats().clone())
-        };
         let norm = &self.repo.config.slat_normalization;
-        sample_slat(
-            &sampler, &settings, &mut fl, coords, feats, cond, &norm.mean, &norm.std, ctl,
-        )
+        let (out, _) = slat_stage(
+            &self.residency,
+            &self.slat_flow,
+            &sampler,
+            &settings,
+            coords,
+            feats,
+            cond,
+            &norm.mean,
+            &norm.std,
+            ctl,
+        )?;
+        Ok(out)
     }
 
     /// `decode_slat` with this pipeline's decoders.
@@ -444,7 +579,7 @@ impl TrellisPipeline {
         formats: Formats,
         ctl: &mut RunControl<'_>,
     ) -> Result<Decoded> {
-        decode_slat(&self.decoders, coords, slat, formats, ctl)
+        decode_slat(&self.residency, &self.decoders, coords, slat, formats, ctl)
     }
 
     /// Sparse structure, then SLat, then decoding (`run` / `run_multi_image` of the original).
@@ -487,8 +622,12 @@ pub fn sampler_with(
     ))
 }
 
-/// `decode_slat`: the representations of `formats` (their decoders must be loaded).
+/// `decode_slat`: the representations of `formats` (their decoders must be loaded). Stages on
+/// `res`: at `medium` one stage `decoders` with every decoder placed (out of memory there: the
+/// tier drops to `low` and they run one at a time); at the other tiers one stage per decoder
+/// (`low` and `minimal` thereby hold one decoder at a time; `high` keeps them all).
 pub fn decode_slat(
+    res: &Residency,
     decoders: &Decoders,
     coords: &Tensor,
     slat: &Tensor,
@@ -496,27 +635,103 @@ pub fn decode_slat(
     ctl: &mut RunControl<'_>,
 ) -> Result<Decoded> {
     let x = SparseTensor::from_tensors(coords, slat.clone())?;
-    let mut out = Decoded::default();
     let total = formats.names().len();
-    let mut done = 0;
-    let mut begin = |ctl: &mut RunControl<'_>, name: &str| {
+    let mesh = formats
+        .mesh
+        .then(|| loaded(&decoders.mesh, "mesh"))
+        .transpose()?;
+    let gaussian = formats
+        .gaussian
+        .then(|| loaded(&decoders.gaussian, "Gaussian"))
+        .transpose()?;
+    let radiance_field = formats
+        .radiance_field
+        .then(|| loaded(&decoders.radiance_field, "radiance-field"))
+        .transpose()?;
+    let mut out = Decoded::default();
+    let begin = |ctl: &mut RunControl<'_>, done: usize, name: &str| {
         ctl.emit(Stage::Decoding, done, total, Some(name.into()));
-        done += 1;
     };
-    if formats.mesh {
-        begin(ctl, "mesh");
-        out.meshes = loaded(&decoders.mesh, "mesh")?.forward(&x)?;
+    let mut together = false;
+    if res.tier() == crate::runtime::tiers::Tier::Medium {
+        let mut nets: Vec<&dyn Placeable> = Vec::new();
+        if let Some(m) = mesh {
+            nets.push(m);
+        }
+        if let Some(g) = gaussian {
+            nets.push(g);
+        }
+        if let Some(r) = radiance_field {
+            nets.push(r);
+        }
+        // Out of memory with every decoder placed: the tier drops to low, which runs them one
+        // at a time below.
+        match res.stage_or_drop("decoders", &nets, || {
+            let mut o = Decoded::default();
+            let mut k = 0;
+            if let Some(m) = mesh {
+                begin(ctl, k, "mesh");
+                k += 1;
+                o.meshes = m.get()?.forward(&x)?;
+            }
+            if let Some(g) = gaussian {
+                begin(ctl, k, "gaussian");
+                k += 1;
+                o.gaussians = g.get()?.forward(&x)?;
+            }
+            if let Some(r) = radiance_field {
+                begin(ctl, k, "radiance_field");
+                o.radiance_fields = r.get()?.forward(&x)?;
+            }
+            Ok(o)
+        }) {
+            Ok(o) => {
+                out = o;
+                together = true;
+            }
+            Err(e) if crate::runtime::residency::is_oom(&e) => {}
+            Err(e) => return Err(e),
+        }
     }
-    if formats.gaussian {
-        begin(ctl, "gaussian");
-        out.gaussians = loaded(&decoders.gaussian, "Gaussian")?.forward(&x)?;
-    }
-    if formats.radiance_field {
-        begin(ctl, "radiance_field");
-        out.radiance_fields = loaded(&decoders.radiance_field, "radiance-field")?.forward(&x)?;
+    if !together {
+        let mut done = 0;
+        if let Some(m) = mesh {
+            out.meshes = res.stage("mesh decoder", &[m], || {
+                begin(ctl, done, "mesh");
+                m.get()?.forward(&x)
+            })?;
+            done += 1;
+        }
+        if let Some(g) = gaussian {
+            out.gaussians = res.stage("Gaussian decoder", &[g], || {
+                begin(ctl, done, "gaussian");
+                g.get()?.forward(&x)
+            })?;
+            done += 1;
+        }
+        if let Some(r) = radiance_field {
+            out.radiance_fields = res.stage("radiance-field decoder", &[r], || {
+                begin(ctl, done, "radiance_field");
+                r.get()?.forward(&x)
+            })?;
+        }
     }
     if total > 0 {
         ctl.emit(Stage::Decoding, total, total, None);
     }
     Ok(out)
+}
+
+/// The structure flow's config, read from the repository (configs only).
+fn ss_flow_config(repo: &PipelineRepo) -> Result<Option<SparseStructureFlowConfig>> {
+    let Ok(files) = repo.model("sparse_structure_flow_model") else {
+        return Ok(None);
+    };
+    match ModelConfig::from_file(&files.config)? {
+        ModelConfig::SparseStructureFlow(c) => Ok(Some(c)),
+        other => anyhow::bail!(
+            "sparse_structure_flow_model is a {}, not a SparseStructureFlowModel",
+            other.class_name()
+        ),
+    }
 }

@@ -606,10 +606,10 @@ impl EditPipeline<'_> {
         ctl: &mut RunControl<'_>,
     ) -> Result<(SparseStructureSample, Vec<[i32; 3]>, usize)> {
         let p = &self.pipeline;
-        let (Some(flow), Some(decoder)) = (&p.ss_flow, &p.ss_decoder) else {
+        let (Some(flow), Some(decoder), Some(cfg)) = (&p.ss_flow, &p.ss_decoder, &p.ss_flow_config)
+        else {
             bail!("this pipeline was loaded without its sparse-structure networks");
         };
-        let cfg = flow.config();
         let (lr, ch) = (cfg.resolution, cfg.in_channels);
         ensure!(
             known_latent.dims() == [1, ch, lr, lr, lr],
@@ -625,25 +625,33 @@ impl EditPipeline<'_> {
             .contiguous()?;
         let (sampler, settings) = p.ss_sampler(&params.ss)?;
         let init = noise.randn(&[1, ch, lr, lr, lr], dev)?;
-        let mut fl =
-            |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { flow.forward(x, t, c) };
-        let z = sample_inpaint(
-            &sampler,
-            &settings,
-            params.resampling,
-            &mut fl,
-            &init,
-            1,
-            cond,
-            &Known {
-                x0: known_latent,
-                keep: &keep,
-            },
-            noise,
-            Stage::SparseStructure,
-            ctl,
-        )?;
-        let logits = decoder.forward(&z)?;
+        // A retry after an out-of-memory fallback draws the resampling noise anew.
+        let z = p.residency.stage("sparse-structure flow", &[flow], || {
+            let f = flow.get()?;
+            let mut fl =
+                |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { f.forward(x, t, c) };
+            sample_inpaint(
+                &sampler,
+                &settings,
+                params.resampling,
+                &mut fl,
+                &init,
+                1,
+                cond,
+                &Known {
+                    x0: known_latent,
+                    keep: &keep,
+                },
+                &mut *noise,
+                Stage::SparseStructure,
+                ctl,
+            )
+        })?;
+        let logits = p
+            .residency
+            .stage("sparse-structure decoder", &[decoder], || {
+                decoder.get()?.forward(&z)
+            })?;
         let decoded = crate::models::ss_vae::occupied_coords(&logits)?;
         let r = region.resolution();
         ensure!(
@@ -740,26 +748,29 @@ impl EditPipeline<'_> {
             dev,
         )?);
         let flow = &p.slat_flow;
-        let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
-            let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
-            Ok(flow.forward(&st, t, c)?.feats().clone())
-        };
-        let samples = sample_inpaint(
-            &sampler,
-            &settings,
-            params.resampling,
-            &mut fl,
-            &init,
-            1,
-            cond,
-            &Known {
-                x0: &x0,
-                keep: &keep,
-            },
-            noise,
-            Stage::StructuredLatent,
-            ctl,
-        )?;
+        let samples = p.residency.stage("SLat flow", &[flow], || {
+            let f = flow.get()?;
+            let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
+                let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
+                Ok(f.forward(&st, t, c)?.feats().clone())
+            };
+            sample_inpaint(
+                &sampler,
+                &settings,
+                params.resampling,
+                &mut fl,
+                &init,
+                1,
+                cond,
+                &Known {
+                    x0: &x0,
+                    keep: &keep,
+                },
+                &mut *noise,
+                Stage::StructuredLatent,
+                ctl,
+            )
+        })?;
         // The kept rows are the asset's own values, not a round trip through the normalisation.
         let slat = keep.where_cond(&kept_slat, &denormalize(&samples, &norm.mean, &norm.std)?)?;
         Ok(SlatSample {

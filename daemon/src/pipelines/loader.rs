@@ -2,7 +2,9 @@
 //! `trellis/pipelines/base.py`, which calls `models.from_pretrained` per entry): config class
 //! checked, every weight checked (missing / wrong shape / unexpected reported at once).
 //!
-//! Precision: checkpoints saved with `use_fp16` run their torso in float16 on CUDA (as the
+//! Every network is read once into host memory, in the dtype it runs in on the target device, and
+//! returned as a [`Network`] that `runtime::residency` places on the device per stage (the file is
+//! never read again). Precision: checkpoints saved with `use_fp16` run their torso in float16 on CUDA (as the
 //! original does) unless `--precision` says otherwise (`runtime::precision`); on the CPU everything
 //! runs in float32.
 
@@ -17,6 +19,7 @@ use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
 use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::{SparseStructureDecoder, SparseStructureEncoder};
+use crate::runtime::residency::Network;
 use crate::runtime::weights;
 
 /// The torso dtype for a checkpoint saved with `use_fp16` on `device` (see `runtime::precision`).
@@ -28,41 +31,104 @@ fn config_of(files: &ModelFiles) -> Result<ModelConfig> {
     ModelConfig::from_file(&files.config)
 }
 
-/// `sparse_structure_flow_model`.
-pub fn load_ss_flow(repo: &PipelineRepo, device: &Device) -> Result<SparseStructureFlowModel> {
-    let files = repo.model("sparse_structure_flow_model")?;
-    let ModelConfig::SparseStructureFlow(cfg) = config_of(files)? else {
+/// Builds a network once on the CPU from `vb` (opened on the CPU) with its torso in `dtype`,
+/// keeping the tensors it was handed as its host copy; `finish` checks the weights. The returned
+/// [`Network`] is placed on no device yet (`runtime::residency` places it per stage).
+pub fn host_network<C, M>(
+    name: &str,
+    (vb, check): (candle_nn::VarBuilder<'static>, weights::WeightCheck),
+    cfg: C,
+    dtype: DType,
+    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
+    finish: impl FnOnce(weights::WeightCheck) -> Result<()>,
+) -> Result<Network<M>>
+where
+    C: Send + Sync + 'static,
+    M: Send + Sync + 'static,
+{
+    check.capture_host();
+    let vb_dtype = vb.dtype();
+    let m = build(&cfg, vb, dtype).with_context(|| format!("building {name}"))?;
+    drop(m);
+    let host = check.host_weights();
+    finish(check)?;
+    Ok(Network::new(name, host, move |vb| {
+        build(&cfg, vb.to_dtype(vb_dtype), dtype)
+    }))
+}
+
+/// Opens `files`' safetensors on the CPU and builds network `name` (config class picked by
+/// `pick`) into host memory, its torso dtype the one `device` runs it in.
+fn load_net<C, M>(
+    files: &ModelFiles,
+    name: &str,
+    dtype_of: impl Fn(bool) -> DType,
+    pick: impl Fn(ModelConfig) -> Option<C>,
+    use_fp16: impl Fn(&C) -> bool,
+    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
+) -> Result<Network<M>>
+where
+    C: Send + Sync + 'static,
+    M: Send + Sync + 'static,
+{
+    let cfg = config_of(files)?;
+    let class = cfg.class_name();
+    let Some(cfg) = pick(cfg) else {
         bail!(
-            "{}: sparse_structure_flow_model must be a SparseStructureFlowModel",
+            "{}: {name} has the unexpected class {class}",
             files.config.display()
         );
     };
-    let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
-    let m = SparseStructureFlowModel::new(&cfg, vb, torso_dtype(cfg.use_fp16, device))?;
-    check
-        .finish()
-        .with_context(|| format!("weights {}", files.weights.display()))?;
-    Ok(m)
+    let dtype = dtype_of(use_fp16(&cfg));
+    let vb = weights::from_safetensors(&files.weights, DType::F32, &Device::Cpu)?;
+    let weights_path = files.weights.display().to_string();
+    let config_path = files.config.display().to_string();
+    host_network(name, vb, cfg, dtype, build, move |check| {
+        check
+            .finish()
+            .with_context(|| format!("weights {weights_path}"))
+    })
+    .with_context(|| format!("{name} from {config_path}"))
+}
+
+/// `sparse_structure_flow_model`.
+pub fn load_ss_flow(
+    repo: &PipelineRepo,
+    device: &Device,
+) -> Result<Network<SparseStructureFlowModel>> {
+    load_net(
+        repo.model("sparse_structure_flow_model")?,
+        "sparse_structure_flow_model",
+        |f| torso_dtype(f, device),
+        |c| match c {
+            ModelConfig::SparseStructureFlow(c) => Some(c),
+            _ => None,
+        },
+        |c| c.use_fp16,
+        |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
+    )
 }
 
 /// `sparse_structure_decoder`.
-pub fn load_ss_decoder(repo: &PipelineRepo, device: &Device) -> Result<SparseStructureDecoder> {
-    let files = repo.model("sparse_structure_decoder")?;
-    let ModelConfig::SparseStructureDecoder(cfg) = config_of(files)? else {
-        bail!(
-            "{}: sparse_structure_decoder must be a SparseStructureDecoder",
-            files.config.display()
-        );
-    };
-    let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
-    let m = SparseStructureDecoder::new(&cfg, vb, torso_dtype(cfg.use_fp16, device))?;
-    check
-        .finish()
-        .with_context(|| format!("weights {}", files.weights.display()))?;
-    Ok(m)
+pub fn load_ss_decoder(
+    repo: &PipelineRepo,
+    device: &Device,
+) -> Result<Network<SparseStructureDecoder>> {
+    load_net(
+        repo.model("sparse_structure_decoder")?,
+        "sparse_structure_decoder",
+        |f| torso_dtype(f, device),
+        |c| match c {
+            ModelConfig::SparseStructureDecoder(c) => Some(c),
+            _ => None,
+        },
+        |c| c.use_fp16,
+        |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
+    )
 }
 
-/// A `SparseStructureEncoder` from its files (see [`crate::hub::structure_encoder`]).
+/// A `SparseStructureEncoder` from its files (see [`crate::hub::structure_encoder`]), on `device`
+/// (edits only; it stays resident while its pipeline is).
 pub fn load_ss_encoder(files: &ModelFiles, device: &Device) -> Result<SparseStructureEncoder> {
     let ModelConfig::SparseStructureEncoder(cfg) = config_of(files)? else {
         bail!(
@@ -128,39 +194,12 @@ impl Formats {
     }
 }
 
-/// Loads one network of the repository: its config class must match `pick`.
-fn load_net<C, M>(
-    repo: &PipelineRepo,
-    name: &str,
-    device: &Device,
-    pick: impl Fn(ModelConfig) -> Option<C>,
-    use_fp16: impl Fn(&C) -> bool,
-    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M>,
-) -> Result<M> {
-    let files = repo.model(name)?;
-    let cfg = config_of(files)?;
-    let class = cfg.class_name();
-    let Some(cfg) = pick(cfg) else {
-        bail!(
-            "{}: {name} has the unexpected class {class}",
-            files.config.display()
-        );
-    };
-    let (vb, check) = weights::from_safetensors(&files.weights, DType::F32, device)?;
-    let m = build(&cfg, vb, torso_dtype(use_fp16(&cfg), device))
-        .with_context(|| format!("building {name} from {}", files.config.display()))?;
-    check
-        .finish()
-        .with_context(|| format!("weights {}", files.weights.display()))?;
-    Ok(m)
-}
-
 /// `slat_flow_model`.
-pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<SLatFlowModel> {
+pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<Network<SLatFlowModel>> {
     load_net(
-        repo,
+        repo.model("slat_flow_model")?,
         "slat_flow_model",
-        device,
+        |f| torso_dtype(f, device),
         |c| match c {
             ModelConfig::SLatFlow { config, .. } => Some(config),
             _ => None,
@@ -171,18 +210,19 @@ pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<SLatFlowMo
 }
 
 /// The SLat decoders a set of formats needs.
+#[derive(Default)]
 pub struct Decoders {
-    pub mesh: Option<SLatMeshDecoder>,
-    pub gaussian: Option<SLatGaussianDecoder>,
-    pub radiance_field: Option<SLatRadianceFieldDecoder>,
+    pub mesh: Option<Network<SLatMeshDecoder>>,
+    pub gaussian: Option<Network<SLatGaussianDecoder>>,
+    pub radiance_field: Option<Network<SLatRadianceFieldDecoder>>,
 }
 
 pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> Result<Decoders> {
     let mesh = if formats.mesh {
         Some(load_net(
-            repo,
+            repo.model("slat_decoder_mesh")?,
             "slat_decoder_mesh",
-            device,
+            |f| torso_dtype(f, device),
             |c| match c {
                 ModelConfig::SLatMeshDecoder { config, .. } => Some(config),
                 _ => None,
@@ -195,9 +235,9 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
     };
     let gaussian = if formats.gaussian {
         Some(load_net(
-            repo,
+            repo.model("slat_decoder_gs")?,
             "slat_decoder_gs",
-            device,
+            |f| torso_dtype(f, device),
             |c| match c {
                 ModelConfig::SLatGaussianDecoder { config, .. } => Some(config),
                 _ => None,
@@ -210,9 +250,9 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
     };
     let radiance_field = if formats.radiance_field {
         Some(load_net(
-            repo,
+            repo.model("slat_decoder_rf")?,
             "slat_decoder_rf",
-            device,
+            |f| torso_dtype(f, device),
             |c| match c {
                 ModelConfig::SLatRadianceFieldDecoder { config, .. } => Some(config),
                 _ => None,
@@ -258,5 +298,124 @@ pub fn mesh_decoder_resolution(repo: &PipelineRepo) -> Result<usize> {
             files.config.display(),
             other.class_name()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::residency::{Placeable, Residency};
+
+    /// On a GPU the networks are first built on the CPU with float16 torsos (to capture their
+    /// host copy): every constructor must accept that, and the rebuilt network must hold the
+    /// float16 weights.
+    #[test]
+    fn networks_build_on_the_cpu_in_float16_and_rebuild_from_the_host_copy() {
+        let tiny = crate::test_tiny_repos();
+        let repo = crate::hub::open_pipeline(
+            &tiny.image.to_string_lossy(),
+            &crate::hub::HubOptions::from_env(),
+        )
+        .unwrap();
+        let half = |_: bool| DType::F16;
+        let res = Residency::keep_all(&Device::Cpu);
+        let flow = load_net(
+            repo.model("slat_flow_model").unwrap(),
+            "slat_flow_model",
+            half,
+            |c| match c {
+                ModelConfig::SLatFlow { config, .. } => Some(config),
+                _ => None,
+            },
+            |c| c.use_fp16,
+            |c, vb, dt| SLatFlowModel::new(c, vb, dt),
+        )
+        .unwrap();
+        let dtypes: Vec<DType> = flow.host().entries().iter().map(|e| e.1).collect();
+        assert!(dtypes.contains(&DType::F16), "{dtypes:?}");
+        flow.place(&res).unwrap();
+        assert!(flow.is_placed());
+        for name in ["slat_decoder_mesh", "slat_decoder_gs", "slat_decoder_rf"] {
+            let files = repo.model(name).unwrap();
+            match name {
+                "slat_decoder_mesh" => {
+                    let n = load_net(
+                        files,
+                        name,
+                        half,
+                        |c| match c {
+                            ModelConfig::SLatMeshDecoder { config, .. } => Some(config),
+                            _ => None,
+                        },
+                        |c| c.use_fp16,
+                        |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
+                    )
+                    .unwrap();
+                    n.place(&res).unwrap();
+                }
+                "slat_decoder_gs" => {
+                    let n = load_net(
+                        files,
+                        name,
+                        half,
+                        |c| match c {
+                            ModelConfig::SLatGaussianDecoder { config, .. } => Some(config),
+                            _ => None,
+                        },
+                        |c| c.use_fp16,
+                        |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
+                    )
+                    .unwrap();
+                    n.place(&res).unwrap();
+                }
+                _ => {
+                    let n = load_net(
+                        files,
+                        name,
+                        half,
+                        |c| match c {
+                            ModelConfig::SLatRadianceFieldDecoder { config, .. } => Some(config),
+                            _ => None,
+                        },
+                        |c| c.use_fp16,
+                        |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
+                    )
+                    .unwrap();
+                    n.place(&res).unwrap();
+                }
+            }
+        }
+        for name in ["sparse_structure_flow_model", "sparse_structure_decoder"] {
+            let files = repo.model(name).unwrap();
+            if name == "sparse_structure_flow_model" {
+                let n = load_net(
+                    files,
+                    name,
+                    half,
+                    |c| match c {
+                        ModelConfig::SparseStructureFlow(c) => Some(c),
+                        _ => None,
+                    },
+                    |c| c.use_fp16,
+                    |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
+                )
+                .unwrap();
+                n.place(&res).unwrap();
+            } else {
+                let n = load_net(
+                    files,
+                    name,
+                    half,
+                    |c| match c {
+                        ModelConfig::SparseStructureDecoder(c) => Some(c),
+                        _ => None,
+                    },
+                    |c| c.use_fp16,
+                    |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
+                )
+                .unwrap();
+                n.place(&res).unwrap();
+            }
+        }
     }
 }

@@ -11,8 +11,11 @@ pub mod cuda_raster;
 pub mod device;
 pub mod gpu;
 pub mod malloc;
+#[cfg(feature = "cuda")]
+pub mod pinned;
 pub mod precision;
 pub mod pth;
+pub mod residency;
 pub mod system;
 pub mod tiers;
 pub mod vram;

@@ -1,17 +1,22 @@
 //! The memory tier and precision a run uses, chosen from the device. No TRELLIS twin: the original
 //! assumes one GPU with at least 16 GB and keeps every network resident in float16.
 //!
-//! Policy (free memory measured when the run starts). Only `high` behaves as described today:
-//! every run keeps its networks resident; the other tiers are chosen and reported (`doctor`) but
-//! run as `high` until issue 12's per-stage loading lands.
+//! Policy (free memory measured when each job starts; `--vram-tier` fixes it instead). What a
+//! tier does is carried out by `runtime::residency` (weights stay once in host memory in their run
+//! dtype; a stage's networks are put on the device for it):
 //!
 //! | tier      | when                       | what it means for a run                                         |
 //! |-----------|----------------------------|-----------------------------------------------------------------|
-//! | `high`    | GPU, free ≥ 16 GiB         | every network resident                                          |
-//! | `medium`  | GPU, 10 GiB ≤ free < 16    | networks loaded per stage and freed after it                    |
-//! | `low`     | GPU, 6 GiB ≤ free < 10     | one network at a time; CFG branches one after the other; decoders in chunks |
-//! | `minimal` | GPU, free < 6 GiB          | as `low`, weights stay in host memory and move per block        |
-//! | `cpu`     | CPU                        | float32 in host memory                                          |
+//! | `high`    | GPU, free ≥ 16 GiB         | every network stays on the device once used (no uploads after the first job) |
+//! | `medium`  | GPU, 10 GiB ≤ free < 16    | each stage's networks uploaded for it and freed after it (conditioner, SS flow, SS decoder, SLat flow, decoders) |
+//! | `low`     | GPU, 6 GiB ≤ free < 10     | as `medium`, and the decoders one at a time; CFG branches never batched |
+//! | `minimal` | GPU, free < 6 GiB          | as `low` (TODO: stream the flows' transformer blocks from host memory) |
+//! | `cpu`     | CPU                        | float32 in host memory, every network resident                  |
+//!
+//! A CUDA out-of-memory error inside a stage frees what the stage holds, drops one tier and runs
+//! the stage again (`residency::Residency::stage`); uploads are synchronous for now (none of their
+//! time is hidden behind compute). The samplers run the two CFG branches one after the other at
+//! every tier today; [`Tier::batches_cfg`] says where batching them is allowed.
 //!
 //! Why these numbers: the official image pipeline holds about 3 GB of float16 weights
 //! (the two 0.55–0.6 B parameter flows are 1.1–1.2 GB each, the decoders ~0.17 GB each) plus
@@ -63,13 +68,40 @@ impl Tier {
     /// What this tier does, in one line.
     pub fn describe(self) -> &'static str {
         match self {
-            Tier::High => "every network resident",
-            Tier::Medium => "planned: networks loaded per stage (runs as high today; issue 12)",
-            Tier::Low => "planned: one network at a time, decoders in chunks (runs as high today)",
+            Tier::High => "every network stays on the device once used",
+            Tier::Medium => "each stage's networks uploaded from host memory and freed after it",
+            Tier::Low => "as medium, and the decoders one at a time",
             Tier::Minimal => {
-                "planned: weights streamed from host memory per block (runs as high today)"
+                "as low (streaming the flows' blocks from host memory is not done yet)"
             }
             Tier::Cpu => "float32 in host memory",
+        }
+    }
+
+    /// Whether networks stay on the device after the stage that used them.
+    pub fn keeps_resident(self) -> bool {
+        matches!(self, Tier::High | Tier::Cpu)
+    }
+
+    /// Whether the decoders run one at a time (each its own stage).
+    pub fn decoders_one_at_a_time(self) -> bool {
+        matches!(self, Tier::Low | Tier::Minimal)
+    }
+
+    /// Whether the two classifier-free-guidance branches may run as one batch (twice the
+    /// activations): not at `low` and `minimal`.
+    pub fn batches_cfg(self) -> bool {
+        !self.decoders_one_at_a_time()
+    }
+
+    /// The tier an out-of-memory error drops to (`None` at `minimal`). `cpu` keeps everything
+    /// resident like `high`, so it drops to `medium` too (a memory budget on the CPU).
+    pub fn lower(self) -> Option<Tier> {
+        match self {
+            Tier::High | Tier::Cpu => Some(Tier::Medium),
+            Tier::Medium => Some(Tier::Low),
+            Tier::Low => Some(Tier::Minimal),
+            Tier::Minimal => None,
         }
     }
 }

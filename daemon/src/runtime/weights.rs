@@ -36,6 +36,7 @@ pub enum ManifestFill {
 enum Source {
     Mmap(candle_core::safetensors::MmapedSafetensors),
     Tensors(HashMap<String, Tensor>),
+    Host(HashMap<String, HostTensor>),
     Manifest(HashMap<String, EntrySpec>, ManifestFill),
 }
 
@@ -44,6 +45,7 @@ impl Source {
         match self {
             Source::Mmap(m) => m.tensors().into_iter().map(|(n, _)| n).collect(),
             Source::Tensors(t) => t.keys().cloned().collect(),
+            Source::Host(t) => t.keys().cloned().collect(),
             Source::Manifest(m, _) => m.keys().cloned().collect(),
         }
     }
@@ -58,6 +60,7 @@ impl Source {
                 shape: t.dims().to_vec(),
                 dtype: t.dtype(),
             }),
+            Source::Host(t) => t.get(name).map(HostTensor::spec),
             Source::Manifest(m, _) => m.get(name).cloned(),
         }
     }
@@ -74,6 +77,10 @@ impl Source {
                 Ok(t)
             }
             Source::Tensors(t) => match t.get(name) {
+                Some(t) => t.to_device(dev),
+                None => candle_core::bail!("no tensor {name}"),
+            },
+            Source::Host(t) => match t.get(name) {
                 Some(t) => t.to_device(dev),
                 None => candle_core::bail!("no tensor {name}"),
             },
@@ -179,6 +186,8 @@ struct Record {
     missing: Vec<(String, Vec<usize>)>,
     wrong_shape: Vec<(String, Vec<usize>, Vec<usize>)>,
     unreadable: Vec<(String, String)>,
+    /// Every tensor handed out, as handed out (see [`WeightCheck::capture_host`]).
+    host: Option<HashMap<String, Tensor>>,
 }
 
 /// The [`SimpleBackend`] behind every network's `VarBuilder`.
@@ -211,7 +220,13 @@ impl SimpleBackend for CheckedBackend {
         }
         drop(rec);
         match self.source.load(name, dev).and_then(|t| t.to_dtype(dtype)) {
-            Ok(t) => Ok(t),
+            Ok(t) => {
+                let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(host) = rec.host.as_mut() {
+                    host.insert(name.to_string(), t.clone());
+                }
+                Ok(t)
+            }
             Err(e) => {
                 let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
                 rec.unreadable.push((name.to_string(), e.to_string()));
@@ -230,7 +245,12 @@ impl SimpleBackend for CheckedBackend {
             return Tensor::zeros((), dtype, dev);
         }
         drop(rec);
-        self.source.load(name, dev)?.to_dtype(dtype)
+        let t = self.source.load(name, dev)?.to_dtype(dtype)?;
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = rec.host.as_mut() {
+            host.insert(name.to_string(), t.clone());
+        }
+        Ok(t)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -254,6 +274,20 @@ pub struct WeightCheck {
 }
 
 impl WeightCheck {
+    /// Keeps every tensor the network is handed from now on (in the dtype it asked for, on the
+    /// device the `VarBuilder` was opened on): build on the CPU after this call and
+    /// [`WeightCheck::host_weights`] holds the host copy `runtime::residency` places from.
+    pub fn capture_host(&self) {
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.host.get_or_insert_with(HashMap::new);
+    }
+
+    /// The tensors captured since [`WeightCheck::capture_host`] (empty without that call).
+    pub fn host_weights(&self) -> HostWeights {
+        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        HostWeights::new(rec.host.clone().unwrap_or_default(), &self.origin)
+    }
+
     /// Names the source holds that the network never asked for, plus every recorded problem.
     pub fn finish(self) -> Result<(), WeightError> {
         let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
@@ -366,6 +400,143 @@ pub fn from_tensors(
     dev: &Device,
 ) -> (VarBuilder<'static>, WeightCheck) {
     checked(Source::Tensors(tensors), origin.to_string(), dtype, dev)
+}
+
+/// One host tensor of a [`HostWeights`]: pageable, or page-locked for fast GPU uploads.
+#[derive(Clone)]
+enum HostTensor {
+    Pageable(Tensor),
+    #[cfg(feature = "cuda")]
+    Pinned(Arc<super::pinned::PinnedTensor>),
+}
+
+impl HostTensor {
+    fn spec(&self) -> EntrySpec {
+        match self {
+            HostTensor::Pageable(t) => EntrySpec {
+                shape: t.dims().to_vec(),
+                dtype: t.dtype(),
+            },
+            #[cfg(feature = "cuda")]
+            HostTensor::Pinned(p) => EntrySpec {
+                shape: p.shape().dims().to_vec(),
+                dtype: p.dtype(),
+            },
+        }
+    }
+
+    fn to_device(&self, dev: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            HostTensor::Pageable(t) => t.to_device(dev),
+            #[cfg(feature = "cuda")]
+            HostTensor::Pinned(p) => p.upload(dev).map_err(candle_core::Error::wrap),
+        }
+    }
+}
+
+/// A network's weights in host memory, in the dtypes the network runs them in: what
+/// `runtime::residency` uploads a network from (no file is read again). On the first upload to a
+/// GPU (CUDA builds) they move into page-locked memory (`runtime::pinned`), still held once.
+#[derive(Clone)]
+pub struct HostWeights {
+    tensors: Arc<Mutex<HashMap<String, HostTensor>>>,
+    origin: String,
+    bytes: u64,
+}
+
+impl HostWeights {
+    pub fn new(tensors: HashMap<String, Tensor>, origin: &str) -> Self {
+        let bytes = tensors
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        Self {
+            tensors: Arc::new(Mutex::new(
+                tensors
+                    .into_iter()
+                    .map(|(k, t)| (k, HostTensor::Pageable(t)))
+                    .collect(),
+            )),
+            origin: origin.to_string(),
+            bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostTensor>> {
+        self.tensors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of the weights (what placing the network on a device takes).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// `(name, dtype, elements)` of every tensor.
+    pub fn entries(&self) -> Vec<(String, DType, usize)> {
+        self.lock()
+            .iter()
+            .map(|(k, t)| {
+                let s = t.spec();
+                (k.clone(), s.dtype, s.shape.iter().product())
+            })
+            .collect()
+    }
+
+    /// Where the weights came from (a file or a manifest).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Whether the tensors sit in page-locked memory.
+    pub fn is_pinned(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            self.lock()
+                .values()
+                .any(|t| matches!(t, HostTensor::Pinned(_)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Moves the pageable tensors into page-locked memory for uploads to `dev` (a CUDA device;
+    /// a no-op elsewhere, when `TRELLIS_PINNED=0`, or when pinning fails: then they stay pageable).
+    fn pin_for(&self, dev: &Device) {
+        #[cfg(feature = "cuda")]
+        {
+            if !dev.is_cuda() || !super::pinned::enabled() {
+                return;
+            }
+            let mut map = self.lock();
+            for t in map.values_mut() {
+                if let HostTensor::Pageable(p) = t {
+                    match super::pinned::PinnedTensor::new(p, dev) {
+                        Ok(Some(pinned)) => *t = HostTensor::Pinned(Arc::new(pinned)),
+                        Ok(None) => {}
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = dev;
+    }
+
+    /// A checked `VarBuilder` that copies each tensor to `dev` as the network asks for it (on the
+    /// CPU the tensors are shared, not copied).
+    pub fn var_builder(&self, dev: &Device) -> (VarBuilder<'static>, WeightCheck) {
+        self.pin_for(dev);
+        let map = self.lock().clone();
+        checked(Source::Host(map), self.origin.clone(), DType::F32, dev)
+    }
 }
 
 /// A checkpoint manifest of `../shared/reference/manifests`: its `config` and its state-dict specs.

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     /// U²-Net weights (hub id or folder) for images without transparency; default
     /// [`crate::models::background::DEFAULT_MODEL`].
     pub background_model: Option<String>,
+    /// `--vram-tier`, `--vram-budget`, `--vram-ballast` of every worker.
+    pub memory: crate::runtime::residency::MemoryOptions,
 }
 
 /// Shared by every connection.
@@ -139,10 +141,12 @@ fn serve_inner(
         let q = queue.clone();
         let max = opts.max_resident;
         let precision = opts.precision;
+        let cache = ModelCache::with_memory(dev, precision, max, opts.memory.clone())
+            .with_context(|| format!("worker {i} on {}", used[i]))?;
         workers.push(
             std::thread::Builder::new()
                 .name(format!("worker-{i}-{}", used[i]))
-                .spawn(move || q.worker(i, ModelCache::on(dev, precision, max)))
+                .spawn(move || q.worker(i, cache))
                 .context("starting a worker thread")?,
         );
     }

@@ -20,6 +20,7 @@ use tokenizers::{
 };
 
 use super::common::{finish_accepting, read_json, self_attention, Act};
+use crate::runtime::residency::Network;
 use crate::runtime::weights;
 
 /// The fields of transformers' `CLIPTextConfig` the network needs (defaults as there).
@@ -238,6 +239,36 @@ impl TextConditioner {
             length: cfg.max_position_embeddings,
             device: device.clone(),
         })
+    }
+
+    /// [`Self::load`] into host memory only: a network `runtime::residency` places per stage.
+    pub fn load_host(dir: &Path, dtype: DType) -> Result<Network<Self>> {
+        let cfg_path = dir.join("config.json");
+        let cfg = ClipTextConfig::from_json(&read_json(&cfg_path)?)
+            .with_context(|| format!("{}", cfg_path.display()))?;
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), cfg.max_position_embeddings)?;
+        let vb = weights::from_safetensors(&dir.join("model.safetensors"), dtype, &Device::Cpu)?;
+        crate::pipelines::loader::host_network(
+            "text_conditioner",
+            vb,
+            (cfg, tokenizer),
+            dtype,
+            |(cfg, tokenizer), vb, _| {
+                let device = vb.device().clone();
+                let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+                    vb.pp("text_model")
+                } else {
+                    vb
+                };
+                Ok(Self {
+                    model: ClipTextTransformer::new(cfg, vb)?,
+                    tokenizer: tokenizer.clone(),
+                    length: cfg.max_position_embeddings,
+                    device,
+                })
+            },
+            |check| finish_accepting(check, harmless_extra),
+        )
     }
 
     /// Token ids of each prompt, `length` each: `<|startoftext|>`, BPE tokens (truncated),

@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::common::{finish_accepting, layer_norm_plain, read_json, self_attention, Act};
 use super::resample::{resample_planes_f32, Filter};
+use crate::runtime::residency::Network;
 use crate::runtime::weights;
 
 /// The fields of transformers' `Dinov2WithRegistersConfig` the network needs (defaults as there).
@@ -344,6 +345,25 @@ impl ImageConditioner {
             .with_context(|| format!("{}", dir.join("config.json").display()))?;
         let (vb, check) = weights::from_safetensors(&dir.join("model.safetensors"), dtype, device)?;
         Self::from_parts(&cfg, vb, check)
+    }
+
+    /// [`Self::load`] into host memory only: a network `runtime::residency` places per stage.
+    pub fn load_host(dir: &Path, dtype: DType) -> Result<Network<Self>> {
+        let cfg = Dinov2Config::from_json(&read_json(&dir.join("config.json"))?)
+            .with_context(|| format!("{}", dir.join("config.json").display()))?;
+        let vb = weights::from_safetensors(&dir.join("model.safetensors"), dtype, &Device::Cpu)?;
+        crate::pipelines::loader::host_network(
+            "image_conditioner",
+            vb,
+            cfg,
+            dtype,
+            |cfg, vb, _| {
+                Ok(Self {
+                    model: Dinov2WithRegisters::new(cfg, vb)?,
+                })
+            },
+            |check| finish_accepting(check, harmless_extra),
+        )
     }
 
     /// Builds from an already opened checked `VarBuilder`.

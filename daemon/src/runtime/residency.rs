@@ -1,0 +1,801 @@
+//! Where each network's weights are while a job runs: once in host memory (in the dtype the
+//! network runs them in), and on the device for the stages that need them, as the memory tier
+//! says (`runtime::tiers`). No TRELLIS twin: the original keeps every network on the GPU.
+//!
+//! * [`Network`]: one network, built from its host copy ([`HostWeights`]) whenever it is placed
+//!   on the device. Placing never reads a file again; on the CPU the built network shares the
+//!   host tensors (no copy).
+//! * [`Residency`]: one per device (the daemon keeps it in its `ModelCache`, `bench pipeline`
+//!   makes its own). [`Residency::stage`] runs one stage of a job: it places the stage's networks,
+//!   runs it and, unless the tier keeps everything resident, frees them afterwards. A CUDA
+//!   out-of-memory error inside the stage (or a placement beyond the memory budget, see below)
+//!   frees what the stage holds, drops one tier, logs one line and runs the stage again.
+//! * The memory budget ([`MemoryOptions::budget`], `--vram-budget` / `TRELLIS_VRAM_BUDGET`):
+//!   placing a network whose weights would bring the networks on the device above it fails with
+//!   [`OutOfDeviceMemory`], which the stage runner treats as a CUDA out-of-memory error. It makes
+//!   the fallback testable on the CPU and lets a large GPU act as a small one; `--vram-ballast`
+//!   holds device memory to shrink what is really free.
+//!
+//! What each tier does here: `high` (and `cpu`) keep every network placed once used; `medium`
+//! places each stage's networks and frees them after the stage; `low` and `minimal` also run the
+//! decoders one at a time ([`Tier::decoders_one_at_a_time`]). Uploads are synchronous on candle's
+//! stream (no second stream yet), so none of their time is hidden behind compute.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::tiers::Tier;
+use super::vram;
+use super::weights::HostWeights;
+
+/// A placement the memory budget refuses; treated like `CUDA_ERROR_OUT_OF_MEMORY`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "out of device memory (budget): placing {network} ({}) beside {} already placed exceeds the {} budget",
+    size(*.bytes),
+    size(*.placed),
+    size(*.budget)
+)]
+pub struct OutOfDeviceMemory {
+    pub network: String,
+    pub bytes: u64,
+    pub placed: u64,
+    pub budget: u64,
+}
+
+/// Bytes as GiB, MiB or KiB text.
+pub fn size(b: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = b as f64;
+    if f >= K * K * K {
+        format!("{:.2} GiB", f / (K * K * K))
+    } else if f >= K * K {
+        format!("{:.1} MiB", f / (K * K))
+    } else {
+        format!("{:.1} KiB", f / K)
+    }
+}
+
+/// Whether `e` is a device out-of-memory error: the budget's [`OutOfDeviceMemory`], or a CUDA
+/// driver error `CUDA_ERROR_OUT_OF_MEMORY` anywhere in the chain (candle reports cudarc's
+/// errors as text).
+pub fn is_oom(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        if c.downcast_ref::<OutOfDeviceMemory>().is_some() {
+            return true;
+        }
+        let text = format!("{c} {c:?}");
+        text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("cudaErrorMemoryAllocation")
+    })
+}
+
+/// `--vram-tier`, `--vram-budget`, `--vram-ballast`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// The tier every job starts at; `None`: chosen from free device memory at each job's start.
+    pub tier: Option<Tier>,
+    /// Most bytes of weights placed on the device at once.
+    pub budget: Option<u64>,
+    /// Bytes of device memory held for the process's life (shrinks what is free; GPU only).
+    pub ballast: Option<u64>,
+}
+
+impl MemoryOptions {
+    /// From the command line's strings (`None`: not given), falling back to `TRELLIS_VRAM_TIER`,
+    /// `TRELLIS_VRAM_BUDGET` and `TRELLIS_VRAM_BALLAST`.
+    pub fn parse(tier: Option<&str>, budget: Option<&str>, ballast: Option<&str>) -> Result<Self> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let tier = tier.map(String::from).or_else(|| env("TRELLIS_VRAM_TIER"));
+        let budget = budget
+            .map(String::from)
+            .or_else(|| env("TRELLIS_VRAM_BUDGET"));
+        let ballast = ballast
+            .map(String::from)
+            .or_else(|| env("TRELLIS_VRAM_BALLAST"));
+        Ok(Self {
+            tier: match tier.as_deref().map(str::trim) {
+                None | Some("auto") => None,
+                Some(t) => {
+                    Some(t.parse::<Tier>().with_context(|| {
+                        "--vram-tier: expected auto, high, medium, low or minimal"
+                    })?)
+                }
+            },
+            budget: budget
+                .map(|b| parse_bytes(&b).context("--vram-budget"))
+                .transpose()?,
+            ballast: ballast
+                .map(|b| parse_bytes(&b).context("--vram-ballast"))
+                .transpose()?,
+        })
+    }
+
+    /// From the environment only.
+    pub fn from_env() -> Result<Self> {
+        Self::parse(None, None, None)
+    }
+}
+
+/// `123`, `64KiB`, `512MiB`, `6GiB`, `1.5G` (binary units; `K`/`M`/`G` mean the same).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("{s:?} is not a size (e.g. 6GiB, 512MiB, 1048576)"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => bail!("{s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB)"),
+    };
+    if !n.is_finite() || n < 0.0 {
+        bail!("{s:?} is not a size");
+    }
+    Ok((n * mul as f64).round() as u64)
+}
+
+/// The placed copy of one network, shared with the [`Residency`] that may evict it.
+struct Slot {
+    name: String,
+    bytes: u64,
+    model: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl Slot {
+    fn is_placed(&self) -> bool {
+        self.model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+    fn clear(&self) {
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+type Builder<M> = Box<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One network: its weights in host memory, and its placed copy while a stage holds it.
+pub struct Network<M> {
+    host: HostWeights,
+    build: Builder<M>,
+    slot: Arc<Slot>,
+}
+
+impl<M: Send + Sync + 'static> Network<M> {
+    /// A network named `name` (for messages) built by `build` from `host`'s tensors.
+    pub fn new(
+        name: &str,
+        host: HostWeights,
+        build: impl Fn(VarBuilder<'static>) -> Result<M> + Send + Sync + 'static,
+    ) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Self {
+            slot: Arc::new(Slot {
+                name: format!("{name}#{id}"),
+                bytes: host.bytes(),
+                model: Mutex::new(None),
+            }),
+            host,
+            build: Box::new(build),
+        }
+    }
+
+    /// The placed network, if it is placed.
+    pub fn placed(&self) -> Option<Arc<M>> {
+        let m = self
+            .slot
+            .model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        m.downcast::<M>().ok()
+    }
+
+    /// The placed network; an error when no stage placed it (a bug in the caller).
+    pub fn get(&self) -> Result<Arc<M>> {
+        self.placed()
+            .ok_or_else(|| anyhow!("{} is not on the device (no stage placed it)", self.name()))
+    }
+
+    /// Places this network alone, outside any stage (kept until released): for callers that
+    /// manage no stages (parity, tools). Checks the budget like a stage does.
+    pub fn place_on(&self, res: &Residency) -> Result<Arc<M>> {
+        self.place(res)?;
+        self.get()
+    }
+
+    /// The host copy.
+    pub fn host(&self) -> &HostWeights {
+        &self.host
+    }
+}
+
+/// What [`Residency::stage`] needs of a network, whatever its type.
+pub trait Placeable: Sync {
+    /// The network's name (with an instance number).
+    fn name(&self) -> &str;
+    /// Bytes of its weights.
+    fn bytes(&self) -> u64;
+    fn is_placed(&self) -> bool;
+    /// Builds the network on `res`'s device from its host copy unless it is there: the seconds
+    /// the upload took (synchronised), `None` when it was already placed.
+    fn place(&self, res: &Residency) -> Result<Option<f64>>;
+    /// Drops the placed copy (its device memory is freed once no stage holds it).
+    fn release(&self);
+}
+
+impl<M: Send + Sync + 'static> Placeable for Network<M> {
+    fn name(&self) -> &str {
+        &self.slot.name
+    }
+    fn bytes(&self) -> u64 {
+        self.slot.bytes
+    }
+    fn is_placed(&self) -> bool {
+        self.slot.is_placed()
+    }
+    fn place(&self, res: &Residency) -> Result<Option<f64>> {
+        if self.is_placed() {
+            res.register(&self.slot);
+            return Ok(None);
+        }
+        res.check_budget(self.name(), self.bytes())?;
+        let dev = &res.device;
+        dev.synchronize()?;
+        let t = Instant::now();
+        let (vb, check) = self.host.var_builder(dev);
+        let m = (self.build)(vb).with_context(|| format!("placing {}", self.name()))?;
+        check
+            .finish()
+            .with_context(|| format!("placing {}", self.name()))?;
+        dev.synchronize()?;
+        let secs = t.elapsed().as_secs_f64();
+        *self.slot.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
+        res.register(&self.slot);
+        Ok(Some(secs))
+    }
+    fn release(&self) {
+        self.slot.clear();
+    }
+}
+
+/// What one stage did (for `bench pipeline` and the job log).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StageRecord {
+    pub stage: String,
+    /// The tier the stage completed at.
+    pub tier: String,
+    /// Networks uploaded for it, their bytes, and the seconds the uploads took.
+    pub uploads: usize,
+    pub upload_bytes: u64,
+    pub upload_s: f64,
+    /// Upload seconds overlapped with compute (always 0: uploads are synchronous for now).
+    pub upload_hidden_s: f64,
+    /// Wall seconds of the stage's own work (after its uploads).
+    pub compute_s: f64,
+    /// Out-of-memory fallbacks taken in this stage.
+    pub fallbacks: usize,
+    /// The memory pool's high-water marks over the stage (its uploads included, the ballast
+    /// not); GPU only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vram: Option<vram::PoolStats>,
+}
+
+struct State {
+    tier: Tier,
+    /// Fallbacks of a stage given up by [`Residency::stage_or_drop`], counted in the next record.
+    pending_fallbacks: usize,
+    slots: Vec<Weak<Slot>>,
+    log: Vec<StageRecord>,
+}
+
+/// The networks placed on one device and the tier they follow.
+pub struct Residency {
+    device: Device,
+    options: MemoryOptions,
+    state: Mutex<State>,
+    /// `--vram-ballast`, held for the residency's life.
+    _ballast: Option<Tensor>,
+}
+
+impl Residency {
+    /// A residency on `device` with `options` (the ballast, if any, is allocated now).
+    pub fn new(device: &Device, options: MemoryOptions) -> Result<Self> {
+        let ballast = match options.ballast {
+            Some(b) if b > 0 && device.is_cuda() => Some(
+                Tensor::zeros(b as usize, candle_core::DType::U8, device)
+                    .with_context(|| format!("allocating a {} ballast", vram::gib(b)))?,
+            ),
+            _ => None,
+        };
+        let mut r = Self::unballasted(device, options);
+        r._ballast = ballast;
+        Ok(r)
+    }
+
+    /// No budget, no ballast, the tier chosen per job from free memory (`cpu` on the CPU).
+    pub fn auto(device: &Device) -> Self {
+        Self::unballasted(device, MemoryOptions::default())
+    }
+
+    /// Everything stays placed once used, no budget: for callers that run networks directly
+    /// (parity, tools).
+    pub fn keep_all(device: &Device) -> Self {
+        let tier = if device.is_cuda() {
+            Tier::High
+        } else {
+            Tier::Cpu
+        };
+        Self::unballasted(
+            device,
+            MemoryOptions {
+                tier: Some(tier),
+                ..MemoryOptions::default()
+            },
+        )
+    }
+
+    fn unballasted(device: &Device, options: MemoryOptions) -> Self {
+        let tier = options.tier.unwrap_or(if device.is_cuda() {
+            Tier::High
+        } else {
+            Tier::Cpu
+        });
+        Self {
+            device: device.clone(),
+            options,
+            state: Mutex::new(State {
+                tier,
+                pending_fallbacks: 0,
+                slots: Vec::new(),
+                log: Vec::new(),
+            }),
+            _ballast: None,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of the `--vram-ballast` held.
+    pub fn ballast_bytes(&self) -> u64 {
+        self._ballast
+            .as_ref()
+            .map_or(0, |t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+    }
+
+    /// The memory pool's counters without the ballast (`None` on the CPU).
+    pub fn pool_stats(&self) -> Option<vram::PoolStats> {
+        let b = self.ballast_bytes();
+        vram::pool_stats(&self.device).map(|p| vram::PoolStats {
+            used: p.used.saturating_sub(b),
+            used_high: p.used_high.saturating_sub(b),
+            reserved: p.reserved.saturating_sub(b),
+            reserved_high: p.reserved_high.saturating_sub(b),
+        })
+    }
+
+    pub fn options(&self) -> &MemoryOptions {
+        &self.options
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The tier stages run at now.
+    pub fn tier(&self) -> Tier {
+        self.lock().tier
+    }
+
+    /// Starts a job: the tier is `--vram-tier`'s, else chosen from the device's free memory
+    /// (plus what this process's networks and its pool's freed memory hold, capped by the
+    /// budget); the stage log restarts.
+    /// Returns the tier with the reason.
+    pub fn begin_job(&self) -> (Tier, String) {
+        let (tier, reason) = match self.options.tier {
+            Some(t) => (t, format!("--vram-tier {t}")),
+            None => match vram::mem_info(&self.device) {
+                None => (Tier::Cpu, "CPU device".to_string()),
+                Some((free, _)) => {
+                    // Our own networks and the freed memory our pool keeps count as available.
+                    let slack = vram::pool_stats(&self.device)
+                        .map_or(0, |p| p.reserved.saturating_sub(p.used));
+                    let mut avail = free + self.placed_bytes() + slack;
+                    if let Some(b) = self.options.budget {
+                        avail = avail.min(b);
+                    }
+                    let plan = super::tiers::choose(super::tiers::Target::Cuda {
+                        free_memory: avail,
+                        compute_capability: Some((7, 0)),
+                    });
+                    (
+                        plan.tier,
+                        format!("{} available for this job", vram::gib(avail)),
+                    )
+                }
+            },
+        };
+        let mut st = self.lock();
+        st.tier = tier;
+        st.log.clear();
+        st.pending_fallbacks = 0;
+        drop(st);
+        if !tier.keeps_resident() {
+            self.evict_all();
+        }
+        (tier, reason)
+    }
+
+    /// The stages run since the job began.
+    pub fn stage_log(&self) -> Vec<StageRecord> {
+        self.lock().log.clone()
+    }
+
+    /// Bytes of the networks placed now.
+    pub fn placed_bytes(&self) -> u64 {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|s| s.is_placed())
+            .map(|s| s.bytes)
+            .sum()
+    }
+
+    /// Drops every placed network of this device.
+    pub fn evict_all(&self) {
+        let slots: Vec<Arc<Slot>> = {
+            let mut st = self.lock();
+            let live = st.slots.iter().filter_map(Weak::upgrade).collect();
+            st.slots.clear();
+            live
+        };
+        for s in slots {
+            s.clear();
+        }
+    }
+
+    fn evict_except(&self, keep: &[&dyn Placeable]) {
+        let slots: Vec<Arc<Slot>> = self.lock().slots.iter().filter_map(Weak::upgrade).collect();
+        for s in slots {
+            if !keep.iter().any(|k| k.name() == s.name) {
+                s.clear();
+            }
+        }
+    }
+
+    fn register(&self, slot: &Arc<Slot>) {
+        let mut st = self.lock();
+        st.slots.retain(|w| w.strong_count() > 0);
+        if !st
+            .slots
+            .iter()
+            .any(|w| w.upgrade().is_some_and(|s| Arc::ptr_eq(&s, slot)))
+        {
+            st.slots.push(Arc::downgrade(slot));
+        }
+    }
+
+    fn check_budget(&self, network: &str, bytes: u64) -> Result<()> {
+        let Some(budget) = self.options.budget else {
+            return Ok(());
+        };
+        let placed = self.placed_bytes();
+        if placed + bytes > budget {
+            return Err(OutOfDeviceMemory {
+                network: network.split('#').next().unwrap_or(network).to_string(),
+                bytes,
+                placed,
+                budget,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Runs stage `name` with `nets` placed on the device, then (below `high`) frees them. An
+    /// out-of-memory error frees the stage's networks (and, leaving a resident tier, every other
+    /// one), drops one tier, prints one line and runs the stage again; at `minimal` it is
+    /// returned. `f` must give the same result when run again.
+    pub fn stage<T>(
+        &self,
+        name: &str,
+        nets: &[&dyn Placeable],
+        f: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        self.run_stage(name, nets, f, true)
+    }
+
+    /// As [`Residency::stage`], but an out-of-memory error is returned after the tier dropped
+    /// (the stage's networks freed) instead of running the stage again: for a caller that splits
+    /// the work differently at the lower tier (the decoders: together at `medium`, one at a time
+    /// below).
+    pub fn stage_or_drop<T>(
+        &self,
+        name: &str,
+        nets: &[&dyn Placeable],
+        f: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        self.run_stage(name, nets, f, false)
+    }
+
+    fn run_stage<T>(
+        &self,
+        name: &str,
+        nets: &[&dyn Placeable],
+        mut f: impl FnMut() -> Result<T>,
+        retry: bool,
+    ) -> Result<T> {
+        let mut fallbacks = std::mem::take(&mut self.lock().pending_fallbacks);
+        loop {
+            let tier = self.tier();
+            let mut uploads = 0;
+            let mut upload_bytes = 0;
+            let mut upload_s = 0.0;
+            let mut compute_s = 0.0;
+            let _ = self.device.synchronize();
+            vram::reset_peaks(&self.device);
+            let attempt = (|| -> Result<T> {
+                if !tier.keeps_resident() {
+                    self.evict_except(nets);
+                }
+                for n in nets {
+                    if let Some(s) = n.place(self)? {
+                        uploads += 1;
+                        upload_bytes += n.bytes();
+                        upload_s += s;
+                    }
+                }
+                let t = Instant::now();
+                let v = f()?;
+                self.device.synchronize()?;
+                compute_s = t.elapsed().as_secs_f64();
+                Ok(v)
+            })();
+            match attempt {
+                Ok(v) => {
+                    if !tier.keeps_resident() {
+                        for n in nets {
+                            n.release();
+                        }
+                    }
+                    self.lock().log.push(StageRecord {
+                        stage: name.to_string(),
+                        tier: tier.name().to_string(),
+                        uploads,
+                        upload_bytes,
+                        upload_s,
+                        upload_hidden_s: 0.0,
+                        compute_s,
+                        fallbacks,
+                        vram: self.pool_stats(),
+                    });
+                    return Ok(v);
+                }
+                Err(e) if is_oom(&e) => {
+                    for n in nets {
+                        n.release();
+                    }
+                    let Some(lower) = tier.lower() else {
+                        return Err(e.context(format!(
+                            "stage {name}: out of device memory at the lowest tier ({tier})"
+                        )));
+                    };
+                    if tier.keeps_resident() {
+                        self.evict_all();
+                    }
+                    self.lock().tier = lower;
+                    fallbacks += 1;
+                    eprintln!(
+                        "warning: {name}: out of device memory at tier {tier} ({}); {} at tier {lower}",
+                        first_line(&e),
+                        if retry { "retrying" } else { "going on" }
+                    );
+                    if !retry {
+                        self.lock().pending_fallbacks = fallbacks;
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn first_line(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}");
+    let s = s.lines().next().unwrap_or_default();
+    if s.chars().count() > 160 {
+        format!("{}…", s.chars().take(160).collect::<String>())
+    } else {
+        s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A "network" of `n` float32 values whose forward sums them.
+    struct Sum(Tensor);
+
+    fn net(name: &str, n: usize) -> Network<Sum> {
+        let mut t = HashMap::new();
+        t.insert(
+            "w".to_string(),
+            Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        Network::new(name, HostWeights::new(t, name), move |vb| {
+            Ok(Sum(vb.get(n, "w")?))
+        })
+    }
+
+    fn residency(tier: Option<Tier>, budget: Option<u64>) -> Residency {
+        Residency::new(
+            &Device::Cpu,
+            MemoryOptions {
+                tier,
+                budget,
+                ballast: None,
+            },
+        )
+        .unwrap()
+    }
+
+    fn total(n: &Network<Sum>) -> Result<f32> {
+        Ok(n.get()?.0.sum_all()?.to_scalar::<f32>()?)
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_bytes("123").unwrap(), 123);
+        assert_eq!(parse_bytes("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_bytes(" 6GiB ").unwrap(), 6 << 30);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("512mb").unwrap(), 512 << 20);
+        assert!(parse_bytes("six").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+        let o = MemoryOptions::parse(Some("low"), Some("1MiB"), None).unwrap();
+        assert_eq!((o.tier, o.budget), (Some(Tier::Low), Some(1 << 20)));
+        assert_eq!(
+            MemoryOptions::parse(Some("auto"), None, None).unwrap().tier,
+            None
+        );
+        assert!(MemoryOptions::parse(Some("huge"), None, None).is_err());
+    }
+
+    #[test]
+    fn cuda_out_of_memory_text_is_recognised_anywhere_in_the_chain() {
+        let e = anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("SLat flow");
+        assert!(is_oom(&e));
+        assert!(!is_oom(&anyhow!("shape mismatch")));
+        let b: anyhow::Error = OutOfDeviceMemory {
+            network: "x".into(),
+            bytes: 2,
+            placed: 1,
+            budget: 2,
+        }
+        .into();
+        assert!(is_oom(&b.context("placing")));
+    }
+
+    #[test]
+    fn high_keeps_networks_and_medium_frees_them_after_the_stage() {
+        let (a, b) = (net("a", 10), net("b", 20));
+        let high = residency(Some(Tier::High), None);
+        assert_eq!(high.stage("a", &[&a], || total(&a)).unwrap(), 10.0);
+        assert_eq!(high.stage("b", &[&b], || total(&b)).unwrap(), 20.0);
+        assert_eq!(high.placed_bytes(), 120);
+        // Already placed: no upload the second time.
+        high.stage("a", &[&a], || total(&a)).unwrap();
+        let log = high.stage_log();
+        assert_eq!(
+            log.iter().map(|r| r.uploads).collect::<Vec<_>>(),
+            vec![1, 1, 0]
+        );
+        assert_eq!(log[0].upload_bytes, 40);
+
+        let medium = residency(Some(Tier::Medium), None);
+        medium.stage("a", &[&a], || total(&a)).unwrap();
+        assert!(!a.is_placed() && medium.placed_bytes() == 0);
+        // A network placed by a resident tier is evicted when a medium stage starts.
+        high.stage("b", &[&b], || total(&b)).unwrap();
+        assert!(b.is_placed());
+        medium.begin_job();
+        medium.stage("a", &[&a], || total(&a)).unwrap();
+        assert_eq!(
+            a.get().err().map(|e| e.to_string().contains("not on")),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn out_of_memory_drops_one_tier_per_failure_and_the_stage_completes() {
+        let (a, b, c) = (net("a", 10), net("b", 10), net("c", 10));
+        // 80 bytes: two networks fit, three do not.
+        let res = residency(Some(Tier::High), Some(80));
+        res.begin_job();
+        res.stage("a", &[&a], || total(&a)).unwrap();
+        res.stage("b", &[&b], || total(&b)).unwrap();
+        assert_eq!(res.tier(), Tier::High);
+        // A third at high exceeds the budget: everything is freed, medium runs it alone.
+        assert_eq!(res.stage("c", &[&c], || total(&c)).unwrap(), 10.0);
+        assert_eq!(res.tier(), Tier::Medium);
+        assert_eq!(res.placed_bytes(), 0);
+        // Three in one stage do not fit at medium either: low (the stage itself cannot shrink
+        // here, so it ends at minimal with an error).
+        let e = res
+            .stage("abc", &[&a, &b, &c], || {
+                Ok(total(&a)? + total(&b)? + total(&c)?)
+            })
+            .unwrap_err();
+        assert!(
+            is_oom(&e) && format!("{e:#}").contains("lowest tier"),
+            "{e:#}"
+        );
+        assert_eq!(res.tier(), Tier::Minimal);
+        let log = res.stage_log();
+        assert_eq!(
+            log.last().map(|r| (r.stage.as_str(), r.fallbacks)),
+            Some(("c", 1))
+        );
+        // The next job starts at the asked tier again.
+        assert_eq!(res.begin_job().0, Tier::High);
+    }
+
+    #[test]
+    fn real_cuda_errors_inside_a_stage_retry_and_other_errors_do_not() {
+        let a = net("a", 4);
+        let res = residency(Some(Tier::High), None);
+        let mut calls = 0;
+        let v = res
+            .stage("a", &[&a], || {
+                calls += 1;
+                if calls == 1 {
+                    bail!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+                }
+                total(&a)
+            })
+            .unwrap();
+        assert_eq!((v, calls, res.tier()), (4.0, 2, Tier::Medium));
+        let mut calls = 0;
+        let e = res
+            .stage("a", &[&a], || -> Result<f32> {
+                calls += 1;
+                bail!("a shape error")
+            })
+            .unwrap_err();
+        assert_eq!((e.to_string(), calls), ("a shape error".to_string(), 1));
+        assert_eq!(res.tier(), Tier::Medium);
+    }
+
+    #[test]
+    fn dropping_a_network_frees_its_share() {
+        let res = residency(Some(Tier::High), None);
+        {
+            let a = net("a", 8);
+            res.stage("a", &[&a], || total(&a)).unwrap();
+            assert_eq!(res.placed_bytes(), 32);
+        }
+        assert_eq!(res.placed_bytes(), 0);
+    }
+}
