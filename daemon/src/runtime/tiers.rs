@@ -7,10 +7,10 @@
 //!
 //! | tier      | when                       | what it means for a run                                         |
 //! |-----------|----------------------------|-----------------------------------------------------------------|
-//! | `high`    | GPU, free ≥ 16 GiB         | every network stays on the device once used (no uploads after the first job) |
-//! | `medium`  | GPU, 10 GiB ≤ free < 16    | each stage's networks uploaded for it and freed after it (conditioner, SS flow, SS decoder, SLat flow, decoders) |
-//! | `low`     | GPU, 6 GiB ≤ free < 10     | as `medium`, and the decoders one at a time; CFG branches never batched |
-//! | `minimal` | GPU, free < 6 GiB          | as `low` (TODO: stream the flows' transformer blocks from host memory) |
+//! | `high`    | GPU, free ≥ 10 GiB         | every network stays on the device once used (no uploads after the first job) |
+//! | `medium`  | GPU, 6 GiB ≤ free < 10     | each stage's networks uploaded for it and freed after it (conditioner, SS flow, SS decoder, SLat flow, decoders) |
+//! | `low`     | GPU, 4 GiB ≤ free < 6      | as `medium`, and the decoders one at a time; CFG branches never batched |
+//! | `minimal` | GPU, free < 4 GiB          | as `low` (TODO: stream the flows' transformer blocks from host memory) |
 //! | `cpu`     | CPU                        | float32 in host memory, every network resident                  |
 //!
 //! A CUDA out-of-memory error inside a stage frees what the stage holds, drops one tier and runs
@@ -18,11 +18,11 @@
 //! time is hidden behind compute). The samplers run the two CFG branches one after the other at
 //! every tier today; [`Tier::batches_cfg`] says where batching them is allowed.
 //!
-//! Why these numbers: the official image pipeline holds about 3 GB of float16 weights
-//! (the two 0.55–0.6 B parameter flows are 1.1–1.2 GB each, the decoders ~0.17 GB each) plus
-//! DINOv2-L (0.6 GB); 16 GiB is what the original asks for with everything resident, and the
-//! activations of the 64³ stage (~20k voxels, 1024 wide, batch 2 under CFG) and of the mesh decoder
-//! need several GiB on top of the largest single network.
+//! Why these numbers: measured on an H100 with `bench pipeline --vram-tier T` (image-large, the
+//! 20,000-voxel shell, docs/BENCHMARKS.md), the pool's peak reserved memory was 6.84 GiB at
+//! `high`, 3.16 GiB at `medium` and 2.81 GiB at `low`/`minimal`; each bound leaves 2–3 GiB
+//! above that for larger structures, the CUDA context and what else shares the card (Blender),
+//! and a stage that still runs out of memory drops a tier instead of failing.
 //!
 //! Precision: float16 on GPUs with compute capability ≥ 7.0 (tensor cores; the checkpoints' torsos
 //! are stored and run in float16 by the original), float32 on older GPUs and on the CPU (candle's
@@ -36,11 +36,11 @@ use candle_core::DType;
 
 const GIB: u64 = 1 << 30;
 /// Free GPU memory from which everything stays resident.
-pub const HIGH_MIN_FREE: u64 = 16 * GIB;
+pub const HIGH_MIN_FREE: u64 = 10 * GIB;
 /// Free GPU memory from which networks are loaded per stage.
-pub const MEDIUM_MIN_FREE: u64 = 10 * GIB;
+pub const MEDIUM_MIN_FREE: u64 = 6 * GIB;
 /// Free GPU memory from which one network at a time fits without streaming weights.
-pub const LOW_MIN_FREE: u64 = 6 * GIB;
+pub const LOW_MIN_FREE: u64 = 4 * GIB;
 /// Host memory below which a CPU run of the official models will likely swap.
 pub const CPU_COMFORTABLE_RAM: u64 = 12 * GIB;
 
@@ -267,12 +267,12 @@ mod tests {
     fn tiers_follow_free_memory_at_the_documented_bounds() {
         let h100 = Some((9, 0));
         assert_eq!(cuda(79.0, h100).tier, Tier::High);
-        assert_eq!(cuda(16.0, h100).tier, Tier::High);
-        assert_eq!(cuda(15.9, h100).tier, Tier::Medium);
-        assert_eq!(cuda(10.0, h100).tier, Tier::Medium);
-        assert_eq!(cuda(9.9, h100).tier, Tier::Low);
-        assert_eq!(cuda(6.0, h100).tier, Tier::Low);
-        assert_eq!(cuda(5.9, h100).tier, Tier::Minimal);
+        assert_eq!(cuda(10.0, h100).tier, Tier::High);
+        assert_eq!(cuda(9.9, h100).tier, Tier::Medium);
+        assert_eq!(cuda(6.0, h100).tier, Tier::Medium);
+        assert_eq!(cuda(5.9, h100).tier, Tier::Low);
+        assert_eq!(cuda(4.0, h100).tier, Tier::Low);
+        assert_eq!(cuda(3.9, h100).tier, Tier::Minimal);
         assert_eq!(cuda(0.0, h100).tier, Tier::Minimal);
         // Monotone: more memory never gives a smaller tier.
         let mut last = Tier::Minimal;
