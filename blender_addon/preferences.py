@@ -7,10 +7,10 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 
 TIERS = (
     ("auto", "Auto", "Chosen by the daemon from the free GPU memory"),
-    ("high", "High", "Every network stays on the GPU"),
-    ("medium", "Medium", "Only the running stage's networks on the GPU"),
-    ("low", "Low", "One network at a time on the GPU, decoders in chunks"),
-    ("minimal", "Minimal", "Flow transformers streamed block by block (4-6 GB)"),
+    ("high", "High", "Every network stays on the GPU (about 7 GB at peak)"),
+    ("medium", "Medium", "Only the running stage's networks on the GPU (about 3.2 GB at peak)"),
+    ("low", "Low", "As medium, the three decoders one at a time (about 2.8 GB at peak)"),
+    ("minimal", "Minimal", "As low for now (about 2.8 GB at peak)"),
 )
 PRECISIONS = (
     ("auto", "Auto", "Chosen by the daemon for the device and tier"),

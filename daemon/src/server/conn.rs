@@ -273,10 +273,13 @@ fn not_found_job(job: u64) -> Refusal {
 
 fn hello(ctx: &Ctx) -> HelloResult {
     let limits = proto::Limits::requests();
+    // `cpu` when every worker is on the CPU; else the GPU tier the jobs start at (`auto`: chosen
+    // from free memory at each job's start).
     let tier = if ctx.devices.iter().all(|d| d == "cpu") {
         "cpu".to_string()
     } else {
-        "gpu".to_string()
+        ctx.vram_tier
+            .map_or_else(|| "auto".to_string(), |t| t.name().to_string())
     };
     HelloResult {
         protocol: PROTOCOL_VERSION,

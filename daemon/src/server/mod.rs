@@ -52,6 +52,8 @@ pub struct Ctx {
     pub background_model: Option<String>,
     /// The devices the workers actually use (after any CPU fallback).
     pub devices: Vec<String>,
+    /// `--vram-tier` as given (`None`: auto, chosen at each job's start).
+    pub vram_tier: Option<crate::runtime::tiers::Tier>,
     pub address: String,
     pub shutdown: tokio::sync::Notify,
 }
@@ -158,6 +160,7 @@ fn serve_inner(
         conditioners: opts.conditioners.clone(),
         background_model: opts.background_model.clone(),
         devices: used,
+        vram_tier: opts.memory.tier,
         address: address.display().to_string(),
         shutdown: tokio::sync::Notify::new(),
     });
