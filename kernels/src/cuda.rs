@@ -14,7 +14,10 @@ pub struct KernelSource {
 /// Submanifold sparse convolution as one gather-GEMM over a neighbour map.
 pub const SPARSE_CONV: KernelSource = KernelSource {
     name: "sparse_conv",
-    source: include_str!("cuda/sparse_conv.cu"),
+    source: concat!(
+        include_str!("cuda/mma.cuh"),
+        include_str!("cuda/sparse_conv.cu")
+    ),
     entry_points: &[
         "sparse_conv_gather_gemm",
         "sparse_conv_mma_f16",
@@ -34,7 +37,10 @@ pub const ATTENTION: KernelSource = KernelSource {
 /// Fused tensor-core attention (float16 / bfloat16, head dim 64) with the same groups.
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
-    source: include_str!("cuda/flash_attention.cu"),
+    source: concat!(
+        include_str!("cuda/mma.cuh"),
+        include_str!("cuda/flash_attention.cu")
+    ),
     entry_points: &[
         "flash_attention_f16",
         "flash_attention_bf16",

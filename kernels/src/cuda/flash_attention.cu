@@ -16,44 +16,12 @@
 // S accumulators into A fragments without leaving registers, V's B fragments come from
 // ldmatrix.trans. Rows of an empty key range are written as zeros. No headers: halves are moved
 // as raw 16-bit words and converted with cvt.
-typedef unsigned short u16;
-typedef unsigned int u32;
 
 #define HD 64      // head dimension
 #define BM 64      // query rows per block
 #define BN 64      // keys per tile
 #define LDS 72     // shared-memory row stride in halves (64 + 8: conflict-free fragment loads)
 #define NEG_INF __int_as_float(0xff800000)
-
-template <bool BF16>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    u32 r;
-    if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-template <bool BF16>
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    if (BF16)
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 
 __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -76,9 +44,7 @@ __device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict
         const bool ok = j < j1;
         const int jr = ok ? j : j0;
         const u16* g = src + (long long)(perm ? perm[jr] : jr) * stride + h * HD + chunk * 8;
-        const int bytes = ok ? 16 : 0;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                     :: "r"(smem_addr(dst + row * LDS + chunk * 8)), "l"(g), "r"(bytes));
+        cp_async16(dst + row * LDS + chunk * 8, g, ok);
     }
 }
 
@@ -100,8 +66,6 @@ __device__ __forceinline__ void stage_tile_sync(u16* dst, const u16* __restrict_
     }
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;"); }
 
 // ASYNC: K/V double-buffered through cp.async (two 18 KiB stages); otherwise one stage loaded
 // through registers between two barriers. Both are kept: which is faster depends on occupancy

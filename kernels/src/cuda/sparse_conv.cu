@@ -85,48 +85,10 @@ extern "C" __global__ void sparse_conv_gather_gemm(
 // (kernel offset, 32-channel slices) double-buffered in shared memory through cp.async;
 // mma.sync m16n8k16 (sm_80+). Requires cin % 8 == 0, cout % 8 == 0 (16-byte rows) and a
 // kernel volume of at most 27, checked by the caller.
-typedef unsigned short u16;
-typedef unsigned int u32;
 #define CM 64
 #define CN 64
 #define CK 32
 #define CLD 40  // shared row stride in halves: 80 bytes, conflict-free fragment loads
-
-template <bool BF16>
-__device__ __forceinline__ void conv_mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    if (BF16)
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-            "{%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <bool BF16>
-__device__ __forceinline__ u32 conv_pack2(float lo, float hi) {
-    u32 r;
-    if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ unsigned conv_smem(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16-byte global -> shared copy through cp.async; `ok` false zero-fills the destination.
-__device__ __forceinline__ void conv_cp16(void* dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(conv_smem(dst)), "l"(src), "r"(ok ? 16 : 0));
-}
 
 #define CONV_MAX_VOLUME 27
 
@@ -178,29 +140,29 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
             const int m = e >> 2, q = e & 3, c = c0 + q * 8, s = rowsrc[k][m];
             const bool ok = s >= 0 && c < cin;
             const u16* src = feats + (ok ? (long long)s * cin + c : 0);
-            if constexpr (ASYNC) conv_cp16(&As[buf][m][q * 8], src, ok);
+            if constexpr (ASYNC) cp_async16(&As[buf][m][q * 8], src, ok);
             else *(uint4*)&As[buf][m][q * 8] = ok ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
         }
         for (int e = tid; e < CN * (CK / 8); e += 128) {
             const int n = e >> 2, q = e & 3, c = c0 + q * 8, o = col0 + n;
             const bool ok = o < cout && c < cin;
             const u16* src = weight + (ok ? ((long long)o * volume + k) * cin + c : 0);
-            if constexpr (ASYNC) conv_cp16(&Bs[buf][n][q * 8], src, ok);
+            if constexpr (ASYNC) cp_async16(&Bs[buf][n][q * 8], src, ok);
             else *(uint4*)&Bs[buf][n][q * 8] = ok ? *(const uint4*)src : make_uint4(0, 0, 0, 0);
         }
     };
 
     if constexpr (ASYNC) {
         if (steps > 0) issue(0, 0);
-        asm volatile("cp.async.commit_group;");
+        cp_async_commit();
     }
     for (int step = 0; step < steps; ++step) {
         const int buf = ASYNC ? (step & 1) : 0;
         __syncthreads();   // every warp is done with the stage the next copies go into
         if constexpr (ASYNC) {
             if (step + 1 < steps) issue(step + 1, buf ^ 1);
-            asm volatile("cp.async.commit_group;");
-            asm volatile("cp.async.wait_group 1;");   // this step's copies have landed
+            cp_async_commit();
+            cp_async_wait_one();   // this step's copies have landed
         } else {
             issue(step, 0);
         }
@@ -217,7 +179,7 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
             for (int j = 0; j < 8; ++j) {
                 const u32 b0 = *(const u32*)&Bs[buf][j * 8 + g][kk + 2 * t];
                 const u32 b1 = *(const u32*)&Bs[buf][j * 8 + g][kk + 2 * t + 8];
-                conv_mma16816<BF16>(acc[j], a, b0, b1);
+                mma16816<BF16>(acc[j], a, b0, b1);
             }
         }
     }
@@ -229,10 +191,10 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         const float b0 = bias ? bias[col] : 0.f, b1 = bias ? bias[col + 1] : 0.f;
         if (r0 < rows)
             *(u32*)(out + (long long)r0 * cout + col) =
-                conv_pack2<BF16>(acc[j][0] + b0, acc[j][1] + b1);
+                pack2<BF16>(acc[j][0] + b0, acc[j][1] + b1);
         if (r1 < rows)
             *(u32*)(out + (long long)r1 * cout + col) =
-                conv_pack2<BF16>(acc[j][2] + b0, acc[j][3] + b1);
+                pack2<BF16>(acc[j][2] + b0, acc[j][3] + b1);
     }
 }
 
