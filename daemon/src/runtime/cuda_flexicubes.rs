@@ -160,10 +160,6 @@ impl CudaFlexiCubes {
         Ok(module(&self.dev, &k::FLEXICUBES)?.load_function(name)?)
     }
 
-    fn sort_func(&self, name: &str) -> Result<CudaFunction> {
-        Ok(module(&self.dev, &k::SORT)?.load_function(name)?)
-    }
-
     fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: every caller's kernels write each element before anything reads it (a
         // zero-length request gets one element that nothing reads).
@@ -189,29 +185,7 @@ impl CudaFlexiCubes {
 
     /// Exclusive prefix sum of `input[..n]` into `out[..n]`.
     fn scan(&self, input: &CudaSlice<u32>, out: &CudaSlice<u32>, n: usize) -> Result<()> {
-        let nb = n.div_ceil(k::SCAN_ITEMS).max(1);
-        let sums = self.alloc::<u32>(nb)?;
-        let ni = i32_of(n, "scan length")?;
-        let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(nb)?, 1, 1),
-            block_dim: (k::SCAN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = self.sort_func("scan_blocks")?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(input).arg(out).arg(&sums).arg(&ni);
-        // SAFETY: `input`/`out` hold n entries, `sums` one per block.
-        unsafe { b.launch(cfg) }?;
-        if nb > 1 {
-            let offsets = self.alloc::<u32>(nb)?;
-            self.scan(&sums, &offsets, nb)?;
-            let f = self.sort_func("scan_add")?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(out).arg(&offsets).arg(&ni);
-            // SAFETY: as above.
-            unsafe { b.launch(cfg) }?;
-        }
-        Ok(())
+        super::cuda_sort::scan(&self.dev, input, out, n)
     }
 
     /// Stable sort of `n` (key, value) pairs by the low `bits` bits of the key.
@@ -222,41 +196,7 @@ impl CudaFlexiCubes {
         n: usize,
         bits: u32,
     ) -> Result<(CudaSlice<u64>, CudaSlice<u32>)> {
-        let nb = n.div_ceil(k::RADIX_CHUNK).max(1);
-        let hist = self.alloc::<u32>(256 * nb)?;
-        let hist_scan = self.alloc::<u32>(256 * nb)?;
-        let (mut ka, mut va) = (keys, vals);
-        let (mut kb, mut vb) = (self.alloc::<u64>(n)?, self.alloc::<u32>(n)?);
-        let ni = i32_of(n, "sort length")?;
-        let cfg = LaunchConfig {
-            grid_dim: (u32::try_from(nb)?, 1, 1),
-            block_dim: (k::RADIX_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let fh = self.sort_func("radix_histogram")?;
-        let fs = self.sort_func("radix_scatter")?;
-        let mut shift = 0i32;
-        while (shift as u32) < bits {
-            let mut b = self.stream.launch_builder(&fh);
-            b.arg(&ka).arg(&ni).arg(&shift).arg(&hist);
-            // SAFETY: `ka` holds n keys, `hist` 256 counts per block.
-            unsafe { b.launch(cfg) }?;
-            self.scan(&hist, &hist_scan, 256 * nb)?;
-            let mut b = self.stream.launch_builder(&fs);
-            b.arg(&ka)
-                .arg(&va)
-                .arg(&ni)
-                .arg(&shift)
-                .arg(&hist_scan)
-                .arg(&kb)
-                .arg(&vb);
-            // SAFETY: every buffer holds n entries; the scanned histogram places each once.
-            unsafe { b.launch(cfg) }?;
-            std::mem::swap(&mut ka, &mut kb);
-            std::mem::swap(&mut va, &mut vb);
-            shift += 8;
-        }
-        Ok((ka, va))
+        super::cuda_sort::radix_sort(&self.dev, keys, vals, n, bits)
     }
 
     /// Unique runs of the sorted `keys[..n]`: (their keys, where each run starts, their count).

@@ -281,29 +281,7 @@ impl CudaRasterizer {
 
     /// Exclusive prefix sum of `input[..n]` into `out[..n]`.
     fn scan(&self, input: &CudaSlice<u32>, out: &CudaSlice<u32>, n: usize) -> R<()> {
-        let nb = n.div_ceil(k::SCAN_ITEMS).max(1);
-        let sums = self.alloc::<u32>(nb)?;
-        let ni = i32_of(n, "scan length")?;
-        let cfg = LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (k::SCAN_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let f = self.func(&k::SORT, "scan_blocks")?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(input).arg(out).arg(&sums).arg(&ni);
-        // SAFETY: `input`/`out` hold n entries, `sums` one per block.
-        unsafe { b.launch(cfg) }.map_err(be)?;
-        if nb > 1 {
-            let offsets = self.alloc::<u32>(nb)?;
-            self.scan(&sums, &offsets, nb)?;
-            let f = self.func(&k::SORT, "scan_add")?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(out).arg(&offsets).arg(&ni);
-            // SAFETY: as above.
-            unsafe { b.launch(cfg) }.map_err(be)?;
-        }
-        Ok(())
+        super::cuda_sort::scan(&self.dev, input, out, n).map_err(be)
     }
 
     /// Stable sort of `n` (key, value) pairs by the low `bits` bits of the key.
@@ -314,41 +292,7 @@ impl CudaRasterizer {
         n: usize,
         bits: u32,
     ) -> R<(CudaSlice<u64>, CudaSlice<u32>)> {
-        let nb = n.div_ceil(k::RADIX_CHUNK).max(1);
-        let hist = self.alloc::<u32>(256 * nb)?;
-        let hist_scan = self.alloc::<u32>(256 * nb)?;
-        let (mut ka, mut va) = (keys, vals);
-        let (mut kb, mut vb) = (self.alloc::<u64>(n)?, self.alloc::<u32>(n)?);
-        let ni = i32_of(n, "sort length")?;
-        let cfg = LaunchConfig {
-            grid_dim: (nb as u32, 1, 1),
-            block_dim: (k::RADIX_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let fh = self.func(&k::SORT, "radix_histogram")?;
-        let fs = self.func(&k::SORT, "radix_scatter")?;
-        let mut shift = 0i32;
-        while (shift as u32) < bits {
-            let mut b = self.stream.launch_builder(&fh);
-            b.arg(&ka).arg(&ni).arg(&shift).arg(&hist);
-            // SAFETY: `ka` holds n keys, `hist` 256 counts per block.
-            unsafe { b.launch(cfg) }.map_err(be)?;
-            self.scan(&hist, &hist_scan, 256 * nb)?;
-            let mut b = self.stream.launch_builder(&fs);
-            b.arg(&ka)
-                .arg(&va)
-                .arg(&ni)
-                .arg(&shift)
-                .arg(&hist_scan)
-                .arg(&kb)
-                .arg(&vb);
-            // SAFETY: every buffer holds n entries; the scanned histogram places each exactly once.
-            unsafe { b.launch(cfg) }.map_err(be)?;
-            std::mem::swap(&mut ka, &mut kb);
-            std::mem::swap(&mut va, &mut vb);
-            shift += 8;
-        }
-        Ok((ka, va))
+        super::cuda_sort::radix_sort(&self.dev, keys, vals, n, bits).map_err(be)
     }
 
     /// Splats on the device through the camera at `cam` (its parameters already on the device).

@@ -8,6 +8,8 @@ pub mod cuda_fused;
 pub mod cuda_ops;
 #[cfg(feature = "cuda")]
 pub mod cuda_raster;
+#[cfg(feature = "cuda")]
+pub mod cuda_sort;
 pub mod device;
 pub mod gpu;
 pub mod malloc;
