@@ -34,7 +34,8 @@ pub const ATTENTION: KernelSource = KernelSource {
     entry_points: &["varlen_attention"],
 };
 
-/// Fused tensor-core attention (float16 / bfloat16, head dim 64) with the same groups.
+/// Fused tensor-core attention (float16 / bfloat16, head dims 64 and 80, 64 or 128 query rows per
+/// block) with the same groups.
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
     source: concat!(
@@ -42,10 +43,14 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
         include_str!("cuda/flash_attention.cu")
     ),
     entry_points: &[
-        "flash_attention_f16",
-        "flash_attention_bf16",
-        "flash_attention_async_f16",
-        "flash_attention_async_bf16",
+        "flash_attention_f16_d64_m1",
+        "flash_attention_f16_d64_m2",
+        "flash_attention_f16_d80_m1",
+        "flash_attention_f16_d80_m2",
+        "flash_attention_bf16_d64_m1",
+        "flash_attention_bf16_d64_m2",
+        "flash_attention_bf16_d80_m1",
+        "flash_attention_bf16_d80_m2",
     ],
 };
 
@@ -187,7 +192,8 @@ pub const SPARSE_CONV_MMA_THREADS: u32 = 128;
 pub const SPARSE_CONV_MMA_MAX_VOLUME: usize = 27;
 /// Largest head dimension `varlen_attention` takes.
 pub const ATTENTION_MAX_DIM: usize = 256;
-/// `flash_attention_*`: threads per block (4 warps), query rows per block, the one head dimension.
+/// `flash_attention_*`: threads per block (4 warps), the query rows per block it comes in (16 per
+/// warp-fragment, 1 or 2 fragments per warp: the `_m1` / `_m2` entries), the head dimensions.
 pub const FLASH_THREADS: u32 = 128;
-pub const FLASH_ROWS: usize = 64;
-pub const FLASH_HEAD_DIM: usize = 64;
+pub const FLASH_ROWS: [usize; 2] = [64, 128];
+pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 80];

@@ -3,9 +3,10 @@
 //! product). Shapes: the SS flow's self-attention (batch 2 under CFG, 4096 tokens, 16 × 64), its
 //! cross-attention to DINOv2's 1374 tokens and to CLIP's 77, the SLat flow's variable-length
 //! self-attention (two elements of ~3,900 tokens) and the decoders' 8³ windows (~20,000 voxels in
-//! windows of at most 512). On a GPU: the tensor-core kernel in the run's half dtype (float16
-//! unless `--precision bf16`), against a cuBLAS 8192³ product in the same dtype; on the CPU: the
-//! float32 kernel, against candle's float32 product of 2048³.
+//! windows of at most 512), and text-xlarge's 16 × 80 heads. On a GPU: the tensor-core kernel in
+//! the run's half dtype (float16 unless `--precision bf16`) with 64 and with 128 query rows per
+//! block, and the tiling `flash_rows_for` picks, against a cuBLAS 8192³ product in the same dtype;
+//! on the CPU: the float32 kernel, against candle's float32 product of 2048³.
 
 use std::io::Write;
 use std::time::Instant;
@@ -17,6 +18,8 @@ use trellis_kernels::attention::AttnGroup;
 struct Case {
     name: &'static str,
     heads: usize,
+    /// Head dimension.
+    d: usize,
     groups: Vec<AttnGroup>,
     nq: usize,
     nk: usize,
@@ -26,6 +29,7 @@ fn dense(name: &'static str, batch: usize, lq: usize, lk: usize) -> Case {
     Case {
         name,
         heads: 16,
+        d: 64,
         groups: (0..batch)
             .map(|i| AttnGroup {
                 q: i * lq..(i + 1) * lq,
@@ -53,12 +57,14 @@ fn cases() -> Vec<Case> {
         i += 1;
     }
     vec![
+        dense("SS flow self 1 x 4096", 1, 4096, 4096),
         dense("SS flow self 2 x 4096", 2, 4096, 4096),
         dense("SS flow cross 2 x 4096 -> 1374", 2, 4096, 1374),
         dense("text cross 2 x 4096 -> 77", 2, 4096, 77),
         Case {
             name: "SLat flow varlen 3,900 + 3,800",
             heads: 16,
+            d: 64,
             groups: vec![
                 AttnGroup {
                     q: 0..3900,
@@ -75,14 +81,20 @@ fn cases() -> Vec<Case> {
         Case {
             name: "decoder windows 20,000 (12 heads)",
             heads: 12,
+            d: 64,
             groups: windows,
             nq: 20_000,
             nk: 20_000,
         },
+        Case {
+            d: 80,
+            ..dense("text-xlarge self 2 x 4096 (16 x 80)", 2, 4096, 4096)
+        },
     ]
 }
 
-fn flops(c: &Case, d: usize) -> f64 {
+fn flops(c: &Case) -> f64 {
+    let d = c.d;
     c.groups
         .iter()
         .map(|g| 4.0 * g.q.len() as f64 * g.kv.len() as f64 * d as f64)
@@ -105,7 +117,6 @@ fn time(dev: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<
 }
 
 pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
-    let d = 64;
     let dtype = if dev.is_cuda() {
         match crate::runtime::precision::get() {
             crate::runtime::precision::PrecisionChoice::Bf16 => DType::BF16,
@@ -129,16 +140,27 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
         s * 1e3
     )?;
     for c in cases() {
+        let d = c.d;
         let q = Tensor::randn(0f32, 1.0, (c.nq, c.heads, d), dev)?.to_dtype(dtype)?;
         let k = Tensor::randn(0f32, 1.0, (c.nk, c.heads, d), dev)?.to_dtype(dtype)?;
         let v = Tensor::randn(0f32, 1.0, (c.nk, c.heads, d), dev)?.to_dtype(dtype)?;
-        let s = if dev.is_cuda() {
+        // (label, seconds) per tiling
+        let mut runs: Vec<(String, f64)> = Vec::new();
+        if dev.is_cuda() {
             #[cfg(feature = "cuda")]
             {
-                time(dev, reps, || {
-                    crate::runtime::cuda_ops::attention(&q, &k, &v, &c.groups)?;
-                    Ok(())
-                })?
+                use crate::runtime::cuda_ops::{flash_attention_tiled, flash_rows_for};
+                for rows in trellis_kernels::cuda::FLASH_ROWS {
+                    let s = time(dev, reps, || {
+                        flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(rows))?;
+                        Ok(())
+                    })?;
+                    runs.push((format!("{rows} rows"), s));
+                }
+                let pick = flash_rows_for(&c.groups);
+                if let Some(r) = runs.iter_mut().find(|r| r.0 == format!("{pick} rows")) {
+                    r.0.push_str(" (picked)");
+                }
             }
             #[cfg(not(feature = "cuda"))]
             {
@@ -152,22 +174,27 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
                 head_dim: d,
                 v_dim: d,
             };
-            time(dev, 1, || {
+            let scale = 1.0 / (d as f32).sqrt();
+            let s = time(dev, 1, || {
                 trellis_kernels::attention::varlen_attention(
-                    &qv, &kv, &vv, &c.groups, shape, 0.125,
+                    &qv, &kv, &vv, &c.groups, shape, scale,
                 )?;
                 Ok(())
-            })?
-        };
-        let rate = flops(&c, d) / s / 1e12;
-        writeln!(
-            out,
-            "{:<36} {:>9.3} ms  {:>7.1} TFLOP/s  ({:.0}% of the product's rate)",
-            c.name,
-            s * 1e3,
-            rate,
-            100.0 * rate / mm
-        )?;
+            })?;
+            runs.push(("f32 kernel".into(), s));
+        }
+        for (label, s) in runs {
+            let rate = flops(&c) / s / 1e12;
+            writeln!(
+                out,
+                "{:<40} {:<16} {:>9.3} ms  {:>7.1} TFLOP/s  ({:.0}% of the product's rate)",
+                c.name,
+                label,
+                s * 1e3,
+                rate,
+                100.0 * rate / mm
+            )?;
+        }
     }
     Ok(())
 }
@@ -184,6 +211,6 @@ mod tests {
             assert!(c.groups.iter().all(|g| g.kv.end <= c.nk), "{}", c.name);
         }
         let c = dense("x", 1, 10, 20);
-        assert_eq!(flops(&c, 64), 4.0 * 10.0 * 20.0 * 64.0 * 16.0);
+        assert_eq!(flops(&c), 4.0 * 10.0 * 20.0 * 64.0 * 16.0);
     }
 }

@@ -67,11 +67,31 @@ fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool
     })
 }
 
-/// `TRELLIS_FLASH_ASYNC`: the flash kernel's K/V staging (default: through registers, one stage;
-/// it measured faster on the H100 than the cp.async double buffer, `docs/BENCHMARKS.md`).
-pub fn flash_async() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    async_variant("TRELLIS_FLASH_ASYNC", &C, false)
+/// `TRELLIS_FLASH_ROWS`: query rows per flash-attention block, `64` or `128`; unset (or anything
+/// else), [`flash_rows_for`] picks per call. Read once per process.
+fn flash_rows_override() -> Option<usize> {
+    static C: OnceLock<Option<usize>> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("TRELLIS_FLASH_ROWS").as_deref() {
+        Ok("64") => Some(64),
+        Ok("128") => Some(128),
+        _ => None,
+    })
+}
+
+/// Query rows per flash block for these groups: 128 (two 16-row fragments per warp, each K/V
+/// fragment read from shared memory feeds two products) unless the groups are so short that
+/// 128-row tiles would compute more than 1/8 more padded rows than 64-row ones (small windows).
+pub fn flash_rows_for(groups: &[trellis_kernels::attention::AttnGroup]) -> usize {
+    if let Some(r) = flash_rows_override() {
+        return r;
+    }
+    let padded =
+        |rows: usize| -> usize { groups.iter().map(|g| g.q.len().div_ceil(rows) * rows).sum() };
+    if 8 * padded(128) <= 9 * padded(64) {
+        128
+    } else {
+        64
+    }
 }
 
 /// `TRELLIS_CONV_ASYNC`: the tensor-core sparse conv's tile staging (default: one stage).
@@ -487,10 +507,13 @@ pub fn varlen_attention(
     Ok(f(q)?.apply_op3_no_bwd(&f(k)?, &f(v)?, &op)?)
 }
 
-/// Tiles of [`FlashAttentionOp`]: (group, first query row) per block of `FLASH_ROWS` rows.
+/// Tiles of [`FlashAttentionOp`]: (group, first query row) per block of `rows` rows.
 struct FlashAttentionOp {
     nq: usize,
     heads: usize,
+    head_dim: usize,
+    /// Query rows per block: 64 or 128 (`k::FLASH_ROWS`).
+    rows: usize,
     /// Logical row -> physical row of q, k, v and out (windows attended in window order).
     perm: Option<Vec<i32>>,
     tile_group: Vec<i32>,
@@ -528,21 +551,24 @@ impl CustomOp3 for FlashAttentionOp {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = q.device().clone();
         let dtype = q.dtype();
-        let shape = Shape::from((self.nq, self.heads, k::FLASH_HEAD_DIM));
+        let shape = Shape::from((self.nq, self.heads, self.head_dim));
         let stream = dev.cuda_stream();
-        let entry = match (dtype, flash_async()) {
-            (DType::F16, false) => "flash_attention_f16",
-            (DType::BF16, false) => "flash_attention_bf16",
-            (DType::F16, true) => "flash_attention_async_f16",
-            (DType::BF16, true) => "flash_attention_async_bf16",
-            (other, _) => {
+        let ty = match dtype {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => {
                 return Err(err(format!(
                     "flash attention: {other:?} (f16 or bf16 only)"
                 )))
             }
         };
+        let entry = format!(
+            "flash_attention_{ty}_d{}_m{}",
+            self.head_dim,
+            self.rows / 64
+        );
         let heads = i32_arg(self.heads, "heads")?;
-        let scale_log2 = std::f32::consts::LOG2_E / (k::FLASH_HEAD_DIM as f32).sqrt();
+        let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let tiles = u32::try_from(self.tile_group.len())
             .map_err(|_| err("flash attention: too many tiles"))?;
         let cfg = LaunchConfig {
@@ -568,11 +594,12 @@ impl CustomOp3 for FlashAttentionOp {
                         meta(&self.kv_end)?,
                     );
                     let func = module(&dev, &k::FLASH_ATTENTION)?
-                        .load_function(entry)
+                        .load_function(&entry)
                         .w()?;
-                    let (q_at, q_stride) = row_layout(lq, self.heads, "q")?;
-                    let (k_at, k_stride) = row_layout(lk, self.heads, "k")?;
-                    let (v_at, v_stride) = row_layout(lv, self.heads, "v")?;
+                    let hd = self.head_dim;
+                    let (q_at, q_stride) = row_layout(lq, self.heads, hd, "q")?;
+                    let (k_at, k_stride) = row_layout(lk, self.heads, hd, "k")?;
+                    let (v_at, v_stride) = row_layout(lv, self.heads, hd, "v")?;
                     let qs = q.as_cuda_slice::<$t>()?.slice(q_at..);
                     let ks = kk.as_cuda_slice::<$t>()?.slice(k_at..);
                     let vs = v.as_cuda_slice::<$t>()?.slice(v_at..);
@@ -612,7 +639,7 @@ impl CustomOp3 for FlashAttentionOp {
 }
 
 /// Attention on the GPU for every caller (dense, cross, variable-length, windowed): the
-/// tensor-core kernel where it applies (float16/bfloat16, head dim 64), else the float32 kernel;
+/// tensor-core kernel where it applies (float16/bfloat16, head dim 64 or 80), else the float32 kernel;
 /// the output has `q`'s dtype.
 pub fn attention(
     q: &Tensor,
@@ -627,13 +654,12 @@ pub fn attention(
     Ok(varlen_attention(q, k, v, groups)?.to_dtype(q.dtype())?)
 }
 
-/// Where the rows of a `[..., heads, 64]` view start and how far apart they are (elements): the
-/// (heads, 64) block must be contiguous, the leading dims must flatten to one row stride, and
+/// Where the rows of a `[..., heads, hd]` view start and how far apart they are (elements): the
+/// (heads, hd) block must be contiguous, the leading dims must flatten to one row stride, and
 /// start and stride must keep the kernel's 16-byte loads aligned.
-fn row_layout(l: &Layout, heads: usize, what: &str) -> Result<(usize, i64)> {
+fn row_layout(l: &Layout, heads: usize, hd: usize, what: &str) -> Result<(usize, i64)> {
     let (dims, st) = (l.dims(), l.stride());
     let r = dims.len();
-    let hd = k::FLASH_HEAD_DIM;
     let bad = || {
         err(format!(
             "flash attention: {what} layout {dims:?} / {st:?} not supported"
@@ -657,18 +683,19 @@ fn row_layout(l: &Layout, heads: usize, what: &str) -> Result<(usize, i64)> {
 }
 
 /// Whether [`row_layout`] accepts `t` (else the caller makes a contiguous copy).
-fn rows_ok(t: &Tensor, heads: usize) -> bool {
-    row_layout(t.layout(), heads, "").is_ok()
+fn rows_ok(t: &Tensor, heads: usize, hd: usize) -> bool {
+    row_layout(t.layout(), heads, hd, "").is_ok()
 }
 
 /// Whether [`flash_attention`] takes tensors of this dtype and head dimension.
 pub fn flash_attention_supports(dtype: DType, head_dim: usize, v_dim: usize) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
-        && head_dim == k::FLASH_HEAD_DIM
-        && v_dim == k::FLASH_HEAD_DIM
+        && k::FLASH_HEAD_DIMS.contains(&head_dim)
+        && v_dim == head_dim
 }
 
-/// [`varlen_attention`]'s contract on the tensor cores: `q` `[Nq, H, 64]`, `k`/`v` `[Nk, H, 64]`,
+/// [`varlen_attention`]'s contract on the tensor cores: `q` `[Nq, H, D]`, `k`/`v` `[Nk, H, D]`
+/// (D 64 or 80),
 /// all float16 or all bfloat16; scores, softmax and accumulation in float32; the output in the
 /// inputs' dtype. Query rows that no group names are zero.
 pub fn flash_attention(
@@ -703,6 +730,19 @@ pub fn flash_attention_rows(
     groups: &[trellis_kernels::attention::AttnGroup],
     perm: Option<&[u32]>,
 ) -> anyhow::Result<Tensor> {
+    flash_attention_tiled(q, k, v, groups, perm, None)
+}
+
+/// [`flash_attention_rows`] with the query rows per block given (64 or 128; `None`:
+/// [`flash_rows_for`]), for the checks and `bench attention`.
+pub fn flash_attention_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+    perm: Option<&[u32]>,
+    rows: Option<usize>,
+) -> anyhow::Result<Tensor> {
     let (nq, heads, d) = rows3(q)?;
     let (nk, hk, dk) = rows3(k)?;
     let (nv, hv, dv) = rows3(v)?;
@@ -717,11 +757,11 @@ pub fn flash_attention_rows(
         flash_attention_supports(q.dtype(), d, dv)
             && k.dtype() == q.dtype()
             && v.dtype() == q.dtype(),
-        "flash attention: {:?}/{:?}/{:?} with head dim {d} (float16 or bfloat16, head dim {})",
+        "flash attention: {:?}/{:?}/{:?} with head dim {d} (float16 or bfloat16, head dim one of {:?})",
         q.dtype(),
         k.dtype(),
         v.dtype(),
-        k::FLASH_HEAD_DIM
+        k::FLASH_HEAD_DIMS
     );
     let (kv_start, kv_end) = kv_ranges(groups, nq, nk, "flash attention")?;
     let perm = match perm {
@@ -735,9 +775,17 @@ pub fn flash_attention_rows(
         }
         None => None,
     };
+    let rows = rows.unwrap_or_else(|| flash_rows_for(groups));
+    anyhow::ensure!(
+        k::FLASH_ROWS.contains(&rows),
+        "flash attention: {rows} rows per block (one of {:?})",
+        k::FLASH_ROWS
+    );
     let mut op = FlashAttentionOp {
         nq,
         heads,
+        head_dim: d,
+        rows,
         perm,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
@@ -752,17 +800,17 @@ pub fn flash_attention_rows(
         while r < grp.q.end {
             op.tile_group.push(gi);
             op.tile_q0.push(i32::try_from(r)?);
-            r += k::FLASH_ROWS;
+            r += rows;
         }
     }
     // Views the kernel can stride through go as they are; others are made contiguous, and
     // re-made in a fresh allocation (`affine(1, 0)`: exact) when their start is not 16-byte aligned.
     let fit = |t: &Tensor| -> anyhow::Result<Tensor> {
-        if rows_ok(t, heads) {
+        if rows_ok(t, heads, d) {
             return Ok(t.clone());
         }
         let c = t.contiguous()?;
-        Ok(if rows_ok(&c, heads) {
+        Ok(if rows_ok(&c, heads, d) {
             c
         } else {
             c.affine(1.0, 0.0)?
@@ -969,9 +1017,15 @@ pub mod checks {
 
     /// Tensor-core attention vs the CPU kernel on the same (rounded) inputs, in `dtype`: dense,
     /// cross (77 keys), variable-length groups of odd sizes, an empty key range and rows outside
-    /// every group (zero). Relative error below `tol`.
-    pub fn flash_attention_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
-        let (heads, d) = (3, 64);
+    /// every group (zero); head dim `d`, `rows` query rows per block. Relative error below `tol`.
+    pub fn flash_attention_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        d: usize,
+        rows: usize,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
+        let heads = 3;
         let (nq, nk) = (530, 700);
         let groups = vec![
             AttnGroup {
@@ -1012,7 +1066,7 @@ pub mod checks {
         let scale = 1.0 / (d as f32).sqrt();
         let cpu =
             trellis_kernels::attention::varlen_attention(&qr, &kr, &vr, &groups, shape, scale)?;
-        let g: Vec<f32> = flash_attention(&q, &kk, &v, &groups)?
+        let g: Vec<f32> = flash_attention_tiled(&q, &kk, &v, &groups, None, Some(rows))?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
@@ -1025,7 +1079,10 @@ pub mod checks {
             "rows with no keys or outside every group are not zero"
         );
         let e = rel_err(&g, &cpu);
-        anyhow::ensure!(e < tol, "flash attention {dtype:?}: relative error {e}");
+        anyhow::ensure!(
+            e < tol,
+            "flash attention {dtype:?} d{d} {rows} rows: relative error {e}"
+        );
         Ok(e)
     }
 
@@ -1174,6 +1231,7 @@ pub mod checks {
     pub fn flash_attention_rows_vs_cpu(
         dev: &Device,
         dtype: DType,
+        rows: usize,
         tol: f64,
     ) -> anyhow::Result<f64> {
         let (heads, d, n) = (2usize, 64usize, 600usize);
@@ -1200,7 +1258,7 @@ pub mod checks {
             s += len;
         }
         anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
-        let g: Vec<f32> = flash_attention_rows(&q, &k, &v, &groups, Some(&perm))?
+        let g: Vec<f32> = flash_attention_tiled(&q, &k, &v, &groups, Some(&perm), Some(rows))?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
@@ -1271,16 +1329,32 @@ pub mod checks {
             ),
             ("varlen attention", attention_vs_cpu(dev)),
             (
-                "flash attention f16",
-                flash_attention_vs_cpu(dev, DType::F16, 4e-3),
+                "flash attention f16, d64, 64 rows",
+                flash_attention_vs_cpu(dev, DType::F16, 64, 64, 4e-3),
             ),
             (
-                "flash attention bf16",
-                flash_attention_vs_cpu(dev, DType::BF16, 3e-2),
+                "flash attention f16, d64, 128 rows",
+                flash_attention_vs_cpu(dev, DType::F16, 64, 128, 4e-3),
             ),
             (
-                "flash attention f16, strided views + windows",
-                flash_attention_rows_vs_cpu(dev, DType::F16, 4e-3),
+                "flash attention bf16, d64, 128 rows",
+                flash_attention_vs_cpu(dev, DType::BF16, 64, 128, 3e-2),
+            ),
+            (
+                "flash attention f16, d80, 64 rows",
+                flash_attention_vs_cpu(dev, DType::F16, 80, 64, 4e-3),
+            ),
+            (
+                "flash attention bf16, d80, 128 rows",
+                flash_attention_vs_cpu(dev, DType::BF16, 80, 128, 3e-2),
+            ),
+            (
+                "flash attention f16, strided views + windows, 64 rows",
+                flash_attention_rows_vs_cpu(dev, DType::F16, 64, 4e-3),
+            ),
+            (
+                "flash attention f16, strided views + windows, 128 rows",
+                flash_attention_rows_vs_cpu(dev, DType::F16, 128, 4e-3),
             ),
         ]
     }
