@@ -35,7 +35,7 @@ pub const ATTENTION: KernelSource = KernelSource {
 };
 
 /// Fused tensor-core attention (float16 / bfloat16, head dims 64 and 80, 64 or 128 query rows per
-/// block) with the same groups.
+/// block; the 128-row blocks also with K/V double-buffered through cp.async) with the same groups.
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
     source: concat!(
@@ -51,6 +51,10 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
         "flash_attention_bf16_d64_m2",
         "flash_attention_bf16_d80_m1",
         "flash_attention_bf16_d80_m2",
+        "flash_attention_async_f16_d64_m2",
+        "flash_attention_async_f16_d80_m2",
+        "flash_attention_async_bf16_d64_m2",
+        "flash_attention_async_bf16_d80_m2",
     ],
 };
 

@@ -5,7 +5,7 @@
 //! self-attention (two elements of ~3,900 tokens) and the decoders' 8³ windows (~20,000 voxels in
 //! windows of at most 512), and text-xlarge's 16 × 80 heads. On a GPU: the tensor-core kernel in
 //! the run's half dtype (float16 unless `--precision bf16`) with 64 and with 128 query rows per
-//! block, and the tiling `flash_rows_for` picks, against a cuBLAS 8192³ product in the same dtype;
+//! block, the latter also with cp.async staging (`*` marks the tiling picked by default), against a cuBLAS 8192³ product in the same dtype;
 //! on the CPU: the float32 kernel, against candle's float32 product of 2048³.
 
 use std::io::Write;
@@ -149,17 +149,20 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
         if dev.is_cuda() {
             #[cfg(feature = "cuda")]
             {
-                use crate::runtime::cuda_ops::{flash_attention_tiled, flash_rows_for};
-                for rows in trellis_kernels::cuda::FLASH_ROWS {
+                use crate::runtime::cuda_ops::{flash_attention_tiled, FlashTiling};
+                let pick = FlashTiling::for_groups(&c.groups);
+                for (rows, staged_async) in [(64, false), (128, false), (128, true)] {
+                    let tiling = FlashTiling { rows, staged_async };
                     let s = time(dev, reps, || {
-                        flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(rows))?;
+                        flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(tiling))?;
                         Ok(())
                     })?;
-                    runs.push((format!("{rows} rows"), s));
-                }
-                let pick = flash_rows_for(&c.groups);
-                if let Some(r) = runs.iter_mut().find(|r| r.0 == format!("{pick} rows")) {
-                    r.0.push_str(" (picked)");
+                    let mut label =
+                        format!("{rows} rows{}", if staged_async { " async" } else { "" });
+                    if tiling == pick {
+                        label.push_str(" *");
+                    }
+                    runs.push((label, s));
                 }
             }
             #[cfg(not(feature = "cuda"))]

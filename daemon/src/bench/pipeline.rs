@@ -474,6 +474,59 @@ fn run_once(
     Ok(fig)
 }
 
+/// One SLat-flow forward on the shell (t = 500, random cond) with the device synchronised after
+/// every block: milliseconds per part (input layer + time embedding, each io block, the
+/// transformer blocks together, the out layer), after one untimed forward. For
+/// `TRELLIS_BENCH_BLOCKS=1`.
+fn slat_block_times(
+    nets: &Networks,
+    res: &Residency,
+    dev: &Device,
+    shell: &[i32],
+) -> Result<Vec<(String, f64)>> {
+    use crate::modules::sparse::tensor::{Geometry, SparseTensor};
+    let n = shell.len() / 4;
+    let geo = std::sync::Arc::new(Geometry::new(shell.to_vec(), None, dev)?);
+    let x = SparseTensor::from_geometry(geo, super::randn(&[n, nets.slat_in_channels], 7, dev)?)?;
+    let (l, c) = match nets.cond {
+        Conditioner::Image(_) => (1374, 1024),
+        Conditioner::Text(_) => (77, 768),
+    };
+    let cond = super::randn(&[1, l, c], 8, dev)?;
+    let t = Tensor::new(&[500f32], dev)?;
+    res.stage("SLat flow (block times)", &[&nets.slat_flow], || {
+        let f = nets.slat_flow.get()?;
+        f.forward(&x, &t, &cond)?;
+        dev.synchronize()?;
+        let mut parts: Vec<(String, f64)> = Vec::new();
+        let start = Instant::now();
+        let mut last = start;
+        let mut hook = |name: &str, _: &SparseTensor| -> Result<Option<Tensor>> {
+            dev.synchronize()?;
+            let now = Instant::now();
+            let ms = now.duration_since(last).as_secs_f64() * 1e3;
+            last = now;
+            let part = if name.starts_with("block") {
+                "transformer blocks".to_string()
+            } else if parts.is_empty() {
+                format!("input layer + {name}")
+            } else {
+                name.to_string()
+            };
+            match parts.iter_mut().find(|p| p.0 == part) {
+                Some(p) => p.1 += ms,
+                None => parts.push((part, ms)),
+            }
+            Ok(None)
+        };
+        f.forward_traced(&x, &t, &cond, &mut hook)?;
+        dev.synchronize()?;
+        parts.push(("out layer".into(), last.elapsed().as_secs_f64() * 1e3));
+        parts.push(("whole forward".into(), start.elapsed().as_secs_f64() * 1e3));
+        Ok(parts)
+    })
+}
+
 fn max_stats(a: Option<PoolStats>, b: Option<PoolStats>) -> Option<PoolStats> {
     match (a, b) {
         (Some(a), Some(b)) => Some(PoolStats {
@@ -623,6 +676,18 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         )?;
     }
     writeln!(out, "{:<52} {:>8} {:>8.1}ms", "sum", "", total * 1e3)?;
+    if std::env::var("TRELLIS_BENCH_BLOCKS").as_deref() == Ok("1") {
+        let parts = slat_block_times(&nets, &res, &dev, &shell)?;
+        writeln!(
+            out,
+            "SLat flow, one forward synchronised after every block (ms): {}",
+            parts
+                .iter()
+                .map(|(n, ms)| format!("{n} {ms:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
     let fallbacks: usize = stages.iter().map(|s| s.fallbacks).sum();
     if fallbacks > 0 {
         writeln!(

@@ -3,10 +3,16 @@
 //!
 //! Weights keep the builder's dtype (float16 in fp16 torsos) and are widened to float32 per call;
 //! the result is returned in the input's dtype on the input's device. On a GPU (candle has no 3-D
-//! convolution) a stride-1 convolution is an implicit im2col of candle ops — the k³ shifted views
-//! of the zero-padded input stacked along the channels — and one matrix product with the
-//! `[Cout, Cin·k³]` weight, in the input's dtype (float32 accumulation), without leaving the
-//! device; `pixel_shuffle_3d` is a reshape-permute there. Other strides take the CPU kernel.
+//! convolution) a stride-1, same-padded convolution runs as a sparse convolution over every voxel
+//! of the grid: the voxels as channels-last rows, the dense grid's neighbour table
+//! (`cuda_ops::dense_neighbours`, made once per grid), and the tensor-core kernel
+//! (`cuda_ops::sparse_conv_half`) for float16/bfloat16 with input channels a multiple of 8, else
+//! the float32 gather-GEMM (`cuda_ops::sparse_conv`); other stride-1 convolutions (and builds
+//! without `cuda`) are an implicit im2col of candle ops
+//! — the k³ shifted views of the zero-padded input stacked along the channels — and one matrix
+//! product with the `[Cout, Cin·k³]` weight, in the input's dtype (float32 accumulation), without
+//! leaving the device; `pixel_shuffle_3d` is a reshape-permute there. Other strides take the CPU
+//! kernel.
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Storage, Tensor};
@@ -41,6 +47,11 @@ pub struct Conv3d {
     kernel: usize,
     stride: usize,
     padding: usize,
+    /// The neighbour-table path's weight `[Cout', k³, Cin]` in the input's dtype and float32 bias
+    /// `[Cout']` (for the tensor cores Cout' = Cout rounded up to 8 with zero rows), made on first
+    /// use.
+    #[cfg(feature = "cuda")]
+    mma_weights: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl Conv3d {
@@ -66,6 +77,8 @@ impl Conv3d {
             kernel,
             stride,
             padding,
+            #[cfg(feature = "cuda")]
+            mma_weights: std::sync::OnceLock::new(),
         })
     }
 
@@ -93,6 +106,10 @@ impl Conv3d {
         };
         let out_dims = shape.output().map_err(|e| anyhow!("{e}"))?;
         if !x.device().is_cpu() && self.stride == 1 {
+            #[cfg(feature = "cuda")]
+            if self.grid_conv_applies(x) {
+                return self.forward_grid(x);
+            }
             return self.forward_im2col(x, out_dims);
         }
         let out = with_f32(x, |input| {
@@ -157,6 +174,86 @@ impl Conv3d {
             ))?)?;
         }
         Ok(y.reshape((b, self.out_channels, od, oh, ow))?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Conv3d {
+    /// Whether [`Self::forward_grid`] takes `x`: a CUDA input, an odd kernel of at most 3³ with
+    /// same padding.
+    fn grid_conv_applies(&self, x: &Tensor) -> bool {
+        x.device().is_cuda()
+            && self.stride == 1
+            && self.kernel % 2 == 1
+            && self.padding == self.kernel / 2
+            && self.kernel.pow(3) <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
+    }
+
+    /// The convolution as a sparse conv over every voxel of the grid: `x` `[B, Cin, D, H, W]`
+    /// becomes `[B·D·H·W, Cin]` rows, each row's k³ neighbours (−1 outside the grid: the zero
+    /// padding) come from the grid's cached neighbour table, and the `[rows, Cout]` result goes
+    /// back to `[B, Cout, D, H, W]`. Float16/bfloat16 with Cin a multiple of 8 run on the tensor
+    /// cores, the rest on the float32 gather-GEMM.
+    fn forward_grid(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::runtime::cuda_ops;
+        let (b, c, d, h, w) = x.dims5()?;
+        let dt = x.dtype();
+        let half = matches!(dt, DType::F16 | DType::BF16) && c % 8 == 0;
+        let run_dt = if half { dt } else { DType::F32 };
+        let (weight, bias) = match self.mma_weights.get() {
+            Some(wb) if wb.0.dtype() == run_dt => wb.clone(),
+            Some(_) => self.grid_weights(run_dt, x.device())?,
+            None => {
+                let wb = self.grid_weights(run_dt, x.device())?;
+                self.mma_weights.get_or_init(|| wb).clone()
+            }
+        };
+        let nbr = cuda_ops::dense_neighbours(x.device(), b, [d, h, w], self.kernel)?;
+        let rows = x
+            .permute((0, 2, 3, 4, 1))?
+            .contiguous()?
+            .reshape((b * d * h * w, c))?;
+        let y = if half {
+            cuda_ops::sparse_conv_half(&rows, &nbr, &weight, Some(&bias), 0)?
+        } else {
+            cuda_ops::sparse_conv(&rows.to_dtype(DType::F32)?, &nbr, &weight, Some(&bias))?
+                .to_dtype(dt)?
+        };
+        let y = if y.dim(1)? == self.out_channels {
+            y
+        } else {
+            y.narrow(1, 0, self.out_channels)?
+        };
+        Ok(y.reshape((b, d, h, w, self.out_channels))?
+            .permute((0, 4, 1, 2, 3))?
+            .contiguous()?)
+    }
+
+    /// `[Cout', k³, Cin]` weight in `dt` and float32 bias on `dev`; for a half `dt` Cout' is Cout
+    /// rounded up to 8 (zero rows, sliced off after the product), as the tensor cores need.
+    fn grid_weights(&self, dt: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let (co, ci, vol) = (self.out_channels, self.in_channels, self.kernel.pow(3));
+        let pad = if dt == DType::F32 {
+            0
+        } else {
+            co.next_multiple_of(8) - co
+        };
+        let mut wt = self
+            .weight
+            .to_device(dev)?
+            .to_dtype(DType::F32)?
+            .reshape((co, ci, vol))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let mut bias = match &self.bias {
+            Some(b) => b.to_device(dev)?.to_dtype(DType::F32)?,
+            None => Tensor::zeros(co, DType::F32, dev)?,
+        };
+        if pad > 0 {
+            wt = Tensor::cat(&[wt, Tensor::zeros((pad, vol, ci), DType::F32, dev)?], 0)?;
+            bias = Tensor::cat(&[bias, Tensor::zeros(pad, DType::F32, dev)?], 0)?;
+        }
+        Ok((wt.to_dtype(dt)?.contiguous()?, bias.contiguous()?))
     }
 }
 

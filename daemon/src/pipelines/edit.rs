@@ -993,6 +993,7 @@ mod tests {
             rescale_t: 3.0,
             cfg_strength: 2.0,
             cfg_interval: (0.5, 1.0),
+            cfg_batched: false,
         };
         let c = Tensor::new(&[[0.3f32]], &dev).unwrap();
         let neg = Tensor::new(&[[0.0f32]], &dev).unwrap();

@@ -31,6 +31,11 @@ pub struct SamplerSettings {
     pub rescale_t: f64,
     pub cfg_strength: f64,
     pub cfg_interval: (f64, f64),
+    /// Run a guided step's conditional and unconditional model calls as one call on both stacked
+    /// along the first dim (`[x; x]`, `[t; t]`, `[cond; neg]`) instead of two, when the velocity
+    /// closure takes a doubled batch (the GPU stages at tier `high` set it). The same maths; only
+    /// the matrix products' blocking, and so the last bits, may differ.
+    pub cfg_batched: bool,
 }
 
 impl SamplerSettings {
@@ -42,6 +47,7 @@ impl SamplerSettings {
             rescale_t: params.rescale_t.unwrap_or(1.0),
             cfg_strength: params.cfg_strength.unwrap_or(3.0),
             cfg_interval: params.cfg_interval.unwrap_or((0.0, 1.0)),
+            cfg_batched: false,
         };
         s.validate()?;
         Ok(s)
@@ -234,6 +240,26 @@ impl FlowEulerSampler {
         let cfg = |pos: Tensor, neg: Tensor| -> Result<Tensor> {
             Ok((pos.affine(1.0 + s.cfg_strength, 0.0)? - neg.affine(s.cfg_strength, 0.0)?)?)
         };
+        if guided && s.cfg_batched {
+            let pos_cond = match cond {
+                Conditioning::Single { cond, .. } => Some((*cond).clone()),
+                Conditioning::Stochastic { conds, .. } => {
+                    let n = conds.dim(0)?;
+                    ensure!(n >= 1, "multi-image conditioning without images");
+                    Some(conds.narrow(0, step % n, 1)?)
+                }
+                Conditioning::MultiDiffusion { .. } => None,
+            };
+            let neg = match cond {
+                Conditioning::Single { neg, .. }
+                | Conditioning::Stochastic { neg, .. }
+                | Conditioning::MultiDiffusion { neg, .. } => *neg,
+            };
+            if let Some(c) = pos_cond {
+                let (pos, neg) = velocity_pair(model, x, batch, t, &c, neg)?;
+                return cfg(pos, neg);
+            }
+        }
         match cond {
             Conditioning::Single { cond, neg } => {
                 let pos = eval(cond)?;
@@ -280,6 +306,33 @@ impl FlowEulerSampler {
     }
 }
 
+/// The conditional and unconditional velocities of `x` from one model call on both stacked along
+/// the first dim: `model([x; x], [t; t], [cond; neg])`, split back into its two halves.
+fn velocity_pair(
+    model: &mut Velocity<'_>,
+    x: &Tensor,
+    batch: usize,
+    t: f64,
+    cond: &Tensor,
+    neg: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let c = Tensor::cat(
+        &[repeat_to_batch(cond, batch)?, repeat_to_batch(neg, batch)?],
+        0,
+    )?;
+    let t2 = Tensor::full((1000.0 * t) as f32, 2 * batch, x.device())?;
+    let x2 = Tensor::cat(&[x, x], 0)?;
+    let v = model(&x2, &t2, &c)?;
+    ensure!(
+        v.dims() == x2.dims(),
+        "the flow model returned shape {:?} for a paired sample of shape {:?}",
+        v.dims(),
+        x2.dims()
+    );
+    let n = x.dim(0)?;
+    Ok((v.narrow(0, 0, n)?, v.narrow(0, n, n)?))
+}
+
 /// Repeats a batch-1 condition to `batch` rows; any other batch must equal `batch`.
 pub fn repeat_to_batch(c: &Tensor, batch: usize) -> Result<Tensor> {
     let b = c.dim(0)?;
@@ -318,6 +371,7 @@ mod tests {
 
     fn settings(steps: usize, r: f64, s: f64) -> SamplerSettings {
         SamplerSettings {
+            cfg_batched: false,
             steps,
             rescale_t: r,
             cfg_strength: s,
@@ -442,6 +496,76 @@ mod tests {
             // Number of evaluations: steps inside [0.5, 1] (t = 1, 0.9, 0.75, 0.5) are guided.
             let per_step = if mode == 2 { 3 } else { 2 };
             assert_eq!(calls.borrow().len(), 4 * per_step, "mode {mode}");
+        }
+    }
+
+    /// With `cfg_batched`, a guided step is one model call on `[x; x]`, `[t; t]`, `[cond; neg]`
+    /// and the samples equal the two-call sampler's; unguided steps and multidiffusion still
+    /// make their usual calls.
+    #[test]
+    fn batched_guidance_is_one_call_with_the_same_samples() {
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.25]], &dev).unwrap();
+        let conds = Tensor::new(&[[0.3f32], [-0.7]], &dev).unwrap();
+        let neg = Tensor::new(&[[0.1f32]], &dev).unwrap();
+        let single = conds.narrow(0, 0, 1).unwrap();
+        for mode in 0..3 {
+            let cond = match mode {
+                0 => Conditioning::Single {
+                    cond: &single,
+                    neg: &neg,
+                },
+                1 => Conditioning::Stochastic {
+                    conds: &conds,
+                    neg: &neg,
+                },
+                _ => Conditioning::MultiDiffusion {
+                    conds: &conds,
+                    neg: &neg,
+                },
+            };
+            let run = |batched: bool| -> (Vec<f32>, Vec<usize>) {
+                let mut sizes = Vec::new();
+                let mut model = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
+                    assert_eq!(t.dim(0)?, x.dim(0)?);
+                    assert_eq!(c.dim(0)?, x.dim(0)?);
+                    sizes.push(x.dim(0)?);
+                    // depends on t too, so the halves' t must line up
+                    let tb = t.unsqueeze(1)?.broadcast_as(x.dims())?;
+                    Ok(((x * 0.5)? + c.broadcast_as(x.dims())? + (tb * 1e-3)?)?)
+                };
+                let s = SamplerSettings {
+                    cfg_batched: batched,
+                    ..settings(4, 3.0, 2.0)
+                };
+                let out = gi()
+                    .sample(
+                        &mut model,
+                        &x0,
+                        2,
+                        &cond,
+                        &s,
+                        Hooks {
+                            on_step: None,
+                            cancel: None,
+                            keep_trajectory: false,
+                        },
+                    )
+                    .unwrap();
+                (out.samples.flatten_all().unwrap().to_vec1().unwrap(), sizes)
+            };
+            let (plain, plain_calls) = run(false);
+            let (paired, paired_calls) = run(true);
+            for (a, b) in plain.iter().zip(&paired) {
+                assert!((a - b).abs() < 1e-6, "mode {mode}: {plain:?} vs {paired:?}");
+            }
+            // steps at t = 1, 0.9, 0.75, 0.5: all guided ([0.5, 1]); multidiffusion is not paired
+            let want: Vec<usize> = match mode {
+                2 => vec![2; 12],
+                _ => vec![4; 4],
+            };
+            assert_eq!(paired_calls, want, "mode {mode}");
+            assert_eq!(plain_calls.len(), if mode == 2 { 12 } else { 8 });
         }
     }
 

@@ -67,6 +67,33 @@ fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool
     })
 }
 
+/// `TRELLIS_FLASH_ASYNC`: whether 128-row flash blocks double-buffer K/V through cp.async (`1`,
+/// the default: 230 against 193 TFLOP/s on the SS flow's self-attention on an H100) or load one
+/// tile at a time through registers (`0`).
+pub fn flash_async() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    async_variant("TRELLIS_FLASH_ASYNC", &C, true)
+}
+
+/// How the flash kernel tiles the queries: rows per block (64 or 128) and, for 128, whether K/V
+/// are double-buffered through cp.async.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashTiling {
+    pub rows: usize,
+    pub staged_async: bool,
+}
+
+impl FlashTiling {
+    /// The tiling picked for `groups`: [`flash_rows_for`] and [`flash_async`].
+    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
+        let rows = flash_rows_for(groups);
+        Self {
+            rows,
+            staged_async: rows == 128 && flash_async(),
+        }
+    }
+}
+
 /// `TRELLIS_FLASH_ROWS`: query rows per flash-attention block, `64` or `128`; unset (or anything
 /// else), [`flash_rows_for`] picks per call. Read once per process.
 fn flash_rows_override() -> Option<usize> {
@@ -512,8 +539,8 @@ struct FlashAttentionOp {
     nq: usize,
     heads: usize,
     head_dim: usize,
-    /// Query rows per block: 64 or 128 (`k::FLASH_ROWS`).
-    rows: usize,
+    /// Query rows per block (64 or 128, `k::FLASH_ROWS`) and the K/V staging.
+    tiling: FlashTiling,
     /// Logical row -> physical row of q, k, v and out (windows attended in window order).
     perm: Option<Vec<i32>>,
     tile_group: Vec<i32>,
@@ -563,9 +590,14 @@ impl CustomOp3 for FlashAttentionOp {
             }
         };
         let entry = format!(
-            "flash_attention_{ty}_d{}_m{}",
+            "flash_attention_{}{ty}_d{}_m{}",
+            if self.tiling.staged_async {
+                "async_"
+            } else {
+                ""
+            },
             self.head_dim,
-            self.rows / 64
+            self.tiling.rows / 64
         );
         let heads = i32_arg(self.heads, "heads")?;
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
@@ -733,15 +765,15 @@ pub fn flash_attention_rows(
     flash_attention_tiled(q, k, v, groups, perm, None)
 }
 
-/// [`flash_attention_rows`] with the query rows per block given (64 or 128; `None`:
-/// [`flash_rows_for`]), for the checks and `bench attention`.
+/// [`flash_attention_rows`] with the tiling given (`None`: [`FlashTiling::for_groups`]), for the
+/// checks and `bench attention`.
 pub fn flash_attention_tiled(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     groups: &[trellis_kernels::attention::AttnGroup],
     perm: Option<&[u32]>,
-    rows: Option<usize>,
+    tiling: Option<FlashTiling>,
 ) -> anyhow::Result<Tensor> {
     let (nq, heads, d) = rows3(q)?;
     let (nk, hk, dk) = rows3(k)?;
@@ -775,17 +807,18 @@ pub fn flash_attention_tiled(
         }
         None => None,
     };
-    let rows = rows.unwrap_or_else(|| flash_rows_for(groups));
+    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups));
+    let rows = tiling.rows;
     anyhow::ensure!(
-        k::FLASH_ROWS.contains(&rows),
-        "flash attention: {rows} rows per block (one of {:?})",
+        k::FLASH_ROWS.contains(&rows) && (rows == 128 || !tiling.staged_async),
+        "flash attention: tiling {tiling:?} (rows one of {:?}; cp.async staging with 128 rows)",
         k::FLASH_ROWS
     );
     let mut op = FlashAttentionOp {
         nq,
         heads,
         head_dim: d,
-        rows,
+        tiling,
         perm,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
@@ -903,6 +936,53 @@ pub fn submanifold_neighbours(coords: &Tensor, kernel: [usize; 3]) -> anyhow::Re
     Ok(c.apply_op1_no_bwd(&NeighboursOp { kernel })?)
 }
 
+/// The neighbour table of every voxel of a dense `[batch, D, H, W]` grid for a cubic `kernel`
+/// (int32 `[rows · k³]`, rows in `(b, d, h, w)` order, taps in the conv3d weight's `(kd, kh, kw)`
+/// order, −1 outside the grid), built on `dev` by [`submanifold_neighbours`] over the grid's
+/// coordinates. The last few grids are kept (a 64³ table is 28 MiB), so the SS decoder's
+/// convolutions at one resolution share one table.
+pub fn dense_neighbours(
+    dev: &candle_core::Device,
+    batch: usize,
+    dims: [usize; 3],
+    kernel: usize,
+) -> anyhow::Result<Tensor> {
+    type Key = (candle_core::DeviceLocation, usize, [usize; 3], usize);
+    static CACHE: std::sync::Mutex<Vec<(Key, Tensor)>> = std::sync::Mutex::new(Vec::new());
+    const KEEP: usize = 4;
+    let key: Key = (dev.location(), batch, dims, kernel);
+    {
+        let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(t.clone());
+        }
+    }
+    let [d, h, w] = dims;
+    anyhow::ensure!(
+        d.max(h).max(w) < 65536 && batch < 65536,
+        "dense neighbours: grid {dims:?} x {batch} too large"
+    );
+    let rows = batch * d * h * w;
+    let mut coords = Vec::with_capacity(rows * 4);
+    for b in 0..batch as i32 {
+        for x in 0..d as i32 {
+            for y in 0..h as i32 {
+                for z in 0..w as i32 {
+                    coords.extend_from_slice(&[b, x, y, z]);
+                }
+            }
+        }
+    }
+    let c = Tensor::from_vec(coords, (rows, 4), dev)?;
+    let t = submanifold_neighbours(&c, [kernel; 3])?;
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= KEEP {
+        cache.remove(0);
+    }
+    cache.push((key, t.clone()));
+    Ok(t)
+}
+
 /// Each GPU kernel against its CPU twin in `trellis_kernels` on seeded random inputs: the unit
 /// tests below and `trellisd doctor --check-kernels` run these. Returns (what, relative error);
 /// exact checks report 0 or fail.
@@ -1017,12 +1097,12 @@ pub mod checks {
 
     /// Tensor-core attention vs the CPU kernel on the same (rounded) inputs, in `dtype`: dense,
     /// cross (77 keys), variable-length groups of odd sizes, an empty key range and rows outside
-    /// every group (zero); head dim `d`, `rows` query rows per block. Relative error below `tol`.
+    /// every group (zero); head dim `d`, the given tiling. Relative error below `tol`.
     pub fn flash_attention_vs_cpu(
         dev: &Device,
         dtype: DType,
         d: usize,
-        rows: usize,
+        tiling: FlashTiling,
         tol: f64,
     ) -> anyhow::Result<f64> {
         let heads = 3;
@@ -1066,7 +1146,7 @@ pub mod checks {
         let scale = 1.0 / (d as f32).sqrt();
         let cpu =
             trellis_kernels::attention::varlen_attention(&qr, &kr, &vr, &groups, shape, scale)?;
-        let g: Vec<f32> = flash_attention_tiled(&q, &kk, &v, &groups, None, Some(rows))?
+        let g: Vec<f32> = flash_attention_tiled(&q, &kk, &v, &groups, None, Some(tiling))?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
@@ -1081,7 +1161,7 @@ pub mod checks {
         let e = rel_err(&g, &cpu);
         anyhow::ensure!(
             e < tol,
-            "flash attention {dtype:?} d{d} {rows} rows: relative error {e}"
+            "flash attention {dtype:?} d{d} {tiling:?}: relative error {e}"
         );
         Ok(e)
     }
@@ -1231,7 +1311,7 @@ pub mod checks {
     pub fn flash_attention_rows_vs_cpu(
         dev: &Device,
         dtype: DType,
-        rows: usize,
+        tiling: FlashTiling,
         tol: f64,
     ) -> anyhow::Result<f64> {
         let (heads, d, n) = (2usize, 64usize, 600usize);
@@ -1258,7 +1338,7 @@ pub mod checks {
             s += len;
         }
         anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
-        let g: Vec<f32> = flash_attention_tiled(&q, &k, &v, &groups, Some(&perm), Some(rows))?
+        let g: Vec<f32> = flash_attention_tiled(&q, &k, &v, &groups, Some(&perm), Some(tiling))?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
@@ -1302,6 +1382,71 @@ pub mod checks {
         Ok(e)
     }
 
+    /// The SS decoder's dense conv3d on the GPU (`modules::conv3d`: channels-last rows over the
+    /// grid's neighbour table; float16/bfloat16 on the tensor cores, float32 on the gather-GEMM)
+    /// against the CPU float32 kernel on the same (rounded) input and weights: a 24 → 40 and a
+    /// 32 → 1 convolution (Cout padded to 8 on the tensor cores) on a 2 × 9 × 7 × 5 grid, zero
+    /// padding at every face.
+    pub fn dense_conv3d_vs_cpu(dev: &Device, dtype: DType, tol: f64) -> anyhow::Result<f64> {
+        use crate::modules::conv3d::Conv3d;
+        let mut worst = 0f64;
+        for (cin, cout, seed) in [(24usize, 40usize, 31u64), (32, 1, 37)] {
+            let round = |v: Vec<f32>, shape: &[usize]| -> anyhow::Result<Tensor> {
+                Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F32)?)
+            };
+            let x = round(noise(2 * cin * 9 * 7 * 5, seed), &[2, cin, 9, 7, 5])?;
+            let w = round(
+                noise(cout * cin * 27, seed + 1)
+                    .iter()
+                    .map(|v| 0.2 * v)
+                    .collect(),
+                &[cout, cin, 3, 3, 3],
+            )?;
+            let b = Tensor::from_vec(noise(cout, seed + 2), cout, &Device::Cpu)?;
+            let make = |d: &Device, dt: DType| -> anyhow::Result<Conv3d> {
+                let mut t = std::collections::HashMap::new();
+                t.insert("weight".to_string(), w.to_device(d)?.to_dtype(dt)?);
+                t.insert("bias".to_string(), b.to_device(d)?.to_dtype(dt)?);
+                let vb = candle_nn::VarBuilder::from_tensors(t, dt, d);
+                Conv3d::new(vb, cin, cout, 3, 1, 1)
+            };
+            let cpu: Vec<f32> = make(&Device::Cpu, DType::F32)?
+                .forward(&x)?
+                .flatten_all()?
+                .to_vec1()?;
+            let y = make(dev, dtype)?.forward(&x.to_device(dev)?.to_dtype(dtype)?)?;
+            anyhow::ensure!(
+                y.dims() == [2, cout, 9, 7, 5] && y.dtype() == dtype,
+                "conv3d on the tensor cores: {:?} {:?}",
+                y.dims(),
+                y.dtype()
+            );
+            let g: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let e = rel_err(&g, &cpu);
+            anyhow::ensure!(
+                e < tol,
+                "conv3d {cin} -> {cout} over the grid's neighbours, {dtype:?}: relative error {e}"
+            );
+            worst = worst.max(e);
+        }
+        Ok(worst)
+    }
+
+    const T64: FlashTiling = FlashTiling {
+        rows: 64,
+        staged_async: false,
+    };
+    const T128: FlashTiling = FlashTiling {
+        rows: 128,
+        staged_async: false,
+    };
+    const T128A: FlashTiling = FlashTiling {
+        rows: 128,
+        staged_async: true,
+    };
+
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
@@ -1327,34 +1472,54 @@ pub mod checks {
                 "fused block kernels bf16",
                 fused_vs_cpu(dev, DType::BF16, 1.6e-2),
             ),
+            (
+                "dense conv3d f32 (gather-GEMM)",
+                dense_conv3d_vs_cpu(dev, DType::F32, 1e-5),
+            ),
+            (
+                "dense conv3d f16 (tensor cores)",
+                dense_conv3d_vs_cpu(dev, DType::F16, 2e-3),
+            ),
+            (
+                "dense conv3d bf16 (tensor cores)",
+                dense_conv3d_vs_cpu(dev, DType::BF16, 1e-2),
+            ),
             ("varlen attention", attention_vs_cpu(dev)),
             (
                 "flash attention f16, d64, 64 rows",
-                flash_attention_vs_cpu(dev, DType::F16, 64, 64, 4e-3),
+                flash_attention_vs_cpu(dev, DType::F16, 64, T64, 4e-3),
             ),
             (
                 "flash attention f16, d64, 128 rows",
-                flash_attention_vs_cpu(dev, DType::F16, 64, 128, 4e-3),
+                flash_attention_vs_cpu(dev, DType::F16, 64, T128, 4e-3),
+            ),
+            (
+                "flash attention f16, d64, 128 rows, cp.async",
+                flash_attention_vs_cpu(dev, DType::F16, 64, T128A, 4e-3),
             ),
             (
                 "flash attention bf16, d64, 128 rows",
-                flash_attention_vs_cpu(dev, DType::BF16, 64, 128, 3e-2),
+                flash_attention_vs_cpu(dev, DType::BF16, 64, T128, 3e-2),
             ),
             (
                 "flash attention f16, d80, 64 rows",
-                flash_attention_vs_cpu(dev, DType::F16, 80, 64, 4e-3),
+                flash_attention_vs_cpu(dev, DType::F16, 80, T64, 4e-3),
             ),
             (
-                "flash attention bf16, d80, 128 rows",
-                flash_attention_vs_cpu(dev, DType::BF16, 80, 128, 3e-2),
+                "flash attention bf16, d80, 128 rows, cp.async",
+                flash_attention_vs_cpu(dev, DType::BF16, 80, T128A, 3e-2),
             ),
             (
                 "flash attention f16, strided views + windows, 64 rows",
-                flash_attention_rows_vs_cpu(dev, DType::F16, 64, 4e-3),
+                flash_attention_rows_vs_cpu(dev, DType::F16, T64, 4e-3),
             ),
             (
                 "flash attention f16, strided views + windows, 128 rows",
-                flash_attention_rows_vs_cpu(dev, DType::F16, 128, 4e-3),
+                flash_attention_rows_vs_cpu(dev, DType::F16, T128, 4e-3),
+            ),
+            (
+                "flash attention f16, strided views + windows, 128 rows, cp.async",
+                flash_attention_rows_vs_cpu(dev, DType::F16, T128A, 4e-3),
             ),
         ]
     }

@@ -60,8 +60,38 @@ __device__ __forceinline__ void stage_tile(u16* dst, const u16* __restrict__ src
     }
 }
 
-// HD: head dimension (a multiple of 16); MF: 16-row fragments per warp (rows per block 64 * MF).
-template <bool BF16, int HD, int MF>
+// The same tile through cp.async (16-byte copies, rows past `j1` zero-filled), so it lands while
+// the current tile is computed; completion is waited for with cp.async.wait_group before the
+// barrier that publishes it.
+template <int HD, int LDS>
+__device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict__ src, int j0,
+                                                 int j1, long long stride, const int* perm, int h,
+                                                 int tid) {
+    constexpr int CPR = HD / 8;
+    #pragma unroll
+    for (int i = 0; i < (BN * CPR) / 128; ++i) {
+        const int idx = tid + i * 128;
+        const int row = idx / CPR, chunk = idx % CPR;
+        const int j = j0 + row;
+        const bool ok = j < j1;
+        const int jr = ok ? j : j0;
+        cp_async16(dst + row * LDS + chunk * 8,
+                   src + (long long)(perm ? perm[jr] : jr) * stride + h * HD + chunk * 8, ok);
+    }
+}
+
+// 2^x on the special-function unit, flushing denormal results to zero (exp2f without fast math
+// adds a denormal fix-up around the same instruction).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// HD: head dimension (a multiple of 16); MF: 16-row fragments per warp (rows per block 64 * MF);
+// ASYNC: K/V tiles double-buffered through cp.async (the next tile is copied while this one is
+// computed) instead of one buffer loaded through registers between two barriers.
+template <bool BF16, int HD, int MF, bool ASYNC>
 __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict__ k,
                                 const u16* __restrict__ v, const int* __restrict__ tile_group,
                                 const int* __restrict__ tile_q0, const int* __restrict__ q_end,
@@ -72,8 +102,8 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     constexpr int KS = HD / 16;    // k-steps of the Q K^T product
     constexpr int ND = HD / 8;     // 8-wide blocks of output dims
     constexpr int LDS = HD + 8;    // shared row stride in halves: conflict-free ldmatrix rows
-    __shared__ __align__(16) u16 ks[BN * LDS];
-    __shared__ __align__(16) u16 vs[BN * LDS];
+    __shared__ __align__(16) u16 kbuf[ASYNC ? 2 : 1][BN * LDS];
+    __shared__ __align__(16) u16 vbuf[ASYNC ? 2 : 1][BN * LDS];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, h = blockIdx.y;
@@ -111,11 +141,31 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         l[f][0] = l[f][1] = 0.f;
     }
 
-    for (int j0 = j_begin; j0 < j_end; j0 += BN) {
-        __syncthreads();   // every warp is done with the previous tile
-        stage_tile<HD, LDS>(ks, k, j0, j_end, k_stride, perm, h, tid);
-        stage_tile<HD, LDS>(vs, v, j0, j_end, v_stride, perm, h, tid);
+    if constexpr (ASYNC) {
+        if (j_begin < j_end) {
+            stage_tile_async<HD, LDS>(kbuf[0], k, j_begin, j_end, k_stride, perm, h, tid);
+            stage_tile_async<HD, LDS>(vbuf[0], v, j_begin, j_end, v_stride, perm, h, tid);
+        }
+        cp_async_commit();
+    }
+    int buf = 0;
+    for (int j0 = j_begin; j0 < j_end; j0 += BN, buf ^= (ASYNC ? 1 : 0)) {
+        __syncthreads();   // every warp is done with the buffer the next tile goes into
+        if constexpr (ASYNC) {
+            if (j0 + BN < j_end) {
+                stage_tile_async<HD, LDS>(kbuf[buf ^ 1], k, j0 + BN, j_end, k_stride, perm, h, tid);
+                stage_tile_async<HD, LDS>(vbuf[buf ^ 1], v, j0 + BN, j_end, v_stride, perm, h, tid);
+            }
+            cp_async_commit();
+            cp_async_wait_one();   // this tile's copies (all but the newest group) have landed
+        } else {
+            stage_tile<HD, LDS>(kbuf[0], k, j0, j_end, k_stride, perm, h, tid);
+            stage_tile<HD, LDS>(vbuf[0], v, j0, j_end, v_stride, perm, h, tid);
+        }
         __syncthreads();
+        const u16* ks = kbuf[buf];
+        const u16* vs = vbuf[buf];
+        const bool partial = j0 + BN > j_end;   // keys past the group's end in this tile
 
         // S = Q K^T: 16 rows x 64 keys per fragment, 8 blocks of 8 keys; each block's K
         // fragments are loaded once for all MF fragments.
@@ -150,9 +200,11 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
             float mx_a = NEG_INF, mx_b = NEG_INF;
             #pragma unroll
             for (int n = 0; n < 8; ++n) {
-                const int j = j0 + n * 8 + 2 * t;
-                if (j >= j_end) { s[f][n][0] = NEG_INF; s[f][n][2] = NEG_INF; }
-                if (j + 1 >= j_end) { s[f][n][1] = NEG_INF; s[f][n][3] = NEG_INF; }
+                if (partial) {
+                    const int j = j0 + n * 8 + 2 * t;
+                    if (j >= j_end) { s[f][n][0] = NEG_INF; s[f][n][2] = NEG_INF; }
+                    if (j + 1 >= j_end) { s[f][n][1] = NEG_INF; s[f][n][3] = NEG_INF; }
+                }
                 mx_a = fmaxf(mx_a, fmaxf(s[f][n][0], s[f][n][1]));
                 mx_b = fmaxf(mx_b, fmaxf(s[f][n][2], s[f][n][3]));
             }
@@ -162,18 +214,18 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
             mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
             const float mn_a = fmaxf(m[f][0], mx_a), mn_b = fmaxf(m[f][1], mx_b);
             // Every tile holds at least one valid key, so mn_* is finite from the first tile on.
-            const float corr_a = exp2f((m[f][0] - mn_a) * scale_log2);
-            const float corr_b = exp2f((m[f][1] - mn_b) * scale_log2);
+            const float corr_a = ex2((m[f][0] - mn_a) * scale_log2);
+            const float corr_b = ex2((m[f][1] - mn_b) * scale_log2);
             m[f][0] = mn_a;
             m[f][1] = mn_b;
             const float off_a = mn_a * scale_log2, off_b = mn_b * scale_log2;
             float sum_a = 0.f, sum_b = 0.f;
             #pragma unroll
             for (int n = 0; n < 8; ++n) {
-                s[f][n][0] = exp2f(fmaf(s[f][n][0], scale_log2, -off_a));
-                s[f][n][1] = exp2f(fmaf(s[f][n][1], scale_log2, -off_a));
-                s[f][n][2] = exp2f(fmaf(s[f][n][2], scale_log2, -off_b));
-                s[f][n][3] = exp2f(fmaf(s[f][n][3], scale_log2, -off_b));
+                s[f][n][0] = ex2(fmaf(s[f][n][0], scale_log2, -off_a));
+                s[f][n][1] = ex2(fmaf(s[f][n][1], scale_log2, -off_a));
+                s[f][n][2] = ex2(fmaf(s[f][n][2], scale_log2, -off_b));
+                s[f][n][3] = ex2(fmaf(s[f][n][3], scale_log2, -off_b));
                 sum_a += s[f][n][0] + s[f][n][1];
                 sum_b += s[f][n][2] + s[f][n][3];
             }
@@ -238,23 +290,29 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     }
 }
 
-// Entry points: flash_attention_{f16,bf16}_d{HD}_m{MF}.
-#define FLASH_ENTRY(NAME, BF16, HD, MF)                                                         \
+// Entry points: flash_attention_{f16,bf16}_d{HD}_m{MF}, and _async_ for the cp.async variant of
+// the 128-row blocks.
+#define FLASH_ENTRY(NAME, BF16, HD, MF, ASYNC)                                                  \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                     \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,        \
         const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                    \
         const int* __restrict__ q_end, const int* __restrict__ kv_start,                        \
         const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,     \
         long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) { \
-        flash_attention<BF16, HD, MF>(q, k, v, tile_group, tile_q0, q_end, kv_start, kv_end,    \
-                                      heads, scale_log2, out, q_stride, k_stride, v_stride, perm); \
+        flash_attention<BF16, HD, MF, ASYNC>(q, k, v, tile_group, tile_q0, q_end, kv_start,     \
+                                             kv_end, heads, scale_log2, out, q_stride, k_stride, \
+                                             v_stride, perm);                                    \
     }
 
-FLASH_ENTRY(flash_attention_f16_d64_m1, false, 64, 1)
-FLASH_ENTRY(flash_attention_f16_d64_m2, false, 64, 2)
-FLASH_ENTRY(flash_attention_f16_d80_m1, false, 80, 1)
-FLASH_ENTRY(flash_attention_f16_d80_m2, false, 80, 2)
-FLASH_ENTRY(flash_attention_bf16_d64_m1, true, 64, 1)
-FLASH_ENTRY(flash_attention_bf16_d64_m2, true, 64, 2)
-FLASH_ENTRY(flash_attention_bf16_d80_m1, true, 80, 1)
-FLASH_ENTRY(flash_attention_bf16_d80_m2, true, 80, 2)
+FLASH_ENTRY(flash_attention_f16_d64_m1, false, 64, 1, false)
+FLASH_ENTRY(flash_attention_f16_d64_m2, false, 64, 2, false)
+FLASH_ENTRY(flash_attention_f16_d80_m1, false, 80, 1, false)
+FLASH_ENTRY(flash_attention_f16_d80_m2, false, 80, 2, false)
+FLASH_ENTRY(flash_attention_bf16_d64_m1, true, 64, 1, false)
+FLASH_ENTRY(flash_attention_bf16_d64_m2, true, 64, 2, false)
+FLASH_ENTRY(flash_attention_bf16_d80_m1, true, 80, 1, false)
+FLASH_ENTRY(flash_attention_bf16_d80_m2, true, 80, 2, false)
+FLASH_ENTRY(flash_attention_async_f16_d64_m2, false, 64, 2, true)
+FLASH_ENTRY(flash_attention_async_f16_d80_m2, false, 80, 2, true)
+FLASH_ENTRY(flash_attention_async_bf16_d64_m2, true, 64, 2, true)
+FLASH_ENTRY(flash_attention_async_bf16_d80_m2, true, 80, 2, true)
