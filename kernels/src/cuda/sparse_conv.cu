@@ -81,16 +81,24 @@ extern "C" __global__ void sparse_conv_gather_gemm(
 // implicit GEMM computes it. Source rows are `nbr >> src_shift`: 0 for a plain submanifold conv,
 // 3 when the rows of a subdivided geometry (child c of parent p at row 8p + c) read their
 // parent's feats directly, so the 8x copy of the coarse feats is never made.
-// Tile: 64 rows x 64 output channels per block of 4 warps (16 rows each), the reduction over
-// (kernel offset, 32-channel slices) double-buffered in shared memory through cp.async;
-// mma.sync m16n8k16 (sm_80+). Requires cin % 8 == 0, cout % 8 == 0 (16-byte rows) and a
-// kernel volume of at most 27, checked by the caller.
+// Tile: 64 rows x 64 output channels per block of 4 warps in a 2 x 2 layout (32 x 32 each: two
+// 16-row fragments by four 8-column blocks, so every fragment read from shared memory feeds
+// several products), the reduction over (kernel offset, 32-channel slices) staged in shared
+// memory; A and B fragments through ldmatrix; mma.sync m16n8k16 (sm_80+). Requires
+// cin % 8 == 0, cout % 8 == 0 (16-byte rows) and a kernel volume of at most 27, checked by the
+// caller.
 #define CM 64
 #define CN 64
 #define CK 32
-#define CLD 40  // shared row stride in halves: 80 bytes, conflict-free fragment loads
+#define CLD 40  // shared row stride in halves: 80 bytes, conflict-free ldmatrix rows
 
 #define CONV_MAX_VOLUME 27
+
+__device__ __forceinline__ void conv_ldmatrix_x4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 
 // ASYNC: two stages filled through cp.async while the other is multiplied; otherwise one stage
 // filled through registers between two barriers (`TRELLIS_CONV_ASYNC` picks at run time).
@@ -98,16 +106,18 @@ template <bool BF16, bool ASYNC>
 __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __restrict__ nbr,
                          int rows, int volume, int src_shift, const u16* __restrict__ weight,
                          const float* __restrict__ bias, int cout, u16* __restrict__ out) {
-    // Two stages of A (gathered feats) and B (weights) tiles: step s + 1's copies fly while step
-    // s is multiplied. A step is one (kernel offset with at least one neighbour in the tile,
-    // 32-channel slice) pair; the tile's source rows of every offset are read once up front.
+    // Stages of A (gathered feats) and B (weights) tiles. A step is one (kernel offset with at
+    // least one neighbour in the tile, 32-channel slice) pair; the tile's source rows of every
+    // offset are read once up front.
     __shared__ __align__(16) u16 As[ASYNC ? 2 : 1][CM][CLD];
     __shared__ __align__(16) u16 Bs[ASYNC ? 2 : 1][CN][CLD];
     __shared__ int rowsrc[CONV_MAX_VOLUME][CM];
+    __shared__ int any_row[CONV_MAX_VOLUME];
     __shared__ int active[CONV_MAX_VOLUME];
     __shared__ int n_active;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
+    const int wm = warp >> 1, wn = warp & 1;   // this warp's 32 x 32 quarter of the tile
     const int row0 = blockIdx.y * CM, col0 = blockIdx.x * CN;
     for (int e = tid; e < volume * CM; e += 128) {
         const int k = e / CM, m = e % CM, r = row0 + m;
@@ -116,23 +126,28 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         rowsrc[k][m] = s;
     }
     __syncthreads();
+    // Offsets with a neighbour for some row of the tile: one warp per offset, then one list.
+    for (int k = warp; k < volume; k += 4) {
+        const int any = __any_sync(0xffffffffu, rowsrc[k][lane] >= 0 || rowsrc[k][lane + 32] >= 0);
+        if (lane == 0) any_row[k] = any;
+    }
+    __syncthreads();
     if (tid == 0) {
         int n = 0;
-        for (int k = 0; k < volume; ++k) {
-            int any = 0;
-            for (int m = 0; m < CM; ++m) any |= rowsrc[k][m] >= 0;
-            if (any) active[n++] = k;
-        }
+        for (int k = 0; k < volume; ++k)
+            if (any_row[k]) active[n++] = k;
         n_active = n;
     }
     __syncthreads();
     const int slices = (cin + CK - 1) / CK;
     const int steps = n_active * slices;
-    float acc[8][4];
+    float acc[2][4][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int f = 0; f < 2; ++f)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[f][j][e] = 0.f;
 
     auto issue = [&](int step, int buf) {
         const int k = active[step / slices], c0 = (step % slices) * CK;
@@ -156,6 +171,9 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         if (steps > 0) issue(0, 0);
         cp_async_commit();
     }
+    // ldmatrix row addresses: lane L feeds row L % 8 of matrix L / 8.
+    const int a_row = wm * 32 + (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = wn * 32 + (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
     for (int step = 0; step < steps; ++step) {
         const int buf = ASYNC ? (step & 1) : 0;
         __syncthreads();   // every warp is done with the stage the next copies go into
@@ -169,32 +187,35 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < CK; kk += 16) {
-            u32 a[4];
-            const int ar = warp * 16 + g;
-            a[0] = *(const u32*)&As[buf][ar][kk + 2 * t];
-            a[1] = *(const u32*)&As[buf][ar + 8][kk + 2 * t];
-            a[2] = *(const u32*)&As[buf][ar][kk + 2 * t + 8];
-            a[3] = *(const u32*)&As[buf][ar + 8][kk + 2 * t + 8];
+            u32 a[2][4], b[2][4];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const u32 b0 = *(const u32*)&Bs[buf][j * 8 + g][kk + 2 * t];
-                const u32 b1 = *(const u32*)&Bs[buf][j * 8 + g][kk + 2 * t + 8];
-                mma16816<BF16>(acc[j], a, b0, b1);
-            }
+            for (int f = 0; f < 2; ++f) conv_ldmatrix_x4(a[f], &As[buf][a_row + f * 16][kk + a_col]);
+#pragma unroll
+            for (int p = 0; p < 2; ++p) conv_ldmatrix_x4(b[p], &Bs[buf][b_row + p * 16][kk + b_col]);
+#pragma unroll
+            for (int f = 0; f < 2; ++f)
+#pragma unroll
+                for (int p = 0; p < 2; ++p) {
+                    mma16816<BF16>(acc[f][2 * p], a[f], b[p][0], b[p][1]);
+                    mma16816<BF16>(acc[f][2 * p + 1], a[f], b[p][2], b[p][3]);
+                }
         }
     }
-    const int r0 = row0 + warp * 16 + g, r1 = r0 + 8;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int col = col0 + j * 8 + 2 * t;
-        if (col >= cout) continue;
-        const float b0 = bias ? bias[col] : 0.f, b1 = bias ? bias[col + 1] : 0.f;
-        if (r0 < rows)
-            *(u32*)(out + (long long)r0 * cout + col) =
-                pack2<BF16>(acc[j][0] + b0, acc[j][1] + b1);
-        if (r1 < rows)
-            *(u32*)(out + (long long)r1 * cout + col) =
-                pack2<BF16>(acc[j][2] + b0, acc[j][3] + b1);
+    for (int f = 0; f < 2; ++f) {
+        const int r0 = row0 + wm * 32 + f * 16 + g, r1 = r0 + 8;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = col0 + wn * 32 + j * 8 + 2 * t;
+            if (col >= cout) continue;
+            const float b0 = bias ? bias[col] : 0.f, b1 = bias ? bias[col + 1] : 0.f;
+            if (r0 < rows)
+                *(u32*)(out + (long long)r0 * cout + col) =
+                    pack2<BF16>(acc[f][j][0] + b0, acc[f][j][1] + b1);
+            if (r1 < rows)
+                *(u32*)(out + (long long)r1 * cout + col) =
+                    pack2<BF16>(acc[f][j][2] + b0, acc[f][j][3] + b1);
+        }
     }
 }
 
