@@ -35,9 +35,9 @@ export REAL_NVCC=$CUDA_TOOLKIT/bin/nvcc NVCC=$ROOT/tools/nvcc-multiarch
 export LIB_GENCODE="-gencode=arch=compute_80,code=[sm_80,compute_80]"
 
 # 2. patched candle sources
-REG=$(ls -d "$HOME"/.cargo/registry/src/*/ | head -1)
+REG=$(ls -d "$HOME"/.cargo/registry/src/*/ 2>/dev/null | head -1 || true)
 VER=$(grep -A1 '^name = "candle-core"' "$ROOT/Cargo.lock" | sed -n 's/^version = "\(.*\)"/\1/p')
-if ! [[ -d $REG/candle-core-$VER && -d $REG/candle-kernels-$VER ]]; then
+if ! [[ -n $REG && -d $REG/candle-core-$VER && -d $REG/candle-kernels-$VER ]]; then
   (cd "$ROOT" && cargo fetch --locked)
   REG=$(ls -d "$HOME"/.cargo/registry/src/*/ | head -1)
 fi

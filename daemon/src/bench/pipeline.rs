@@ -128,6 +128,10 @@ pub struct PipelineReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vram_resident: Option<PoolStats>,
     pub peak_rss_bytes: Option<u64>,
+    /// Median over the timed runs (each a later job in the same process) of the time from the
+    /// job's start to the end of its first sampling step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_step_s: Option<f64>,
 }
 
 /// The networks of one pipeline, random weights.
@@ -352,16 +356,30 @@ fn run_once(
     dev: &Device,
     shell: &[i32],
     seed: u64,
+    first_step: &mut Option<f64>,
 ) -> Result<RunFigures> {
     let mut fig: RunFigures = Vec::new();
+    let job_start = Instant::now();
     res.begin_job();
     let over = SamplerParams {
         steps: opts.steps,
         ..SamplerParams::default()
     };
-    let mut nothing = |_: &crate::pipelines::base::ProgressEvent| {};
+    // When the first sampling step of the job is done (the daemon's `first_step_s`: the job
+    // start to the end of the sparse-structure flow's first step; progress events come after
+    // each step's host-side update, so this is not synchronised with the GPU).
+    let mut on_progress = |e: &crate::pipelines::base::ProgressEvent| {
+        let sampling = matches!(
+            e.stage,
+            crate::pipelines::base::Stage::SparseStructure
+                | crate::pipelines::base::Stage::StructuredLatent
+        );
+        if sampling && first_step.is_none() && e.step >= 1 {
+            *first_step = Some(job_start.elapsed().as_secs_f64());
+        }
+    };
     let mut ctl = RunControl {
-        progress: &mut nothing,
+        progress: &mut on_progress,
         cancel: None,
         keep_trajectory: false,
     };
@@ -494,11 +512,38 @@ fn slat_block_times(
     };
     let cond = super::randn(&[1, l, c], 8, dev)?;
     let t = Tensor::new(&[500f32], dev)?;
-    res.stage("SLat flow (block times)", &[&nets.slat_flow], || {
+    let ss = res.stage("SS flow (issue time)", &[&nets.ss_flow], || {
+        let f = nets.ss_flow.get()?;
+        let fc = &nets.ss_flow_config;
+        let r = fc.resolution;
+        let z = super::randn(&[1, fc.in_channels, r, r, r], 9, dev)?;
+        f.forward(&z, &t, &cond)?;
+        dev.synchronize()?;
+        profile_range("ss", true);
+        let start = Instant::now();
+        f.forward(&z, &t, &cond)?;
+        let issued = start.elapsed().as_secs_f64() * 1e3;
+        dev.synchronize()?;
+        profile_range("ss", false);
+        Ok((issued, start.elapsed().as_secs_f64() * 1e3))
+    })?;
+    let mut parts = res.stage("SLat flow (block times)", &[&nets.slat_flow], || {
         let f = nets.slat_flow.get()?;
         f.forward(&x, &t, &cond)?;
         dev.synchronize()?;
-        let mut parts: Vec<(String, f64)> = Vec::new();
+        // One forward with no syncs inside: how long the host takes to issue it against how long
+        // the GPU takes to finish it (issue ≈ total means the forward is launch-bound).
+        profile_range("slat", true);
+        let start = Instant::now();
+        f.forward(&x, &t, &cond)?;
+        let issued = start.elapsed().as_secs_f64() * 1e3;
+        dev.synchronize()?;
+        let whole = start.elapsed().as_secs_f64() * 1e3;
+        profile_range("slat", false);
+        let mut parts: Vec<(String, f64)> = vec![
+            ("unsynced forward: host issue time".into(), issued),
+            ("unsynced forward: until the GPU is done".into(), whole),
+        ];
         let start = Instant::now();
         let mut last = start;
         let mut hook = |name: &str, _: &SparseTensor| -> Result<Option<Tensor>> {
@@ -508,7 +553,7 @@ fn slat_block_times(
             last = now;
             let part = if name.starts_with("block") {
                 "transformer blocks".to_string()
-            } else if parts.is_empty() {
+            } else if parts.len() == 2 {
                 format!("input layer + {name}")
             } else {
                 name.to_string()
@@ -524,7 +569,37 @@ fn slat_block_times(
         parts.push(("out layer".into(), last.elapsed().as_secs_f64() * 1e3));
         parts.push(("whole forward".into(), start.elapsed().as_secs_f64() * 1e3));
         Ok(parts)
-    })
+    })?;
+    parts.push(("SS flow unsynced forward: host issue time".into(), ss.0));
+    parts.push((
+        "SS flow unsynced forward: until the GPU is done".into(),
+        ss.1,
+    ));
+    Ok(parts)
+}
+
+/// With `TRELLIS_PROFILE=ss` or `slat`, the profiler API range (`ncu --profile-from-start off`,
+/// `tools/gpu/profile.sh`) around that flow's one unsynced forward in [`slat_block_times`].
+fn profile_range(what: &str, start: bool) {
+    if std::env::var("TRELLIS_PROFILE").as_deref() != Ok(what) {
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+        let r = if start {
+            profiler_start()
+        } else {
+            profiler_stop()
+        };
+        if let Err(e) = r {
+            eprintln!("warning: TRELLIS_PROFILE: profiler range not set: {e:?}");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    eprintln!(
+        "warning: TRELLIS_PROFILE={what}: this build has no CUDA profiler API (start={start})"
+    );
 }
 
 fn max_stats(a: Option<PoolStats>, b: Option<PoolStats>) -> Option<PoolStats> {
@@ -587,7 +662,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         opts.runs
     )?;
     out.flush()?;
-    let warm = run_once(&nets, &res, opts, &dev, &shell, 0)?;
+    let warm = run_once(&nets, &res, opts, &dev, &shell, 0, &mut None)?;
     writeln!(
         out,
         "warm-up: {:.2}s (tiers: {})",
@@ -600,8 +675,19 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
     out.flush()?;
     let vram_resident = res.pool_stats();
     let mut runs: Vec<RunFigures> = Vec::new();
+    let mut first_steps: Vec<f64> = Vec::new();
     for i in 0..opts.runs {
-        let r = run_once(&nets, &res, opts, &dev, &shell, 100 * (i as u64 + 1))?;
+        let mut first = None;
+        let r = run_once(
+            &nets,
+            &res,
+            opts,
+            &dev,
+            &shell,
+            100 * (i as u64 + 1),
+            &mut first,
+        )?;
+        first_steps.extend(first);
         if let Some(first) = runs.first() {
             let names = |r: &RunFigures| r.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
             if names(first) != names(&r) {
@@ -680,7 +766,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         let parts = slat_block_times(&nets, &res, &dev, &shell)?;
         writeln!(
             out,
-            "SLat flow, one forward synchronised after every block (ms): {}",
+            "SLat flow, one forward synchronised after every block, and unsynced forwards (ms): {}",
             parts
                 .iter()
                 .map(|(n, ms)| format!("{n} {ms:.2}"))
@@ -708,6 +794,14 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             vram::gib(p.reserved_high)
         )?;
     }
+    let first_step_s = (!first_steps.is_empty()).then(|| median(&first_steps));
+    if let Some(f) = first_step_s {
+        writeln!(
+            out,
+            "later jobs in this process: first sampling step done {:.1} ms after the job started (median; no reload)",
+            f * 1e3
+        )?;
+    }
     let peak_rss = peak_rss_kib().map(|k| k * 1024);
     writeln!(
         out,
@@ -729,6 +823,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         vram_peak,
         vram_resident,
         peak_rss_bytes: peak_rss,
+        first_step_s,
     };
     if let Some(p) = &opts.json {
         let text = serde_json::to_string_pretty(&report)?;

@@ -28,7 +28,7 @@ use crate::modules::sparse::tensor::SparseTensor;
 use crate::modules::sparse::transformer::{CrossBlockArgs, ModulatedSparseTransformerCrossBlock};
 
 /// Resampling done at the start of a res block.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Resample {
     None,
     Down(SparseDownsample),

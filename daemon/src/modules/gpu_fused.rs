@@ -93,6 +93,13 @@ mod imp {
         )?))
     }
 
+    pub fn add(x: &Tensor, h: &Tensor) -> Result<Option<Tensor>> {
+        if !on_gpu(x) || h.dtype() != x.dtype() || h.dims() != x.dims() {
+            return Ok(None);
+        }
+        Ok(Some(f::add(&x.contiguous()?, &h.contiguous()?)?))
+    }
+
     pub fn rms_norm_heads(x: &Tensor, gamma: &Tensor, scale: f64) -> Result<Option<Tensor>> {
         if !on_gpu(x) {
             return Ok(None);
@@ -157,6 +164,10 @@ mod imp {
         Ok(None)
     }
 
+    pub fn add(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     pub fn rms_norm_heads(_: &Tensor, _: &Tensor, _: f64) -> Result<Option<Tensor>> {
         Ok(None)
     }
@@ -172,6 +183,9 @@ pub use imp::layer_norm;
 
 /// `x + h * gate[b]`, batch element `b` owning `rows[b]`.
 pub use imp::gated_add;
+
+/// `x + h` (same shape and dtype): one vectorised pass on the GPU, `None` elsewhere.
+pub use imp::add;
 
 /// MultiHeadRMSNorm of `[..., heads, dim]` (strided q / k views accepted).
 pub use imp::rms_norm_heads;

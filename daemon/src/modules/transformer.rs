@@ -174,7 +174,10 @@ impl ModulatedTransformerCrossBlock {
 
         let h = self.norm2.forward(&after_self_attn)?;
         let h = self.cross_attn.forward(&h, Some(context))?;
-        let after_cross_attn = (&after_self_attn + h)?;
+        let after_cross_attn = match gpu_fused::add(&after_self_attn, &h)? {
+            Some(y) => y,
+            None => (&after_self_attn + h)?,
+        };
 
         let h = self.modulated_norm(&self.norm3, &after_cross_attn, &shift_mlp, &scale_mlp)?;
         let h = self.mlp.forward(&h)?;

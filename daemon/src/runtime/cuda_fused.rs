@@ -250,17 +250,21 @@ pub fn layer_norm(
     let entry = format!("layer_norm_{}", suffix(x.dtype())?);
     let func = module(&dev, &k::FUSED)?.load_function(&entry).w()?;
     let stream = dev.cuda_stream();
-    let threads: u32 = if cols >= 512 { 256 } else { 128 };
+    // One warp per row, four rows per block.
     let cfg = LaunchConfig {
-        grid_dim: (u32::try_from(rows).map_err(|_| err("too many rows"))?, 1, 1),
-        block_dim: (threads, 1, 1),
+        grid_dim: (
+            u32::try_from(rows.div_ceil(4)).map_err(|_| err("too many rows"))?,
+            1,
+            1,
+        ),
+        block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     let (rows_i, cols_i, eps_f) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?, eps as f32);
     let mod_stride = i32_of(mod_stride, "modulation stride")?;
     macro_rules! go {
         ($t:ty) => {{
-            // SAFETY: every element is written by the kernel (one block per row).
+            // SAFETY: every element is written by the kernel (one warp per row).
             let out = unsafe { dev.alloc::<$t>(x.elem_count())? };
             let (gx, lx) = x.storage_and_layout();
             let xs = view::<$t>(&gx, lx, "x")?;
@@ -308,9 +312,24 @@ pub fn layer_norm(
 /// `x + h * gate[b]` for contiguous `x`, `h` `[rows, C]` (any rank, flat rows) and `gate` `[B, C]`
 /// (rows may be strided), batch element `b` owning the rows of `segments`.
 pub fn gated_add(x: &Tensor, h: &Tensor, gate: &Tensor, segments: Segments) -> Result<Tensor> {
+    residual(x, h, Some(gate), segments)
+}
+
+/// `x + h` for contiguous `x`, `h` of one shape and dtype (the blocks' plain residual), in the
+/// same kernel as [`gated_add`]: 16-byte vectors, float32 sum rounded once.
+pub fn add(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    let seg = Segments::dense(1, rows).ok_or_else(|| err("add: too many rows"))?;
+    residual(x, h, None, seg)
+}
+
+fn residual(x: &Tensor, h: &Tensor, gate: Option<&Tensor>, segments: Segments) -> Result<Tensor> {
     check_contiguous(x, "x")?;
     check_contiguous(h, "h")?;
-    if x.dims() != h.dims() || x.dtype() != h.dtype() || gate.dtype() != x.dtype() {
+    if x.dims() != h.dims()
+        || x.dtype() != h.dtype()
+        || gate.is_some_and(|g| g.dtype() != x.dtype())
+    {
         return Err(err(
             "gated_add: x, h and gate must agree in shape and dtype",
         ));
@@ -318,13 +337,18 @@ pub fn gated_add(x: &Tensor, h: &Tensor, gate: &Tensor, segments: Segments) -> R
     let dev = device_of(x)?;
     let cols = x.dims().last().copied().unwrap_or(1);
     let rows = x.elem_count() / cols.max(1);
-    let gstride = i32_of(row_stride(gate, cols, "gate")?, "gate stride")?;
+    let gstride = match gate {
+        Some(g) => i32_of(row_stride(g, cols, "gate")?, "gate stride")?,
+        None => 0,
+    };
     let entry = format!("gated_add_{}", suffix(x.dtype())?);
     let func = module(&dev, &k::FUSED)?.load_function(&entry).w()?;
     let stream = dev.cuda_stream();
     let n = x.elem_count();
+    // one 16-byte vector per thread on the kernel's fast path
+    let per_thread = 16 / x.dtype().size_in_bytes();
     let cfg = LaunchConfig {
-        grid_dim: (grid_for(n, 256), 1, 1),
+        grid_dim: (grid_for(n.div_ceil(per_thread), 256), 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -335,17 +359,19 @@ pub fn gated_add(x: &Tensor, h: &Tensor, gate: &Tensor, segments: Segments) -> R
             let out = unsafe { dev.alloc::<$t>(n)? };
             let (gx, lx) = x.storage_and_layout();
             let (gh, lh) = h.storage_and_layout();
-            let (gg, lg) = gate.storage_and_layout();
-            let (xs, hs, gs) = (
-                view::<$t>(&gx, lx, "x")?,
-                view::<$t>(&gh, lh, "h")?,
-                view::<$t>(&gg, lg, "gate")?,
-            );
+            let gg = gate.map(|g| g.storage_and_layout());
+            let (xs, hs) = (view::<$t>(&gx, lx, "x")?, view::<$t>(&gh, lh, "h")?);
+            let gs = match &gg {
+                Some((g, l)) => Some(view::<$t>(g, l, "gate")?),
+                None => None,
+            };
             let mut b = stream.launch_builder(&func);
-            b.arg(&xs)
-                .arg(&hs)
-                .arg(&gs)
-                .arg(&gstride)
+            b.arg(&xs).arg(&hs);
+            match &gs {
+                Some(g) => b.arg(g),
+                None => b.arg(&NULL),
+            };
+            b.arg(&gstride)
                 .arg(&out)
                 .arg(&rows64)
                 .arg(&cols_i)
@@ -394,13 +420,18 @@ pub fn rms_norm_heads(x: &Tensor, gamma: &Tensor, scale: f64) -> Result<Tensor> 
     let entry = format!("rms_norm_heads_{}", suffix(x.dtype())?);
     let func = module(&dev, &k::FUSED)?.load_function(&entry).w()?;
     let stream = dev.cuda_stream();
-    let warps = rows * heads;
+    // The kernel's fast path runs dim / V threads per (row, head) (V elements of 16 bytes each),
+    // the other one warp; both walk the grid in strides, so this only sizes it.
+    let v = 16 / x.dtype().size_in_bytes();
+    let lanes = dim / v;
+    let vectors = dim.is_multiple_of(v)
+        && (1..=32).contains(&lanes)
+        && lanes.is_power_of_two()
+        && row_stride.is_multiple_of(v)
+        && x.layout().start_offset().is_multiple_of(v);
+    let threads = rows * heads * if vectors { lanes } else { 32 };
     let cfg = LaunchConfig {
-        grid_dim: (
-            u32::try_from(warps.div_ceil(8)).map_err(|_| err("too many rows"))?,
-            1,
-            1,
-        ),
+        grid_dim: (grid_for(threads, 256), 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -414,7 +445,8 @@ pub fn rms_norm_heads(x: &Tensor, gamma: &Tensor, scale: f64) -> Result<Tensor> 
     let n = rows * heads * dim;
     macro_rules! go {
         ($t:ty) => {{
-            // SAFETY: every element is written by the kernel (one warp per row and head).
+            // SAFETY: every element is written by the kernel (each (row, head) by one warp or
+            // lane group).
             let out = unsafe { dev.alloc::<$t>(n)? };
             let (gx, lx) = x.storage_and_layout();
             let (gg, lg) = gamma.storage_and_layout();

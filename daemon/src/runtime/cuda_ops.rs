@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaModule, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaModule, CudaSlice, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -67,31 +69,51 @@ fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool
     })
 }
 
-/// `TRELLIS_FLASH_ASYNC`: whether 128-row flash blocks double-buffer K/V through cp.async (`1`,
-/// the default: 230 against 193 TFLOP/s on the SS flow's self-attention on an H100) or load one
-/// tile at a time through registers (`0`).
+/// `TRELLIS_FLASH_ASYNC`: whether flash blocks double-buffer K/V through cp.async (`1`, the
+/// default: 230 against 193 TFLOP/s on the SS flow's self-attention on an H100) or load one tile
+/// at a time through registers (`0`).
 pub fn flash_async() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
     async_variant("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
-/// How the flash kernel tiles the queries: rows per block (64 or 128) and, for 128, whether K/V
-/// are double-buffered through cp.async.
+/// How the flash kernel tiles the queries: rows per block (64 or 128), whether K/V are
+/// double-buffered through cp.async, and the register budget it was built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
+    /// The build capped for three blocks per multiprocessor (`_b3` entries) instead of two.
+    pub three_blocks: bool,
 }
 
 impl FlashTiling {
-    /// The tiling picked for `groups`: [`flash_rows_for`] and [`flash_async`].
+    /// The tiling picked for `groups`: [`flash_rows_for`], [`flash_async`] and [`flash_b3`].
     pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
         let rows = flash_rows_for(groups);
         Self {
             rows,
-            staged_async: rows == 128 && flash_async(),
+            staged_async: flash_async(),
+            three_blocks: flash_b3(),
         }
     }
+
+    /// The kernel entry for a dtype suffix (`f16` / `bf16`) and head dimension.
+    fn entry(&self, ty: &str, head_dim: usize) -> String {
+        format!(
+            "flash_attention_{}{ty}_d{head_dim}_m{}{}",
+            if self.staged_async { "async_" } else { "" },
+            self.rows / 64,
+            if self.three_blocks { "_b3" } else { "" }
+        )
+    }
+}
+
+/// `TRELLIS_FLASH_B3=1`: the flash kernels built for three blocks per multiprocessor (default:
+/// off). Read once per process.
+pub fn flash_b3() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    *C.get_or_init(|| std::env::var("TRELLIS_FLASH_B3").as_deref() == Ok("1"))
 }
 
 /// `TRELLIS_FLASH_ROWS`: query rows per flash-attention block, `64` or `128`; unset (or anything
@@ -121,10 +143,12 @@ pub fn flash_rows_for(groups: &[trellis_kernels::attention::AttnGroup]) -> usize
     }
 }
 
-/// `TRELLIS_CONV_ASYNC`: the tensor-core sparse conv's tile staging (default: one stage).
+/// `TRELLIS_CONV_ASYNC`: the tensor-core sparse conv's tile staging (default: two stages through
+/// cp.async; on an H100 the SLat flow's forward took 26.6 ms with it against 30.0 ms with one
+/// stage through registers, `TRELLIS_CONV_ASYNC=0`).
 pub fn conv_async() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
-    async_variant("TRELLIS_CONV_ASYNC", &C, false)
+    async_variant("TRELLIS_CONV_ASYNC", &C, true)
 }
 
 fn i32_arg(v: usize, what: &str) -> Result<i32> {
@@ -548,6 +572,8 @@ struct FlashAttentionOp {
     q_end: Vec<i32>,
     kv_start: Vec<i32>,
     kv_end: Vec<i32>,
+    /// The groups' query ranges cover all `nq` rows (each exactly once).
+    covers_all: bool,
 }
 
 impl CustomOp3 for FlashAttentionOp {
@@ -589,16 +615,7 @@ impl CustomOp3 for FlashAttentionOp {
                 )))
             }
         };
-        let entry = format!(
-            "flash_attention_{}{ty}_d{}_m{}",
-            if self.tiling.staged_async {
-                "async_"
-            } else {
-                ""
-            },
-            self.head_dim,
-            self.tiling.rows / 64
-        );
+        let entry = self.tiling.entry(ty, self.head_dim);
         let heads = i32_arg(self.heads, "heads")?;
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let tiles = u32::try_from(self.tile_group.len())
@@ -614,17 +631,40 @@ impl CustomOp3 for FlashAttentionOp {
         };
         macro_rules! launch {
             ($t:ty) => {{
-                // Rows the tiles do not cover (outside every group) stay zero.
-                let out = dev.alloc_zeros::<$t>(shape.elem_count())?;
+                // Rows the tiles do not cover (outside every group) stay zero; when the groups
+                // cover every row the kernel writes them all and the memset is skipped.
+                let out = if self.covers_all {
+                    // SAFETY: every row is written by the tile that owns it.
+                    unsafe { dev.alloc::<$t>(shape.elem_count()) }?
+                } else {
+                    dev.alloc_zeros::<$t>(shape.elem_count())?
+                };
                 if tiles > 0 {
-                    let meta = |v: &Vec<i32>| stream.clone_htod(v).w();
+                    // The five tables (and the permutation) as one device buffer, kept across
+                    // calls: a flow's geometry is the same for every block of every step.
+                    let parts: [&[i32]; 6] = [
+                        &self.tile_group,
+                        &self.tile_q0,
+                        &self.q_end,
+                        &self.kv_start,
+                        &self.kv_end,
+                        self.perm.as_deref().unwrap_or(&[]),
+                    ];
+                    let packed = device_tables(&dev, &parts)?;
+                    let mut at = 0;
+                    let mut next = |len: usize| {
+                        let v = packed.slice(at..at + len);
+                        at += len;
+                        v
+                    };
                     let (tg, tq, qe, k0, k1) = (
-                        meta(&self.tile_group)?,
-                        meta(&self.tile_q0)?,
-                        meta(&self.q_end)?,
-                        meta(&self.kv_start)?,
-                        meta(&self.kv_end)?,
+                        next(parts[0].len()),
+                        next(parts[1].len()),
+                        next(parts[2].len()),
+                        next(parts[3].len()),
+                        next(parts[4].len()),
                     );
+                    let perm = self.perm.as_ref().map(|p| next(p.len()));
                     let func = module(&dev, &k::FLASH_ATTENTION)?
                         .load_function(&entry)
                         .w()?;
@@ -635,7 +675,6 @@ impl CustomOp3 for FlashAttentionOp {
                     let qs = q.as_cuda_slice::<$t>()?.slice(q_at..);
                     let ks = kk.as_cuda_slice::<$t>()?.slice(k_at..);
                     let vs = v.as_cuda_slice::<$t>()?.slice(v_at..);
-                    let perm = self.perm.as_ref().map(meta).transpose()?;
                     let null = 0u64;
                     let mut b = stream.launch_builder(&func);
                     b.arg(&qs)
@@ -668,6 +707,54 @@ impl CustomOp3 for FlashAttentionOp {
             _ => launch!(half::bf16),
         }
     }
+}
+
+/// `parts` concatenated in one int32 device buffer. The last few are kept (keyed by device and
+/// content): the attention of every block and step of a flow reuses one upload instead of
+/// allocating and copying its tables again.
+fn device_tables(dev: &CudaDevice, parts: &[&[i32]]) -> Result<Arc<CudaSlice<i32>>> {
+    // Keyed by the candle device (its own stream), not only the GPU: another device on the same
+    // GPU would read the upload without waiting for it.
+    type Entry = (
+        candle_core::cuda_backend::DeviceId,
+        Vec<i32>,
+        Arc<CudaSlice<i32>>,
+    );
+    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    const KEEP: usize = 16;
+    let loc = dev.id();
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let same = |v: &[i32]| {
+        v.len() == total && {
+            let mut at = 0;
+            parts.iter().all(|p| {
+                let ok = v[at..at + p.len()] == **p;
+                at += p.len();
+                ok
+            })
+        }
+    };
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = cache.iter().position(|(l, v, _)| *l == loc && same(v)) {
+        // most recently used last
+        let e = cache.remove(i);
+        let t = e.2.clone();
+        cache.push(e);
+        return Ok(t);
+    }
+    let host: Vec<i32> = parts.concat();
+    // (cuda streams need at least one element)
+    let upload = if host.is_empty() {
+        vec![0]
+    } else {
+        host.clone()
+    };
+    let t = Arc::new(dev.cuda_stream().clone_htod(&upload).w()?);
+    if cache.len() >= KEEP {
+        cache.remove(0);
+    }
+    cache.push((loc, host, t.clone()));
+    Ok(t)
 }
 
 /// Attention on the GPU for every caller (dense, cross, variable-length, windowed): the
@@ -810,8 +897,8 @@ pub fn flash_attention_tiled(
     let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups));
     let rows = tiling.rows;
     anyhow::ensure!(
-        k::FLASH_ROWS.contains(&rows) && (rows == 128 || !tiling.staged_async),
-        "flash attention: tiling {tiling:?} (rows one of {:?}; cp.async staging with 128 rows)",
+        k::FLASH_ROWS.contains(&rows),
+        "flash attention: tiling {tiling:?} (rows one of {:?})",
         k::FLASH_ROWS
     );
     let mut op = FlashAttentionOp {
@@ -825,6 +912,16 @@ pub fn flash_attention_tiled(
         q_end: Vec::with_capacity(groups.len()),
         kv_start,
         kv_end,
+        covers_all: {
+            let mut q: Vec<_> = groups.iter().map(|g| g.q.clone()).collect();
+            q.sort_by_key(|r| r.start);
+            let mut at = 0;
+            q.iter().all(|r| {
+                let ok = r.start == at;
+                at = r.end;
+                ok
+            }) && at == nq
+        },
     };
     for (g, grp) in groups.iter().enumerate() {
         let gi = i32::try_from(g)?;
@@ -947,10 +1044,19 @@ pub fn dense_neighbours(
     dims: [usize; 3],
     kernel: usize,
 ) -> anyhow::Result<Tensor> {
-    type Key = (candle_core::DeviceLocation, usize, [usize; 3], usize);
+    type Key = (
+        candle_core::cuda_backend::DeviceId,
+        usize,
+        [usize; 3],
+        usize,
+    );
     static CACHE: std::sync::Mutex<Vec<(Key, Tensor)>> = std::sync::Mutex::new(Vec::new());
     const KEEP: usize = 4;
-    let key: Key = (dev.location(), batch, dims, kernel);
+    let candle_core::Device::Cuda(cuda) = dev else {
+        anyhow::bail!("dense neighbours: {dev:?} is not a CUDA device");
+    };
+    // Keyed by the candle device (its own stream), as `device_tables`.
+    let key: Key = (cuda.id(), batch, dims, kernel);
     {
         let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
@@ -1437,14 +1543,27 @@ pub mod checks {
     const T64: FlashTiling = FlashTiling {
         rows: 64,
         staged_async: false,
+        three_blocks: false,
     };
     const T128: FlashTiling = FlashTiling {
         rows: 128,
         staged_async: false,
+        three_blocks: false,
     };
     const T128A: FlashTiling = FlashTiling {
         rows: 128,
         staged_async: true,
+        three_blocks: false,
+    };
+    const T64A3: FlashTiling = FlashTiling {
+        rows: 64,
+        staged_async: true,
+        three_blocks: true,
+    };
+    const T128A3: FlashTiling = FlashTiling {
+        rows: 128,
+        staged_async: true,
+        three_blocks: true,
     };
 
     /// Every check: (name, result).
@@ -1520,6 +1639,18 @@ pub mod checks {
             (
                 "flash attention f16, strided views + windows, 128 rows, cp.async",
                 flash_attention_rows_vs_cpu(dev, DType::F16, T128A, 4e-3),
+            ),
+            (
+                "flash attention f16, d64, 64 rows, cp.async, 3 blocks/SM",
+                flash_attention_vs_cpu(dev, DType::F16, 64, T64A3, 4e-3),
+            ),
+            (
+                "flash attention bf16, d80, 128 rows, cp.async, 3 blocks/SM",
+                flash_attention_vs_cpu(dev, DType::BF16, 80, T128A3, 3e-2),
+            ),
+            (
+                "flash attention f16, strided views + windows, 64 rows, cp.async, 3 blocks/SM",
+                flash_attention_rows_vs_cpu(dev, DType::F16, T64A3, 4e-3),
             ),
         ]
     }

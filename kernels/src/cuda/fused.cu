@@ -61,6 +61,23 @@ __device__ __forceinline__ float rnd(float v) {
 template <>
 __device__ __forceinline__ float rnd<float>(float v) { return v; }
 
+// 16-byte vectors of T: V elements moved with one load or store (the fast paths below take them
+// when every pointer is 16-byte aligned and the row lengths are multiples of V).
+template <typename T>
+struct Vec16 {
+    static constexpr int V = 16 / sizeof(T);
+    union {
+        uint4 u;
+        T t[16 / sizeof(T)];
+    };
+    __device__ __forceinline__ float get(int i) const { return ld(t, i); }
+    __device__ __forceinline__ void set(int i, float v) { st(t, i, v); }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return ((unsigned long long)p & 15ull) == 0;
+}
+
 __device__ __forceinline__ float gelu_tanh(float x) {
     const float k = 0.7978845608028654f;  // sqrt(2 / pi)
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
@@ -96,27 +113,39 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 // back), then, when `shift` is given, the adaLN modulation in T's arithmetic:
 // y * (1 + scale[b]) + shift[b], each product and sum rounded to T as the original's float16
 // elementwise ops do. shift/scale rows of batch element b start at b * mod_stride.
+// LayerNorm32 per row, one warp per row: two-pass statistics in float32 (mean, then the biased
+// variance of the deviations), y = (x - mean) * rstd [* w + b] rounded to T (LayerNorm32's cast
+// back), then, when `shift` is given, the adaLN modulation in T's arithmetic:
+// y * (1 + scale[b]) + shift[b], each product and sum rounded to T as the original's float16
+// elementwise ops do. shift/scale rows of batch element b start at b * mod_stride.
+// The row is held in registers (LN_MAXV 16-byte vectors per lane: one read of x, shuffles only)
+// when cols is a multiple of the vector width, at most 32 * LN_MAXV vectors, and every pointer
+// is 16-byte aligned (`layer_norm_fits`); otherwise the warp walks the row in global memory.
+#define LN_MAXV 8
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
 template <typename T>
-__device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, const float* w,
-                           const float* b, const T* shift, const T* scale, int mod_stride,
-                           Segments seg) {
-    __shared__ float shared[32];
-    const int row = blockIdx.x;
-    if (row >= rows) return;
+__device__ void layer_norm_scalar(const T* x, T* out, int row, int cols, float eps,
+                                  const float* w, const float* b, const T* shift, const T* scale,
+                                  int mod_stride, Segments seg) {
+    const int lane = threadIdx.x & 31;
     const T* xr = x + (u64)row * cols;
     T* outr = out + (u64)row * cols;
     float s = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) s += ld(xr, c);
-    const float mean = block_sum(s, shared) / cols;
+    for (int c = lane; c < cols; c += 32) s += ld(xr, c);
+    const float mean = warp_sum(s) / cols;
     float q = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    for (int c = lane; c < cols; c += 32) {
         const float d = ld(xr, c) - mean;
         q += d * d;
     }
-    const float var = block_sum(q, shared) / cols;
-    const float rstd = 1.0f / sqrtf(var + eps);
+    const float rstd = 1.0f / sqrtf(warp_sum(q) / cols + eps);
     const int bi = shift ? segment_of(seg, row) : 0;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    for (int c = lane; c < cols; c += 32) {
         float y = (ld(xr, c) - mean) * rstd;
         if (w) y = y * w[c];
         if (b) y = y + b[c];
@@ -128,17 +157,116 @@ __device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, co
         st(outr, c, y);
     }
 }
+template <typename T>
+__device__ __forceinline__ bool layer_norm_fits(const T* x, T* out, int cols, const float* w,
+                                                const float* b, const T* shift, const T* scale,
+                                                int mod_stride) {
+    constexpr int V = Vec16<T>::V;
+    return cols % V == 0 && cols / V <= 32 * LN_MAXV && mod_stride % V == 0 && aligned16(x) &&
+           aligned16(out) && aligned16(w) && aligned16(b) && aligned16(shift) && aligned16(scale);
+}
 
-// out = x + h * gate[b] with the product rounded to T first (two float16 ops in the original).
+template <typename T>
+__device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, const float* w,
+                           const float* b, const T* shift, const T* scale, int mod_stride,
+                           Segments seg) {
+    constexpr int V = Vec16<T>::V;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    if (!layer_norm_fits<T>(x, out, cols, w, b, shift, scale, mod_stride)) {
+        layer_norm_scalar<T>(x, out, row, cols, eps, w, b, shift, scale, mod_stride, seg);
+        return;
+    }
+    const int nv = cols / V;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (u64)row * cols);
+    uint4* outr = reinterpret_cast<uint4*>(out + (u64)row * cols);
+    Vec16<T> r[LN_MAXV];
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LN_MAXV; ++j) {
+        const int v = lane + 32 * j;
+        if (v < nv) {
+            r[j].u = xr[v];
+#pragma unroll
+            for (int i = 0; i < V; ++i) s += r[j].get(i);
+        }
+    }
+    const float mean = warp_sum(s) / cols;
+    float q = 0.0f;
+#pragma unroll
+    for (int j = 0; j < LN_MAXV; ++j) {
+        if (lane + 32 * j < nv) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const float d = r[j].get(i) - mean;
+                q += d * d;
+            }
+        }
+    }
+    const float rstd = 1.0f / sqrtf(warp_sum(q) / cols + eps);
+    const int bi = shift ? segment_of(seg, row) : 0;
+#pragma unroll
+    for (int j = 0; j < LN_MAXV; ++j) {
+        const int v = lane + 32 * j;
+        if (v >= nv) continue;
+        Vec16<T> sh, sc, o;
+        if (shift) {
+            sh.u = *reinterpret_cast<const uint4*>(shift + (u64)bi * mod_stride + v * V);
+            sc.u = *reinterpret_cast<const uint4*>(scale + (u64)bi * mod_stride + v * V);
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            const int c = v * V + i;
+            float y = (r[j].get(i) - mean) * rstd;
+            if (w) y = y * w[c];
+            if (b) y = y + b[c];
+            y = rnd<T>(y);
+            if (shift) {
+                const float one_plus = rnd<T>(1.0f + sc.get(i));
+                y = rnd<T>(rnd<T>(y * one_plus) + sh.get(i));
+            }
+            o.set(i, y);
+        }
+        outr[v] = o.u;
+    }
+}
+
+// out = x + h * gate[b] with the product rounded to T first (two float16 ops in the original);
+// without a gate (nullptr) out = x + h. 16-byte vectors with 32-bit indexing when the pointers,
+// cols and the gate stride allow it, else one element per step.
 template <typename T>
 __device__ void gated_add(const T* x, const T* h, const T* gate, int gate_stride, T* out,
                           u64 rows, int cols, Segments seg) {
+    constexpr int V = Vec16<T>::V;
     const u64 n = rows * (u64)cols;
+    if (cols % V == 0 && gate_stride % V == 0 && n / V < (1ull << 31) && aligned16(x) &&
+        aligned16(h) && aligned16(gate) && aligned16(out)) {
+        const unsigned nv = (unsigned)(n / V), cv = (unsigned)(cols / V);
+        for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < nv;
+             v += gridDim.x * blockDim.x) {
+            Vec16<T> xv, hv, gv, o;
+            xv.u = reinterpret_cast<const uint4*>(x)[v];
+            hv.u = reinterpret_cast<const uint4*>(h)[v];
+            if (gate) {
+                const unsigned row = v / cv, c = (v - row * cv) * V;
+                gv.u = *reinterpret_cast<const uint4*>(
+                    gate + (u64)segment_of(seg, (int)row) * gate_stride + c);
+            }
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const float hg = gate ? rnd<T>(hv.get(i) * gv.get(i)) : hv.get(i);
+                o.set(i, xv.get(i) + hg);
+            }
+            reinterpret_cast<uint4*>(out)[v] = o.u;
+        }
+        return;
+    }
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         const int row = (int)(i / cols), c = (int)(i % cols);
-        const int bi = segment_of(seg, row);
-        const float hg = rnd<T>(ld(h, i) * ld(gate, (u64)bi * gate_stride + c));
+        const float hg = gate ? rnd<T>(ld(h, i) * ld(gate, (u64)segment_of(seg, row) * gate_stride + c))
+                              : ld(h, i);
         st(out, i, ld(x, i) + hg);
     }
 }
@@ -147,12 +275,51 @@ __device__ void gated_add(const T* x, const T* h, const T* gate, int gate_stride
 // apart (q and k straight out of the packed qkv projection): F.normalize over dim in float32
 // (x / max(||x||, 1e-12)), times gamma[head, :] (float32), times `scale`, rounded to T into a
 // contiguous [rows, heads, dim] output.
+// Fast path: dim / V lanes per (row, head) (dim a multiple of V, dim / V a power of two up to
+// 32), one 16-byte vector each, the sum of squares through shuffles within the lane group, a
+// grid-stride loop over (row, head, lane) (the host sizes the grid for it).
 template <typename T>
-__device__ void rms_norm_heads(const T* x, u64 row_stride, const float* gamma, T* out, int rows,
-                               int heads, int dim, float scale) {
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (warp >= rows * heads) return;
-    const int row = warp / heads, head = warp % heads;
+__device__ __forceinline__ bool rms_norm_heads_fits(const T* x, u64 row_stride, T* out, int dim) {
+    constexpr int V = Vec16<T>::V;
+    const int lanes = dim / V;
+    return dim % V == 0 && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0 &&
+           row_stride % V == 0 && aligned16(x) && aligned16(out);
+}
+
+template <typename T>
+__device__ void rms_norm_heads_vec(const T* x, u64 row_stride, const float* gamma, T* out,
+                                   int rows, int heads, int dim, float scale) {
+    constexpr int V = Vec16<T>::V;
+    const int lanes = dim / V;
+    const unsigned total = (unsigned)rows * heads * lanes;
+    const unsigned stride = gridDim.x * blockDim.x;
+    // Every lane of a warp runs the same number of iterations (the shuffles need them all).
+    const unsigned start = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned span = (total + stride - 1) / stride * stride;
+    for (unsigned t = start; t < span; t += stride) {
+        const bool live = t < total;
+        const unsigned tt = live ? t : 0;
+        const unsigned pair = tt / lanes, part = tt % lanes;
+        const unsigned row = pair / heads, head = pair % heads;
+        Vec16<T> v, o;
+        v.u = *reinterpret_cast<const uint4*>(x + (u64)row * row_stride + (u64)head * dim +
+                                              part * V);
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < V; ++i) s += v.get(i) * v.get(i);
+        for (int w = lanes >> 1; w > 0; w >>= 1) s += __shfl_xor_sync(0xffffffff, s, w);
+        const float norm = fmaxf(sqrtf(s), 1e-12f);
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+            o.set(i, v.get(i) / norm * gamma[head * dim + part * V + i] * scale);
+        if (live)
+            *reinterpret_cast<uint4*>(out + ((u64)row * heads + head) * dim + part * V) = o.u;
+    }
+}
+
+template <typename T>
+__device__ void rms_norm_head(const T* x, u64 row_stride, const float* gamma, T* out, int row,
+                              int head, int heads, int dim, float scale, int lane) {
     const T* xr = x + (u64)row * row_stride + (u64)head * dim;
     T* outr = out + ((u64)row * heads + head) * dim;
     float s = 0.0f;
@@ -164,6 +331,16 @@ __device__ void rms_norm_heads(const T* x, u64 row_stride, const float* gamma, T
     const float norm = fmaxf(sqrtf(s), 1e-12f);
     for (int c = lane; c < dim; c += 32)
         st(outr, c, ld(xr, c) / norm * gamma[head * dim + c] * scale);
+}
+
+template <typename T>
+__device__ void rms_norm_heads(const T* x, u64 row_stride, const float* gamma, T* out, int rows,
+                               int heads, int dim, float scale) {
+    const int lane = threadIdx.x & 31, warps = (gridDim.x * blockDim.x) >> 5;
+    for (int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; warp < rows * heads;
+         warp += warps)
+        rms_norm_head<T>(x, row_stride, gamma, out, warp / heads, warp % heads, heads, dim, scale,
+                         lane);
 }
 
 // SparseDownsample's scatter-mean with the zero it starts from counted (include_self):
@@ -202,7 +379,10 @@ __device__ void segment_mean(const T* feats, const int* starts, const int* membe
     extern "C" __global__ void rms_norm_heads_##SUFFIX(const T* x, u64 row_stride,               \
                                                        const float* gamma, T* out, int rows,     \
                                                        int heads, int dim, float scale) {         \
-        rms_norm_heads<T>(x, row_stride, gamma, out, rows, heads, dim, scale);                    \
+        if (rms_norm_heads_fits<T>(x, row_stride, out, dim))                                     \
+            rms_norm_heads_vec<T>(x, row_stride, gamma, out, rows, heads, dim, scale);            \
+        else                                                                                      \
+            rms_norm_heads<T>(x, row_stride, gamma, out, rows, heads, dim, scale);                \
     }                                                                                             \
     extern "C" __global__ void segment_mean_##SUFFIX(const T* feats, const int* starts,          \
                                                      const int* members, T* out, int segments,    \

@@ -145,15 +145,17 @@ impl SparseTransformerBase {
 
 /// The absolute position embedding of `x`'s spatial coords, `[N, C]` float32.
 pub fn ape(pe: &AbsolutePositionEmbedder, x: &SparseTensor) -> Result<Tensor> {
-    let pos: Vec<f32> = x
-        .coords()
-        .chunks_exact(4)
-        .flat_map(|c| [c[1] as f32, c[2] as f32, c[3] as f32])
-        .collect();
-    let table = pe.embed_rows(&pos)?;
-    Ok(Tensor::from_vec(
-        table,
-        (x.rows(), pe.channels()),
-        x.device(),
-    )?)
+    x.geometry().position_embedding((pe.channels(), 3), || {
+        let pos: Vec<f32> = x
+            .coords()
+            .chunks_exact(4)
+            .flat_map(|c| [c[1] as f32, c[2] as f32, c[3] as f32])
+            .collect();
+        let table = pe.embed_rows(&pos)?;
+        Ok(Tensor::from_vec(
+            table,
+            (x.rows(), pe.channels()),
+            x.device(),
+        )?)
+    })
 }

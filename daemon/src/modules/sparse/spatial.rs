@@ -3,7 +3,7 @@
 //! of the paired downsample, nearest), `SparseSubdivide` (8 children per voxel, child j = 4dx+2dy+dz
 //! at row 8i+j).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, ensure, Result};
 use candle_core::{DType, Tensor};
@@ -11,20 +11,92 @@ use trellis_kernels::sparse_conv::subdivide_coords;
 
 use super::tensor::{Geometry, SparseTensor, UpsampleCache};
 
-/// Average pooling by `factor` per axis.
-#[derive(Debug, Clone, Copy)]
+/// Average pooling by `factor` per axis. The coarse geometry of the last input geometries is kept
+/// (with the tables the mean needs): a flow calls its downsample on the same voxels at every step,
+/// and the coarse geometry's own caches (neighbour maps, position embeddings, attention tables)
+/// then live across steps instead of being rebuilt each forward.
+#[derive(Debug, Clone)]
 pub struct SparseDownsample {
     pub factor: [usize; 3],
+    last: Arc<Mutex<Vec<Arc<Downsampled>>>>,
+}
+
+/// Input geometries whose downsampling is kept: two, for a sampler that alternates single and
+/// CFG-paired (two-element) batches.
+const KEEP_DOWNSAMPLED: usize = 2;
+
+/// One input geometry's downsampling: the coarse geometry (which holds the fine one through its
+/// [`UpsampleCache`], so the fine geometry stays alive while this is kept) and the mean's tables.
+#[derive(Debug)]
+struct Downsampled {
+    coarse: Arc<Geometry>,
+    /// CUDA: segment starts `[m + 1]` and members `[n]` (children in ascending row order).
+    segments: Option<(Tensor, Tensor)>,
+    /// Elsewhere: the coarse row of every fine row `[n]` and `children + 1` per coarse row `[m, 1]`.
+    index_counts: Option<(Tensor, Tensor)>,
 }
 
 impl SparseDownsample {
     pub fn new(factor: usize) -> Self {
         Self {
             factor: [factor; 3],
+            last: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
     pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let d = self.downsampled(x)?;
+        let dev = x.device();
+        if let Some((starts, members)) = &d.segments {
+            #[cfg(feature = "cuda")]
+            {
+                let mean = crate::runtime::cuda_fused::segment_mean(
+                    &x.feats().contiguous()?,
+                    starts,
+                    members,
+                )?;
+                return SparseTensor::from_geometry(d.coarse.clone(), mean);
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (starts, members);
+                anyhow::bail!("SparseDownsample: CUDA tables without the cuda feature");
+            }
+        }
+        let Some((idx, counts)) = &d.index_counts else {
+            anyhow::bail!("SparseDownsample: no tables for {dev:?}");
+        };
+        let feats32 = x.feats().to_dtype(DType::F32)?;
+        let c = x.channels()?;
+        let m = d.coarse.rows();
+        let sums = Tensor::zeros((m, c), DType::F32, dev)?.index_add(idx, &feats32, 0)?;
+        let mean = sums.broadcast_div(counts)?.to_dtype(x.dtype())?;
+        SparseTensor::from_geometry(d.coarse.clone(), mean)
+    }
+
+    /// The coarse geometry and tables of `x`'s geometry: the kept ones when `x` has the geometry
+    /// of the last call, else built (and kept instead).
+    fn downsampled(&self, x: &SparseTensor) -> Result<Arc<Downsampled>> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |d: &Arc<Downsampled>| {
+            d.coarse
+                .upsample_cache()
+                .is_some_and(|u| Arc::ptr_eq(&u.fine, x.geometry()))
+        };
+        if let Some(i) = last.iter().position(same) {
+            let d = last.remove(i);
+            last.push(d.clone());
+            return Ok(d);
+        }
+        let d = Arc::new(self.build(x)?);
+        if last.len() >= KEEP_DOWNSAMPLED {
+            last.remove(0);
+        }
+        last.push(d.clone());
+        Ok(d)
+    }
+
+    fn build(&self, x: &SparseTensor) -> Result<Downsampled> {
         ensure!(
             self.factor.iter().all(|&f| f > 0),
             "SparseDownsample: factor {:?} must be positive",
@@ -65,8 +137,8 @@ impl SparseDownsample {
         }
         let m = counts.len();
         let dev = x.device();
-        #[cfg(feature = "cuda")]
-        if dev.is_cuda() {
+        let (mut segments, mut index_counts) = (None, None);
+        if cfg!(feature = "cuda") && dev.is_cuda() {
             // Segments of the coarse rows, children in ascending row order (index_add's order).
             let mut starts = vec![0i32; m + 1];
             for &j in &inverse {
@@ -81,31 +153,27 @@ impl SparseDownsample {
                 members[fill[j as usize] as usize] = i as i32;
                 fill[j as usize] += 1;
             }
-            let mean = crate::runtime::cuda_fused::segment_mean(
-                &x.feats().contiguous()?,
-                &Tensor::from_vec(starts, m + 1, dev)?,
-                &Tensor::from_vec(members, n, dev)?,
-            )?;
-            let geo =
-                Geometry::new(coords, Some(x.batch_size()), dev)?.with_upsample(UpsampleCache {
-                    factor: self.factor,
-                    fine: x.geometry().clone(),
-                    inverse,
-                });
-            return SparseTensor::from_geometry(Arc::new(geo), mean);
+            segments = Some((
+                Tensor::from_vec(starts, m + 1, dev)?,
+                Tensor::from_vec(members, n, dev)?,
+            ));
+        } else {
+            index_counts = Some((
+                Tensor::from_slice(&inverse, n, dev)?,
+                Tensor::from_vec(counts, (m, 1), dev)?,
+            ));
         }
-        let idx = Tensor::from_slice(&inverse, n, dev)?;
-        let feats32 = x.feats().to_dtype(DType::F32)?;
-        let c = x.channels()?;
-        let sums = Tensor::zeros((m, c), DType::F32, dev)?.index_add(&idx, &feats32, 0)?;
-        let counts = Tensor::from_vec(counts, (m, 1), dev)?;
-        let mean = sums.broadcast_div(&counts)?.to_dtype(x.dtype())?;
         let geo = Geometry::new(coords, Some(x.batch_size()), dev)?.with_upsample(UpsampleCache {
             factor: self.factor,
             fine: x.geometry().clone(),
             inverse,
+            index: Mutex::new(None),
         });
-        SparseTensor::from_geometry(Arc::new(geo), mean)
+        Ok(Downsampled {
+            coarse: Arc::new(geo),
+            segments,
+            index_counts,
+        })
     }
 }
 
@@ -132,7 +200,7 @@ impl SparseUpsample {
             self.factor,
             cache.factor
         );
-        let idx = Tensor::from_slice(&cache.inverse, cache.inverse.len(), x.device())?;
+        let idx = cache.index(x.device())?;
         let feats = x.feats().contiguous()?.index_select(&idx, 0)?;
         SparseTensor::from_geometry(cache.fine.clone(), feats)
     }

@@ -33,6 +33,21 @@ pub struct UpsampleCache {
     pub fine: Arc<Geometry>,
     /// For every fine row, its coarse row.
     pub inverse: Vec<u32>,
+    /// `inverse` on the geometry's device, made by the first upsample.
+    pub index: Mutex<Option<Tensor>>,
+}
+
+impl UpsampleCache {
+    /// `inverse` as a u32 tensor on `dev` (uploaded once).
+    pub fn index(&self, dev: &Device) -> Result<Tensor> {
+        let mut i = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = i.as_ref().filter(|t| t.device().same_device(dev)) {
+            return Ok(t.clone());
+        }
+        let t = Tensor::from_slice(&self.inverse, self.inverse.len(), dev)?;
+        *i = Some(t.clone());
+        Ok(t)
+    }
 }
 
 /// (window size, shift) per axis.
@@ -50,6 +65,8 @@ pub struct Geometry {
     neighbours_cuda: Mutex<HashMap<[usize; 3], Tensor>>,
     windows: Mutex<HashMap<WindowKey, Arc<WindowPartition>>>,
     batch_index: Mutex<Option<Tensor>>,
+    /// Absolute position embeddings of the coords, by (channels, in_channels).
+    position_embeddings: Mutex<HashMap<(usize, usize), Tensor>>,
 }
 
 impl std::fmt::Debug for Geometry {
@@ -109,6 +126,7 @@ impl Geometry {
             neighbours_cuda: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
             batch_index: Mutex::new(None),
+            position_embeddings: Mutex::new(HashMap::new()),
         })
     }
 
@@ -131,6 +149,25 @@ impl Geometry {
     pub(crate) fn with_upsample(mut self, cache: UpsampleCache) -> Self {
         self.upsample = Some(cache);
         self
+    }
+
+    /// The position embedding table keyed by `key` (made by `make` once per geometry): a flow
+    /// adds the same table at every step.
+    pub fn position_embedding(
+        &self,
+        key: (usize, usize),
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut m = self
+            .position_embeddings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = m.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        m.insert(key, t.clone());
+        Ok(t)
     }
 
     /// Submanifold neighbour map for a kernel size (built once per geometry).
@@ -347,6 +384,9 @@ impl SparseTensor {
     /// Elementwise sum with another sparse tensor on the same coords.
     pub fn add(&self, other: &SparseTensor) -> Result<Self> {
         self.same_rows(other)?;
+        if let Some(y) = crate::modules::gpu_fused::add(&self.feats, other.feats())? {
+            return self.replace(y);
+        }
         self.replace((&self.feats + other.feats())?)
     }
 

@@ -1,0 +1,30 @@
+#!/bin/bash
+# Issue 12, one call for a build's figures: GPU parity (summary only), image-large at every tier
+# (high: RUNS runs, the per-block SLat times and unsynced forwards), text-xlarge, the budget
+# fallback, and the Nsight Compute kernel times of one forward of each flow. Few files in $OUT
+# (the device tool returns a limited number): logs are appended to a handful of them.
+# carry: [".devbin"] with trellisd.xz, ref1.tar.xz, dino.tar.xz and manifests-root/.
+cd "$(dirname "$0")/../.."
+mkdir -p /tmp/pout && OUT=/tmp/pout BENCH_BEFORE=0 bash tools/gpu/parity.sh > /tmp/parity_all.txt 2>&1
+. tools/gpu/common.sh
+set +x
+export TRELLIS_REFERENCE_DIR=$PWD/.devbin/manifests-root
+B="$W/trellisd bench pipeline --device cuda:0 --precision half"
+L=$OUT/pipelines.txt
+run() {
+  local name=$1; shift; echo "== $name" | tee -a $L
+  timeout 200 "$@" > /tmp/run.txt 2>&1; echo rc=$? | tee -a $L; cat /tmp/run.txt >> $L
+  grep -E "^(conditioner|sparse|SLat|mesh|Gaussian|radiance|decoders|sum|GPU memory|host|later|out-of)" /tmp/run.txt | cut -c1-150
+}
+TRELLIS_BENCH_BLOCKS=1 run high $B --vram-tier high --runs ${RUNS:-3} --json $OUT/high.json
+grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
+for t in medium low minimal; do run $t $B --vram-tier $t --runs 1; done
+run budget_1_5g $B --vram-tier high --vram-budget 1.5GiB --runs 1 --formats mesh
+run text_xlarge $B --pipeline text-xlarge --runs 1
+echo "elapsed $(elapsed) s"
+FLOWS="ss slat" TOP=${TOP:-16} bash tools/gpu/profile_flows.sh 2>&1 | grep -v "^+" | grep -vE "^(name|NVIDIA)"
+rm -f $OUT/ncu_*.csv $OUT/ncu_*_stdout.txt
+echo "== parity (summary)"
+grep -E "^(parity|FAIL|== |rc=)|checks|error" /tmp/parity_all.txt | grep -v "^+" | cut -c1-200
+cat /tmp/parity_all.txt /tmp/pout/*.txt > $OUT/parity_logs.txt
+echo "elapsed $(elapsed) s"
