@@ -151,28 +151,14 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
             {
                 use crate::runtime::cuda_ops::{flash_attention_tiled, FlashTiling};
                 let pick = FlashTiling::for_groups(&c.groups);
-                for (rows, staged_async, three_blocks) in [
-                    (64, false, false),
-                    (128, false, false),
-                    (128, true, false),
-                    (64, true, false),
-                    (64, true, true),
-                    (128, true, true),
-                ] {
-                    let tiling = FlashTiling {
-                        rows,
-                        staged_async,
-                        three_blocks,
-                    };
+                for (rows, staged_async) in [(64, false), (128, false), (128, true)] {
+                    let tiling = FlashTiling { rows, staged_async };
                     let s = time(dev, reps, || {
                         flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(tiling))?;
                         Ok(())
                     })?;
-                    let mut label = format!(
-                        "{rows} rows{}{}",
-                        if staged_async { " async" } else { "" },
-                        if three_blocks { " 3/SM" } else { "" }
-                    );
+                    let mut label =
+                        format!("{rows} rows{}", if staged_async { " async" } else { "" });
                     if tiling == pick {
                         label.push_str(" *");
                     }

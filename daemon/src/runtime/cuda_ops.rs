@@ -69,51 +69,40 @@ fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool
     })
 }
 
-/// `TRELLIS_FLASH_ASYNC`: whether flash blocks double-buffer K/V through cp.async (`1`, the
-/// default: 230 against 193 TFLOP/s on the SS flow's self-attention on an H100) or load one tile
-/// at a time through registers (`0`).
+/// `TRELLIS_FLASH_ASYNC`: whether 128-row flash blocks double-buffer K/V through cp.async (`1`,
+/// the default: 230 against 193 TFLOP/s on the SS flow's self-attention on an H100) or load one
+/// tile at a time through registers (`0`).
 pub fn flash_async() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
     async_variant("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
-/// How the flash kernel tiles the queries: rows per block (64 or 128), whether K/V are
-/// double-buffered through cp.async, and the register budget it was built for.
+/// How the flash kernel tiles the queries: rows per block (64 or 128) and, for 128, whether K/V
+/// are double-buffered through cp.async.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
-    /// The build capped for three blocks per multiprocessor (`_b3` entries) instead of two.
-    pub three_blocks: bool,
 }
 
 impl FlashTiling {
-    /// The tiling picked for `groups`: [`flash_rows_for`], [`flash_async`] and [`flash_b3`].
+    /// The tiling picked for `groups`: [`flash_rows_for`] and [`flash_async`].
     pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
         let rows = flash_rows_for(groups);
         Self {
             rows,
-            staged_async: flash_async(),
-            three_blocks: flash_b3(),
+            staged_async: rows == 128 && flash_async(),
         }
     }
 
     /// The kernel entry for a dtype suffix (`f16` / `bf16`) and head dimension.
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         format!(
-            "flash_attention_{}{ty}_d{head_dim}_m{}{}",
+            "flash_attention_{}{ty}_d{head_dim}_m{}",
             if self.staged_async { "async_" } else { "" },
-            self.rows / 64,
-            if self.three_blocks { "_b3" } else { "" }
+            self.rows / 64
         )
     }
-}
-
-/// `TRELLIS_FLASH_B3=1`: the flash kernels built for three blocks per multiprocessor (default:
-/// off). Read once per process.
-pub fn flash_b3() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    *C.get_or_init(|| std::env::var("TRELLIS_FLASH_B3").as_deref() == Ok("1"))
 }
 
 /// `TRELLIS_FLASH_ROWS`: query rows per flash-attention block, `64` or `128`; unset (or anything
@@ -897,8 +886,8 @@ pub fn flash_attention_tiled(
     let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups));
     let rows = tiling.rows;
     anyhow::ensure!(
-        k::FLASH_ROWS.contains(&rows),
-        "flash attention: tiling {tiling:?} (rows one of {:?})",
+        k::FLASH_ROWS.contains(&rows) && (rows == 128 || !tiling.staged_async),
+        "flash attention: tiling {tiling:?} (rows one of {:?}; cp.async staging with 128 rows)",
         k::FLASH_ROWS
     );
     let mut op = FlashAttentionOp {
@@ -1543,27 +1532,14 @@ pub mod checks {
     const T64: FlashTiling = FlashTiling {
         rows: 64,
         staged_async: false,
-        three_blocks: false,
     };
     const T128: FlashTiling = FlashTiling {
         rows: 128,
         staged_async: false,
-        three_blocks: false,
     };
     const T128A: FlashTiling = FlashTiling {
         rows: 128,
         staged_async: true,
-        three_blocks: false,
-    };
-    const T64A3: FlashTiling = FlashTiling {
-        rows: 64,
-        staged_async: true,
-        three_blocks: true,
-    };
-    const T128A3: FlashTiling = FlashTiling {
-        rows: 128,
-        staged_async: true,
-        three_blocks: true,
     };
 
     /// Every check: (name, result).
@@ -1639,18 +1615,6 @@ pub mod checks {
             (
                 "flash attention f16, strided views + windows, 128 rows, cp.async",
                 flash_attention_rows_vs_cpu(dev, DType::F16, T128A, 4e-3),
-            ),
-            (
-                "flash attention f16, d64, 64 rows, cp.async, 3 blocks/SM",
-                flash_attention_vs_cpu(dev, DType::F16, 64, T64A3, 4e-3),
-            ),
-            (
-                "flash attention bf16, d80, 128 rows, cp.async, 3 blocks/SM",
-                flash_attention_vs_cpu(dev, DType::BF16, 80, T128A3, 3e-2),
-            ),
-            (
-                "flash attention f16, strided views + windows, 64 rows, cp.async, 3 blocks/SM",
-                flash_attention_rows_vs_cpu(dev, DType::F16, T64A3, 4e-3),
             ),
         ]
     }
