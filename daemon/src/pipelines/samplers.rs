@@ -431,20 +431,7 @@ mod tests {
         for mode in 0..3 {
             calls.borrow_mut().clear();
             let single = conds.narrow(0, 0, 1).unwrap();
-            let cond = match mode {
-                0 => Conditioning::Single {
-                    cond: &single,
-                    neg: &neg,
-                },
-                1 => Conditioning::Stochastic {
-                    conds: &conds,
-                    neg: &neg,
-                },
-                _ => Conditioning::MultiDiffusion {
-                    conds: &conds,
-                    neg: &neg,
-                },
-            };
+            let cond = conditioning(mode, &single, &conds, &neg);
             let mut events = vec![];
             let mut cb = |e: StepEvent| events.push(e.step);
             let out = gi()
@@ -502,6 +489,20 @@ mod tests {
     /// With `cfg_batched`, a guided step is one model call on `[x; x]`, `[t; t]`, `[cond; neg]`
     /// and the samples equal the two-call sampler's; unguided steps and multidiffusion still
     /// make their usual calls.
+    /// Conditioning mode 0 (one condition), 1 (stochastic) or 2 (multidiffusion) of the tests.
+    fn conditioning<'a>(
+        mode: usize,
+        single: &'a Tensor,
+        conds: &'a Tensor,
+        neg: &'a Tensor,
+    ) -> Conditioning<'a> {
+        match mode {
+            0 => Conditioning::Single { cond: single, neg },
+            1 => Conditioning::Stochastic { conds, neg },
+            _ => Conditioning::MultiDiffusion { conds, neg },
+        }
+    }
+
     #[test]
     fn batched_guidance_is_one_call_with_the_same_samples() {
         let dev = Device::Cpu;
@@ -510,20 +511,7 @@ mod tests {
         let neg = Tensor::new(&[[0.1f32]], &dev).unwrap();
         let single = conds.narrow(0, 0, 1).unwrap();
         for mode in 0..3 {
-            let cond = match mode {
-                0 => Conditioning::Single {
-                    cond: &single,
-                    neg: &neg,
-                },
-                1 => Conditioning::Stochastic {
-                    conds: &conds,
-                    neg: &neg,
-                },
-                _ => Conditioning::MultiDiffusion {
-                    conds: &conds,
-                    neg: &neg,
-                },
-            };
+            let cond = conditioning(mode, &single, &conds, &neg);
             let run = |batched: bool| -> (Vec<f32>, Vec<usize>) {
                 let mut sizes = Vec::new();
                 let mut model = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
