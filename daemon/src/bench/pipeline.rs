@@ -493,9 +493,9 @@ fn run_once(
 }
 
 /// One SLat-flow forward on the shell (t = 500, random cond) with the device synchronised after
-/// every block: milliseconds per part (input layer + time embedding, each io block, the
-/// transformer blocks together, the out layer), after one untimed forward. For
-/// `TRELLIS_BENCH_BLOCKS=1`.
+/// every block: milliseconds per part (input layer + first io block, each io block, the
+/// transformer blocks together, the out layer), after one untimed forward; then, for the SLat and
+/// the SS flow, [`unsynced_forward`]'s host issue time and GPU time. For `TRELLIS_BENCH_BLOCKS=1`.
 fn slat_block_times(
     nets: &Networks,
     res: &Residency,
@@ -512,38 +512,17 @@ fn slat_block_times(
     };
     let cond = super::randn(&[1, l, c], 8, dev)?;
     let t = Tensor::new(&[500f32], dev)?;
-    let ss = res.stage("SS flow (issue time)", &[&nets.ss_flow], || {
+    let (ss_issued, ss_done) = res.stage("SS flow (issue time)", &[&nets.ss_flow], || {
         let f = nets.ss_flow.get()?;
         let fc = &nets.ss_flow_config;
         let r = fc.resolution;
         let z = super::randn(&[1, fc.in_channels, r, r, r], 9, dev)?;
-        f.forward(&z, &t, &cond)?;
-        dev.synchronize()?;
-        profile_range("ss", true);
-        let start = Instant::now();
-        f.forward(&z, &t, &cond)?;
-        let issued = start.elapsed().as_secs_f64() * 1e3;
-        dev.synchronize()?;
-        profile_range("ss", false);
-        Ok((issued, start.elapsed().as_secs_f64() * 1e3))
+        unsynced_forward(dev, "ss", || f.forward(&z, &t, &cond).map(drop))
     })?;
     let mut parts = res.stage("SLat flow (block times)", &[&nets.slat_flow], || {
         let f = nets.slat_flow.get()?;
-        f.forward(&x, &t, &cond)?;
-        dev.synchronize()?;
-        // One forward with no syncs inside: how long the host takes to issue it against how long
-        // the GPU takes to finish it (issue ≈ total means the forward is launch-bound).
-        profile_range("slat", true);
-        let start = Instant::now();
-        f.forward(&x, &t, &cond)?;
-        let issued = start.elapsed().as_secs_f64() * 1e3;
-        dev.synchronize()?;
-        let whole = start.elapsed().as_secs_f64() * 1e3;
-        profile_range("slat", false);
-        let mut parts: Vec<(String, f64)> = vec![
-            ("unsynced forward: host issue time".into(), issued),
-            ("unsynced forward: until the GPU is done".into(), whole),
-        ];
+        let (issued, done) = unsynced_forward(dev, "slat", || f.forward(&x, &t, &cond).map(drop))?;
+        let mut parts: Vec<(String, f64)> = Vec::new();
         let start = Instant::now();
         let mut last = start;
         let mut hook = |name: &str, _: &SparseTensor| -> Result<Option<Tensor>> {
@@ -553,7 +532,7 @@ fn slat_block_times(
             last = now;
             let part = if name.starts_with("block") {
                 "transformer blocks".to_string()
-            } else if parts.len() == 2 {
+            } else if parts.is_empty() {
                 format!("input layer + {name}")
             } else {
                 name.to_string()
@@ -568,18 +547,43 @@ fn slat_block_times(
         dev.synchronize()?;
         parts.push(("out layer".into(), last.elapsed().as_secs_f64() * 1e3));
         parts.push(("whole forward".into(), start.elapsed().as_secs_f64() * 1e3));
+        parts.push(("unsynced forward: host issue time".into(), issued));
+        parts.push(("unsynced forward: until the GPU is done".into(), done));
         Ok(parts)
     })?;
-    parts.push(("SS flow unsynced forward: host issue time".into(), ss.0));
+    parts.push((
+        "SS flow unsynced forward: host issue time".into(),
+        ss_issued,
+    ));
     parts.push((
         "SS flow unsynced forward: until the GPU is done".into(),
-        ss.1,
+        ss_done,
     ));
     Ok(parts)
 }
 
+/// `forward` once untimed, then once with no syncs inside: (ms until the host has issued it, ms
+/// until the GPU is done). Issue ≈ done means the forward is launch-bound. With
+/// `TRELLIS_PROFILE=what` the timed forward is the profiler range ([`profile_range`]).
+fn unsynced_forward(
+    dev: &Device,
+    what: &str,
+    mut forward: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    forward()?;
+    dev.synchronize()?;
+    profile_range(what, true);
+    let start = Instant::now();
+    forward()?;
+    let issued = start.elapsed().as_secs_f64() * 1e3;
+    dev.synchronize()?;
+    let done = start.elapsed().as_secs_f64() * 1e3;
+    profile_range(what, false);
+    Ok((issued, done))
+}
+
 /// With `TRELLIS_PROFILE=ss` or `slat`, the profiler API range (`ncu --profile-from-start off`,
-/// `tools/gpu/profile.sh`) around that flow's one unsynced forward in [`slat_block_times`].
+/// `tools/gpu/profile_flows.sh`) around that flow's one unsynced forward in [`slat_block_times`].
 fn profile_range(what: &str, start: bool) {
     if std::env::var("TRELLIS_PROFILE").as_deref() != Ok(what) {
         return;
