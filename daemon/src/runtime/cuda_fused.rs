@@ -330,9 +330,10 @@ fn residual(x: &Tensor, h: &Tensor, gate: Option<&Tensor>, segments: Segments) -
         || x.dtype() != h.dtype()
         || gate.is_some_and(|g| g.dtype() != x.dtype())
     {
-        return Err(err(
-            "gated_add: x, h and gate must agree in shape and dtype",
-        ));
+        return Err(err(format!(
+            "{}: x, h and gate must agree in shape and dtype",
+            if gate.is_some() { "gated_add" } else { "add" }
+        )));
     }
     let dev = device_of(x)?;
     let cols = x.dims().last().copied().unwrap_or(1);

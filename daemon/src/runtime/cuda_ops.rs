@@ -698,23 +698,42 @@ impl CustomOp3 for FlashAttentionOp {
     }
 }
 
-/// `parts` concatenated in one int32 device buffer. The last few are kept (keyed by device and
+/// A few recently used device-side values in a process-wide list, most recently used last:
+/// `hit` picks an entry, `make` builds (key, value) on a miss, which replaces the oldest entry
+/// beyond `keep`. The flash-attention tables and the dense grids' neighbour tables are kept this
+/// way (keyed by the candle device, so another device's stream never reads an upload it did not
+/// wait for).
+fn recently_used<K, V: Clone>(
+    cache: &Mutex<Vec<(K, V)>>,
+    keep: usize,
+    hit: impl Fn(&K) -> bool,
+    make: impl FnOnce() -> anyhow::Result<(K, V)>,
+) -> anyhow::Result<V> {
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = c.iter().position(|(k, _)| hit(k)) {
+        let e = c.remove(i);
+        let v = e.1.clone();
+        c.push(e);
+        return Ok(v);
+    }
+    let (k, v) = make()?;
+    if c.len() >= keep {
+        c.remove(0);
+    }
+    c.push((k, v.clone()));
+    Ok(v)
+}
+
+/// `parts` concatenated in one int32 device buffer, kept by [`recently_used`] (keyed by device and
 /// content): the attention of every block and step of a flow reuses one upload instead of
 /// allocating and copying its tables again.
 fn device_tables(dev: &CudaDevice, parts: &[&[i32]]) -> Result<Arc<CudaSlice<i32>>> {
-    // Keyed by the candle device (its own stream), not only the GPU: another device on the same
-    // GPU would read the upload without waiting for it.
-    type Entry = (
-        candle_core::cuda_backend::DeviceId,
-        Vec<i32>,
-        Arc<CudaSlice<i32>>,
-    );
-    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    const KEEP: usize = 16;
-    let loc = dev.id();
+    type Key = (candle_core::cuda_backend::DeviceId, Vec<i32>);
+    static CACHE: Mutex<Vec<(Key, Arc<CudaSlice<i32>>)>> = Mutex::new(Vec::new());
+    let id = dev.id();
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let same = |v: &[i32]| {
-        v.len() == total && {
+    let same = |(d, v): &Key| {
+        *d == id && v.len() == total && {
             let mut at = 0;
             parts.iter().all(|p| {
                 let ok = v[at..at + p.len()] == **p;
@@ -723,27 +742,14 @@ fn device_tables(dev: &CudaDevice, parts: &[&[i32]]) -> Result<Arc<CudaSlice<i32
             })
         }
     };
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(i) = cache.iter().position(|(l, v, _)| *l == loc && same(v)) {
-        // most recently used last
-        let e = cache.remove(i);
-        let t = e.2.clone();
-        cache.push(e);
-        return Ok(t);
-    }
-    let host: Vec<i32> = parts.concat();
-    // (cuda streams need at least one element)
-    let upload = if host.is_empty() {
-        vec![0]
-    } else {
-        host.clone()
-    };
-    let t = Arc::new(dev.cuda_stream().clone_htod(&upload).w()?);
-    if cache.len() >= KEEP {
-        cache.remove(0);
-    }
-    cache.push((loc, host, t.clone()));
-    Ok(t)
+    recently_used(&CACHE, 16, same, || {
+        let host: Vec<i32> = parts.concat();
+        // (cuda streams need at least one element)
+        let upload: &[i32] = if host.is_empty() { &[0] } else { &host };
+        let t = Arc::new(dev.cuda_stream().clone_htod(upload).w()?);
+        Ok(((id, host), t))
+    })
+    .map_err(|e| err(format!("flash attention tables: {e}")))
 }
 
 /// Attention on the GPU for every caller (dense, cross, variable-length, windowed): the
@@ -1039,43 +1045,37 @@ pub fn dense_neighbours(
         [usize; 3],
         usize,
     );
-    static CACHE: std::sync::Mutex<Vec<(Key, Tensor)>> = std::sync::Mutex::new(Vec::new());
-    const KEEP: usize = 4;
+    // a 64³ table is 28 MiB: the last four grids
+    static CACHE: Mutex<Vec<(Key, Tensor)>> = Mutex::new(Vec::new());
     let candle_core::Device::Cuda(cuda) = dev else {
         anyhow::bail!("dense neighbours: {dev:?} is not a CUDA device");
     };
-    // Keyed by the candle device (its own stream), as `device_tables`.
     let key: Key = (cuda.id(), batch, dims, kernel);
-    {
-        let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
-            return Ok(t.clone());
-        }
-    }
-    let [d, h, w] = dims;
-    anyhow::ensure!(
-        d.max(h).max(w) < 65536 && batch < 65536,
-        "dense neighbours: grid {dims:?} x {batch} too large"
-    );
-    let rows = batch * d * h * w;
-    let mut coords = Vec::with_capacity(rows * 4);
-    for b in 0..batch as i32 {
-        for x in 0..d as i32 {
-            for y in 0..h as i32 {
-                for z in 0..w as i32 {
-                    coords.extend_from_slice(&[b, x, y, z]);
+    recently_used(
+        &CACHE,
+        4,
+        |k| *k == key,
+        || {
+            let [d, h, w] = dims;
+            anyhow::ensure!(
+                d.max(h).max(w) < 65536 && batch < 65536,
+                "dense neighbours: grid {dims:?} x {batch} too large"
+            );
+            let rows = batch * d * h * w;
+            let mut coords = Vec::with_capacity(rows * 4);
+            for b in 0..batch as i32 {
+                for x in 0..d as i32 {
+                    for y in 0..h as i32 {
+                        for z in 0..w as i32 {
+                            coords.extend_from_slice(&[b, x, y, z]);
+                        }
+                    }
                 }
             }
-        }
-    }
-    let c = Tensor::from_vec(coords, (rows, 4), dev)?;
-    let t = submanifold_neighbours(&c, [kernel; 3])?;
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if cache.len() >= KEEP {
-        cache.remove(0);
-    }
-    cache.push((key, t.clone()));
-    Ok(t)
+            let c = Tensor::from_vec(coords, (rows, 4), dev)?;
+            Ok((key, submanifold_neighbours(&c, [kernel; 3])?))
+        },
+    )
 }
 
 /// Each GPU kernel against its CPU twin in `trellis_kernels` on seeded random inputs: the unit
