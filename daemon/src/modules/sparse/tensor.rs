@@ -50,6 +50,21 @@ impl UpsampleCache {
     }
 }
 
+/// The value of `key` in one of a geometry's caches, made by `make` (and kept) the first time.
+fn cached<K: std::hash::Hash + Eq, V: Clone>(
+    map: &Mutex<HashMap<K, V>>,
+    key: K,
+    make: impl FnOnce() -> Result<V>,
+) -> Result<V> {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = m.get(&key) {
+        return Ok(v.clone());
+    }
+    let v = make()?;
+    m.insert(key, v.clone());
+    Ok(v)
+}
+
 /// (window size, shift) per axis.
 type WindowKey = ([usize; 3], [i32; 3]);
 
@@ -158,27 +173,14 @@ impl Geometry {
         key: (usize, usize),
         make: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let mut m = self
-            .position_embeddings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = m.get(&key) {
-            return Ok(t.clone());
-        }
-        let t = make()?;
-        m.insert(key, t.clone());
-        Ok(t)
+        cached(&self.position_embeddings, key, make)
     }
 
     /// Submanifold neighbour map for a kernel size (built once per geometry).
     pub fn neighbour_map(&self, kernel: [usize; 3]) -> Result<Arc<NeighbourMap>> {
-        let mut m = self.neighbours.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(map) = m.get(&kernel) {
-            return Ok(map.clone());
-        }
-        let map = Arc::new(submanifold_neighbours(&self.coords, kernel)?);
-        m.insert(kernel, map.clone());
-        Ok(map)
+        cached(&self.neighbours, kernel, || {
+            Ok(Arc::new(submanifold_neighbours(&self.coords, kernel)?))
+        })
     }
 
     /// The window partition for `window` and `shift` (built once per geometry).
@@ -187,13 +189,9 @@ impl Geometry {
         window: [usize; 3],
         shift: [i32; 3],
     ) -> Result<Arc<WindowPartition>> {
-        let mut m = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = m.get(&(window, shift)) {
-            return Ok(p.clone());
-        }
-        let p = Arc::new(self.compute_window_partition(window, shift)?);
-        m.insert((window, shift), p.clone());
-        Ok(p)
+        cached(&self.windows, (window, shift), || {
+            Ok(Arc::new(self.compute_window_partition(window, shift)?))
+        })
     }
 
     fn compute_window_partition(
@@ -271,16 +269,9 @@ impl Geometry {
     /// (CUDA) device, built on the GPU from the coords and cached like [`Self::neighbour_map`].
     #[cfg(feature = "cuda")]
     pub fn neighbour_table_cuda(&self, kernel: [usize; 3]) -> Result<Tensor> {
-        let mut m = self
-            .neighbours_cuda
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = m.get(&kernel) {
-            return Ok(t.clone());
-        }
-        let t = crate::runtime::cuda_ops::submanifold_neighbours(&self.coords_tensor()?, kernel)?;
-        m.insert(kernel, t.clone());
-        Ok(t)
+        cached(&self.neighbours_cuda, kernel, || {
+            crate::runtime::cuda_ops::submanifold_neighbours(&self.coords_tensor()?, kernel)
+        })
     }
 
     /// The coords as an int32 tensor `[N, 4]`.
