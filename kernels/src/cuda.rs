@@ -35,7 +35,8 @@ pub const ATTENTION: KernelSource = KernelSource {
 };
 
 /// Fused tensor-core attention (float16 / bfloat16, head dims 64 and 80, 64 or 128 query rows per
-/// block; the 128-row blocks also with K/V double-buffered through cp.async) with the same groups.
+/// block, K/V staged through registers or double-buffered through cp.async, and builds capped for
+/// three or four blocks per multiprocessor) with the same groups.
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
     source: concat!(
@@ -45,16 +46,36 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
     entry_points: &[
         "flash_attention_f16_d64_m1",
         "flash_attention_f16_d64_m2",
+        "flash_attention_async_f16_d64_m1",
+        "flash_attention_async_f16_d64_m2",
+        "flash_attention_f16_d64_m1_b4",
+        "flash_attention_async_f16_d64_m1_b4",
+        "flash_attention_async_f16_d64_m1_b3",
+        "flash_attention_async_f16_d64_m2_b3",
         "flash_attention_f16_d80_m1",
         "flash_attention_f16_d80_m2",
+        "flash_attention_async_f16_d80_m1",
+        "flash_attention_async_f16_d80_m2",
+        "flash_attention_f16_d80_m1_b4",
+        "flash_attention_async_f16_d80_m1_b4",
+        "flash_attention_async_f16_d80_m1_b3",
+        "flash_attention_async_f16_d80_m2_b3",
         "flash_attention_bf16_d64_m1",
         "flash_attention_bf16_d64_m2",
+        "flash_attention_async_bf16_d64_m1",
+        "flash_attention_async_bf16_d64_m2",
+        "flash_attention_bf16_d64_m1_b4",
+        "flash_attention_async_bf16_d64_m1_b4",
+        "flash_attention_async_bf16_d64_m1_b3",
+        "flash_attention_async_bf16_d64_m2_b3",
         "flash_attention_bf16_d80_m1",
         "flash_attention_bf16_d80_m2",
-        "flash_attention_async_f16_d64_m2",
-        "flash_attention_async_f16_d80_m2",
-        "flash_attention_async_bf16_d64_m2",
+        "flash_attention_async_bf16_d80_m1",
         "flash_attention_async_bf16_d80_m2",
+        "flash_attention_bf16_d80_m1_b4",
+        "flash_attention_async_bf16_d80_m1_b4",
+        "flash_attention_async_bf16_d80_m1_b3",
+        "flash_attention_async_bf16_d80_m2_b3",
     ],
 };
 
@@ -104,7 +125,8 @@ pub const SORT: KernelSource = KernelSource {
 };
 
 /// Fused elementwise / row-wise work of the transformer blocks: Linear bias (+ activation),
-/// LayerNorm (+ adaLN modulation), gated residual, per-head RMS norm.
+/// LayerNorm (+ adaLN modulation), gated residual, a residual and the norm after it in one pass,
+/// per-head RMS norm.
 pub const FUSED: KernelSource = KernelSource {
     name: "fused",
     source: include_str!("cuda/fused.cu"),
@@ -115,6 +137,9 @@ pub const FUSED: KernelSource = KernelSource {
         "layer_norm_f32",
         "layer_norm_f16",
         "layer_norm_bf16",
+        "add_layer_norm_f32",
+        "add_layer_norm_f16",
+        "add_layer_norm_bf16",
         "gated_add_f32",
         "gated_add_f16",
         "gated_add_bf16",

@@ -151,14 +151,12 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
             {
                 use crate::runtime::cuda_ops::{flash_attention_tiled, FlashTiling};
                 let pick = FlashTiling::for_groups(&c.groups);
-                for (rows, staged_async) in [(64, false), (128, false), (128, true)] {
-                    let tiling = FlashTiling { rows, staged_async };
+                for tiling in FlashTiling::VARIANTS {
                     let s = time(dev, reps, || {
                         flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(tiling))?;
                         Ok(())
                     })?;
-                    let mut label =
-                        format!("{rows} rows{}", if staged_async { " async" } else { "" });
+                    let mut label = tiling.label();
                     if tiling == pick {
                         label.push_str(" *");
                     }

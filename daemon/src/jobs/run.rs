@@ -252,6 +252,10 @@ fn generate(
         }
     }
     record_removed(&mut meta, &removed, &job.background);
+    // While the conditioner runs, the structure flow is copied in (`Residency::prefetch_next`).
+    if let Some(f) = &resident.pipeline.ss_flow {
+        resident.pipeline.residency.prefetch_next(&[f]);
+    }
     let (cond, neg) = encode_prompt(&prompt, &cond_dir, resident, &dev, ctl)?;
     check_cancel(ctl)?;
     let c = if cond.dim(0)? == 1 {

@@ -73,6 +73,48 @@ mod imp {
         Ok(Some(f::layer_norm(&x.contiguous()?, eps, affine, m)?))
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_layer_norm(
+        x: &Tensor,
+        h: &Tensor,
+        gate: Option<&Tensor>,
+        rows: &[Range<usize>],
+        eps: f64,
+        affine: Option<(&Tensor, &Tensor)>,
+        modulation: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let same = |t: Option<&Tensor>| t.is_none_or(|t| t.dtype() == x.dtype());
+        if !on_gpu(x)
+            || h.dtype() != x.dtype()
+            || h.dims() != x.dims()
+            || !same(gate)
+            || !same(modulation.map(|m| m.0))
+            || !same(modulation.map(|m| m.1))
+        {
+            return Ok(None);
+        }
+        let Some(seg) = ends(rows, rows_of(x)).and_then(|e| Segments::from_ends(&e)) else {
+            return Ok(None);
+        };
+        let residual = f::Residual {
+            h: &h.contiguous()?,
+            gate,
+            segments: seg,
+        };
+        let m = modulation.map(|(shift, scale)| Modulation {
+            shift,
+            scale,
+            segments: seg,
+        });
+        Ok(Some(f::add_layer_norm(
+            &x.contiguous()?,
+            residual,
+            eps,
+            affine,
+            m,
+        )?))
+    }
+
     pub fn gated_add(
         x: &Tensor,
         h: &Tensor,
@@ -155,6 +197,19 @@ mod imp {
         Ok(None)
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_layer_norm(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: &[Range<usize>],
+        _: f64,
+        _: Option<(&Tensor, &Tensor)>,
+        _: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+
     pub fn gated_add(
         _: &Tensor,
         _: &Tensor,
@@ -180,6 +235,10 @@ mod imp {
 /// LayerNorm32 (optional float32 affine) then the optional adaLN modulation, batch element `b`
 /// owning `rows[b]`.
 pub use imp::layer_norm;
+
+/// `x + h [* gate[b]]`, then LayerNorm32 of that sum (and the optional modulation) in one pass,
+/// batch element `b` owning `rows[b]`: `(sum, normed)`.
+pub use imp::add_layer_norm;
 
 /// `x + h * gate[b]`, batch element `b` owning `rows[b]`.
 pub use imp::gated_add;

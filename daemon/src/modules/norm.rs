@@ -113,6 +113,24 @@ impl LayerNorm32 {
         cpu_fused::layer_norm(x, self.eps, self.affine_params(), Some(m))
     }
 
+    /// `x + h` (or `x + h * gate[b]`), then the norm of that sum with the optional modulation
+    /// `(shift, scale)`, in one fused pass on the GPU: `(sum, normed)`, batch element `b` owning
+    /// the rows `rows[b]` of `x` seen as `[rows, C]`. `None` (nothing computed) off the GPU or
+    /// where the fused kernels do not apply; the caller then runs the residual and the norm.
+    pub fn forward_after_residual(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        gate: Option<&Tensor>,
+        modulation: Option<(&Tensor, &Tensor)>,
+        rows: &[Range<usize>],
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if self.weight.is_some() != self.bias.is_some() || !x.device().is_cuda() {
+            return Ok(None);
+        }
+        gpu_fused::add_layer_norm(x, h, gate, rows, self.eps, self.affine_params(), modulation)
+    }
+
     /// The norm with candle ops (any device and dtype).
     pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dim(D::Minus1).context("LayerNorm32: scalar input")?;

@@ -168,18 +168,41 @@ impl ModulatedTransformerCrossBlock {
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
 
+        let (bsz, l, _) = x.dims3()?;
+        let rows: Vec<_> = (0..bsz).map(|i| i * l..(i + 1) * l).collect();
         let h = self.modulated_norm(&self.norm1, x, &shift_msa, &scale_msa)?;
         let h = self.self_attn.forward(&h, None)?;
-        let after_self_attn = gated_residual(x, &h, &gate_msa)?;
-
-        let h = self.norm2.forward(&after_self_attn)?;
+        // Each residual and the norm after it are one pass on the GPU.
+        let (after_self_attn, h) =
+            match self
+                .norm2
+                .forward_after_residual(x, &h, Some(&gate_msa), None, &rows)?
+            {
+                Some(p) => p,
+                None => {
+                    let a = gated_residual(x, &h, &gate_msa)?;
+                    let n = self.norm2.forward(&a)?;
+                    (a, n)
+                }
+            };
         let h = self.cross_attn.forward(&h, Some(context))?;
-        let after_cross_attn = match gpu_fused::add(&after_self_attn, &h)? {
-            Some(y) => y,
-            None => (&after_self_attn + h)?,
+        let (after_cross_attn, h) = match self.norm3.forward_after_residual(
+            &after_self_attn,
+            &h,
+            None,
+            Some((&shift_mlp, &scale_mlp)),
+            &rows,
+        )? {
+            Some(p) => p,
+            None => {
+                let a = match gpu_fused::add(&after_self_attn, &h)? {
+                    Some(y) => y,
+                    None => (&after_self_attn + h)?,
+                };
+                let n = self.modulated_norm(&self.norm3, &a, &shift_mlp, &scale_mlp)?;
+                (a, n)
+            }
         };
-
-        let h = self.modulated_norm(&self.norm3, &after_cross_attn, &shift_mlp, &scale_mlp)?;
         let h = self.mlp.forward(&h)?;
         let out = gated_residual(&after_cross_attn, &h, &gate_mlp)?;
         Ok(CrossBlockTrace {

@@ -631,8 +631,17 @@ impl TrellisPipeline {
         params: &RunParams,
         ctl: &mut RunControl<'_>,
     ) -> Result<Generation> {
+        // While the structure flow samples, the structure decoder and the SLat flow are copied
+        // in; while the SLat flow samples, the decoders (tiers that free networks between stages).
+        let mut next: Vec<&dyn Placeable> = vec![&self.slat_flow];
+        if let Some(d) = &self.ss_decoder {
+            next.insert(0, d);
+        }
+        self.residency.prefetch_next(&next);
         let structure = self.sample_structure(cond, num_samples, noise, &params.ss, ctl)?;
         let coords = structure.coords.clone();
+        self.residency
+            .prefetch_next(&self.decoders.placeables(params.formats));
         let slat = self.sample_slat(&coords, cond, noise, &params.slat, ctl)?;
         let decoded = self.decode(&coords, &slat.slat, params.formats, ctl)?;
         Ok(Generation {

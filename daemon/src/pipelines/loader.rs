@@ -19,7 +19,7 @@ use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
 use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::{SparseStructureDecoder, SparseStructureEncoder};
-use crate::runtime::residency::Network;
+use crate::runtime::residency::{Network, Placeable};
 use crate::runtime::weights;
 
 /// The torso dtype for a checkpoint saved with `use_fp16` on `device` (see `runtime::precision`).
@@ -215,6 +215,24 @@ pub struct Decoders {
     pub mesh: Option<Network<SLatMeshDecoder>>,
     pub gaussian: Option<Network<SLatGaussianDecoder>>,
     pub radiance_field: Option<Network<SLatRadianceFieldDecoder>>,
+}
+
+impl Decoders {
+    /// The loaded decoders `formats` asks for, as stages place them (for
+    /// `Residency::prefetch_next`).
+    pub fn placeables(&self, formats: Formats) -> Vec<&dyn Placeable> {
+        let mut v: Vec<&dyn Placeable> = Vec::new();
+        if let (true, Some(m)) = (formats.mesh, &self.mesh) {
+            v.push(m);
+        }
+        if let (true, Some(g)) = (formats.gaussian, &self.gaussian) {
+            v.push(g);
+        }
+        if let (true, Some(r)) = (formats.radiance_field, &self.radiance_field) {
+            v.push(r);
+        }
+        v
+    }
 }
 
 pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> Result<Decoders> {

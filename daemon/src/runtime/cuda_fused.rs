@@ -219,6 +219,39 @@ pub fn layer_norm(
     affine: Option<(&Tensor, &Tensor)>,
     modulation: Option<Modulation>,
 ) -> Result<Tensor> {
+    Ok(norm(x, None, eps, affine, modulation)?.1)
+}
+
+/// The residual before a norm: `x + h`, or `x + h * gate[b]` with batch element `b` (`gate`
+/// `[B, C]`) owning the rows of `segments`.
+pub struct Residual<'a> {
+    pub h: &'a Tensor,
+    pub gate: Option<&'a Tensor>,
+    pub segments: Segments,
+}
+
+/// `x + h [* gate]` ([`gated_add`] / [`add`]) and [`layer_norm`] of that sum in one pass (one read
+/// of the residual stream instead of two, one launch instead of two), both results as the two
+/// kernels give them: `(sum, normed)`. A modulation must use the residual's segments.
+pub fn add_layer_norm(
+    x: &Tensor,
+    residual: Residual,
+    eps: f64,
+    affine: Option<(&Tensor, &Tensor)>,
+    modulation: Option<Modulation>,
+) -> Result<(Tensor, Tensor)> {
+    let (sum, y) = norm(x, Some(residual), eps, affine, modulation)?;
+    Ok((sum.ok_or_else(|| err("add_layer_norm: no sum"))?, y))
+}
+
+/// `layer_norm_*` without a residual, `add_layer_norm_*` with one (then also the sum).
+fn norm(
+    x: &Tensor,
+    residual: Option<Residual>,
+    eps: f64,
+    affine: Option<(&Tensor, &Tensor)>,
+    modulation: Option<Modulation>,
+) -> Result<(Option<Tensor>, Tensor)> {
     check_contiguous(x, "x")?;
     let dev = device_of(x)?;
     let cols = x.dims().last().copied().unwrap_or(1);
@@ -233,6 +266,22 @@ pub fn layer_norm(
     }
     let mut mod_stride = 0usize;
     let mut segments = Segments::dense(1, rows).ok_or_else(|| err("rows overflow"))?;
+    let mut gate_stride = 0usize;
+    if let Some(r) = &residual {
+        check_contiguous(r.h, "h")?;
+        if r.h.dims() != x.dims()
+            || r.h.dtype() != x.dtype()
+            || r.gate.is_some_and(|g| g.dtype() != x.dtype())
+        {
+            return Err(err(
+                "add_layer_norm: x, h and gate must agree in shape and dtype",
+            ));
+        }
+        if let Some(g) = r.gate {
+            gate_stride = row_stride(g, cols, "gate")?;
+        }
+        segments = r.segments;
+    }
     if let Some(m) = &modulation {
         for t in [m.shift, m.scale] {
             if t.dtype() != x.dtype() {
@@ -245,9 +294,18 @@ pub fn layer_norm(
             return Err(err("shift and scale have different row strides"));
         }
         mod_stride = s1;
+        if residual.is_some() && (m.segments.n, m.segments.ends) != (segments.n, segments.ends) {
+            return Err(err(
+                "add_layer_norm: the modulation's rows differ from the gate's",
+            ));
+        }
         segments = m.segments;
     }
-    let entry = format!("layer_norm_{}", suffix(x.dtype())?);
+    let entry = format!(
+        "{}layer_norm_{}",
+        if residual.is_some() { "add_" } else { "" },
+        suffix(x.dtype())?
+    );
     let func = module(&dev, &k::FUSED)?.load_function(&entry).w()?;
     let stream = dev.cuda_stream();
     // One warp per row, four rows per block.
@@ -262,12 +320,34 @@ pub fn layer_norm(
     };
     let (rows_i, cols_i, eps_f) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?, eps as f32);
     let mod_stride = i32_of(mod_stride, "modulation stride")?;
+    let gate_stride = i32_of(gate_stride, "gate stride")?;
     macro_rules! go {
         ($t:ty) => {{
-            // SAFETY: every element is written by the kernel (one warp per row).
+            // SAFETY: every element of both outputs is written by the kernel (one warp per row).
             let out = unsafe { dev.alloc::<$t>(x.elem_count())? };
+            let sum = if residual.is_some() {
+                Some(unsafe { dev.alloc::<$t>(x.elem_count())? })
+            } else {
+                None
+            };
             let (gx, lx) = x.storage_and_layout();
             let xs = view::<$t>(&gx, lx, "x")?;
+            let gr = residual.as_ref().map(|r| {
+                (
+                    r.h.storage_and_layout(),
+                    r.gate.map(|g| g.storage_and_layout()),
+                )
+            });
+            let rvs = match &gr {
+                Some(((gh, lh), g)) => Some((
+                    view::<$t>(gh, lh, "h")?,
+                    match g {
+                        Some((gg, lg)) => Some(view::<$t>(gg, lg, "gate")?),
+                        None => None,
+                    },
+                )),
+                None => None,
+            };
             let ga = affine.map(|(w, b)| (w.storage_and_layout(), b.storage_and_layout()));
             let avs = match &ga {
                 Some(((gw, lw), (gb, lb))) => {
@@ -285,7 +365,16 @@ pub fn layer_norm(
                 None => None,
             };
             let mut b = stream.launch_builder(&func);
-            b.arg(&xs).arg(&out).arg(&rows_i).arg(&cols_i).arg(&eps_f);
+            b.arg(&xs);
+            if let (Some((h, g)), Some(sum)) = (&rvs, &sum) {
+                b.arg(h);
+                match g {
+                    Some(g) => b.arg(g),
+                    None => b.arg(&NULL),
+                };
+                b.arg(&gate_stride).arg(sum);
+            }
+            b.arg(&out).arg(&rows_i).arg(&cols_i).arg(&eps_f);
             match &avs {
                 Some((w, bb)) => b.arg(w).arg(bb),
                 None => b.arg(&NULL).arg(&NULL),
@@ -296,10 +385,15 @@ pub fn layer_norm(
             };
             b.arg(&mod_stride).arg(&segments);
             if rows > 0 {
-                // SAFETY: argument types and order match `layer_norm_*`; sizes checked above.
+                // SAFETY: argument types and order match `layer_norm_*` / `add_layer_norm_*`
+                // (x, [h, gate, gate_stride, xout,] out, rows, cols, eps, w, b, shift, scale,
+                // mod_stride, seg); sizes checked above.
                 unsafe { b.launch(cfg) }.w()?;
             }
-            Ok(wrap(out, &dev, x.dims()))
+            Ok((
+                sum.map(|s| wrap(s, &dev, x.dims())),
+                wrap(out, &dev, x.dims()),
+            ))
         }};
     }
     match x.dtype() {

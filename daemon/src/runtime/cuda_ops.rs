@@ -77,32 +77,88 @@ pub fn flash_async() -> bool {
     async_variant("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
-/// How the flash kernel tiles the queries: rows per block (64 or 128) and, for 128, whether K/V
-/// are double-buffered through cp.async.
+/// How the flash kernel tiles the queries: rows per block (64 or 128), whether K/V are
+/// double-buffered through cp.async, and the blocks per multiprocessor its registers were capped
+/// for (1: uncapped, two fit; 3 or 4: the `_b3` / `_b4` builds, see [`FlashTiling::VARIANTS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
+    pub min_blocks: u8,
 }
 
 impl FlashTiling {
-    /// The tiling picked for `groups`: [`flash_rows_for`] and [`flash_async`].
-    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
-        let rows = flash_rows_for(groups);
+    /// Every tiling a kernel is built for.
+    pub const VARIANTS: [FlashTiling; 8] = [
+        Self::new(64, false, 1),
+        Self::new(128, false, 1),
+        Self::new(64, true, 1),
+        Self::new(128, true, 1),
+        Self::new(64, false, 4),
+        Self::new(64, true, 4),
+        Self::new(64, true, 3),
+        Self::new(128, true, 3),
+    ];
+
+    pub const fn new(rows: usize, staged_async: bool, min_blocks: u8) -> Self {
         Self {
             rows,
-            staged_async: rows == 128 && flash_async(),
+            staged_async,
+            min_blocks,
         }
+    }
+
+    /// The tiling picked for `groups`: `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`]
+    /// rows and [`flash_async`] staging, uncapped.
+    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
+        if let Some(t) = flash_tiling_override() {
+            return t;
+        }
+        let rows = flash_rows_for(groups);
+        Self::new(rows, rows == 128 && flash_async(), 1)
+    }
+
+    /// `64`, `128a`, `64a4`, ...: rows, `a` for cp.async, the blocks per multiprocessor when
+    /// capped.
+    pub fn label(&self) -> String {
+        format!(
+            "{}{}{}",
+            self.rows,
+            if self.staged_async { "a" } else { "" },
+            if self.min_blocks > 1 {
+                self.min_blocks.to_string()
+            } else {
+                String::new()
+            }
+        )
     }
 
     /// The kernel entry for a dtype suffix (`f16` / `bf16`) and head dimension.
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         format!(
-            "flash_attention_{}{ty}_d{head_dim}_m{}",
+            "flash_attention_{}{ty}_d{head_dim}_m{}{}",
             if self.staged_async { "async_" } else { "" },
-            self.rows / 64
+            self.rows / 64,
+            if self.min_blocks > 1 {
+                format!("_b{}", self.min_blocks)
+            } else {
+                String::new()
+            }
         )
     }
+}
+
+/// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64a4`, `128a`, ...)
+/// for every flash call (experiments); unset or unknown, the tiling is picked per call. Read once
+/// per process.
+fn flash_tiling_override() -> Option<FlashTiling> {
+    static C: OnceLock<Option<FlashTiling>> = OnceLock::new();
+    *C.get_or_init(|| {
+        let v = std::env::var("TRELLIS_FLASH_TILING").ok()?;
+        FlashTiling::VARIANTS
+            .into_iter()
+            .find(|t| t.label() == v.trim())
+    })
 }
 
 /// `TRELLIS_FLASH_ROWS`: query rows per flash-attention block, `64` or `128`; unset (or anything
@@ -892,9 +948,9 @@ pub fn flash_attention_tiled(
     let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups));
     let rows = tiling.rows;
     anyhow::ensure!(
-        k::FLASH_ROWS.contains(&rows) && (rows == 128 || !tiling.staged_async),
-        "flash attention: tiling {tiling:?} (rows one of {:?}; cp.async staging with 128 rows)",
-        k::FLASH_ROWS
+        k::FLASH_ROWS.contains(&rows) && FlashTiling::VARIANTS.contains(&tiling),
+        "flash attention: tiling {tiling:?} is not one of the builds ({:?})",
+        FlashTiling::VARIANTS.map(|t| t.label())
     );
     let mut op = FlashAttentionOp {
         nq,
@@ -1371,6 +1427,54 @@ pub mod checks {
         let gc = m6c.narrow(1, 2 * c, c)?.unsqueeze(1)?;
         let cpu = rnd((&xc + rnd(hc.broadcast_mul(&gc)?)?)?)?;
         worst = worst.max(err_of(&g, &cpu)?);
+        // A residual and the norm after it in one pass: bit for bit the two kernels, with a
+        // strided gate and the affine norm, without a gate with the modulation, and at a width
+        // the 16-byte vectors do not fit (the scalar path).
+        for (cc, gated) in [(c, true), (c, false), (250, true)] {
+            let (x2, _) = on(noise(b * l * cc, 32), &[b, l, cc])?;
+            let (h2, _) = on(noise(b * l * cc, 33), &[b, l, cc])?;
+            let (m2, _) = on(noise(b * 3 * cc, 34), &[b, 3 * cc])?;
+            let (gate2, sh2, sc2) = (
+                m2.narrow(1, 0, cc)?,
+                m2.narrow(1, cc, cc)?,
+                m2.narrow(1, 2 * cc, cc)?,
+            );
+            let w2 = Tensor::from_vec(noise(cc, 35), cc, dev)?;
+            let b2 = Tensor::from_vec(noise(cc, 36), cc, dev)?;
+            let affine = gated.then_some((&w2, &b2));
+            let modulation = || {
+                (!gated).then_some(f::Modulation {
+                    shift: &sh2,
+                    scale: &sc2,
+                    segments: seg,
+                })
+            };
+            let (sum, y) = f::add_layer_norm(
+                &x2,
+                f::Residual {
+                    h: &h2,
+                    gate: gated.then_some(&gate2),
+                    segments: seg,
+                },
+                1e-6,
+                affine,
+                modulation(),
+            )?;
+            let sum2 = if gated {
+                f::gated_add(&x2, &h2, &gate2, seg)?
+            } else {
+                f::add(&x2, &h2)?
+            };
+            let y2 = f::layer_norm(&sum2, 1e-6, affine, modulation())?;
+            for (what, a, b) in [("sum", &sum, &sum2), ("norm", &y, &y2)] {
+                let a: Vec<f32> = back(a)?.flatten_all()?.to_vec1()?;
+                let b: Vec<f32> = back(b)?.flatten_all()?.to_vec1()?;
+                anyhow::ensure!(
+                    a == b,
+                    "add_layer_norm {dtype:?} ({cc} wide, gate {gated}): its {what} differs from the two kernels'"
+                );
+            }
+        }
         // RMS norm of q sliced out of a packed [b, l, 3, heads, d] projection
         let d = c / heads;
         let (qkv, qkv_c) = on(noise(b * l * 3 * c, 27), &[b, l, 3, heads, d])?;
@@ -1529,18 +1633,29 @@ pub mod checks {
         Ok(worst)
     }
 
-    const T64: FlashTiling = FlashTiling {
-        rows: 64,
-        staged_async: false,
-    };
-    const T128: FlashTiling = FlashTiling {
-        rows: 128,
-        staged_async: false,
-    };
-    const T128A: FlashTiling = FlashTiling {
-        rows: 128,
-        staged_async: true,
-    };
+    const T64: FlashTiling = FlashTiling::new(64, false, 1);
+    const T128: FlashTiling = FlashTiling::new(128, false, 1);
+    const T128A: FlashTiling = FlashTiling::new(128, true, 1);
+
+    /// The flash builds the other checks leave out (64-row cp.async, register-capped), each dtype
+    /// and head dimension: the worst relative error.
+    fn other_flash_builds(dev: &Device) -> anyhow::Result<f64> {
+        let mut worst = 0f64;
+        for t in FlashTiling::VARIANTS {
+            if [T64, T128, T128A].contains(&t) {
+                continue;
+            }
+            for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+                for d in [64, 80] {
+                    let e = flash_attention_vs_cpu(dev, dtype, d, t, tol).map_err(|e| {
+                        anyhow::anyhow!("tiling {}, {dtype:?}, d{d}: {e:#}", t.label())
+                    })?;
+                    worst = worst.max(e);
+                }
+            }
+        }
+        Ok(worst)
+    }
 
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
@@ -1591,6 +1706,10 @@ pub mod checks {
             (
                 "flash attention f16, d64, 128 rows, cp.async",
                 flash_attention_vs_cpu(dev, DType::F16, 64, T128A, 4e-3),
+            ),
+            (
+                "flash attention f16 and bf16, d64 and d80, every other build",
+                other_flash_builds(dev),
             ),
             (
                 "flash attention bf16, d64, 128 rows",

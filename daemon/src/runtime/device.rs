@@ -220,6 +220,14 @@ fn open_cuda(index: usize) -> Result<Device> {
     let opened = std::panic::catch_unwind(|| Device::new_cuda(index))
         .map_err(|_| anyhow::anyhow!("cuda:{index}: the CUDA backend failed to start"))?;
     let device = opened.map_err(|e| anyhow::anyhow!("cuda:{index}: {e}"))?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: this process orders its streams itself: candle's for all compute, and the copy
+        // stream of `runtime::prefetch`, ordered through its own events. Without this every
+        // allocation would create two events, and once the copy stream exists every kernel
+        // argument would record one.
+        unsafe { d.disable_event_tracking() };
+    }
     super::precision::apply_to_backend();
     // Freed memory stays in the pool for the next step (as PyTorch's caching allocator does);
     // the job layer trims it between jobs.

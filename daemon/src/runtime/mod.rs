@@ -16,6 +16,7 @@ pub mod malloc;
 #[cfg(feature = "cuda")]
 pub mod pinned;
 pub mod precision;
+pub mod prefetch;
 pub mod pth;
 pub mod residency;
 pub mod system;

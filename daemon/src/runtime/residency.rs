@@ -18,8 +18,13 @@
 //!
 //! What each tier does here: `high` (and `cpu`) keep every network placed once used; `medium`
 //! places each stage's networks and frees them after the stage; `low` and `minimal` also run the
-//! decoders one at a time ([`Tier::decoders_one_at_a_time`]). Uploads are synchronous on candle's
-//! stream (no second stream yet), so none of their time is hidden behind compute.
+//! decoders one at a time ([`Tier::decoders_one_at_a_time`]).
+//!
+//! Uploads ahead of time ([`Residency::prefetch_next`], `runtime::prefetch`): a caller names the
+//! networks of the stage after the next one; when the next stage has placed its own networks it
+//! starts copying those on the device's copy stream, so they arrive while it computes (tiers
+//! `high`, `medium` and `low`, within the budget; an out-of-memory error there is no error, the
+//! network is then uploaded when placed). The stage records say how much of each copy was hidden.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +35,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::prefetch::{CopyStream, CopyTime, Prefetch};
 use super::tiers::Tier;
 use super::vram;
 use super::weights::HostWeights;
@@ -146,11 +152,13 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     Ok((n * mul as f64).round() as u64)
 }
 
-/// The placed copy of one network, shared with the [`Residency`] that may evict it.
+/// The placed copy of one network, shared with the [`Residency`] that may evict it, and its
+/// weights on their way to the device when a prefetch was started.
 struct Slot {
     name: String,
     bytes: u64,
     model: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
+    prefetch: Mutex<Option<Prefetch>>,
 }
 
 impl Slot {
@@ -163,6 +171,24 @@ impl Slot {
     fn clear(&self) {
         self.model.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+    fn prefetch(&self) -> std::sync::MutexGuard<'_, Option<Prefetch>> {
+        self.prefetch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn is_prefetched(&self) -> bool {
+        self.prefetch().is_some()
+    }
+    /// Drops a prefetch not used (it waits for its copy first).
+    fn drop_prefetch(&self) {
+        let p = self.prefetch().take();
+        drop(p);
+    }
+}
+
+/// A network a later stage needs, as [`Residency::prefetch_next`] keeps it.
+#[derive(Clone)]
+pub struct Upcoming {
+    host: HostWeights,
+    slot: Arc<Slot>,
 }
 
 type Builder<M> = Box<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
@@ -189,6 +215,7 @@ impl<M: Send + Sync + 'static> Network<M> {
                 name: format!("{name}#{id}"),
                 bytes: host.bytes(),
                 model: Mutex::new(None),
+                prefetch: Mutex::new(None),
             }),
             host,
             build: Box::new(build),
@@ -232,11 +259,14 @@ pub trait Placeable: Sync {
     /// Bytes of its weights.
     fn bytes(&self) -> u64;
     fn is_placed(&self) -> bool;
-    /// Builds the network on `res`'s device from its host copy unless it is there: the seconds
-    /// the upload took (synchronised), `None` when it was already placed.
-    fn place(&self, res: &Residency) -> Result<Option<f64>>;
+    /// Builds the network on `res`'s device from its host copy (or from the copy a prefetch made)
+    /// unless it is there: how long the upload took and how much of it was hidden; `None` when
+    /// it was already placed.
+    fn place(&self, res: &Residency) -> Result<Option<CopyTime>>;
     /// Drops the placed copy (its device memory is freed once no stage holds it).
     fn release(&self);
+    /// What [`Residency::prefetch_next`] keeps of it.
+    fn upcoming(&self) -> Upcoming;
 }
 
 impl<M: Send + Sync + 'static> Placeable for Network<M> {
@@ -249,28 +279,53 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
     fn is_placed(&self) -> bool {
         self.slot.is_placed()
     }
-    fn place(&self, res: &Residency) -> Result<Option<f64>> {
+    fn place(&self, res: &Residency) -> Result<Option<CopyTime>> {
         if self.is_placed() {
             res.register(&self.slot);
             return Ok(None);
         }
-        res.check_budget(self.name(), self.bytes())?;
         let dev = &res.device;
+        let prefetched = self.slot.prefetch().take();
+        if prefetched.is_none() {
+            res.check_budget(self.name(), self.bytes())?;
+        }
         dev.synchronize()?;
         let t = Instant::now();
-        let (vb, check) = self.host.var_builder(dev);
+        let (vb, check, copied) = match prefetched {
+            // Its memory was checked against the budget when the prefetch started.
+            Some(p) => {
+                let (tensors, time) = p.finish()?;
+                let (vb, check) = self.host.var_builder_from(tensors, dev);
+                (vb, check, Some(time))
+            }
+            None => {
+                let (vb, check) = self.host.var_builder(dev);
+                (vb, check, None)
+            }
+        };
         let m = (self.build)(vb).with_context(|| format!("placing {}", self.name()))?;
         check
             .finish()
             .with_context(|| format!("placing {}", self.name()))?;
         dev.synchronize()?;
-        let secs = t.elapsed().as_secs_f64();
+        // Everything the stage waited for: the copies (or what was left of a prefetch's) and
+        // the build.
+        let waited_s = t.elapsed().as_secs_f64();
         *self.slot.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
         res.register(&self.slot);
-        Ok(Some(secs))
+        Ok(Some(CopyTime {
+            copy_s: copied.map_or(waited_s, |c| c.copy_s),
+            waited_s,
+        }))
     }
     fn release(&self) {
         self.slot.clear();
+    }
+    fn upcoming(&self) -> Upcoming {
+        Upcoming {
+            host: self.host.clone(),
+            slot: self.slot.clone(),
+        }
     }
 }
 
@@ -284,7 +339,7 @@ pub struct StageRecord {
     pub uploads: usize,
     pub upload_bytes: u64,
     pub upload_s: f64,
-    /// Upload seconds overlapped with compute (always 0: uploads are synchronous for now).
+    /// Upload seconds overlapped with compute (copies a prefetch made during an earlier stage).
     pub upload_hidden_s: f64,
     /// Wall seconds of the stage's own work (after its uploads).
     pub compute_s: f64,
@@ -302,6 +357,8 @@ struct State {
     pending_fallbacks: usize,
     slots: Vec<Weak<Slot>>,
     log: Vec<StageRecord>,
+    /// Networks [`Residency::prefetch_next`] named, for the next stage to start copying.
+    next: Vec<Upcoming>,
 }
 
 /// The networks placed on one device and the tier they follow.
@@ -311,6 +368,9 @@ pub struct Residency {
     state: Mutex<State>,
     /// `--vram-ballast`, held for the residency's life.
     _ballast: Option<Tensor>,
+    /// The copy stream prefetches run on, made at the first one (`None` inside: the CPU, or it
+    /// could not be made).
+    copies: std::sync::OnceLock<Option<CopyStream>>,
 }
 
 impl Residency {
@@ -364,8 +424,10 @@ impl Residency {
                 pending_fallbacks: 0,
                 slots: Vec::new(),
                 log: Vec::new(),
+                next: Vec::new(),
             }),
             _ballast: None,
+            copies: std::sync::OnceLock::new(),
         }
     }
 
@@ -417,7 +479,7 @@ impl Residency {
                     // Our own networks and the freed memory our pool keeps count as available.
                     let slack = vram::pool_stats(&self.device)
                         .map_or(0, |p| p.reserved.saturating_sub(p.used));
-                    let mut avail = free + self.placed_bytes() + slack;
+                    let mut avail = free + self.held_bytes() + slack;
                     if let Some(b) = self.options.budget {
                         avail = avail.min(b);
                     }
@@ -436,6 +498,7 @@ impl Residency {
         st.tier = tier;
         st.log.clear();
         st.pending_fallbacks = 0;
+        st.next.clear();
         drop(st);
         if !tier.keeps_resident() {
             self.evict_all();
@@ -459,7 +522,32 @@ impl Residency {
             .sum()
     }
 
-    /// Drops every placed network of this device.
+    /// Bytes of the networks placed now and of those being prefetched.
+    pub fn held_bytes(&self) -> u64 {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|s| {
+                let placed = if s.is_placed() { s.bytes } else { 0 };
+                let coming = if s.is_prefetched() { s.bytes } else { 0 };
+                placed + coming
+            })
+            .sum()
+    }
+
+    /// Names of the networks with a prefetch started and not yet used.
+    pub fn prefetched(&self) -> Vec<String> {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|s| s.is_prefetched())
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Drops every placed network of this device, and every prefetch.
     pub fn evict_all(&self) {
         let slots: Vec<Arc<Slot>> = {
             let mut st = self.lock();
@@ -469,6 +557,60 @@ impl Residency {
         };
         for s in slots {
             s.clear();
+            s.drop_prefetch();
+        }
+    }
+
+    fn drop_prefetches(&self) {
+        let slots: Vec<Arc<Slot>> = self.lock().slots.iter().filter_map(Weak::upgrade).collect();
+        for s in slots {
+            s.drop_prefetch();
+        }
+    }
+
+    /// Names the networks the stage after the next one needs: once the next stage has placed its
+    /// own networks it starts copying these on the copy stream (at tiers `high`, `medium` and
+    /// `low`, when the budget has room), so they are on the device when their stage begins.
+    /// Replaces an earlier call's list; a job's start clears it.
+    pub fn prefetch_next(&self, nets: &[&dyn Placeable]) {
+        self.lock().next = nets.iter().map(|n| n.upcoming()).collect();
+    }
+
+    /// Starts `u`'s prefetch unless it is placed, prefetched, or over the budget. A failure
+    /// (out of memory included) leaves it to be uploaded when placed.
+    fn start_prefetch(&self, u: &Upcoming) {
+        if u.slot.is_placed() || u.slot.is_prefetched() {
+            return;
+        }
+        if let Some(budget) = self.options.budget {
+            if self.held_bytes() + u.slot.bytes > budget {
+                return;
+            }
+        }
+        let copies = self
+            .copies
+            .get_or_init(|| match CopyStream::new(&self.device) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("warning: no copy stream, weights upload when placed: {e:#}");
+                    None
+                }
+            });
+        if self.device.is_cuda() && copies.is_none() {
+            return;
+        }
+        match Prefetch::start(&u.host, &self.device, copies.as_ref()) {
+            Ok(Some(p)) => {
+                *u.slot.prefetch() = Some(p);
+                self.register(&u.slot);
+            }
+            Ok(None) => {}
+            Err(e) if is_oom(&e) => {}
+            Err(e) => eprintln!(
+                "warning: prefetching {} failed, it uploads when placed: {}",
+                u.slot.name,
+                first_line(&e)
+            ),
         }
     }
 
@@ -497,7 +639,7 @@ impl Residency {
         let Some(budget) = self.options.budget else {
             return Ok(());
         };
-        let placed = self.placed_bytes();
+        let placed = self.held_bytes();
         if placed + bytes > budget {
             return Err(OutOfDeviceMemory {
                 network: network.split('#').next().unwrap_or(network).to_string(),
@@ -544,11 +686,13 @@ impl Residency {
         retry: bool,
     ) -> Result<T> {
         let mut fallbacks = std::mem::take(&mut self.lock().pending_fallbacks);
+        let next = std::mem::take(&mut self.lock().next);
         loop {
             let tier = self.tier();
             let mut uploads = 0;
             let mut upload_bytes = 0;
             let mut upload_s = 0.0;
+            let mut upload_hidden_s = 0.0;
             let mut compute_s = 0.0;
             let _ = self.device.synchronize();
             vram::reset_peaks(&self.device);
@@ -557,10 +701,16 @@ impl Residency {
                     self.evict_except(nets);
                 }
                 for n in nets {
-                    if let Some(s) = n.place(self)? {
+                    if let Some(c) = n.place(self)? {
                         uploads += 1;
                         upload_bytes += n.bytes();
-                        upload_s += s;
+                        upload_s += c.copy_s;
+                        upload_hidden_s += c.hidden_s();
+                    }
+                }
+                if tier.prefetches() && super::prefetch::enabled() {
+                    for u in &next {
+                        self.start_prefetch(u);
                     }
                 }
                 let t = Instant::now();
@@ -582,7 +732,7 @@ impl Residency {
                         uploads,
                         upload_bytes,
                         upload_s,
-                        upload_hidden_s: 0.0,
+                        upload_hidden_s,
                         compute_s,
                         fallbacks,
                         vram: self.pool_stats(),
@@ -593,6 +743,7 @@ impl Residency {
                     for n in nets {
                         n.release();
                     }
+                    self.drop_prefetches();
                     let Some(lower) = tier.lower() else {
                         return Err(e.context(format!(
                             "stage {name}: out of device memory at the lowest tier ({tier})"
@@ -726,6 +877,71 @@ mod tests {
             a.get().err().map(|e| e.to_string().contains("not on")),
             Some(true)
         );
+    }
+
+    #[test]
+    fn a_stage_starts_the_prefetches_named_for_the_stage_after_it() {
+        let (a, b, c) = (net("a", 10), net("b", 20), net("c", 5));
+        let res = residency(Some(Tier::Medium), None);
+        res.begin_job();
+        res.prefetch_next(&[&b]);
+        assert_eq!(res.stage("a", &[&a], || total(&a)).unwrap(), 10.0);
+        // a is freed after its stage (medium); b's copy was started during it.
+        assert!(!a.is_placed() && !b.is_placed());
+        assert_eq!(res.prefetched().len(), 1);
+        assert_eq!(res.held_bytes(), 80);
+        // A stage for another network leaves the prefetch alone.
+        res.stage("c", &[&c], || total(&c)).unwrap();
+        assert_eq!(res.prefetched().len(), 1);
+        // b's stage places it from the prefetch (one upload, its bytes).
+        assert_eq!(res.stage("b", &[&b], || total(&b)).unwrap(), 20.0);
+        assert!(res.prefetched().is_empty());
+        let log = res.stage_log();
+        assert_eq!(
+            log.iter()
+                .map(|r| (r.stage.as_str(), r.uploads, r.upload_bytes))
+                .collect::<Vec<_>>(),
+            vec![("a", 1, 40), ("c", 1, 20), ("b", 1, 80)]
+        );
+        // The list is used once: a later stage starts nothing.
+        res.stage("a", &[&a], || total(&a)).unwrap();
+        assert!(res.prefetched().is_empty());
+        // A new job drops an unused prefetch.
+        res.prefetch_next(&[&c]);
+        res.stage("a", &[&a], || total(&a)).unwrap();
+        assert_eq!(res.prefetched().len(), 1);
+        res.begin_job();
+        assert!(res.prefetched().is_empty() && res.held_bytes() == 0);
+    }
+
+    #[test]
+    fn prefetches_stay_inside_the_budget_and_out_of_minimal() {
+        let (a, b) = (net("a", 10), net("b", 10));
+        // 60 bytes: a (40) is placed while its stage runs, b (40) does not fit beside it.
+        let res = residency(Some(Tier::Medium), Some(60));
+        res.begin_job();
+        res.prefetch_next(&[&b]);
+        res.stage("a", &[&a], || total(&a)).unwrap();
+        assert!(res.prefetched().is_empty());
+        // b is uploaded when its stage places it, as without a prefetch.
+        assert_eq!(res.stage("b", &[&b], || total(&b)).unwrap(), 10.0);
+        assert_eq!(res.tier(), Tier::Medium);
+
+        let min = residency(Some(Tier::Minimal), None);
+        min.begin_job();
+        min.prefetch_next(&[&b]);
+        min.stage("a", &[&a], || total(&a)).unwrap();
+        assert!(min.prefetched().is_empty());
+
+        // At high the prefetched network stays placed after its stage like any other.
+        let high = residency(Some(Tier::High), None);
+        high.begin_job();
+        high.prefetch_next(&[&b]);
+        high.stage("a", &[&a], || total(&a)).unwrap();
+        assert_eq!(high.prefetched().len(), 1);
+        high.stage("b", &[&b], || total(&b)).unwrap();
+        assert!(a.is_placed() && b.is_placed() && high.prefetched().is_empty());
+        assert_eq!(high.held_bytes(), 80);
     }
 
     #[test]

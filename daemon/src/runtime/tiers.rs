@@ -83,6 +83,12 @@ impl Tier {
         matches!(self, Tier::High | Tier::Cpu)
     }
 
+    /// Whether a stage copies the next stage's networks in while it computes
+    /// (`runtime::prefetch`): every GPU tier but `minimal`, whose budget has no room for two.
+    pub fn prefetches(self) -> bool {
+        matches!(self, Tier::High | Tier::Medium | Tier::Low)
+    }
+
     /// Whether the decoders run one at a time (each its own stage).
     pub fn decoders_one_at_a_time(self) -> bool {
         matches!(self, Tier::Low | Tier::Minimal)

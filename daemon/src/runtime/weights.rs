@@ -404,7 +404,7 @@ pub fn from_tensors(
 
 /// One host tensor of a [`HostWeights`]: pageable, or page-locked for fast GPU uploads.
 #[derive(Clone)]
-enum HostTensor {
+pub(crate) enum HostTensor {
     Pageable(Tensor),
     #[cfg(feature = "cuda")]
     Pinned(Arc<super::pinned::PinnedTensor>),
@@ -536,6 +536,28 @@ impl HostWeights {
         self.pin_for(dev);
         let map = self.lock().clone();
         checked(Source::Host(map), self.origin.clone(), DType::F32, dev)
+    }
+
+    /// The host tensors, pinned first for `dev` as [`HostWeights::var_builder`] does (for
+    /// `runtime::prefetch`, which copies them ahead of the stage that needs them).
+    pub(crate) fn tensors_for(&self, dev: &Device) -> HashMap<String, HostTensor> {
+        self.pin_for(dev);
+        self.lock().clone()
+    }
+
+    /// A checked `VarBuilder` over device copies of these weights made beforehand
+    /// (`runtime::prefetch`): the same checks as [`HostWeights::var_builder`], nothing copied.
+    pub fn var_builder_from(
+        &self,
+        tensors: HashMap<String, Tensor>,
+        dev: &Device,
+    ) -> (VarBuilder<'static>, WeightCheck) {
+        checked(
+            Source::Tensors(tensors),
+            self.origin.clone(),
+            DType::F32,
+            dev,
+        )
     }
 }
 

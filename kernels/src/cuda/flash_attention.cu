@@ -290,10 +290,11 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
     }
 }
 
-// Entry points: flash_attention_{f16,bf16}_d{HD}_m{MF}, and _async_ for the cp.async variant of
-// the 128-row blocks.
-#define FLASH_ENTRY(NAME, BF16, HD, MF, ASYNC)                                                  \
-    extern "C" __global__ void __launch_bounds__(128) NAME(                                     \
+// Entry points: flash_attention_{async_}{f16,bf16}_d{HD}_m{MF}{_b3,_b4}: async_ for the cp.async
+// variant, _bN for the build capped at 65536 / (128 N) registers per thread so that N blocks fit
+// on one multiprocessor (the plain builds take what they need: two blocks).
+#define FLASH_ENTRY(NAME, BF16, HD, MF, ASYNC, MINB)                                            \
+    extern "C" __global__ void __launch_bounds__(128, MINB) NAME(                               \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,        \
         const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                    \
         const int* __restrict__ q_end, const int* __restrict__ kv_start,                        \
@@ -304,15 +305,17 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
                                              v_stride, perm);                                    \
     }
 
-FLASH_ENTRY(flash_attention_f16_d64_m1, false, 64, 1, false)
-FLASH_ENTRY(flash_attention_f16_d64_m2, false, 64, 2, false)
-FLASH_ENTRY(flash_attention_f16_d80_m1, false, 80, 1, false)
-FLASH_ENTRY(flash_attention_f16_d80_m2, false, 80, 2, false)
-FLASH_ENTRY(flash_attention_bf16_d64_m1, true, 64, 1, false)
-FLASH_ENTRY(flash_attention_bf16_d64_m2, true, 64, 2, false)
-FLASH_ENTRY(flash_attention_bf16_d80_m1, true, 80, 1, false)
-FLASH_ENTRY(flash_attention_bf16_d80_m2, true, 80, 2, false)
-FLASH_ENTRY(flash_attention_async_f16_d64_m2, false, 64, 2, true)
-FLASH_ENTRY(flash_attention_async_f16_d80_m2, false, 80, 2, true)
-FLASH_ENTRY(flash_attention_async_bf16_d64_m2, true, 64, 2, true)
-FLASH_ENTRY(flash_attention_async_bf16_d80_m2, true, 80, 2, true)
+#define FLASH_ENTRIES(TY, BF16, HD)                                                             \
+    FLASH_ENTRY(flash_attention_##TY##_d##HD##_m1, BF16, HD, 1, false, 1)                       \
+    FLASH_ENTRY(flash_attention_##TY##_d##HD##_m2, BF16, HD, 2, false, 1)                       \
+    FLASH_ENTRY(flash_attention_async_##TY##_d##HD##_m1, BF16, HD, 1, true, 1)                  \
+    FLASH_ENTRY(flash_attention_async_##TY##_d##HD##_m2, BF16, HD, 2, true, 1)                  \
+    FLASH_ENTRY(flash_attention_##TY##_d##HD##_m1_b4, BF16, HD, 1, false, 4)                    \
+    FLASH_ENTRY(flash_attention_async_##TY##_d##HD##_m1_b4, BF16, HD, 1, true, 4)               \
+    FLASH_ENTRY(flash_attention_async_##TY##_d##HD##_m1_b3, BF16, HD, 1, true, 3)               \
+    FLASH_ENTRY(flash_attention_async_##TY##_d##HD##_m2_b3, BF16, HD, 2, true, 3)
+
+FLASH_ENTRIES(f16, false, 64)
+FLASH_ENTRIES(f16, false, 80)
+FLASH_ENTRIES(bf16, true, 64)
+FLASH_ENTRIES(bf16, true, 80)

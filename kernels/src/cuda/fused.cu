@@ -4,6 +4,7 @@
 //   bias_act        out = act(y + bias[col])                       (Linear's bias, GELU of the MLP)
 //   layer_norm      out = modulate(LN(x) * w + b)                  (LayerNorm32, adaLN modulation)
 //   gated_add       out = x + h * gate[batch(row)]                 (the blocks' gated residuals)
+//   add_layer_norm  xout = x + h [* gate]; out = layer_norm(xout)   (a residual, then the next norm)
 //   rms_norm_heads  out = normalize(x[row, head, :]) * gamma * scale (MultiHeadRMSNorm of q and k)
 // Every kernel computes in float32 and rounds to the storage type exactly where the original
 // (PyTorch, float16/bfloat16 torsos with float32 norms) rounds, so the half-precision results are
@@ -108,11 +109,6 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
     return t;
 }
 
-// One block per row of `cols` values: two-pass statistics in float32 (mean, then the biased
-// variance of the deviations), y = (x - mean) * rstd [* w + b] rounded to T (LayerNorm32's cast
-// back), then, when `shift` is given, the adaLN modulation in T's arithmetic:
-// y * (1 + scale[b]) + shift[b], each product and sum rounded to T as the original's float16
-// elementwise ops do. shift/scale rows of batch element b start at b * mod_stride.
 // LayerNorm32 per row, one warp per row: two-pass statistics in float32 (mean, then the biased
 // variance of the deviations), y = (x - mean) * rstd [* w + b] rounded to T (LayerNorm32's cast
 // back), then, when `shift` is given, the adaLN modulation in T's arithmetic:
@@ -166,28 +162,19 @@ __device__ __forceinline__ bool layer_norm_fits(const T* x, T* out, int cols, co
            aligned16(out) && aligned16(w) && aligned16(b) && aligned16(shift) && aligned16(scale);
 }
 
+// The fast path's second half: statistics of the row held in `r` (this lane's vectors v = lane +
+// 32 j of the row's nv), the normalised, affine and modulated row written to `outr`.
 template <typename T>
-__device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, const float* w,
-                           const float* b, const T* shift, const T* scale, int mod_stride,
-                           Segments seg) {
+__device__ __forceinline__ void layer_norm_regs(const Vec16<T> (&r)[LN_MAXV], int nv, int cols,
+                                                float eps, const float* w, const float* b,
+                                                const T* shift, const T* scale, int mod_stride,
+                                                int bi, uint4* outr) {
     constexpr int V = Vec16<T>::V;
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    if (!layer_norm_fits<T>(x, out, cols, w, b, shift, scale, mod_stride)) {
-        layer_norm_scalar<T>(x, out, row, cols, eps, w, b, shift, scale, mod_stride, seg);
-        return;
-    }
-    const int nv = cols / V;
-    const uint4* xr = reinterpret_cast<const uint4*>(x + (u64)row * cols);
-    uint4* outr = reinterpret_cast<uint4*>(out + (u64)row * cols);
-    Vec16<T> r[LN_MAXV];
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < LN_MAXV; ++j) {
-        const int v = lane + 32 * j;
-        if (v < nv) {
-            r[j].u = xr[v];
+        if (lane + 32 * j < nv) {
 #pragma unroll
             for (int i = 0; i < V; ++i) s += r[j].get(i);
         }
@@ -205,7 +192,6 @@ __device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, co
         }
     }
     const float rstd = 1.0f / sqrtf(warp_sum(q) / cols + eps);
-    const int bi = shift ? segment_of(seg, row) : 0;
 #pragma unroll
     for (int j = 0; j < LN_MAXV; ++j) {
         const int v = lane + 32 * j;
@@ -230,6 +216,83 @@ __device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, co
         }
         outr[v] = o.u;
     }
+}
+
+template <typename T>
+__device__ void layer_norm(const T* x, T* out, int rows, int cols, float eps, const float* w,
+                           const float* b, const T* shift, const T* scale, int mod_stride,
+                           Segments seg) {
+    constexpr int V = Vec16<T>::V;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    if (!layer_norm_fits<T>(x, out, cols, w, b, shift, scale, mod_stride)) {
+        layer_norm_scalar<T>(x, out, row, cols, eps, w, b, shift, scale, mod_stride, seg);
+        return;
+    }
+    const int nv = cols / V;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (u64)row * cols);
+    Vec16<T> r[LN_MAXV];
+#pragma unroll
+    for (int j = 0; j < LN_MAXV; ++j) {
+        const int v = lane + 32 * j;
+        if (v < nv) r[j].u = xr[v];
+    }
+    layer_norm_regs<T>(r, nv, cols, eps, w, b, shift, scale, mod_stride,
+                       shift ? segment_of(seg, row) : 0,
+                       reinterpret_cast<uint4*>(out + (u64)row * cols));
+}
+
+// A residual and the norm after it in one pass, one warp per row: xout = x + h * gate[b] (the
+// product rounded to T first, as gated_add) or x + h without a gate, rounded to T and written;
+// then out = layer_norm(xout) as layer_norm computes it, from the rounded values still in
+// registers (so both outputs equal gated_add then layer_norm bit for bit). gate rows of batch
+// element b start at b * gate_stride; the modulation's at b * mod_stride. Rows the vectors do not
+// fit go through global memory (the warp's own writes, then the scalar norm).
+template <typename T>
+__device__ void add_layer_norm(const T* x, const T* h, const T* gate, int gate_stride, T* xout,
+                               T* out, int rows, int cols, float eps, const float* w,
+                               const float* b, const T* shift, const T* scale, int mod_stride,
+                               Segments seg) {
+    constexpr int V = Vec16<T>::V;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int bi = segment_of(seg, row);
+    if (!layer_norm_fits<T>(x, out, cols, w, b, shift, scale, mod_stride) || !aligned16(h) ||
+        !aligned16(gate) || !aligned16(xout) || gate_stride % V != 0) {
+        for (int c = lane; c < cols; c += 32) {
+            const u64 i = (u64)row * cols + c;
+            const float hg =
+                gate ? rnd<T>(ld(h, i) * ld(gate, (u64)bi * gate_stride + c)) : ld(h, i);
+            st(xout, i, ld(x, i) + hg);
+        }
+        __syncwarp();
+        layer_norm_scalar<T>(xout, out, row, cols, eps, w, b, shift, scale, mod_stride, seg);
+        return;
+    }
+    const int nv = cols / V;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (u64)row * cols);
+    const uint4* hr = reinterpret_cast<const uint4*>(h + (u64)row * cols);
+    uint4* xo = reinterpret_cast<uint4*>(xout + (u64)row * cols);
+    Vec16<T> r[LN_MAXV];
+#pragma unroll
+    for (int j = 0; j < LN_MAXV; ++j) {
+        const int v = lane + 32 * j;
+        if (v >= nv) continue;
+        Vec16<T> xv, hv, gv;
+        xv.u = xr[v];
+        hv.u = hr[v];
+        if (gate) gv.u = *reinterpret_cast<const uint4*>(gate + (u64)bi * gate_stride + v * V);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            const float hg = gate ? rnd<T>(hv.get(i) * gv.get(i)) : hv.get(i);
+            r[j].set(i, xv.get(i) + hg);
+        }
+        xo[v] = r[j].u;
+    }
+    layer_norm_regs<T>(r, nv, cols, eps, w, b, shift, scale, mod_stride, bi,
+                       reinterpret_cast<uint4*>(out + (u64)row * cols));
 }
 
 // out = x + h * gate[b] with the product rounded to T first (two float16 ops in the original);
@@ -370,6 +433,13 @@ __device__ void segment_mean(const T* feats, const int* starts, const int* membe
                                                    const T* shift, const T* scale,               \
                                                    int mod_stride, Segments seg) {                \
         layer_norm<T>(x, out, rows, cols, eps, w, b, shift, scale, mod_stride, seg);             \
+    }                                                                                             \
+    extern "C" __global__ void add_layer_norm_##SUFFIX(                                         \
+        const T* x, const T* h, const T* gate, int gate_stride, T* xout, T* out, int rows,       \
+        int cols, float eps, const float* w, const float* b, const T* shift, const T* scale,     \
+        int mod_stride, Segments seg) {                                                          \
+        add_layer_norm<T>(x, h, gate, gate_stride, xout, out, rows, cols, eps, w, b, shift,      \
+                          scale, mod_stride, seg);                                                \
     }                                                                                             \
     extern "C" __global__ void gated_add_##SUFFIX(const T* x, const T* h, const T* gate,         \
                                                   int gate_stride, T* out, u64 rows, int cols,   \

@@ -43,6 +43,26 @@ impl SparseLayerNorm32 {
             None => self.forward(x)?.modulate(shift, scale),
         }
     }
+
+    /// `x + h` (or `x + h * gate[b]`) and the norm of that sum (with the optional modulation) in
+    /// one fused pass on the GPU: `(sum, normed)`; `None` where `LayerNorm32`'s fused path does
+    /// not apply (the caller then runs the two).
+    pub fn forward_after_residual(
+        &self,
+        x: &SparseTensor,
+        h: &SparseTensor,
+        gate: Option<&Tensor>,
+        modulation: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<(SparseTensor, SparseTensor)>> {
+        let rows = x.layout().to_vec();
+        match self
+            .inner
+            .forward_after_residual(x.feats(), h.feats(), gate, modulation, &rows)?
+        {
+            Some((sum, normed)) => Ok(Some((x.replace(sum)?, x.replace(normed)?))),
+            None => Ok(None),
+        }
+    }
 }
 
 /// `SparseGroupNorm32(groups, channels)`: per batch element, statistics over (rows, channels of a

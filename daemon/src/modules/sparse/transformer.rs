@@ -169,13 +169,33 @@ impl ModulatedSparseTransformerCrossBlock {
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
         let h = self.norm1.forward_modulated(x, &shift_msa, &scale_msa)?;
         let h = self.self_attn.forward(&h)?;
-        let x = x.gated_add(&h, &gate_msa)?;
-        let h = self.norm2.forward(&x)?;
+        // Each residual and the norm after it are one pass on the GPU.
+        let (x, h) = match self
+            .norm2
+            .forward_after_residual(x, &h, Some(&gate_msa), None)?
+        {
+            Some(p) => p,
+            None => {
+                let x = x.gated_add(&h, &gate_msa)?;
+                let h = self.norm2.forward(&x)?;
+                (x, h)
+            }
+        };
         let h = self
             .cross_attn
             .forward_cross(&h, &context.to_dtype(x.dtype())?)?;
-        let x = x.add(&h)?;
-        let h = self.norm3.forward_modulated(&x, &shift_mlp, &scale_mlp)?;
+        let (x, h) =
+            match self
+                .norm3
+                .forward_after_residual(&x, &h, None, Some((&shift_mlp, &scale_mlp)))?
+            {
+                Some(p) => p,
+                None => {
+                    let x = x.add(&h)?;
+                    let h = self.norm3.forward_modulated(&x, &shift_mlp, &scale_mlp)?;
+                    (x, h)
+                }
+            };
         let h = self.mlp.forward(&h)?;
         x.gated_add(&h, &gate_mlp)
     }
