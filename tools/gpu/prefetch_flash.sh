@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 12: the weight prefetch on the copy stream (medium and low, against TRELLIS_PREFETCH=0 in
-# the same call) and the flash-attention builds (`bench attention` times every tiling; image-large
+# the same call), the fused residual + norm (against TRELLIS_FUSED_RESIDUAL_NORM=0) and the
+# flash-attention builds (`bench attention` times every tiling; image-large
 # at high with each candidate TILINGS as TRELLIS_FLASH_TILING), after the kernel checks.
 # carry: [".devbin"] with trellisd.xz and manifests-root/.
 cd "$(dirname "$0")/../.."
@@ -25,6 +26,7 @@ for t in ${TIERS:-medium low}; do
 done
 echo "elapsed $(elapsed) s"
 run "high, default tiling" $B --vram-tier high --runs 2
+run "high, TRELLIS_FUSED_RESIDUAL_NORM=0" env TRELLIS_FUSED_RESIDUAL_NORM=0 $B --vram-tier high --runs 2
 for v in ${TILINGS:-64a4 64a3 64a}; do
   run "high, TRELLIS_FLASH_TILING=$v" env TRELLIS_FLASH_TILING=$v $B --vram-tier high --runs 2
 done

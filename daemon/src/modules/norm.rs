@@ -45,6 +45,15 @@ fn param(vb: &VarBuilder, channels: usize, name: &str) -> Result<Tensor> {
     Ok(vb.to_dtype(DType::F32).get(channels, name)?)
 }
 
+/// `TRELLIS_FUSED_RESIDUAL_NORM=0`: the residual and the norm after it as two kernels (to compare);
+/// default one fused pass. Read once per process.
+fn fused_residual() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("TRELLIS_FUSED_RESIDUAL_NORM").map_or(true, |v| v.trim() != "0")
+    })
+}
+
 /// `LayerNorm32(channels, elementwise_affine, eps)` over the last dimension; any rank (`[B, L, C]`,
 /// `[N, C]`, ...).
 #[derive(Debug, Clone)]
@@ -125,7 +134,10 @@ impl LayerNorm32 {
         modulation: Option<(&Tensor, &Tensor)>,
         rows: &[Range<usize>],
     ) -> Result<Option<(Tensor, Tensor)>> {
-        if self.weight.is_some() != self.bias.is_some() || !x.device().is_cuda() {
+        if self.weight.is_some() != self.bias.is_some()
+            || !x.device().is_cuda()
+            || !fused_residual()
+        {
             return Ok(None);
         }
         gpu_fused::add_layer_norm(x, h, gate, rows, self.eps, self.affine_params(), modulation)
