@@ -24,6 +24,10 @@ pub const SPARSE_CONV: KernelSource = KernelSource {
         "sparse_conv_mma_bf16",
         "sparse_conv_mma_async_f16",
         "sparse_conv_mma_async_bf16",
+        "sparse_conv_mma_f16_m128",
+        "sparse_conv_mma_bf16_m128",
+        "sparse_conv_mma_async_f16_m128",
+        "sparse_conv_mma_async_bf16_m128",
     ],
 };
 
@@ -215,8 +219,10 @@ pub const ATTENTION_THREADS: u32 = 256;
 /// Threads per block of `sparse_conv_gather_gemm`, and the rows × channels each block computes.
 pub const SPARSE_CONV_THREADS: u32 = 256;
 pub const SPARSE_CONV_TILE: u32 = 64;
-/// Threads of one `sparse_conv_mma_*` block (4 warps, 16 rows each of a 64-row tile).
+/// Threads of one `sparse_conv_mma_*` block (4 warps, 32 rows each by 32 or 64 channels).
 pub const SPARSE_CONV_MMA_THREADS: u32 = 128;
+/// Output channels per `sparse_conv_mma_*` tile; its rows are 64, or 128 for the `_m128` entries.
+pub const SPARSE_CONV_MMA_COLS: usize = 64;
 /// Largest kernel volume `sparse_conv_mma_*` takes (`CONV_MAX_VOLUME`: a 3x3x3 kernel).
 pub const SPARSE_CONV_MMA_MAX_VOLUME: usize = 27;
 /// Largest head dimension `varlen_attention` takes.

@@ -188,6 +188,24 @@ pub fn flash_rows_for(groups: &[trellis_kernels::attention::AttnGroup]) -> usize
     }
 }
 
+/// `TRELLIS_CONV_ROWS`: rows per tile of the tensor-core sparse conv, `64` (default) or `128`
+/// (each weight tile read for twice the rows). Read once per process.
+pub fn conv_tile_rows() -> usize {
+    static C: OnceLock<usize> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("TRELLIS_CONV_ROWS").as_deref() {
+        Ok("128") => 128,
+        _ => 64,
+    })
+}
+
+/// `TRELLIS_CONV_GRID`: the order of the tensor-core sparse conv's tiles: `rows` (default: row
+/// tiles along x, so the blocks running together share a few weight tiles, which then stay in L2)
+/// or `cols` (column tiles along x: every weight tile in flight at once). Read once per process.
+pub fn conv_rows_in_x() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    *C.get_or_init(|| std::env::var("TRELLIS_CONV_GRID").as_deref() != Ok("cols"))
+}
+
 /// `TRELLIS_CONV_ASYNC`: the tensor-core sparse conv's tile staging (default: two stages through
 /// cp.async; on an H100 the SLat flow's forward took 26.6 ms with it against 30.0 ms with one
 /// stage through registers, `TRELLIS_CONV_ASYNC=0`).
@@ -331,7 +349,24 @@ pub fn sparse_conv_half(
     bias: Option<&Tensor>,
     src_shift: u32,
 ) -> anyhow::Result<Tensor> {
+    let tiles = (conv_tile_rows(), conv_rows_in_x());
+    sparse_conv_half_tiled(feats, nbr, weight, bias, src_shift, tiles)
+}
+
+/// [`sparse_conv_half`] with the tiles given: (rows per tile, 64 or 128; row tiles along x).
+pub fn sparse_conv_half_tiled(
+    feats: &Tensor,
+    nbr: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    src_shift: u32,
+    (tile_rows, rows_in_x): (usize, bool),
+) -> anyhow::Result<Tensor> {
     use super::cuda_fused::{device_of, view, wrap};
+    anyhow::ensure!(
+        tile_rows == 64 || tile_rows == 128,
+        "sparse_conv_half: {tile_rows} rows per tile (64 or 128)"
+    );
     let (cout, volume, cin) = weight.dims3()?;
     let (_, fc) = feats.dims2()?;
     let dtype = feats.dtype();
@@ -376,24 +411,26 @@ pub fn sparse_conv_half(
     );
     let rows = n / volume;
     let dev = device_of(feats)?;
-    let entry = match (dtype == DType::F16, conv_async()) {
-        (true, false) => "sparse_conv_mma_f16",
-        (false, false) => "sparse_conv_mma_bf16",
-        (true, true) => "sparse_conv_mma_async_f16",
-        (false, true) => "sparse_conv_mma_async_bf16",
-    };
-    let func = module(&dev, &k::SPARSE_CONV)?.load_function(entry).w()?;
+    let entry = format!(
+        "sparse_conv_mma_{}{}{}",
+        if conv_async() { "async_" } else { "" },
+        if dtype == DType::F16 { "f16" } else { "bf16" },
+        if tile_rows == 128 { "_m128" } else { "" }
+    );
+    let func = module(&dev, &k::SPARSE_CONV)?.load_function(&entry).w()?;
     let stream = dev.cuda_stream();
-    let tile = k::SPARSE_CONV_TILE;
+    let row_tiles = u32::try_from(rows.div_ceil(tile_rows))?;
+    let col_tiles = u32::try_from(cout.div_ceil(k::SPARSE_CONV_MMA_COLS))?;
     let cfg = LaunchConfig {
-        grid_dim: (
-            (cout as u32).div_ceil(tile),
-            u32::try_from(rows.div_ceil(tile as usize))?,
-            1,
-        ),
+        grid_dim: if rows_in_x {
+            (row_tiles, col_tiles, 1)
+        } else {
+            (col_tiles, row_tiles, 1)
+        },
         block_dim: (k::SPARSE_CONV_MMA_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
+    let rows_in_x = i32::from(rows_in_x);
     let (cin_i, rows_i, vol_i, cout_i, shift_i) = (
         i32_arg(cin, "cin")?,
         i32_arg(rows, "rows")?,
@@ -430,7 +467,7 @@ pub fn sparse_conv_half(
                 Some(v) => b.arg(v),
                 None => b.arg(&null),
             };
-            b.arg(&cout_i).arg(&out);
+            b.arg(&cout_i).arg(&out).arg(&rows_in_x);
             if rows > 0 {
                 // SAFETY: argument types and order match `sparse_conv_mma_*`; shapes, dtypes
                 // and 16-byte alignment checked above.
@@ -1354,13 +1391,21 @@ pub mod checks {
         let wt = Tensor::from_slice(&w, (cout, 27, cin), dev)?.to_dtype(dtype)?;
         let bt = Tensor::from_slice(&b, cout, dev)?;
         let shift = if subdivided { 3 } else { 0 };
-        let g: Vec<f32> = sparse_conv_half(&ft, &nt, &wt, Some(&bt), shift)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let e = rel_err(&g, &cpu);
-        anyhow::ensure!(e < tol, "sparse conv {dtype:?}: relative error {e}");
-        Ok(e)
+        let mut worst = 0f64;
+        // every tiling: 64 and 128 rows, row tiles along x or y
+        for tiles in [(64, true), (64, false), (128, true), (128, false)] {
+            let g: Vec<f32> = sparse_conv_half_tiled(&ft, &nt, &wt, Some(&bt), shift, tiles)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let e = rel_err(&g, &cpu);
+            anyhow::ensure!(
+                e < tol,
+                "sparse conv {dtype:?}, tiles {tiles:?}: relative error {e}"
+            );
+            worst = worst.max(e);
+        }
+        Ok(worst)
     }
 
     /// The fused block kernels (`cuda_fused`) in `dtype` against candle's ops on the CPU in f32

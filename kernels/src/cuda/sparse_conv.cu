@@ -81,13 +81,14 @@ extern "C" __global__ void sparse_conv_gather_gemm(
 // implicit GEMM computes it. Source rows are `nbr >> src_shift`: 0 for a plain submanifold conv,
 // 3 when the rows of a subdivided geometry (child c of parent p at row 8p + c) read their
 // parent's feats directly, so the 8x copy of the coarse feats is never made.
-// Tile: 64 rows x 64 output channels per block of 4 warps in a 2 x 2 layout (32 x 32 each: two
-// 16-row fragments by four 8-column blocks, so every fragment read from shared memory feeds
-// several products), the reduction over (kernel offset, 32-channel slices) staged in shared
-// memory; A and B fragments through ldmatrix; mma.sync m16n8k16 (sm_80+). Requires
-// cin % 8 == 0, cout % 8 == 0 (16-byte rows) and a kernel volume of at most 27, checked by the
-// caller.
-#define CM 64
+// Tile: BM (64 or 128) rows x 64 output channels per block of 4 warps, each 32 rows (two 16-row
+// fragments) by 64 * 32 / BM columns (2 x 2 warps of 32 x 32 for 64 rows, 4 x 1 of 32 x 64 for
+// 128, which reads each weight tile for twice the rows), so every fragment read from shared
+// memory feeds several products; the reduction over (kernel offset, 32-channel slices) staged in
+// shared memory; A and B fragments through ldmatrix; mma.sync m16n8k16 (sm_80+). The tile grid
+// has the row tiles in x and the column tiles in y (`rows_in_x`, so blocks running together share
+// weight tiles, which then stay in L2) or the other way round. Requires cin % 8 == 0,
+// cout % 8 == 0 (16-byte rows) and a kernel volume of at most 27, checked by the caller.
 #define CN 64
 #define CK 32
 #define CLD 40  // shared row stride in halves: 80 bytes, conflict-free ldmatrix rows
@@ -102,25 +103,30 @@ __device__ __forceinline__ void conv_ldmatrix_x4(u32* r, const void* p) {
 
 // ASYNC: two stages filled through cp.async while the other is multiplied; otherwise one stage
 // filled through registers between two barriers (`TRELLIS_CONV_ASYNC` picks at run time).
-template <bool BF16, bool ASYNC>
+template <bool BF16, bool ASYNC, int BM>
 __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __restrict__ nbr,
                          int rows, int volume, int src_shift, const u16* __restrict__ weight,
-                         const float* __restrict__ bias, int cout, u16* __restrict__ out) {
+                         const float* __restrict__ bias, int cout, u16* __restrict__ out,
+                         int rows_in_x) {
+    constexpr int WARPS_M = BM / 32;         // warps along the rows (2 or 4)
+    constexpr int WN = CN * WARPS_M / 4;     // columns per warp (32 or 64)
+    constexpr int NP = WN / 16;              // 16-column B loads per k-step (2 or 4)
     // Stages of A (gathered feats) and B (weights) tiles. A step is one (kernel offset with at
     // least one neighbour in the tile, 32-channel slice) pair; the tile's source rows of every
     // offset are read once up front.
-    __shared__ __align__(16) u16 As[ASYNC ? 2 : 1][CM][CLD];
+    __shared__ __align__(16) u16 As[ASYNC ? 2 : 1][BM][CLD];
     __shared__ __align__(16) u16 Bs[ASYNC ? 2 : 1][CN][CLD];
-    __shared__ int rowsrc[CONV_MAX_VOLUME][CM];
+    __shared__ int rowsrc[CONV_MAX_VOLUME][BM];
     __shared__ int any_row[CONV_MAX_VOLUME];
     __shared__ int active[CONV_MAX_VOLUME];
     __shared__ int n_active;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int wm = warp >> 1, wn = warp & 1;   // this warp's 32 x 32 quarter of the tile
-    const int row0 = blockIdx.y * CM, col0 = blockIdx.x * CN;
-    for (int e = tid; e < volume * CM; e += 128) {
-        const int k = e / CM, m = e % CM, r = row0 + m;
+    const int wm = warp % WARPS_M, wn = warp / WARPS_M;   // this warp's 32 x WN part
+    const int row0 = (rows_in_x ? blockIdx.x : blockIdx.y) * BM;
+    const int col0 = (rows_in_x ? blockIdx.y : blockIdx.x) * CN;
+    for (int e = tid; e < volume * BM; e += 128) {
+        const int k = e / BM, m = e % BM, r = row0 + m;
         int s = r < rows ? nbr[(long long)r * volume + k] : -1;
         if (s >= 0) s >>= src_shift;
         rowsrc[k][m] = s;
@@ -128,7 +134,9 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     __syncthreads();
     // Offsets with a neighbour for some row of the tile: one warp per offset, then one list.
     for (int k = warp; k < volume; k += 4) {
-        const int any = __any_sync(0xffffffffu, rowsrc[k][lane] >= 0 || rowsrc[k][lane + 32] >= 0);
+        bool mine = false;
+        for (int m = lane; m < BM; m += 32) mine |= rowsrc[k][m] >= 0;
+        const int any = __any_sync(0xffffffffu, mine);
         if (lane == 0) any_row[k] = any;
     }
     __syncthreads();
@@ -141,17 +149,17 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     __syncthreads();
     const int slices = (cin + CK - 1) / CK;
     const int steps = n_active * slices;
-    float acc[2][4][4];
+    float acc[2][2 * NP][4];
 #pragma unroll
     for (int f = 0; f < 2; ++f)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 2 * NP; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[f][j][e] = 0.f;
 
     auto issue = [&](int step, int buf) {
         const int k = active[step / slices], c0 = (step % slices) * CK;
-        for (int e = tid; e < CM * (CK / 8); e += 128) {
+        for (int e = tid; e < BM * (CK / 8); e += 128) {
             const int m = e >> 2, q = e & 3, c = c0 + q * 8, s = rowsrc[k][m];
             const bool ok = s >= 0 && c < cin;
             const u16* src = feats + (ok ? (long long)s * cin + c : 0);
@@ -173,7 +181,7 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     }
     // ldmatrix row addresses: lane L feeds row L % 8 of matrix L / 8.
     const int a_row = wm * 32 + (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-    const int b_row = wn * 32 + (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+    const int b_row = wn * WN + (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
     for (int step = 0; step < steps; ++step) {
         const int buf = ASYNC ? (step & 1) : 0;
         __syncthreads();   // every warp is done with the stage the next copies go into
@@ -187,15 +195,15 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < CK; kk += 16) {
-            u32 a[2][4], b[2][4];
+            u32 a[2][4], b[NP][4];
 #pragma unroll
             for (int f = 0; f < 2; ++f) conv_ldmatrix_x4(a[f], &As[buf][a_row + f * 16][kk + a_col]);
 #pragma unroll
-            for (int p = 0; p < 2; ++p) conv_ldmatrix_x4(b[p], &Bs[buf][b_row + p * 16][kk + b_col]);
+            for (int p = 0; p < NP; ++p) conv_ldmatrix_x4(b[p], &Bs[buf][b_row + p * 16][kk + b_col]);
 #pragma unroll
             for (int f = 0; f < 2; ++f)
 #pragma unroll
-                for (int p = 0; p < 2; ++p) {
+                for (int p = 0; p < NP; ++p) {
                     mma16816<BF16>(acc[f][2 * p], a[f], b[p][0], b[p][1]);
                     mma16816<BF16>(acc[f][2 * p + 1], a[f], b[p][2], b[p][3]);
                 }
@@ -205,8 +213,8 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     for (int f = 0; f < 2; ++f) {
         const int r0 = row0 + wm * 32 + f * 16 + g, r1 = r0 + 8;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int col = col0 + wn * 32 + j * 8 + 2 * t;
+        for (int j = 0; j < 2 * NP; ++j) {
+            const int col = col0 + wn * WN + j * 8 + 2 * t;
             if (col >= cout) continue;
             const float b0 = bias ? bias[col] : 0.f, b1 = bias ? bias[col + 1] : 0.f;
             if (r0 < rows)
@@ -219,15 +227,21 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     }
 }
 
-#define CONV_ENTRY(NAME, BF16, ASYNC)                                                            \
+// Entries sparse_conv_mma_{async_}{f16,bf16}{,_m128}: async_ double-buffers through cp.async,
+// _m128 takes 128-row tiles (64 without).
+#define CONV_ENTRY(NAME, BF16, ASYNC, BM)                                                        \
     extern "C" __global__ void NAME(const u16* feats, int cin, const int* nbr, int rows,        \
                                     int volume, int src_shift, const u16* weight,               \
-                                    const float* bias, int cout, u16* out) {                    \
-        conv_mma<BF16, ASYNC>(feats, cin, nbr, rows, volume, src_shift, weight, bias, cout,     \
-                              out);                                                             \
+                                    const float* bias, int cout, u16* out, int rows_in_x) {     \
+        conv_mma<BF16, ASYNC, BM>(feats, cin, nbr, rows, volume, src_shift, weight, bias, cout, \
+                                  out, rows_in_x);                                              \
     }
 
-CONV_ENTRY(sparse_conv_mma_f16, false, false)
-CONV_ENTRY(sparse_conv_mma_bf16, true, false)
-CONV_ENTRY(sparse_conv_mma_async_f16, false, true)
-CONV_ENTRY(sparse_conv_mma_async_bf16, true, true)
+CONV_ENTRY(sparse_conv_mma_f16, false, false, 64)
+CONV_ENTRY(sparse_conv_mma_bf16, true, false, 64)
+CONV_ENTRY(sparse_conv_mma_async_f16, false, true, 64)
+CONV_ENTRY(sparse_conv_mma_async_bf16, true, true, 64)
+CONV_ENTRY(sparse_conv_mma_f16_m128, false, false, 128)
+CONV_ENTRY(sparse_conv_mma_bf16_m128, true, false, 128)
+CONV_ENTRY(sparse_conv_mma_async_f16_m128, false, true, 128)
+CONV_ENTRY(sparse_conv_mma_async_bf16_m128, true, true, 128)
