@@ -39,8 +39,7 @@ pub const ATTENTION: KernelSource = KernelSource {
 };
 
 /// Fused tensor-core attention (float16 / bfloat16, head dims 64 and 80, 64 or 128 query rows per
-/// block, K/V staged through registers or double-buffered through cp.async, and builds capped for
-/// three or four blocks per multiprocessor) with the same groups.
+/// block, K/V staged through registers or double-buffered through cp.async) with the same groups.
 pub const FLASH_ATTENTION: KernelSource = KernelSource {
     name: "flash_attention",
     source: concat!(
@@ -52,34 +51,18 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
         "flash_attention_f16_d64_m2",
         "flash_attention_async_f16_d64_m1",
         "flash_attention_async_f16_d64_m2",
-        "flash_attention_f16_d64_m1_b4",
-        "flash_attention_async_f16_d64_m1_b4",
-        "flash_attention_async_f16_d64_m1_b3",
-        "flash_attention_async_f16_d64_m2_b3",
         "flash_attention_f16_d80_m1",
         "flash_attention_f16_d80_m2",
         "flash_attention_async_f16_d80_m1",
         "flash_attention_async_f16_d80_m2",
-        "flash_attention_f16_d80_m1_b4",
-        "flash_attention_async_f16_d80_m1_b4",
-        "flash_attention_async_f16_d80_m1_b3",
-        "flash_attention_async_f16_d80_m2_b3",
         "flash_attention_bf16_d64_m1",
         "flash_attention_bf16_d64_m2",
         "flash_attention_async_bf16_d64_m1",
         "flash_attention_async_bf16_d64_m2",
-        "flash_attention_bf16_d64_m1_b4",
-        "flash_attention_async_bf16_d64_m1_b4",
-        "flash_attention_async_bf16_d64_m1_b3",
-        "flash_attention_async_bf16_d64_m2_b3",
         "flash_attention_bf16_d80_m1",
         "flash_attention_bf16_d80_m2",
         "flash_attention_async_bf16_d80_m1",
         "flash_attention_async_bf16_d80_m2",
-        "flash_attention_bf16_d80_m1_b4",
-        "flash_attention_async_bf16_d80_m1_b4",
-        "flash_attention_async_bf16_d80_m1_b3",
-        "flash_attention_async_bf16_d80_m2_b3",
     ],
 };
 

@@ -69,88 +69,63 @@ fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool
     })
 }
 
-/// `TRELLIS_FLASH_ASYNC`: whether 128-row flash blocks double-buffer K/V through cp.async (`1`,
-/// the default: 230 against 193 TFLOP/s on the SS flow's self-attention on an H100) or load one
-/// tile at a time through registers (`0`).
+/// `TRELLIS_FLASH_ASYNC`: whether flash blocks double-buffer K/V through cp.async (`1`, the
+/// default: on an H100 242 against 204 TFLOP/s for 128-row blocks on the SS flow's
+/// self-attention, 181 against 121 for 64-row ones) or load one tile at a time through registers
+/// (`0`).
 pub fn flash_async() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
     async_variant("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
-/// How the flash kernel tiles the queries: rows per block (64 or 128), whether K/V are
-/// double-buffered through cp.async, and the blocks per multiprocessor its registers were capped
-/// for (1: uncapped, two fit; 3 or 4: the `_b3` / `_b4` builds, see [`FlashTiling::VARIANTS`]).
+/// How the flash kernel tiles the queries: rows per block (64 or 128) and whether K/V are
+/// double-buffered through cp.async.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
-    pub min_blocks: u8,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 8] = [
-        Self::new(64, false, 1),
-        Self::new(128, false, 1),
-        Self::new(64, true, 1),
-        Self::new(128, true, 1),
-        Self::new(64, false, 4),
-        Self::new(64, true, 4),
-        Self::new(64, true, 3),
-        Self::new(128, true, 3),
+    pub const VARIANTS: [FlashTiling; 4] = [
+        Self::new(64, false),
+        Self::new(128, false),
+        Self::new(64, true),
+        Self::new(128, true),
     ];
 
-    pub const fn new(rows: usize, staged_async: bool, min_blocks: u8) -> Self {
-        Self {
-            rows,
-            staged_async,
-            min_blocks,
-        }
+    pub const fn new(rows: usize, staged_async: bool) -> Self {
+        Self { rows, staged_async }
     }
 
     /// The tiling picked for `groups`: `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`]
-    /// rows and [`flash_async`] staging, uncapped.
+    /// rows and [`flash_async`] staging.
     pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
         if let Some(t) = flash_tiling_override() {
             return t;
         }
-        let rows = flash_rows_for(groups);
-        Self::new(rows, rows == 128 && flash_async(), 1)
+        Self::new(flash_rows_for(groups), flash_async())
     }
 
-    /// `64`, `128a`, `64a4`, ...: rows, `a` for cp.async, the blocks per multiprocessor when
-    /// capped.
+    /// `64`, `128a`, ...: rows, `a` for cp.async.
     pub fn label(&self) -> String {
-        format!(
-            "{}{}{}",
-            self.rows,
-            if self.staged_async { "a" } else { "" },
-            if self.min_blocks > 1 {
-                self.min_blocks.to_string()
-            } else {
-                String::new()
-            }
-        )
+        format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
     }
 
     /// The kernel entry for a dtype suffix (`f16` / `bf16`) and head dimension.
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         format!(
-            "flash_attention_{}{ty}_d{head_dim}_m{}{}",
+            "flash_attention_{}{ty}_d{head_dim}_m{}",
             if self.staged_async { "async_" } else { "" },
-            self.rows / 64,
-            if self.min_blocks > 1 {
-                format!("_b{}", self.min_blocks)
-            } else {
-                String::new()
-            }
+            self.rows / 64
         )
     }
 }
 
-/// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64a4`, `128a`, ...)
-/// for every flash call (experiments); unset or unknown, the tiling is picked per call. Read once
-/// per process.
+/// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64`, `128a`, ...) for
+/// every flash call (experiments); unset or unknown, the tiling is picked per call. Read once per
+/// process.
 fn flash_tiling_override() -> Option<FlashTiling> {
     static C: OnceLock<Option<FlashTiling>> = OnceLock::new();
     *C.get_or_init(|| {
@@ -188,22 +163,15 @@ pub fn flash_rows_for(groups: &[trellis_kernels::attention::AttnGroup]) -> usize
     }
 }
 
-/// `TRELLIS_CONV_ROWS`: rows per tile of the tensor-core sparse conv, `64` (default) or `128`
-/// (each weight tile read for twice the rows). Read once per process.
+/// `TRELLIS_CONV_ROWS`: rows per tile of the tensor-core sparse conv, `128` (default: each weight
+/// tile read for twice the rows; on an H100 the SLat flow's forward took 21.8 ms against 22.9 ms
+/// with `64`) or `64`. Read once per process.
 pub fn conv_tile_rows() -> usize {
     static C: OnceLock<usize> = OnceLock::new();
     *C.get_or_init(|| match std::env::var("TRELLIS_CONV_ROWS").as_deref() {
-        Ok("128") => 128,
-        _ => 64,
+        Ok("64") => 64,
+        _ => 128,
     })
-}
-
-/// `TRELLIS_CONV_GRID`: the order of the tensor-core sparse conv's tiles: `rows` (default: row
-/// tiles along x, so the blocks running together share a few weight tiles, which then stay in L2)
-/// or `cols` (column tiles along x: every weight tile in flight at once). Read once per process.
-pub fn conv_rows_in_x() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    *C.get_or_init(|| std::env::var("TRELLIS_CONV_GRID").as_deref() != Ok("cols"))
 }
 
 /// `TRELLIS_CONV_ASYNC`: the tensor-core sparse conv's tile staging (default: two stages through
@@ -349,18 +317,17 @@ pub fn sparse_conv_half(
     bias: Option<&Tensor>,
     src_shift: u32,
 ) -> anyhow::Result<Tensor> {
-    let tiles = (conv_tile_rows(), conv_rows_in_x());
-    sparse_conv_half_tiled(feats, nbr, weight, bias, src_shift, tiles)
+    sparse_conv_half_tiled(feats, nbr, weight, bias, src_shift, conv_tile_rows())
 }
 
-/// [`sparse_conv_half`] with the tiles given: (rows per tile, 64 or 128; row tiles along x).
+/// [`sparse_conv_half`] with `tile_rows` (64 or 128) rows per tile.
 pub fn sparse_conv_half_tiled(
     feats: &Tensor,
     nbr: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     src_shift: u32,
-    (tile_rows, rows_in_x): (usize, bool),
+    tile_rows: usize,
 ) -> anyhow::Result<Tensor> {
     use super::cuda_fused::{device_of, view, wrap};
     anyhow::ensure!(
@@ -422,15 +389,10 @@ pub fn sparse_conv_half_tiled(
     let row_tiles = u32::try_from(rows.div_ceil(tile_rows))?;
     let col_tiles = u32::try_from(cout.div_ceil(k::SPARSE_CONV_MMA_COLS))?;
     let cfg = LaunchConfig {
-        grid_dim: if rows_in_x {
-            (row_tiles, col_tiles, 1)
-        } else {
-            (col_tiles, row_tiles, 1)
-        },
+        grid_dim: (col_tiles, row_tiles, 1),
         block_dim: (k::SPARSE_CONV_MMA_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let rows_in_x = i32::from(rows_in_x);
     let (cin_i, rows_i, vol_i, cout_i, shift_i) = (
         i32_arg(cin, "cin")?,
         i32_arg(rows, "rows")?,
@@ -467,7 +429,7 @@ pub fn sparse_conv_half_tiled(
                 Some(v) => b.arg(v),
                 None => b.arg(&null),
             };
-            b.arg(&cout_i).arg(&out).arg(&rows_in_x);
+            b.arg(&cout_i).arg(&out);
             if rows > 0 {
                 // SAFETY: argument types and order match `sparse_conv_mma_*`; shapes, dtypes
                 // and 16-byte alignment checked above.
@@ -1392,8 +1354,8 @@ pub mod checks {
         let bt = Tensor::from_slice(&b, cout, dev)?;
         let shift = if subdivided { 3 } else { 0 };
         let mut worst = 0f64;
-        // every tiling: 64 and 128 rows, row tiles along x or y
-        for tiles in [(64, true), (64, false), (128, true), (128, false)] {
+        // both tilings: 64 and 128 rows
+        for tiles in [64, 128] {
             let g: Vec<f32> = sparse_conv_half_tiled(&ft, &nt, &wt, Some(&bt), shift, tiles)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -1678,12 +1640,12 @@ pub mod checks {
         Ok(worst)
     }
 
-    const T64: FlashTiling = FlashTiling::new(64, false, 1);
-    const T128: FlashTiling = FlashTiling::new(128, false, 1);
-    const T128A: FlashTiling = FlashTiling::new(128, true, 1);
+    const T64: FlashTiling = FlashTiling::new(64, false);
+    const T128: FlashTiling = FlashTiling::new(128, false);
+    const T128A: FlashTiling = FlashTiling::new(128, true);
 
-    /// The flash builds the other checks leave out (64-row cp.async, register-capped), each dtype
-    /// and head dimension: the worst relative error.
+    /// The flash builds the other checks leave out (64-row cp.async), each dtype and head
+    /// dimension: the worst relative error.
     fn other_flash_builds(dev: &Device) -> anyhow::Result<f64> {
         let mut worst = 0f64;
         for t in FlashTiling::VARIANTS {

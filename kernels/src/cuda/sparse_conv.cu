@@ -85,10 +85,9 @@ extern "C" __global__ void sparse_conv_gather_gemm(
 // fragments) by 64 * 32 / BM columns (2 x 2 warps of 32 x 32 for 64 rows, 4 x 1 of 32 x 64 for
 // 128, which reads each weight tile for twice the rows), so every fragment read from shared
 // memory feeds several products; the reduction over (kernel offset, 32-channel slices) staged in
-// shared memory; A and B fragments through ldmatrix; mma.sync m16n8k16 (sm_80+). The tile grid
-// has the row tiles in x and the column tiles in y (`rows_in_x`, so blocks running together share
-// weight tiles, which then stay in L2) or the other way round. Requires cin % 8 == 0,
-// cout % 8 == 0 (16-byte rows) and a kernel volume of at most 27, checked by the caller.
+// shared memory; A and B fragments through ldmatrix; mma.sync m16n8k16 (sm_80+). Requires
+// cin % 8 == 0, cout % 8 == 0 (16-byte rows) and a kernel volume of at most 27, checked by the
+// caller.
 #define CN 64
 #define CK 32
 #define CLD 40  // shared row stride in halves: 80 bytes, conflict-free ldmatrix rows
@@ -106,8 +105,7 @@ __device__ __forceinline__ void conv_ldmatrix_x4(u32* r, const void* p) {
 template <bool BF16, bool ASYNC, int BM>
 __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __restrict__ nbr,
                          int rows, int volume, int src_shift, const u16* __restrict__ weight,
-                         const float* __restrict__ bias, int cout, u16* __restrict__ out,
-                         int rows_in_x) {
+                         const float* __restrict__ bias, int cout, u16* __restrict__ out) {
     constexpr int WARPS_M = BM / 32;         // warps along the rows (2 or 4)
     constexpr int WN = CN * WARPS_M / 4;     // columns per warp (32 or 64)
     constexpr int NP = WN / 16;              // 16-column B loads per k-step (2 or 4)
@@ -123,8 +121,7 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int wm = warp % WARPS_M, wn = warp / WARPS_M;   // this warp's 32 x WN part
-    const int row0 = (rows_in_x ? blockIdx.x : blockIdx.y) * BM;
-    const int col0 = (rows_in_x ? blockIdx.y : blockIdx.x) * CN;
+    const int row0 = blockIdx.y * BM, col0 = blockIdx.x * CN;
     for (int e = tid; e < volume * BM; e += 128) {
         const int k = e / BM, m = e % BM, r = row0 + m;
         int s = r < rows ? nbr[(long long)r * volume + k] : -1;
@@ -232,9 +229,9 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
 #define CONV_ENTRY(NAME, BF16, ASYNC, BM)                                                        \
     extern "C" __global__ void NAME(const u16* feats, int cin, const int* nbr, int rows,        \
                                     int volume, int src_shift, const u16* weight,               \
-                                    const float* bias, int cout, u16* out, int rows_in_x) {     \
+                                    const float* bias, int cout, u16* out) {                    \
         conv_mma<BF16, ASYNC, BM>(feats, cin, nbr, rows, volume, src_shift, weight, bias, cout, \
-                                  out, rows_in_x);                                              \
+                                  out);                                                         \
     }
 
 CONV_ENTRY(sparse_conv_mma_f16, false, false, 64)
