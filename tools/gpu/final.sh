@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 12, one call for a build's figures: GPU parity (summary only), image-large at every tier
 # (high: RUNS runs, the per-block SLat times and unsynced forwards), text-xlarge, the budget
-# fallback, and the Nsight Compute kernel times of one forward of each flow. Few files in $OUT
+# fallback, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
+# a run at high per switch, ATTENTION=1 `bench attention` with and without the lazy rescale. Few files in $OUT
 # (the device tool returns a limited number): logs are appended to a handful of them.
 # carry: [".devbin"] with trellisd.xz, ref1.tar.xz, dino.tar.xz and manifests-root/.
 cd "$(dirname "$0")/../.."
@@ -14,15 +15,25 @@ L=$OUT/pipelines.txt
 run() {
   local name=$1; shift; echo "== $name" | tee -a $L
   timeout 200 "$@" > /tmp/run.txt 2>&1; echo rc=$? | tee -a $L; cat /tmp/run.txt >> $L
-  grep -E "^(conditioner|sparse|SLat|mesh|Gaussian|radiance|decoders|sum|GPU memory|host|later|out-of)" /tmp/run.txt | cut -c1-150
+  grep -E "^(conditioner|sparse|SLat|mesh|Gaussian|radiance|decoders|sum|GPU memory|host|later|out-of|weight uploads)" /tmp/run.txt | cut -c1-150
 }
 TRELLIS_BENCH_BLOCKS=1 run high $B --vram-tier high --runs ${RUNS:-3} --json $OUT/high.json
 grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
+# AB: switches to compare against the default at high, e.g. "TRELLIS_FLASH_LAZY_RESCALE=0 TRELLIS_CONV_ROWS=64"
+for v in ${AB:-}; do
+  run "high, $v" env TRELLIS_BENCH_BLOCKS=1 $v $B --vram-tier high --runs 2
+  grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
+done
+if [ -n "${ATTENTION:-}" ]; then
+  for v in TRELLIS_FLASH_LAZY_RESCALE=1 TRELLIS_FLASH_LAZY_RESCALE=0; do
+    echo "== bench attention, $v"; env $v timeout 100 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | grep -E "TFLOP" | cut -c1-120
+  done
+fi
 for t in medium low minimal; do run $t $B --vram-tier $t --runs 1; done
 run budget_1_5g $B --vram-tier high --vram-budget 1.5GiB --runs 1 --formats mesh
 run text_xlarge $B --pipeline text-xlarge --runs 1
 echo "elapsed $(elapsed) s"
-FLOWS="ss slat" TOP=${TOP:-16} bash tools/gpu/profile_flows.sh 2>&1 | grep -v "^+" | grep -vE "^(name|NVIDIA)"
+[ -n "${PROFILE_FLOWS-ss slat}" ] && FLOWS="${PROFILE_FLOWS-ss slat}" TOP=${TOP:-16} bash tools/gpu/profile_flows.sh 2>&1 | grep -v "^+" | grep -vE "^(name|NVIDIA)"
 rm -f $OUT/ncu_*.csv $OUT/ncu_*_stdout.txt
 echo "== parity (summary)"
 grep -E "^(parity|FAIL|== |rc=)|checks|error" /tmp/parity_all.txt | grep -v "^+" | cut -c1-200

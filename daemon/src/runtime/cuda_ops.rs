@@ -123,6 +123,14 @@ impl FlashTiling {
     }
 }
 
+/// `TRELLIS_FLASH_LAZY_RESCALE`: whether a flash tile that raises no row's running maximum in a
+/// warp skips rescaling that warp's accumulators (`1`, the default; the factors are then exactly
+/// 1, so the results are the same bit for bit) or always rescales (`0`).
+pub fn flash_lazy_rescale() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    async_variant("TRELLIS_FLASH_LAZY_RESCALE", &C, true)
+}
+
 /// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64`, `128a`, ...) for
 /// every flash call (experiments); unset or unknown, the tiling is picked per call. Read once per
 /// process.
@@ -739,6 +747,8 @@ impl CustomOp3 for FlashAttentionOp {
                         Some(p) => b.arg(p),
                         None => b.arg(&null),
                     };
+                    let lazy = i32::from(flash_lazy_rescale());
+                    b.arg(&lazy);
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
                     // ranges and alignment checked by `flash_attention`.
                     unsafe { b.launch(cfg) }.w()?;

@@ -90,7 +90,8 @@ __device__ __forceinline__ float ex2(float x) {
 
 // HD: head dimension (a multiple of 16); MF: 16-row fragments per warp (rows per block 64 * MF);
 // ASYNC: K/V tiles double-buffered through cp.async (the next tile is copied while this one is
-// computed) instead of one buffer loaded through registers between two barriers.
+// computed) instead of one buffer loaded through registers between two barriers. lazy (run-time):
+// skip the accumulators' rescale for a tile that raised no row's maximum in the warp.
 template <bool BF16, int HD, int MF, bool ASYNC>
 __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict__ k,
                                 const u16* __restrict__ v, const int* __restrict__ tile_group,
@@ -98,7 +99,7 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
                                 const int* __restrict__ kv_start, const int* __restrict__ kv_end,
                                 int heads, float scale_log2, u16* __restrict__ out,
                                 long long q_stride, long long k_stride, long long v_stride,
-                                const int* __restrict__ perm) {
+                                const int* __restrict__ perm, int lazy) {
     constexpr int KS = HD / 16;    // k-steps of the Q K^T product
     constexpr int ND = HD / 8;     // 8-wide blocks of output dims
     constexpr int LDS = HD + 8;    // shared row stride in halves: conflict-free ldmatrix rows
@@ -231,10 +232,14 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
             }
             l[f][0] = l[f][0] * corr_a + sum_a;
             l[f][1] = l[f][1] * corr_b + sum_b;
-            #pragma unroll
-            for (int n = 0; n < ND; ++n) {
-                o[f][n][0] *= corr_a; o[f][n][1] *= corr_a;
-                o[f][n][2] *= corr_b; o[f][n][3] *= corr_b;
+            // With `lazy`, the accumulators are rescaled only when some row of this warp's
+            // fragment saw a new maximum (otherwise every factor is exactly 1: no bit changes).
+            if (!lazy || !__all_sync(0xffffffffu, corr_a == 1.f && corr_b == 1.f)) {
+                #pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    o[f][n][0] *= corr_a; o[f][n][1] *= corr_a;
+                    o[f][n][2] *= corr_b; o[f][n][3] *= corr_b;
+                }
             }
         }
         // O += P V: P's accumulators become A fragments (16 keys each), V's B fragments come
@@ -300,10 +305,11 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                    \
         const int* __restrict__ q_end, const int* __restrict__ kv_start,                        \
         const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,     \
-        long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm) { \
+        long long q_stride, long long k_stride, long long v_stride, const int* __restrict__ perm, \
+        int lazy) {                                                                             \
         flash_attention<BF16, HD, MF, ASYNC>(q, k, v, tile_group, tile_q0, q_end, kv_start,     \
                                              kv_end, heads, scale_log2, out, q_stride, k_stride, \
-                                             v_stride, perm);                                    \
+                                             v_stride, perm, lazy);                              \
     }
 
 #define FLASH_ENTRIES(TY, BF16, HD)                                                             \
