@@ -59,9 +59,9 @@ fn range(l: &Layout, what: &str) -> Result<std::ops::Range<usize>> {
         .ok_or_else(|| err(format!("{what} must be contiguous")))
 }
 
-/// Whether `var` asks for the cp.async (double-buffered) variant of a kernel: `1` yes, `0` no,
-/// unset the given default. Read once per process.
-fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool) -> bool {
+/// A kernel variant's on/off switch `var`: `1` on, `0` off, unset (or anything else) the given
+/// default. Read once per process.
+fn env_switch(var: &'static str, cell: &'static OnceLock<bool>, default: bool) -> bool {
     *cell.get_or_init(|| match std::env::var(var).as_deref() {
         Ok("1") => true,
         Ok("0") => false,
@@ -75,7 +75,7 @@ fn async_variant(var: &'static str, cell: &'static OnceLock<bool>, default: bool
 /// (`0`).
 pub fn flash_async() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
-    async_variant("TRELLIS_FLASH_ASYNC", &C, true)
+    env_switch("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
 /// How the flash kernel tiles the queries: rows per block (64 or 128) and whether K/V are
@@ -128,7 +128,7 @@ impl FlashTiling {
 /// 1, so the results are the same bit for bit) or always rescales (`0`).
 pub fn flash_lazy_rescale() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
-    async_variant("TRELLIS_FLASH_LAZY_RESCALE", &C, true)
+    env_switch("TRELLIS_FLASH_LAZY_RESCALE", &C, true)
 }
 
 /// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64`, `128a`, ...) for
@@ -187,7 +187,7 @@ pub fn conv_tile_rows() -> usize {
 /// stage through registers, `TRELLIS_CONV_ASYNC=0`).
 pub fn conv_async() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
-    async_variant("TRELLIS_CONV_ASYNC", &C, true)
+    env_switch("TRELLIS_CONV_ASYNC", &C, true)
 }
 
 fn i32_arg(v: usize, what: &str) -> Result<i32> {
