@@ -57,6 +57,17 @@ fn gemm_crate(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], (m, k, n): (usize,
     }
 }
 
+/// CPU seconds this thread has run (what a loaded machine's time slicing does not inflate).
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn main() {
     let arg = |i: usize, d: usize| {
         std::env::args()
@@ -79,7 +90,19 @@ fn main() {
             .wrapping_add(1442695040888963407);
         ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
-    for (i, (m, k, n)) in SHAPES.into_iter().enumerate() {
+    // MKN=m,k,n[;m,k,n...] replaces the shape list
+    let custom: Vec<(usize, usize, usize)> = std::env::var("MKN")
+        .ok()
+        .map(|v| {
+            v.split(';')
+                .filter_map(|t| {
+                    let d: Vec<usize> = t.split(',').filter_map(|x| x.parse().ok()).collect();
+                    (d.len() == 3).then(|| (d[0], d[1], d[2]))
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| SHAPES.to_vec());
+    for (i, (m, k, n)) in custom.into_iter().enumerate() {
         if only
             .as_ref()
             .is_some_and(|o| !o.split(',').any(|v| v == i.to_string()))
@@ -102,14 +125,17 @@ fn main() {
                 .build()
                 .expect("thread pool");
             let (mut best_g, mut best_s) = (f64::INFINITY, f64::INFINITY);
+            let (mut cpu_g, mut cpu_s) = (f64::INFINITY, f64::INFINITY);
             pool.install(|| {
                 for _ in 0..=reps {
-                    let t = Instant::now();
+                    let (t, c) = (Instant::now(), thread_cpu_s());
                     gemm_crate(&mut y0, &x, &w, &b, (m, k, n));
                     best_g = best_g.min(t.elapsed().as_secs_f64());
-                    let t = Instant::now();
+                    cpu_g = cpu_g.min(thread_cpu_s() - c);
+                    let (t, c) = (Instant::now(), thread_cpu_s());
                     sgemm::linear_with(&x, m, &pw, Some(&b), Activation::None, &mut y1, blocking);
                     best_s = best_s.min(t.elapsed().as_secs_f64());
+                    cpu_s = cpu_s.min(thread_cpu_s() - c);
                 }
             });
             let diff = y0
@@ -122,6 +148,14 @@ fn main() {
                 flop / best_g / 1e9,
                 flop / best_s / 1e9
             );
+            if threads == 1 {
+                // per CPU second of the (only) thread: unaffected by other processes' slices
+                line += &format!(
+                    " [cpu-time gemm {:6.1} sgemm {:6.1}]",
+                    flop / cpu_g / 1e9,
+                    flop / cpu_s / 1e9
+                );
+            }
         }
         println!("{line}");
     }
