@@ -165,11 +165,7 @@ impl CustomOp1 for PackedLinear {
             Some(last) if *last == k => *last = n,
             _ => candle_core::bail!("linear: input {:?} does not end in {k}", l.dims()),
         }
-        let m = if k == 0 {
-            dims[..dims.len() - 1].iter().product()
-        } else {
-            x.len() / k
-        };
+        let m: usize = dims[..dims.len() - 1].iter().product();
         let mut out = Vec::with_capacity(m * n);
         sgemm::linear_uninit(
             x,

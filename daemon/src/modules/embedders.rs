@@ -67,7 +67,7 @@ impl TimestepEmbedder {
         let freq = timestep_embedding(t, self.frequency_embedding_size)?;
         let freq = freq.to_dtype(self.fc1.dtype())?;
         let h = self.fc1.forward(&freq)?.silu()?;
-        Ok(self.fc2.forward(&h)?)
+        self.fc2.forward(&h)
     }
 }
 
