@@ -9,5 +9,6 @@ pub mod flexicubes;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod raster;
+pub mod sgemm;
 pub mod sparse_conv;
 pub mod vecmath;

@@ -12,11 +12,12 @@
 //! training-time memory wrapper) load into this same network.
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::config::SLatFlowConfig;
 use crate::models::slat_vae::base::ape;
+use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::f_layer_norm;
 use crate::modules::sparse::attention::AttnMode;
@@ -45,7 +46,7 @@ pub struct SparseResBlock3d {
     norm2: SparseLayerNorm32,
     conv1: SparseConv3d,
     conv2: SparseConv3d,
-    emb_layer: candle_nn::Linear,
+    emb_layer: Dense,
     skip: Option<SparseLinear>,
     resample: Resample,
 }
@@ -64,11 +65,7 @@ impl SparseResBlock3d {
             norm2: SparseLayerNorm32::new(out_channels, false, 1e-6, vb.pp("norm2"))?,
             conv1: SparseConv3d::new(channels, out_channels, 3, vb.pp("conv1"))?,
             conv2: SparseConv3d::new(out_channels, out_channels, 3, vb.pp("conv2"))?,
-            emb_layer: candle_nn::linear(
-                emb_channels,
-                2 * out_channels,
-                vb.pp("emb_layers").pp("1"),
-            )?,
+            emb_layer: dense::linear(emb_channels, 2 * out_channels, vb.pp("emb_layers").pp("1"))?,
             skip: if channels != out_channels {
                 Some(SparseLinear::new(
                     channels,
@@ -84,7 +81,7 @@ impl SparseResBlock3d {
 
     /// `emb`: `[B, emb_channels]`.
     pub fn forward(&self, x: &SparseTensor, emb: &Tensor) -> Result<SparseTensor> {
-        let wd = self.emb_layer.weight().dtype();
+        let wd = self.emb_layer.dtype();
         let e = self
             .emb_layer
             .forward(&emb.to_dtype(wd)?.silu()?)?
@@ -114,7 +111,7 @@ impl SparseResBlock3d {
 #[derive(Debug)]
 pub struct SLatFlowModel {
     t_embedder: TimestepEmbedder,
-    shared_mod: Option<candle_nn::Linear>,
+    shared_mod: Option<Dense>,
     pos_embedder: Option<AbsolutePositionEmbedder>,
     input_layer: SparseLinear,
     input_blocks: Vec<SparseResBlock3d>,
@@ -152,7 +149,7 @@ impl SLatFlowModel {
         };
         let t_embedder = TimestepEmbedder::new(vb.pp("t_embedder"), mc, 256)?;
         let shared_mod = if cfg.share_mod {
-            Some(candle_nn::linear(
+            Some(dense::linear(
                 mc,
                 6 * mc,
                 vb.pp("adaLN_modulation").pp("1"),

@@ -11,10 +11,11 @@
 //! `out_layer` and the `pos_emb` buffer stay float32).
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 
 use super::config::SparseStructureFlowConfig;
+use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::TimestepEmbedder;
 use crate::modules::norm::f_layer_norm;
 use crate::modules::patchify::{patchify, unpatchify};
@@ -37,11 +38,11 @@ pub struct SparseStructureFlowTrace {
 pub struct SparseStructureFlowModel {
     cfg: SparseStructureFlowConfig,
     t_embedder: TimestepEmbedder,
-    shared_ada_ln: Option<Linear>,
+    shared_ada_ln: Option<Dense>,
     pos_emb: Tensor,
-    input_layer: Linear,
+    input_layer: Dense,
     blocks: Vec<ModulatedTransformerCrossBlock>,
-    out_layer: Linear,
+    out_layer: Dense,
     torso_dtype: DType,
 }
 
@@ -72,14 +73,14 @@ impl SparseStructureFlowModel {
         let f32vb = vb.to_dtype(DType::F32);
         let t_embedder = TimestepEmbedder::new(f32vb.pp("t_embedder"), c, 256)?;
         let shared_ada_ln = if cfg.share_mod {
-            Some(candle_nn::linear(c, 6 * c, f32vb.pp("adaLN_modulation.1"))?)
+            Some(dense::linear(c, 6 * c, f32vb.pp("adaLN_modulation.1"))?)
         } else {
             None
         };
         let tokens = (cfg.resolution / p).pow(3);
         let pos_emb = f32vb.get((tokens, c), "pos_emb")?;
         let p3 = p.pow(3);
-        let input_layer = candle_nn::linear(cfg.in_channels * p3, c, f32vb.pp("input_layer"))?;
+        let input_layer = dense::linear(cfg.in_channels * p3, c, f32vb.pp("input_layer"))?;
         let block_cfg = CrossBlockConfig {
             channels: c,
             ctx_channels: cfg.cond_channels,
@@ -96,7 +97,7 @@ impl SparseStructureFlowModel {
                 ModulatedTransformerCrossBlock::new(torso.pp(format!("blocks.{i}")), &block_cfg)
             })
             .collect::<Result<Vec<_>>>()?;
-        let out_layer = candle_nn::linear(c, cfg.out_channels * p3, f32vb.pp("out_layer"))?;
+        let out_layer = dense::linear(c, cfg.out_channels * p3, f32vb.pp("out_layer"))?;
         Ok(Self {
             cfg: cfg.clone(),
             t_embedder,

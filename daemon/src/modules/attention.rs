@@ -7,9 +7,11 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
 use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 
+use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
 use super::norm::MultiHeadRMSNorm;
 
@@ -119,8 +121,8 @@ fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, budget: usize) -> Res
 /// Self (fused `to_qkv`) or cross (`to_q` + `to_kv` on the context) projections.
 #[derive(Debug, Clone)]
 enum Projection {
-    SelfAttn { to_qkv: Linear },
-    Cross { to_q: Linear, to_kv: Linear },
+    SelfAttn { to_qkv: Dense },
+    Cross { to_q: Dense, to_kv: Dense },
 }
 
 /// `MultiHeadAttention(channels, num_heads, ctx_channels, type, attn_mode="full", qkv_bias, qk_rms_norm)`.
@@ -128,16 +130,16 @@ enum Projection {
 pub struct MultiHeadAttention {
     proj: Projection,
     qk_norm: Option<(MultiHeadRMSNorm, MultiHeadRMSNorm)>,
-    to_out: Linear,
+    to_out: Dense,
     num_heads: usize,
     channels: usize,
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
     Ok(if bias {
-        candle_nn::linear(in_dim, out_dim, vb)?
+        dense::linear(in_dim, out_dim, vb)?
     } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+        dense::linear_no_bias(in_dim, out_dim, vb)?
     })
 }
 
@@ -200,7 +202,7 @@ impl MultiHeadAttention {
         } else {
             None
         };
-        let to_out = candle_nn::linear(channels, channels, vb.pp("to_out"))?;
+        let to_out = dense::linear(channels, channels, vb.pp("to_out"))?;
         Ok(Self {
             proj,
             qk_norm,

@@ -5,8 +5,10 @@
 //! moved to the device of the input.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+
+use super::dense::{self, Dense};
 
 /// The sinusoidal timestep features `[cos(t f_k), sin(t f_k)]` (cos first), `f_k = exp(-ln(10000) k / half)`,
 /// `k < half = dim / 2`, zero-padded by one column when `dim` is odd. `t` is `[N]`, already the
@@ -40,8 +42,8 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
 /// `TimestepEmbedder`: sinusoidal features, then `Linear, SiLU, Linear` (keys `mlp.0`, `mlp.2`).
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedder {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     frequency_embedding_size: usize,
 }
 
@@ -51,8 +53,8 @@ impl TimestepEmbedder {
         hidden_size: usize,
         frequency_embedding_size: usize,
     ) -> Result<Self> {
-        let fc1 = candle_nn::linear(frequency_embedding_size, hidden_size, vb.pp("mlp.0"))?;
-        let fc2 = candle_nn::linear(hidden_size, hidden_size, vb.pp("mlp.2"))?;
+        let fc1 = dense::linear(frequency_embedding_size, hidden_size, vb.pp("mlp.0"))?;
+        let fc2 = dense::linear(hidden_size, hidden_size, vb.pp("mlp.2"))?;
         Ok(Self {
             fc1,
             fc2,
@@ -63,9 +65,9 @@ impl TimestepEmbedder {
     /// `t`: `[N]` timesteps (the sampler's `1000 * t`). Returns `[N, hidden]` in the layers' dtype.
     pub fn forward(&self, t: &Tensor) -> Result<Tensor> {
         let freq = timestep_embedding(t, self.frequency_embedding_size)?;
-        let freq = freq.to_dtype(self.fc1.weight().dtype())?;
+        let freq = freq.to_dtype(self.fc1.dtype())?;
         let h = self.fc1.forward(&freq)?.silu()?;
-        Ok(self.fc2.forward(&h)?)
+        self.fc2.forward(&h)
     }
 }
 

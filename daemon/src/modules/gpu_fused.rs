@@ -10,11 +10,15 @@ use anyhow::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::Linear;
 
+use super::dense::Dense;
+
 /// Activation fused after a Linear's bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
     None,
     GeluTanh,
+    /// The exact erf GELU (not fused on the GPU: candle's op after the product there).
+    GeluErf,
 }
 
 /// The end row of each batch element when `rows` are consecutive ranges from 0 covering `n` rows.
@@ -168,6 +172,7 @@ mod imp {
         let act = match act {
             Act::None => f::Act::None,
             Act::GeluTanh => f::Act::GeluTanh,
+            Act::GeluErf => return Ok(None),
         };
         // Half types: bias and GELU in cuBLASLt's epilogue; float32 (TF32 never used): candle's
         // matmul and the fused bias pass.
@@ -249,9 +254,14 @@ pub use imp::add;
 /// MultiHeadRMSNorm of `[..., heads, dim]` (strided q / k views accepted).
 pub use imp::rms_norm_heads;
 
+/// `l(x)` then `act` for a [`Dense`] layer: the packed CPU product, or [`linear_candle`].
+pub fn linear(l: &Dense, x: &Tensor, act: Act) -> Result<Tensor> {
+    l.forward_act(x, act)
+}
+
 /// `l(x)` then `act`: on the GPU one GEMM and one fused bias/activation pass; elsewhere candle's
 /// Linear followed by the activation (GELU through `cpu_fused` on the CPU).
-pub fn linear(l: &Linear, x: &Tensor, act: Act) -> Result<Tensor> {
+pub fn linear_candle(l: &Linear, x: &Tensor, act: Act) -> Result<Tensor> {
     if let Some(y) = imp::linear(l, x, act)? {
         return Ok(y);
     }
@@ -259,5 +269,6 @@ pub fn linear(l: &Linear, x: &Tensor, act: Act) -> Result<Tensor> {
     Ok(match act {
         Act::None => y,
         Act::GeluTanh => super::cpu_fused::gelu_tanh(&y)?,
+        Act::GeluErf => super::cpu_fused::gelu_erf(&y)?,
     })
 }

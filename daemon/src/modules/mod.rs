@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod conv3d;
 pub mod cpu_fused;
+pub mod dense;
 pub mod embedders;
 pub mod gpu_fused;
 pub mod norm;

@@ -3,9 +3,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::MultiHeadAttention;
+use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
 use super::norm::LayerNorm32;
 
@@ -29,8 +30,8 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
 /// Linear back to C. Keys `mlp.0.*`, `mlp.2.*` under the given builder. Any rank, last dim C.
 #[derive(Debug, Clone)]
 pub struct FeedForwardNet {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
 impl FeedForwardNet {
@@ -40,8 +41,8 @@ impl FeedForwardNet {
             bail!("FeedForwardNet: hidden width int({channels} * {mlp_ratio}) is 0");
         }
         Ok(Self {
-            fc1: candle_nn::linear(channels, hidden, vb.pp("mlp.0"))?,
-            fc2: candle_nn::linear(hidden, channels, vb.pp("mlp.2"))?,
+            fc1: dense::linear(channels, hidden, vb.pp("mlp.0"))?,
+            fc2: dense::linear(hidden, channels, vb.pp("mlp.2"))?,
         })
     }
 
@@ -86,7 +87,7 @@ pub struct ModulatedTransformerCrossBlock {
     self_attn: MultiHeadAttention,
     cross_attn: MultiHeadAttention,
     mlp: FeedForwardNet,
-    ada_ln: Option<Linear>,
+    ada_ln: Option<Dense>,
     channels: usize,
 }
 
@@ -96,7 +97,7 @@ impl ModulatedTransformerCrossBlock {
         let ada_ln = if cfg.share_mod {
             None
         } else {
-            Some(candle_nn::linear(c, 6 * c, vb.pp("adaLN_modulation.1"))?)
+            Some(dense::linear(c, 6 * c, vb.pp("adaLN_modulation.1"))?)
         };
         Ok(Self {
             norm1: LayerNorm32::new(vb.pp("norm1"), c, false, 1e-6)?,

@@ -12,7 +12,8 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
 use serde::Deserialize;
 use tokenizers::{
     PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
@@ -20,6 +21,7 @@ use tokenizers::{
 };
 
 use super::common::{finish_accepting, read_json, self_attention, Act};
+use crate::modules::dense::{self, Dense};
 use crate::runtime::residency::Network;
 use crate::runtime::weights;
 
@@ -90,13 +92,13 @@ impl ClipTextConfig {
 
 struct Layer {
     ln1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    out: Dense,
     ln2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     act: Act,
     heads: usize,
 }
@@ -105,7 +107,7 @@ impl Layer {
     fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.hidden_size;
         let ln = |vb: VarBuilder| candle_nn::layer_norm(c, cfg.layer_norm_eps, vb);
-        let lin = |i, o, vb: VarBuilder| candle_nn::linear(i, o, vb);
+        let lin = |i, o, vb: VarBuilder| dense::linear(i, o, vb);
         let a = vb.pp("self_attn");
         Ok(Self {
             ln1: ln(vb.pp("layer_norm1"))?,
@@ -128,7 +130,7 @@ impl Layer {
         let x = (x + o)?;
         let m = self
             .fc2
-            .forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&x)?)?)?)?;
+            .forward(&self.act.after(&self.fc1, &self.ln2.forward(&x)?)?)?;
         Ok((x + m)?)
     }
 }

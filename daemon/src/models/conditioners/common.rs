@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::Linear;
+use candle_core::{DType, Tensor, D};
 
+use crate::modules::dense::Dense;
 use crate::runtime::weights::WeightCheck;
 
 /// Reads a `config.json` (or any JSON file) of a conditioner directory.
@@ -25,7 +25,7 @@ const MAX_SCORES: usize = 1 << 24;
 /// output projection is the caller's).
 pub fn self_attention(
     h: &Tensor,
-    (q, k, v): (&Linear, &Linear, &Linear),
+    (q, k, v): (&Dense, &Dense, &Dense),
     heads: usize,
     causal: bool,
 ) -> Result<Tensor> {
@@ -150,6 +150,16 @@ impl Act {
             "silu" | "swish" => Act::Silu,
             other => anyhow::bail!("unsupported hidden_act {other:?}"),
         })
+    }
+
+    /// `act(l(x))`, the activation fused into the layer where it is a GELU.
+    pub fn after(self, l: &Dense, x: &Tensor) -> Result<Tensor> {
+        use crate::modules::gpu_fused::Act as Fused;
+        match self {
+            Act::Gelu => l.forward_act(x, Fused::GeluErf),
+            Act::GeluTanh => l.forward_act(x, Fused::GeluTanh),
+            _ => self.apply(&l.forward(x)?),
+        }
     }
 
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {

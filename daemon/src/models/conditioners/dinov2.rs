@@ -13,11 +13,13 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
 use serde::Deserialize;
 
 use super::common::{finish_accepting, layer_norm_plain, read_json, self_attention, Act};
 use super::resample::{resample_planes_f32, Filter};
+use crate::modules::dense::{self, Dense};
 use crate::runtime::residency::Network;
 use crate::runtime::weights;
 
@@ -114,14 +116,14 @@ impl Dinov2Config {
 }
 
 enum Ffn {
-    Mlp { fc1: Linear, fc2: Linear, act: Act },
-    SwiGlu { w_in: Linear, w_out: Linear },
+    Mlp { fc1: Dense, fc2: Dense, act: Act },
+    SwiGlu { w_in: Dense, w_out: Dense },
 }
 
 impl Ffn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Ffn::Mlp { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x)?)?)?,
+            Ffn::Mlp { fc1, fc2, act } => fc2.forward(&act.after(fc1, x)?)?,
             Ffn::SwiGlu { w_in, w_out } => {
                 let h = w_in.forward(x)?;
                 let half = h.dim(D::Minus1)? / 2;
@@ -137,10 +139,10 @@ impl Ffn {
 
 struct Layer {
     norm1: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    proj: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    proj: Dense,
     ls1: Tensor,
     norm2: LayerNorm,
     ffn: Ffn,
@@ -148,8 +150,8 @@ struct Layer {
     heads: usize,
 }
 
-fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    Ok(candle_nn::linear_b(i, o, bias, vb)?)
+fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
+    dense::linear_b(i, o, bias, vb)
 }
 
 impl Layer {

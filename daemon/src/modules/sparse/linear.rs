@@ -3,6 +3,7 @@
 use anyhow::Result;
 use candle_nn::VarBuilder;
 
+use crate::modules::dense::{self, Dense};
 use crate::modules::gpu_fused::{self, Act};
 
 use super::tensor::SparseTensor;
@@ -10,18 +11,18 @@ use super::tensor::SparseTensor;
 /// `nn.Linear(in, out)` applied row-wise to the feats; weights `weight [out, in]`, `bias [out]`.
 #[derive(Debug, Clone)]
 pub struct SparseLinear {
-    inner: candle_nn::Linear,
+    inner: Dense,
 }
 
 impl SparseLinear {
     pub fn new(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            inner: candle_nn::linear(in_channels, out_channels, vb)?,
+            inner: dense::linear(in_channels, out_channels, vb)?,
         })
     }
 
     /// The wrapped dense layer (for dense inputs such as a cross-attention context).
-    pub fn dense(&self) -> &candle_nn::Linear {
+    pub fn dense(&self) -> &Dense {
         &self.inner
     }
 
@@ -36,7 +37,7 @@ impl SparseLinear {
         x: &candle_core::Tensor,
         act: Act,
     ) -> Result<candle_core::Tensor> {
-        let wd = self.inner.weight().dtype();
+        let wd = self.inner.dtype();
         let xd = x.dtype();
         let y = gpu_fused::linear(&self.inner, &x.to_dtype(wd)?, act)?;
         Ok(y.to_dtype(xd)?)

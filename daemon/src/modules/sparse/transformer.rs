@@ -13,6 +13,7 @@ use super::attention::{AttnMode, SparseMultiHeadAttention};
 use super::linear::SparseLinear;
 use super::norm::SparseLayerNorm32;
 use super::tensor::SparseTensor;
+use crate::modules::dense::{self, Dense};
 use crate::modules::gpu_fused::Act;
 
 /// `Linear(C, C*ratio) -> GELU(tanh) -> Linear(C*ratio, C)`, tensors `mlp.0.*` / `mlp.2.*`.
@@ -90,7 +91,7 @@ pub struct ModulatedSparseTransformerCrossBlock {
     self_attn: SparseMultiHeadAttention,
     cross_attn: SparseMultiHeadAttention,
     mlp: SparseFeedForwardNet,
-    ada_ln: Option<candle_nn::Linear>,
+    ada_ln: Option<Dense>,
 }
 
 /// Constructor arguments of [`ModulatedSparseTransformerCrossBlock`].
@@ -112,11 +113,7 @@ impl ModulatedSparseTransformerCrossBlock {
         let ada_ln = if a.share_mod {
             None
         } else {
-            Some(candle_nn::linear(
-                c,
-                6 * c,
-                vb.pp("adaLN_modulation").pp("1"),
-            )?)
+            Some(dense::linear(c, 6 * c, vb.pp("adaLN_modulation").pp("1"))?)
         };
         Ok(Self {
             channels: c,
@@ -152,8 +149,8 @@ impl ModulatedSparseTransformerCrossBlock {
     ) -> Result<SparseTensor> {
         let m = match &self.ada_ln {
             Some(l) => {
-                let w = l.weight().dtype();
-                candle_core::Module::forward(l, &modulation.to_dtype(w)?.silu()?)?
+                let w = l.dtype();
+                l.forward(&modulation.to_dtype(w)?.silu()?)?
             }
             None => modulation.clone(),
         };

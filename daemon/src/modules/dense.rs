@@ -1,0 +1,232 @@
+//! `Dense`: the networks' `nn.Linear`. On a CPU with AVX-512F and FMA, a float32 layer on the CPU
+//! keeps its weight only in `trellis_kernels::sgemm`'s panel layout, packed once when the layer
+//! is built (the candle weight is dropped, so the packed copy replaces it rather than adding to
+//! it), and its forward is one `sgemm` call with the bias and the activation fused into the
+//! store. Every other layer (GPU, half types, CPUs without AVX-512, `TRELLIS_SGEMM=off`) stays a
+//! candle `Linear` and runs through [`gpu_fused::linear_candle`].
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use trellis_kernels::sgemm::{self, Activation, PackedWeights};
+
+use super::gpu_fused::{self, Act};
+
+/// A linear layer `y = x Wᵀ + b` (see the module doc).
+#[derive(Debug, Clone)]
+pub struct Dense(Inner);
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Candle(Linear),
+    Packed(Arc<Packed>),
+}
+
+#[derive(Debug)]
+struct Packed {
+    w: PackedWeights,
+    bias: Option<Vec<f32>>,
+}
+
+/// `nn.Linear(i, o)` with bias, from `vb` (`weight`, `bias`).
+pub fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Dense> {
+    Dense::new(candle_nn::linear(i, o, vb)?)
+}
+
+/// `nn.Linear(i, o, bias=bias)`.
+pub fn linear_b(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Dense> {
+    Dense::new(candle_nn::linear_b(i, o, bias, vb)?)
+}
+
+/// `nn.Linear(i, o, bias=False)`.
+pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Dense> {
+    Dense::new(candle_nn::linear_no_bias(i, o, vb)?)
+}
+
+/// The contiguous float32 values of a CPU tensor, copied (`None` for anything else).
+fn cpu_f32_values(t: &Tensor) -> Option<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else {
+        return None;
+    };
+    let (a, b) = layout.contiguous_offsets()?;
+    Some(v[a..b].to_vec())
+}
+
+impl Dense {
+    /// Wraps `l`, packing its weight for `sgemm` where that runs (see the module doc).
+    pub fn new(l: Linear) -> Result<Self> {
+        let w = l.weight();
+        let fits = w.device().is_cpu()
+            && w.dtype() == DType::F32
+            && w.rank() == 2
+            && sgemm::available()
+            && l.bias()
+                .is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32 && b.rank() == 1);
+        if !fits {
+            return Ok(Dense(Inner::Candle(l)));
+        }
+        let (n, k) = w.dims2()?;
+        let packed = {
+            let (storage, layout) = w.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                    PackedWeights::pack(&v[a..b], n, k)
+                }
+                _ => None,
+            }
+        };
+        let Some(packed) = packed else {
+            return Ok(Dense(Inner::Candle(l)));
+        };
+        let bias = match l.bias() {
+            Some(b) => match cpu_f32_values(b) {
+                Some(v) if v.len() == n => Some(v),
+                _ => bail!("linear: bias {:?} does not match {n} outputs", b.dims()),
+            },
+            None => None,
+        };
+        Ok(Dense(Inner::Packed(Arc::new(Packed { w: packed, bias }))))
+    }
+
+    /// The candle layer, unless the weight lives only packed.
+    pub fn candle(&self) -> Option<&Linear> {
+        match &self.0 {
+            Inner::Candle(l) => Some(l),
+            Inner::Packed(_) => None,
+        }
+    }
+
+    /// The weight's dtype (what inputs are computed in).
+    pub fn dtype(&self) -> DType {
+        match &self.0 {
+            Inner::Candle(l) => l.weight().dtype(),
+            Inner::Packed(_) => DType::F32,
+        }
+    }
+
+    /// `x Wᵀ + b` over the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::None)
+    }
+
+    /// [`Self::forward`] then `act`, fused into the product's store where the layer is packed
+    /// (and into the bias pass on the GPU).
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let p = match &self.0 {
+            Inner::Candle(l) => return gpu_fused::linear_candle(l, x, act),
+            Inner::Packed(p) => p,
+        };
+        if !x.device().is_cpu() {
+            bail!("linear: CPU layer given an input on {:?}", x.device());
+        }
+        let activation = match act {
+            Act::None => Activation::None,
+            Act::GeluTanh => Activation::GeluTanh,
+            Act::GeluErf => Activation::GeluErf,
+        };
+        let op = PackedLinear {
+            p: p.clone(),
+            act: activation,
+        };
+        let xd = x.dtype();
+        let y = x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?;
+        Ok(if xd == DType::F32 { y } else { y.to_dtype(xd)? })
+    }
+}
+
+/// The packed layer as a candle op on its input.
+struct PackedLinear {
+    p: Arc<Packed>,
+    act: Activation,
+}
+
+impl CustomOp1 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "sgemm-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("sgemm-linear: expected float32 input")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("sgemm-linear: expected a contiguous input")
+        };
+        let x = &v[a..b];
+        let (n, k) = (self.p.w.n(), self.p.w.k());
+        let mut dims = l.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == k => *last = n,
+            _ => candle_core::bail!("linear: input {:?} does not end in {k}", l.dims()),
+        }
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let mut out = Vec::with_capacity(m * n);
+        sgemm::linear_uninit(
+            x,
+            m,
+            &self.p.w,
+            self.p.bias.as_deref(),
+            self.act,
+            &mut out.spare_capacity_mut()[..m * n],
+        );
+        // SAFETY: `linear_uninit` writes all m * n values.
+        unsafe { out.set_len(m * n) };
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn packed_layer_matches_candle_linear() {
+        let dev = Device::Cpu;
+        for (k, n, bias) in [(48, 80, true), (37, 5, false), (1, 33, true)] {
+            let w = Tensor::randn(0f32, 0.3, (n, k), &dev).unwrap();
+            let b = bias.then(|| Tensor::randn(0f32, 0.3, n, &dev).unwrap());
+            let l = Linear::new(w, b);
+            let d = Dense::new(l.clone()).unwrap();
+            assert_eq!(d.candle().is_none(), sgemm::available());
+            let x = Tensor::randn(0f32, 1.0, (2, 19, k), &dev).unwrap();
+            let want = l.forward(&x).unwrap();
+            assert!(max_diff(&d.forward(&x).unwrap(), &want) < 1e-4);
+            let g = d.forward_act(&x, Act::GeluTanh).unwrap();
+            assert!(max_diff(&g, &want.gelu().unwrap()) < 1e-4);
+            let g = d.forward_act(&x, Act::GeluErf).unwrap();
+            assert!(max_diff(&g, &want.gelu_erf().unwrap()) < 1e-4);
+            // a strided (transposed) input goes through a contiguous copy
+            let xt = x.transpose(0, 1).unwrap();
+            let want = l.forward(&xt.contiguous().unwrap()).unwrap();
+            assert!(max_diff(&d.forward(&xt).unwrap(), &want) < 1e-4);
+            // one row, rank 1
+            let x1 = Tensor::randn(0f32, 1.0, k, &dev).unwrap();
+            let want = l
+                .forward(&x1.unsqueeze(0).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            assert!(max_diff(&d.forward(&x1).unwrap(), &want) < 1e-4);
+        }
+    }
+}
