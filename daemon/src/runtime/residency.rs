@@ -284,6 +284,12 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
             res.register(&self.slot);
             return Ok(None);
         }
+        if self.host.is_released() {
+            bail!(
+                "{} cannot be placed again: its host copy was released after it was placed on the CPU for good",
+                self.name()
+            );
+        }
         let dev = &res.device;
         let prefetched = self.slot.prefetch().take();
         if prefetched.is_none() {
@@ -313,6 +319,11 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
         let waited_s = t.elapsed().as_secs_f64();
         *self.slot.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
         res.register(&self.slot);
+        if res.places_for_good() && dev.is_cpu() {
+            // Nothing evicts it, and its packed float32 layers hold their own weights: the host
+            // tensors they were packed from would only double the memory.
+            self.host.release();
+        }
         Ok(Some(CopyTime {
             copy_s: copied.map_or(waited_s, |c| c.copy_s),
             waited_s,
@@ -433,6 +444,12 @@ impl Residency {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether a network placed now stays placed for the residency's life: tier `cpu` without a
+    /// budget (no out-of-memory fallback can evict it).
+    fn places_for_good(&self) -> bool {
+        self.tier() == Tier::Cpu && self.options.budget.is_none()
     }
 
     /// Bytes of the `--vram-ballast` held.

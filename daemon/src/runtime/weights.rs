@@ -442,6 +442,7 @@ pub struct HostWeights {
     tensors: Arc<Mutex<HashMap<String, HostTensor>>>,
     origin: String,
     bytes: u64,
+    released: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HostWeights {
@@ -459,6 +460,7 @@ impl HostWeights {
             )),
             origin: origin.to_string(),
             bytes,
+            released: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -493,6 +495,21 @@ impl HostWeights {
     /// Where the weights came from (a file or a manifest).
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// Drops the host tensors (what a network built from them still references stays alive): for
+    /// a network placed for good on the CPU, whose packed layers (`modules::dense`) keep their own
+    /// copies. A released copy cannot be placed again ([`HostWeights::is_released`]).
+    pub fn release(&self) {
+        let mut map = self.lock();
+        map.clear();
+        self.released
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`HostWeights::release`] dropped the tensors.
+    pub fn is_released(&self) -> bool {
+        self.released.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the tensors sit in page-locked memory.
