@@ -3,12 +3,18 @@
 # (high: RUNS runs, the per-block SLat times and unsynced forwards), text-xlarge, the budget
 # fallback, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
 # a run at high per switch, ATTENTION=1 `bench attention` with and without the lazy rescale. Few files in $OUT
-# (the device tool returns a limited number): logs are appended to a handful of them.
+# (the device tool returns a limited number): logs are appended to a handful of them. PRECISIONS=
+# "half" limits the GPU parity to half precision, TEXT=0 skips the text-xlarge job.
 # carry: [".devbin"] with trellisd.xz, ref1.tar.xz, dino.tar.xz and manifests-root/.
 cd "$(dirname "$0")/../.."
 mkdir -p /tmp/pout && OUT=/tmp/pout BENCH_BEFORE=0 bash tools/gpu/parity.sh > /tmp/parity_all.txt 2>&1
 . tools/gpu/common.sh
 set +x
+# The parity summary first, so a call cut short still reports it.
+echo "== parity (summary)"
+grep -E "^(parity|FAIL|== |rc=)|checks|error" /tmp/parity_all.txt | grep -v "^+" | cut -c1-200
+cat /tmp/parity_all.txt /tmp/pout/*.txt > $OUT/parity_logs.txt
+echo "elapsed $(elapsed) s"
 export TRELLIS_REFERENCE_DIR=$PWD/.devbin/manifests-root
 B="$W/trellisd bench pipeline --device cuda:0 --precision half"
 L=$OUT/pipelines.txt
@@ -31,11 +37,8 @@ if [ -n "${ATTENTION:-}" ]; then
 fi
 for t in medium low minimal; do run $t $B --vram-tier $t --runs 1; done
 run budget_1_5g $B --vram-tier high --vram-budget 1.5GiB --runs 1 --formats mesh
-run text_xlarge $B --pipeline text-xlarge --runs 1
+[ "${TEXT:-1}" = 1 ] && run text_xlarge $B --pipeline text-xlarge --runs 1
 echo "elapsed $(elapsed) s"
 [ -n "${PROFILE_FLOWS-ss slat}" ] && FLOWS="${PROFILE_FLOWS-ss slat}" TOP=${TOP:-16} bash tools/gpu/profile_flows.sh 2>&1 | grep -v "^+" | grep -vE "^(name|NVIDIA)"
 rm -f $OUT/ncu_*.csv $OUT/ncu_*_stdout.txt
-echo "== parity (summary)"
-grep -E "^(parity|FAIL|== |rc=)|checks|error" /tmp/parity_all.txt | grep -v "^+" | cut -c1-200
-cat /tmp/parity_all.txt /tmp/pout/*.txt > $OUT/parity_logs.txt
 echo "elapsed $(elapsed) s"

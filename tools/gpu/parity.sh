@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 for f in .devbin/ref1.tar.xz .devbin/dino.tar.xz; do tar -C $W -xJf $f; done
 R=$W/reference
 $W/trellisd doctor --check-kernels --device cuda:0 > $OUT/doctor.txt 2>&1; tail -12 $OUT/doctor.txt
-for p in full half; do
+for p in ${PRECISIONS:-full half}; do
   echo "== parity $p reference"; timeout 200 $W/trellisd parity $R --device cuda:0 --precision $p -v > $OUT/parity_${p}.txt 2>&1; echo rc=$?
   grep -E "^(ok|FAIL)|^parity" $OUT/parity_${p}.txt | cut -c1-160
   echo "== parity $p reference-alt"; timeout 100 $W/trellisd parity tests/reference-alt --device cuda:0 --precision $p -v > $OUT/parity_alt_${p}.txt 2>&1; echo rc=$?

@@ -390,14 +390,16 @@ pub fn slat_stage(
     Ok((out, forwards))
 }
 
-/// `settings` with `cfg_batched` on when `TRELLIS_CFG_BATCH=1` and the stage runs on a GPU. Off
+/// `settings` with `cfg_batched` on when `TRELLIS_CFG_BATCH=1` and the stage runs on a GPU at a
+/// tier that allows it (`Tier::batches_cfg`: not `low` or `minimal`). Off
 /// by default: on an H100 at tier `high` the paired calls took as long as the two single ones
 /// (SS flow 971 against 992 ms, SLat flow 1767 against 1719 ms for 44 forwards), since one
 /// sample already fills the GPU, and they need more memory.
 fn paired_guidance(res: &Residency, settings: &SamplerSettings) -> SamplerSettings {
     let on = std::env::var("TRELLIS_CFG_BATCH").as_deref() == Ok("1")
         && res.device().is_cuda()
-        && res.tier() != crate::runtime::tiers::Tier::Cpu;
+        && res.tier() != crate::runtime::tiers::Tier::Cpu
+        && res.tier().batches_cfg();
     SamplerSettings {
         cfg_batched: on,
         ..*settings

@@ -10,13 +10,15 @@
 //! | `high`    | GPU, free ≥ 10 GiB         | every network stays on the device once used (no uploads after the first job) |
 //! | `medium`  | GPU, 6 GiB ≤ free < 10     | each stage's networks uploaded for it and freed after it (conditioner, SS flow, SS decoder, SLat flow, decoders) |
 //! | `low`     | GPU, 4 GiB ≤ free < 6      | as `medium`, and the decoders one at a time; CFG branches never batched |
-//! | `minimal` | GPU, free < 4 GiB          | as `low` (TODO: stream the flows' transformer blocks from host memory) |
+//! | `minimal` | GPU, free < 4 GiB          | as `low`, and no copies ahead of time (one stage's networks at a time)   |
 //! | `cpu`     | CPU                        | float32 in host memory, every network resident                  |
 //!
 //! A CUDA out-of-memory error inside a stage frees what the stage holds, drops one tier and runs
-//! the stage again (`residency::Residency::stage`); uploads are synchronous for now (none of their
-//! time is hidden behind compute). The samplers run the two CFG branches one after the other at
-//! every tier today; [`Tier::batches_cfg`] says where batching them is allowed.
+//! the stage again (`residency::Residency::stage`). At `high`, `medium` and `low` a stage copies
+//! the next stage's networks in on a second stream while it computes ([`Tier::prefetches`],
+//! `runtime::prefetch`). The samplers run the two CFG branches one after the other by default
+//! (`TRELLIS_CFG_BATCH=1` pairs them on a GPU, see `pipelines::base`); [`Tier::batches_cfg`] says
+//! where pairing them is allowed.
 //!
 //! Why these numbers: measured on an H100 with `bench pipeline --vram-tier T` (image-large, the
 //! 20,000-voxel shell, docs/BENCHMARKS.md), the pool's peak reserved memory was 6.84 GiB at
