@@ -25,7 +25,7 @@ run() {
 }
 TRELLIS_BENCH_BLOCKS=1 run high $B --vram-tier high --runs ${RUNS:-3} --json $OUT/high.json
 grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
-# AB: switches to compare against the default at high, e.g. "TRELLIS_FLASH_LAZY_RESCALE=0 TRELLIS_CONV_ROWS=64"
+# AB: switches to compare against the default at high, e.g. "TRELLIS_FLASH_LAZY_RESCALE=1 TRELLIS_CONV_ROWS=64"
 for v in ${AB:-}; do
   run "high, $v" env TRELLIS_BENCH_BLOCKS=1 $v $B --vram-tier high --runs 2
   grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700

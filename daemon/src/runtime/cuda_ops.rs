@@ -124,11 +124,12 @@ impl FlashTiling {
 }
 
 /// `TRELLIS_FLASH_LAZY_RESCALE`: whether a flash tile that raises no row's running maximum in a
-/// warp skips rescaling that warp's accumulators (`1`, the default; the factors are then exactly
-/// 1, so the results are the same bit for bit) or always rescales (`0`).
+/// warp skips rescaling that warp's accumulators (`1`; the factors are then exactly 1, so the
+/// results are the same bit for bit) or always rescales (`0`, the default until the skip has been
+/// timed and checked on a GPU: it compiles for every target, but no device run has used it yet).
 pub fn flash_lazy_rescale() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
-    env_switch("TRELLIS_FLASH_LAZY_RESCALE", &C, true)
+    env_switch("TRELLIS_FLASH_LAZY_RESCALE", &C, false)
 }
 
 /// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64`, `128a`, ...) for
