@@ -31,7 +31,7 @@ for v in ${AB:-}; do
   grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
 done
 if [ -n "${ATTENTION:-}" ]; then
-  for v in TRELLIS_FLASH_LAZY_RESCALE=1 TRELLIS_FLASH_LAZY_RESCALE=0; do
+  for v in TRELLIS_FLASH_LAZY_RESCALE=0 TRELLIS_FLASH_LAZY_RESCALE=1; do
     echo "== bench attention, $v"; env $v timeout 100 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | grep -E "TFLOP" | cut -c1-120
   done
 fi
