@@ -11,7 +11,8 @@
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::{
-    result, CudaContext, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    result, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{DType, Device, Shape, Storage, Tensor, WithDType};
@@ -57,13 +58,18 @@ fn upload<T: CudaDType + DeviceRepr>(
     let slice = stream
         .clone_htod(src)
         .map_err(|e| anyhow!("host-to-device copy: {e:?}"))?;
+    Ok(wrap(dev, slice, shape))
+}
+
+/// A device buffer as a candle tensor of `shape` on `dev`.
+fn wrap<T: CudaDType + DeviceRepr>(dev: &CudaDevice, slice: CudaSlice<T>, shape: &Shape) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Ok(Tensor::from_storage(
+    Tensor::from_storage(
         storage,
         shape.clone(),
         candle_core::op::BackpropOp::none(),
         false,
-    ))
+    )
 }
 
 fn alloc<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize, shape: &Shape) -> Result<Tensor> {
@@ -71,13 +77,7 @@ fn alloc<T: CudaDType + DeviceRepr>(dev: &CudaDevice, n: usize, shape: &Shape) -
     // orders the copy before every use, see `runtime::prefetch`).
     let slice = unsafe { dev.cuda_stream().alloc::<T>(n) }
         .map_err(|e| anyhow!("device allocation of {n} values: {e:?}"))?;
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
-    Ok(Tensor::from_storage(
-        storage,
-        shape.clone(),
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
+    Ok(wrap(dev, slice, shape))
 }
 
 /// # Safety
