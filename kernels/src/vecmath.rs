@@ -174,6 +174,44 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`exp_shifted_row`] down the columns of a row-major `[rows, width]` block (each column one
+    /// softmax row, e.g. a transposed score tile): `s[j, i] = e^{scale s[j, i] - m_i}` with `m_i`
+    /// the largest `scale s[j, i]` of column `i`; `sums[i]` (`width` values) receives column `i`'s
+    /// sum, accumulated in four interleaved partial sums. `scale` must be positive.
+    pub fn exp_shifted_cols(s: &mut [f32], width: usize, scale: f32, sums: &mut [f32]) {
+        debug_assert!(scale > 0.0 && width > 0 && sums.len() == width);
+        let width = width.min(sums.len());
+        if width == 0 {
+            return;
+        }
+        let max = &mut sums[..width];
+        max.iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
+        for row in s.chunks_exact(width) {
+            for (m, &v) in max.iter_mut().zip(row) {
+                *m = m.max(v);
+            }
+        }
+        // the shift per column, then the sums in four partials (rows j mod 4) over it
+        let mut part = vec![0f32; 5 * width];
+        let (shift, acc) = part.split_at_mut(width);
+        for (sh, m) in shift.iter_mut().zip(max.iter()) {
+            *sh = *m * scale;
+        }
+        for (j, row) in s.chunks_exact_mut(width).enumerate() {
+            let acc = &mut acc[(j % 4) * width..][..width];
+            for ((v, &sh), a) in row.iter_mut().zip(shift.iter()).zip(acc.iter_mut()) {
+                let e = exp1(*v * scale - sh);
+                *v = e;
+                *a += e;
+            }
+        }
+        for (i, out) in sums[..width].iter_mut().enumerate() {
+            *out = (acc[i] + acc[width + i]) + (acc[2 * width + i] + acc[3 * width + i]);
+        }
+    }
+}
+
+multiversion! {
     /// `x[i] *= s`.
     pub fn scale_in_place(x: &mut [f32], s: f32) {
         for v in x.iter_mut() {
@@ -280,6 +318,29 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn column_softmax_matches_the_row_one() {
+        let (rows, width) = (37, 48);
+        let mut st = 7u32;
+        let s: Vec<f32> = (0..rows * width)
+            .map(|_| {
+                st = st.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (st >> 8) as f32 / (1 << 24) as f32 * 20.0 - 10.0
+            })
+            .collect();
+        let mut cols = s.clone();
+        let mut sums = vec![0f32; width];
+        exp_shifted_cols(&mut cols, width, 0.3, &mut sums);
+        for i in 0..width {
+            let mut row: Vec<f32> = (0..rows).map(|j| s[j * width + i]).collect();
+            let sum = exp_shifted_row(&mut row, 0.3);
+            assert!((sum - sums[i]).abs() <= 1e-5 * sum, "{sum} {}", sums[i]);
+            for j in 0..rows {
+                assert!((row[j] - cols[j * width + i]).abs() <= 1e-6 * row[j].max(1e-30));
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_libm() {

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use trellis_kernels::sgemm::{self, Activation, PackedWeights};
+use trellis_kernels::sgemm::{self, Activation, Epilogue, PackedWeights};
 
 use super::gpu_fused::{self, Act};
 
@@ -140,6 +140,99 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// `res + gamma ⊙ (x Wᵀ + b)` (a LayerScale'd residual branch, `gamma` one value per output
+    /// feature, `res` the shape of the output) in the product's store, for a packed layer and
+    /// float32 CPU tensors; `None` otherwise (the caller computes it apart).
+    pub fn forward_scaled_residual(
+        &self,
+        x: &Tensor,
+        gamma: &[f32],
+        res: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Inner::Packed(p) = &self.0 else {
+            return Ok(None);
+        };
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !cpu_f32(x) || !cpu_f32(res) || gamma.len() != p.w.n() {
+            return Ok(None);
+        }
+        let op = PackedResidual { p, gamma };
+        Ok(Some(
+            x.contiguous()?.apply_op2_no_bwd(&res.contiguous()?, &op)?,
+        ))
+    }
+}
+
+/// The output shape of a packed layer for an input of `dims` (`[.., K]` → `[.., N]`) and its rows.
+fn output_dims(p: &Packed, dims: &[usize]) -> candle_core::Result<(Vec<usize>, usize)> {
+    let (n, k) = (p.w.n(), p.w.k());
+    let mut dims = dims.to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => candle_core::bail!("linear: input {:?} does not end in {k}", dims),
+    }
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    Ok((dims, m))
+}
+
+/// The contiguous float32 values of a CPU storage.
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected float32 values")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: expected a contiguous tensor")
+    };
+    Ok(&v[a..b])
+}
+
+/// [`Dense::forward_scaled_residual`] as a candle op on (input, residual).
+struct PackedResidual<'a> {
+    p: &'a Packed,
+    gamma: &'a [f32],
+}
+
+impl CustomOp2 for PackedResidual<'_> {
+    fn name(&self) -> &'static str {
+        "sgemm-linear-scaled-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_values(xs, xl, "sgemm-linear")?;
+        let res = f32_values(rs, rl, "sgemm-linear residual")?;
+        let (dims, m) = output_dims(self.p, xl.dims())?;
+        if rl.dims() != dims.as_slice() {
+            candle_core::bail!(
+                "linear: residual {:?} does not match the output {dims:?}",
+                rl.dims()
+            );
+        }
+        let n = self.p.w.n();
+        let mut out = Vec::with_capacity(m * n);
+        sgemm::linear_epilogue_uninit(
+            x,
+            m,
+            &self.p.w,
+            self.p.bias.as_deref(),
+            Epilogue::ScaledResidual {
+                gamma: self.gamma,
+                res,
+            },
+            &mut out.spare_capacity_mut()[..m * n],
+        );
+        // SAFETY: `linear_epilogue_uninit` writes all m * n values.
+        unsafe { out.set_len(m * n) };
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
 /// The packed layer as a candle op on its input.
 struct PackedLinear {
     p: Arc<Packed>,
@@ -152,20 +245,9 @@ impl CustomOp1 for PackedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("sgemm-linear: expected float32 input")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("sgemm-linear: expected a contiguous input")
-        };
-        let x = &v[a..b];
-        let (n, k) = (self.p.w.n(), self.p.w.k());
-        let mut dims = l.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == k => *last = n,
-            _ => candle_core::bail!("linear: input {:?} does not end in {k}", l.dims()),
-        }
-        let m: usize = dims[..dims.len() - 1].iter().product();
+        let x = f32_values(s, l, "sgemm-linear")?;
+        let n = self.p.w.n();
+        let (dims, m) = output_dims(&self.p, l.dims())?;
         let mut out = Vec::with_capacity(m * n);
         sgemm::linear_uninit(
             x,
@@ -227,6 +309,16 @@ mod tests {
                 .squeeze(0)
                 .unwrap();
             assert!(max_diff(&d.forward(&x1).unwrap(), &want) < 1e-4);
+            // LayerScale'd residual in the store
+            let gamma = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+            let res = Tensor::randn(0f32, 1.0, (2, 19, n), &dev).unwrap();
+            let g: Vec<f32> = gamma.to_vec1().unwrap();
+            let got = d.forward_scaled_residual(&x, &g, &res).unwrap();
+            assert_eq!(got.is_some(), sgemm::available());
+            if let Some(got) = got {
+                let want = (&res + l.forward(&x).unwrap().broadcast_mul(&gamma).unwrap()).unwrap();
+                assert!(max_diff(&got, &want) < 1e-4);
+            }
         }
     }
 }
