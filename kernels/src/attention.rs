@@ -328,7 +328,7 @@ fn strided_matmul(
 
 /// The AVX-512 attention kernel (see the module doc).
 mod fused {
-    use super::{keys_transposed, AttnGroup, AttnShape, Rows};
+    use super::{AttnGroup, AttnShape, Rows};
 
     /// Query rows per task: the columns of the transposed score tile.
     pub(super) const QB: usize = 64;
@@ -376,11 +376,16 @@ mod fused {
     unsafe impl Send for Out {}
     unsafe impl Sync for Out {}
 
+    impl Out {
+        /// The pointer (a method, so closures capture the whole `Send` wrapper).
+        fn at(self, offset: usize) -> *mut f32 {
+            self.0.wrapping_add(offset)
+        }
+    }
+
     /// Per-thread buffers of a task.
     #[derive(Default)]
     struct Scratch {
-        /// The task's queries transposed, `[D][QB]`.
-        qt: Vec<f32>,
         /// Transposed scores / probabilities, `[keys][QB]`.
         st: Vec<f32>,
         /// Column sums, then their reciprocals.
@@ -390,6 +395,44 @@ mod fused {
     /// Output columns per microkernel tile (4 vectors of 16) and rows per tile.
     const NR: usize = 64;
     const MR: usize = 6;
+
+    /// `dst[c * ld + (r - rows.start)] = src[r, c]` for `r` in `rows`, `c < width`: a transpose
+    /// through 16 x 16 tiles (reads and writes in runs of 16 values).
+    ///
+    /// # Safety
+    /// `dst` is valid for those writes and no other thread writes them at once.
+    unsafe fn transpose(
+        src: Rows,
+        rows: std::ops::Range<usize>,
+        width: usize,
+        dst: *mut f32,
+        ld: usize,
+    ) {
+        const T: usize = 16;
+        let mut tile = [[0f32; T]; T];
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let nr = T.min(rows.end - r0);
+            let mut c0 = 0;
+            while c0 < width {
+                let nc = T.min(width - c0);
+                for (ii, t) in tile.iter_mut().enumerate().take(nr) {
+                    t[..nc].copy_from_slice(src.row(r0 + ii, c0, nc));
+                }
+                for cc in 0..nc {
+                    let d = dst.add((c0 + cc) * ld + r0 - rows.start);
+                    for (ii, t) in tile.iter().enumerate().take(nr) {
+                        *d.add(ii) = t[cc];
+                    }
+                }
+                c0 += nc;
+            }
+            r0 += nr;
+        }
+    }
+
+    /// Key / value rows per task of the packing pass.
+    const PACK_ROWS: usize = 64;
 
     /// Runs every (group, head, query block) task; `out` is the zeroed `[Nq, H, Dv]` output.
     #[cfg(target_arch = "x86_64")]
@@ -405,49 +448,80 @@ mod fused {
         out: &mut [f32],
     ) {
         use rayon::prelude::*;
-        let (heads, dv) = (shape.heads, shape.v_dim);
+        let AttnShape {
+            heads,
+            head_dim: d,
+            v_dim: dv,
+        } = shape;
         let nk = k.rows;
         let dvp = dv.div_ceil(NR) * NR;
         assert!(has_avx512(), "attention: this CPU lacks AVX-512F / FMA");
         assert_eq!(out.len(), q.rows * heads * dv);
-        let kt = keys_transposed(k, shape);
-        // values per head, rows of `dvp` (zero-padded past `dv`): vp[h][j][c] = v[j, h, c]
-        let mut vp = vec![0f32; heads * nk * dvp];
-        vp.par_chunks_mut((nk * dvp).max(1))
-            .enumerate()
-            .for_each(|(h, dst)| {
-                for (j, row) in dst.chunks_exact_mut(dvp).enumerate() {
-                    row[..dv].copy_from_slice(v.row(j, h * dv, dv));
-                }
-            });
-        let mut tasks = Vec::new();
+        // query blocks of every group that has keys
+        let mut blocks = Vec::new();
         for &g in order {
             let grp = &groups[g];
             if grp.kv.is_empty() {
                 continue;
             }
-            for h in 0..heads {
-                let mut r = grp.q.start;
-                while r < grp.q.end {
-                    let end = (r + QB).min(grp.q.end);
-                    tasks.push((g, h, r..end));
-                    r = end;
-                }
+            let mut r = grp.q.start;
+            while r < grp.q.end {
+                let end = (r + QB).min(grp.q.end);
+                blocks.push((g, r..end));
+                r = end;
             }
         }
+        // One pass over the rows packs every operand the tasks read:
+        // qt[blk][h][e][i] = q[blk's row i, h, e] (zero past the block's rows),
+        // kt[h][e][j] = k[j, h, e], vp[h][j][c] = v[j, h, c] (zero-padded to `dvp`).
+        let qw = heads * d;
+        let mut qt = vec![0f32; blocks.len() * qw * QB];
+        let mut kt = vec![0f32; qw * nk];
+        let mut vp = vec![0f32; heads * nk * dvp];
+        let (qtp, ktp, vpp) = (
+            Out(qt.as_mut_ptr()),
+            Out(kt.as_mut_ptr()),
+            Out(vp.as_mut_ptr()),
+        );
+        let kblocks = nk.div_ceil(PACK_ROWS);
+        (0..blocks.len() + kblocks).into_par_iter().for_each(|t| {
+            if let Some((_, rows)) = blocks.get(t) {
+                // SAFETY: block t owns qt[t * qw * QB ..][.. qw * QB] (rows `rows` are at most QB).
+                unsafe { transpose(q, rows.clone(), qw, qtp.at(t * qw * QB), QB) };
+                return;
+            }
+            let j0 = (t - blocks.len()) * PACK_ROWS;
+            let j1 = (j0 + PACK_ROWS).min(nk);
+            // SAFETY: this task alone writes columns j0..j1 of kt's rows and rows j0..j1 of
+            // every head of vp; both buffers have the sizes allocated above.
+            unsafe {
+                transpose(k, j0..j1, qw, ktp.at(j0), nk);
+                for j in j0..j1 {
+                    let row = v.row(j, 0, heads * dv);
+                    for h in 0..heads {
+                        let dst = vpp.at((h * nk + j) * dvp);
+                        std::ptr::copy_nonoverlapping(row.as_ptr().add(h * dv), dst, dv);
+                    }
+                }
+            }
+        });
+        let tasks: Vec<(usize, usize)> = (0..blocks.len())
+            .flat_map(|b| (0..heads).map(move |h| (b, h)))
+            .collect();
         let dst = Out(out.as_mut_ptr());
-        let (kt, vp) = (&kt[..], &vp[..]);
+        let (qt, kt, vp) = (&qt[..], &kt[..], &vp[..]);
         tasks
             .par_iter()
-            .for_each_init(Scratch::default, |sc, (g, h, rows)| {
+            .for_each_init(Scratch::default, |sc, &(blk, h)| {
+                let (g, rows) = &blocks[blk];
                 let t = Task {
-                    q,
+                    qt: &qt[(blk * heads + h) * d * QB..][..d * QB],
                     kt,
                     nk,
                     vp,
                     dvp,
                     kv: groups[*g].kv.clone(),
-                    h: *h,
+                    h,
                     rows: rows.clone(),
                     shape,
                     scale,
@@ -461,7 +535,8 @@ mod fused {
     /// One (group, head, query block).
     #[cfg(target_arch = "x86_64")]
     struct Task<'a> {
-        q: Rows<'a>,
+        /// This block's queries of head `h`, transposed: `[D][QB]`.
+        qt: &'a [f32],
         kt: &'a [f32],
         nk: usize,
         vp: &'a [f32],
@@ -485,14 +560,6 @@ mod fused {
                 v_dim: dv,
             } = self.shape;
             let (h, l, bq) = (self.h, self.kv.len(), self.rows.len());
-            sc.qt.clear();
-            sc.qt.resize(d * QB, 0.0);
-            for i in 0..bq {
-                let src = self.q.row(self.rows.start + i, h * d, d);
-                for (e, &x) in src.iter().enumerate() {
-                    sc.qt[e * QB + i] = x;
-                }
-            }
             if sc.st.len() < l * QB {
                 sc.st.resize(l * QB, 0.0);
             }
@@ -508,7 +575,7 @@ mod fused {
                     kl: d,
                     a: kh.add(j0),
                     a_step: self.nk,
-                    b: sc.qt.as_ptr(),
+                    b: self.qt.as_ptr(),
                     b_step: QB,
                     c: st.add(j0 * QB),
                     ldc: QB,
@@ -537,7 +604,7 @@ mod fused {
                         a_step: QB,
                         b: vh.add(p * NR),
                         b_step: self.dvp,
-                        c: dst.0.add((self.rows.start + i0) * vrow + h * dv + p * NR),
+                        c: dst.at((self.rows.start + i0) * vrow + h * dv + p * NR),
                         ldc: vrow,
                         cols,
                         row_scale: sc.sums.as_ptr().add(i0),
