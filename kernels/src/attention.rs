@@ -563,7 +563,8 @@ mod fused {
             if sc.st.len() < l * QB {
                 sc.st.resize(l * QB, 0.0);
             }
-            sc.sums.resize(QB, 0.0);
+            sc.sums.clear();
+            sc.sums.resize(QB, f32::NEG_INFINITY);
             // scoresᵀ[j, i] = Σ_e kᵀ[e, j] qᵀ[e, i]: A = the keys, D steps of `nk` apart;
             // B = qᵀ, rows of QB
             let kh = self.kt[h * d * self.nk + self.kv.start..].as_ptr();
@@ -581,14 +582,13 @@ mod fused {
                     ldc: QB,
                     cols: QB,
                     row_scale: std::ptr::null(),
+                    colmax: sc.sums.as_mut_ptr(),
                 };
                 m.rows(r);
                 j0 += r;
             }
-            crate::vecmath::exp_shifted_cols(&mut sc.st[..l * QB], QB, self.scale, &mut sc.sums);
-            for s in sc.sums.iter_mut() {
-                *s = 1.0 / *s;
-            }
+            // sums := 1 / Σ_j e^{scale (s[j, i] - max_i)}, from the maxima the tiles left there
+            softmax_cols(&mut sc.st[..l * QB], self.scale, &mut sc.sums);
             // out[i, c] = (Σ_j pᵀ[j, i] v[j, c]) / sum_i: A = the probabilities, steps of QB;
             // B = the head's values, rows of dvp
             let vh = self.vp[(h * self.nk + self.kv.start) * self.dvp..].as_ptr();
@@ -608,11 +608,47 @@ mod fused {
                         ldc: vrow,
                         cols,
                         row_scale: sc.sums.as_ptr().add(i0),
+                        colmax: std::ptr::null_mut(),
                     };
                     m.rows(r);
                     i0 += r;
                 }
             }
+        }
+    }
+
+    /// The column softmax of a `[keys][QB]` score tile whose column maxima are in `sums`:
+    /// `st[j, i] = e^{scale st[j, i] - scale max_i}`, then `sums[i] = 1 / Σ_j st[j, i]`
+    /// (`scale` positive; the same formula as `vecmath::exp_shifted_row`, its polynomial on FMAs).
+    ///
+    /// # Safety
+    /// AVX-512F and FMA; `sums` holds QB values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn softmax_cols(st: &mut [f32], scale: f32, sums: &mut [f32]) {
+        use std::arch::x86_64::*;
+        const V: usize = QB / 16;
+        assert!(sums.len() >= QB && st.len().is_multiple_of(QB));
+        let sc = _mm512_set1_ps(scale);
+        let mut shift = [_mm512_setzero_ps(); V];
+        for (v, sh) in shift.iter_mut().enumerate() {
+            *sh = _mm512_mul_ps(_mm512_loadu_ps(sums.as_ptr().add(16 * v)), sc);
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; 2];
+        for (j, row) in st.chunks_exact_mut(QB).enumerate() {
+            let a = &mut acc[j % 2];
+            for v in 0..V {
+                let p = row.as_mut_ptr().add(16 * v);
+                let x = _mm512_fmsub_ps(_mm512_loadu_ps(p), sc, shift[v]);
+                let e = crate::vecmath::exp_avx512(x);
+                _mm512_storeu_ps(p, e);
+                a[v] = _mm512_add_ps(a[v], e);
+            }
+        }
+        let one = _mm512_set1_ps(1.0);
+        for v in 0..V {
+            let sum = _mm512_add_ps(acc[0][v], acc[1][v]);
+            _mm512_storeu_ps(sums.as_mut_ptr().add(16 * v), _mm512_div_ps(one, sum));
         }
     }
 
@@ -630,6 +666,8 @@ mod fused {
         cols: usize,
         /// Null: no scaling.
         row_scale: *const f32,
+        /// Non-null: 64 running column maxima, raised to the tile's (the score product).
+        colmax: *mut f32,
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -683,6 +721,15 @@ mod fused {
         for (v, mk) in mask.iter_mut().enumerate() {
             let c = m.cols.saturating_sub(16 * v).min(16);
             *mk = ((1u32 << c) - 1) as u16;
+        }
+        if !m.colmax.is_null() {
+            for v in 0..V {
+                let mut mx = _mm512_loadu_ps(m.colmax.add(16 * v));
+                for acc_i in &acc {
+                    mx = _mm512_max_ps(mx, acc_i[v]);
+                }
+                _mm512_storeu_ps(m.colmax.add(16 * v), mx);
+            }
         }
         for (i, acc_i) in acc.iter().enumerate() {
             let row = m.c.add(i * m.ldc);

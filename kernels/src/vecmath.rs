@@ -95,6 +95,37 @@ fn exp1(x: f32) -> f32 {
     er * f32::from_bits((ni.wrapping_add(127) << 23) as u32)
 }
 
+/// [`exp1`] on 16 lanes with AVX-512, the polynomial and the reduction on fused multiply-adds
+/// (so it may differ from `exp1` in the last bit).
+///
+/// # Safety
+/// The CPU has AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(crate) unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let s = _mm512_set1_ps;
+    let x = _mm512_min_ps(_mm512_max_ps(x, s(-87.336_54)), s(88.376_26));
+    let t = _mm512_add_ps(_mm512_mul_ps(x, s(LOG2E)), s(ROUND_MAGIC));
+    let n = _mm512_sub_ps(t, s(ROUND_MAGIC));
+    let ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x4B40_0000));
+    let r = _mm512_fnmadd_ps(n, s(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, s(LN2_LO), r);
+    let mut p = s(1.987_569_1e-4);
+    p = _mm512_fmadd_ps(p, r, s(1.398_199_9e-3));
+    p = _mm512_fmadd_ps(p, r, s(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, s(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, s(1.666_666_5e-1));
+    p = _mm512_fmadd_ps(p, r, s(0.5));
+    let er = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), s(1.0));
+    let pow = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        ni,
+        _mm512_set1_epi32(127),
+    )));
+    _mm512_mul_ps(er, pow)
+}
+
 /// `tanh(x)` as `1 - 2 / (e^{2x} + 1)`, with `x` clamped to ±9 (tanh is 1 to float32 precision
 /// beyond); small `|x|` use the odd Taylor series, where the formula above loses digits.
 #[inline(always)]
@@ -170,44 +201,6 @@ multiversion! {
             sum += *v;
         }
         sum + acc.iter().sum::<f32>()
-    }
-}
-
-multiversion! {
-    /// [`exp_shifted_row`] down the columns of a row-major `[rows, width]` block (each column one
-    /// softmax row, e.g. a transposed score tile): `s[j, i] = e^{scale s[j, i] - m_i}` with `m_i`
-    /// the largest `scale s[j, i]` of column `i`; `sums[i]` (`width` values) receives column `i`'s
-    /// sum, accumulated in four interleaved partial sums. `scale` must be positive.
-    pub fn exp_shifted_cols(s: &mut [f32], width: usize, scale: f32, sums: &mut [f32]) {
-        debug_assert!(scale > 0.0 && width > 0 && sums.len() == width);
-        let width = width.min(sums.len());
-        if width == 0 {
-            return;
-        }
-        let max = &mut sums[..width];
-        max.iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
-        for row in s.chunks_exact(width) {
-            for (m, &v) in max.iter_mut().zip(row) {
-                *m = m.max(v);
-            }
-        }
-        // the shift per column, then the sums in four partials (rows j mod 4) over it
-        let mut part = vec![0f32; 5 * width];
-        let (shift, acc) = part.split_at_mut(width);
-        for (sh, m) in shift.iter_mut().zip(max.iter()) {
-            *sh = *m * scale;
-        }
-        for (j, row) in s.chunks_exact_mut(width).enumerate() {
-            let acc = &mut acc[(j % 4) * width..][..width];
-            for ((v, &sh), a) in row.iter_mut().zip(shift.iter()).zip(acc.iter_mut()) {
-                let e = exp1(*v * scale - sh);
-                *v = e;
-                *a += e;
-            }
-        }
-        for (i, out) in sums[..width].iter_mut().enumerate() {
-            *out = (acc[i] + acc[width + i]) + (acc[2 * width + i] + acc[3 * width + i]);
-        }
     }
 }
 
@@ -319,27 +312,33 @@ multiversion! {
 mod tests {
     use super::*;
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
-    fn column_softmax_matches_the_row_one() {
-        let (rows, width) = (37, 48);
-        let mut st = 7u32;
-        let s: Vec<f32> = (0..rows * width)
-            .map(|_| {
-                st = st.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (st >> 8) as f32 / (1 << 24) as f32 * 20.0 - 10.0
-            })
-            .collect();
-        let mut cols = s.clone();
-        let mut sums = vec![0f32; width];
-        exp_shifted_cols(&mut cols, width, 0.3, &mut sums);
-        for i in 0..width {
-            let mut row: Vec<f32> = (0..rows).map(|j| s[j * width + i]).collect();
-            let sum = exp_shifted_row(&mut row, 0.3);
-            assert!((sum - sums[i]).abs() <= 1e-5 * sum, "{sum} {}", sums[i]);
-            for j in 0..rows {
-                assert!((row[j] - cols[j * width + i]).abs() <= 1e-6 * row[j].max(1e-30));
-            }
+    fn avx512_exp_matches_libm() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")) {
+            return;
         }
+        /// # Safety
+        /// AVX-512F and FMA.
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn exp_all(xs: &[f32]) -> Vec<f32> {
+            use std::arch::x86_64::*;
+            let mut out = vec![0f32; xs.len()];
+            for (c, o) in xs.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                _mm512_storeu_ps(o.as_mut_ptr(), exp_avx512(_mm512_loadu_ps(c.as_ptr())));
+            }
+            out
+        }
+        // a whole number of 16-lane vectors
+        let xs: Vec<f32> = (-8700..8804).map(|i| i as f32 * 0.01).collect();
+        // SAFETY: AVX-512F and FMA were detected.
+        let ys = unsafe { exp_all(&xs) };
+        let mut worst = 0f64;
+        for (x, y) in xs.iter().zip(&ys) {
+            let want = (*x as f64).exp();
+            worst = worst.max(((*y as f64 - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
     }
 
     #[test]
