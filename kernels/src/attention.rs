@@ -646,8 +646,8 @@ mod fused {
             }
         }
         let one = _mm512_set1_ps(1.0);
-        for v in 0..V {
-            let sum = _mm512_add_ps(acc[0][v], acc[1][v]);
+        for (v, (a0, a1)) in acc[0].iter().zip(&acc[1]).enumerate() {
+            let sum = _mm512_add_ps(*a0, *a1);
             _mm512_storeu_ps(sums.as_mut_ptr().add(16 * v), _mm512_div_ps(one, sum));
         }
     }
