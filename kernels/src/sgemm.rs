@@ -137,6 +137,13 @@ impl PackedWeights {
         available().then(|| Self::pack_any_cpu(w, n, k))
     }
 
+    /// [`Self::pack`] of the weights `parts` (each row-major `[n_i, k]`) stacked along the output
+    /// features, as if concatenated first (without the copy): `None` when the CPU cannot run the
+    /// kernel. Panics if a part's length is not a multiple of `k` (or not 0 when `k` is 0).
+    pub fn pack_stacked(parts: &[&[f32]], k: usize) -> Option<Self> {
+        available().then(|| Self::pack_parts(parts, k))
+    }
+
     /// The packing itself, on any CPU (the tests' reference path uses it too).
     fn pack_any_cpu(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(
@@ -145,22 +152,52 @@ impl PackedWeights {
             "sgemm: weight has {} values, not {n} x {k}",
             w.len()
         );
+        if k == 0 {
+            return PackedWeights {
+                n,
+                k,
+                data: Aligned::zeroed(0),
+            };
+        }
+        Self::pack_parts(&[w], k)
+    }
+
+    fn pack_parts(parts: &[&[f32]], k: usize) -> Self {
+        let rows: Vec<usize> = parts
+            .iter()
+            .map(|p| {
+                assert!(
+                    k > 0 && p.len().is_multiple_of(k),
+                    "sgemm: a stacked weight part has {} values, not rows of {k}",
+                    p.len()
+                );
+                p.len() / k
+            })
+            .collect();
+        let n: usize = rows.iter().sum();
+        // output feature r is row r - starts[i] of part i
+        let row = |mut r: usize| -> &[f32] {
+            for (part, &nr) in parts.iter().zip(&rows) {
+                if r < nr {
+                    return &part[r * k..][..k];
+                }
+                r -= nr;
+            }
+            unreachable!("sgemm: row past the stacked parts")
+        };
         let panels = n.div_ceil(NR);
         let mut data = Aligned::zeroed(panels * k * NR);
-        if k > 0 {
-            data.as_mut_slice()[..panels * k * NR]
-                .par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let cols = NR.min(n - p * NR);
-                    for j in 0..cols {
-                        let row = &w[(p * NR + j) * k..][..k];
-                        for (kk, &v) in row.iter().enumerate() {
-                            panel[kk * NR + j] = v;
-                        }
+        data.as_mut_slice()[..panels * k * NR]
+            .par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let cols = NR.min(n - p * NR);
+                for j in 0..cols {
+                    for (kk, &v) in row(p * NR + j).iter().enumerate() {
+                        panel[kk * NR + j] = v;
                     }
-                });
-        }
+                }
+            });
         PackedWeights { n, k, data }
     }
 
@@ -694,6 +731,19 @@ mod tests {
             Activation::None,
             Blocking::default(),
         );
+    }
+
+    #[test]
+    fn stacked_parts_pack_as_their_concatenation() {
+        let (k, n1, n2) = (19, 70, 64);
+        let a = values(n1 * k, 21);
+        let b = values(n2 * k, 22);
+        let whole: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let want = PackedWeights::pack_any_cpu(&whole, n1 + n2, k);
+        let got = PackedWeights::pack_parts(&[&a, &b], k);
+        assert_eq!((got.n, got.k), (n1 + n2, k));
+        let len = (n1 + n2).div_ceil(NR) * k * NR;
+        assert_eq!(got.data.as_slice()[..len], want.data.as_slice()[..len]);
     }
 
     #[test]

@@ -45,6 +45,59 @@ pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Dense> {
     Dense::new(candle_nn::linear_no_bias(i, o, vb)?)
 }
 
+/// One layer computing the layers `parts` (same input width) side by side: its output rows are the
+/// parts' outputs one after the other (`q | k | v`). Packed straight from the parts' weights where
+/// `sgemm` runs; otherwise a candle `Linear` on the concatenated weights.
+pub fn stacked(parts: &[Linear]) -> Result<Dense> {
+    let bias_all = parts.iter().all(|l| l.bias().is_some());
+    let bias_none = parts.iter().all(|l| l.bias().is_none());
+    if !bias_all && !bias_none {
+        bail!("stacked linear: some parts have a bias and some do not");
+    }
+    let cat_bias = || -> Result<Option<Tensor>> {
+        Ok(if bias_all {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        })
+    };
+    let ws: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let fits = sgemm::available()
+        && ws
+            .iter()
+            .all(|w| w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2);
+    if fits {
+        let k = ws.first().map(|w| w.dim(1)).transpose()?.unwrap_or(0);
+        let mut guards = Vec::with_capacity(ws.len());
+        for w in &ws {
+            guards.push(w.storage_and_layout());
+        }
+        let mut slices = Vec::with_capacity(ws.len());
+        for (w, (storage, layout)) in ws.iter().zip(&guards) {
+            match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) if w.dim(1)? == k && k > 0 => {
+                    slices.push(&v[a..b])
+                }
+                _ => break,
+            }
+        }
+        if slices.len() == ws.len() {
+            if let Some(w) = PackedWeights::pack_stacked(&slices, k) {
+                let bias = match cat_bias()? {
+                    Some(b) => match cpu_f32_values(&b) {
+                        Some(v) if v.len() == w.n() => Some(v),
+                        _ => bail!("stacked linear: biases do not match {} outputs", w.n()),
+                    },
+                    None => None,
+                };
+                return Ok(Dense(Inner::Packed(Arc::new(Packed { w, bias }))));
+            }
+        }
+    }
+    Dense::new(Linear::new(Tensor::cat(&ws, 0)?, cat_bias()?))
+}
+
 /// The contiguous float32 values of a CPU tensor, copied (`None` for anything else).
 fn cpu_f32_values(t: &Tensor) -> Option<Vec<f32>> {
     let (storage, layout) = t.storage_and_layout();
@@ -309,6 +362,14 @@ mod tests {
                 .squeeze(0)
                 .unwrap();
             assert!(max_diff(&d.forward(&x1).unwrap(), &want) < 1e-4);
+            // two layers stacked: the outputs side by side
+            let l2 = Linear::new(
+                Tensor::randn(0f32, 0.3, (n, k), &dev).unwrap(),
+                bias.then(|| Tensor::randn(0f32, 0.3, n, &dev).unwrap()),
+            );
+            let st = stacked(&[l.clone(), l2.clone()]).unwrap();
+            let want = Tensor::cat(&[l.forward(&x).unwrap(), l2.forward(&x).unwrap()], 2).unwrap();
+            assert!(max_diff(&st.forward(&x).unwrap(), &want) < 1e-4);
             // LayerScale'd residual in the store
             let gamma = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
             let res = Tensor::randn(0f32, 1.0, (2, 19, n), &dev).unwrap();

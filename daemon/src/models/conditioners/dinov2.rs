@@ -189,21 +189,10 @@ impl Layer {
         let cpu_f32 = vb.device().is_cpu() && vb.dtype() == DType::F32;
         let sa = att.pp("attention");
         let qkv = if cpu_f32 && sgemm::available() {
-            let (mut ws, mut bs) = (Vec::new(), Vec::new());
-            for name in ["query", "key", "value"] {
-                let l = candle_nn::linear_b(c, c, cfg.qkv_bias, sa.pp(name))?;
-                ws.push(l.weight().clone());
-                bs.extend(l.bias().cloned());
-            }
-            let w = Tensor::cat(&ws, 0)?;
-            let b = if bs.is_empty() {
-                None
-            } else {
-                Some(Tensor::cat(&bs, 0)?)
-            };
-            drop(ws);
-            drop(bs);
-            Qkv::Fused(Dense::new(candle_nn::Linear::new(w, b))?)
+            let parts = ["query", "key", "value"]
+                .map(|name| candle_nn::linear_b(c, c, cfg.qkv_bias, sa.pp(name)));
+            let [q, k, v] = parts;
+            Qkv::Fused(dense::stacked(&[q?, k?, v?])?)
         } else {
             Qkv::Split(
                 linear(c, c, cfg.qkv_bias, sa.pp("query"))?,
