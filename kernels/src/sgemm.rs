@@ -43,6 +43,16 @@ pub enum Activation {
     GeluErf,
 }
 
+/// What is applied to `x · Wᵀ + bias` before it is stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// An activation.
+    Act(Activation),
+    /// `res + gamma ⊙ (x · Wᵀ + bias)` (`gamma` per output column, `res` row-major `[m, N]`): a
+    /// LayerScale'd residual branch, rounded as the separate product and sum would be.
+    ScaledResidual { gamma: &'a [f32], res: &'a [f32] },
+}
+
 /// Cache blocking of [`linear_with`]; [`Blocking::default`] is what [`linear`] uses.
 #[derive(Debug, Clone, Copy)]
 pub struct Blocking {
@@ -127,6 +137,13 @@ impl PackedWeights {
         available().then(|| Self::pack_any_cpu(w, n, k))
     }
 
+    /// [`Self::pack`] of the weights `parts` (each row-major `[n_i, k]`) stacked along the output
+    /// features, as if concatenated first (without the copy): `None` when the CPU cannot run the
+    /// kernel. Panics if a part's length is not a multiple of `k` (or not 0 when `k` is 0).
+    pub fn pack_stacked(parts: &[&[f32]], k: usize) -> Option<Self> {
+        available().then(|| Self::pack_parts(parts, k))
+    }
+
     /// The packing itself, on any CPU (the tests' reference path uses it too).
     fn pack_any_cpu(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(
@@ -135,22 +152,52 @@ impl PackedWeights {
             "sgemm: weight has {} values, not {n} x {k}",
             w.len()
         );
+        if k == 0 {
+            return PackedWeights {
+                n,
+                k,
+                data: Aligned::zeroed(0),
+            };
+        }
+        Self::pack_parts(&[w], k)
+    }
+
+    fn pack_parts(parts: &[&[f32]], k: usize) -> Self {
+        let rows: Vec<usize> = parts
+            .iter()
+            .map(|p| {
+                assert!(
+                    k > 0 && p.len().is_multiple_of(k),
+                    "sgemm: a stacked weight part has {} values, not rows of {k}",
+                    p.len()
+                );
+                p.len() / k
+            })
+            .collect();
+        let n: usize = rows.iter().sum();
+        // output feature r is row r - starts[i] of part i
+        let row = |mut r: usize| -> &[f32] {
+            for (part, &nr) in parts.iter().zip(&rows) {
+                if r < nr {
+                    return &part[r * k..][..k];
+                }
+                r -= nr;
+            }
+            unreachable!("sgemm: row past the stacked parts")
+        };
         let panels = n.div_ceil(NR);
         let mut data = Aligned::zeroed(panels * k * NR);
-        if k > 0 {
-            data.as_mut_slice()[..panels * k * NR]
-                .par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let cols = NR.min(n - p * NR);
-                    for j in 0..cols {
-                        let row = &w[(p * NR + j) * k..][..k];
-                        for (kk, &v) in row.iter().enumerate() {
-                            panel[kk * NR + j] = v;
-                        }
+        data.as_mut_slice()[..panels * k * NR]
+            .par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let cols = NR.min(n - p * NR);
+                for j in 0..cols {
+                    for (kk, &v) in row(p * NR + j).iter().enumerate() {
+                        panel[kk * NR + j] = v;
                     }
-                });
-        }
+                }
+            });
         PackedWeights { n, k, data }
     }
 
@@ -197,7 +244,20 @@ pub fn linear_uninit(
     act: Activation,
     out: &mut [MaybeUninit<f32>],
 ) {
-    run(x, m, w, bias, act, out, Blocking::default())
+    run(x, m, w, bias, Epilogue::Act(act), out, Blocking::default())
+}
+
+/// [`linear_uninit`] with any [`Epilogue`]. Panics on mismatched lengths (`gamma` must have `N`
+/// values, `res` `m * N`).
+pub fn linear_epilogue_uninit(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    epilogue: Epilogue,
+    out: &mut [MaybeUninit<f32>],
+) {
+    run(x, m, w, bias, epilogue, out, Blocking::default())
 }
 
 /// [`linear`] with explicit cache blocking (for tuning).
@@ -214,7 +274,7 @@ pub fn linear_with(
     let out = unsafe {
         std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), out.len())
     };
-    run(x, m, w, bias, act, out, blocking)
+    run(x, m, w, bias, Epilogue::Act(act), out, blocking)
 }
 
 fn run(
@@ -222,7 +282,7 @@ fn run(
     m: usize,
     w: &PackedWeights,
     bias: Option<&[f32]>,
-    act: Activation,
+    epi: Epilogue,
     out: &mut [MaybeUninit<f32>],
     blocking: Blocking,
 ) {
@@ -242,17 +302,31 @@ fn run(
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "sgemm: bias has {} values, not {n}", b.len());
     }
+    if let Epilogue::ScaledResidual { gamma, res } = epi {
+        assert_eq!(
+            gamma.len(),
+            n,
+            "sgemm: gamma has {} values, not {n}",
+            gamma.len()
+        );
+        assert_eq!(
+            res.len(),
+            m * n,
+            "sgemm: residual has {} values, not {m} x {n}",
+            res.len()
+        );
+    }
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        for row in out.chunks_exact_mut(n) {
+        for (i, row) in out.chunks_exact_mut(n).enumerate() {
             for (j, v) in row.iter_mut().enumerate() {
                 v.write(bias.map_or(0.0, |b| b[j]));
             }
             // SAFETY: every value of the row was just written.
             let row = unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr().cast::<f32>(), n) };
-            apply(act, row);
+            finish_row(epi, row, i * n);
         }
         return;
     }
@@ -267,7 +341,7 @@ fn run(
         let run = |(rows, cols): &Rect| {
             // SAFETY: the tasks' (rows, panels) rectangles are disjoint and inside `out`, whose
             // row length is `n`; the CPU has AVX-512F and FMA (asserted above).
-            unsafe { task(x, w, bias, act, dst, rows.clone(), cols.clone(), kc) }
+            unsafe { task(x, w, bias, epi, dst, rows.clone(), cols.clone(), kc) }
         };
         if parallel {
             tasks.par_iter().for_each(run);
@@ -287,6 +361,19 @@ fn apply(act: Activation, v: &mut [f32]) {
         Activation::None => {}
         Activation::GeluTanh => vecmath::gelu_tanh_in_place(v),
         Activation::GeluErf => vecmath::gelu_erf_in_place(v),
+    }
+}
+
+/// The epilogue on `row` (output values from flat index `at`), outside the microkernel.
+fn finish_row(epi: Epilogue, row: &mut [f32], at: usize) {
+    match epi {
+        Epilogue::Act(act) => apply(act, row),
+        Epilogue::ScaledResidual { gamma, res } => {
+            let n = gamma.len();
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = res[at + j] + *v * gamma[(at + j) % n];
+            }
+        }
     }
 }
 
@@ -340,7 +427,7 @@ unsafe fn task(
     x: &[f32],
     w: &PackedWeights,
     bias: Option<&[f32]>,
-    act: Activation,
+    epi: Epilogue,
     dst: Out,
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
@@ -368,12 +455,20 @@ unsafe fn task(
                 let mr = MR.min(rows.end - r0);
                 let a = &ap[t * MR * kl..][..MR * kl];
                 let c = dst.0.add(r0 * n + p * NR);
+                let residual = match (last, epi) {
+                    (true, Epilogue::ScaledResidual { gamma, res }) => Some((
+                        &gamma[p * NR..p * NR + cols],
+                        res[r0 * n + p * NR..].as_ptr(),
+                    )),
+                    _ => None,
+                };
                 let st = Store {
                     c,
                     ldc: n,
                     cols,
                     bias: bias_p,
                     first,
+                    residual,
                 };
                 match mr {
                     MR => tile::<MR>(kl, a, b, &st),
@@ -383,10 +478,13 @@ unsafe fn task(
                     4 => tile::<4>(kl, a, b, &st),
                     _ => tile::<5>(kl, a, b, &st),
                 }
-                if last && act != Activation::None {
-                    for i in 0..mr {
-                        apply(act, std::slice::from_raw_parts_mut(c.add(i * n), cols));
+                match epi {
+                    Epilogue::Act(act) if last && act != Activation::None => {
+                        for i in 0..mr {
+                            apply(act, std::slice::from_raw_parts_mut(c.add(i * n), cols));
+                        }
                     }
+                    _ => {}
                 }
             }
         }
@@ -429,6 +527,9 @@ struct Store<'a> {
     bias: Option<&'a [f32]>,
     /// First K block: the output is overwritten, not accumulated onto.
     first: bool,
+    /// Last K block of a [`Epilogue::ScaledResidual`]: the panel's `gamma` values and the
+    /// tile's first residual value (same row stride as the output).
+    residual: Option<(&'a [f32], *const f32)>,
 }
 
 /// One `R x NR` tile over `kl` values of K: `a` is the `[kl][MR]` micro-panel of `x`, `b` the
@@ -485,6 +586,12 @@ unsafe fn tile<const R: usize>(kl: usize, a: &[f32], b: &[f32], st: &Store) {
             add[v] = _mm512_maskz_loadu_ps(mask[v], bv.as_ptr().add(16 * v));
         }
     }
+    let mut gamma = [_mm512_setzero_ps(); V];
+    if let Some((g, _)) = st.residual {
+        for v in 0..V {
+            gamma[v] = _mm512_maskz_loadu_ps(mask[v], g.as_ptr().add(16 * v));
+        }
+    }
     for (i, acc_i) in acc.iter().enumerate() {
         let row = st.c.add(i * st.ldc);
         for v in 0..V {
@@ -493,7 +600,13 @@ unsafe fn tile<const R: usize>(kl: usize, a: &[f32], b: &[f32], st: &Store) {
             } else {
                 _mm512_maskz_loadu_ps(mask[v], row.add(16 * v))
             };
-            _mm512_mask_storeu_ps(row.add(16 * v), mask[v], _mm512_add_ps(acc_i[v], s));
+            let mut y = _mm512_add_ps(acc_i[v], s);
+            if let Some((_, res)) = st.residual {
+                let r = _mm512_maskz_loadu_ps(mask[v], res.add(i * st.ldc + 16 * v));
+                // two roundings, as `res + (y * gamma)` computed apart
+                y = _mm512_add_ps(r, _mm512_mul_ps(y, gamma[v]));
+            }
+            _mm512_mask_storeu_ps(row.add(16 * v), mask[v], y);
         }
     }
 }
@@ -618,6 +731,57 @@ mod tests {
             Activation::None,
             Blocking::default(),
         );
+    }
+
+    #[test]
+    fn stacked_parts_pack_as_their_concatenation() {
+        let (k, n1, n2) = (19, 70, 64);
+        let a = values(n1 * k, 21);
+        let b = values(n2 * k, 22);
+        let whole: Vec<f32> = a.iter().chain(&b).copied().collect();
+        let want = PackedWeights::pack_any_cpu(&whole, n1 + n2, k);
+        let got = PackedWeights::pack_parts(&[&a, &b], k);
+        assert_eq!((got.n, got.k), (n1 + n2, k));
+        let len = (n1 + n2).div_ceil(NR) * k * NR;
+        assert_eq!(got.data.as_slice()[..len], want.data.as_slice()[..len]);
+    }
+
+    #[test]
+    fn scaled_residual_epilogue() {
+        // one K block and several (kc 32), a partial last panel, a partial last tile
+        for &(m, n, k, kc) in &[(13, 70, 40, 1024), (29, 64, 100, 32), (200, 130, 96, 1024)] {
+            let x = values(m * k, 11);
+            let w = values(n * k, 12);
+            let b = values(n, 13);
+            let gamma = values(n, 14);
+            let res = values(m * n, 15);
+            let mut want = reference(&x, m, &w, n, k, Some(&b), Activation::None);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = res[i] + *v * gamma[i % n];
+            }
+            let Some(pw) = PackedWeights::pack(&w, n, k) else {
+                return;
+            };
+            let mut got = vec![MaybeUninit::new(f32::NAN); m * n];
+            let epi = Epilogue::ScaledResidual {
+                gamma: &gamma,
+                res: &res,
+            };
+            run(
+                &x,
+                m,
+                &pw,
+                Some(&b),
+                epi,
+                &mut got,
+                Blocking { kc, mc: 448 },
+            );
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // SAFETY: every value was initialised above.
+                let g = unsafe { g.assume_init() };
+                assert!((g - w).abs() <= 1e-4, "m={m} n={n} k={k}: [{i}] {g} vs {w}");
+            }
+        }
     }
 
     #[test]

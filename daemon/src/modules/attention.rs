@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
+use trellis_kernels::attention::{
+    varlen_attention, varlen_attention_rows, AttnGroup, AttnShape, Rows,
+};
 
 use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
@@ -53,6 +55,51 @@ pub fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<Tensor
     Ok(Some(
         Tensor::from_vec(o, (b, lq, h, dv), q.device())?.to_dtype(q.dtype())?,
     ))
+}
+
+/// Self-attention on the CPU straight from a fused projection `qkv` `[B, L, 3·C]` (each row `q`,
+/// `k`, `v` of `heads` heads one after the other, as a concatenated q|k|v `Linear` writes them):
+/// the kernel reads the three parts in place (no copies); returns `[B, L, C]`, scale
+/// `1/sqrt(C/heads)`. `None` unless `qkv` is a float32 CPU tensor.
+pub fn cpu_self_attention_qkv(qkv: &Tensor, heads: usize) -> Result<Option<Tensor>> {
+    if !qkv.device().is_cpu() || qkv.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (b, l, w) = qkv.dims3().context("attention: qkv must be [B, L, 3C]")?;
+    if heads == 0 || !w.is_multiple_of(3 * heads) {
+        bail!("attention: qkv width {w} is not 3 x {heads} heads");
+    }
+    let c = w / 3;
+    let d = c / heads;
+    let qkv = qkv.contiguous()?;
+    let (storage, layout) = qkv.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage else {
+        return Ok(None);
+    };
+    let Some((s0, s1)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let data = &all[s0..s1];
+    let part = |i: usize| Rows {
+        data: &data[(i * c).min(data.len())..],
+        rows: b * l,
+        stride: w,
+    };
+    let groups: Vec<AttnGroup> = (0..b)
+        .map(|i| AttnGroup {
+            q: i * l..(i + 1) * l,
+            kv: i * l..(i + 1) * l,
+        })
+        .collect();
+    let shape = AttnShape {
+        heads,
+        head_dim: d,
+        v_dim: d,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let o = varlen_attention_rows(part(0), part(1), part(2), &groups, shape, scale)?;
+    drop(storage);
+    Ok(Some(Tensor::from_vec(o, (b, l, c), qkv.device())?))
 }
 
 /// [`scaled_dot_product_attention`] materialising at most about `budget` scores at once.
@@ -301,5 +348,21 @@ mod tests {
         let err = crate::parity::fixture::rel_l2(&chunked, &want).unwrap();
         assert!(err < 1e-6, "{err}");
         assert!(scaled_dot_product_attention(&q, &k, &q).is_err());
+    }
+
+    #[test]
+    fn fused_qkv_attention_matches_naive() {
+        let dev = Device::Cpu;
+        let (b, l, h, d) = (2, 45, 3, 16);
+        let qkv = Tensor::randn(0f32, 1.0, (b, l, 3 * h * d), &dev).unwrap();
+        let got = cpu_self_attention_qkv(&qkv, h).unwrap().unwrap();
+        assert_eq!(got.dims(), &[b, l, h * d]);
+        let parts = qkv.reshape((b, l, 3, h, d)).unwrap();
+        let part = |i: usize| parts.get_on_dim(2, i).unwrap();
+        let want = naive_attention(&part(0), &part(1), &part(2))
+            .reshape((b, l, h * d))
+            .unwrap();
+        let err = crate::parity::fixture::rel_l2(&got, &want).unwrap();
+        assert!(err < 1e-6, "{err}");
     }
 }

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use trellis_kernels::sgemm::{self, Activation, PackedWeights};
+use trellis_kernels::sgemm::{self, Activation, Epilogue, PackedWeights};
 
 use super::gpu_fused::{self, Act};
 
@@ -43,6 +43,59 @@ pub fn linear_b(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Dense>
 /// `nn.Linear(i, o, bias=False)`.
 pub fn linear_no_bias(i: usize, o: usize, vb: VarBuilder) -> Result<Dense> {
     Dense::new(candle_nn::linear_no_bias(i, o, vb)?)
+}
+
+/// One layer computing the layers `parts` (same input width) side by side: its output rows are the
+/// parts' outputs one after the other (`q | k | v`). Packed straight from the parts' weights where
+/// `sgemm` runs; otherwise a candle `Linear` on the concatenated weights.
+pub fn stacked(parts: &[Linear]) -> Result<Dense> {
+    let bias_all = parts.iter().all(|l| l.bias().is_some());
+    let bias_none = parts.iter().all(|l| l.bias().is_none());
+    if !bias_all && !bias_none {
+        bail!("stacked linear: some parts have a bias and some do not");
+    }
+    let cat_bias = || -> Result<Option<Tensor>> {
+        Ok(if bias_all {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        })
+    };
+    let ws: Vec<&Tensor> = parts.iter().map(|l| l.weight()).collect();
+    let fits = sgemm::available()
+        && ws
+            .iter()
+            .all(|w| w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2);
+    if fits {
+        let k = ws.first().map(|w| w.dim(1)).transpose()?.unwrap_or(0);
+        let mut guards = Vec::with_capacity(ws.len());
+        for w in &ws {
+            guards.push(w.storage_and_layout());
+        }
+        let mut slices = Vec::with_capacity(ws.len());
+        for (w, (storage, layout)) in ws.iter().zip(&guards) {
+            match (&**storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) if w.dim(1)? == k && k > 0 => {
+                    slices.push(&v[a..b])
+                }
+                _ => break,
+            }
+        }
+        if slices.len() == ws.len() {
+            if let Some(w) = PackedWeights::pack_stacked(&slices, k) {
+                let bias = match cat_bias()? {
+                    Some(b) => match cpu_f32_values(&b) {
+                        Some(v) if v.len() == w.n() => Some(v),
+                        _ => bail!("stacked linear: biases do not match {} outputs", w.n()),
+                    },
+                    None => None,
+                };
+                return Ok(Dense(Inner::Packed(Arc::new(Packed { w, bias }))));
+            }
+        }
+    }
+    Dense::new(Linear::new(Tensor::cat(&ws, 0)?, cat_bias()?))
 }
 
 /// The contiguous float32 values of a CPU tensor, copied (`None` for anything else).
@@ -140,6 +193,99 @@ impl Dense {
     }
 }
 
+impl Dense {
+    /// `res + gamma ⊙ (x Wᵀ + b)` (a LayerScale'd residual branch, `gamma` one value per output
+    /// feature, `res` the shape of the output) in the product's store, for a packed layer and
+    /// float32 CPU tensors; `None` otherwise (the caller computes it apart).
+    pub fn forward_scaled_residual(
+        &self,
+        x: &Tensor,
+        gamma: &[f32],
+        res: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Inner::Packed(p) = &self.0 else {
+            return Ok(None);
+        };
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !cpu_f32(x) || !cpu_f32(res) || gamma.len() != p.w.n() {
+            return Ok(None);
+        }
+        let op = PackedResidual { p, gamma };
+        Ok(Some(
+            x.contiguous()?.apply_op2_no_bwd(&res.contiguous()?, &op)?,
+        ))
+    }
+}
+
+/// The output shape of a packed layer for an input of `dims` (`[.., K]` → `[.., N]`) and its rows.
+fn output_dims(p: &Packed, dims: &[usize]) -> candle_core::Result<(Vec<usize>, usize)> {
+    let (n, k) = (p.w.n(), p.w.k());
+    let mut dims = dims.to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => candle_core::bail!("linear: input {:?} does not end in {k}", dims),
+    }
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    Ok((dims, m))
+}
+
+/// The contiguous float32 values of a CPU storage.
+fn f32_values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expected float32 values")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: expected a contiguous tensor")
+    };
+    Ok(&v[a..b])
+}
+
+/// [`Dense::forward_scaled_residual`] as a candle op on (input, residual).
+struct PackedResidual<'a> {
+    p: &'a Packed,
+    gamma: &'a [f32],
+}
+
+impl CustomOp2 for PackedResidual<'_> {
+    fn name(&self) -> &'static str {
+        "sgemm-linear-scaled-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_values(xs, xl, "sgemm-linear")?;
+        let res = f32_values(rs, rl, "sgemm-linear residual")?;
+        let (dims, m) = output_dims(self.p, xl.dims())?;
+        if rl.dims() != dims.as_slice() {
+            candle_core::bail!(
+                "linear: residual {:?} does not match the output {dims:?}",
+                rl.dims()
+            );
+        }
+        let n = self.p.w.n();
+        let mut out = Vec::with_capacity(m * n);
+        sgemm::linear_epilogue_uninit(
+            x,
+            m,
+            &self.p.w,
+            self.p.bias.as_deref(),
+            Epilogue::ScaledResidual {
+                gamma: self.gamma,
+                res,
+            },
+            &mut out.spare_capacity_mut()[..m * n],
+        );
+        // SAFETY: `linear_epilogue_uninit` writes all m * n values.
+        unsafe { out.set_len(m * n) };
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
 /// The packed layer as a candle op on its input.
 struct PackedLinear {
     p: Arc<Packed>,
@@ -152,20 +298,9 @@ impl CustomOp1 for PackedLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("sgemm-linear: expected float32 input")
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("sgemm-linear: expected a contiguous input")
-        };
-        let x = &v[a..b];
-        let (n, k) = (self.p.w.n(), self.p.w.k());
-        let mut dims = l.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == k => *last = n,
-            _ => candle_core::bail!("linear: input {:?} does not end in {k}", l.dims()),
-        }
-        let m: usize = dims[..dims.len() - 1].iter().product();
+        let x = f32_values(s, l, "sgemm-linear")?;
+        let n = self.p.w.n();
+        let (dims, m) = output_dims(&self.p, l.dims())?;
         let mut out = Vec::with_capacity(m * n);
         sgemm::linear_uninit(
             x,
@@ -227,6 +362,24 @@ mod tests {
                 .squeeze(0)
                 .unwrap();
             assert!(max_diff(&d.forward(&x1).unwrap(), &want) < 1e-4);
+            // two layers stacked: the outputs side by side
+            let l2 = Linear::new(
+                Tensor::randn(0f32, 0.3, (n, k), &dev).unwrap(),
+                bias.then(|| Tensor::randn(0f32, 0.3, n, &dev).unwrap()),
+            );
+            let st = stacked(&[l.clone(), l2.clone()]).unwrap();
+            let want = Tensor::cat(&[l.forward(&x).unwrap(), l2.forward(&x).unwrap()], 2).unwrap();
+            assert!(max_diff(&st.forward(&x).unwrap(), &want) < 1e-4);
+            // LayerScale'd residual in the store
+            let gamma = Tensor::randn(0f32, 0.5, n, &dev).unwrap();
+            let res = Tensor::randn(0f32, 1.0, (2, 19, n), &dev).unwrap();
+            let g: Vec<f32> = gamma.to_vec1().unwrap();
+            let got = d.forward_scaled_residual(&x, &g, &res).unwrap();
+            assert_eq!(got.is_some(), sgemm::available());
+            if let Some(got) = got {
+                let want = (&res + l.forward(&x).unwrap().broadcast_mul(&gamma).unwrap()).unwrap();
+                assert!(max_diff(&got, &want) < 1e-4);
+            }
         }
     }
 }

@@ -17,11 +17,16 @@ use candle_nn::{LayerNorm, VarBuilder};
 
 use serde::Deserialize;
 
-use super::common::{finish_accepting, layer_norm_plain, read_json, self_attention, Act};
+use super::common::{
+    attention as attention_heads, finish_accepting, layer_norm_plain, read_json, self_attention,
+    Act,
+};
 use super::resample::{resample_planes_f32, Filter};
 use crate::modules::dense::{self, Dense};
+use crate::modules::{attention, cpu_fused};
 use crate::runtime::residency::Network;
 use crate::runtime::weights;
+use trellis_kernels::sgemm;
 
 /// The fields of transformers' `Dinov2WithRegistersConfig` the network needs (defaults as there).
 #[derive(Debug, Clone, Deserialize)]
@@ -137,16 +142,24 @@ impl Ffn {
     }
 }
 
+/// The query, key and value projections: three layers, or (float32 on a CPU that runs
+/// `sgemm`) one layer whose weight is the three stacked, so one product writes `q | k | v` per
+/// row and the attention kernel reads them in place.
+enum Qkv {
+    Split(Dense, Dense, Dense),
+    Fused(Dense),
+}
+
 struct Layer {
     norm1: LayerNorm,
-    q: Dense,
-    k: Dense,
-    v: Dense,
+    qkv: Qkv,
     proj: Dense,
     ls1: Tensor,
     norm2: LayerNorm,
     ffn: Ffn,
     ls2: Tensor,
+    /// `ls1`, `ls2` as float32 values, for the CPU path's fused residual stores.
+    ls_values: Option<(Vec<f32>, Vec<f32>)>,
     heads: usize,
 }
 
@@ -173,30 +186,110 @@ impl Layer {
                 act: Act::parse(&cfg.hidden_act)?,
             }
         };
+        let cpu_f32 = vb.device().is_cpu() && vb.dtype() == DType::F32;
+        let sa = att.pp("attention");
+        let qkv = if cpu_f32 && sgemm::available() {
+            let parts = ["query", "key", "value"]
+                .map(|name| candle_nn::linear_b(c, c, cfg.qkv_bias, sa.pp(name)));
+            let [q, k, v] = parts;
+            Qkv::Fused(dense::stacked(&[q?, k?, v?])?)
+        } else {
+            Qkv::Split(
+                linear(c, c, cfg.qkv_bias, sa.pp("query"))?,
+                linear(c, c, cfg.qkv_bias, sa.pp("key"))?,
+                linear(c, c, cfg.qkv_bias, sa.pp("value"))?,
+            )
+        };
+        let ls1 = vb.get(c, "layer_scale1.lambda1")?;
+        let ls2 = vb.get(c, "layer_scale2.lambda1")?;
+        let ls_values = if cpu_f32 {
+            Some((ls1.to_vec1::<f32>()?, ls2.to_vec1::<f32>()?))
+        } else {
+            None
+        };
         Ok(Self {
             norm1: ln(vb.pp("norm1"))?,
-            q: linear(c, c, cfg.qkv_bias, att.pp("attention.query"))?,
-            k: linear(c, c, cfg.qkv_bias, att.pp("attention.key"))?,
-            v: linear(c, c, cfg.qkv_bias, att.pp("attention.value"))?,
+            qkv,
             proj: linear(c, c, true, att.pp("output.dense"))?,
-            ls1: vb.get(c, "layer_scale1.lambda1")?,
+            ls1,
             norm2: ln(vb.pp("norm2"))?,
             ffn,
-            ls2: vb.get(c, "layer_scale2.lambda1")?,
+            ls2,
+            ls_values,
             heads: cfg.num_attention_heads,
         })
     }
 
+    /// Layer norm `ln` of `x`: the fused CPU pass for float32 CPU tensors, else candle's.
+    fn norm(ln: &LayerNorm, x: &Tensor) -> Result<Tensor> {
+        if let Some(bias) = ln.bias() {
+            if let Some(y) = cpu_fused::layer_norm(x, ln.eps(), Some((ln.weight(), bias)), None)? {
+                return Ok(y);
+            }
+        }
+        Ok(ln.forward(x)?)
+    }
+
+    /// `x + ls ⊙ layer(input)`, fused into the product where the layer is packed.
+    fn scaled_residual(
+        layer: &Dense,
+        input: &Tensor,
+        ls: &Tensor,
+        ls_values: Option<&[f32]>,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        if let Some(g) = ls_values {
+            if let Some(y) = layer.forward_scaled_residual(input, g, x)? {
+                return Ok(y);
+            }
+        }
+        Ok((x + layer.forward(input)?.broadcast_mul(ls)?)?)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?;
-        let o = self_attention(&h, (&self.q, &self.k, &self.v), self.heads, false)?;
-        let o = self.proj.forward(&o)?.broadcast_mul(&self.ls1)?;
-        let x = (x + o)?;
-        let m = self
-            .ffn
-            .forward(&self.norm2.forward(&x)?)?
-            .broadcast_mul(&self.ls2)?;
-        Ok((x + m)?)
+        let h = Self::norm(&self.norm1, x)?;
+        let o = match &self.qkv {
+            Qkv::Fused(qkv) => {
+                let qkv_out = qkv.forward(&h)?;
+                match attention::cpu_self_attention_qkv(&qkv_out, self.heads)? {
+                    Some(o) => o,
+                    None => {
+                        let c = qkv_out.dim(D::Minus1)? / 3;
+                        let (b, n, _) = qkv_out.dims3()?;
+                        let part = |i: usize| -> Result<Tensor> {
+                            Ok(qkv_out
+                                .narrow(D::Minus1, i * c, c)?
+                                .reshape((b, n, self.heads, c / self.heads))?
+                                .transpose(1, 2)?
+                                .contiguous()?)
+                        };
+                        let d = c / self.heads;
+                        let o = attention_heads(
+                            &part(0)?,
+                            &part(1)?,
+                            &part(2)?,
+                            1.0 / (d as f64).sqrt(),
+                            false,
+                        )?;
+                        o.transpose(1, 2)?.reshape((b, n, c))?
+                    }
+                }
+            }
+            Qkv::Split(q, k, v) => self_attention(&h, (q, k, v), self.heads, false)?,
+        };
+        let ls = self.ls_values.as_ref();
+        let x = Self::scaled_residual(&self.proj, &o, &self.ls1, ls.map(|l| &l.0[..]), x)?;
+        let h = Self::norm(&self.norm2, &x)?;
+        match &self.ffn {
+            Ffn::Mlp { fc1, fc2, act } => {
+                let m = act.after(fc1, &h)?;
+                Self::scaled_residual(fc2, &m, &self.ls2, ls.map(|l| &l.1[..]), &x)
+            }
+            Ffn::SwiGlu { .. } => {
+                let m = self.ffn.forward(&h)?.broadcast_mul(&self.ls2)?;
+                Ok((x + m)?)
+            }
+        }
     }
 }
 
