@@ -340,18 +340,8 @@ mod fused {
         *AVAILABLE.get_or_init(|| {
             let off = std::env::var_os("TRELLIS_NO_SIMD").is_some()
                 || std::env::var("TRELLIS_CPU_ATTENTION").is_ok_and(|v| v == "gemm");
-            !off && has_avx512()
+            !off && crate::sgemm::cpu_has_avx512()
         })
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx512() -> bool {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    fn has_avx512() -> bool {
-        false
     }
 
     #[cfg(not(target_arch = "x86_64"))]
@@ -455,7 +445,10 @@ mod fused {
         } = shape;
         let nk = k.rows;
         let dvp = dv.div_ceil(NR) * NR;
-        assert!(has_avx512(), "attention: this CPU lacks AVX-512F / FMA");
+        assert!(
+            crate::sgemm::cpu_has_avx512(),
+            "attention: this CPU lacks AVX-512F / FMA"
+        );
         assert_eq!(out.len(), q.rows * heads * dv);
         // query blocks of every group that has keys
         let mut blocks = Vec::new();

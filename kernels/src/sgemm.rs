@@ -79,13 +79,14 @@ pub fn available() -> bool {
     })
 }
 
+/// Whether the CPU has AVX-512F and FMA (the SGEMM and the fused CPU attention kernel need both).
 #[cfg(target_arch = "x86_64")]
-fn cpu_has_avx512() -> bool {
+pub(crate) fn cpu_has_avx512() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_avx512() -> bool {
+pub(crate) fn cpu_has_avx512() -> bool {
     false
 }
 
