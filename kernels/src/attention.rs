@@ -382,9 +382,10 @@ mod fused {
         sums: Vec<f32>,
     }
 
-    /// Output columns per microkernel tile (4 vectors of 16) and rows per tile.
-    const NR: usize = 64;
-    const MR: usize = 6;
+    /// Output columns per microkernel tile (4 vectors of 16) and rows per tile: the SGEMM's
+    /// register tile, whose products (`sgemm::tile_products`) the microkernel shares.
+    const NR: usize = crate::sgemm::NR;
+    const MR: usize = crate::sgemm::MR;
 
     /// `dst[c * ld + (r - rows.start)] = src[r, c]` for `r` in `rows`, `c < width`: a transpose
     /// through 16 x 16 tiles (reads and writes in runs of 16 values).
@@ -686,35 +687,8 @@ mod fused {
     unsafe fn tile<const R: usize>(m: &Micro) {
         use std::arch::x86_64::*;
         const V: usize = NR / 16;
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        #[inline(always)]
-        unsafe fn step<const R: usize>(acc: &mut [[__m512; V]; R], pa: *const f32, pb: *const f32) {
-            let mut bv = [_mm512_setzero_ps(); V];
-            for (v, bv) in bv.iter_mut().enumerate() {
-                *bv = _mm512_loadu_ps(pb.add(16 * v));
-            }
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*pa.add(i));
-                for v in 0..V {
-                    acc_i[v] = _mm512_fmadd_ps(ai, bv[v], acc_i[v]);
-                }
-            }
-        }
-        let (mut pa, mut pb) = (m.a, m.b);
-        for _ in 0..m.kl / 2 {
-            step::<R>(&mut acc, pa, pb);
-            step::<R>(&mut acc, pa.add(m.a_step), pb.add(m.b_step));
-            pa = pa.add(2 * m.a_step);
-            pb = pb.add(2 * m.b_step);
-        }
-        if m.kl % 2 == 1 {
-            step::<R>(&mut acc, pa, pb);
-        }
-        let mut mask = [0 as __mmask16; V];
-        for (v, mk) in mask.iter_mut().enumerate() {
-            let c = m.cols.saturating_sub(16 * v).min(16);
-            *mk = ((1u32 << c) - 1) as u16;
-        }
+        let acc = crate::sgemm::tile_products::<R>(m.kl, m.a, m.a_step, m.b, m.b_step);
+        let mask = crate::sgemm::column_masks(m.cols);
         if !m.colmax.is_null() {
             for v in 0..V {
                 let mut mx = _mm512_loadu_ps(m.colmax.add(16 * v));

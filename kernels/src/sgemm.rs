@@ -236,20 +236,8 @@ pub fn linear(
     linear_with(x, m, w, bias, act, out, Blocking::default())
 }
 
-/// [`linear`] writing into uninitialised memory (every value is written).
-pub fn linear_uninit(
-    x: &[f32],
-    m: usize,
-    w: &PackedWeights,
-    bias: Option<&[f32]>,
-    act: Activation,
-    out: &mut [MaybeUninit<f32>],
-) {
-    run(x, m, w, bias, Epilogue::Act(act), out, Blocking::default())
-}
-
-/// [`linear_uninit`] with any [`Epilogue`]. Panics on mismatched lengths (`gamma` must have `N`
-/// values, `res` `m * N`).
+/// [`linear`] with any [`Epilogue`], writing into uninitialised memory (every value is
+/// written). Panics on mismatched lengths (`gamma` must have `N` values, `res` `m * N`).
 pub fn linear_epilogue_uninit(
     x: &[f32],
     m: usize,
@@ -533,6 +521,62 @@ struct Store<'a> {
     residual: Option<(&'a [f32], *const f32)>,
 }
 
+/// The products of an `R x NR` register tile over `kl` values of K:
+/// `acc[i][n] = Σ_k a[k * a_step + i] · b[k * b_step + n]`, on AVX-512 FMAs, two `k` per loop
+/// (shared by [`tile`] and the CPU attention kernel's microkernel).
+///
+/// # Safety
+/// Called from a function with AVX-512F and FMA enabled; `a` is valid for `kl` steps of `a_step`
+/// values (`R` read each), `b` for `kl` steps of `b_step` values (`NR` read each).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn tile_products<const R: usize>(
+    kl: usize,
+    a: *const f32,
+    a_step: usize,
+    b: *const f32,
+    b_step: usize,
+) -> [[std::arch::x86_64::__m512; V]; R] {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn step<const R: usize>(acc: &mut [[__m512; V]; R], pa: *const f32, pb: *const f32) {
+        let mut bv = [_mm512_setzero_ps(); V];
+        for (v, bv) in bv.iter_mut().enumerate() {
+            *bv = _mm512_loadu_ps(pb.add(16 * v));
+        }
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*pa.add(i));
+            for v in 0..V {
+                acc_i[v] = _mm512_fmadd_ps(ai, bv[v], acc_i[v]);
+            }
+        }
+    }
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let (mut pa, mut pb) = (a, b);
+    for _ in 0..kl / 2 {
+        step::<R>(&mut acc, pa, pb);
+        step::<R>(&mut acc, pa.add(a_step), pb.add(b_step));
+        pa = pa.add(2 * a_step);
+        pb = pb.add(2 * b_step);
+    }
+    if kl % 2 == 1 {
+        step::<R>(&mut acc, pa, pb);
+    }
+    acc
+}
+
+/// The store masks of a tile row with `cols` (≤ `NR`) valid columns, one per 16-lane vector.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn column_masks(cols: usize) -> [std::arch::x86_64::__mmask16; V] {
+    let mut mask = [0; V];
+    for (v, m) in mask.iter_mut().enumerate() {
+        let c = cols.saturating_sub(16 * v).min(16);
+        *m = ((1u32 << c) - 1) as u16;
+    }
+    mask
+}
+
 /// One `R x NR` tile over `kl` values of K: `a` is the `[kl][MR]` micro-panel of `x`, `b` the
 /// `[kl][NR]` block of the weight panel.
 ///
@@ -552,35 +596,8 @@ unsafe fn tile<const R: usize>(kl: usize, a: &[f32], b: &[f32], st: &Store) {
             }
         }
     }
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    let (mut pa, mut pb) = (a.as_ptr(), b.as_ptr());
-    #[inline(always)]
-    unsafe fn step<const R: usize>(acc: &mut [[__m512; V]; R], pa: *const f32, pb: *const f32) {
-        let mut bv = [_mm512_setzero_ps(); V];
-        for (v, bv) in bv.iter_mut().enumerate() {
-            *bv = _mm512_loadu_ps(pb.add(16 * v));
-        }
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(*pa.add(i));
-            for v in 0..V {
-                acc_i[v] = _mm512_fmadd_ps(ai, bv[v], acc_i[v]);
-            }
-        }
-    }
-    for _ in 0..kl / 2 {
-        step::<R>(&mut acc, pa, pb);
-        step::<R>(&mut acc, pa.add(MR), pb.add(NR));
-        pa = pa.add(2 * MR);
-        pb = pb.add(2 * NR);
-    }
-    if kl % 2 == 1 {
-        step::<R>(&mut acc, pa, pb);
-    }
-    let mut mask = [0 as __mmask16; V];
-    for (v, m) in mask.iter_mut().enumerate() {
-        let c = st.cols.saturating_sub(16 * v).min(16);
-        *m = ((1u32 << c) - 1) as u16;
-    }
+    let acc = tile_products::<R>(kl, a.as_ptr(), MR, b.as_ptr(), NR);
+    let mask = column_masks(st.cols);
     let mut add = [_mm512_setzero_ps(); V];
     if let Some(bv) = st.bias {
         for v in 0..V {

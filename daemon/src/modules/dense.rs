@@ -267,23 +267,30 @@ impl CustomOp2 for PackedResidual<'_> {
                 rl.dims()
             );
         }
-        let n = self.p.w.n();
-        let mut out = Vec::with_capacity(m * n);
-        sgemm::linear_epilogue_uninit(
-            x,
-            m,
-            &self.p.w,
-            self.p.bias.as_deref(),
-            Epilogue::ScaledResidual {
-                gamma: self.gamma,
-                res,
-            },
-            &mut out.spare_capacity_mut()[..m * n],
-        );
-        // SAFETY: `linear_epilogue_uninit` writes all m * n values.
-        unsafe { out.set_len(m * n) };
+        let epilogue = Epilogue::ScaledResidual {
+            gamma: self.gamma,
+            res,
+        };
+        let out = packed_products(self.p, x, m, epilogue);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
+}
+
+/// `epilogue(x · Wᵀ + b)` for the `m` rows of `x` through the packed weights, in a new vector.
+fn packed_products(p: &Packed, x: &[f32], m: usize, epilogue: Epilogue) -> Vec<f32> {
+    let n = p.w.n();
+    let mut out = Vec::with_capacity(m * n);
+    sgemm::linear_epilogue_uninit(
+        x,
+        m,
+        &p.w,
+        p.bias.as_deref(),
+        epilogue,
+        &mut out.spare_capacity_mut()[..m * n],
+    );
+    // SAFETY: `linear_epilogue_uninit` writes all m * n values.
+    unsafe { out.set_len(m * n) };
+    out
 }
 
 /// The packed layer as a candle op on its input.
@@ -299,19 +306,8 @@ impl CustomOp1 for PackedLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_values(s, l, "sgemm-linear")?;
-        let n = self.p.w.n();
         let (dims, m) = output_dims(&self.p, l.dims())?;
-        let mut out = Vec::with_capacity(m * n);
-        sgemm::linear_uninit(
-            x,
-            m,
-            &self.p.w,
-            self.p.bias.as_deref(),
-            self.act,
-            &mut out.spare_capacity_mut()[..m * n],
-        );
-        // SAFETY: `linear_uninit` writes all m * n values.
-        unsafe { out.set_len(m * n) };
+        let out = packed_products(&self.p, x, m, Epilogue::Act(self.act));
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
