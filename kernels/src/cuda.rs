@@ -9,6 +9,16 @@ pub struct KernelSource {
     pub name: &'static str,
     pub source: &'static str,
     pub entry_points: &'static [&'static str],
+    /// `Some(arch)`: the source uses instructions of that one architecture's `a` feature set
+    /// (wgmma for `sm_90a`), so it is compiled only for `sm_{arch}a` and only loaded there.
+    pub arch_specific: Option<u32>,
+}
+
+impl KernelSource {
+    /// Whether this source can run on a GPU of compute capability `arch` (`major * 10 + minor`).
+    pub fn runs_on(&self, arch: u32) -> bool {
+        self.arch_specific.is_none_or(|a| a == arch)
+    }
 }
 
 /// Submanifold sparse convolution as one gather-GEMM over a neighbour map.
@@ -29,6 +39,7 @@ pub const SPARSE_CONV: KernelSource = KernelSource {
         "sparse_conv_mma_async_f16_m128",
         "sparse_conv_mma_async_bf16_m128",
     ],
+    arch_specific: None,
 };
 
 /// Variable-length (and, through its groups, windowed and cross) attention with online softmax.
@@ -36,6 +47,7 @@ pub const ATTENTION: KernelSource = KernelSource {
     name: "attention",
     source: include_str!("cuda/attention.cu"),
     entry_points: &["varlen_attention"],
+    arch_specific: None,
 };
 
 /// Fused tensor-core attention (float16 / bfloat16, head dims 64 and 80, 64 or 128 query rows per
@@ -64,6 +76,45 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
         "flash_attention_async_bf16_d80_m1",
         "flash_attention_async_bf16_d80_m2",
     ],
+    arch_specific: None,
+};
+
+/// The same attention on Hopper's warpgroup instructions (wgmma; `sm_90a` only): 64 query rows
+/// per warpgroup, 1-3 warpgroups per block sharing K/V tiles of 64 or 128 keys
+/// (`flash_wgmma_{ty}_d{hd}_w{warpgroups}_n{keys}`).
+pub const FLASH_ATTENTION_SM90: KernelSource = KernelSource {
+    name: "flash_attention_sm90",
+    source: concat!(
+        include_str!("cuda/mma.cuh"),
+        include_str!("cuda/flash_attention_sm90.cu")
+    ),
+    entry_points: &[
+        "flash_wgmma_f16_d64_w1_n64",
+        "flash_wgmma_f16_d64_w1_n128",
+        "flash_wgmma_f16_d64_w2_n64",
+        "flash_wgmma_f16_d64_w2_n128",
+        "flash_wgmma_f16_d64_w3_n64",
+        "flash_wgmma_f16_d64_w3_n128",
+        "flash_wgmma_f16_d80_w1_n64",
+        "flash_wgmma_f16_d80_w1_n128",
+        "flash_wgmma_f16_d80_w2_n64",
+        "flash_wgmma_f16_d80_w2_n128",
+        "flash_wgmma_f16_d80_w3_n64",
+        "flash_wgmma_f16_d80_w3_n128",
+        "flash_wgmma_bf16_d64_w1_n64",
+        "flash_wgmma_bf16_d64_w1_n128",
+        "flash_wgmma_bf16_d64_w2_n64",
+        "flash_wgmma_bf16_d64_w2_n128",
+        "flash_wgmma_bf16_d64_w3_n64",
+        "flash_wgmma_bf16_d64_w3_n128",
+        "flash_wgmma_bf16_d80_w1_n64",
+        "flash_wgmma_bf16_d80_w1_n128",
+        "flash_wgmma_bf16_d80_w2_n64",
+        "flash_wgmma_bf16_d80_w2_n128",
+        "flash_wgmma_bf16_d80_w3_n64",
+        "flash_wgmma_bf16_d80_w3_n128",
+    ],
+    arch_specific: Some(90),
 };
 
 /// Neighbour maps built on the GPU (hash table of coordinates).
@@ -71,6 +122,7 @@ pub const NEIGHBOURS: KernelSource = KernelSource {
     name: "neighbours",
     source: include_str!("cuda/neighbours.cu"),
     entry_points: &["hash_clear", "hash_insert", "submanifold_query"],
+    arch_specific: None,
 };
 
 /// Triangle rasteriser (depth test on packed depth + id keys) and the bake's texel projection.
@@ -85,6 +137,7 @@ pub const RASTER: KernelSource = KernelSource {
         "resolve_frags",
         "bake_accumulate",
     ],
+    arch_specific: None,
 };
 
 /// Forward Gaussian splatting: projection, tile keys, tile ranges, blending.
@@ -97,6 +150,7 @@ pub const SPLAT: KernelSource = KernelSource {
         "tile_ranges",
         "splat_render",
     ],
+    arch_specific: None,
 };
 
 /// Exclusive prefix sum and stable radix sort (64-bit keys, 32-bit values).
@@ -109,6 +163,7 @@ pub const SORT: KernelSource = KernelSource {
         "radix_histogram",
         "radix_scatter",
     ],
+    arch_specific: None,
 };
 
 /// Fused elementwise / row-wise work of the transformer blocks: Linear bias (+ activation),
@@ -137,6 +192,7 @@ pub const FUSED: KernelSource = KernelSource {
         "segment_mean_f16",
         "segment_mean_bf16",
     ],
+    arch_specific: None,
 };
 
 /// Batch segments the fused kernels take by value (`Segments` in fused.cu).
@@ -166,6 +222,7 @@ pub const FLEXICUBES: KernelSource = KernelSource {
         "fc_quads",
         "fc_faces",
     ],
+    arch_specific: None,
 };
 
 /// Largest colour width the FlexiCubes kernels take per vertex.
@@ -177,6 +234,7 @@ pub const ALL: &[KernelSource] = &[
     FUSED,
     ATTENTION,
     FLASH_ATTENTION,
+    FLASH_ATTENTION_SM90,
     NEIGHBOURS,
     RASTER,
     SPLAT,
@@ -210,8 +268,8 @@ pub const SPARSE_CONV_MMA_COLS: usize = 64;
 pub const SPARSE_CONV_MMA_MAX_VOLUME: usize = 27;
 /// Largest head dimension `varlen_attention` takes.
 pub const ATTENTION_MAX_DIM: usize = 256;
-/// `flash_attention_*`: threads per block (4 warps), the query rows per block it comes in (16 per
-/// warp-fragment, 1 or 2 fragments per warp: the `_m1` / `_m2` entries), the head dimensions.
+/// `flash_attention_*`: threads per block (4 warps; 64 or 128 query rows per block, 16 per
+/// warp-fragment, 1 or 2 fragments per warp: the `_m1` / `_m2` entries), and the head dimensions
+/// of both flash kernels (`flash_wgmma_*` takes 128 threads per 64 rows).
 pub const FLASH_THREADS: u32 = 128;
-pub const FLASH_ROWS: [usize; 2] = [64, 128];
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 80];

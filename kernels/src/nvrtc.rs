@@ -182,6 +182,18 @@ impl Nvrtc {
 
     /// Compiles `source` (named `name` in messages) to machine code for `sm_{arch}`.
     pub fn compile(&self, source: &str, name: &str, arch: u32) -> Result<Compiled, NvrtcError> {
+        self.compile_for(source, name, arch, false)
+    }
+
+    /// [`Nvrtc::compile`] for `sm_{arch}`, or with `arch_specific` for `sm_{arch}a` (that one
+    /// chip's extra instructions, e.g. Hopper's wgmma).
+    pub fn compile_for(
+        &self,
+        source: &str,
+        name: &str,
+        arch: u32,
+        arch_specific: bool,
+    ) -> Result<Compiled, NvrtcError> {
         let supported = self.supported_archs()?;
         if !supported.contains(&arch) {
             return Err(NvrtcError::Unsupported {
@@ -204,7 +216,10 @@ impl Nvrtc {
         })?;
         let cname = CString::new(name.replace('\0', "")).unwrap_or_default();
         let opts: Vec<CString> = [
-            format!("--gpu-architecture=sm_{arch}"),
+            format!(
+                "--gpu-architecture=sm_{arch}{}",
+                if arch_specific { "a" } else { "" }
+            ),
             "--std=c++17".to_string(),
             "--fmad=false".to_string(),
             "-default-device".to_string(),
@@ -265,20 +280,27 @@ impl Nvrtc {
 
     /// [`Nvrtc::compile`] through the on-disk cache in `cache_dir` (see the module docs); a cache
     /// that cannot be written is not an error (the code is compiled again next time).
+    /// `arch_specific` as in [`Nvrtc::compile_for`].
     pub fn compile_cached(
         &self,
         source: &str,
         name: &str,
         arch: u32,
+        arch_specific: bool,
         cache_dir: &Path,
     ) -> Result<Vec<u8>, NvrtcError> {
-        let path = cache_dir.join(cache_file_name(name, arch, self.version, source));
+        let stem = if arch_specific {
+            format!("{name}-a")
+        } else {
+            name.to_string()
+        };
+        let path = cache_dir.join(cache_file_name(&stem, arch, self.version, source));
         if let Ok(bytes) = std::fs::read(&path) {
             if !bytes.is_empty() {
                 return Ok(bytes);
             }
         }
-        let compiled = self.compile(source, name, arch)?;
+        let compiled = self.compile_for(source, name, arch, arch_specific)?;
         if std::fs::create_dir_all(cache_dir).is_ok() {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
             if std::fs::write(&tmp, &compiled.cubin).is_ok()

@@ -4,8 +4,10 @@
 //! cross-attention to DINOv2's 1374 tokens and to CLIP's 77, the SLat flow's variable-length
 //! self-attention (two elements of ~3,900 tokens) and the decoders' 8³ windows (~20,000 voxels in
 //! windows of at most 512), and text-xlarge's 16 × 80 heads. On a GPU: the tensor-core kernel in
-//! the run's half dtype (float16 unless `--precision bf16`) with 64 and with 128 query rows per
-//! block, the latter also with cp.async staging (`*` marks the tiling picked by default), against a cuBLAS 8192³ product in the same dtype;
+//! the run's half dtype (float16 unless `--precision bf16`) in every build the GPU runs (mma.sync
+//! with 64 and 128 query rows per block, with and without cp.async staging; on sm_90 also the
+//! wgmma builds; `*` marks the tiling picked by default; a build whose output differs from the
+//! 128-row mma.sync one is marked WRONG), against a cuBLAS 8192³ product in the same dtype;
 //! on the CPU: the float32 kernel, against candle's float32 product of 2048³.
 
 use std::io::Write;
@@ -149,9 +151,28 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
         if dev.is_cuda() {
             #[cfg(feature = "cuda")]
             {
-                use crate::runtime::cuda_ops::{flash_attention_tiled, FlashTiling};
-                let pick = FlashTiling::for_groups(&c.groups);
+                use crate::runtime::cuda_ops::{device_arch, flash_attention_tiled, FlashTiling};
+                let arch = match dev {
+                    Device::Cuda(d) => device_arch(d),
+                    _ => 0,
+                };
+                let pick = FlashTiling::for_groups(&c.groups, arch);
+                // Every build is also compared with the mma.sync 128-row kernel's output, so a
+                // wrong kernel cannot pass for a fast one.
+                let run = |t: FlashTiling| -> Result<Tensor> {
+                    Ok(flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(t))?
+                        .to_dtype(DType::F32)?)
+                };
+                let reference = run(FlashTiling::new(128, true))?;
                 for tiling in FlashTiling::VARIANTS {
+                    if !tiling.runs_on(arch) {
+                        continue;
+                    }
+                    let diff = (run(tiling)? - &reference)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?;
                     let s = time(dev, reps, || {
                         flash_attention_tiled(&q, &k, &v, &c.groups, None, Some(tiling))?;
                         Ok(())
@@ -159,6 +180,9 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
                     let mut label = tiling.label();
                     if tiling == pick {
                         label.push_str(" *");
+                    }
+                    if diff > 2e-2 {
+                        label.push_str(&format!(" WRONG (max |diff| {diff:.2e})"));
                     }
                     runs.push((label, s));
                 }

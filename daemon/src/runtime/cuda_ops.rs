@@ -41,8 +41,21 @@ pub(crate) fn module(dev: &CudaDevice, src: &KernelSource) -> Result<Arc<CudaMod
     let ctx = dev.cuda_stream().context().clone();
     let (major, minor) = ctx.compute_capability().w()?;
     let arch = (major * 10 + minor) as u32;
+    if !src.runs_on(arch) {
+        return Err(err(format!(
+            "{}: built for sm_{}a only, this GPU is sm_{arch}",
+            src.name,
+            src.arch_specific.unwrap_or(0)
+        )));
+    }
     let cubin = nvrtc()?
-        .compile_cached(src.source, src.name, arch, &default_cache_dir())
+        .compile_cached(
+            src.source,
+            src.name,
+            arch,
+            src.arch_specific.is_some(),
+            &default_cache_dir(),
+        )
         .map_err(err)?;
     let m = ctx.load_module(Ptx::from_binary(cubin)).w()?;
     modules
@@ -78,49 +91,164 @@ pub fn flash_async() -> bool {
     env_switch("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
-/// How the flash kernel tiles the queries: rows per block (64 or 128) and whether K/V are
-/// double-buffered through cp.async.
+/// How the flash kernel tiles the queries: rows per block and whether K/V are double-buffered
+/// through cp.async (the mma.sync kernel, any sm_80+ GPU), or the Hopper kernel (wgmma, sm_90
+/// only: 64 rows per warpgroup, K/V tiles of `wgmma_keys` keys, always cp.async).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
+    /// Keys per K/V tile of the wgmma kernel (64 or 128); 0 for the mma.sync kernel.
+    pub wgmma_keys: usize,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 4] = [
+    pub const VARIANTS: [FlashTiling; 10] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
         Self::new(128, true),
+        Self::wgmma(64, 64),
+        Self::wgmma(128, 64),
+        Self::wgmma(192, 64),
+        Self::wgmma(64, 128),
+        Self::wgmma(128, 128),
+        Self::wgmma(192, 128),
     ];
 
+    /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
     pub const fn new(rows: usize, staged_async: bool) -> Self {
-        Self { rows, staged_async }
+        Self {
+            rows,
+            staged_async,
+            wgmma_keys: 0,
+        }
     }
 
-    /// The tiling picked for `groups`: `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`]
-    /// rows and [`flash_async`] staging.
-    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup]) -> Self {
+    /// The wgmma kernel: `rows` (64, 128 or 192: one warpgroup per 64) per block, `keys` per
+    /// K/V tile.
+    pub const fn wgmma(rows: usize, keys: usize) -> Self {
+        Self {
+            rows,
+            staged_async: true,
+            wgmma_keys: keys,
+        }
+    }
+
+    pub const fn is_wgmma(&self) -> bool {
+        self.wgmma_keys > 0
+    }
+
+    /// The tiling picked for `groups` on a GPU of compute capability `arch` (`major * 10 +
+    /// minor`): `TRELLIS_FLASH_TILING` when set, else the wgmma kernel on sm_90 when
+    /// [`flash_wgmma`] allows it, else [`flash_rows_for`] rows and [`flash_async`] staging.
+    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup], arch: u32) -> Self {
         if let Some(t) = flash_tiling_override() {
             return t;
         }
-        Self::new(flash_rows_for(groups), flash_async())
+        let rows = flash_rows_for(groups);
+        if arch == 90 && flash_wgmma() {
+            return Self::wgmma(rows, if rows == 128 { 128 } else { 64 });
+        }
+        Self::new(rows, flash_async())
     }
 
-    /// `64`, `128a`, ...: rows, `a` for cp.async.
+    /// Whether this tiling's kernel runs on a GPU of compute capability `arch`.
+    pub fn runs_on(&self, arch: u32) -> bool {
+        self.source().runs_on(arch)
+    }
+
+    /// `64`, `128a`, `128w128`, ...: rows, `a` for cp.async, `wN` for wgmma with N-key tiles.
     pub fn label(&self) -> String {
+        if self.is_wgmma() {
+            return format!("{}w{}", self.rows, self.wgmma_keys);
+        }
         format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
+    }
+
+    fn source(&self) -> &'static KernelSource {
+        if self.is_wgmma() {
+            &k::FLASH_ATTENTION_SM90
+        } else {
+            &k::FLASH_ATTENTION
+        }
     }
 
     /// The kernel entry for a dtype suffix (`f16` / `bf16`) and head dimension.
     fn entry(&self, ty: &str, head_dim: usize) -> String {
+        if self.is_wgmma() {
+            return format!(
+                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}",
+                self.rows / 64,
+                self.wgmma_keys
+            );
+        }
         format!(
             "flash_attention_{}{ty}_d{head_dim}_m{}",
             if self.staged_async { "async_" } else { "" },
             self.rows / 64
         )
     }
+
+    /// Threads per block: 4 warps (mma.sync), one warpgroup per 64 rows (wgmma).
+    fn threads(&self) -> u32 {
+        if self.is_wgmma() {
+            (self.rows as u32 / 64) * 128
+        } else {
+            k::FLASH_THREADS
+        }
+    }
+
+    /// Dynamic shared memory per block: two stages of a K and a V tile (wgmma), none otherwise.
+    fn shared_bytes(&self, head_dim: usize) -> u32 {
+        if self.is_wgmma() {
+            (2 * 2 * self.wgmma_keys * head_dim * 2) as u32
+        } else {
+            0
+        }
+    }
+}
+
+/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the wgmma attention kernel (`1`)
+/// or the mma.sync one every sm_80+ GPU runs (`0`, the default until the wgmma kernel has been
+/// checked and timed on an H100).
+pub fn flash_wgmma() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    env_switch("TRELLIS_FLASH_WGMMA", &C, false)
+}
+
+/// `TRELLIS_WGMMA_DESC` (0-3): how the wgmma kernel's shared-memory descriptors name the
+/// distances between core matrices; bit 0 swaps K's leading/stride offsets, bit 1 V's. 0 is the
+/// PTX ISA's canonical reading; the others exist for the layout check.
+pub fn wgmma_desc_mode() -> i32 {
+    static C: OnceLock<i32> = OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("TRELLIS_WGMMA_DESC")
+            .ok()
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .filter(|m| (0..4).contains(m))
+            .unwrap_or(0)
+    })
+}
+
+/// The compute capability of `dev` as `major * 10 + minor` (0 when the driver does not say).
+pub fn device_arch(dev: &CudaDevice) -> u32 {
+    type Entry = (candle_core::cuda_backend::DeviceId, u32);
+    static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    let id = dev.id();
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, a)) = c.iter().find(|(d, _)| *d == id) {
+        return *a;
+    }
+    let arch = dev
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map(|(a, b)| (a * 10 + b) as u32)
+        .unwrap_or(0);
+    c.push((id, arch));
+    arch
 }
 
 /// `TRELLIS_FLASH_LAZY_RESCALE`: whether a flash tile that raises no row's running maximum in a
@@ -616,8 +744,10 @@ struct FlashAttentionOp {
     nq: usize,
     heads: usize,
     head_dim: usize,
-    /// Query rows per block (64 or 128, `k::FLASH_ROWS`) and the K/V staging.
+    /// Rows per block, the K/V staging, the kernel (mma.sync or wgmma).
     tiling: FlashTiling,
+    /// The wgmma kernel's descriptor reading ([`wgmma_desc_mode`]).
+    desc_mode: i32,
     /// Logical row -> physical row of q, k, v and out (windows attended in window order).
     perm: Option<Vec<i32>>,
     tile_group: Vec<i32>,
@@ -673,14 +803,15 @@ impl CustomOp3 for FlashAttentionOp {
         let scale_log2 = std::f32::consts::LOG2_E / (self.head_dim as f32).sqrt();
         let tiles = u32::try_from(self.tile_group.len())
             .map_err(|_| err("flash attention: too many tiles"))?;
+        let shared = self.tiling.shared_bytes(self.head_dim);
         let cfg = LaunchConfig {
             grid_dim: (
                 tiles,
                 u32::try_from(self.heads).map_err(|_| err("flash attention: too many heads"))?,
                 1,
             ),
-            block_dim: (k::FLASH_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (self.tiling.threads(), 1, 1),
+            shared_mem_bytes: shared,
         };
         macro_rules! launch {
             ($t:ty) => {{
@@ -718,9 +849,17 @@ impl CustomOp3 for FlashAttentionOp {
                         next(parts[4].len()),
                     );
                     let perm = self.perm.as_ref().map(|p| next(p.len()));
-                    let func = module(&dev, &k::FLASH_ATTENTION)?
+                    let func = module(&dev, self.tiling.source())?
                         .load_function(&entry)
                         .w()?;
+                    if shared > 48 * 1024 {
+                        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
+                        func.set_attribute(
+                            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            shared as i32,
+                        )
+                        .w()?;
+                    }
                     let hd = self.head_dim;
                     let (q_at, q_stride) = row_layout(lq, self.heads, hd, "q")?;
                     let (k_at, k_stride) = row_layout(lk, self.heads, hd, "k")?;
@@ -750,6 +889,10 @@ impl CustomOp3 for FlashAttentionOp {
                     };
                     let lazy = i32::from(flash_lazy_rescale());
                     b.arg(&lazy);
+                    let desc_mode = self.desc_mode;
+                    if self.tiling.is_wgmma() {
+                        b.arg(&desc_mode);
+                    }
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
                     // ranges and alignment checked by `flash_attention`.
                     unsafe { b.launch(cfg) }.w()?;
@@ -923,6 +1066,19 @@ pub fn flash_attention_tiled(
     perm: Option<&[u32]>,
     tiling: Option<FlashTiling>,
 ) -> anyhow::Result<Tensor> {
+    flash_attention_desc(q, k, v, groups, perm, tiling, wgmma_desc_mode())
+}
+
+/// [`flash_attention_tiled`] with the wgmma kernel's descriptor reading given (the layout check).
+fn flash_attention_desc(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+    perm: Option<&[u32]>,
+    tiling: Option<FlashTiling>,
+    desc_mode: i32,
+) -> anyhow::Result<Tensor> {
     let (nq, heads, d) = rows3(q)?;
     let (nk, hk, dk) = rows3(k)?;
     let (nv, hv, dv) = rows3(v)?;
@@ -955,18 +1111,28 @@ pub fn flash_attention_tiled(
         }
         None => None,
     };
-    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups));
+    let arch = match q.device() {
+        candle_core::Device::Cuda(dev) => device_arch(dev),
+        _ => anyhow::bail!("flash attention: CUDA tensors only"),
+    };
+    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch));
     let rows = tiling.rows;
     anyhow::ensure!(
-        k::FLASH_ROWS.contains(&rows) && FlashTiling::VARIANTS.contains(&tiling),
+        FlashTiling::VARIANTS.contains(&tiling),
         "flash attention: tiling {tiling:?} is not one of the builds ({:?})",
         FlashTiling::VARIANTS.map(|t| t.label())
+    );
+    anyhow::ensure!(
+        tiling.runs_on(arch),
+        "flash attention: tiling {} needs an sm_90 GPU (this one is sm_{arch})",
+        tiling.label()
     );
     let mut op = FlashAttentionOp {
         nq,
         heads,
         head_dim: d,
         tiling,
+        desc_mode,
         perm,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
@@ -1266,6 +1432,18 @@ pub mod checks {
         tiling: FlashTiling,
         tol: f64,
     ) -> anyhow::Result<f64> {
+        flash_attention_mode_vs_cpu(dev, dtype, d, tiling, wgmma_desc_mode(), tol)
+    }
+
+    /// [`flash_attention_vs_cpu`] with the wgmma descriptor reading `desc_mode`.
+    fn flash_attention_mode_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        d: usize,
+        tiling: FlashTiling,
+        desc_mode: i32,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
         let heads = 3;
         let (nq, nk) = (530, 700);
         let groups = vec![
@@ -1307,8 +1485,9 @@ pub mod checks {
         let scale = 1.0 / (d as f32).sqrt();
         let cpu =
             trellis_kernels::attention::varlen_attention(&qr, &kr, &vr, &groups, shape, scale)?;
-        let g: Vec<f32> = flash_attention_tiled(&q, &kk, &v, &groups, None, Some(tiling))?
-            .to_dtype(DType::F32)?
+        let g: Vec<f32> =
+            flash_attention_desc(&q, &kk, &v, &groups, None, Some(tiling), desc_mode)?
+                .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?;
         anyhow::ensure!(g.iter().all(|x| x.is_finite()), "non-finite output");
@@ -1660,7 +1839,7 @@ pub mod checks {
     fn other_flash_builds(dev: &Device) -> anyhow::Result<f64> {
         let mut worst = 0f64;
         for t in FlashTiling::VARIANTS {
-            if [T64, T128, T128A].contains(&t) {
+            if [T64, T128, T128A].contains(&t) || t.is_wgmma() {
                 continue;
             }
             for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
@@ -1675,8 +1854,54 @@ pub mod checks {
         Ok(worst)
     }
 
+    /// The wgmma (sm_90) flash builds: first which descriptor readings give the right result
+    /// (an error names the ones that do when the configured one does not), then every build in
+    /// both dtypes and head dimensions, and the permuted-rows (windows) path.
+    fn wgmma_flash_builds(dev: &Device) -> anyhow::Result<f64> {
+        let probe = FlashTiling::wgmma(128, 64);
+        let mode = wgmma_desc_mode();
+        if let Err(e) = flash_attention_mode_vs_cpu(dev, DType::F16, 64, probe, mode, 4e-3) {
+            let right: Vec<i32> = (0..4)
+                .filter(|&m| {
+                    flash_attention_mode_vs_cpu(dev, DType::F16, 64, probe, m, 4e-3).is_ok()
+                })
+                .collect();
+            anyhow::bail!(
+                "descriptor reading {mode} is wrong ({e:#}); readings that pass: {right:?} \
+                 (TRELLIS_WGMMA_DESC)"
+            );
+        }
+        let mut worst = 0f64;
+        for t in FlashTiling::VARIANTS.into_iter().filter(|t| t.is_wgmma()) {
+            for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+                for d in [64, 80] {
+                    let e = flash_attention_vs_cpu(dev, dtype, d, t, tol).map_err(|e| {
+                        anyhow::anyhow!("tiling {}, {dtype:?}, d{d}: {e:#}", t.label())
+                    })?;
+                    worst = worst.max(e);
+                }
+            }
+            worst = worst.max(flash_attention_rows_vs_cpu(dev, DType::F16, t, 4e-3)?);
+        }
+        Ok(worst)
+    }
+
     /// Every check: (name, result).
     pub fn all(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
+        let mut checks = all_builds(dev);
+        if let Device::Cuda(d) = dev {
+            if device_arch(d) == 90 {
+                checks.push((
+                    "flash attention wgmma (sm_90), every build",
+                    wgmma_flash_builds(dev),
+                ));
+            }
+        }
+        checks
+    }
+
+    /// The checks every sm_80+ GPU runs.
+    fn all_builds(dev: &Device) -> Vec<(&'static str, anyhow::Result<f64>)> {
         vec![
             ("neighbour map (exact)", neighbours(dev)),
             ("sparse conv gather-GEMM", sparse_conv_vs_cpu(dev)),

@@ -20,7 +20,6 @@
 // written as zeros. No headers: halves are moved as raw 16-bit words and converted with cvt.
 
 #define BN 64      // keys per tile
-#define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -78,14 +77,6 @@ __device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict
         cp_async16(dst + row * LDS + chunk * 8,
                    src + (long long)(perm ? perm[jr] : jr) * stride + h * HD + chunk * 8, ok);
     }
-}
-
-// 2^x on the special-function unit, flushing denormal results to zero (exp2f without fast math
-// adds a denormal fix-up around the same instruction).
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // HD: head dimension (a multiple of 16); MF: 16-row fragments per warp (rows per block 64 * MF);

@@ -1,4 +1,5 @@
-// Tensor-core helpers shared by the half-precision kernels (flash_attention.cu, sparse_conv.cu).
+// Tensor-core helpers shared by the half-precision kernels (flash_attention.cu,
+// flash_attention_sm90.cu, sparse_conv.cu).
 // NVRTC compiles each source alone without include paths, so `cuda.rs` puts this text in front of
 // each source that uses it. sm_80 and later.
 typedef unsigned short u16;
@@ -47,3 +48,13 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 // Waits until at most the newest group of copies is still in flight.
 __device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;"); }
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// 2^x on the special-function unit, flushing denormal results to zero (exp2f without fast math
+// adds a denormal fix-up around the same instruction).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}

@@ -1,0 +1,40 @@
+#!/bin/bash
+# Issue 12: the wgmma (sm_90) attention kernel on an H100/H200 in one call: the kernel checks
+# (they say which descriptor reading is right when the default is not, and the run goes on with
+# that one), `bench attention` for every build (lazy rescale off and on), then image-large at high
+# for the default (mma.sync) against the wgmma builds (TILINGS, each forced for every attention
+# call) and AB switches. carry: [".devbin"] (trellisd.xz, manifests-root/). Logs: $OUT.
+cd "$(dirname "$0")/../.."
+. tools/gpu/common.sh
+set +x
+$W/trellisd doctor --check-kernels --device cuda:0 > $OUT/doctor.txt 2>&1; echo "doctor rc=$?"
+sed -n '/GPU kernels against/,$p' $OUT/doctor.txt | grep -v "^ *ok" | cut -c1-400; grep -c "^ *ok" $OUT/doctor.txt
+grep "wgmma" $OUT/doctor.txt | cut -c1-300
+mode=$(grep -o "readings that pass: \[[0-9]" $OUT/doctor.txt | grep -o "[0-9]$" | head -1)
+[ -n "$mode" ] && { export TRELLIS_WGMMA_DESC=$mode; echo "using TRELLIS_WGMMA_DESC=$mode"; }
+for v in TRELLIS_FLASH_LAZY_RESCALE=0 TRELLIS_FLASH_LAZY_RESCALE=1; do
+  echo "== bench attention, $v" | tee -a $OUT/attention.txt
+  env $v timeout 120 $W/trellisd bench attention --device cuda:0 --precision half >> $OUT/attention.txt 2>&1
+  echo rc=$?; sed -n '/== bench attention, '$v'/,$p' $OUT/attention.txt | grep -E "TFLOP" | cut -c1-125
+done
+echo "elapsed $(elapsed) s"
+export TRELLIS_REFERENCE_DIR=$PWD/.devbin/manifests-root
+B="$W/trellisd bench pipeline --device cuda:0 --precision half --vram-tier high"
+L=$OUT/pipelines.txt
+run() {
+  local name=$1; shift; echo "== $name" | tee -a $L
+  timeout 150 "$@" > /tmp/run.txt 2>&1; echo rc=$? | tee -a $L; cat /tmp/run.txt >> $L
+  grep -E "^(sparse|SLat|mesh|Gaussian|radiance|sum|GPU memory)" /tmp/run.txt | cut -c1-150
+  grep -E "^SLat flow, one forward" /tmp/run.txt | tail -1 | cut -c1-400
+}
+run "high, default" env TRELLIS_BENCH_BLOCKS=1 $B --runs ${RUNS:-2}
+for t in ${TILINGS:-auto 192w128 128w64}; do
+  if [ "$t" = auto ]; then
+    run "high, TRELLIS_FLASH_WGMMA=1" env TRELLIS_BENCH_BLOCKS=1 TRELLIS_FLASH_WGMMA=1 $B --runs ${RUNS:-2}
+  else
+    run "high, TRELLIS_FLASH_TILING=$t" env TRELLIS_BENCH_BLOCKS=1 TRELLIS_FLASH_TILING=$t $B --runs ${RUNS:-2}
+  fi
+  echo "elapsed $(elapsed) s"
+done
+for v in ${AB:-}; do run "high, $v" env TRELLIS_BENCH_BLOCKS=1 $v $B --runs ${RUNS:-2}; done
+echo "elapsed $(elapsed) s"
