@@ -2,7 +2,7 @@
 # Issue 12, one call for a build's figures: GPU parity (summary only), image-large at every tier
 # (high: RUNS runs, the per-block SLat times and unsynced forwards), text-xlarge, the budget
 # fallback, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
-# a run at high per switch, ATTENTION=1 `bench attention` with and without the lazy rescale. Few files in $OUT
+# a run at high per switch, ATTENTION=1 adds `bench attention`. Few files in $OUT
 # (the device tool returns a limited number): logs are appended to a handful of them. PRECISIONS=
 # "half" limits the GPU parity to half precision, TEXT=0 skips the text-xlarge job.
 # carry: [".devbin"] with trellisd.xz, ref1.tar.xz, dino.tar.xz and manifests-root/.
@@ -25,15 +25,13 @@ run() {
 }
 TRELLIS_BENCH_BLOCKS=1 run high $B --vram-tier high --runs ${RUNS:-3} --json $OUT/high.json
 grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
-# AB: switches to compare against the default at high, e.g. "TRELLIS_FLASH_LAZY_RESCALE=1 TRELLIS_CONV_ROWS=64"
+# AB: switches to compare against the default at high, e.g. "TRELLIS_CFG_BATCH=0 TRELLIS_CONV_ROWS=64"
 for v in ${AB:-}; do
   run "high, $v" env TRELLIS_BENCH_BLOCKS=1 $v $B --vram-tier high --runs 2
   grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
 done
 if [ -n "${ATTENTION:-}" ]; then
-  for v in TRELLIS_FLASH_LAZY_RESCALE=0 TRELLIS_FLASH_LAZY_RESCALE=1; do
-    echo "== bench attention, $v"; env $v timeout 100 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | grep -E "TFLOP" | cut -c1-120
-  done
+  echo "== bench attention"; timeout 100 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | grep -E "TFLOP" | cut -c1-120
 fi
 for t in medium low minimal; do run $t $B --vram-tier $t --runs 1; done
 run budget_1_5g $B --vram-tier high --vram-budget 1.5GiB --runs 1 --formats mesh

@@ -390,13 +390,13 @@ pub fn slat_stage(
     Ok((out, forwards))
 }
 
-/// `settings` with `cfg_batched` on when `TRELLIS_CFG_BATCH=1` and the stage runs on a GPU at a
-/// tier that allows it (`Tier::batches_cfg`: not `low` or `minimal`). Off
-/// by default: on an H100 at tier `high` the paired calls took as long as the two single ones
-/// (SS flow 971 against 992 ms, SLat flow 1767 against 1719 ms for 44 forwards), since one
-/// sample already fills the GPU, and they need more memory.
+/// `settings` with `cfg_batched` on when the stage runs on a GPU at a tier that allows it
+/// (`Tier::batches_cfg`: not `low` or `minimal`) unless `TRELLIS_CFG_BATCH=0`. On an H100 at
+/// `high` (session 10, same call): SS flow 16.8 against 17.6 ms per forward, SLat flow 22.1
+/// against 22.5, job 2019 against 2075 ms, peak reserved 7.78 against 7.22 GiB. (When the kernels
+/// were slower, in session 5, the paired calls took as long as the two single ones.)
 fn paired_guidance(res: &Residency, settings: &SamplerSettings) -> SamplerSettings {
-    let on = std::env::var("TRELLIS_CFG_BATCH").as_deref() == Ok("1")
+    let on = std::env::var("TRELLIS_CFG_BATCH").as_deref() != Ok("0")
         && res.device().is_cuda()
         && res.tier() != crate::runtime::tiers::Tier::Cpu
         && res.tier().batches_cfg();

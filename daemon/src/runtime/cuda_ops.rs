@@ -100,21 +100,22 @@ pub struct FlashTiling {
     pub staged_async: bool,
     /// Keys per K/V tile of the wgmma kernel (64 or 128); 0 for the mma.sync kernel.
     pub wgmma_keys: usize,
+    /// The wgmma build with registers capped for two blocks per multiprocessor.
+    pub wgmma_capped: bool,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 10] = [
+    pub const VARIANTS: [FlashTiling; 9] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
         Self::new(128, true),
         Self::wgmma(64, 64),
         Self::wgmma(128, 64),
+        Self::wgmma(128, 64).capped(),
         Self::wgmma(192, 64),
-        Self::wgmma(64, 128),
         Self::wgmma(128, 128),
-        Self::wgmma(192, 128),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -123,16 +124,26 @@ impl FlashTiling {
             rows,
             staged_async,
             wgmma_keys: 0,
+            wgmma_capped: false,
         }
     }
 
     /// The wgmma kernel: `rows` (64, 128 or 192: one warpgroup per 64) per block, `keys` per
-    /// K/V tile.
+    /// K/V tile (the builds: [`Self::VARIANTS`]).
     pub const fn wgmma(rows: usize, keys: usize) -> Self {
         Self {
             rows,
             staged_async: true,
             wgmma_keys: keys,
+            wgmma_capped: false,
+        }
+    }
+
+    /// This wgmma tiling's register-capped build (two blocks per multiprocessor).
+    pub const fn capped(self) -> Self {
+        Self {
+            wgmma_capped: true,
+            ..self
         }
     }
 
@@ -149,7 +160,7 @@ impl FlashTiling {
         }
         let rows = flash_rows_for(groups);
         if arch == 90 && flash_wgmma() {
-            return Self::wgmma(rows, if rows == 128 { 128 } else { 64 });
+            return Self::wgmma(rows, 64);
         }
         Self::new(rows, flash_async())
     }
@@ -162,7 +173,12 @@ impl FlashTiling {
     /// `64`, `128a`, `128w128`, ...: rows, `a` for cp.async, `wN` for wgmma with N-key tiles.
     pub fn label(&self) -> String {
         if self.is_wgmma() {
-            return format!("{}w{}", self.rows, self.wgmma_keys);
+            return format!(
+                "{}w{}{}",
+                self.rows,
+                self.wgmma_keys,
+                if self.wgmma_capped { "b2" } else { "" }
+            );
         }
         format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
     }
@@ -179,9 +195,10 @@ impl FlashTiling {
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         if self.is_wgmma() {
             return format!(
-                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}",
+                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}{}",
                 self.rows / 64,
-                self.wgmma_keys
+                self.wgmma_keys,
+                if self.wgmma_capped { "_b2" } else { "" }
             );
         }
         format!(
@@ -200,10 +217,10 @@ impl FlashTiling {
         }
     }
 
-    /// Dynamic shared memory per block: two stages of a K and a V tile (wgmma), none otherwise.
+    /// Dynamic shared memory per block: three stages of a K and a V tile (wgmma), none otherwise.
     fn shared_bytes(&self, head_dim: usize) -> u32 {
         if self.is_wgmma() {
-            (2 * 2 * self.wgmma_keys * head_dim * 2) as u32
+            (3 * 2 * self.wgmma_keys * head_dim * 2) as u32
         } else {
             0
         }
@@ -249,15 +266,6 @@ pub fn device_arch(dev: &CudaDevice) -> u32 {
         .unwrap_or(0);
     c.push((id, arch));
     arch
-}
-
-/// `TRELLIS_FLASH_LAZY_RESCALE`: whether a flash tile that raises no row's running maximum in a
-/// warp skips rescaling that warp's accumulators (`1`; the factors are then exactly 1, so the
-/// results are the same bit for bit) or always rescales (`0`, the default until the skip has been
-/// timed and checked on a GPU: it compiles for every target, but no device run has used it yet).
-pub fn flash_lazy_rescale() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    env_switch("TRELLIS_FLASH_LAZY_RESCALE", &C, false)
 }
 
 /// `TRELLIS_FLASH_TILING`: one of [`FlashTiling::VARIANTS`] by its label (`64`, `128a`, ...) for
@@ -887,8 +895,6 @@ impl CustomOp3 for FlashAttentionOp {
                         Some(p) => b.arg(p),
                         None => b.arg(&null),
                     };
-                    let lazy = i32::from(flash_lazy_rescale());
-                    b.arg(&lazy);
                     let desc_mode = self.desc_mode;
                     if self.tiling.is_wgmma() {
                         b.arg(&desc_mode);
@@ -1488,8 +1494,8 @@ pub mod checks {
         let g: Vec<f32> =
             flash_attention_desc(&q, &kk, &v, &groups, None, Some(tiling), desc_mode)?
                 .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+                .flatten_all()?
+                .to_vec1()?;
         anyhow::ensure!(g.iter().all(|x| x.is_finite()), "non-finite output");
         anyhow::ensure!(
             g[401 * heads * d..470 * heads * d]

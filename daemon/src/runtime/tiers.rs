@@ -16,9 +16,9 @@
 //! A CUDA out-of-memory error inside a stage frees what the stage holds, drops one tier and runs
 //! the stage again (`residency::Residency::stage`). At `high`, `medium` and `low` a stage copies
 //! the next stage's networks in on a second stream while it computes ([`Tier::prefetches`],
-//! `runtime::prefetch`). The samplers run the two CFG branches one after the other by default
-//! (`TRELLIS_CFG_BATCH=1` pairs them on a GPU, see `pipelines::base`); [`Tier::batches_cfg`] says
-//! where pairing them is allowed.
+//! `runtime::prefetch`). On a GPU at the tiers [`Tier::batches_cfg`] allows (`high`, `medium`) the
+//! samplers run the two CFG branches as one batch (`TRELLIS_CFG_BATCH=0` runs them one after the
+//! other, as `low` and `minimal` always do; see `pipelines::base`).
 //!
 //! Why these numbers: measured on an H100 with `bench pipeline --vram-tier T` (image-large, the
 //! 20,000-voxel shell, docs/BENCHMARKS.md), the pool's peak reserved memory was 6.84 GiB at
