@@ -100,22 +100,21 @@ pub struct FlashTiling {
     pub staged_async: bool,
     /// Keys per K/V tile of the wgmma kernel (64 or 128); 0 for the mma.sync kernel.
     pub wgmma_keys: usize,
-    /// The wgmma build with registers capped for two blocks per multiprocessor.
-    pub wgmma_capped: bool,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 9] = [
+    pub const VARIANTS: [FlashTiling; 10] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
         Self::new(128, true),
         Self::wgmma(64, 64),
         Self::wgmma(128, 64),
-        Self::wgmma(128, 64).capped(),
         Self::wgmma(192, 64),
+        Self::wgmma(64, 128),
         Self::wgmma(128, 128),
+        Self::wgmma(192, 128),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -124,7 +123,6 @@ impl FlashTiling {
             rows,
             staged_async,
             wgmma_keys: 0,
-            wgmma_capped: false,
         }
     }
 
@@ -135,15 +133,6 @@ impl FlashTiling {
             rows,
             staged_async: true,
             wgmma_keys: keys,
-            wgmma_capped: false,
-        }
-    }
-
-    /// This wgmma tiling's register-capped build (two blocks per multiprocessor).
-    pub const fn capped(self) -> Self {
-        Self {
-            wgmma_capped: true,
-            ..self
         }
     }
 
@@ -173,12 +162,7 @@ impl FlashTiling {
     /// `64`, `128a`, `128w128`, ...: rows, `a` for cp.async, `wN` for wgmma with N-key tiles.
     pub fn label(&self) -> String {
         if self.is_wgmma() {
-            return format!(
-                "{}w{}{}",
-                self.rows,
-                self.wgmma_keys,
-                if self.wgmma_capped { "b2" } else { "" }
-            );
+            return format!("{}w{}", self.rows, self.wgmma_keys);
         }
         format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
     }
@@ -195,10 +179,9 @@ impl FlashTiling {
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         if self.is_wgmma() {
             return format!(
-                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}{}",
+                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}",
                 self.rows / 64,
-                self.wgmma_keys,
-                if self.wgmma_capped { "_b2" } else { "" }
+                self.wgmma_keys
             );
         }
         format!(
@@ -217,19 +200,21 @@ impl FlashTiling {
         }
     }
 
-    /// Dynamic shared memory per block: three stages of a K and a V tile (wgmma), none otherwise.
+    /// Dynamic shared memory per block: two stages of a K and a V tile (wgmma), none otherwise.
     fn shared_bytes(&self, head_dim: usize) -> u32 {
         if self.is_wgmma() {
-            (3 * 2 * self.wgmma_keys * head_dim * 2) as u32
+            (2 * 2 * self.wgmma_keys * head_dim * 2) as u32
         } else {
             0
         }
     }
 }
 
-/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the wgmma attention kernel (`1`)
-/// or the mma.sync one every sm_80+ GPU runs (`0`, the default until the wgmma kernel has been
-/// checked and timed on an H100).
+/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the wgmma attention kernel (`1`,
+/// 64-key tiles) or the mma.sync one every sm_80+ GPU runs (`0`, the default: on an H100 the
+/// wgmma builds checked right but were no faster, 235 against 225 TFLOP/s on the SS flow's
+/// self-attention and the same flow times; a three-stage software-pipelined version was slower,
+/// 160-205 TFLOP/s; docs/BENCHMARKS.md, session 10).
 pub fn flash_wgmma() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
     env_switch("TRELLIS_FLASH_WGMMA", &C, false)

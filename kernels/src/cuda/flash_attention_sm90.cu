@@ -6,8 +6,8 @@
 //   O += P V:  m64nHDk16, A = P re-packed from the S accumulators (the accumulator layout of a
 //              wgmma D fragment is the m16n8 layout repeated along N, so the packing is the
 //              mma.sync kernel's), B = the V tile in shared memory read N-major (transposed).
-// Block: NWG warpgroups (64 * NWG query rows) share each K/V tile; tiles of BN keys go through
-// three cp.async stages in dynamic shared memory, in the no-swizzle "core matrix"
+// Block: NWG warpgroups (64 * NWG query rows) share each K/V tile; tiles of BN keys are
+// double-buffered through cp.async in dynamic shared memory, in the no-swizzle "core matrix"
 // layout wgmma reads: 8 rows x 16 bytes per 128-byte core matrix, core matrix (row block rb,
 // 8-dim block cb) at ((rb * HD / 8) + cb) * 128 bytes. A descriptor names a tile by its start,
 // the byte distance between core matrices along K (leading) and along M/N (stride).
@@ -142,20 +142,7 @@ __device__ __forceinline__ void stage_core_tile(u16* dst, const u16* __restrict_
     }
 }
 
-__device__ __forceinline__ void wgmma_wait_one() {
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-
 // HD: head dimension (64 or 80); NWG: warpgroups per block; BN: keys per tile (64 or 128).
-// Software-pipelined over three K/V stages: while a warpgroup runs the softmax of tile j on its
-// ALUs, the tensor cores already compute S of tile j + 1, and the copies of tile j + 2 are in
-// flight. Per tile j:
-//   a. wait for tile j + 1's copies, barrier, issue S(j + 1) = Q K(j + 1)^T;
-//   b. wait until only S(j + 1) is in flight (S(j) and O += P(j - 1) V(j - 1) are done);
-//   c. barrier (every warpgroup is done with tile j - 1), copy tile j + 2 into its stage;
-//   d. online softmax of S(j), rescale O, pack P(j);
-//   e. issue O += P(j) V(j).
 template <bool BF16, int HD, int NWG, int BN>
 __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k,
                             const u16* __restrict__ v, const int* __restrict__ tile_group,
@@ -171,20 +158,18 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     constexpr int KV = BN / 16;     // k-steps of O += P V
     constexpr int CPR = HD / 8;
     constexpr int TILE = BN * HD;   // halves per K (or V) tile
-    constexpr int STAGES = 3;
     extern __shared__ __align__(128) u16 smem[];   // [stage][K tile, V tile]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, h = blockIdx.y;
     const int grp = tile_group[tile];
     const int r_end = q_end[grp];
-    const int r0 = tile_q0[tile] + warp * 16;   // this warp's 16 rows
+    const int r0 = tile_q0[tile] + warp * 16;   // this warp's 16 rows (warpgroup warp / 4)
     const int j_begin = kv_start[grp], j_end = kv_end[grp];
-    const int tiles = (j_end - j_begin + BN - 1) / BN;
     // K tile: along K (dims) core matrices are 128 bytes apart, along N (keys) CPR * 128.
     // V tile, read N-major: along K (keys) CPR * 128, along N (dims) 128.
-    const u32 k_lead = (desc_mode & 1) ? CPR * 128 : 128, k_str = (desc_mode & 1) ? 128 : CPR * 128;
-    const u32 v_lead = (desc_mode & 2) ? 128 : CPR * 128, v_str = (desc_mode & 2) ? CPR * 128 : 128;
+    const u32 k_lead = (desc_mode & 1) ? CPR * 128 : 128, k_stride_b = (desc_mode & 1) ? 128 : CPR * 128;
+    const u32 v_lead = (desc_mode & 2) ? 128 : CPR * 128, v_stride_b = (desc_mode & 2) ? CPR * 128 : 128;
 
     u32 qa[KS][4];
     {
@@ -207,37 +192,46 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     for (int i = 0; i < ND * 4; ++i) o[i] = 0.f;
     float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;   // rows g and g + 8
 
-    auto stage_of = [&](int i) { return smem + (i % STAGES) * 2 * TILE; };
-    auto load = [&](int i) {   // tile i's K and V into its stage (one cp.async group)
-        if (i < tiles) {
-            const int j0 = j_begin + i * BN;
-            stage_core_tile<HD, BN, NT>(stage_of(i), k, j0, j_end, k_stride, perm, h, tid);
-            stage_core_tile<HD, BN, NT>(stage_of(i) + TILE, v, j0, j_end, v_stride, perm, h, tid);
+    if (j_begin < j_end) {
+        stage_core_tile<HD, BN, NT>(smem, k, j_begin, j_end, k_stride, perm, h, tid);
+        stage_core_tile<HD, BN, NT>(smem + TILE, v, j_begin, j_end, v_stride, perm, h, tid);
+    }
+    cp_async_commit();
+    float s[NS * 4];   // S of the current tile (set by its first k-step)
+    #pragma unroll
+    for (int i = 0; i < NS * 4; ++i) s[i] = 0.f;
+    int buf = 0;
+    for (int j0 = j_begin; j0 < j_end; j0 += BN, buf ^= 1) {
+        __syncthreads();   // every warpgroup is done with the stage the next tile goes into
+        if (j0 + BN < j_end) {
+            u16* nxt = smem + (buf ^ 1) * 2 * TILE;
+            stage_core_tile<HD, BN, NT>(nxt, k, j0 + BN, j_end, k_stride, perm, h, tid);
+            stage_core_tile<HD, BN, NT>(nxt + TILE, v, j0 + BN, j_end, v_stride, perm, h, tid);
         }
         cp_async_commit();
-    };
-    auto issue_s = [&](float* s, int i) {   // S(i) = Q K(i)^T, one wgmma group
-        const u16* ks = stage_of(i);
+        cp_async_wait_one();   // this tile's copies have landed
+        fence_proxy_async();
+        __syncthreads();
+        const u16* ks = smem + buf * 2 * TILE;
+        const u16* vs = ks + TILE;
+        const bool partial = j0 + BN > j_end;
+
         wgmma_fence();
         #pragma unroll
         for (int st = 0; st < KS; ++st)
-            wgmma_rs<BF16, BN, false>(s, qa[st], smem_desc(ks + st * 2 * 64, k_lead, k_str), st);
+            wgmma_rs<BF16, BN, false>(s, qa[st], smem_desc(ks + st * 2 * 64, k_lead, k_stride_b),
+                                      st);
         wgmma_commit();
-    };
-    // Softmax of S(i), O rescaled, O += P(i) V(i) issued (one wgmma group).
-    auto softmax_pv = [&](float* s, int i) {
-        const int j0 = j_begin + i * BN;
-        if (j0 + BN > j_end) {
-            #pragma unroll
-            for (int n = 0; n < NS; ++n) {
+        wgmma_wait_all();
+
+        float mx_a = NEG_INF, mx_b = NEG_INF;
+        #pragma unroll
+        for (int n = 0; n < NS; ++n) {
+            if (partial) {
                 const int j = j0 + n * 8 + 2 * t;
                 if (j >= j_end) { s[4 * n] = NEG_INF; s[4 * n + 2] = NEG_INF; }
                 if (j + 1 >= j_end) { s[4 * n + 1] = NEG_INF; s[4 * n + 3] = NEG_INF; }
             }
-        }
-        float mx_a = NEG_INF, mx_b = NEG_INF;
-        #pragma unroll
-        for (int n = 0; n < NS; ++n) {
             mx_a = fmaxf(mx_a, fmaxf(s[4 * n], s[4 * n + 1]));
             mx_b = fmaxf(mx_b, fmaxf(s[4 * n + 2], s[4 * n + 3]));
         }
@@ -276,42 +270,12 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
             pa[kb][2] = pack2<BF16>(s[8 * kb + 4], s[8 * kb + 5]);
             pa[kb][3] = pack2<BF16>(s[8 * kb + 6], s[8 * kb + 7]);
         }
-        const u16* vs = stage_of(i) + TILE;
         wgmma_fence();
         #pragma unroll
         for (int kb = 0; kb < KV; ++kb)
-            wgmma_rs<BF16, HD, true>(o, pa[kb], smem_desc(vs + kb * 2 * CPR * 64, v_lead, v_str), 1);
+            wgmma_rs<BF16, HD, true>(o, pa[kb], smem_desc(vs + kb * 2 * CPR * 64, v_lead, v_stride_b),
+                                     1);
         wgmma_commit();
-    };
-    // One tile: `cur` holds S(i) (issued earlier), `nxt` receives S(i + 1).
-    auto step = [&](float* cur, float* nxt, int i) {
-        const bool more = i + 1 < tiles;
-        if (more) {
-            cp_async_wait_all();   // tile i + 1 (the only group in flight) has landed
-            fence_proxy_async();
-        }
-        __syncthreads();
-        if (more) issue_s(nxt, i + 1);
-        if (more) wgmma_wait_one(); else wgmma_wait_all();
-        __syncthreads();   // every warpgroup is done with tile i - 1: its stage takes tile i + 2
-        load(i + 2);
-        softmax_pv(cur, i);
-    };
-
-    float sa[NS * 4], sb[NS * 4];
-    #pragma unroll
-    for (int i = 0; i < NS * 4; ++i) sa[i] = sb[i] = 0.f;
-    if (tiles > 0) {
-        load(0);
-        load(1);
-        asm volatile("cp.async.wait_group 1;" ::: "memory");   // tile 0 has landed
-        fence_proxy_async();
-        __syncthreads();
-        issue_s(sa, 0);
-        for (int i = 0; i < tiles; i += 2) {
-            step(sa, sb, i);
-            if (i + 1 < tiles) step(sb, sa, i + 1);
-        }
         wgmma_wait_all();
     }
 
@@ -336,14 +300,11 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     }
 }
 
-// Entries flash_wgmma_{f16,bf16}_d{HD}_w{NWG}_n{BN}[_b{MINB}]: 128 * NWG threads, 3 * 2 * BN *
-// HD * 2 bytes of dynamic shared memory (three stages of a K and a V tile); _b2 caps the registers
-// so that two blocks fit on a multiprocessor. Registers for sm_90 (NVRTC 12.9, d64 / d80): w1_n64
-// 190 / 190, w2_n64 163 / 177 (one block per multiprocessor), w2_n64_b2 128 with 156 / 764 bytes
-// of spills, w3_n64 149 / 160, w2_n128 246 / 254.
-#define WGMMA_ENTRY(TY, BF16, HD, NWG, BN, MINB, SUFFIX)                                        \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                               \
-        flash_wgmma_##TY##_d##HD##_w##NWG##_n##BN##SUFFIX(                                      \
+// Entries flash_wgmma_{f16,bf16}_d{HD}_w{NWG}_n{BN}: 128 * NWG threads, 2 * 2 * BN * HD * 2
+// bytes of dynamic shared memory (two stages of a K and a V tile).
+#define WGMMA_ENTRY(TY, BF16, HD, NWG, BN)                                                      \
+    extern "C" __global__ void __launch_bounds__(128 * NWG)                                     \
+        flash_wgmma_##TY##_d##HD##_w##NWG##_n##BN(                                              \
             const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
             const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                \
             const int* __restrict__ q_end, const int* __restrict__ kv_start,                    \
@@ -355,12 +316,13 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
                                        perm, desc_mode);                                        \
     }
 
-#define WGMMA_ENTRIES(TY, BF16, HD)         \
-    WGMMA_ENTRY(TY, BF16, HD, 1, 64, 1, )   \
-    WGMMA_ENTRY(TY, BF16, HD, 2, 64, 1, )   \
-    WGMMA_ENTRY(TY, BF16, HD, 2, 64, 2, _b2) \
-    WGMMA_ENTRY(TY, BF16, HD, 3, 64, 1, )   \
-    WGMMA_ENTRY(TY, BF16, HD, 2, 128, 1, )
+#define WGMMA_ENTRIES(TY, BF16, HD)   \
+    WGMMA_ENTRY(TY, BF16, HD, 1, 64)  \
+    WGMMA_ENTRY(TY, BF16, HD, 2, 64)  \
+    WGMMA_ENTRY(TY, BF16, HD, 3, 64)  \
+    WGMMA_ENTRY(TY, BF16, HD, 1, 128) \
+    WGMMA_ENTRY(TY, BF16, HD, 2, 128) \
+    WGMMA_ENTRY(TY, BF16, HD, 3, 128)
 
 WGMMA_ENTRIES(f16, false, 64)
 WGMMA_ENTRIES(bf16, true, 64)
