@@ -194,12 +194,23 @@ impl SparseConv3d {
             Some(f) => (f, 3),
         };
         let nbr = geo.neighbour_table_cuda(self.kernel)?;
-        crate::runtime::cuda_ops::sparse_conv_half(
+        use crate::runtime::cuda_ops as ops;
+        let tile = ops::conv_tile();
+        // the mask-sorted row order only for the kernels that take one (`TRELLIS_CONV_ORDER`)
+        let order = match tile {
+            ops::ConvTile::K64 { .. } if ops::conv_order() => {
+                Some(geo.conv_order_cuda(self.kernel)?)
+            }
+            _ => None,
+        };
+        ops::sparse_conv_half_with(
             &x.feats().contiguous()?,
             &nbr,
             &w,
             bias.as_ref(),
             shift,
+            tile,
+            order.as_ref(),
         )
     }
 
