@@ -165,7 +165,7 @@ fn time_tilings(dev: &Device, maps: &[NeighbourMap; 2], out: &mut dyn Write) -> 
         let mut reference: Option<Tensor> = None;
         for (label, tile, ordered) in &tilings {
             let o = if *ordered { Some(&order) } else { None };
-            let mut run = || {
+            let run = || {
                 sparse_conv_half_with(&feats, &nbr, &weight, Some(&bias), case.src_shift, *tile, o)
             };
             let y = run()?.to_dtype(DType::F32)?;

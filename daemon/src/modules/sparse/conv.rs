@@ -117,8 +117,8 @@ impl SparseConv3d {
     #[cfg(feature = "cuda")]
     fn compute_cuda(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
         if matches!(x.dtype(), DType::F16 | DType::BF16)
-            && self.in_channels % 8 == 0
-            && self.out_channels % 8 == 0
+            && self.in_channels.is_multiple_of(8)
+            && self.out_channels.is_multiple_of(8)
             && self.kernel.iter().product::<usize>()
                 <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
         {
