@@ -38,6 +38,18 @@ pub const SPARSE_CONV: KernelSource = KernelSource {
         "sparse_conv_mma_bf16_m128",
         "sparse_conv_mma_async_f16_m128",
         "sparse_conv_mma_async_bf16_m128",
+        "sparse_conv_k64_f16_m128n128s3",
+        "sparse_conv_k64_bf16_m128n128s3",
+        "sparse_conv_k64_f16_m128n64s3",
+        "sparse_conv_k64_bf16_m128n64s3",
+        "sparse_conv_k64_f16_m128n128s2",
+        "sparse_conv_k64_bf16_m128n128s2",
+        "sparse_conv_k64_f16_m128n64s2",
+        "sparse_conv_k64_bf16_m128n64s2",
+        "sparse_conv_k64_f16_m64n128s3",
+        "sparse_conv_k64_bf16_m64n128s3",
+        "sparse_conv_k64_f16_m64n64s3",
+        "sparse_conv_k64_bf16_m64n64s3",
     ],
     arch_specific: None,
 };
@@ -265,8 +277,80 @@ pub const SPARSE_CONV_TILE: u32 = 64;
 pub const SPARSE_CONV_MMA_THREADS: u32 = 128;
 /// Output channels per `sparse_conv_mma_*` tile; its rows are 64, or 128 for the `_m128` entries.
 pub const SPARSE_CONV_MMA_COLS: usize = 64;
-/// Largest kernel volume `sparse_conv_mma_*` takes (`CONV_MAX_VOLUME`: a 3x3x3 kernel).
+/// Largest kernel volume `sparse_conv_mma_*` and `sparse_conv_k64_*` take (`CONV_MAX_VOLUME`: a
+/// 3x3x3 kernel).
 pub const SPARSE_CONV_MMA_MAX_VOLUME: usize = 27;
+
+/// One tile shape of the 64-channel-step tensor-core conv `sparse_conv_k64_*`: `rows` x `cols`
+/// outputs per block, warps of 32 rows x `warp_cols` channels, `stages` cp.async stages in dynamic
+/// shared memory. Its entries are `sparse_conv_k64_{f16,bf16}_m{rows}n{cols}s{stages}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvK64Shape {
+    pub rows: usize,
+    pub cols: usize,
+    pub warp_cols: usize,
+    pub stages: usize,
+}
+
+impl ConvK64Shape {
+    /// Threads per block (one warp per 32 x `warp_cols` part).
+    pub const fn threads(&self) -> u32 {
+        (self.rows / 32 * (self.cols / self.warp_cols) * 32) as u32
+    }
+
+    /// Dynamic shared memory per block: `stages` x (`rows` + `cols`) rows of 64 halves.
+    pub const fn dynamic_smem_bytes(&self) -> u32 {
+        (self.stages * (self.rows + self.cols) * 64 * 2) as u32
+    }
+
+    /// The kernel entry for a dtype suffix (`f16` / `bf16`).
+    pub fn entry(&self, ty: &str) -> String {
+        format!(
+            "sparse_conv_k64_{ty}_m{}n{}s{}",
+            self.rows, self.cols, self.stages
+        )
+    }
+}
+
+/// Every shape `sparse_conv_k64_*` is built for (the `CONV_K64_ENTRY` lines of sparse_conv.cu).
+pub const SPARSE_CONV_K64_SHAPES: [ConvK64Shape; 6] = [
+    ConvK64Shape {
+        rows: 128,
+        cols: 128,
+        warp_cols: 64,
+        stages: 3,
+    },
+    ConvK64Shape {
+        rows: 128,
+        cols: 64,
+        warp_cols: 64,
+        stages: 3,
+    },
+    ConvK64Shape {
+        rows: 128,
+        cols: 128,
+        warp_cols: 64,
+        stages: 2,
+    },
+    ConvK64Shape {
+        rows: 128,
+        cols: 64,
+        warp_cols: 64,
+        stages: 2,
+    },
+    ConvK64Shape {
+        rows: 64,
+        cols: 128,
+        warp_cols: 64,
+        stages: 3,
+    },
+    ConvK64Shape {
+        rows: 64,
+        cols: 64,
+        warp_cols: 32,
+        stages: 3,
+    },
+];
 /// Largest head dimension `varlen_attention` takes.
 pub const ATTENTION_MAX_DIM: usize = 256;
 /// `flash_attention_*`: threads per block (4 warps; 64 or 128 query rows per block, 16 per
@@ -274,3 +358,27 @@ pub const ATTENTION_MAX_DIM: usize = 256;
 /// of both flash kernels (`flash_wgmma_*` takes 128 threads per 64 rows).
 pub const FLASH_THREADS: u32 = 128;
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 80];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_k64_shape_has_its_entries() {
+        for s in SPARSE_CONV_K64_SHAPES {
+            for ty in ["f16", "bf16"] {
+                let e = s.entry(ty);
+                assert!(SPARSE_CONV.entry_points.contains(&e.as_str()), "{e}");
+            }
+            assert!(s.threads() >= 128 && s.threads() <= 256);
+            // below the 227 KB a block may take on sm_90 with the static part (< 15 KB)
+            assert!(s.dynamic_smem_bytes() + 15 * 1024 <= 227 * 1024);
+        }
+        let k64 = SPARSE_CONV
+            .entry_points
+            .iter()
+            .filter(|e| e.starts_with("sparse_conv_k64_"))
+            .count();
+        assert_eq!(k64, 2 * SPARSE_CONV_K64_SHAPES.len());
+    }
+}

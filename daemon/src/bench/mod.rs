@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod bake;
 pub mod conditioners;
+pub mod conv;
 pub mod mesh_decoder;
 pub mod pipeline;
 pub mod side_by_side;
@@ -38,6 +39,11 @@ pub const BENCHES: &[Bench] = &[
         name: "attention",
         about: "the attention kernels on TRELLIS's shapes (SS flow self/cross, SLat varlen, decoder windows) in TFLOP/s beside the device's matrix-product rate: tensor cores in f16/bf16 on a GPU, f32 on the CPU",
         run: attention::run,
+    },
+    Bench {
+        name: "sparse-conv",
+        about: "the half-precision tensor-core sparse conv on the SLat flow's io-block shapes (20,000-voxel shell at 64^3 and its 2x downsample: 2048->128 shift 3, 128->128, 128->1024, 1024->1024), every TRELLIS_CONV_TILE tiling with and without the mask row order, in TFLOP/s (CUDA); on any device the tiles' mean active offsets",
+        run: conv::run,
     },
     Bench {
         name: "ss-flow",

@@ -312,6 +312,90 @@ pub fn conv_async() -> bool {
     env_switch("TRELLIS_CONV_ASYNC", &C, true)
 }
 
+/// The tensor-core sparse conv's kernel family and tiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvTile {
+    /// `sparse_conv_mma_*`: 32-channel reduction steps, `rows` (64 or 128) x 64 outputs per block
+    /// of 4 warps, two cp.async stages (`staged_async`) or one through registers.
+    Mma { rows: usize, staged_async: bool },
+    /// `sparse_conv_k64_*`: 64-channel reduction steps through `stages` (2 or 3) cp.async stages
+    /// in dynamic shared memory; `rows` (64 or 128) x 128 outputs per block when Cout >= 128
+    /// (8 warps for 128 rows, 4 for 64), x 64 otherwise (4 warps).
+    K64 { rows: usize, stages: usize },
+}
+
+impl ConvTile {
+    /// The `TRELLIS_CONV_TILE` values of the `K64` tilings.
+    pub const K64_LABELS: [(&'static str, ConvTile); 3] = [
+        (
+            "k64",
+            ConvTile::K64 {
+                rows: 128,
+                stages: 3,
+            },
+        ),
+        (
+            "k64s2",
+            ConvTile::K64 {
+                rows: 128,
+                stages: 2,
+            },
+        ),
+        (
+            "k64m64",
+            ConvTile::K64 {
+                rows: 64,
+                stages: 3,
+            },
+        ),
+    ];
+
+    /// The `sparse_conv_k64_*` shape this tiling takes for `cout` output channels (`None` for
+    /// [`ConvTile::Mma`]).
+    pub fn k64_shape(&self, cout: usize) -> Option<k::ConvK64Shape> {
+        let ConvTile::K64 { rows, stages } = *self else {
+            return None;
+        };
+        let cols = if cout >= 128 { 128 } else { 64 };
+        k::SPARSE_CONV_K64_SHAPES
+            .into_iter()
+            .find(|s| s.rows == rows && s.cols == cols && s.stages == stages)
+    }
+}
+
+/// `TRELLIS_CONV_TILE`: the tensor-core sparse conv's kernels. Unset, `old` or anything unknown:
+/// the `sparse_conv_mma_*` kernels with [`conv_tile_rows`] rows and [`conv_async`] staging (the
+/// default until the new ones have been timed on a GPU: they compile for every target and have
+/// a CPU-compared check, `checks::sparse_conv_half_vs_cpu`, but no device run has used them yet).
+/// `k64`: 64-channel steps, 3 cp.async stages, 128 x 128 tiles of 8 warps when Cout >= 128
+/// (128 x 64 of 4 warps below); `k64s2`: the same with 2 stages; `k64m64`: 64-row tiles (64 x 128
+/// of 4 warps, 64 x 64 of 4 warps below Cout 128), 3 stages. Read once per process.
+pub fn conv_tile() -> ConvTile {
+    static C: OnceLock<ConvTile> = OnceLock::new();
+    *C.get_or_init(|| {
+        let v = std::env::var("TRELLIS_CONV_TILE").unwrap_or_default();
+        ConvTile::K64_LABELS
+            .into_iter()
+            .find(|(l, _)| *l == v.trim())
+            .map(|(_, t)| t)
+            .unwrap_or(ConvTile::Mma {
+                rows: conv_tile_rows(),
+                staged_async: conv_async(),
+            })
+    })
+}
+
+/// `TRELLIS_CONV_ORDER`: whether the `sparse_conv_k64_*` kernels compute the rows of a geometry
+/// in the order of their neighbour masks (`1`: the geometry's cached
+/// [`crate::modules::sparse::tensor::Geometry::conv_order_cuda`], so a tile's rows share more
+/// empty kernel offsets; on the SLat flow's 64^3 shell the lead measured 26.8 -> ~23.6 active
+/// offsets per 128-row tile) or in storage order (`0`, the default until timed on a GPU). The
+/// `sparse_conv_mma_*` kernels always use storage order. Read once per process.
+pub fn conv_order() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    env_switch("TRELLIS_CONV_ORDER", &C, false)
+}
+
 fn i32_arg(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| err(format!("{what} = {v} does not fit in int32")))
 }
@@ -436,10 +520,10 @@ pub fn sparse_conv(
     })
 }
 
-/// The tensor-core sparse conv (`sparse_conv_mma_*`): `feats` `[N_in, Cin]` and `weight`
-/// `[Cout, K, Cin]` in float16 or bfloat16, `nbr` int32 `[rows * K]` (−1 = no neighbour; source
-/// row `nbr >> src_shift`), optional float32 `bias` `[Cout]`; `[rows, Cout]` in the feats' dtype.
-/// Cin and Cout must be multiples of 8.
+/// The tensor-core sparse conv (`sparse_conv_mma_*` / `sparse_conv_k64_*`, [`conv_tile`]):
+/// `feats` `[N_in, Cin]` and `weight` `[Cout, K, Cin]` in float16 or bfloat16, `nbr` int32
+/// `[rows * K]` (−1 = no neighbour; source row `nbr >> src_shift`), optional float32 `bias`
+/// `[Cout]`; `[rows, Cout]` in the feats' dtype. Cin and Cout must be multiples of 8.
 pub fn sparse_conv_half(
     feats: &Tensor,
     nbr: &Tensor,
@@ -447,10 +531,11 @@ pub fn sparse_conv_half(
     bias: Option<&Tensor>,
     src_shift: u32,
 ) -> anyhow::Result<Tensor> {
-    sparse_conv_half_tiled(feats, nbr, weight, bias, src_shift, conv_tile_rows())
+    sparse_conv_half_with(feats, nbr, weight, bias, src_shift, conv_tile(), None)
 }
 
-/// [`sparse_conv_half`] with `tile_rows` (64 or 128) rows per tile.
+/// [`sparse_conv_half`] with the `sparse_conv_mma_*` kernels of `tile_rows` (64 or 128) rows per
+/// tile and [`conv_async`] staging.
 pub fn sparse_conv_half_tiled(
     feats: &Tensor,
     nbr: &Tensor,
@@ -459,11 +544,34 @@ pub fn sparse_conv_half_tiled(
     src_shift: u32,
     tile_rows: usize,
 ) -> anyhow::Result<Tensor> {
+    let tile = ConvTile::Mma {
+        rows: tile_rows,
+        staged_async: conv_async(),
+    };
+    sparse_conv_half_with(feats, nbr, weight, bias, src_shift, tile, None)
+}
+
+/// [`sparse_conv_half`] with an explicit `tile`, and for [`ConvTile::K64`] an optional row
+/// `order`: an int32 permutation `[rows]` of the rows (tile row m computes row `order[row0 + m]`:
+/// reads its neighbour-map row, writes its output row), e.g. `Geometry::conv_order_cuda`; a row
+/// it leaves out is not written (entries out of range are skipped by the kernel). The
+/// [`ConvTile::Mma`] kernels ignore `order` (the result is the same; only the grouping differs).
+pub fn sparse_conv_half_with(
+    feats: &Tensor,
+    nbr: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    src_shift: u32,
+    tile: ConvTile,
+    order: Option<&Tensor>,
+) -> anyhow::Result<Tensor> {
     use super::cuda_fused::{device_of, view, wrap};
-    anyhow::ensure!(
-        tile_rows == 64 || tile_rows == 128,
-        "sparse_conv_half: {tile_rows} rows per tile (64 or 128)"
-    );
+    if let ConvTile::Mma { rows, .. } = tile {
+        anyhow::ensure!(
+            rows == 64 || rows == 128,
+            "sparse_conv_half: {rows} rows per tile (64 or 128)"
+        );
+    }
     let (cout, volume, cin) = weight.dims3()?;
     let (_, fc) = feats.dims2()?;
     let dtype = feats.dtype();
@@ -507,38 +615,76 @@ pub fn sparse_conv_half_tiled(
         k::SPARSE_CONV_MMA_MAX_VOLUME
     );
     let rows = n / volume;
+    if let Some(o) = order {
+        anyhow::ensure!(
+            o.dtype() == DType::I32 && o.elem_count() == rows && o.is_contiguous(),
+            "sparse_conv_half: row order must be int32 [{rows}]"
+        );
+    }
     let dev = device_of(feats)?;
-    let entry = format!(
-        "sparse_conv_mma_{}{}{}",
-        if conv_async() { "async_" } else { "" },
-        if dtype == DType::F16 { "f16" } else { "bf16" },
-        if tile_rows == 128 { "_m128" } else { "" }
-    );
+    let ty = if dtype == DType::F16 { "f16" } else { "bf16" };
+    // (entry, rows and columns per block, threads, dynamic shared memory)
+    let (entry, tile_rows, tile_cols, threads, smem) = match tile {
+        ConvTile::Mma { rows, staged_async } => (
+            format!(
+                "sparse_conv_mma_{}{ty}{}",
+                if staged_async { "async_" } else { "" },
+                if rows == 128 { "_m128" } else { "" }
+            ),
+            rows,
+            k::SPARSE_CONV_MMA_COLS,
+            k::SPARSE_CONV_MMA_THREADS,
+            0u32,
+        ),
+        ConvTile::K64 { rows, stages } => {
+            let s = tile.k64_shape(cout).ok_or_else(|| {
+                anyhow::anyhow!("sparse_conv_half: no k64 build of {rows} rows, {stages} stages")
+            })?;
+            (
+                s.entry(ty),
+                s.rows,
+                s.cols,
+                s.threads(),
+                s.dynamic_smem_bytes(),
+            )
+        }
+    };
+    let k64 = matches!(tile, ConvTile::K64 { .. });
     let func = module(&dev, &k::SPARSE_CONV)?.load_function(&entry).w()?;
+    if smem > 48 * 1024 {
+        // Above 48 KB a block's dynamic shared memory must be allowed per function.
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
+        func.set_attribute(
+            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            i32::try_from(smem)?,
+        )
+        .w()?;
+    }
     let stream = dev.cuda_stream();
     let row_tiles = u32::try_from(rows.div_ceil(tile_rows))?;
-    let col_tiles = u32::try_from(cout.div_ceil(k::SPARSE_CONV_MMA_COLS))?;
+    let col_tiles = u32::try_from(cout.div_ceil(tile_cols))?;
     let cfg = LaunchConfig {
         grid_dim: (col_tiles, row_tiles, 1),
-        block_dim: (k::SPARSE_CONV_MMA_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
     };
     let (cin_i, rows_i, vol_i, cout_i, shift_i) = (
         i32_arg(cin, "cin")?,
         i32_arg(rows, "rows")?,
         i32_arg(volume, "volume")?,
         i32_arg(cout, "cout")?,
-        src_shift as i32,
+        i32::try_from(src_shift)?,
     );
     macro_rules! go {
         ($t:ty) => {{
             // SAFETY: the kernel writes every [rows, cout] element (cout % 8 == 0, full tiles
-            // masked per pair of columns).
+            // masked per pair of columns; with an order, a permutation of the rows).
             let out = unsafe { dev.alloc::<$t>(rows * cout)? };
             let (gf, lf) = feats.storage_and_layout();
             let (gn, ln) = nbr.storage_and_layout();
             let (gw, lw) = weight.storage_and_layout();
             let gb = bias.map(|b| b.storage_and_layout());
+            let gord = order.map(|o| o.storage_and_layout());
             let fs = view::<$t>(&gf, lf, "feats")?;
             let ns = view::<i32>(&gn, ln, "neighbour map")?;
             let ws = view::<$t>(&gw, lw, "weight")?;
@@ -546,23 +692,29 @@ pub fn sparse_conv_half_tiled(
                 Some((g, l)) => Some(view::<f32>(g, l, "bias")?),
                 None => None,
             };
+            let os = match &gord {
+                Some((g, l)) => Some(view::<i32>(g, l, "row order")?),
+                None => None,
+            };
             let null = 0u64;
             let mut b = stream.launch_builder(&func);
-            b.arg(&fs)
-                .arg(&cin_i)
-                .arg(&ns)
-                .arg(&rows_i)
-                .arg(&vol_i)
-                .arg(&shift_i)
-                .arg(&ws);
+            b.arg(&fs).arg(&cin_i).arg(&ns);
+            if k64 {
+                match &os {
+                    Some(v) => b.arg(v),
+                    None => b.arg(&null),
+                };
+            }
+            b.arg(&rows_i).arg(&vol_i).arg(&shift_i).arg(&ws);
             match &bs {
                 Some(v) => b.arg(v),
                 None => b.arg(&null),
             };
             b.arg(&cout_i).arg(&out);
             if rows > 0 {
-                // SAFETY: argument types and order match `sparse_conv_mma_*`; shapes, dtypes
-                // and 16-byte alignment checked above.
+                // SAFETY: argument types and order match `sparse_conv_mma_*` (no order) and
+                // `sparse_conv_k64_*` (the order after nbr); shapes, dtypes and 16-byte alignment
+                // checked above; the dynamic shared memory allowed above.
                 unsafe { b.launch(cfg) }.w()?;
             }
             Ok(wrap(out, &dev, &[rows, cout]))
@@ -1499,16 +1651,29 @@ pub mod checks {
 
     /// The tensor-core sparse conv in `dtype` vs the CPU's f32 `submanifold_conv` on the same
     /// (rounded) inputs; `subdivided`: the rows read their parent row (`nbr >> 3`) of a feats
-    /// table 8x smaller, against the CPU conv of the explicit 8x copy.
+    /// table 8x smaller, against the CPU conv of the explicit 8x copy. Every tiling (the
+    /// `sparse_conv_mma_*` kernels of 64 and 128 rows, every `TRELLIS_CONV_TILE=k64...` one, and
+    /// `k64` with the mask-sorted row order).
     pub fn sparse_conv_half_vs_cpu(
         dev: &Device,
         dtype: DType,
         subdivided: bool,
         tol: f64,
     ) -> anyhow::Result<f64> {
+        sparse_conv_half_shape_vs_cpu(dev, dtype, subdivided, 96, 136, tol)
+    }
+
+    /// [`sparse_conv_half_vs_cpu`] for `cin` -> `cout` channels.
+    pub fn sparse_conv_half_shape_vs_cpu(
+        dev: &Device,
+        dtype: DType,
+        subdivided: bool,
+        cin: usize,
+        cout: usize,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
         let coords = shell(2000);
         let rows = coords.len() / 4;
-        let (cin, cout) = (96, 136);
         let map = trellis_kernels::sparse_conv::submanifold_neighbours(&coords, [3, 3, 3])?;
         let parents = if subdivided { rows.div_ceil(8) } else { rows };
         let round = |v: Vec<f32>| -> anyhow::Result<Vec<f32>> {
@@ -1533,18 +1698,39 @@ pub mod checks {
         let nt = Tensor::from_slice(&map.table, map.table.len(), dev)?;
         let wt = Tensor::from_slice(&w, (cout, 27, cin), dev)?.to_dtype(dtype)?;
         let bt = Tensor::from_slice(&b, cout, dev)?;
+        let order = trellis_kernels::sparse_conv::mask_order(&map.table, 27);
+        let ot = Tensor::from_vec(order, rows, dev)?;
         let shift = if subdivided { 3 } else { 0 };
+        let mut tilings: Vec<(ConvTile, bool)> = vec![
+            (
+                ConvTile::Mma {
+                    rows: 64,
+                    staged_async: conv_async(),
+                },
+                false,
+            ),
+            (
+                ConvTile::Mma {
+                    rows: 128,
+                    staged_async: conv_async(),
+                },
+                false,
+            ),
+        ];
+        tilings.extend(ConvTile::K64_LABELS.iter().map(|(_, t)| (*t, false)));
+        tilings.push((ConvTile::K64_LABELS[0].1, true));
         let mut worst = 0f64;
-        // both tilings: 64 and 128 rows
-        for tiles in [64, 128] {
-            let g: Vec<f32> = sparse_conv_half_tiled(&ft, &nt, &wt, Some(&bt), shift, tiles)?
+        for (tile, ordered) in tilings {
+            let order = if ordered { Some(&ot) } else { None };
+            let g: Vec<f32> = sparse_conv_half_with(&ft, &nt, &wt, Some(&bt), shift, tile, order)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
             let e = rel_err(&g, &cpu);
             anyhow::ensure!(
                 e < tol,
-                "sparse conv {dtype:?}, tiles {tiles:?}: relative error {e}"
+                "sparse conv {dtype:?} {cin} -> {cout}, {tile:?}, ordered {ordered}: relative \
+                 error {e}"
             );
             worst = worst.max(e);
         }
@@ -1903,6 +2089,22 @@ pub mod checks {
             (
                 "sparse conv tensor cores bf16, subdivided",
                 sparse_conv_half_vs_cpu(dev, DType::BF16, true, 1e-2),
+            ),
+            (
+                "sparse conv tensor cores f16, 256 -> 128, subdivided",
+                sparse_conv_half_shape_vs_cpu(dev, DType::F16, true, 256, 128, 2e-3),
+            ),
+            (
+                "sparse conv tensor cores bf16, 128 -> 128",
+                sparse_conv_half_shape_vs_cpu(dev, DType::BF16, false, 128, 128, 1e-2),
+            ),
+            (
+                "sparse conv tensor cores f16, 64 -> 64",
+                sparse_conv_half_shape_vs_cpu(dev, DType::F16, false, 64, 64, 2e-3),
+            ),
+            (
+                "sparse conv tensor cores f16, 136 -> 264",
+                sparse_conv_half_shape_vs_cpu(dev, DType::F16, false, 136, 264, 2e-3),
             ),
             (
                 "fused block kernels f32",

@@ -242,3 +242,206 @@ CONV_ENTRY(sparse_conv_mma_f16_m128, false, false, 128)
 CONV_ENTRY(sparse_conv_mma_bf16_m128, true, false, 128)
 CONV_ENTRY(sparse_conv_mma_async_f16_m128, false, true, 128)
 CONV_ENTRY(sparse_conv_mma_async_bf16_m128, true, true, 128)
+
+// ---------------------------------------------------------------------------------------------
+// The same tensor-core conv with 64-channel reduction steps and a STAGES-deep cp.async pipeline
+// in dynamic shared memory (`TRELLIS_CONV_TILE=k64...` picks these; the kernels above stay the
+// default until timed). Tile: BM rows x BN output channels, warps of 32 rows x WN channels
+// (BM / 32 x BN / WN of them), so with BN = 128 the gathered A rows of a step are loaded once
+// for 128 outputs. One __syncthreads per 64-channel step: the wait for step s's copies, the
+// barrier, then the copies of step s + STAGES - 1 into the stage step s - 1 used (every warp is
+// past the barrier, so done with it), then 4 x 16-channel slices of mma.sync on stage s (64
+// products per 32 x 64 warp between barriers against 32 before).
+// `order` (nullable): tile row m computes row order[row0 + m] (its nbr row, its out row), so a
+// caller can group rows whose neighbour masks agree and skip more empty (offset, tile) steps. It
+// must be a permutation of the rows: a row it leaves out is not written (an entry out of range
+// is skipped, never followed).
+//
+// Shared memory per block: STAGES * (BM + BN) * 128 bytes dynamic (rows of 64 halves, unpadded:
+// the 16-byte chunk q of row r is stored at chunk q ^ (r & 7), so the 8 rows one ldmatrix matrix
+// reads, and the 8 chunks of a row that 8 threads copy, fall in 8 different bank quads) plus
+// 27 * (BM + 1) * 4 + BM * 4 + 220 bytes static (the tile's source rows per offset). On sm_90
+// (228 KB and 64K registers per SM, 1 KB reserved per block; registers from NVRTC 12.9, no
+// spills; __launch_bounds__ asks for the blocks per SM below, which caps 8-warp blocks at 128):
+//   m128 n128 s3, 8 warps, 128 regs: 98,304 + 14,672 = 112,976 B -> 2 blocks (16 warps) per SM
+//   m128 n128 s2, 8 warps, 128 regs: 65,536 + 14,672 =  80,208 B -> 2 blocks (registers)
+//   m128 n64  s3, 4 warps, 158 regs: 73,728 + 14,672 =  88,400 B -> 2 blocks (8 warps)
+//   m128 n64  s2, 4 warps, 157 regs: 49,152 + 14,672 =  63,824 B -> 3 blocks (12 warps)
+//   m64  n128 s3, 4 warps, 156 regs: 73,728 +  7,504 =  81,232 B -> 2 blocks (8 warps)
+//   m64  n64  s3, 4 warps of 32 x 32, 118 regs: 49,152 + 7,504 = 56,656 B -> 4 blocks (16 warps)
+// (rows padded to 72 halves instead of swizzled would make m128 n128 s3 125 KB: 1 block per SM).
+#define CK2 64
+
+// Offset in halves of 16-byte chunk q of row r in a swizzled 64-half row table.
+__device__ __forceinline__ int conv_swz(int r, int q) { return r * CK2 + ((q ^ (r & 7)) << 3); }
+
+template <int N>
+__device__ __forceinline__ void conv_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+template <bool BF16, int BM, int BN, int WN, int STAGES>
+__device__ void conv_mma_k64(const u16* __restrict__ feats, int cin, const int* __restrict__ nbr,
+                             const int* __restrict__ order, int rows, int volume, int src_shift,
+                             const u16* __restrict__ weight, const float* __restrict__ bias,
+                             int cout, u16* __restrict__ out) {
+    constexpr int WARPS_M = BM / 32, WARPS_N = BN / WN, WARPS = WARPS_M * WARPS_N;
+    constexpr int THREADS = 32 * WARPS;
+    constexpr int NP = WN / 16;   // 16-column B loads per 16-channel slice
+    static_assert(BM % 32 == 0 && BN % WN == 0 && WN % 16 == 0, "tile shape");
+    static_assert((BM * 8) % THREADS == 0 && (BN * 8) % THREADS == 0, "copy split");
+    static_assert(STAGES >= 2, "stages");
+    extern __shared__ __align__(16) unsigned char conv_dyn[];
+    u16* const As = reinterpret_cast<u16*>(conv_dyn);        // [STAGES][BM * 64], swizzled
+    u16* const Bs = As + STAGES * BM * CK2;                   // [STAGES][BN * 64], swizzled
+    __shared__ int rowsrc[CONV_MAX_VOLUME][BM + 1];   // +1: the fill below is conflict-light
+    __shared__ int prow[BM];                          // physical row of tile row m, -1 past the end
+    __shared__ int any_row[CONV_MAX_VOLUME];
+    __shared__ int active[CONV_MAX_VOLUME];
+    __shared__ int n_active;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+    const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
+    for (int m = tid; m < BM; m += THREADS) {
+        const int r = row0 + m;
+        const int p = r < rows ? (order ? order[r] : r) : -1;
+        prow[m] = p >= 0 && p < rows ? p : -1;   // an order entry out of range: no row
+    }
+    __syncthreads();
+    // Consecutive threads read consecutive entries of the tile's nbr rows.
+    for (int e = tid; e < volume * BM; e += THREADS) {
+        const int m = e / volume, k = e - m * volume, r = prow[m];
+        int s = r >= 0 ? nbr[(long long)r * volume + k] : -1;
+        if (s >= 0) s >>= src_shift;
+        rowsrc[k][m] = s;
+    }
+    __syncthreads();
+    for (int k = warp; k < volume; k += WARPS) {
+        bool mine = false;
+        for (int m = lane; m < BM; m += 32) mine |= rowsrc[k][m] >= 0;
+        const int any = __any_sync(0xffffffffu, mine);
+        if (lane == 0) any_row[k] = any;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int n = 0;
+        for (int k = 0; k < volume; ++k)
+            if (any_row[k]) active[n++] = k;
+        n_active = n;
+    }
+    __syncthreads();
+    const int slices = (cin + CK2 - 1) / CK2;
+    const int steps = n_active * slices;
+    // A warp whose columns all lie past cout only copies (cout is not a multiple of BN).
+    const bool live = col0 + wn * WN < cout;
+    float acc[2][2 * NP][4];
+#pragma unroll
+    for (int f = 0; f < 2; ++f)
+#pragma unroll
+        for (int j = 0; j < 2 * NP; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[f][j][e] = 0.f;
+
+    // Step `step` (active offset step / slices, channels from (step % slices) * 64) into stage
+    // `buf`: BM gathered rows and BN weight rows of 8 16-byte chunks each.
+    auto issue = [&](int step, int buf) {
+        const int a = step / slices;
+        const int k = active[a], c0 = (step - a * slices) * CK2;
+#pragma unroll
+        for (int i = 0; i < BM * 8 / THREADS; ++i) {
+            const int e = tid + i * THREADS, m = e >> 3, q = e & 7, c = c0 + q * 8;
+            const int s = rowsrc[k][m];
+            const bool ok = s >= 0 && c < cin;
+            cp_async16(As + buf * BM * CK2 + conv_swz(m, q), feats + (ok ? (long long)s * cin + c : 0), ok);
+        }
+#pragma unroll
+        for (int i = 0; i < BN * 8 / THREADS; ++i) {
+            const int e = tid + i * THREADS, n = e >> 3, q = e & 7, c = c0 + q * 8, o = col0 + n;
+            const bool ok = o < cout && c < cin;
+            cp_async16(Bs + buf * BN * CK2 + conv_swz(n, q),
+                       weight + (ok ? ((long long)o * volume + k) * cin + c : 0), ok);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < steps) issue(s, s);
+        cp_async_commit();
+    }
+    // ldmatrix row addresses: lane L feeds row L % 8 of matrix L / 8.
+    const int a_row = wm * 32 + (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int b_row = wn * WN + (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+    int buf = 0, fill = STAGES - 1;   // the stage this step reads, the one the next copies fill
+    for (int step = 0; step < steps; ++step) {
+        conv_cp_async_wait<STAGES - 2>();   // this thread's copies of `step` have landed
+        __syncthreads();                    // everyone's have; everyone is done with `fill`
+        if (step + STAGES - 1 < steps) issue(step + STAGES - 1, fill);
+        cp_async_commit();
+        if (live) {
+            const u16* As_buf = As + buf * BM * CK2;
+            const u16* Bs_buf = Bs + buf * BN * CK2;
+#pragma unroll
+            for (int kk = 0; kk < CK2; kk += 16) {
+                u32 a[2][4], b[NP][4];
+#pragma unroll
+                for (int f = 0; f < 2; ++f)
+                    conv_ldmatrix_x4(a[f], As_buf + conv_swz(a_row + f * 16, (kk + a_col) >> 3));
+#pragma unroll
+                for (int p = 0; p < NP; ++p)
+                    conv_ldmatrix_x4(b[p], Bs_buf + conv_swz(b_row + p * 16, (kk + b_col) >> 3));
+#pragma unroll
+                for (int f = 0; f < 2; ++f)
+#pragma unroll
+                    for (int p = 0; p < NP; ++p) {
+                        mma16816<BF16>(acc[f][2 * p], a[f], b[p][0], b[p][1]);
+                        mma16816<BF16>(acc[f][2 * p + 1], a[f], b[p][2], b[p][3]);
+                    }
+            }
+        }
+        buf = buf + 1 == STAGES ? 0 : buf + 1;
+        fill = fill + 1 == STAGES ? 0 : fill + 1;
+    }
+    conv_cp_async_wait<0>();   // no copy outlives the block (only empty groups can be left)
+    if (!live) return;
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+        const int r0 = prow[wm * 32 + f * 16 + g], r1 = prow[wm * 32 + f * 16 + g + 8];
+#pragma unroll
+        for (int j = 0; j < 2 * NP; ++j) {
+            const int col = col0 + wn * WN + j * 8 + 2 * t;
+            if (col >= cout) continue;
+            const float b0 = bias ? bias[col] : 0.f, b1 = bias ? bias[col + 1] : 0.f;
+            if (r0 >= 0)
+                *(u32*)(out + (long long)r0 * cout + col) =
+                    pack2<BF16>(acc[f][j][0] + b0, acc[f][j][1] + b1);
+            if (r1 >= 0)
+                *(u32*)(out + (long long)r1 * cout + col) =
+                    pack2<BF16>(acc[f][j][2] + b0, acc[f][j][3] + b1);
+        }
+    }
+}
+
+// Entries sparse_conv_k64_{f16,bf16}_m{BM}n{BN}s{STAGES}: blocks of BM / 32 * BN / WN warps,
+// STAGES * (BM + BN) * 128 bytes of dynamic shared memory (`cuda.rs` lists the shapes).
+// MINB: the blocks per SM the launch bounds ask for (2 x 256 threads caps registers at 128).
+#define CONV_K64_ENTRY(NAME, BF16, BM, BN, WN, STAGES, MINB)                                    \
+    extern "C" __global__ void __launch_bounds__(BM / 32 * (BN / WN) * 32, MINB)                \
+        NAME(const u16* feats, int cin, const int* nbr, const int* order, int rows, int volume, \
+             int src_shift, const u16* weight, const float* bias, int cout, u16* out) {         \
+        conv_mma_k64<BF16, BM, BN, WN, STAGES>(feats, cin, nbr, order, rows, volume, src_shift, \
+                                               weight, bias, cout, out);                        \
+    }
+
+CONV_K64_ENTRY(sparse_conv_k64_f16_m128n128s3, false, 128, 128, 64, 3, 2)
+CONV_K64_ENTRY(sparse_conv_k64_bf16_m128n128s3, true, 128, 128, 64, 3, 2)
+CONV_K64_ENTRY(sparse_conv_k64_f16_m128n64s3, false, 128, 64, 64, 3, 2)
+CONV_K64_ENTRY(sparse_conv_k64_bf16_m128n64s3, true, 128, 64, 64, 3, 2)
+CONV_K64_ENTRY(sparse_conv_k64_f16_m128n128s2, false, 128, 128, 64, 2, 2)
+CONV_K64_ENTRY(sparse_conv_k64_bf16_m128n128s2, true, 128, 128, 64, 2, 2)
+CONV_K64_ENTRY(sparse_conv_k64_f16_m128n64s2, false, 128, 64, 64, 2, 2)
+CONV_K64_ENTRY(sparse_conv_k64_bf16_m128n64s2, true, 128, 64, 64, 2, 2)
+CONV_K64_ENTRY(sparse_conv_k64_f16_m64n128s3, false, 64, 128, 64, 3, 2)
+CONV_K64_ENTRY(sparse_conv_k64_bf16_m64n128s3, true, 64, 128, 64, 3, 2)
+CONV_K64_ENTRY(sparse_conv_k64_f16_m64n64s3, false, 64, 64, 32, 3, 4)
+CONV_K64_ENTRY(sparse_conv_k64_bf16_m64n64s3, true, 64, 64, 32, 3, 4)

@@ -117,8 +117,8 @@ impl SparseConv3d {
     #[cfg(feature = "cuda")]
     fn compute_cuda(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
         if matches!(x.dtype(), DType::F16 | DType::BF16)
-            && self.in_channels % 8 == 0
-            && self.out_channels % 8 == 0
+            && self.in_channels.is_multiple_of(8)
+            && self.out_channels.is_multiple_of(8)
             && self.kernel.iter().product::<usize>()
                 <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
         {
@@ -194,12 +194,23 @@ impl SparseConv3d {
             Some(f) => (f, 3),
         };
         let nbr = geo.neighbour_table_cuda(self.kernel)?;
-        crate::runtime::cuda_ops::sparse_conv_half(
+        use crate::runtime::cuda_ops as ops;
+        let tile = ops::conv_tile();
+        // the mask-sorted row order only for the kernels that take one (`TRELLIS_CONV_ORDER`)
+        let order = match tile {
+            ops::ConvTile::K64 { .. } if ops::conv_order() => {
+                Some(geo.conv_order_cuda(self.kernel)?)
+            }
+            _ => None,
+        };
+        ops::sparse_conv_half_with(
             &x.feats().contiguous()?,
             &nbr,
             &w,
             bias.as_ref(),
             shift,
+            tile,
+            order.as_ref(),
         )
     }
 

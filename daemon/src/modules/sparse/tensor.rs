@@ -78,6 +78,9 @@ pub struct Geometry {
     neighbours: Mutex<HashMap<[usize; 3], Arc<NeighbourMap>>>,
     #[cfg(feature = "cuda")]
     neighbours_cuda: Mutex<HashMap<[usize; 3], Tensor>>,
+    /// [`Self::conv_order_cuda`] by kernel size.
+    #[cfg(feature = "cuda")]
+    conv_orders_cuda: Mutex<HashMap<[usize; 3], Tensor>>,
     windows: Mutex<HashMap<WindowKey, Arc<WindowPartition>>>,
     batch_index: Mutex<Option<Tensor>>,
     /// Absolute position embeddings of the coords, by (channels, in_channels).
@@ -139,6 +142,8 @@ impl Geometry {
             neighbours: Mutex::new(HashMap::new()),
             #[cfg(feature = "cuda")]
             neighbours_cuda: Mutex::new(HashMap::new()),
+            #[cfg(feature = "cuda")]
+            conv_orders_cuda: Mutex::new(HashMap::new()),
             windows: Mutex::new(HashMap::new()),
             batch_index: Mutex::new(None),
             position_embeddings: Mutex::new(HashMap::new()),
@@ -271,6 +276,21 @@ impl Geometry {
     pub fn neighbour_table_cuda(&self, kernel: [usize; 3]) -> Result<Tensor> {
         cached(&self.neighbours_cuda, kernel, || {
             crate::runtime::cuda_ops::submanifold_neighbours(&self.coords_tensor()?, kernel)
+        })
+    }
+
+    /// The rows ordered by their neighbour masks of `kernel` (stable:
+    /// `trellis_kernels::sparse_conv::mask_order`) as an int32 tensor `[N]` on this geometry's
+    /// (CUDA) device, for the `sparse_conv_k64_*` kernels' row order (`TRELLIS_CONV_ORDER`).
+    /// Made once per kernel size from [`Self::neighbour_table_cuda`] (one copy of it to the host,
+    /// the sort on the CPU) and cached.
+    #[cfg(feature = "cuda")]
+    pub fn conv_order_cuda(&self, kernel: [usize; 3]) -> Result<Tensor> {
+        cached(&self.conv_orders_cuda, kernel, || {
+            let table: Vec<i32> = self.neighbour_table_cuda(kernel)?.to_vec1()?;
+            let volume = kernel.iter().product::<usize>();
+            let order = trellis_kernels::sparse_conv::mask_order(&table, volume);
+            Ok(Tensor::from_vec(order, self.rows(), &self.device)?)
         })
     }
 
