@@ -2,7 +2,7 @@
 # Issue 12, one call for a build's figures: GPU parity (summary only), image-large at every tier
 # (high: RUNS runs, the per-block SLat times and unsynced forwards), text-xlarge, the budget
 # fallback, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
-# a run at high per switch, ATTENTION=1 adds `bench attention`. Few files in $OUT
+# a run at high per switch, ATTENTION=1 adds `bench attention`, CONV=1 `bench sparse-conv`. Few files in $OUT
 # (the device tool returns a limited number): logs are appended to a handful of them. PRECISIONS=
 # "half" limits the GPU parity to half precision, TEXT=0 skips the text-xlarge job.
 # carry: [".devbin"] with trellisd.xz, ref1.tar.xz, dino.tar.xz and manifests-root/.
@@ -26,10 +26,14 @@ run() {
 TRELLIS_BENCH_BLOCKS=1 run high $B --vram-tier high --runs ${RUNS:-3} --json $OUT/high.json
 grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
 # AB: switches to compare against the default at high, e.g. "TRELLIS_CFG_BATCH=0 TRELLIS_CONV_ROWS=64"
+# (one run per word; commas join several switches into one run: "TRELLIS_CONV_TILE=k64,TRELLIS_CONV_ORDER=1")
 for v in ${AB:-}; do
-  run "high, $v" env TRELLIS_BENCH_BLOCKS=1 $v $B --vram-tier high --runs 2
+  run "high, $v" env TRELLIS_BENCH_BLOCKS=1 ${v//,/ } $B --vram-tier high --runs 2
   grep -E "^SLat flow, one forward" $L | tail -1 | cut -c1-700
 done
+if [ -n "${CONV:-}" ]; then
+  echo "== bench sparse-conv"; timeout 150 $W/trellisd bench sparse-conv --device cuda:0 --precision half > $OUT/conv.txt 2>&1; echo rc=$?; grep -v "^ *$" $OUT/conv.txt | cut -c1-150 | tail -60
+fi
 if [ -n "${ATTENTION:-}" ]; then
   echo "== bench attention"; timeout 100 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | grep -E "TFLOP" | cut -c1-120
 fi
