@@ -68,7 +68,8 @@ impl ResBlock3d {
 /// One entry of the encoder's / decoder's `blocks` list.
 #[derive(Debug, Clone)]
 enum Block {
-    Res(ResBlock3d),
+    /// Boxed: with the `cuda` feature a res block is several times a conv's size.
+    Res(Box<ResBlock3d>),
     /// `DownsampleBlock3d` (mode "conv"): conv 2×2×2, stride 2.
     Down(Conv3d),
     /// `UpsampleBlock3d` (mode "conv"): conv 3×3×3 to 8·C_out, then pixel_shuffle_3d(2).
@@ -109,9 +110,9 @@ fn middle(vb: &VarBuilder, channels: usize, count: usize) -> Result<Vec<Block>> 
     (0..count)
         .map(|i| {
             let vb = vb.pp(format!("middle_block.{i}"));
-            Ok(Block::Res(ResBlock3d::new(
+            Ok(Block::Res(Box::new(ResBlock3d::new(
                 vb, channels, channels, "layer",
-            )?))
+            )?)))
         })
         .collect()
 }
@@ -165,7 +166,7 @@ impl SparseStructureEncoder {
         for (i, &c) in ch.iter().enumerate() {
             for _ in 0..cfg.num_res_blocks {
                 let vb = torso.pp(format!("blocks.{}", blocks.len()));
-                blocks.push(Block::Res(ResBlock3d::new(vb, c, c, "layer")?));
+                blocks.push(Block::Res(Box::new(ResBlock3d::new(vb, c, c, "layer")?)));
             }
             if let Some(&next) = ch.get(i + 1) {
                 let vb = torso.pp(format!("blocks.{}.conv", blocks.len()));
@@ -261,7 +262,7 @@ impl SparseStructureDecoder {
         for (i, &c) in ch.iter().enumerate() {
             for _ in 0..cfg.num_res_blocks {
                 let vb = torso.pp(format!("blocks.{}", blocks.len()));
-                blocks.push(Block::Res(ResBlock3d::new(vb, c, c, "layer")?));
+                blocks.push(Block::Res(Box::new(ResBlock3d::new(vb, c, c, "layer")?)));
             }
             if let Some(&next) = ch.get(i + 1) {
                 let vb = torso.pp(format!("blocks.{}.conv", blocks.len()));

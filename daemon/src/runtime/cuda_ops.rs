@@ -1142,7 +1142,7 @@ fn row_layout(l: &Layout, heads: usize, hd: usize, what: &str) -> Result<(usize,
             return Err(bad());
         }
     }
-    if l.start_offset() % 8 != 0 || row % 8 != 0 {
+    if !l.start_offset().is_multiple_of(8) || row % 8 != 0 {
         return Err(bad());
     }
     Ok((l.start_offset(), row as i64))
