@@ -363,33 +363,51 @@ impl ConvTile {
     }
 }
 
-/// `TRELLIS_CONV_TILE`: the tensor-core sparse conv's kernels. Unset, `old` or anything unknown:
-/// the `sparse_conv_mma_*` kernels with [`conv_tile_rows`] rows and [`conv_async`] staging (the
-/// default until the new ones have been timed on a GPU: they compile for every target and have
-/// a CPU-compared check, `checks::sparse_conv_half_vs_cpu`, but no device run has used them yet).
-/// `k64`: 64-channel steps, 3 cp.async stages, 128 x 128 tiles of 8 warps when Cout >= 128
-/// (128 x 64 of 4 warps below); `k64s2`: the same with 2 stages; `k64m64`: 64-row tiles (64 x 128
-/// of 4 warps, 64 x 64 of 4 warps below Cout 128), 3 stages. Read once per process.
-pub fn conv_tile() -> ConvTile {
-    static C: OnceLock<ConvTile> = OnceLock::new();
-    *C.get_or_init(|| {
+/// The tensor-core sparse conv's kernels for a conv with `cout` output channels. Unset
+/// `TRELLIS_CONV_TILE`: `k64` (64-channel steps, 3 cp.async stages, 128 x 128 tiles of 8 warps)
+/// when Cout >= 256, else the `sparse_conv_mma_*` kernels with [`conv_tile_rows`] rows and
+/// [`conv_async`] staging. Measured on an H100 (`bench sparse-conv`, session 10): the SLat flow's
+/// 1024 -> 1024 conv on 3,928 rows 1.022 ms with `k64` against 1.217 ms, 128 -> 1024 0.149 against
+/// 0.171, but 2048 -> 128 on 20,000 rows 2.007 against 1.913 and 128 -> 128 0.151 against 0.139.
+/// `TRELLIS_CONV_TILE` forces one build for every conv: `old` the `sparse_conv_mma_*` kernels,
+/// `k64`, `k64s2` (2 stages) or `k64m64` (64-row tiles). Read once per process.
+pub fn conv_tile_for(cout: usize) -> ConvTile {
+    static C: OnceLock<Option<ConvTile>> = OnceLock::new();
+    let forced = *C.get_or_init(|| {
         let v = std::env::var("TRELLIS_CONV_TILE").unwrap_or_default();
+        if v.trim() == "old" {
+            return Some(mma_conv_tile());
+        }
         ConvTile::K64_LABELS
             .into_iter()
             .find(|(l, _)| *l == v.trim())
             .map(|(_, t)| t)
-            .unwrap_or(ConvTile::Mma {
-                rows: conv_tile_rows(),
-                staged_async: conv_async(),
-            })
+    });
+    forced.unwrap_or(if cout >= 256 {
+        ConvTile::K64 {
+            rows: 128,
+            stages: 3,
+        }
+    } else {
+        mma_conv_tile()
     })
+}
+
+/// The `sparse_conv_mma_*` kernels as [`conv_tile_rows`] and [`conv_async`] pick them.
+fn mma_conv_tile() -> ConvTile {
+    ConvTile::Mma {
+        rows: conv_tile_rows(),
+        staged_async: conv_async(),
+    }
 }
 
 /// `TRELLIS_CONV_ORDER`: whether the `sparse_conv_k64_*` kernels compute the rows of a geometry
 /// in the order of their neighbour masks (`1`: the geometry's cached
 /// [`crate::modules::sparse::tensor::Geometry::conv_order_cuda`], so a tile's rows share more
 /// empty kernel offsets; on the SLat flow's 64^3 shell the lead measured 26.8 -> ~23.6 active
-/// offsets per 128-row tile) or in storage order (`0`, the default until timed on a GPU). The
+/// offsets per 128-row tile) or in storage order (`0`, the default: on an H100 the SLat flow took
+/// 21.0 against 21.1 ms per forward with `k64`, and the order is made on the host for every new
+/// geometry, which the decoders pay per job: job 2006.9 against 1950.7 ms). The
 /// `sparse_conv_mma_*` kernels always use storage order. Read once per process.
 pub fn conv_order() -> bool {
     static C: OnceLock<bool> = OnceLock::new();
@@ -531,7 +549,16 @@ pub fn sparse_conv_half(
     bias: Option<&Tensor>,
     src_shift: u32,
 ) -> anyhow::Result<Tensor> {
-    sparse_conv_half_with(feats, nbr, weight, bias, src_shift, conv_tile(), None)
+    let cout = weight.dims3()?.0;
+    sparse_conv_half_with(
+        feats,
+        nbr,
+        weight,
+        bias,
+        src_shift,
+        conv_tile_for(cout),
+        None,
+    )
 }
 
 /// [`sparse_conv_half`] with the `sparse_conv_mma_*` kernels of `tile_rows` (64 or 128) rows per
@@ -651,8 +678,9 @@ pub fn sparse_conv_half_with(
     };
     let k64 = matches!(tile, ConvTile::K64 { .. });
     let func = module(&dev, &k::SPARSE_CONV)?.load_function(&entry).w()?;
-    if smem > 48 * 1024 {
-        // Above 48 KB a block's dynamic shared memory must be allowed per function.
+    if smem > 0 {
+        // Static + dynamic shared memory above 48 KB must be allowed per function (the k64
+        // 64-row builds have 48 KB dynamic plus their static tables).
         use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
         func.set_attribute(
             A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -997,7 +1025,7 @@ impl CustomOp3 for FlashAttentionOp {
                     let func = module(&dev, self.tiling.source())?
                         .load_function(&entry)
                         .w()?;
-                    if shared > 48 * 1024 {
+                    if shared > 0 {
                         use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
                         func.set_attribute(
                             A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

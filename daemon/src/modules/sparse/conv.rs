@@ -195,7 +195,7 @@ impl SparseConv3d {
         };
         let nbr = geo.neighbour_table_cuda(self.kernel)?;
         use crate::runtime::cuda_ops as ops;
-        let tile = ops::conv_tile();
+        let tile = ops::conv_tile_for(self.out_channels);
         // the mask-sorted row order only for the kernels that take one (`TRELLIS_CONV_ORDER`)
         let order = match tile {
             ops::ConvTile::K64 { .. } if ops::conv_order() => {
