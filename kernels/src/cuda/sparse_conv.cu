@@ -94,6 +94,30 @@ extern "C" __global__ void sparse_conv_gather_gemm(
 
 #define CONV_MAX_VOLUME 27
 
+// The kernel offsets for which some row of a BM-row tile has a neighbour (`rowsrc[k * ld + m]
+// >= 0` for some m), listed in `active` with their count in `*n_active`: one warp per offset,
+// then one thread writes the list. Called by every thread of the block; ends with a barrier.
+template <int BM>
+__device__ __forceinline__ void list_active_offsets(const int* rowsrc, int ld, int volume,
+                                                    int warps, int* any_row, int* active,
+                                                    int* n_active) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    for (int k = warp; k < volume; k += warps) {
+        bool mine = false;
+        for (int m = lane; m < BM; m += 32) mine |= rowsrc[k * ld + m] >= 0;
+        const int any = __any_sync(0xffffffffu, mine);
+        if (lane == 0) any_row[k] = any;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int n = 0;
+        for (int k = 0; k < volume; ++k)
+            if (any_row[k]) active[n++] = k;
+        *n_active = n;
+    }
+    __syncthreads();
+}
+
 __device__ __forceinline__ void conv_ldmatrix_x4(u32* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -129,21 +153,7 @@ __device__ void conv_mma(const u16* __restrict__ feats, int cin, const int* __re
         rowsrc[k][m] = s;
     }
     __syncthreads();
-    // Offsets with a neighbour for some row of the tile: one warp per offset, then one list.
-    for (int k = warp; k < volume; k += 4) {
-        bool mine = false;
-        for (int m = lane; m < BM; m += 32) mine |= rowsrc[k][m] >= 0;
-        const int any = __any_sync(0xffffffffu, mine);
-        if (lane == 0) any_row[k] = any;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        int n = 0;
-        for (int k = 0; k < volume; ++k)
-            if (any_row[k]) active[n++] = k;
-        n_active = n;
-    }
-    __syncthreads();
+    list_active_offsets<BM>(&rowsrc[0][0], BM, volume, 4, any_row, active, &n_active);
     const int slices = (cin + CK - 1) / CK;
     const int steps = n_active * slices;
     float acc[2][2 * NP][4];
@@ -317,20 +327,7 @@ __device__ void conv_mma_k64(const u16* __restrict__ feats, int cin, const int* 
         rowsrc[k][m] = s;
     }
     __syncthreads();
-    for (int k = warp; k < volume; k += WARPS) {
-        bool mine = false;
-        for (int m = lane; m < BM; m += 32) mine |= rowsrc[k][m] >= 0;
-        const int any = __any_sync(0xffffffffu, mine);
-        if (lane == 0) any_row[k] = any;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        int n = 0;
-        for (int k = 0; k < volume; ++k)
-            if (any_row[k]) active[n++] = k;
-        n_active = n;
-    }
-    __syncthreads();
+    list_active_offsets<BM>(&rowsrc[0][0], BM + 1, volume, WARPS, any_row, active, &n_active);
     const int slices = (cin + CK2 - 1) / CK2;
     const int steps = n_active * slices;
     // A warp whose columns all lie past cout only copies (cout is not a multiple of BN).
