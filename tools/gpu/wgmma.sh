@@ -26,7 +26,7 @@ run() {
   grep -E "^SLat flow, one forward" /tmp/run.txt | tail -1 | cut -c1-400
 }
 run "high, default" env TRELLIS_BENCH_BLOCKS=1 $B --runs ${RUNS:-2}
-for t in ${TILINGS:-auto 128w64b2 192w64 128w128}; do
+for t in ${TILINGS:-auto 192w64 192w128}; do
   if [ "$t" = auto ]; then
     run "high, TRELLIS_FLASH_WGMMA=1" env TRELLIS_BENCH_BLOCKS=1 TRELLIS_FLASH_WGMMA=1 $B --runs ${RUNS:-2}
   else
