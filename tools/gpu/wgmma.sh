@@ -1,7 +1,6 @@
 #!/bin/bash
-# Issue 12: the wgmma (sm_90) attention kernel on an H100/H200 in one call: the kernel checks
-# (they say which descriptor reading is right when the default is not, and the run goes on with
-# that one), `bench attention` for every build, then image-large at high
+# Issue 12: the wgmma (sm_90) attention kernel on an H100/H200 in one call: the kernel checks,
+# `bench attention` for every build, then image-large at high
 # for the default (mma.sync) against the wgmma builds (TILINGS, each forced for every attention
 # call) and AB switches. carry: [".devbin"] (trellisd.xz, manifests-root/). Logs: $OUT.
 cd "$(dirname "$0")/../.."
@@ -10,8 +9,6 @@ set +x
 $W/trellisd doctor --check-kernels --device cuda:0 > $OUT/doctor.txt 2>&1; echo "doctor rc=$?"
 sed -n '/GPU kernels against/,$p' $OUT/doctor.txt | grep -v "^ *ok" | cut -c1-400; grep -c "^ *ok" $OUT/doctor.txt
 grep "wgmma" $OUT/doctor.txt | cut -c1-300
-mode=$(grep -o "readings that pass: \[[0-9]" $OUT/doctor.txt | grep -o "[0-9]$" | head -1)
-[ -n "$mode" ] && { export TRELLIS_WGMMA_DESC=$mode; echo "using TRELLIS_WGMMA_DESC=$mode"; }
 echo "== bench attention"
 timeout 120 $W/trellisd bench attention --device cuda:0 --precision half > $OUT/attention.txt 2>&1
 echo rc=$?; grep -E "TFLOP" $OUT/attention.txt | cut -c1-125

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaModule, CudaSlice, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
@@ -220,20 +220,6 @@ pub fn flash_wgmma() -> bool {
     env_switch("TRELLIS_FLASH_WGMMA", &C, false)
 }
 
-/// `TRELLIS_WGMMA_DESC` (0-3): how the wgmma kernel's shared-memory descriptors name the
-/// distances between core matrices; bit 0 swaps K's leading/stride offsets, bit 1 V's. 0 is the
-/// PTX ISA's canonical reading; the others exist for the layout check.
-pub fn wgmma_desc_mode() -> i32 {
-    static C: OnceLock<i32> = OnceLock::new();
-    *C.get_or_init(|| {
-        std::env::var("TRELLIS_WGMMA_DESC")
-            .ok()
-            .and_then(|v| v.trim().parse::<i32>().ok())
-            .filter(|m| (0..4).contains(m))
-            .unwrap_or(0)
-    })
-}
-
 /// The compute capability of `dev` as `major * 10 + minor` (0 when the driver does not say).
 pub fn device_arch(dev: &CudaDevice) -> u32 {
     type Entry = (candle_core::cuda_backend::DeviceId, u32);
@@ -414,6 +400,19 @@ pub fn conv_order() -> bool {
     env_switch("TRELLIS_CONV_ORDER", &C, false)
 }
 
+/// Lets `func` launch with `bytes` of dynamic shared memory: a block's static plus dynamic
+/// shared memory above 48 KB must be allowed per function (the k64 64-row conv builds have
+/// 48 KB dynamic plus their static tables), so any dynamic amount is declared.
+fn allow_dynamic_shared(func: &CudaFunction, bytes: u32) -> Result<()> {
+    if bytes > 0 {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
+        let bytes = i32::try_from(bytes).map_err(|_| err("dynamic shared memory above 2 GiB"))?;
+        func.set_attribute(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+            .w()?;
+    }
+    Ok(())
+}
+
 fn i32_arg(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| err(format!("{what} = {v} does not fit in int32")))
 }
@@ -538,7 +537,7 @@ pub fn sparse_conv(
     })
 }
 
-/// The tensor-core sparse conv (`sparse_conv_mma_*` / `sparse_conv_k64_*`, [`conv_tile`]):
+/// The tensor-core sparse conv (`sparse_conv_mma_*` / `sparse_conv_k64_*`, [`conv_tile_for`]):
 /// `feats` `[N_in, Cin]` and `weight` `[Cout, K, Cin]` in float16 or bfloat16, `nbr` int32
 /// `[rows * K]` (−1 = no neighbour; source row `nbr >> src_shift`), optional float32 `bias`
 /// `[Cout]`; `[rows, Cout]` in the feats' dtype. Cin and Cout must be multiples of 8.
@@ -678,16 +677,7 @@ pub fn sparse_conv_half_with(
     };
     let k64 = matches!(tile, ConvTile::K64 { .. });
     let func = module(&dev, &k::SPARSE_CONV)?.load_function(&entry).w()?;
-    if smem > 0 {
-        // Static + dynamic shared memory above 48 KB must be allowed per function (the k64
-        // 64-row builds have 48 KB dynamic plus their static tables).
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
-        func.set_attribute(
-            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            i32::try_from(smem)?,
-        )
-        .w()?;
-    }
+    allow_dynamic_shared(&func, smem)?;
     let stream = dev.cuda_stream();
     let row_tiles = u32::try_from(rows.div_ceil(tile_rows))?;
     let col_tiles = u32::try_from(cout.div_ceil(tile_cols))?;
@@ -919,8 +909,6 @@ struct FlashAttentionOp {
     head_dim: usize,
     /// Rows per block, the K/V staging, the kernel (mma.sync or wgmma).
     tiling: FlashTiling,
-    /// The wgmma kernel's descriptor reading ([`wgmma_desc_mode`]).
-    desc_mode: i32,
     /// Logical row -> physical row of q, k, v and out (windows attended in window order).
     perm: Option<Vec<i32>>,
     tile_group: Vec<i32>,
@@ -1025,14 +1013,7 @@ impl CustomOp3 for FlashAttentionOp {
                     let func = module(&dev, self.tiling.source())?
                         .load_function(&entry)
                         .w()?;
-                    if shared > 0 {
-                        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
-                        func.set_attribute(
-                            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            shared as i32,
-                        )
-                        .w()?;
-                    }
+                    allow_dynamic_shared(&func, shared)?;
                     let hd = self.head_dim;
                     let (q_at, q_stride) = row_layout(lq, self.heads, hd, "q")?;
                     let (k_at, k_stride) = row_layout(lk, self.heads, hd, "k")?;
@@ -1060,10 +1041,6 @@ impl CustomOp3 for FlashAttentionOp {
                         Some(p) => b.arg(p),
                         None => b.arg(&null),
                     };
-                    let desc_mode = self.desc_mode;
-                    if self.tiling.is_wgmma() {
-                        b.arg(&desc_mode);
-                    }
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
                     // ranges and alignment checked by `flash_attention`.
                     unsafe { b.launch(cfg) }.w()?;
@@ -1237,19 +1214,6 @@ pub fn flash_attention_tiled(
     perm: Option<&[u32]>,
     tiling: Option<FlashTiling>,
 ) -> anyhow::Result<Tensor> {
-    flash_attention_desc(q, k, v, groups, perm, tiling, wgmma_desc_mode())
-}
-
-/// [`flash_attention_tiled`] with the wgmma kernel's descriptor reading given (the layout check).
-fn flash_attention_desc(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    groups: &[trellis_kernels::attention::AttnGroup],
-    perm: Option<&[u32]>,
-    tiling: Option<FlashTiling>,
-    desc_mode: i32,
-) -> anyhow::Result<Tensor> {
     let (nq, heads, d) = rows3(q)?;
     let (nk, hk, dk) = rows3(k)?;
     let (nv, hv, dv) = rows3(v)?;
@@ -1303,7 +1267,6 @@ fn flash_attention_desc(
         heads,
         head_dim: d,
         tiling,
-        desc_mode,
         perm,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
@@ -1603,18 +1566,6 @@ pub mod checks {
         tiling: FlashTiling,
         tol: f64,
     ) -> anyhow::Result<f64> {
-        flash_attention_mode_vs_cpu(dev, dtype, d, tiling, wgmma_desc_mode(), tol)
-    }
-
-    /// [`flash_attention_vs_cpu`] with the wgmma descriptor reading `desc_mode`.
-    fn flash_attention_mode_vs_cpu(
-        dev: &Device,
-        dtype: DType,
-        d: usize,
-        tiling: FlashTiling,
-        desc_mode: i32,
-        tol: f64,
-    ) -> anyhow::Result<f64> {
         let heads = 3;
         let (nq, nk) = (530, 700);
         let groups = vec![
@@ -1656,11 +1607,10 @@ pub mod checks {
         let scale = 1.0 / (d as f32).sqrt();
         let cpu =
             trellis_kernels::attention::varlen_attention(&qr, &kr, &vr, &groups, shape, scale)?;
-        let g: Vec<f32> =
-            flash_attention_desc(&q, &kk, &v, &groups, None, Some(tiling), desc_mode)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
+        let g: Vec<f32> = flash_attention_tiled(&q, &kk, &v, &groups, None, Some(tiling))?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         anyhow::ensure!(g.iter().all(|x| x.is_finite()), "non-finite output");
         anyhow::ensure!(
             g[401 * heads * d..470 * heads * d]
@@ -2059,23 +2009,9 @@ pub mod checks {
         Ok(worst)
     }
 
-    /// The wgmma (sm_90) flash builds: first which descriptor readings give the right result
-    /// (an error names the ones that do when the configured one does not), then every build in
-    /// both dtypes and head dimensions, and the permuted-rows (windows) path.
+    /// The wgmma (sm_90) flash builds: every build in both dtypes and head dimensions, and the
+    /// permuted-rows (windows) path.
     fn wgmma_flash_builds(dev: &Device) -> anyhow::Result<f64> {
-        let probe = FlashTiling::wgmma(128, 64);
-        let mode = wgmma_desc_mode();
-        if let Err(e) = flash_attention_mode_vs_cpu(dev, DType::F16, 64, probe, mode, 4e-3) {
-            let right: Vec<i32> = (0..4)
-                .filter(|&m| {
-                    flash_attention_mode_vs_cpu(dev, DType::F16, 64, probe, m, 4e-3).is_ok()
-                })
-                .collect();
-            anyhow::bail!(
-                "descriptor reading {mode} is wrong ({e:#}); readings that pass: {right:?} \
-                 (TRELLIS_WGMMA_DESC)"
-            );
-        }
         let mut worst = 0f64;
         for t in FlashTiling::VARIANTS.into_iter().filter(|t| t.is_wgmma()) {
             for (dtype, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
