@@ -50,6 +50,8 @@ pub const SPARSE_CONV: KernelSource = KernelSource {
         "sparse_conv_k64_bf16_m64n128s3",
         "sparse_conv_k64_f16_m64n64s3",
         "sparse_conv_k64_bf16_m64n64s3",
+        "sparse_conv_gather_sum_f16",
+        "sparse_conv_gather_sum_bf16",
     ],
     arch_specific: None,
 };

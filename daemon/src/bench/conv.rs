@@ -127,7 +127,9 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn time_tilings(dev: &Device, maps: &[NeighbourMap; 2], out: &mut dyn Write) -> Result<()> {
-    use crate::runtime::cuda_ops::{conv_async, sparse_conv_half_with, ConvTile};
+    use crate::runtime::cuda_ops::{
+        conv_async, conv_gemm_weight, sparse_conv_gemm_gather, sparse_conv_half_with, ConvTile,
+    };
     use candle_core::{DType, Tensor};
     let dtype = match crate::runtime::precision::get() {
         crate::runtime::precision::PrecisionChoice::Bf16 => DType::BF16,
@@ -147,6 +149,7 @@ fn time_tilings(dev: &Device, maps: &[NeighbourMap; 2], out: &mut dyn Write) -> 
         tilings.push((label.to_string(), t, false));
         tilings.push((format!("{label} ordered"), t, true));
     }
+    tilings.push(("gemm first".to_string(), ConvTile::GemmGather, false));
     let reps = 20;
     for case in &CASES {
         let map = &maps[usize::from(case.coarse)];
@@ -159,14 +162,29 @@ fn time_tilings(dev: &Device, maps: &[NeighbourMap; 2], out: &mut dyn Write) -> 
         let weight =
             (Tensor::randn(0f32, 1.0, (case.cout, 27, case.cin), dev)? * scale)?.to_dtype(dtype)?;
         let bias = Tensor::zeros(case.cout, DType::F32, dev)?;
+        let w_kc = conv_gemm_weight(&weight)?;
         let nbr = Tensor::from_slice(&map.table, map.table.len(), dev)?;
         let order = mask_order(&map.table, map.volume);
         let order = Tensor::from_vec(order, rows, dev)?;
         let mut reference: Option<Tensor> = None;
         for (label, tile, ordered) in &tilings {
             let o = if *ordered { Some(&order) } else { None };
+            // the GEMM-first path with its reordered weight made once, as the conv layer keeps it
             let run = || {
-                sparse_conv_half_with(&feats, &nbr, &weight, Some(&bias), case.src_shift, *tile, o)
+                if *tile == ConvTile::GemmGather {
+                    let b = Some(&bias);
+                    sparse_conv_gemm_gather(&feats, &nbr, &w_kc, b, case.src_shift, 27)
+                } else {
+                    sparse_conv_half_with(
+                        &feats,
+                        &nbr,
+                        &weight,
+                        Some(&bias),
+                        case.src_shift,
+                        *tile,
+                        o,
+                    )
+                }
             };
             let y = run()?.to_dtype(DType::F32)?;
             dev.synchronize()?;

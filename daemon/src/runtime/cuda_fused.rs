@@ -649,14 +649,28 @@ fn blas_lt(dev: &CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
 /// bfloat16 `x` `[rows, Cin]`, `w` `[Cout, Cin]` and `bias` `[Cout]` of one dtype (float32
 /// accumulation, one rounding of the result, as PyTorch's `addmm` through cuBLASLt).
 pub fn linear_lt(x: &Tensor, w: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
+    lt_product(x, w, Some(bias), act)
+}
+
+/// `x · wᵀ` in one cuBLASLt call (no bias, no epilogue) for float16 / bfloat16 `x` `[rows, Cin]`
+/// and `w` `[Cout, Cin]`: float32 accumulation, the result rounded once to the inputs' dtype.
+pub fn matmul_lt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    lt_product(x, w, None, Act::None)
+}
+
+fn lt_product(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Act) -> Result<Tensor> {
     let (rows, cin) = x.dims2()?;
     let (cout, wcin) = w.dims2()?;
     let dt = x.dtype();
-    if wcin != cin || bias.elem_count() != cout || w.dtype() != dt || bias.dtype() != dt {
+    let bias_ok = bias.is_none_or(|b| b.elem_count() == cout && b.dtype() == dt);
+    if wcin != cin || !bias_ok || w.dtype() != dt {
         return Err(err("linear_lt: shapes or dtypes do not agree"));
     }
-    for (t, what) in [(x, "x"), (w, "weight"), (bias, "bias")] {
+    for (t, what) in [(x, "x"), (w, "weight")] {
         check_contiguous(t, what)?;
+    }
+    if let Some(b) = bias {
+        check_contiguous(b, "bias")?;
     }
     let act = match act {
         Act::None => None,
@@ -689,16 +703,16 @@ pub fn linear_lt(x: &Tensor, w: &Tensor, bias: &Tensor, act: Act) -> Result<Tens
             let mut out = unsafe { dev.alloc::<$t>(rows * cout)? };
             let (gx, lx) = x.storage_and_layout();
             let (gw, lw) = w.storage_and_layout();
-            let (gb, lb) = bias.storage_and_layout();
-            let (xs, ws, bs) = (
-                view::<$t>(&gx, lx, "x")?,
-                view::<$t>(&gw, lw, "weight")?,
-                view::<$t>(&gb, lb, "bias")?,
-            );
+            let gb = bias.map(|b| b.storage_and_layout());
+            let (xs, ws) = (view::<$t>(&gx, lx, "x")?, view::<$t>(&gw, lw, "weight")?);
+            let bs = match &gb {
+                Some((g, l)) => Some(view::<$t>(g, l, "bias")?),
+                None => None,
+            };
             if rows > 0 {
                 // SAFETY: column-major view of the row-major product: A = w (transposed, lda =
                 // Cin), B = x (ldb = Cin), C = out (ldc = Cout); sizes checked above.
-                unsafe { lt.matmul(cfg, &ws, &xs, &mut out, Some(&bs), act.as_ref()) }
+                unsafe { lt.matmul(cfg, &ws, &xs, &mut out, bs.as_ref(), act.as_ref()) }
                     .map_err(|e| err(format!("cuBLASLt matmul: {e:?}")))?;
             }
             Ok(wrap(out, &dev, &[rows, cout]))

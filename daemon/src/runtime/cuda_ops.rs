@@ -308,6 +308,11 @@ pub enum ConvTile {
     /// in dynamic shared memory; `rows` (64 or 128) x 128 outputs per block when Cout >= 128
     /// (8 warps for 128 rows, 4 for 64), x 64 otherwise (4 warps).
     K64 { rows: usize, stages: usize },
+    /// GEMM first, then a gather: `y = feats · W_k` for all kernel offsets in one dense cuBLASLt
+    /// product (`[sources, K·Cout]`), then `sparse_conv_gather_sum_*` adds up each row's
+    /// neighbours' slices of `y`. Every offset of every source row is multiplied (no skipping),
+    /// but at cuBLAS's rate, and a subdivided input multiplies its coarse rows only.
+    GemmGather,
 }
 
 impl ConvTile {
@@ -377,6 +382,152 @@ pub fn conv_tile_for(cout: usize) -> ConvTile {
     } else {
         mma_conv_tile()
     })
+}
+
+/// Most bytes the GEMM-first conv's intermediate `[sources, K, Cout]` may take (above it the
+/// implicit-GEMM kernels run).
+pub const CONV_GEMM_MAX_BYTES: usize = 320 << 20;
+
+/// The sparse conv's kernels for one conv: `cin` -> `cout` channels, kernel `volume`, `sources`
+/// input rows read through `nbr >> src_shift`. [`ConvTile::GemmGather`] when its intermediate
+/// fits [`CONV_GEMM_MAX_BYTES`] and the input is subdivided (`src_shift > 0`: the product runs
+/// on the coarse rows, 1/8 of the work of the implicit GEMM on the fine ones) or wide (Cin >=
+/// 512: a long reduction that cuBLAS runs near its peak), else [`conv_tile_for`].
+/// `TRELLIS_CONV_GEMM=0` never takes the GEMM-first path, `1` whenever it fits. Read once per
+/// process.
+pub fn conv_plan(
+    cin: usize,
+    cout: usize,
+    volume: usize,
+    sources: usize,
+    src_shift: u32,
+) -> ConvTile {
+    static C: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *C.get_or_init(|| match std::env::var("TRELLIS_CONV_GEMM").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    });
+    let fits = sources
+        .saturating_mul(volume)
+        .saturating_mul(cout)
+        .saturating_mul(2)
+        <= CONV_GEMM_MAX_BYTES;
+    let wanted = forced.unwrap_or(src_shift > 0 || cin >= 512);
+    if fits && wanted && cout.is_multiple_of(8) {
+        ConvTile::GemmGather
+    } else {
+        conv_tile_for(cout)
+    }
+}
+
+/// The GEMM-first conv's weight: `[Cout, K, Cin]` reordered to `[K·Cout, Cin]` (row `k·Cout + o`
+/// is `weight[o, k, :]`), so `feats · wᵀ` is `[sources, K, Cout]`.
+pub fn conv_gemm_weight(weight: &Tensor) -> anyhow::Result<Tensor> {
+    let (cout, volume, cin) = weight.dims3()?;
+    Ok(weight
+        .permute((1, 0, 2))?
+        .contiguous()?
+        .reshape((volume * cout, cin))?)
+}
+
+/// The GEMM-first sparse conv ([`ConvTile::GemmGather`]): `feats` `[sources, Cin]` f16/bf16,
+/// `w_kc` from [`conv_gemm_weight`] in the same dtype, `nbr` int32 `[rows * volume]` (−1 = no
+/// neighbour; source row `nbr >> src_shift`), optional float32 `bias` `[Cout]`; `[rows, Cout]`
+/// in the feats' dtype.
+pub fn sparse_conv_gemm_gather(
+    feats: &Tensor,
+    nbr: &Tensor,
+    w_kc: &Tensor,
+    bias: Option<&Tensor>,
+    src_shift: u32,
+    volume: usize,
+) -> anyhow::Result<Tensor> {
+    use super::cuda_fused::{device_of, matmul_lt, view, wrap};
+    let (sources, cin) = feats.dims2()?;
+    let (kc, wcin) = w_kc.dims2()?;
+    let dtype = feats.dtype();
+    anyhow::ensure!(
+        wcin == cin && volume > 0 && kc.is_multiple_of(volume),
+        "sparse_conv_gemm_gather: weight [{kc}, {wcin}] for {cin} channels and volume {volume}"
+    );
+    let cout = kc / volume;
+    anyhow::ensure!(
+        cout.is_multiple_of(8) && matches!(dtype, DType::F16 | DType::BF16),
+        "sparse_conv_gemm_gather: {dtype:?} with {cout} output channels (f16/bf16, Cout % 8 == 0)"
+    );
+    anyhow::ensure!(
+        nbr.dtype() == DType::I32 && nbr.is_contiguous(),
+        "sparse_conv: neighbour map must be contiguous int32"
+    );
+    if let Some(b) = bias {
+        anyhow::ensure!(
+            b.dtype() == DType::F32 && b.elem_count() == cout && b.is_contiguous(),
+            "sparse_conv_gemm_gather: bias must be float32 [{cout}]"
+        );
+    }
+    let n = nbr.elem_count();
+    anyhow::ensure!(
+        n.is_multiple_of(volume),
+        "sparse_conv: neighbour map of {n} entries for kernel volume {volume}"
+    );
+    let rows = n / volume;
+    let y = matmul_lt(&feats.contiguous()?, &w_kc.contiguous()?)?;
+    debug_assert_eq!(y.dims(), &[sources, kc]);
+    let dev = device_of(feats)?;
+    let ty = if dtype == DType::F16 { "f16" } else { "bf16" };
+    let func = module(&dev, &k::SPARSE_CONV)?
+        .load_function(&format!("sparse_conv_gather_sum_{ty}"))
+        .w()?;
+    let stream = dev.cuda_stream();
+    let threads = 256u32;
+    let items = rows * (cout / 8);
+    let cfg = LaunchConfig {
+        grid_dim: (u32::try_from(items.div_ceil(threads as usize))?, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows_i, vol_i, shift_i, cout_i) = (
+        i32_arg(rows, "rows")?,
+        i32_arg(volume, "volume")?,
+        i32::try_from(src_shift)?,
+        i32_arg(cout, "cout")?,
+    );
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: the kernel writes every [rows, cout] element (one thread per 8 channels).
+            let out = unsafe { dev.alloc::<$t>(rows * cout)? };
+            let (gy, ly) = y.storage_and_layout();
+            let (gn, ln) = nbr.storage_and_layout();
+            let gb = bias.map(|b| b.storage_and_layout());
+            let ys = view::<$t>(&gy, ly, "products")?;
+            let ns = view::<i32>(&gn, ln, "neighbour map")?;
+            let bs = match &gb {
+                Some((g, l)) => Some(view::<f32>(g, l, "bias")?),
+                None => None,
+            };
+            let null = 0u64;
+            let mut b = stream.launch_builder(&func);
+            b.arg(&ys).arg(&ns).arg(&rows_i).arg(&vol_i).arg(&shift_i);
+            match &bs {
+                Some(v) => b.arg(v),
+                None => b.arg(&null),
+            };
+            b.arg(&cout_i).arg(&out);
+            if items > 0 {
+                // SAFETY: argument types and order match `sparse_conv_gather_sum_*`; y holds
+                // [sources, volume, cout] (the map's sources are rows of `feats`, as for every
+                // conv kernel), 16-byte aligned rows (cout % 8 == 0).
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok(wrap(out, &dev, &[rows, cout]))
+        }};
+    }
+    if dtype == DType::F16 {
+        go!(half::f16)
+    } else {
+        go!(half::bf16)
+    }
 }
 
 /// The `sparse_conv_mma_*` kernels as [`conv_tile_rows`] and [`conv_async`] pick them.
@@ -548,16 +699,9 @@ pub fn sparse_conv_half(
     bias: Option<&Tensor>,
     src_shift: u32,
 ) -> anyhow::Result<Tensor> {
-    let cout = weight.dims3()?.0;
-    sparse_conv_half_with(
-        feats,
-        nbr,
-        weight,
-        bias,
-        src_shift,
-        conv_tile_for(cout),
-        None,
-    )
+    let (cout, volume, cin) = weight.dims3()?;
+    let tile = conv_plan(cin, cout, volume, feats.dim(0)?, src_shift);
+    sparse_conv_half_with(feats, nbr, weight, bias, src_shift, tile, None)
 }
 
 /// [`sparse_conv_half`] with the `sparse_conv_mma_*` kernels of `tile_rows` (64 or 128) rows per
@@ -673,6 +817,10 @@ pub fn sparse_conv_half_with(
                 s.threads(),
                 s.dynamic_smem_bytes(),
             )
+        }
+        ConvTile::GemmGather => {
+            let w_kc = conv_gemm_weight(weight)?;
+            return sparse_conv_gemm_gather(feats, nbr, &w_kc, bias, src_shift, volume);
         }
     };
     let k64 = matches!(tile, ConvTile::K64 { .. });
@@ -1697,6 +1845,7 @@ pub mod checks {
         ];
         tilings.extend(ConvTile::K64_LABELS.iter().map(|(_, t)| (*t, false)));
         tilings.push((ConvTile::K64_LABELS[0].1, true));
+        tilings.push((ConvTile::GemmGather, false));
         let mut worst = 0f64;
         for (tile, ordered) in tilings {
             let order = if ordered { Some(&ot) } else { None };

@@ -442,3 +442,66 @@ CONV_K64_ENTRY(sparse_conv_k64_f16_m64n128s3, false, 64, 128, 64, 3, 2)
 CONV_K64_ENTRY(sparse_conv_k64_bf16_m64n128s3, true, 64, 128, 64, 3, 2)
 CONV_K64_ENTRY(sparse_conv_k64_f16_m64n64s3, false, 64, 64, 32, 3, 4)
 CONV_K64_ENTRY(sparse_conv_k64_bf16_m64n64s3, true, 64, 64, 32, 3, 4)
+
+// The second half of the GEMM-first sparse conv. The caller has made y = feats · W_k for every
+// kernel offset k at once (one dense cuBLAS product, y `[sources, K, Cout]` in the feats' type);
+// here out[i, o] = bias[o] + sum_k y[nbr[i * K + k] >> src_shift, k, o] over the offsets with a
+// neighbour, accumulated in float32 and rounded once. One thread per (row, 8 output channels):
+// 16-byte loads and stores (cout % 8 == 0, checked by the caller).
+template <bool BF16>
+__device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi) {
+    if (BF16) {
+        lo = __uint_as_float(v << 16);
+        hi = __uint_as_float(v & 0xffff0000u);
+    } else {
+        asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+            : "=f"(lo), "=f"(hi) : "r"(v));
+    }
+}
+
+template <bool BF16>
+__device__ __forceinline__ void conv_gather_sum(const u16* __restrict__ y,
+                                                const int* __restrict__ nbr, int rows, int volume,
+                                                int src_shift, const float* __restrict__ bias,
+                                                int cout, u16* __restrict__ out) {
+    const int groups = cout >> 3;
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)rows * groups) return;
+    const int i = (int)(e / groups), c = (int)(e % groups) * 8;
+    float acc[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = bias ? bias[c + j] : 0.f;
+    const int* nb = nbr + (long long)i * volume;
+    for (int k = 0; k < volume; ++k) {
+        int s = __ldg(nb + k);
+        if (s < 0) continue;
+        s >>= src_shift;
+        const uint4 v = __ldg((const uint4*)(y + ((long long)s * volume + k) * cout + c));
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float lo, hi;
+            unpack2<BF16>(w[j], lo, hi);
+            acc[2 * j] += lo;
+            acc[2 * j + 1] += hi;
+        }
+    }
+    uint4 r;
+    r.x = pack2<BF16>(acc[0], acc[1]);
+    r.y = pack2<BF16>(acc[2], acc[3]);
+    r.z = pack2<BF16>(acc[4], acc[5]);
+    r.w = pack2<BF16>(acc[6], acc[7]);
+    *(uint4*)(out + (long long)i * cout + c) = r;
+}
+
+extern "C" __global__ void sparse_conv_gather_sum_f16(const u16* y, const int* nbr, int rows,
+                                                      int volume, int src_shift,
+                                                      const float* bias, int cout, u16* out) {
+    conv_gather_sum<false>(y, nbr, rows, volume, src_shift, bias, cout, out);
+}
+
+extern "C" __global__ void sparse_conv_gather_sum_bf16(const u16* y, const int* nbr, int rows,
+                                                       int volume, int src_shift,
+                                                       const float* bias, int cout, u16* out) {
+    conv_gather_sum<true>(y, nbr, rows, volume, src_shift, bias, cout, out);
+}

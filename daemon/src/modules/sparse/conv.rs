@@ -47,6 +47,9 @@ pub struct SparseConv3d {
     /// f32 bias on that device (tensor-core path).
     #[cfg(feature = "cuda")]
     weight_dev_half: OnceLock<Tensor>,
+    /// The same weight as `[K·Cout, Cin]` for the GEMM-first path (`cuda_ops::conv_plan`).
+    #[cfg(feature = "cuda")]
+    weight_dev_kc: OnceLock<Tensor>,
     #[cfg(feature = "cuda")]
     bias_dev: OnceLock<Option<Tensor>>,
 }
@@ -80,6 +83,8 @@ impl SparseConv3d {
             weight_dev: OnceLock::new(),
             #[cfg(feature = "cuda")]
             weight_dev_half: OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            weight_dev_kc: OnceLock::new(),
             #[cfg(feature = "cuda")]
             bias_dev: OnceLock::new(),
         })
@@ -169,15 +174,8 @@ impl SparseConv3d {
     /// its parent rows (`nbr >> 3`) instead of an 8x copy.
     #[cfg(feature = "cuda")]
     fn compute_cuda_half(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
+        use crate::runtime::cuda_ops as ops;
         let dt = x.dtype();
-        let w = match self.weight_dev_half.get() {
-            Some(w) if w.dtype() == dt => w.clone(),
-            Some(_) => self.weight_device(x)?.to_dtype(dt)?,
-            None => {
-                let w = self.weight_device(x)?.to_dtype(dt)?;
-                self.weight_dev_half.get_or_init(|| w).clone()
-            }
-        };
         let bias = match self.bias_dev.get() {
             Some(b) => b.clone(),
             None => {
@@ -194,8 +192,34 @@ impl SparseConv3d {
             Some(f) => (f, 3),
         };
         let nbr = geo.neighbour_table_cuda(self.kernel)?;
-        use crate::runtime::cuda_ops as ops;
-        let tile = ops::conv_tile_for(self.out_channels);
+        let volume: usize = self.kernel.iter().product();
+        let tile = ops::conv_plan(self.in_channels, self.out_channels, volume, x.rows(), shift);
+        if tile == ops::ConvTile::GemmGather {
+            let w_kc = match self.weight_dev_kc.get() {
+                Some(w) if w.dtype() == dt => w.clone(),
+                Some(_) => ops::conv_gemm_weight(&self.weight_device(x)?.to_dtype(dt)?)?,
+                None => {
+                    let w = ops::conv_gemm_weight(&self.weight_device(x)?.to_dtype(dt)?)?;
+                    self.weight_dev_kc.get_or_init(|| w).clone()
+                }
+            };
+            return ops::sparse_conv_gemm_gather(
+                &x.feats().contiguous()?,
+                &nbr,
+                &w_kc,
+                bias.as_ref(),
+                shift,
+                volume,
+            );
+        }
+        let w = match self.weight_dev_half.get() {
+            Some(w) if w.dtype() == dt => w.clone(),
+            Some(_) => self.weight_device(x)?.to_dtype(dt)?,
+            None => {
+                let w = self.weight_device(x)?.to_dtype(dt)?;
+                self.weight_dev_half.get_or_init(|| w).clone()
+            }
+        };
         // the mask-sorted row order only for the kernels that take one (`TRELLIS_CONV_ORDER`)
         let order = match tile {
             ops::ConvTile::K64 { .. } if ops::conv_order() => {
