@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 
 use crate::models::config::SLatFlowConfig;
 use crate::models::slat_vae::base::ape;
+use crate::modules::context::ContextCache;
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::f_layer_norm;
@@ -229,6 +230,19 @@ impl SLatFlowModel {
         self.forward_traced(x, t, cond, &mut |_, _| Ok(None))
     }
 
+    /// [`Self::forward`] with the condition's cross-attention projections kept in `cache` across
+    /// calls (the sampler's steps; [`crate::modules::context`]).
+    pub fn forward_cached(
+        &self,
+        x: &SparseTensor,
+        t: &Tensor,
+        cond: &Tensor,
+        cache: &mut ContextCache,
+    ) -> Result<SparseTensor> {
+        let t_emb = self.timestep_embedding(t)?;
+        self.forward_with_t_emb(x, &t_emb, cond, Some(cache), &mut |_, _| Ok(None))
+    }
+
     /// Like `forward`, calling `hook(name, h)` after every block, named `input_block{i}`,
     /// `block{i}`, `out_block{i}`. A hook returning `Some(feats)` replaces that block's output
     /// feats (same coords) for the rest of the network: teacher forcing, to check blocks one by one.
@@ -240,7 +254,7 @@ impl SLatFlowModel {
         hook: &mut dyn FnMut(&str, &SparseTensor) -> Result<Option<Tensor>>,
     ) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, hook)
+        self.forward_with_t_emb(x, &t_emb, cond, None, hook)
     }
 
     /// The timestep embedding `[B, C]` (float32; with `share_mod`, before the shared modulation).
@@ -253,6 +267,7 @@ impl SLatFlowModel {
         x: &SparseTensor,
         t_emb: &Tensor,
         cond: &Tensor,
+        cache: Option<&mut ContextCache>,
         hook: &mut dyn FnMut(&str, &SparseTensor) -> Result<Option<Tensor>>,
     ) -> Result<SparseTensor> {
         ensure!(
@@ -274,7 +289,14 @@ impl SLatFlowModel {
             None => t_emb.clone(),
         };
         let t_emb = t_emb.to_dtype(dt)?;
-        let cond = cond.to_dtype(dt)?;
+        let mut cached = match cache {
+            Some(c) => Some(c.get(cond, dt)?),
+            None => None,
+        };
+        let cond = match &cached {
+            Some(_) => cond.clone(),
+            None => cond.to_dtype(dt)?,
+        };
         let mut skips = Vec::with_capacity(self.input_blocks.len());
         for (i, b) in self.input_blocks.iter().enumerate() {
             h = b.forward(&h, &t_emb)?;
@@ -287,7 +309,10 @@ impl SLatFlowModel {
             h = h.replace(h.feats().add(&ape(pe, &h)?.to_dtype(dt)?)?)?;
         }
         for (i, b) in self.blocks.iter().enumerate() {
-            h = b.forward(&h, &t_emb, &cond)?;
+            h = match cached.as_deref_mut() {
+                Some(ctx) => b.forward_cached(&h, &t_emb, ctx.layer(i))?,
+                None => b.forward(&h, &t_emb, &cond)?,
+            };
             if let Some(f) = hook(&format!("block{i}"), &h)? {
                 h = h.replace(f.to_dtype(dt)?)?;
             }

@@ -15,6 +15,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::SparseStructureFlowConfig;
+use crate::modules::context::ContextCache;
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::TimestepEmbedder;
 use crate::modules::norm::f_layer_norm;
@@ -117,7 +118,19 @@ impl SparseStructureFlowModel {
     /// `x` `[B, in_channels, R, R, R]`, `t` `[B]` (the sampler's `1000 * t`), `cond` `[B, L, cond_channels]`.
     /// Returns the velocity `[B, out_channels, R, R, R]` in float32.
     pub fn forward(&self, x: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_trace(x, t, cond)?.out)
+        Ok(self.forward_with(x, t, cond, None, false)?.out)
+    }
+
+    /// [`Self::forward`] with the condition's cross-attention projections kept in `cache` across
+    /// calls (the sampler's steps; [`crate::modules::context`]).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cond: &Tensor,
+        cache: &mut ContextCache,
+    ) -> Result<Tensor> {
+        Ok(self.forward_with(x, t, cond, Some(cache), false)?.out)
     }
 
     /// [`Self::forward`] keeping the intermediates.
@@ -126,6 +139,17 @@ impl SparseStructureFlowModel {
         x: &Tensor,
         t: &Tensor,
         cond: &Tensor,
+    ) -> Result<SparseStructureFlowTrace> {
+        self.forward_with(x, t, cond, None, true)
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        cond: &Tensor,
+        cache: Option<&mut ContextCache>,
+        keep_blocks: bool,
     ) -> Result<SparseStructureFlowTrace> {
         let cfg = &self.cfg;
         let r = cfg.resolution;
@@ -167,12 +191,27 @@ impl SparseStructureFlowModel {
         };
         let td = self.torso_dtype;
         let modulation = modulation.to_dtype(td)?;
-        let cond = cond.to_dtype(td)?;
         let mut h = h.to_dtype(td)?;
         let mut outs = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            h = block.forward(&h, &modulation, &cond)?;
-            outs.push(h.clone());
+        match cache {
+            Some(cache) => {
+                let ctx = cache.get(cond, td)?;
+                for (i, block) in self.blocks.iter().enumerate() {
+                    h = block.forward_cached(&h, &modulation, ctx.layer(i))?;
+                    if keep_blocks {
+                        outs.push(h.clone());
+                    }
+                }
+            }
+            None => {
+                let cond = cond.to_dtype(td)?;
+                for block in &self.blocks {
+                    h = block.forward(&h, &modulation, &cond)?;
+                    if keep_blocks {
+                        outs.push(h.clone());
+                    }
+                }
+            }
         }
         let h = f_layer_norm(&h.to_dtype(DType::F32)?)?;
         let h = self.out_layer.forward(&h)?;

@@ -13,6 +13,7 @@ use trellis_kernels::attention::{
     varlen_attention, varlen_attention_rows, AttnGroup, AttnShape, Rows,
 };
 
+use super::context::{select_batch, CrossKv, LayerContext};
 use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
 use super::norm::MultiHeadRMSNorm;
@@ -302,6 +303,110 @@ impl MultiHeadAttention {
     }
 }
 
+impl MultiHeadAttention {
+    /// Cross-attention to a context kept across calls ([`super::context`]): its keys and values
+    /// are this layer's `ctx.kv` (projected here on the first call), and batch elements whose
+    /// context is all zeros get the constant row `to_out(v(0))` without running `to_q`, the
+    /// attention or `to_out`. The same result as [`Self::forward`] with `ctx.tokens`.
+    pub fn forward_cross_cached(&self, x: &Tensor, ctx: LayerContext<'_>) -> Result<Tensor> {
+        let Projection::Cross { to_q, to_kv } = &self.proj else {
+            bail!("MultiHeadAttention: forward_cross_cached on a self-attention");
+        };
+        let (b, l, c) = x
+            .dims3()
+            .context("MultiHeadAttention: x must be [B, L, C]")?;
+        let (bc, lc, _) = ctx
+            .tokens
+            .dims3()
+            .context("MultiHeadAttention: context must be [B, L, C]")?;
+        if bc != b || ctx.zero.len() != b || c != self.channels {
+            bail!(
+                "MultiHeadAttention: context {:?} for x {:?}",
+                ctx.tokens.dims(),
+                x.dims()
+            );
+        }
+        let h = self.num_heads;
+        if ctx.kv.is_none() {
+            let nonzero: Vec<usize> = (0..b).filter(|&i| !ctx.zero[i]).collect();
+            let (k, v) = if nonzero.is_empty() {
+                (None, None)
+            } else {
+                let t = select_batch(ctx.tokens, &nonzero)?;
+                let kv = gpu_fused::linear(to_kv, &t, Act::None)?.reshape((
+                    nonzero.len(),
+                    lc,
+                    2,
+                    h,
+                    c / h,
+                ))?;
+                let k = kv.get_on_dim(2, 0)?;
+                let k = match &self.qk_norm {
+                    Some((_, kn)) => kn.forward(&k)?,
+                    None => k,
+                };
+                (Some(k), Some(kv.get_on_dim(2, 1)?))
+            };
+            let zero_out = if nonzero.len() < b {
+                let z = ctx.tokens.narrow(0, 0, 1)?.narrow(1, 0, 1)?.zeros_like()?;
+                let v0 = gpu_fused::linear(to_kv, &z, Act::None)?.narrow(2, c, c)?;
+                Some(gpu_fused::linear(&self.to_out, &v0, Act::None)?.reshape(c)?)
+            } else {
+                None
+            };
+            *ctx.kv = Some(CrossKv {
+                nonzero,
+                k,
+                v,
+                zero_out,
+            });
+        }
+        let Some(kv) = ctx.kv.as_ref() else {
+            bail!("MultiHeadAttention: context projections missing");
+        };
+        let attend = |x: &Tensor| -> Result<Tensor> {
+            let (Some(k), Some(v)) = (&kv.k, &kv.v) else {
+                bail!("MultiHeadAttention: no keys for a non-zero context");
+            };
+            let n = x.dim(0)?;
+            let q = gpu_fused::linear(to_q, x, Act::None)?.reshape((n, l, h, c / h))?;
+            let q = match &self.qk_norm {
+                Some((qn, _)) => qn.forward(&q)?,
+                None => q,
+            };
+            let o = scaled_dot_product_attention(&q, k, v)?.reshape((n, l, c))?;
+            gpu_fused::linear(&self.to_out, &o, Act::None)
+        };
+        if kv.nonzero.len() == b {
+            return attend(x);
+        }
+        let computed = if kv.nonzero.is_empty() {
+            None
+        } else {
+            Some(attend(&select_batch(x, &kv.nonzero)?)?)
+        };
+        let Some(zero_out) = &kv.zero_out else {
+            bail!("MultiHeadAttention: no zero-context row");
+        };
+        let constant = zero_out
+            .to_dtype(x.dtype())?
+            .reshape((1, 1, c))?
+            .broadcast_as((1, l, c))?
+            .contiguous()?;
+        let mut parts = Vec::with_capacity(b);
+        let mut j = 0;
+        for i in 0..b {
+            if ctx.zero[i] {
+                parts.push(constant.clone());
+            } else if let Some(o) = &computed {
+                parts.push(o.narrow(0, j, 1)?);
+                j += 1;
+            }
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
 /// Naive float64 attention for tests.
 #[cfg(test)]
 pub(crate) fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
@@ -348,6 +453,65 @@ mod tests {
         let err = crate::parity::fixture::rel_l2(&chunked, &want).unwrap();
         assert!(err < 1e-6, "{err}");
         assert!(scaled_dot_product_attention(&q, &k, &q).is_err());
+    }
+
+    /// A cross-attention layer of random weights: `channels` -> `ctx` channels, `heads` heads.
+    fn random_cross(channels: usize, ctx: usize, heads: usize, rms: bool) -> MultiHeadAttention {
+        let dev = Device::Cpu;
+        let mut t = std::collections::HashMap::new();
+        let mut put = |name: &str, shape: &[usize]| {
+            t.insert(
+                name.to_string(),
+                Tensor::randn(0f32, 0.3, shape, &dev).unwrap(),
+            );
+        };
+        put("to_q.weight", &[channels, channels]);
+        put("to_q.bias", &[channels]);
+        put("to_kv.weight", &[2 * channels, ctx]);
+        put("to_kv.bias", &[2 * channels]);
+        put("to_out.weight", &[channels, channels]);
+        put("to_out.bias", &[channels]);
+        if rms {
+            put("q_rms_norm.gamma", &[heads, channels / heads]);
+            put("k_rms_norm.gamma", &[heads, channels / heads]);
+        }
+        let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+        MultiHeadAttention::new_cross(vb, channels, ctx, heads, true, rms).unwrap()
+    }
+
+    #[test]
+    fn cached_cross_attention_matches_and_skips_zero_contexts() {
+        use crate::modules::context::ContextCache;
+        let dev = Device::Cpu;
+        for rms in [false, true] {
+            let attn = random_cross(16, 12, 2, rms);
+            let x = Tensor::randn(0f32, 1.0, (3, 7, 16), &dev).unwrap();
+            let c = Tensor::randn(0f32, 1.0, (1, 5, 12), &dev).unwrap();
+            let z = c.zeros_like().unwrap();
+            // every pattern of zero and non-zero contexts over a batch of 3
+            for pattern in 0..8u32 {
+                let parts: Vec<Tensor> = (0..3)
+                    .map(|i| {
+                        if pattern & (1 << i) != 0 {
+                            z.clone()
+                        } else {
+                            (&c + i as f64).unwrap()
+                        }
+                    })
+                    .collect();
+                let ctx = Tensor::cat(&parts, 0).unwrap();
+                let want = attn.forward(&x, Some(&ctx)).unwrap();
+                let mut cache = ContextCache::new();
+                for _ in 0..2 {
+                    let entry = cache.get(&ctx, DType::F32).unwrap();
+                    let zeros = entry.zero().iter().filter(|&&z| z).count();
+                    assert_eq!(zeros, pattern.count_ones() as usize);
+                    let got = attn.forward_cross_cached(&x, entry.layer(0)).unwrap();
+                    let err = crate::parity::fixture::rel_l2(&got, &want).unwrap();
+                    assert!(err < 1e-5, "pattern {pattern} rms {rms}: {err}");
+                }
+            }
+        }
     }
 
     #[test]

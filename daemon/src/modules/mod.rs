@@ -2,6 +2,7 @@
 //! embedders, and the sparse counterparts under [`sparse`].
 
 pub mod attention;
+pub mod context;
 pub mod conv3d;
 pub mod cpu_fused;
 pub mod dense;

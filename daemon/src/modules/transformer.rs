@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::MultiHeadAttention;
+use super::context::LayerContext;
 use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
 use super::norm::LayerNorm32;
@@ -146,12 +147,33 @@ impl ModulatedTransformerCrossBlock {
         Ok(self.forward_trace(x, modulation, context)?.out)
     }
 
+    /// [`Self::forward`] with the context kept across calls ([`crate::modules::context`]).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        modulation: &Tensor,
+        context: LayerContext<'_>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_with(x, modulation, BlockContext::Cached(context))?
+            .out)
+    }
+
     /// [`Self::forward`] keeping the intermediates.
     pub fn forward_trace(
         &self,
         x: &Tensor,
         modulation: &Tensor,
         context: &Tensor,
+    ) -> Result<CrossBlockTrace> {
+        self.forward_with(x, modulation, BlockContext::Tokens(context))
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        modulation: &Tensor,
+        context: BlockContext<'_>,
     ) -> Result<CrossBlockTrace> {
         let c = self.channels;
         let adaln = match &self.ada_ln {
@@ -186,7 +208,10 @@ impl ModulatedTransformerCrossBlock {
                     (a, n)
                 }
             };
-        let h = self.cross_attn.forward(&h, Some(context))?;
+        let h = match context {
+            BlockContext::Tokens(t) => self.cross_attn.forward(&h, Some(t))?,
+            BlockContext::Cached(c) => self.cross_attn.forward_cross_cached(&h, c)?,
+        };
         let (after_cross_attn, h) = match self.norm3.forward_after_residual(
             &after_self_attn,
             &h,
@@ -213,6 +238,12 @@ impl ModulatedTransformerCrossBlock {
             out,
         })
     }
+}
+
+/// The context a cross block attends to: the tokens, or a context kept across calls.
+enum BlockContext<'a> {
+    Tokens(&'a Tensor),
+    Cached(LayerContext<'a>),
 }
 
 /// `x + h * gate` with `x`, `h` `[B, L, C]` and `gate` `[B, C]` broadcast over L.

@@ -23,6 +23,7 @@ use crate::models::config::{ModelConfig, SamplerConfig, SamplerParams, SparseStr
 use crate::models::slat_flow::SLatFlowModel;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::SparseStructureDecoder;
+use crate::modules::context::ContextCache;
 use crate::modules::sparse::tensor::{Geometry, SparseTensor};
 use crate::representations::gaussian::Gaussian;
 use crate::representations::mesh::MeshExtractResult;
@@ -290,10 +291,12 @@ pub fn ss_flow_stage(
         let f = flow.get()?;
         forwards = 0;
         let settings = &paired_guidance(res, settings);
+        // the condition's cross-attention projections, made once for the stage's steps
+        let mut contexts = ContextCache::new();
         let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
             // forwards of one sample: a paired (CFG-batched) call counts two
             forwards += (x.dim(0)? / batch.max(1)).max(1);
-            f.forward(x, t, c)
+            f.forward_cached(x, t, c, &mut contexts)
         };
         run_sampler(
             Stage::SparseStructure,
@@ -351,6 +354,7 @@ pub fn slat_stage(
         let f = flow.get()?;
         forwards = 0;
         let settings = &paired_guidance(res, settings);
+        let mut contexts = ContextCache::new();
         let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
             // forwards of one sample: a paired (CFG-batched) call counts two
             forwards += (x.dim(0)? / rows.max(1)).max(1);
@@ -373,7 +377,7 @@ pub fn slat_stage(
                 geo.clone()
             };
             let st = SparseTensor::from_geometry(g, x.clone())?;
-            Ok(f.forward(&st, t, c)?.feats().clone())
+            Ok(f.forward_cached(&st, t, c, &mut contexts)?.feats().clone())
         };
         sample_slat(
             sampler,

@@ -32,10 +32,13 @@ use super::base::{
 };
 use super::loader::Formats;
 use super::noise::NoiseSource;
-use super::samplers::{as_f32, Conditioning, FlowEulerSampler, SamplerSettings, Velocity};
+use super::samplers::{
+    as_f32, ConditionMemo, Conditioning, FlowEulerSampler, SamplerSettings, Velocity,
+};
 use super::voxelize::TriMesh;
 use crate::models::config::SamplerParams;
 use crate::models::ss_vae::SparseStructureEncoder;
+use crate::modules::context::ContextCache;
 use crate::modules::sparse::tensor::{Geometry, SparseTensor};
 
 /// The region to regenerate.
@@ -412,6 +415,7 @@ pub fn sample_inpaint(
     let keep = known.keep.to_dtype(DType::U8)?;
     ctl.emit(stage, 0, total, None);
     let mut x = as_f32(init)?;
+    let mut memo = ConditionMemo::new();
     let mut done = 0;
     for mv in moves {
         if ctl.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
@@ -420,7 +424,8 @@ pub fn sample_inpaint(
         match mv {
             Move::Down(i) => {
                 let (t, t_prev) = (ts[i], ts[i + 1]);
-                let v = as_f32(&sampler.velocity(model, &x, batch, t, i, cond, settings)?)?;
+                let v = sampler.velocity(model, &x, batch, t, i, cond, settings, &mut memo)?;
+                let v = as_f32(&v)?;
                 let stepped = (&x - v.affine(t - t_prev, 0.0)?)?;
                 let at_prev = if i + 1 == n {
                     x0.clone()
@@ -628,8 +633,10 @@ impl EditPipeline<'_> {
         // A retry after an out-of-memory fallback draws the resampling noise anew.
         let z = p.residency.stage("sparse-structure flow", &[flow], || {
             let f = flow.get()?;
-            let mut fl =
-                |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> { f.forward(x, t, c) };
+            let mut contexts = ContextCache::new();
+            let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
+                f.forward_cached(x, t, c, &mut contexts)
+            };
             sample_inpaint(
                 &sampler,
                 &settings,
@@ -750,9 +757,10 @@ impl EditPipeline<'_> {
         let flow = &p.slat_flow;
         let samples = p.residency.stage("SLat flow", &[flow], || {
             let f = flow.get()?;
+            let mut contexts = ContextCache::new();
             let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
                 let st = SparseTensor::from_geometry(geo.clone(), x.clone())?;
-                Ok(f.forward(&st, t, c)?.feats().clone())
+                Ok(f.forward_cached(&st, t, c, &mut contexts)?.feats().clone())
             };
             sample_inpaint(
                 &sampler,

@@ -178,6 +178,7 @@ impl FlowEulerSampler {
             keep_trajectory,
         } = hooks;
         let pairs = settings.time_pairs();
+        let mut memo = ConditionMemo::new();
         let mut x = noise.clone();
         let mut out = SampleOutput {
             samples: noise.clone(),
@@ -188,7 +189,7 @@ impl FlowEulerSampler {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 bail!("cancelled at step {} of {}", i + 1, pairs.len());
             }
-            let v = self.velocity(model, &x, batch, t, i, cond, settings)?;
+            let v = self.velocity(model, &x, batch, t, i, cond, settings, &mut memo)?;
             if keep_trajectory {
                 let sm = self.sigma_min;
                 let x0 = (x.affine(1.0 - sm, 0.0)? - v.affine(sm + (1.0 - sm) * t, 0.0)?)?;
@@ -213,6 +214,8 @@ impl FlowEulerSampler {
     /// The (guided) velocity at time `t` for sample `x`: one model call, or two with
     /// classifier-free guidance; `step` picks the image of stochastic multi-image conditioning.
     /// Samplers that do more than plain Euler steps (RePaint-style region edits) build on it.
+    /// `memo` keeps the condition tensors derived per step for the whole run (see
+    /// [`ConditionMemo`]).
     #[allow(clippy::too_many_arguments)]
     pub fn velocity(
         &self,
@@ -223,10 +226,19 @@ impl FlowEulerSampler {
         step: usize,
         cond: &Conditioning<'_>,
         s: &SamplerSettings,
+        memo: &mut ConditionMemo,
     ) -> Result<Tensor> {
         let t_in = Tensor::full((1000.0 * t) as f32, batch, x.device())?;
-        let mut eval = |c: &Tensor| -> Result<Tensor> {
-            let c = repeat_to_batch(c, batch)?;
+        // one image of several, the same tensor at every step that picks it
+        let image = |memo: &mut ConditionMemo, conds: &Tensor, i: usize| {
+            memo.get(ConditionKey::Image(conds.id(), i), || {
+                Ok(conds.narrow(0, i, 1)?)
+            })
+        };
+        let mut eval = |memo: &mut ConditionMemo, c: &Tensor| -> Result<Tensor> {
+            let c = memo.get(ConditionKey::Repeat(c.id(), batch), || {
+                repeat_to_batch(c, batch)
+            })?;
             let v = model(x, &t_in, &c)?;
             ensure!(
                 v.dims() == x.dims(),
@@ -246,7 +258,7 @@ impl FlowEulerSampler {
                 Conditioning::Stochastic { conds, .. } => {
                     let n = conds.dim(0)?;
                     ensure!(n >= 1, "multi-image conditioning without images");
-                    Some(conds.narrow(0, step % n, 1)?)
+                    Some(image(memo, conds, step % n)?)
                 }
                 Conditioning::MultiDiffusion { .. } => None,
             };
@@ -256,15 +268,21 @@ impl FlowEulerSampler {
                 | Conditioning::MultiDiffusion { neg, .. } => *neg,
             };
             if let Some(c) = pos_cond {
-                let (pos, neg) = velocity_pair(model, x, batch, t, &c, neg)?;
+                let paired = memo.get(ConditionKey::Pair(c.id(), neg.id(), batch), || {
+                    Ok(Tensor::cat(
+                        &[repeat_to_batch(&c, batch)?, repeat_to_batch(neg, batch)?],
+                        0,
+                    )?)
+                })?;
+                let (pos, neg) = velocity_pair(model, x, t, &paired)?;
                 return cfg(pos, neg);
             }
         }
         match cond {
             Conditioning::Single { cond, neg } => {
-                let pos = eval(cond)?;
+                let pos = eval(memo, cond)?;
                 if guided {
-                    cfg(pos, eval(neg)?)
+                    cfg(pos, eval(memo, neg)?)
                 } else {
                     Ok(pos)
                 }
@@ -272,10 +290,10 @@ impl FlowEulerSampler {
             Conditioning::Stochastic { conds, neg } => {
                 let n = conds.dim(0)?;
                 ensure!(n >= 1, "multi-image conditioning without images");
-                let c = conds.narrow(0, step % n, 1)?;
-                let pos = eval(&c)?;
+                let c = image(memo, conds, step % n)?;
+                let pos = eval(memo, &c)?;
                 if guided {
-                    cfg(pos, eval(neg)?)
+                    cfg(pos, eval(memo, neg)?)
                 } else {
                     Ok(pos)
                 }
@@ -286,7 +304,8 @@ impl FlowEulerSampler {
                 // sum(preds) / len(preds), summed in order like the original.
                 let mut sum: Option<Tensor> = None;
                 for i in 0..n {
-                    let p = eval(&conds.narrow(0, i, 1)?)?;
+                    let c = image(memo, conds, i)?;
+                    let p = eval(memo, &c)?;
                     sum = Some(match sum {
                         None => p,
                         Some(acc) => (acc + p)?,
@@ -297,7 +316,7 @@ impl FlowEulerSampler {
                 };
                 let pos = (sum / n as f64)?;
                 if guided {
-                    cfg(pos, eval(neg)?)
+                    cfg(pos, eval(memo, neg)?)
                 } else {
                     Ok(pos)
                 }
@@ -307,22 +326,17 @@ impl FlowEulerSampler {
 }
 
 /// The conditional and unconditional velocities of `x` from one model call on both stacked along
-/// the first dim: `model([x; x], [t; t], [cond; neg])`, split back into its two halves.
+/// the first dim: `model([x; x], [t; t], paired)` with `paired` = `[cond; neg]` (each repeated to
+/// the batch), split back into its two halves.
 fn velocity_pair(
     model: &mut Velocity<'_>,
     x: &Tensor,
-    batch: usize,
     t: f64,
-    cond: &Tensor,
-    neg: &Tensor,
+    paired: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let c = Tensor::cat(
-        &[repeat_to_batch(cond, batch)?, repeat_to_batch(neg, batch)?],
-        0,
-    )?;
-    let t2 = Tensor::full((1000.0 * t) as f32, 2 * batch, x.device())?;
+    let t2 = Tensor::full((1000.0 * t) as f32, paired.dim(0)?, x.device())?;
     let x2 = Tensor::cat(&[x, x], 0)?;
-    let v = model(&x2, &t2, &c)?;
+    let v = model(&x2, &t2, paired)?;
     ensure!(
         v.dims() == x2.dims(),
         "the flow model returned shape {:?} for a paired sample of shape {:?}",
@@ -331,6 +345,44 @@ fn velocity_pair(
     );
     let n = x.dim(0)?;
     Ok((v.narrow(0, 0, n)?, v.narrow(0, n, n)?))
+}
+
+/// Which derived condition a [`ConditionMemo`] entry is: the tensor repeated to a batch, one
+/// image of several, or a condition and its negative paired for one CFG-batched call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionKey {
+    Repeat(candle_core::TensorId, usize),
+    Image(candle_core::TensorId, usize),
+    Pair(candle_core::TensorId, candle_core::TensorId, usize),
+}
+
+/// The condition tensors one sampling run derives from its conditions (repeats to the batch,
+/// single images, CFG pairs), each made once, so that every step hands the network the same
+/// tensor: the flows keep their cross-attention projections per condition tensor
+/// ([`crate::modules::context`]). Made per run, dropped with it.
+#[derive(Debug, Default)]
+pub struct ConditionMemo {
+    made: Vec<(ConditionKey, Tensor)>,
+}
+
+impl ConditionMemo {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The tensor for `key`, made by `make` the first time.
+    pub fn get(
+        &mut self,
+        key: ConditionKey,
+        make: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let Some((_, t)) = self.made.iter().find(|(k, _)| *k == key) {
+            return Ok(t.clone());
+        }
+        let t = make()?;
+        self.made.push((key, t.clone()));
+        Ok(t)
+    }
 }
 
 /// Repeats a batch-1 condition to `batch` rows; any other batch must equal `batch`.

@@ -14,6 +14,7 @@ use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 
 use super::linear::SparseLinear;
 use super::tensor::{to_f32_vec, SparseTensor};
+use crate::modules::context::{select_batch, select_rows, CrossKv, LayerContext};
 use crate::modules::norm::MultiHeadRMSNorm;
 
 /// How self-attention groups tokens.
@@ -301,6 +302,144 @@ impl SparseMultiHeadAttention {
         self.output(x, out)
     }
 
+    /// Cross-attention to a context kept across calls ([`crate::modules::context`]): the keys
+    /// and values are this layer's `ctx.kv` (projected on the first call), and the rows of batch
+    /// elements whose context is all zeros get the constant row `to_out(v(0))` without `to_q`,
+    /// the attention or `to_out`. The same result as [`Self::forward_cross`] with `ctx.tokens`.
+    pub fn forward_cross_cached(
+        &self,
+        x: &SparseTensor,
+        ctx: LayerContext<'_>,
+    ) -> Result<SparseTensor> {
+        let Projection::Cross { to_q, to_kv } = &self.proj else {
+            bail!("this SparseMultiHeadAttention is a self-attention: call forward")
+        };
+        let b = x.batch_size();
+        ensure!(
+            ctx.tokens.rank() == 3 && ctx.tokens.dim(0)? == b && ctx.zero.len() == b,
+            "cross-attention: context {:?} must be [B={b}, L, C]",
+            ctx.tokens.dims(),
+        );
+        if self.rms.is_some() {
+            bail!("cross-attention with qk_rms_norm and a dense context is not supported (broken upstream)");
+        }
+        let (_, l, _) = ctx.tokens.dims3()?;
+        let (h, d, c) = (self.heads, self.head_dim(), self.channels);
+        if ctx.kv.is_none() {
+            let nonzero: Vec<usize> = (0..b).filter(|&i| !ctx.zero[i]).collect();
+            let (k, v) = if nonzero.is_empty() {
+                (None, None)
+            } else {
+                let t = select_batch(ctx.tokens, &nonzero)?;
+                let kv = to_kv
+                    .forward_dense(&t)?
+                    .reshape((nonzero.len() * l, 2, h, d))?;
+                (
+                    Some(kv.narrow(1, 0, 1)?.squeeze(1)?),
+                    Some(kv.narrow(1, 1, 1)?.squeeze(1)?),
+                )
+            };
+            let zero_out = if nonzero.len() < b {
+                let z = ctx.tokens.get(0)?.narrow(0, 0, 1)?.zeros_like()?;
+                let v0 = to_kv.forward_dense(&z)?.narrow(1, c, c)?;
+                Some(self.to_out.forward_dense(&v0)?.reshape(c)?)
+            } else {
+                None
+            };
+            *ctx.kv = Some(CrossKv {
+                nonzero,
+                k,
+                v,
+                zero_out,
+            });
+        }
+        let Some(kv) = ctx.kv.as_ref() else {
+            bail!("cross-attention: context projections missing");
+        };
+        let layout = x.layout();
+        // the rows of the non-zero elements (all of them, or a selection) and their groups
+        let all = kv.nonzero.len() == b;
+        let ranges: Vec<std::ops::Range<usize>> =
+            kv.nonzero.iter().map(|&i| layout[i].clone()).collect();
+        let mut out_groups = Vec::with_capacity(ranges.len());
+        let mut start = 0;
+        for (j, r) in ranges.iter().enumerate() {
+            out_groups.push(AttnGroup {
+                q: start..start + r.len(),
+                kv: j * l..(j + 1) * l,
+            });
+            start += r.len();
+        }
+        let computed = match (&kv.k, &kv.v) {
+            (Some(k), Some(v)) if start > 0 => {
+                let feats = if all {
+                    x.feats().clone()
+                } else {
+                    select_rows(x.feats(), &ranges)?
+                };
+                let q = to_q.forward_dense(&feats)?;
+                #[cfg(feature = "cuda")]
+                let o = if x.device().is_cuda() {
+                    let q = q.reshape((start, h, d))?;
+                    Some(crate::runtime::cuda_ops::attention(&q, k, v, &out_groups)?)
+                } else {
+                    None
+                };
+                #[cfg(not(feature = "cuda"))]
+                let o: Option<Tensor> = None;
+                let o = match o {
+                    Some(o) => o.reshape((start, c))?.to_dtype(x.dtype())?,
+                    None => {
+                        let shape = AttnShape {
+                            heads: h,
+                            head_dim: d,
+                            v_dim: d,
+                        };
+                        let o = varlen_attention(
+                            &to_f32_vec(&q)?,
+                            &to_f32_vec(k)?,
+                            &to_f32_vec(v)?,
+                            &out_groups,
+                            shape,
+                            1.0 / (d as f32).sqrt(),
+                        )?;
+                        Tensor::from_vec(o, (start, c), x.device())?.to_dtype(x.dtype())?
+                    }
+                };
+                Some(self.to_out.forward_dense(&o)?)
+            }
+            _ => None,
+        };
+        if all {
+            let Some(o) = computed else {
+                bail!("cross-attention: no output for a non-zero context");
+            };
+            return x.replace(o);
+        }
+        let Some(zero_out) = &kv.zero_out else {
+            bail!("cross-attention: no zero-context row");
+        };
+        let constant = zero_out.to_dtype(x.dtype())?.reshape((1, c))?;
+        let mut parts = Vec::with_capacity(b);
+        let mut row = 0;
+        for (i, r) in layout.iter().enumerate() {
+            if r.is_empty() {
+                continue;
+            }
+            if ctx.zero[i] {
+                parts.push(constant.broadcast_as((r.len(), c))?.contiguous()?);
+            } else if let Some(o) = &computed {
+                parts.push(o.narrow(0, row, r.len())?);
+                row += r.len();
+            }
+        }
+        let out = match parts.len() {
+            0 => Tensor::zeros((0, c), x.dtype(), x.device())?,
+            _ => Tensor::cat(&parts, 0)?,
+        };
+        x.replace(out)
+    }
+
     /// Self-attention on the GPU (`runtime::cuda_ops::varlen_attention`): q/k/v `[N, H, D]` stay
     /// on the device; windows are a gather into window order and back.
     #[cfg(feature = "cuda")]
@@ -384,5 +523,69 @@ impl SparseMultiHeadAttention {
         let t =
             Tensor::from_vec(out, (x.rows(), self.channels), x.device())?.to_dtype(x.dtype())?;
         self.to_out.forward(&x.replace(t)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modules::context::ContextCache;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn cached_cross_attention_matches_and_skips_zero_contexts() {
+        let dev = Device::Cpu;
+        let (c, cc, heads) = (16, 12, 2);
+        let mut t = std::collections::HashMap::new();
+        for (name, shape) in [
+            ("to_q.weight", vec![c, c]),
+            ("to_q.bias", vec![c]),
+            ("to_kv.weight", vec![2 * c, cc]),
+            ("to_kv.bias", vec![2 * c]),
+            ("to_out.weight", vec![c, c]),
+            ("to_out.bias", vec![c]),
+        ] {
+            t.insert(
+                name.to_string(),
+                Tensor::randn(0f32, 0.3, shape, &dev).unwrap(),
+            );
+        }
+        let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+        let attn = SparseMultiHeadAttention::new_cross(c, cc, heads, false, vb).unwrap();
+        // batch elements of 4, 5 and 3 voxels
+        let mut coords = Vec::new();
+        for (b, n) in [(0, 4), (1, 5), (2, 3)] {
+            for i in 0..n {
+                coords.extend([b, i, 2 * i, 1]);
+            }
+        }
+        let feats = Tensor::randn(0f32, 1.0, (12, c), &dev).unwrap();
+        let x = SparseTensor::new(coords, feats).unwrap();
+        let ctx1 = Tensor::randn(0f32, 1.0, (1, 6, cc), &dev).unwrap();
+        for pattern in 0..8u32 {
+            let parts: Vec<Tensor> = (0..3)
+                .map(|i| {
+                    if pattern & (1 << i) != 0 {
+                        ctx1.zeros_like().unwrap()
+                    } else {
+                        (&ctx1 * (1.0 + i as f64)).unwrap()
+                    }
+                })
+                .collect();
+            let ctx = Tensor::cat(&parts, 0).unwrap();
+            let want = attn.forward_cross(&x, &ctx).unwrap();
+            let mut cache = ContextCache::new();
+            for _ in 0..2 {
+                let entry = cache.get(&ctx, DType::F32).unwrap();
+                let got = attn.forward_cross_cached(&x, entry.layer(5)).unwrap();
+                assert_eq!(got.rows(), 12);
+                let err = crate::parity::fixture::rel_l2(got.feats(), want.feats()).unwrap();
+                assert!(err < 1e-5, "pattern {pattern}: {err}");
+            }
+        }
+        // a context of the wrong batch is an error, not a panic
+        let mut cache = ContextCache::new();
+        let entry = cache.get(&ctx1, DType::F32).unwrap();
+        assert!(attn.forward_cross_cached(&x, entry.layer(0)).is_err());
     }
 }
