@@ -520,11 +520,18 @@ fn slat_block_times(
         let fc = &nets.ss_flow_config;
         let r = fc.resolution;
         let z = super::randn(&[1, fc.in_channels, r, r, r], 9, dev)?;
-        unsynced_forward(dev, "ss", || f.forward(&z, &t, &cond).map(drop))
+        // the condition's projections kept across forwards, as a sampling stage keeps them
+        let mut contexts = crate::modules::context::ContextCache::new();
+        unsynced_forward(dev, "ss", || {
+            f.forward_cached(&z, &t, &cond, &mut contexts).map(drop)
+        })
     })?;
     let mut parts = res.stage("SLat flow (block times)", &[&nets.slat_flow], || {
         let f = nets.slat_flow.get()?;
-        let (issued, done) = unsynced_forward(dev, "slat", || f.forward(&x, &t, &cond).map(drop))?;
+        let mut contexts = crate::modules::context::ContextCache::new();
+        let (issued, done) = unsynced_forward(dev, "slat", || {
+            f.forward_cached(&x, &t, &cond, &mut contexts).map(drop)
+        })?;
         let mut parts: Vec<(String, f64)> = Vec::new();
         let start = Instant::now();
         let mut last = start;

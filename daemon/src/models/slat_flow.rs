@@ -240,7 +240,8 @@ impl SLatFlowModel {
         cache: &mut ContextCache,
     ) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, Some(cache), &mut |_, _| Ok(None))
+        let cache = crate::modules::context::enabled().then_some(cache);
+        self.forward_with_t_emb(x, &t_emb, cond, cache, &mut |_, _| Ok(None))
     }
 
     /// Like `forward`, calling `hook(name, h)` after every block, named `input_block{i}`,

@@ -130,7 +130,8 @@ impl SparseStructureFlowModel {
         cond: &Tensor,
         cache: &mut ContextCache,
     ) -> Result<Tensor> {
-        Ok(self.forward_with(x, t, cond, Some(cache), false)?.out)
+        let cache = crate::modules::context::enabled().then_some(cache);
+        Ok(self.forward_with(x, t, cond, cache, false)?.out)
     }
 
     /// [`Self::forward`] keeping the intermediates.

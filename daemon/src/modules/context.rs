@@ -14,6 +14,14 @@ use std::collections::VecDeque;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 
+/// `TRELLIS_CONTEXT_CACHE=0` turns the cache off (every forward projects its context and runs
+/// every batch element's cross-attention, as the original does), to measure what it saves. Read
+/// once per process.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TRELLIS_CONTEXT_CACHE").as_deref() != Ok("0"))
+}
+
 /// Contexts kept at once (the conditional, negative and paired conditions of one stage).
 const CAPACITY: usize = 3;
 
