@@ -140,15 +140,21 @@ impl FlashTiling {
         self.wgmma_keys > 0
     }
 
-    /// The tiling picked for `groups` on a GPU of compute capability `arch` (`major * 10 +
-    /// minor`): `TRELLIS_FLASH_TILING` when set, else the wgmma kernel on sm_90 when
-    /// [`flash_wgmma`] allows it, else [`flash_rows_for`] rows and [`flash_async`] staging.
-    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup], arch: u32) -> Self {
+    /// The tiling picked for `groups` of heads of `head_dim` on a GPU of compute capability
+    /// `arch` (`major * 10 + minor`): `TRELLIS_FLASH_TILING` when set, else the wgmma kernel on
+    /// sm_90 when [`flash_wgmma`] says so, else [`flash_rows_for`] rows and [`flash_async`]
+    /// staging.
+    pub fn for_groups(
+        groups: &[trellis_kernels::attention::AttnGroup],
+        arch: u32,
+        head_dim: usize,
+    ) -> Self {
         if let Some(t) = flash_tiling_override() {
             return t;
         }
         let rows = flash_rows_for(groups);
-        if arch == 90 && flash_wgmma() {
+        let wgmma = flash_wgmma().unwrap_or(head_dim == 80 && rows == 128);
+        if arch == 90 && wgmma {
             return Self::wgmma(rows, 64);
         }
         Self::new(rows, flash_async())
@@ -210,14 +216,20 @@ impl FlashTiling {
     }
 }
 
-/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the wgmma attention kernel (`1`,
-/// 64-key tiles) or the mma.sync one every sm_80+ GPU runs (`0`, the default: on an H100 the
-/// wgmma builds checked right but were no faster, 235 against 225 TFLOP/s on the SS flow's
-/// self-attention and the same flow times; a three-stage software-pipelined version was slower,
-/// 160-205 TFLOP/s; docs/BENCHMARKS.md, session 10).
-pub fn flash_wgmma() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    env_switch("TRELLIS_FLASH_WGMMA", &C, false)
+/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the wgmma attention kernel (64-key
+/// tiles) or the mma.sync one every sm_80+ GPU runs. `1`: wgmma for every head dim; `0`: never;
+/// unset: wgmma for head dim 80 in 128-row blocks, mma.sync otherwise. Measured on an H100
+/// (`bench attention`, session 11, two rounds): text-xlarge's 2 x 4096 self-attention with 16 x 80
+/// heads 270.5 / 271.6 against 245.9 / 223.8 TFLOP/s; for head dim 64 the two are level (SS
+/// flow self-attention 248.0 / 248.1 against 247.2 / 247.5, SLat varlen 238.5 against 232.7,
+/// decoder windows 131.7 against 137.7; in session 10 the flows took the same time with either).
+pub fn flash_wgmma() -> Option<bool> {
+    static C: OnceLock<Option<bool>> = OnceLock::new();
+    *C.get_or_init(|| match std::env::var("TRELLIS_FLASH_WGMMA").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    })
 }
 
 /// The compute capability of `dev` as `major * 10 + minor` (0 when the driver does not say).
@@ -1398,7 +1410,7 @@ pub fn flash_attention_tiled(
         candle_core::Device::Cuda(dev) => device_arch(dev),
         _ => anyhow::bail!("flash attention: CUDA tensors only"),
     };
-    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch));
+    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch, d));
     let rows = tiling.rows;
     anyhow::ensure!(
         FlashTiling::VARIANTS.contains(&tiling),

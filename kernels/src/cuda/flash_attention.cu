@@ -159,30 +159,31 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         const u16* vs = vbuf[buf];
         const bool partial = j0 + BN > j_end;   // keys past the group's end in this tile
 
-        // S = Q K^T: 16 rows x 64 keys per fragment, 8 blocks of 8 keys. The k-steps are the
-        // outer loop: between two products into the same accumulator lie the 8 * MF products of
-        // the other key blocks, so the tensor pipe never waits on a dependent accumulation (with
-        // the key blocks outer, each accumulator took KS dependent products in a row: on an H200
-        // Nsight Compute put the kernel's largest stall, 1.35 of 4.1 cycles per issue, on such
-        // fixed-latency waits). Each ldmatrix.x4 brings one k-step of two key blocks, used by
-        // all MF fragments.
+        // S = Q K^T: 16 rows x 64 keys per fragment, 8 blocks of 8 keys; each block's K
+        // fragments are loaded once for all MF fragments.
         float s[MF][8][4];
         #pragma unroll
-        for (int f = 0; f < MF; ++f)
+        for (int n = 0; n < 8; ++n) {
+            u32 kb[KS][2];
+            const u16* krow = ks + (n * 8 + (lane & 7)) * LDS;
             #pragma unroll
-            for (int n = 0; n < 8; ++n) s[f][n][0] = s[f][n][1] = s[f][n][2] = s[f][n][3] = 0.f;
-        #pragma unroll
-        for (int st = 0; st < KS; ++st) {
-            #pragma unroll
-            for (int n = 0; n < 8; n += 2) {
-                u32 r[4];
-                const u16* krow = ks + ((n + (lane >> 4)) * 8 + (lane & 7)) * LDS;
-                ldmatrix_x4(r, smem_addr(krow + st * 16 + ((lane >> 3) & 1) * 8));
-                #pragma unroll
-                for (int f = 0; f < MF; ++f) {
-                    mma16816<BF16>(s[f][n], qa[f][st], r[0], r[1]);
-                    mma16816<BF16>(s[f][n + 1], qa[f][st], r[2], r[3]);
+            for (int st = 0; st < KS; st += 2) {
+                if (st + 1 < KS) {
+                    u32 r[4];
+                    ldmatrix_x4(r, smem_addr(krow + st * 16 + (lane >> 3) * 8));
+                    kb[st][0] = r[0]; kb[st][1] = r[1];
+                    kb[st + 1][0] = r[2]; kb[st + 1][1] = r[3];
+                } else {
+                    u32 r[2];
+                    ldmatrix_x2(r, smem_addr(krow + st * 16 + ((lane >> 3) & 1) * 8));
+                    kb[st][0] = r[0]; kb[st][1] = r[1];
                 }
+            }
+            #pragma unroll
+            for (int f = 0; f < MF; ++f) {
+                s[f][n][0] = s[f][n][1] = s[f][n][2] = s[f][n][3] = 0.f;
+                #pragma unroll
+                for (int st = 0; st < KS; ++st) mma16816<BF16>(s[f][n], qa[f][st], kb[st][0], kb[st][1]);
             }
         }
         // Mask keys past the group's end; online softmax per fragment row.
@@ -210,19 +211,18 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
             m[f][0] = mn_a;
             m[f][1] = mn_b;
             const float off_a = mn_a * scale_log2, off_b = mn_b * scale_log2;
-            // two partial sums per row: half the dependent additions in a row
-            float sum_a[2] = {0.f, 0.f}, sum_b[2] = {0.f, 0.f};
+            float sum_a = 0.f, sum_b = 0.f;
             #pragma unroll
             for (int n = 0; n < 8; ++n) {
                 s[f][n][0] = ex2(fmaf(s[f][n][0], scale_log2, -off_a));
                 s[f][n][1] = ex2(fmaf(s[f][n][1], scale_log2, -off_a));
                 s[f][n][2] = ex2(fmaf(s[f][n][2], scale_log2, -off_b));
                 s[f][n][3] = ex2(fmaf(s[f][n][3], scale_log2, -off_b));
-                sum_a[n & 1] += s[f][n][0] + s[f][n][1];
-                sum_b[n & 1] += s[f][n][2] + s[f][n][3];
+                sum_a += s[f][n][0] + s[f][n][1];
+                sum_b += s[f][n][2] + s[f][n][3];
             }
-            l[f][0] = l[f][0] * corr_a + (sum_a[0] + sum_a[1]);
-            l[f][1] = l[f][1] * corr_b + (sum_b[0] + sum_b[1]);
+            l[f][0] = l[f][0] * corr_a + sum_a;
+            l[f][1] = l[f][1] * corr_b + sum_b;
             #pragma unroll
             for (int n = 0; n < ND; ++n) {
                 o[f][n][0] *= corr_a; o[f][n][1] *= corr_a;
