@@ -6,8 +6,9 @@
 //! run are those times the channel slices); the timings need a CUDA device.
 //!
 //! The 2048 -> 128 case reads its rows through `nbr >> 3` (src_shift 3) from a feats table of
-//! rows / 8 parents, as the upsampled block does; its neighbour map is the shell's own (the
-//! gather pattern of a real subdivided geometry differs, the work does not).
+//! rows / 8 parents; its neighbour map is the shell's own. (The flow's upsampling block reads
+//! its 3,928 coarse rows through the upsample's index instead, `SparseConv3d::forward_upsampled`:
+//! the gather pattern differs, the work is the same.)
 
 use std::io::Write;
 #[cfg(feature = "cuda")]

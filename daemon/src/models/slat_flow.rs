@@ -89,10 +89,12 @@ impl SparseResBlock3d {
             .to_dtype(x.dtype())?;
         let c = self.out_channels;
         let (scale, shift) = (e.narrow(1, 0, c)?, e.narrow(1, c, c)?);
+        if let Resample::Up(u) = &self.resample {
+            return self.forward_upsampling(x, u, &scale, &shift);
+        }
         let x = match &self.resample {
-            Resample::None => x.clone(),
             Resample::Down(d) => d.forward(x)?,
-            Resample::Up(u) => u.forward(x)?,
+            _ => x.clone(),
         };
         let h = self.norm1.forward(&x)?;
         let h = h.replace(h.feats().silu()?)?;
@@ -103,6 +105,31 @@ impl SparseResBlock3d {
         let skip = match &self.skip {
             Some(s) => s.forward(&x)?,
             None => x,
+        };
+        h.add(&skip)
+    }
+
+    /// [`Self::forward`] of an upsampling block. `norm1`, the SiLU and the skip Linear act on
+    /// each row alone, so they run on the coarse rows before the upsample's row copy (the same
+    /// values on 1/8 of the rows), and `conv1` reads the coarse rows through the upsample's
+    /// index (`SparseConv3d::forward_upsampled`): the wide input is never copied to the fine
+    /// resolution.
+    fn forward_upsampling(
+        &self,
+        x: &SparseTensor,
+        up: &SparseUpsample,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<SparseTensor> {
+        let h = self.norm1.forward(x)?;
+        let h = h.replace(h.feats().silu()?)?;
+        let h = self.conv1.forward_upsampled(&h, up)?;
+        let h = self.norm2.forward(&h)?.modulate(shift, scale)?;
+        let h = h.replace(h.feats().silu()?)?;
+        let h = self.conv2.forward(&h)?;
+        let skip = match &self.skip {
+            Some(s) => up.forward(&s.forward(x)?)?,
+            None => up.forward(x)?,
         };
         h.add(&skip)
     }

@@ -391,8 +391,7 @@ impl MultiHeadAttention {
         let constant = zero_out
             .to_dtype(x.dtype())?
             .reshape((1, 1, c))?
-            .broadcast_as((1, l, c))?
-            .contiguous()?;
+            .broadcast_as((1, l, c))?;
         let mut parts = Vec::with_capacity(b);
         let mut j = 0;
         for i in 0..b {

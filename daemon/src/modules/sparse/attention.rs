@@ -427,7 +427,7 @@ impl SparseMultiHeadAttention {
                 continue;
             }
             if ctx.zero[i] {
-                parts.push(constant.broadcast_as((r.len(), c))?.contiguous()?);
+                parts.push(constant.broadcast_as((r.len(), c))?);
             } else if let Some(o) = &computed {
                 parts.push(o.narrow(0, row, r.len())?);
                 row += r.len();

@@ -18,6 +18,7 @@ use trellis_kernels::sparse_conv::{
     subdivided_conv, submanifold_conv, NeighbourMap, SparseConvError,
 };
 
+use super::spatial::SparseUpsample;
 use super::tensor::{to_f32_vec, Geometry, SparseTensor};
 
 /// The signature shared by `submanifold_conv` and `subdivided_conv`.
@@ -127,7 +128,12 @@ impl SparseConv3d {
             && self.kernel.iter().product::<usize>()
                 <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
         {
-            return self.compute_cuda_half(x, fine);
+            let (geo, shift) = match fine {
+                None => (x.geometry().as_ref(), 0),
+                Some(f) => (f, 3),
+            };
+            let nbr = geo.neighbour_table_cuda(self.kernel)?;
+            return self.compute_cuda_half(x, geo, &nbr, shift);
         }
         let w = self.weight_device(x)?;
         let bias = self
@@ -169,11 +175,19 @@ impl SparseConv3d {
         Ok(self.weight_dev.get_or_init(|| t).clone())
     }
 
-    /// Half-precision feats on the tensor cores (`cuda_ops::sparse_conv_half`): weight in the
-    /// feats' type, f32 bias, output in the feats' type; a subdivided input is read through
-    /// its parent rows (`nbr >> 3`) instead of an 8x copy.
+    /// Half-precision feats on the tensor cores (`cuda_ops::sparse_conv_half` or the GEMM-first
+    /// path, as `cuda_ops::conv_plan` picks): weight in the feats' type, f32 bias, output in the
+    /// feats' type, one row per row of `geo` (the output geometry) reading the rows of `x`
+    /// through the int32 table `nbr` `[rows(geo) * K]` shifted by `shift` (3: a subdivided
+    /// input read through its parent rows, `nbr >> 3`, instead of an 8x copy).
     #[cfg(feature = "cuda")]
-    fn compute_cuda_half(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
+    fn compute_cuda_half(
+        &self,
+        x: &SparseTensor,
+        geo: &Geometry,
+        nbr: &Tensor,
+        shift: u32,
+    ) -> Result<Tensor> {
         use crate::runtime::cuda_ops as ops;
         let dt = x.dtype();
         let bias = match self.bias_dev.get() {
@@ -187,13 +201,8 @@ impl SparseConv3d {
                 self.bias_dev.get_or_init(|| b).clone()
             }
         };
-        let (geo, shift) = match fine {
-            None => (x.geometry().as_ref(), 0),
-            Some(f) => (f, 3),
-        };
-        let nbr = geo.neighbour_table_cuda(self.kernel)?;
         let volume: usize = self.kernel.iter().product();
-        let tile = ops::conv_plan(self.in_channels, self.out_channels, volume, x.rows(), shift);
+        let tile = ops::conv_plan(self.out_channels, volume, x.rows());
         if tile == ops::ConvTile::GemmGather {
             let w_kc = match self.weight_dev_kc.get() {
                 Some(w) if w.dtype() == dt => w.clone(),
@@ -205,7 +214,7 @@ impl SparseConv3d {
             };
             return ops::sparse_conv_gemm_gather(
                 &x.feats().contiguous()?,
-                &nbr,
+                nbr,
                 &w_kc,
                 bias.as_ref(),
                 shift,
@@ -229,7 +238,7 @@ impl SparseConv3d {
         };
         ops::sparse_conv_half_with(
             &x.feats().contiguous()?,
-            &nbr,
+            nbr,
             &w,
             bias.as_ref(),
             shift,
@@ -300,6 +309,36 @@ impl SparseConv3d {
         }
         let t = self.compute(x, fine.rows(), subdivided_conv)?;
         SparseTensor::from_geometry(fine, t)
+    }
+}
+
+impl SparseConv3d {
+    /// `self.forward(SparseUpsample.forward(x))` computed from the coarse rows of `x` (which
+    /// carries the upsample's cache): on a GPU in half precision each fine row reads its
+    /// neighbours' coarse rows through the fine neighbour map composed with the upsample's
+    /// index (`UpsampleCache::parent_table_cuda`), so the upsampled feats are never made;
+    /// elsewhere the upsampled tensor is made and convolved.
+    pub fn forward_upsampled(&self, x: &SparseTensor, up: &SparseUpsample) -> Result<SparseTensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && matches!(x.dtype(), DType::F16 | DType::BF16)
+            && self.in_channels.is_multiple_of(8)
+            && self.out_channels.is_multiple_of(8)
+            && self.kernel.iter().product::<usize>()
+                <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
+        {
+            let c = x.channels()?;
+            ensure!(
+                c == self.in_channels,
+                "SparseConv3d: expected {} input channels, got {c}",
+                self.in_channels
+            );
+            let cache = up.cache_of(x)?;
+            let table = cache.parent_table_cuda(self.kernel)?;
+            let t = self.compute_cuda_half(x, &cache.fine, &table, 0)?;
+            return SparseTensor::from_geometry(cache.fine.clone(), t);
+        }
+        self.forward(&up.forward(x)?)
     }
 }
 

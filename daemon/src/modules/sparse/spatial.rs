@@ -168,6 +168,8 @@ impl SparseDownsample {
             fine: x.geometry().clone(),
             inverse,
             index: Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            parent_tables: Mutex::new(Default::default()),
         });
         Ok(Downsampled {
             coarse: Arc::new(geo),
@@ -190,7 +192,9 @@ impl SparseUpsample {
         }
     }
 
-    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+    /// The cache of the downsample that made `x` (its fine geometry and each fine row's coarse
+    /// row), checked against this upsample's factor.
+    pub fn cache_of<'a>(&self, x: &'a SparseTensor) -> Result<&'a UpsampleCache> {
         let cache = x.geometry().upsample_cache().ok_or_else(|| {
             anyhow!("SparseUpsample: no paired SparseDownsample (this tensor was not downsampled)")
         })?;
@@ -200,6 +204,11 @@ impl SparseUpsample {
             self.factor,
             cache.factor
         );
+        Ok(cache)
+    }
+
+    pub fn forward(&self, x: &SparseTensor) -> Result<SparseTensor> {
+        let cache = self.cache_of(x)?;
         let idx = cache.index(x.device())?;
         let feats = x.feats().contiguous()?.index_select(&idx, 0)?;
         SparseTensor::from_geometry(cache.fine.clone(), feats)

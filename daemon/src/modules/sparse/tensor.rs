@@ -35,6 +35,9 @@ pub struct UpsampleCache {
     pub inverse: Vec<u32>,
     /// `inverse` on the geometry's device, made by the first upsample.
     pub index: Mutex<Option<Tensor>>,
+    /// [`Self::parent_table_cuda`] by kernel size.
+    #[cfg(feature = "cuda")]
+    pub parent_tables: Mutex<HashMap<[usize; 3], Tensor>>,
 }
 
 impl UpsampleCache {
@@ -47,6 +50,28 @@ impl UpsampleCache {
         let t = Tensor::from_slice(&self.inverse, self.inverse.len(), dev)?;
         *i = Some(t.clone());
         Ok(t)
+    }
+
+    /// The fine geometry's neighbour map of `kernel` with every neighbour replaced by its coarse
+    /// row (−1 stays −1), int32 `[fine rows * K]` on the fine geometry's CUDA device: a conv on
+    /// the upsampled tensor reads the coarse feats through it (`SparseConv3d::forward_upsampled`).
+    /// Made on the GPU once per kernel size.
+    #[cfg(feature = "cuda")]
+    pub fn parent_table_cuda(&self, kernel: [usize; 3]) -> Result<Tensor> {
+        cached(&self.parent_tables, kernel, || {
+            let nbr = self.fine.neighbour_table_cuda(kernel)?;
+            let dev = nbr.device().clone();
+            let valid = nbr.ge(0i64)?;
+            let safe = valid
+                .where_cond(&nbr, &nbr.zeros_like()?)?
+                .to_dtype(DType::U32)?;
+            let parent = self
+                .index(&dev)?
+                .index_select(&safe, 0)?
+                .to_dtype(DType::I32)?;
+            let none = Tensor::full(-1i32, nbr.dims(), &dev)?;
+            Ok(valid.where_cond(&parent, &none)?)
+        })
     }
 }
 
