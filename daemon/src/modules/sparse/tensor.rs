@@ -53,26 +53,36 @@ impl UpsampleCache {
     }
 
     /// The fine geometry's neighbour map of `kernel` with every neighbour replaced by its coarse
-    /// row (−1 stays −1), int32 `[fine rows * K]` on the fine geometry's CUDA device: a conv on
-    /// the upsampled tensor reads the coarse feats through it (`SparseConv3d::forward_upsampled`).
-    /// Made on the GPU once per kernel size.
+    /// row ([`parent_table`]), int32 `[fine rows * K]` on the fine geometry's CUDA device: a conv
+    /// on the upsampled tensor reads the coarse feats through it
+    /// (`SparseConv3d::forward_upsampled`). Made once per kernel size from
+    /// [`Geometry::neighbour_table_cuda`] (one copy to the host and back).
     #[cfg(feature = "cuda")]
     pub fn parent_table_cuda(&self, kernel: [usize; 3]) -> Result<Tensor> {
         cached(&self.parent_tables, kernel, || {
             let nbr = self.fine.neighbour_table_cuda(kernel)?;
-            let dev = nbr.device().clone();
-            let valid = nbr.ge(0i64)?;
-            let safe = valid
-                .where_cond(&nbr, &nbr.zeros_like()?)?
-                .to_dtype(DType::U32)?;
-            let parent = self
-                .index(&dev)?
-                .index_select(&safe, 0)?
-                .to_dtype(DType::I32)?;
-            let none = Tensor::full(-1i32, nbr.dims(), &dev)?;
-            Ok(valid.where_cond(&parent, &none)?)
+            let table = parent_table(&nbr.to_vec1::<i32>()?, &self.inverse)?;
+            let n = table.len();
+            Ok(Tensor::from_vec(table, n, nbr.device())?)
         })
     }
+}
+
+/// `table` (fine-row neighbours, −1 for none) with every neighbour `j` replaced by its coarse
+/// row `inverse[j]`; −1 stays −1.
+pub fn parent_table(table: &[i32], inverse: &[u32]) -> Result<Vec<i32>> {
+    table
+        .iter()
+        .map(|&j| {
+            if j < 0 {
+                return Ok(-1);
+            }
+            let p = inverse.get(j as usize).with_context(|| {
+                format!("neighbour row {j} outside the {} fine rows", inverse.len())
+            })?;
+            Ok(i32::try_from(*p)?)
+        })
+        .collect()
 }
 
 /// The value of `key` in one of a geometry's caches, made by `make` (and kept) the first time.
@@ -487,6 +497,16 @@ pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parent_table_maps_neighbours_to_coarse_rows() {
+        let inverse = [0u32, 0, 1, 2, 1];
+        assert_eq!(
+            parent_table(&[-1, 0, 4, 3, 2, -1], &inverse).unwrap(),
+            vec![-1, 0, 1, 2, 1, -1]
+        );
+        assert!(parent_table(&[5], &inverse).is_err());
+    }
 
     #[test]
     fn layout_and_validation() {
