@@ -1632,6 +1632,49 @@ pub mod checks {
         c
     }
 
+    /// `SparseConv3d::forward_upsampled` (the coarse rows read through the fine neighbour map
+    /// composed with the upsample's index) against the upsampled tensor convolved, both on the
+    /// GPU in `dtype`, 64 -> 32 channels on a shell downsampled 2x.
+    pub fn upsampled_conv_vs_materialised(
+        dev: &Device,
+        dtype: DType,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
+        use crate::modules::sparse::conv::SparseConv3d;
+        use crate::modules::sparse::spatial::{SparseDownsample, SparseUpsample};
+        use crate::modules::sparse::tensor::SparseTensor;
+        let coords = shell(3000);
+        let rows = coords.len() / 4;
+        let (cin, cout) = (64, 32);
+        let feats = Tensor::from_vec(noise(rows * cin, 21), (rows, cin), dev)?.to_dtype(dtype)?;
+        let coarse = SparseDownsample::new(2).forward(&SparseTensor::new(coords, feats)?)?;
+        let mut t = std::collections::HashMap::new();
+        t.insert(
+            "conv.weight".to_string(),
+            Tensor::from_vec(noise(cout * 27 * cin, 22), (cout, 3, 3, 3, cin), dev)?,
+        );
+        t.insert(
+            "conv.bias".to_string(),
+            Tensor::from_vec(noise(cout, 23), cout, dev)?,
+        );
+        let vb = candle_nn::VarBuilder::from_tensors(t, DType::F32, dev);
+        let conv = SparseConv3d::new(cin, cout, 3, vb)?;
+        let up = SparseUpsample::new(2);
+        let flat = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let direct = conv.forward_upsampled(&coarse, &up)?;
+        let copied = conv.forward(&up.forward(&coarse)?)?;
+        anyhow::ensure!(
+            direct.rows() == rows && direct.coords() == copied.coords(),
+            "upsampled conv: {} rows / coords differ from the copied path's",
+            direct.rows()
+        );
+        let e = rel_err(&flat(direct.feats())?, &flat(copied.feats())?);
+        anyhow::ensure!(e < tol, "upsampled conv {dtype:?}: relative error {e}");
+        Ok(e)
+    }
+
     /// GPU neighbour map == CPU neighbour map, entry for entry.
     pub fn neighbours(dev: &Device) -> anyhow::Result<f64> {
         let coords = shell(3000);
@@ -2211,6 +2254,10 @@ pub mod checks {
             (
                 "sparse conv tensor cores bf16, 128 -> 128",
                 sparse_conv_half_shape_vs_cpu(dev, DType::BF16, false, 128, 128, 1e-2),
+            ),
+            (
+                "sparse conv f16 on an upsample's coarse rows",
+                upsampled_conv_vs_materialised(dev, DType::F16, 2e-3),
             ),
             (
                 "sparse conv tensor cores f16, 64 -> 64",
