@@ -328,38 +328,21 @@ impl MultiHeadAttention {
         }
         let h = self.num_heads;
         if ctx.kv.is_none() {
-            let nonzero: Vec<usize> = (0..b).filter(|&i| !ctx.zero[i]).collect();
-            let (k, v) = if nonzero.is_empty() {
-                (None, None)
-            } else {
-                let t = select_batch(ctx.tokens, &nonzero)?;
-                let kv = gpu_fused::linear(to_kv, &t, Act::None)?.reshape((
-                    nonzero.len(),
-                    lc,
-                    2,
-                    h,
-                    c / h,
-                ))?;
+            let project = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+                let n = t.dim(0)?;
+                let kv = gpu_fused::linear(to_kv, t, Act::None)?.reshape((n, lc, 2, h, c / h))?;
                 let k = kv.get_on_dim(2, 0)?;
                 let k = match &self.qk_norm {
                     Some((_, kn)) => kn.forward(&k)?,
                     None => k,
                 };
-                (Some(k), Some(kv.get_on_dim(2, 1)?))
+                Ok((k, kv.get_on_dim(2, 1)?))
             };
-            let zero_out = if nonzero.len() < b {
-                let z = ctx.tokens.narrow(0, 0, 1)?.narrow(1, 0, 1)?.zeros_like()?;
-                let v0 = gpu_fused::linear(to_kv, &z, Act::None)?.narrow(2, c, c)?;
-                Some(gpu_fused::linear(&self.to_out, &v0, Act::None)?.reshape(c)?)
-            } else {
-                None
+            let zero_row = |z: &Tensor| -> Result<Tensor> {
+                let v0 = gpu_fused::linear(to_kv, z, Act::None)?.narrow(2, c, c)?;
+                Ok(gpu_fused::linear(&self.to_out, &v0, Act::None)?.reshape(c)?)
             };
-            *ctx.kv = Some(CrossKv {
-                nonzero,
-                k,
-                v,
-                zero_out,
-            });
+            *ctx.kv = Some(CrossKv::make(ctx.tokens, ctx.zero, project, zero_row)?);
         }
         let Some(kv) = ctx.kv.as_ref() else {
             bail!("MultiHeadAttention: context projections missing");

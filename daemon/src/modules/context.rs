@@ -37,6 +37,39 @@ pub struct CrossKv {
     pub zero_out: Option<Tensor>,
 }
 
+impl CrossKv {
+    /// One layer's projections of `tokens` `[B, L, Cc]` whose all-zero elements are `zero`:
+    /// `project` maps the non-zero elements' tokens (stacked in batch order) to their keys and
+    /// values, `zero_row` maps one zero token `[1, 1, Cc]` to the `[C]` output row such an element
+    /// gets (`to_out(v(0))`; called only when some element is all zeros).
+    pub fn make(
+        tokens: &Tensor,
+        zero: &[bool],
+        project: impl FnOnce(&Tensor) -> Result<(Tensor, Tensor)>,
+        zero_row: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let nonzero: Vec<usize> = (0..zero.len()).filter(|&i| !zero[i]).collect();
+        let (k, v) = if nonzero.is_empty() {
+            (None, None)
+        } else {
+            let (k, v) = project(&select_batch(tokens, &nonzero)?)?;
+            (Some(k), Some(v))
+        };
+        let zero_out = if nonzero.len() < zero.len() {
+            let z = tokens.narrow(0, 0, 1)?.narrow(1, 0, 1)?.zeros_like()?;
+            Some(zero_row(&z)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            nonzero,
+            k,
+            v,
+            zero_out,
+        })
+    }
+}
+
 /// A context as the cross-attention layers see it: the tokens in the torso dtype, which batch
 /// elements are all zeros, and each layer's projections.
 #[derive(Debug)]

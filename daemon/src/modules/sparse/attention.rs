@@ -14,7 +14,7 @@ use trellis_kernels::attention::{varlen_attention, AttnGroup, AttnShape};
 
 use super::linear::SparseLinear;
 use super::tensor::{to_f32_vec, SparseTensor};
-use crate::modules::context::{select_batch, select_rows, CrossKv, LayerContext};
+use crate::modules::context::{select_rows, CrossKv, LayerContext};
 use crate::modules::norm::MultiHeadRMSNorm;
 
 /// How self-attention groups tokens.
@@ -326,32 +326,22 @@ impl SparseMultiHeadAttention {
         let (_, l, _) = ctx.tokens.dims3()?;
         let (h, d, c) = (self.heads, self.head_dim(), self.channels);
         if ctx.kv.is_none() {
-            let nonzero: Vec<usize> = (0..b).filter(|&i| !ctx.zero[i]).collect();
-            let (k, v) = if nonzero.is_empty() {
-                (None, None)
-            } else {
-                let t = select_batch(ctx.tokens, &nonzero)?;
-                let kv = to_kv
-                    .forward_dense(&t)?
-                    .reshape((nonzero.len() * l, 2, h, d))?;
-                (
-                    Some(kv.narrow(1, 0, 1)?.squeeze(1)?),
-                    Some(kv.narrow(1, 1, 1)?.squeeze(1)?),
-                )
+            let project = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+                let n = t.dim(0)?;
+                let kv = to_kv.forward_dense(t)?.reshape((n * l, 2, h, d))?;
+                Ok((
+                    kv.narrow(1, 0, 1)?.squeeze(1)?,
+                    kv.narrow(1, 1, 1)?.squeeze(1)?,
+                ))
             };
-            let zero_out = if nonzero.len() < b {
-                let z = ctx.tokens.get(0)?.narrow(0, 0, 1)?.zeros_like()?;
-                let v0 = to_kv.forward_dense(&z)?.narrow(1, c, c)?;
-                Some(self.to_out.forward_dense(&v0)?.reshape(c)?)
-            } else {
-                None
+            let zero_row = |z: &Tensor| -> Result<Tensor> {
+                let v0 = to_kv.forward_dense(z)?.narrow(2, c, c)?;
+                self.to_out
+                    .forward_dense(&v0)?
+                    .reshape(c)
+                    .map_err(Into::into)
             };
-            *ctx.kv = Some(CrossKv {
-                nonzero,
-                k,
-                v,
-                zero_out,
-            });
+            *ctx.kv = Some(CrossKv::make(ctx.tokens, ctx.zero, project, zero_row)?);
         }
         let Some(kv) = ctx.kv.as_ref() else {
             bail!("cross-attention: context projections missing");
