@@ -272,33 +272,63 @@ impl MultiHeadAttention {
             );
         }
         let h = self.num_heads;
-        let (q, k, v) = match &self.proj {
+        match &self.proj {
             Projection::SelfAttn { to_qkv } => {
                 let qkv = gpu_fused::linear(to_qkv, x, Act::None)?.reshape((b, l, 3, h, c / h))?;
-                (
+                let (q, k, v) = (
                     qkv.get_on_dim(2, 0)?,
                     qkv.get_on_dim(2, 1)?,
                     qkv.get_on_dim(2, 2)?,
-                )
+                );
+                let (q, k) = match &self.qk_norm {
+                    Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+                    None => (q, k),
+                };
+                let o = scaled_dot_product_attention(&q, &k, &v)?.reshape((b, l, c))?;
+                gpu_fused::linear(&self.to_out, &o, Act::None)
             }
             Projection::Cross { to_q, to_kv } => {
                 let ctx = context.context("MultiHeadAttention (cross): no context given")?;
-                let (bc, lc, _) = ctx
+                let bc = ctx
                     .dims3()
-                    .context("MultiHeadAttention: context must be [B, L, C]")?;
+                    .context("MultiHeadAttention: context must be [B, L, C]")?
+                    .0;
                 if bc != b {
                     bail!("MultiHeadAttention: context batch {bc} != x batch {b}");
                 }
-                let q = gpu_fused::linear(to_q, x, Act::None)?.reshape((b, l, h, c / h))?;
-                let kv = gpu_fused::linear(to_kv, ctx, Act::None)?.reshape((b, lc, 2, h, c / h))?;
-                (q, kv.get_on_dim(2, 0)?, kv.get_on_dim(2, 1)?)
+                let (k, v) = self.context_kv(to_kv, ctx)?;
+                self.cross_output(to_q, x, &k, &v)
             }
+        }
+    }
+
+    /// The keys (after `k_rms_norm` when the layer has it) and values of a context `[B, Lc, Cc]`,
+    /// `[B, Lc, H, D]` each.
+    fn context_kv(&self, to_kv: &Dense, ctx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (bc, lc, _) = ctx
+            .dims3()
+            .context("MultiHeadAttention: context must be [B, L, C]")?;
+        let (h, c) = (self.num_heads, self.channels);
+        let kv = gpu_fused::linear(to_kv, ctx, Act::None)?.reshape((bc, lc, 2, h, c / h))?;
+        let k = kv.get_on_dim(2, 0)?;
+        let k = match &self.qk_norm {
+            Some((_, kn)) => kn.forward(&k)?,
+            None => k,
         };
-        let (q, k) = match &self.qk_norm {
-            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
-            None => (q, k),
+        Ok((k, kv.get_on_dim(2, 1)?))
+    }
+
+    /// `to_out(attention(to_q(x), k, v))` for `x` `[B, L, C]` and keys / values from
+    /// [`Self::context_kv`] (`q_rms_norm` applied to the queries when the layer has it).
+    fn cross_output(&self, to_q: &Dense, x: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        let h = self.num_heads;
+        let q = gpu_fused::linear(to_q, x, Act::None)?.reshape((b, l, h, c / h))?;
+        let q = match &self.qk_norm {
+            Some((qn, _)) => qn.forward(&q)?,
+            None => q,
         };
-        let o = scaled_dot_product_attention(&q, &k, &v)?.reshape((b, l, c))?;
+        let o = scaled_dot_product_attention(&q, k, v)?.reshape((b, l, c))?;
         gpu_fused::linear(&self.to_out, &o, Act::None)
     }
 }
@@ -315,10 +345,11 @@ impl MultiHeadAttention {
         let (b, l, c) = x
             .dims3()
             .context("MultiHeadAttention: x must be [B, L, C]")?;
-        let (bc, lc, _) = ctx
+        let bc = ctx
             .tokens
             .dims3()
-            .context("MultiHeadAttention: context must be [B, L, C]")?;
+            .context("MultiHeadAttention: context must be [B, L, C]")?
+            .0;
         if bc != b || ctx.zero.len() != b || c != self.channels {
             bail!(
                 "MultiHeadAttention: context {:?} for x {:?}",
@@ -326,18 +357,8 @@ impl MultiHeadAttention {
                 x.dims()
             );
         }
-        let h = self.num_heads;
         if ctx.kv.is_none() {
-            let project = |t: &Tensor| -> Result<(Tensor, Tensor)> {
-                let n = t.dim(0)?;
-                let kv = gpu_fused::linear(to_kv, t, Act::None)?.reshape((n, lc, 2, h, c / h))?;
-                let k = kv.get_on_dim(2, 0)?;
-                let k = match &self.qk_norm {
-                    Some((_, kn)) => kn.forward(&k)?,
-                    None => k,
-                };
-                Ok((k, kv.get_on_dim(2, 1)?))
-            };
+            let project = |t: &Tensor| self.context_kv(to_kv, t);
             let zero_row = |z: &Tensor| -> Result<Tensor> {
                 let v0 = gpu_fused::linear(to_kv, z, Act::None)?.narrow(2, c, c)?;
                 Ok(gpu_fused::linear(&self.to_out, &v0, Act::None)?.reshape(c)?)
@@ -347,45 +368,16 @@ impl MultiHeadAttention {
         let Some(kv) = ctx.kv.as_ref() else {
             bail!("MultiHeadAttention: context projections missing");
         };
-        let attend = |x: &Tensor| -> Result<Tensor> {
-            let (Some(k), Some(v)) = (&kv.k, &kv.v) else {
-                bail!("MultiHeadAttention: no keys for a non-zero context");
-            };
-            let n = x.dim(0)?;
-            let q = gpu_fused::linear(to_q, x, Act::None)?.reshape((n, l, h, c / h))?;
-            let q = match &self.qk_norm {
-                Some((qn, _)) => qn.forward(&q)?,
-                None => q,
-            };
-            let o = scaled_dot_product_attention(&q, k, v)?.reshape((n, l, c))?;
-            gpu_fused::linear(&self.to_out, &o, Act::None)
-        };
-        if kv.nonzero.len() == b {
-            return attend(x);
-        }
-        let computed = if kv.nonzero.is_empty() {
-            None
-        } else {
-            Some(attend(&select_batch(x, &kv.nonzero)?)?)
-        };
-        let Some(zero_out) = &kv.zero_out else {
-            bail!("MultiHeadAttention: no zero-context row");
-        };
-        let constant = zero_out
-            .to_dtype(x.dtype())?
-            .reshape((1, 1, c))?
-            .broadcast_as((1, l, c))?;
-        let mut parts = Vec::with_capacity(b);
-        let mut j = 0;
-        for i in 0..b {
-            if ctx.zero[i] {
-                parts.push(constant.clone());
-            } else if let Some(o) = &computed {
-                parts.push(o.narrow(0, j, 1)?);
-                j += 1;
+        let computed = match (&kv.k, &kv.v) {
+            (Some(k), Some(v)) if kv.nonzero.len() == b => return self.cross_output(to_q, x, k, v),
+            (Some(k), Some(v)) => {
+                let o = self.cross_output(to_q, &select_batch(x, &kv.nonzero)?, k, v)?;
+                Some(o.reshape((kv.nonzero.len() * l, c))?)
             }
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+            _ => None,
+        };
+        let out = kv.join(ctx.zero, &vec![l; b], computed.as_ref(), x.dtype())?;
+        Ok(out.reshape((b, l, c))?)
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
 /// `TRELLIS_CONTEXT_CACHE=0` turns the cache off (every forward projects its context and runs
@@ -66,6 +66,45 @@ impl CrossKv {
             k,
             v,
             zero_out,
+        })
+    }
+}
+
+impl CrossKv {
+    /// The layer's output rows for a batch whose element `i` has `lens[i]` rows: the rows of
+    /// `computed` (the non-zero elements' outputs, stacked in batch order) and, for the elements
+    /// whose context is all zeros (`zero`), the zero row repeated; `[sum(lens), C]` in `dtype`.
+    pub fn join(
+        &self,
+        zero: &[bool],
+        lens: &[usize],
+        computed: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let zero_out = self
+            .zero_out
+            .as_ref()
+            .context("context: no zero-context row")?;
+        let c = zero_out.dim(0)?;
+        let constant = zero_out.to_dtype(dtype)?.reshape((1, c))?;
+        let mut parts = Vec::with_capacity(lens.len());
+        let mut row = 0;
+        for (&n, &z) in lens.iter().zip(zero) {
+            if n == 0 {
+                continue;
+            }
+            if z {
+                // a broadcast view: `cat` makes the one copy
+                parts.push(constant.broadcast_as((n, c))?);
+            } else {
+                let o = computed.context("context: no output for a non-zero element")?;
+                parts.push(o.narrow(0, row, n)?);
+                row += n;
+            }
+        }
+        Ok(match parts.len() {
+            0 => Tensor::zeros((0, c), dtype, zero_out.device())?,
+            _ => Tensor::cat(&parts, 0)?,
         })
     }
 }

@@ -265,12 +265,8 @@ impl SparseMultiHeadAttention {
             // The original's unbind on a dense [B, L, 2, H, D] context is broken for L != 2.
             bail!("cross-attention with qk_rms_norm and a dense context is not supported (broken upstream)");
         }
-        let (b, l, _) = context.dims3()?;
-        let (h, d) = (self.heads, self.head_dim());
-        let q = to_q.forward(x)?;
-        let kv = to_kv.forward_dense(context)?.reshape((b * l, 2, h, d))?;
-        let k = kv.narrow(1, 0, 1)?.squeeze(1)?;
-        let v = kv.narrow(1, 1, 1)?.squeeze(1)?;
+        let l = context.dims3()?.1;
+        let (k, v) = self.context_kv(to_kv, context)?;
         let groups: Vec<AttnGroup> = x
             .layout()
             .iter()
@@ -280,26 +276,56 @@ impl SparseMultiHeadAttention {
                 kv: i * l..(i + 1) * l,
             })
             .collect();
+        x.replace(self.cross_rows(to_q, x.feats(), &k, &v, &groups)?)
+    }
+
+    /// The keys and values of a dense context `[B, L, C_ctx]`, `[B * L, H, D]` each.
+    fn context_kv(&self, to_kv: &SparseLinear, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l, _) = context.dims3()?;
+        let (h, d) = (self.heads, self.head_dim());
+        let kv = to_kv.forward_dense(context)?.reshape((b * l, 2, h, d))?;
+        Ok((
+            kv.narrow(1, 0, 1)?.squeeze(1)?,
+            kv.narrow(1, 1, 1)?.squeeze(1)?,
+        ))
+    }
+
+    /// `to_out` of the attention from `to_q(feats)` (`[n, C]` in the tokens' dtype) to `k` / `v`
+    /// by `groups` (query ranges into the `n` rows): on the GPU the fused kernel, elsewhere the
+    /// float32 varlen kernel; `[n, C]` in `feats`' dtype.
+    fn cross_rows(
+        &self,
+        to_q: &SparseLinear,
+        feats: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        groups: &[AttnGroup],
+    ) -> Result<Tensor> {
+        let (h, d, c) = (self.heads, self.head_dim(), self.channels);
+        let n = feats.dim(0)?;
+        let q = to_q.forward_dense(feats)?;
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            let q = q.feats().reshape((x.rows(), h, d))?;
-            let o = crate::runtime::cuda_ops::attention(&q, &k, &v, &groups)?;
-            return self.output_tensor(x, o.reshape((x.rows(), self.channels))?);
+        if feats.device().is_cuda() {
+            let q = q.reshape((n, h, d))?;
+            let o = crate::runtime::cuda_ops::attention(&q, k, v, groups)?;
+            let o = o.reshape((n, c))?.to_dtype(feats.dtype())?;
+            return self.to_out.forward_dense(&o);
         }
         let shape = AttnShape {
             heads: h,
             head_dim: d,
             v_dim: d,
         };
-        let out = varlen_attention(
-            &to_f32_vec(q.feats())?,
-            &to_f32_vec(&k)?,
-            &to_f32_vec(&v)?,
-            &groups,
+        let o = varlen_attention(
+            &to_f32_vec(&q)?,
+            &to_f32_vec(k)?,
+            &to_f32_vec(v)?,
+            groups,
             shape,
             1.0 / (d as f32).sqrt(),
         )?;
-        self.output(x, out)
+        let o = Tensor::from_vec(o, (n, c), feats.device())?.to_dtype(feats.dtype())?;
+        self.to_out.forward_dense(&o)
     }
 
     /// Cross-attention to a context kept across calls ([`crate::modules::context`]): the keys
@@ -323,17 +349,10 @@ impl SparseMultiHeadAttention {
         if self.rms.is_some() {
             bail!("cross-attention with qk_rms_norm and a dense context is not supported (broken upstream)");
         }
-        let (_, l, _) = ctx.tokens.dims3()?;
-        let (h, d, c) = (self.heads, self.head_dim(), self.channels);
+        let l = ctx.tokens.dims3()?.1;
+        let c = self.channels;
         if ctx.kv.is_none() {
-            let project = |t: &Tensor| -> Result<(Tensor, Tensor)> {
-                let n = t.dim(0)?;
-                let kv = to_kv.forward_dense(t)?.reshape((n * l, 2, h, d))?;
-                Ok((
-                    kv.narrow(1, 0, 1)?.squeeze(1)?,
-                    kv.narrow(1, 1, 1)?.squeeze(1)?,
-                ))
-            };
+            let project = |t: &Tensor| self.context_kv(to_kv, t);
             let zero_row = |z: &Tensor| -> Result<Tensor> {
                 let v0 = to_kv.forward_dense(z)?.narrow(2, c, c)?;
                 self.to_out
@@ -347,87 +366,30 @@ impl SparseMultiHeadAttention {
             bail!("cross-attention: context projections missing");
         };
         let layout = x.layout();
-        // the rows of the non-zero elements (all of them, or a selection) and their groups
-        let all = kv.nonzero.len() == b;
+        // the rows of the non-zero elements and their groups (keys of the j-th non-zero element)
         let ranges: Vec<std::ops::Range<usize>> =
             kv.nonzero.iter().map(|&i| layout[i].clone()).collect();
-        let mut out_groups = Vec::with_capacity(ranges.len());
+        let mut groups = Vec::with_capacity(ranges.len());
         let mut start = 0;
         for (j, r) in ranges.iter().enumerate() {
-            out_groups.push(AttnGroup {
+            groups.push(AttnGroup {
                 q: start..start + r.len(),
                 kv: j * l..(j + 1) * l,
             });
             start += r.len();
         }
         let computed = match (&kv.k, &kv.v) {
+            (Some(k), Some(v)) if kv.nonzero.len() == b => {
+                return x.replace(self.cross_rows(to_q, x.feats(), k, v, &groups)?);
+            }
             (Some(k), Some(v)) if start > 0 => {
-                let feats = if all {
-                    x.feats().clone()
-                } else {
-                    select_rows(x.feats(), &ranges)?
-                };
-                let q = to_q.forward_dense(&feats)?;
-                #[cfg(feature = "cuda")]
-                let o = if x.device().is_cuda() {
-                    let q = q.reshape((start, h, d))?;
-                    Some(crate::runtime::cuda_ops::attention(&q, k, v, &out_groups)?)
-                } else {
-                    None
-                };
-                #[cfg(not(feature = "cuda"))]
-                let o: Option<Tensor> = None;
-                let o = match o {
-                    Some(o) => o.reshape((start, c))?.to_dtype(x.dtype())?,
-                    None => {
-                        let shape = AttnShape {
-                            heads: h,
-                            head_dim: d,
-                            v_dim: d,
-                        };
-                        let o = varlen_attention(
-                            &to_f32_vec(&q)?,
-                            &to_f32_vec(k)?,
-                            &to_f32_vec(v)?,
-                            &out_groups,
-                            shape,
-                            1.0 / (d as f32).sqrt(),
-                        )?;
-                        Tensor::from_vec(o, (start, c), x.device())?.to_dtype(x.dtype())?
-                    }
-                };
-                Some(self.to_out.forward_dense(&o)?)
+                let feats = select_rows(x.feats(), &ranges)?;
+                Some(self.cross_rows(to_q, &feats, k, v, &groups)?)
             }
             _ => None,
         };
-        if all {
-            let Some(o) = computed else {
-                bail!("cross-attention: no output for a non-zero context");
-            };
-            return x.replace(o);
-        }
-        let Some(zero_out) = &kv.zero_out else {
-            bail!("cross-attention: no zero-context row");
-        };
-        let constant = zero_out.to_dtype(x.dtype())?.reshape((1, c))?;
-        let mut parts = Vec::with_capacity(b);
-        let mut row = 0;
-        for (i, r) in layout.iter().enumerate() {
-            if r.is_empty() {
-                continue;
-            }
-            if ctx.zero[i] {
-                parts.push(constant.broadcast_as((r.len(), c))?);
-            } else if let Some(o) = &computed {
-                parts.push(o.narrow(0, row, r.len())?);
-                row += r.len();
-            }
-        }
-        let out = match parts.len() {
-            0 => Tensor::zeros((0, c), x.dtype(), x.device())?,
-            _ => Tensor::cat(&parts, 0)?,
-        };
-        x.replace(out)
+        let lens: Vec<usize> = layout.iter().map(|r| r.len()).collect();
+        x.replace(kv.join(ctx.zero, &lens, computed.as_ref(), x.dtype())?)
     }
 
     /// Self-attention on the GPU (`runtime::cuda_ops::varlen_attention`): q/k/v `[N, H, D]` stay
