@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 
 use crate::models::config::SLatFlowConfig;
 use crate::models::slat_vae::base::ape;
-use crate::modules::context::ContextCache;
+use crate::modules::context::{ContextCache, FlowContext};
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
 use crate::modules::norm::f_layer_norm;
@@ -89,16 +89,21 @@ impl SparseResBlock3d {
             .to_dtype(x.dtype())?;
         let c = self.out_channels;
         let (scale, shift) = (e.narrow(1, 0, c)?, e.narrow(1, c, c)?);
-        if let Resample::Up(u) = &self.resample {
-            return self.forward_upsampling(x, u, &scale, &shift);
-        }
-        let x = match &self.resample {
-            Resample::Down(d) => d.forward(x)?,
-            _ => x.clone(),
+        // An upsampling block runs norm1, the SiLU and the skip Linear, which act on each row
+        // alone, on the coarse rows before the upsample's row copy (the same values on 1/8 of
+        // the rows), and conv1 reads the coarse rows through the upsample's index
+        // (`SparseConv3d::forward_upsampled`): the wide input is never copied to the fine rows.
+        let (x, up) = match &self.resample {
+            Resample::None => (x.clone(), None),
+            Resample::Down(d) => (d.forward(x)?, None),
+            Resample::Up(u) => (x.clone(), Some(u)),
         };
         let h = self.norm1.forward(&x)?;
         let h = h.replace(h.feats().silu()?)?;
-        let h = self.conv1.forward(&h)?;
+        let h = match up {
+            Some(u) => self.conv1.forward_upsampled(&h, u)?,
+            None => self.conv1.forward(&h)?,
+        };
         let h = self.norm2.forward(&h)?.modulate(&shift, &scale)?;
         let h = h.replace(h.feats().silu()?)?;
         let h = self.conv2.forward(&h)?;
@@ -106,30 +111,9 @@ impl SparseResBlock3d {
             Some(s) => s.forward(&x)?,
             None => x,
         };
-        h.add(&skip)
-    }
-
-    /// [`Self::forward`] of an upsampling block. `norm1`, the SiLU and the skip Linear act on
-    /// each row alone, so they run on the coarse rows before the upsample's row copy (the same
-    /// values on 1/8 of the rows), and `conv1` reads the coarse rows through the upsample's
-    /// index (`SparseConv3d::forward_upsampled`): the wide input is never copied to the fine
-    /// resolution.
-    fn forward_upsampling(
-        &self,
-        x: &SparseTensor,
-        up: &SparseUpsample,
-        scale: &Tensor,
-        shift: &Tensor,
-    ) -> Result<SparseTensor> {
-        let h = self.norm1.forward(x)?;
-        let h = h.replace(h.feats().silu()?)?;
-        let h = self.conv1.forward_upsampled(&h, up)?;
-        let h = self.norm2.forward(&h)?.modulate(shift, scale)?;
-        let h = h.replace(h.feats().silu()?)?;
-        let h = self.conv2.forward(&h)?;
-        let skip = match &self.skip {
-            Some(s) => up.forward(&s.forward(x)?)?,
-            None => up.forward(x)?,
+        let skip = match up {
+            Some(u) => u.forward(&skip)?,
+            None => skip,
         };
         h.add(&skip)
     }
@@ -267,8 +251,7 @@ impl SLatFlowModel {
         cache: &mut ContextCache,
     ) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        let cache = crate::modules::context::enabled().then_some(cache);
-        self.forward_with_t_emb(x, &t_emb, cond, cache, &mut |_, _| Ok(None))
+        self.forward_with_t_emb(x, &t_emb, cond, Some(cache), &mut |_, _| Ok(None))
     }
 
     /// Like `forward`, calling `hook(name, h)` after every block, named `input_block{i}`,
@@ -317,14 +300,7 @@ impl SLatFlowModel {
             None => t_emb.clone(),
         };
         let t_emb = t_emb.to_dtype(dt)?;
-        let mut cached = match cache {
-            Some(c) => Some(c.get(cond, dt)?),
-            None => None,
-        };
-        let cond = match &cached {
-            Some(_) => cond.clone(),
-            None => cond.to_dtype(dt)?,
-        };
+        let mut ctx = FlowContext::new(cond, dt, cache)?;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
         for (i, b) in self.input_blocks.iter().enumerate() {
             h = b.forward(&h, &t_emb)?;
@@ -337,10 +313,7 @@ impl SLatFlowModel {
             h = h.replace(h.feats().add(&ape(pe, &h)?.to_dtype(dt)?)?)?;
         }
         for (i, b) in self.blocks.iter().enumerate() {
-            h = match cached.as_deref_mut() {
-                Some(ctx) => b.forward_cached(&h, &t_emb, ctx.layer(i))?,
-                None => b.forward(&h, &t_emb, &cond)?,
-            };
+            h = b.forward_with(&h, &t_emb, ctx.layer(i))?;
             if let Some(f) = hook(&format!("block{i}"), &h)? {
                 h = h.replace(f.to_dtype(dt)?)?;
             }

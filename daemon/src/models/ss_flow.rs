@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::SparseStructureFlowConfig;
-use crate::modules::context::ContextCache;
+use crate::modules::context::{ContextCache, FlowContext};
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::TimestepEmbedder;
 use crate::modules::norm::f_layer_norm;
@@ -130,8 +130,7 @@ impl SparseStructureFlowModel {
         cond: &Tensor,
         cache: &mut ContextCache,
     ) -> Result<Tensor> {
-        let cache = crate::modules::context::enabled().then_some(cache);
-        Ok(self.forward_with(x, t, cond, cache, false)?.out)
+        Ok(self.forward_with(x, t, cond, Some(cache), false)?.out)
     }
 
     /// [`Self::forward`] keeping the intermediates.
@@ -194,24 +193,11 @@ impl SparseStructureFlowModel {
         let modulation = modulation.to_dtype(td)?;
         let mut h = h.to_dtype(td)?;
         let mut outs = Vec::with_capacity(self.blocks.len());
-        match cache {
-            Some(cache) => {
-                let ctx = cache.get(cond, td)?;
-                for (i, block) in self.blocks.iter().enumerate() {
-                    h = block.forward_cached(&h, &modulation, ctx.layer(i))?;
-                    if keep_blocks {
-                        outs.push(h.clone());
-                    }
-                }
-            }
-            None => {
-                let cond = cond.to_dtype(td)?;
-                for block in &self.blocks {
-                    h = block.forward(&h, &modulation, &cond)?;
-                    if keep_blocks {
-                        outs.push(h.clone());
-                    }
-                }
+        let mut ctx = FlowContext::new(cond, td, cache)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward_with(&h, &modulation, ctx.layer(i))?.out;
+            if keep_blocks {
+                outs.push(h.clone());
             }
         }
         let h = f_layer_norm(&h.to_dtype(DType::F32)?)?;

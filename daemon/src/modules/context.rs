@@ -170,6 +170,38 @@ impl CachedContext {
     }
 }
 
+/// The context one cross-attention block attends to: the tokens (already in the block's dtype
+/// for the dense blocks), or one layer's view of a kept context.
+pub enum CrossContext<'a> {
+    Tokens(&'a Tensor),
+    Cached(LayerContext<'a>),
+}
+
+/// A flow's condition for one forward: the tokens in the torso dtype, or the context kept in a
+/// [`ContextCache`] (when one is given and [`enabled`]).
+pub enum FlowContext<'a> {
+    Tokens(Tensor),
+    Cached(&'a mut CachedContext),
+}
+
+impl<'a> FlowContext<'a> {
+    /// `cond` `[B, L, C]` in `dtype`, through `cache` when one is given and [`enabled`].
+    pub fn new(cond: &Tensor, dtype: DType, cache: Option<&'a mut ContextCache>) -> Result<Self> {
+        Ok(match cache.filter(|_| enabled()) {
+            Some(c) => Self::Cached(c.get(cond, dtype)?),
+            None => Self::Tokens(cond.to_dtype(dtype)?),
+        })
+    }
+
+    /// What cross-attention block `i` attends to.
+    pub fn layer(&mut self, i: usize) -> CrossContext<'_> {
+        match self {
+            Self::Tokens(t) => CrossContext::Tokens(t),
+            Self::Cached(c) => CrossContext::Cached(c.layer(i)),
+        }
+    }
+}
+
 /// The contexts of one sampling stage, matched by tensor identity (a clone of the same tensor
 /// matches; equal values in another tensor do not), the last [`CAPACITY`] kept. Drop it when the
 /// stage ends: it holds every layer's keys and values on the stage's device.

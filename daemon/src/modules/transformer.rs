@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use super::attention::MultiHeadAttention;
-use super::context::LayerContext;
+use super::context::CrossContext;
 use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
 use super::norm::LayerNorm32;
@@ -147,18 +147,6 @@ impl ModulatedTransformerCrossBlock {
         Ok(self.forward_trace(x, modulation, context)?.out)
     }
 
-    /// [`Self::forward`] with the context kept across calls ([`crate::modules::context`]).
-    pub fn forward_cached(
-        &self,
-        x: &Tensor,
-        modulation: &Tensor,
-        context: LayerContext<'_>,
-    ) -> Result<Tensor> {
-        Ok(self
-            .forward_with(x, modulation, BlockContext::Cached(context))?
-            .out)
-    }
-
     /// [`Self::forward`] keeping the intermediates.
     pub fn forward_trace(
         &self,
@@ -166,14 +154,16 @@ impl ModulatedTransformerCrossBlock {
         modulation: &Tensor,
         context: &Tensor,
     ) -> Result<CrossBlockTrace> {
-        self.forward_with(x, modulation, BlockContext::Tokens(context))
+        self.forward_with(x, modulation, CrossContext::Tokens(context))
     }
 
-    fn forward_with(
+    /// [`Self::forward_trace`] attending to `context`: the tokens, or a context kept across
+    /// calls ([`crate::modules::context`]).
+    pub fn forward_with(
         &self,
         x: &Tensor,
         modulation: &Tensor,
-        context: BlockContext<'_>,
+        context: CrossContext<'_>,
     ) -> Result<CrossBlockTrace> {
         let c = self.channels;
         let adaln = match &self.ada_ln {
@@ -209,8 +199,8 @@ impl ModulatedTransformerCrossBlock {
                 }
             };
         let h = match context {
-            BlockContext::Tokens(t) => self.cross_attn.forward(&h, Some(t))?,
-            BlockContext::Cached(c) => self.cross_attn.forward_cross_cached(&h, c)?,
+            CrossContext::Tokens(t) => self.cross_attn.forward(&h, Some(t))?,
+            CrossContext::Cached(c) => self.cross_attn.forward_cross_cached(&h, c)?,
         };
         let (after_cross_attn, h) = match self.norm3.forward_after_residual(
             &after_self_attn,
@@ -238,12 +228,6 @@ impl ModulatedTransformerCrossBlock {
             out,
         })
     }
-}
-
-/// The context a cross block attends to: the tokens, or a context kept across calls.
-enum BlockContext<'a> {
-    Tokens(&'a Tensor),
-    Cached(LayerContext<'a>),
 }
 
 /// `x + h * gate` with `x`, `h` `[B, L, C]` and `gate` `[B, C]` broadcast over L.

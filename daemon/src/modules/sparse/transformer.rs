@@ -13,7 +13,7 @@ use super::attention::{AttnMode, SparseMultiHeadAttention};
 use super::linear::SparseLinear;
 use super::norm::SparseLayerNorm32;
 use super::tensor::SparseTensor;
-use crate::modules::context::LayerContext;
+use crate::modules::context::CrossContext;
 use crate::modules::dense::{self, Dense};
 use crate::modules::gpu_fused::Act;
 
@@ -148,24 +148,16 @@ impl ModulatedSparseTransformerCrossBlock {
         modulation: &Tensor,
         context: &Tensor,
     ) -> Result<SparseTensor> {
-        self.forward_with(x, modulation, BlockContext::Tokens(context))
+        self.forward_with(x, modulation, CrossContext::Tokens(context))
     }
 
-    /// [`Self::forward`] with the context kept across calls ([`crate::modules::context`]).
-    pub fn forward_cached(
+    /// [`Self::forward`] attending to `context`: the tokens (any dtype), or a context kept
+    /// across calls ([`crate::modules::context`]).
+    pub fn forward_with(
         &self,
         x: &SparseTensor,
         modulation: &Tensor,
-        context: LayerContext<'_>,
-    ) -> Result<SparseTensor> {
-        self.forward_with(x, modulation, BlockContext::Cached(context))
-    }
-
-    fn forward_with(
-        &self,
-        x: &SparseTensor,
-        modulation: &Tensor,
-        context: BlockContext<'_>,
+        context: CrossContext<'_>,
     ) -> Result<SparseTensor> {
         let m = match &self.ada_ln {
             Some(l) => {
@@ -199,10 +191,10 @@ impl ModulatedSparseTransformerCrossBlock {
             }
         };
         let h = match context {
-            BlockContext::Tokens(t) => {
+            CrossContext::Tokens(t) => {
                 self.cross_attn.forward_cross(&h, &t.to_dtype(x.dtype())?)?
             }
-            BlockContext::Cached(c) => self.cross_attn.forward_cross_cached(&h, c)?,
+            CrossContext::Cached(c) => self.cross_attn.forward_cross_cached(&h, c)?,
         };
         let (x, h) =
             match self
@@ -219,10 +211,4 @@ impl ModulatedSparseTransformerCrossBlock {
         let h = self.mlp.forward(&h)?;
         x.gated_add(&h, &gate_mlp)
     }
-}
-
-/// The context a cross block attends to: the tokens, or a context kept across calls.
-enum BlockContext<'a> {
-    Tokens(&'a Tensor),
-    Cached(LayerContext<'a>),
 }
