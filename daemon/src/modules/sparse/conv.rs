@@ -122,12 +122,7 @@ impl SparseConv3d {
     /// reads its parent's feats (the `SparseSubdivide` copy is a broadcast on the device).
     #[cfg(feature = "cuda")]
     fn compute_cuda(&self, x: &SparseTensor, fine: Option<&Geometry>) -> Result<Tensor> {
-        if matches!(x.dtype(), DType::F16 | DType::BF16)
-            && self.in_channels.is_multiple_of(8)
-            && self.out_channels.is_multiple_of(8)
-            && self.kernel.iter().product::<usize>()
-                <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
-        {
+        if self.half_path(x) {
             let (geo, shift) = match fine {
                 None => (x.geometry().as_ref(), 0),
                 Some(f) => (f, 3),
@@ -161,6 +156,37 @@ impl SparseConv3d {
         } else {
             out.to_dtype(x.dtype())?
         })
+    }
+
+    /// Whether `x` takes the half-precision GPU kernels ([`Self::compute_cuda_half`]): float16 /
+    /// bfloat16 feats, channels in multiples of 8, a kernel volume the tensor-core builds take.
+    #[cfg(feature = "cuda")]
+    fn half_path(&self, x: &SparseTensor) -> bool {
+        matches!(x.dtype(), DType::F16 | DType::BF16)
+            && self.in_channels.is_multiple_of(8)
+            && self.out_channels.is_multiple_of(8)
+            && self.kernel.iter().product::<usize>()
+                <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
+    }
+
+    /// A weight made from the f32 kernel-layout weight by `make` in dtype `dt`, kept in `cell`
+    /// for the first dtype asked (made again, not kept, for another).
+    #[cfg(feature = "cuda")]
+    fn weight_as(
+        &self,
+        cell: &OnceLock<Tensor>,
+        x: &SparseTensor,
+        dt: DType,
+        make: impl Fn(Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match cell.get() {
+            Some(w) if w.dtype() == dt => Ok(w.clone()),
+            Some(_) => make(self.weight_device(x)?.to_dtype(dt)?),
+            None => {
+                let w = make(self.weight_device(x)?.to_dtype(dt)?)?;
+                Ok(cell.get_or_init(|| w).clone())
+            }
+        }
     }
 
     /// The f32 kernel-layout weight `[Cout, K, Cin]` on `x`'s device (made once).
@@ -204,14 +230,7 @@ impl SparseConv3d {
         let volume: usize = self.kernel.iter().product();
         let tile = ops::conv_plan(self.out_channels, volume, x.rows());
         if tile == ops::ConvTile::GemmGather {
-            let w_kc = match self.weight_dev_kc.get() {
-                Some(w) if w.dtype() == dt => w.clone(),
-                Some(_) => ops::conv_gemm_weight(&self.weight_device(x)?.to_dtype(dt)?)?,
-                None => {
-                    let w = ops::conv_gemm_weight(&self.weight_device(x)?.to_dtype(dt)?)?;
-                    self.weight_dev_kc.get_or_init(|| w).clone()
-                }
-            };
+            let w_kc = self.weight_as(&self.weight_dev_kc, x, dt, |w| ops::conv_gemm_weight(&w))?;
             return ops::sparse_conv_gemm_gather(
                 &x.feats().contiguous()?,
                 nbr,
@@ -221,14 +240,7 @@ impl SparseConv3d {
                 volume,
             );
         }
-        let w = match self.weight_dev_half.get() {
-            Some(w) if w.dtype() == dt => w.clone(),
-            Some(_) => self.weight_device(x)?.to_dtype(dt)?,
-            None => {
-                let w = self.weight_device(x)?.to_dtype(dt)?;
-                self.weight_dev_half.get_or_init(|| w).clone()
-            }
-        };
+        let w = self.weight_as(&self.weight_dev_half, x, dt, Ok)?;
         // the mask-sorted row order only for the kernels that take one (`TRELLIS_CONV_ORDER`)
         let order = match tile {
             ops::ConvTile::K64 { .. } if ops::conv_order() => {
@@ -320,13 +332,7 @@ impl SparseConv3d {
     /// elsewhere the upsampled tensor is made and convolved.
     pub fn forward_upsampled(&self, x: &SparseTensor, up: &SparseUpsample) -> Result<SparseTensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda()
-            && matches!(x.dtype(), DType::F16 | DType::BF16)
-            && self.in_channels.is_multiple_of(8)
-            && self.out_channels.is_multiple_of(8)
-            && self.kernel.iter().product::<usize>()
-                <= trellis_kernels::cuda::SPARSE_CONV_MMA_MAX_VOLUME
-        {
+        if x.device().is_cuda() && self.half_path(x) {
             let c = x.channels()?;
             ensure!(
                 c == self.in_channels,
