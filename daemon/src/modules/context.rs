@@ -148,10 +148,6 @@ impl CachedContext {
         })
     }
 
-    pub fn tokens(&self) -> &Tensor {
-        &self.tokens
-    }
-
     /// Which batch elements are all zeros.
     pub fn zero(&self) -> &[bool] {
         &self.zero
