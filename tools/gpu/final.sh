@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 12, one call for a build's figures: GPU parity (summary only), image-large at every tier
 # (high: RUNS runs, the per-block SLat times and unsynced forwards), text-xlarge, the budget
-# fallback, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
+# fallback (BUDGETS= more budgets), MINIMAL_AB= switches compared at minimal, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
 # a run at high per switch, ATTENTION=1 adds `bench attention`, CONV=1 `bench sparse-conv`. Few files in $OUT
 # (the device tool returns a limited number): logs are appended to a handful of them. PRECISIONS=
 # "half" limits the GPU parity to half precision, TEXT=0 skips the text-xlarge job.
@@ -38,7 +38,11 @@ if [ -n "${ATTENTION:-}" ]; then
   echo "== bench attention"; timeout 100 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | grep -E "TFLOP" | cut -c1-120
 fi
 for t in medium low minimal; do run $t $B --vram-tier $t --runs 1; done
+# MINIMAL_AB: switches to compare at minimal (e.g. "TRELLIS_STREAM_BLOCKS=0").
+for v in ${MINIMAL_AB:-}; do run "minimal, $v" env ${v//,/ } $B --vram-tier minimal --runs 1; done
 run budget_1_5g $B --vram-tier high --vram-budget 1.5GiB --runs 1 --formats mesh
+# BUDGETS: more weight budgets to fall from high with (e.g. "1.25GiB").
+for b in ${BUDGETS:-}; do run "budget $b" $B --vram-tier high --vram-budget $b --runs 1 --formats mesh; done
 [ "${TEXT:-1}" = 1 ] && run text_xlarge $B --pipeline text-xlarge --runs 1
 echo "elapsed $(elapsed) s"
 [ -n "${PROFILE_FLOWS-ss slat}" ] && FLOWS="${PROFILE_FLOWS-ss slat}" TOP=${TOP:-16} bash tools/gpu/profile_flows.sh 2>&1 | grep -v "^+" | grep -vE "^(name|NVIDIA)"

@@ -42,8 +42,9 @@ use crate::models::ss_vae::SparseStructureDecoder;
 use crate::pipelines::base::{
     decode_slat, sampler_with, slat_stage, ss_decoder_stage, ss_flow_stage, RunControl,
 };
-use crate::pipelines::loader::{host_network, Decoders, Formats};
+use crate::pipelines::loader::{host_network_streaming, Decoders, Formats};
 use crate::pipelines::samplers::Conditioning;
+use crate::runtime::block_stream::BlockStream;
 use crate::runtime::precision::torso_dtype;
 use crate::runtime::residency::{MemoryOptions, Network, Residency, StageRecord};
 use crate::runtime::vram::{self, PoolStats};
@@ -161,7 +162,11 @@ fn build<C, M>(
     seed: u64,
     dtypes: &mut BTreeMap<String, String>,
     mut pick: impl FnMut(ModelConfig) -> Result<(C, bool)>,
-    make: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
+    streams: Option<&str>,
+    make: impl Fn(&C, candle_nn::VarBuilder<'static>, DType, Option<&BlockStream>) -> Result<M>
+        + Send
+        + Sync
+        + 'static,
 ) -> Result<(Network<M>, u64)>
 where
     C: Send + Sync + 'static,
@@ -170,7 +175,8 @@ where
     let manifest = Manifest::load(&manifest_path(stem)?)?;
     let (cfg, use_fp16) = pick(ModelConfig::from_json(stem, &manifest.config)?)?;
     let vb = manifest.var_builder(ManifestFill::Random { seed }, DType::F32, &Device::Cpu);
-    let net = host_network(stem, vb, cfg, torso_dtype(use_fp16, dev), make, |check| {
+    let dtype = torso_dtype(use_fp16, dev);
+    let net = host_network_streaming(stem, vb, cfg, dtype, streams, make, |check| {
         Ok(check.finish()?)
     })
     .with_context(|| format!("building {stem}"))?;
@@ -233,7 +239,8 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             }
             other => wrong("SparseStructureFlowModel", other),
         },
-        |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
+        Some("blocks"),
+        |c, vb, dt, stream| SparseStructureFlowModel::placed(c, vb, dt, stream),
     )?;
     let ss_flow_config =
         ss_flow_config.ok_or_else(|| anyhow::anyhow!("no sparse-structure flow config"))?;
@@ -250,7 +257,8 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             }
             other => wrong("SparseStructureDecoder", other),
         },
-        |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
+        None,
+        |c, vb, dt, _| SparseStructureDecoder::new(c, vb, dt),
     )?;
     bytes += b;
     let mut slat_in_channels = 0;
@@ -267,7 +275,8 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
             }
             other => wrong("SLatFlowModel", other),
         },
-        |c, vb, dt| SLatFlowModel::new(c, vb, dt),
+        Some("blocks"),
+        |c, vb, dt, stream| SLatFlowModel::placed(c, vb, dt, stream),
     )?;
     bytes += b;
     let mut decoders = Decoders::default();
@@ -284,7 +293,8 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
                 }
                 other => wrong("SLatMeshDecoder", other),
             },
-            |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatMeshDecoder::new(c, vb, dt),
         )?;
         decoders.mesh = Some(m);
         bytes += b;
@@ -302,7 +312,8 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
                 }
                 other => wrong("SLatGaussianDecoder", other),
             },
-            |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatGaussianDecoder::new(c, vb, dt),
         )?;
         decoders.gaussian = Some(m);
         bytes += b;
@@ -320,7 +331,8 @@ fn build_networks(opts: &PipelineOptions, dev: &Device) -> Result<Networks> {
                 }
                 other => wrong("SLatRadianceFieldDecoder", other),
             },
-            |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatRadianceFieldDecoder::new(c, vb, dt),
         )?;
         decoders.radiance_field = Some(m);
         bytes += b;
@@ -357,7 +369,7 @@ fn run_once(
     shell: &[i32],
     seed: u64,
     first_step: &mut Option<f64>,
-) -> Result<RunFigures> {
+) -> Result<(RunFigures, [f64; 2])> {
     let mut fig: RunFigures = Vec::new();
     let job_start = Instant::now();
     res.begin_job();
@@ -423,6 +435,7 @@ fn run_once(
     dev.synchronize()?;
     let t = Instant::now();
     let (out, forwards) = ss_flow_stage(res, &nets.ss_flow, &sampler, &settings, &z, &c, &mut ctl)?;
+    let ss_sum = abs_sum(&out.samples)?;
     fig.push((
         "sparse-structure flow".into(),
         clock(t)?,
@@ -469,6 +482,7 @@ fn run_once(
         Some(forwards),
         last_stage(res)?,
     ));
+    let slat_sum = abs_sum(&slat.slat)?;
 
     // Decoders: one stage each, or one for all of them at `medium` (as a job runs them).
     let before = res.stage_log().len();
@@ -492,7 +506,16 @@ fn run_once(
         };
         fig.push((name, rec.upload_s + rec.compute_s, None, rec));
     }
-    Ok(fig)
+    Ok((fig, [ss_sum, slat_sum]))
+}
+
+/// Σ|x| in float64 of a flow's output (read back after the stage's timing): equal across tiers
+/// and switches that must not change the result.
+fn abs_sum(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f64>()?)
 }
 
 /// One SLat-flow forward on the shell (t = 500, random cond) with the device synchronised after
@@ -676,15 +699,17 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
         opts.runs
     )?;
     out.flush()?;
-    let warm = run_once(&nets, &res, opts, &dev, &shell, 0, &mut None)?;
+    let (warm, sums) = run_once(&nets, &res, opts, &dev, &shell, 0, &mut None)?;
     writeln!(
         out,
-        "warm-up: {:.2}s (tiers: {})",
+        "warm-up: {:.2}s (tiers: {}); outputs: SS flow Σ|x| {:.6e}, SLat flow Σ|x| {:.6e}",
         warm.iter().map(|f| f.1).sum::<f64>(),
         warm.iter()
             .map(|f| format!("{} {}", f.0, f.3.tier))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        sums[0],
+        sums[1]
     )?;
     out.flush()?;
     let vram_resident = res.pool_stats();
@@ -692,7 +717,7 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
     let mut first_steps: Vec<f64> = Vec::new();
     for i in 0..opts.runs {
         let mut first = None;
-        let r = run_once(
+        let (r, _) = run_once(
             &nets,
             &res,
             opts,

@@ -28,6 +28,7 @@ use crate::modules::sparse::norm::SparseLayerNorm32;
 use crate::modules::sparse::spatial::{SparseDownsample, SparseUpsample};
 use crate::modules::sparse::tensor::SparseTensor;
 use crate::modules::sparse::transformer::{CrossBlockArgs, ModulatedSparseTransformerCrossBlock};
+use crate::runtime::block_stream::{BlockStream, Blocks};
 
 /// Resampling done at the start of a res block.
 #[derive(Debug, Clone)]
@@ -127,7 +128,7 @@ pub struct SLatFlowModel {
     pos_embedder: Option<AbsolutePositionEmbedder>,
     input_layer: SparseLinear,
     input_blocks: Vec<SparseResBlock3d>,
-    blocks: Vec<ModulatedSparseTransformerCrossBlock>,
+    blocks: Blocks<ModulatedSparseTransformerCrossBlock>,
     out_blocks: Vec<SparseResBlock3d>,
     out_layer: SparseLinear,
     use_skip: bool,
@@ -141,6 +142,17 @@ impl SLatFlowModel {
     /// `torso_dtype`: F16 runs `input_blocks`/`blocks`/`out_blocks` like the original with
     /// `use_fp16`; F32 runs everything in float32 (weights are cast on load either way).
     pub fn new(cfg: &SLatFlowConfig, vb: VarBuilder, torso_dtype: DType) -> Result<Self> {
+        Self::placed(cfg, vb, torso_dtype, None)
+    }
+
+    /// [`Self::new`] with the transformer blocks streamed from host memory per forward when
+    /// `stream` is given (tier `minimal`, `runtime::block_stream`).
+    pub fn placed(
+        cfg: &SLatFlowConfig,
+        vb: VarBuilder,
+        torso_dtype: DType,
+        stream: Option<&BlockStream>,
+    ) -> Result<Self> {
         let mc = cfg.model_channels;
         let io = &cfg.io_block_channels;
         if !io.is_empty() {
@@ -194,9 +206,9 @@ impl SLatFlowModel {
             qk_rms_norm_cross: cfg.qk_rms_norm_cross,
             share_mod: cfg.share_mod,
         };
-        let blocks = (0..cfg.num_blocks)
-            .map(|i| ModulatedSparseTransformerCrossBlock::new(args, bvb.pp(i.to_string())))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = Blocks::new(cfg.num_blocks, bvb, stream, move |vb| {
+            ModulatedSparseTransformerCrossBlock::new(args, vb)
+        })?;
         let use_skip = cfg.skip_connection();
         let widen = |c: usize| if use_skip { 2 * c } else { c };
         let ovb = vb.pp("out_blocks").to_dtype(torso_dtype);
@@ -312,12 +324,13 @@ impl SLatFlowModel {
         if let Some(pe) = &self.pos_embedder {
             h = h.replace(h.feats().add(&ape(pe, &h)?.to_dtype(dt)?)?)?;
         }
-        for (i, b) in self.blocks.iter().enumerate() {
+        self.blocks.for_each(|i, b| {
             h = b.forward_with(&h, &t_emb, ctx.layer(i))?;
             if let Some(f) = hook(&format!("block{i}"), &h)? {
                 h = h.replace(f.to_dtype(dt)?)?;
             }
-        }
+            Ok(())
+        })?;
         for (i, (b, skip)) in self.out_blocks.iter().zip(skips.iter().rev()).enumerate() {
             let input = if self.use_skip { h.cat_feats(skip)? } else { h };
             h = b.forward(&input, &t_emb)?;

@@ -21,6 +21,7 @@ use crate::modules::embedders::TimestepEmbedder;
 use crate::modules::norm::f_layer_norm;
 use crate::modules::patchify::{patchify, unpatchify};
 use crate::modules::transformer::{CrossBlockConfig, ModulatedTransformerCrossBlock};
+use crate::runtime::block_stream::{BlockStream, Blocks};
 
 /// Intermediates of one forward pass (for parity).
 #[derive(Debug, Clone)]
@@ -42,7 +43,7 @@ pub struct SparseStructureFlowModel {
     shared_ada_ln: Option<Dense>,
     pos_emb: Tensor,
     input_layer: Dense,
-    blocks: Vec<ModulatedTransformerCrossBlock>,
+    blocks: Blocks<ModulatedTransformerCrossBlock>,
     out_layer: Dense,
     torso_dtype: DType,
 }
@@ -52,6 +53,17 @@ impl SparseStructureFlowModel {
         cfg: &SparseStructureFlowConfig,
         vb: VarBuilder,
         torso_dtype: DType,
+    ) -> Result<Self> {
+        Self::placed(cfg, vb, torso_dtype, None)
+    }
+
+    /// [`Self::new`] with the transformer blocks streamed from host memory per forward when
+    /// `stream` is given (tier `minimal`, `runtime::block_stream`).
+    pub fn placed(
+        cfg: &SparseStructureFlowConfig,
+        vb: VarBuilder,
+        torso_dtype: DType,
+        stream: Option<&BlockStream>,
     ) -> Result<Self> {
         if cfg.pe_mode != "ape" {
             bail!(
@@ -93,11 +105,9 @@ impl SparseStructureFlowModel {
             share_mod: cfg.share_mod,
         };
         let torso = vb.to_dtype(torso_dtype);
-        let blocks = (0..cfg.num_blocks)
-            .map(|i| {
-                ModulatedTransformerCrossBlock::new(torso.pp(format!("blocks.{i}")), &block_cfg)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = Blocks::new(cfg.num_blocks, torso.pp("blocks"), stream, move |vb| {
+            ModulatedTransformerCrossBlock::new(vb, &block_cfg)
+        })?;
         let out_layer = dense::linear(c, cfg.out_channels * p3, f32vb.pp("out_layer"))?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -194,12 +204,13 @@ impl SparseStructureFlowModel {
         let mut h = h.to_dtype(td)?;
         let mut outs = Vec::with_capacity(self.blocks.len());
         let mut ctx = FlowContext::new(cond, td, cache)?;
-        for (i, block) in self.blocks.iter().enumerate() {
+        self.blocks.for_each(|i, block| {
             h = block.forward_with(&h, &modulation, ctx.layer(i))?.out;
             if keep_blocks {
                 outs.push(h.clone());
             }
-        }
+            Ok(())
+        })?;
         let h = f_layer_norm(&h.to_dtype(DType::F32)?)?;
         let h = self.out_layer.forward(&h)?;
         let rp = r / p;

@@ -290,7 +290,7 @@ pub fn ss_flow_stage(
     let out = res.stage("sparse-structure flow", &[flow], || {
         let f = flow.get()?;
         forwards = 0;
-        let settings = &paired_guidance(res, settings);
+        let settings = &paired_guidance(res, settings, Flow::SparseStructure);
         // the condition's cross-attention projections, made once for the stage's steps
         let mut contexts = ContextCache::new();
         let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
@@ -353,7 +353,7 @@ pub fn slat_stage(
     let out = res.stage("SLat flow", &[flow], || {
         let f = flow.get()?;
         forwards = 0;
-        let settings = &paired_guidance(res, settings);
+        let settings = &paired_guidance(res, settings, Flow::SLat);
         let mut contexts = ContextCache::new();
         let mut fl = |x: &Tensor, t: &Tensor, c: &Tensor| -> Result<Tensor> {
             // forwards of one sample: a paired (CFG-batched) call counts two
@@ -394,16 +394,38 @@ pub fn slat_stage(
     Ok((out, forwards))
 }
 
+/// The flow a sampling stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    SparseStructure,
+    SLat,
+}
+
 /// `settings` with `cfg_batched` on when the stage runs on a GPU at a tier that allows it
-/// (`Tier::batches_cfg`: not `low` or `minimal`) unless `TRELLIS_CFG_BATCH=0`. On an H100 at
-/// `high` (session 10, same call): SS flow 16.8 against 17.6 ms per forward, SLat flow 22.1
-/// against 22.5, job 2019 against 2075 ms, peak reserved 7.78 against 7.22 GiB. (When the kernels
-/// were slower, in session 5, the paired calls took as long as the two single ones.)
-fn paired_guidance(res: &Residency, settings: &SamplerSettings) -> SamplerSettings {
-    let on = std::env::var("TRELLIS_CFG_BATCH").as_deref() != Ok("0")
+/// (`Tier::batches_cfg`: not `low`), for the sparse-structure flow always, for the SLat flow only
+/// where its blocks stream (`minimal`: a pair copies them in once instead of twice).
+/// `TRELLIS_CFG_BATCH=0` turns it off, `=1` on for both flows.
+///
+/// Measured on an H100 (`bench pipeline`, image-large, the 20,000-voxel shell): the SS flow
+/// (4,096 dense tokens) gains from it, 16.8 against 17.6 ms per forward (session 10), 15.1
+/// against 15.6 (session 12); the SLat flow loses, 17.7 paired against 17.3 ms per forward one
+/// branch after the other at `high`, 18.9 at `medium` (paired) against 18.5 at `low` (session
+/// 12, call 1; 20.2 against 19.6 in session 11): its 3,928-token products fill the GPU already,
+/// the unconditional branch skips the cross-attention either way (`modules::context`), and the
+/// pair costs the two sparse batches' concatenation and split. (When the kernels were slower, in
+/// session 5, the paired calls took as long as the two single ones.)
+fn paired_guidance(res: &Residency, settings: &SamplerSettings, flow: Flow) -> SamplerSettings {
+    let tier = res.tier();
+    let forced = std::env::var("TRELLIS_CFG_BATCH").ok();
+    let pays = match forced.as_deref().map(str::trim) {
+        Some("0") => false,
+        Some("1") => true,
+        _ => flow == Flow::SparseStructure || res.streams_blocks(),
+    };
+    let on = pays
         && res.device().is_cuda()
-        && res.tier() != crate::runtime::tiers::Tier::Cpu
-        && res.tier().batches_cfg();
+        && tier != crate::runtime::tiers::Tier::Cpu
+        && tier.batches_cfg();
     SamplerSettings {
         cfg_batched: on,
         ..*settings

@@ -19,6 +19,7 @@ use crate::models::slat_vae::decoder_mesh::SLatMeshDecoder;
 use crate::models::slat_vae::decoder_rf::SLatRadianceFieldDecoder;
 use crate::models::ss_flow::SparseStructureFlowModel;
 use crate::models::ss_vae::{SparseStructureDecoder, SparseStructureEncoder};
+use crate::runtime::block_stream::BlockStream;
 use crate::runtime::residency::{Network, Placeable};
 use crate::runtime::weights;
 
@@ -36,7 +37,7 @@ fn config_of(files: &ModelFiles) -> Result<ModelConfig> {
 /// [`Network`] is placed on no device yet (`runtime::residency` places it per stage).
 pub fn host_network<C, M>(
     name: &str,
-    (vb, check): (candle_nn::VarBuilder<'static>, weights::WeightCheck),
+    built: (candle_nn::VarBuilder<'static>, weights::WeightCheck),
     cfg: C,
     dtype: DType,
     build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
@@ -46,15 +47,48 @@ where
     C: Send + Sync + 'static,
     M: Send + Sync + 'static,
 {
+    host_network_streaming(
+        name,
+        built,
+        cfg,
+        dtype,
+        None,
+        move |c, vb, dt, _| build(c, vb, dt),
+        finish,
+    )
+}
+
+/// [`host_network`] for a network whose transformer blocks (`{streams}.{i}.…`) stream from host
+/// memory at the tiers that say so (`runtime::block_stream`): `build` gets the stream then.
+pub fn host_network_streaming<C, M>(
+    name: &str,
+    (vb, check): (candle_nn::VarBuilder<'static>, weights::WeightCheck),
+    cfg: C,
+    dtype: DType,
+    streams: Option<&str>,
+    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType, Option<&BlockStream>) -> Result<M>
+        + Send
+        + Sync
+        + 'static,
+    finish: impl FnOnce(weights::WeightCheck) -> Result<()>,
+) -> Result<Network<M>>
+where
+    C: Send + Sync + 'static,
+    M: Send + Sync + 'static,
+{
     check.capture_host();
     let vb_dtype = vb.dtype();
-    let m = build(&cfg, vb, dtype).with_context(|| format!("building {name}"))?;
+    let m = build(&cfg, vb, dtype, None).with_context(|| format!("building {name}"))?;
     drop(m);
     let host = check.host_weights();
     finish(check)?;
-    Ok(Network::new(name, host, move |vb| {
-        build(&cfg, vb.to_dtype(vb_dtype), dtype)
-    }))
+    let place = move |vb: candle_nn::VarBuilder<'static>, stream: Option<&BlockStream>| {
+        build(&cfg, vb.to_dtype(vb_dtype), dtype, stream)
+    };
+    Ok(match streams {
+        Some(prefix) => Network::with_streamed_blocks(name, host, prefix, place),
+        None => Network::new(name, host, move |vb| place(vb, None)),
+    })
 }
 
 /// Opens `files`' safetensors on the CPU and builds network `name` (config class picked by
@@ -66,6 +100,35 @@ fn load_net<C, M>(
     pick: impl Fn(ModelConfig) -> Option<C>,
     use_fp16: impl Fn(&C) -> bool,
     build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
+) -> Result<Network<M>>
+where
+    C: Send + Sync + 'static,
+    M: Send + Sync + 'static,
+{
+    load_flow(
+        files,
+        name,
+        dtype_of,
+        pick,
+        use_fp16,
+        None,
+        move |c, vb, dt, _| build(c, vb, dt),
+    )
+}
+
+/// [`load_net`] for a network whose blocks under `streams` may stream from host memory
+/// ([`host_network_streaming`]): the two flows.
+fn load_flow<C, M>(
+    files: &ModelFiles,
+    name: &str,
+    dtype_of: impl Fn(bool) -> DType,
+    pick: impl Fn(ModelConfig) -> Option<C>,
+    use_fp16: impl Fn(&C) -> bool,
+    streams: Option<&str>,
+    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType, Option<&BlockStream>) -> Result<M>
+        + Send
+        + Sync
+        + 'static,
 ) -> Result<Network<M>>
 where
     C: Send + Sync + 'static,
@@ -83,7 +146,7 @@ where
     let vb = weights::from_safetensors(&files.weights, DType::F32, &Device::Cpu)?;
     let weights_path = files.weights.display().to_string();
     let config_path = files.config.display().to_string();
-    host_network(name, vb, cfg, dtype, build, move |check| {
+    host_network_streaming(name, vb, cfg, dtype, streams, build, move |check| {
         check
             .finish()
             .with_context(|| format!("weights {weights_path}"))
@@ -96,7 +159,7 @@ pub fn load_ss_flow(
     repo: &PipelineRepo,
     device: &Device,
 ) -> Result<Network<SparseStructureFlowModel>> {
-    load_net(
+    load_flow(
         repo.model("sparse_structure_flow_model")?,
         "sparse_structure_flow_model",
         |f| torso_dtype(f, device),
@@ -105,7 +168,8 @@ pub fn load_ss_flow(
             _ => None,
         },
         |c| c.use_fp16,
-        |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
+        Some("blocks"),
+        |c, vb, dt, stream| SparseStructureFlowModel::placed(c, vb, dt, stream),
     )
 }
 
@@ -196,7 +260,7 @@ impl Formats {
 
 /// `slat_flow_model`.
 pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<Network<SLatFlowModel>> {
-    load_net(
+    load_flow(
         repo.model("slat_flow_model")?,
         "slat_flow_model",
         |f| torso_dtype(f, device),
@@ -205,7 +269,8 @@ pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<Network<SL
             _ => None,
         },
         |c| c.use_fp16,
-        |c, vb, dt| SLatFlowModel::new(c, vb, dt),
+        Some("blocks"),
+        |c, vb, dt, stream| SLatFlowModel::placed(c, vb, dt, stream),
     )
 }
 

@@ -1,5 +1,6 @@
 //! Devices, precision, tiers and weight loading.
 
+pub mod block_stream;
 #[cfg(feature = "cuda")]
 pub mod cuda_flexicubes;
 #[cfg(feature = "cuda")]

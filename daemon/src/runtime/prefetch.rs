@@ -127,7 +127,8 @@ impl Drop for Prefetch {
     }
 }
 
-/// A CUDA device's copy stream (none on the CPU).
+/// A CUDA device's copy stream (none on the CPU); clones share the stream.
+#[derive(Clone)]
 pub struct CopyStream {
     #[cfg(feature = "cuda")]
     stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,

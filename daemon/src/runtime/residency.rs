@@ -35,6 +35,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::block_stream::BlockStream;
 use super::prefetch::{CopyStream, CopyTime, Prefetch};
 use super::tiers::Tier;
 use super::vram;
@@ -157,6 +158,9 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 struct Slot {
     name: String,
     bytes: u64,
+    /// Bytes on the device while placed: `bytes`, or less when its blocks stream
+    /// (`runtime::block_stream`).
+    on_device: AtomicU64,
     model: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
     prefetch: Mutex<Option<Prefetch>>,
 }
@@ -170,6 +174,9 @@ impl Slot {
     }
     fn clear(&self) {
         self.model.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+    fn placed_bytes(&self) -> u64 {
+        self.on_device.load(Ordering::Relaxed)
     }
     fn prefetch(&self) -> std::sync::MutexGuard<'_, Option<Prefetch>> {
         self.prefetch.lock().unwrap_or_else(|e| e.into_inner())
@@ -191,7 +198,7 @@ pub struct Upcoming {
     slot: Arc<Slot>,
 }
 
-type Builder<M> = Box<dyn Fn(VarBuilder<'static>) -> Result<M> + Send + Sync>;
+type Builder<M> = Box<dyn Fn(VarBuilder<'static>, Option<&BlockStream>) -> Result<M> + Send + Sync>;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -199,6 +206,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub struct Network<M> {
     host: HostWeights,
     build: Builder<M>,
+    /// The prefix of the blocks it streams at tiers that do (`blocks`), if it can.
+    streams: Option<String>,
     slot: Arc<Slot>,
 }
 
@@ -209,16 +218,34 @@ impl<M: Send + Sync + 'static> Network<M> {
         host: HostWeights,
         build: impl Fn(VarBuilder<'static>) -> Result<M> + Send + Sync + 'static,
     ) -> Self {
+        Self::make(name, host, None, Box::new(move |vb, _| build(vb)))
+    }
+
+    /// A network whose transformer blocks (`{prefix}.{i}.…`) stream from host memory at the
+    /// tiers that say so ([`Tier::streams_blocks`]): `build` gets a [`BlockStream`] then, and
+    /// builds its blocks with [`crate::runtime::block_stream::Blocks`].
+    pub fn with_streamed_blocks(
+        name: &str,
+        host: HostWeights,
+        prefix: &str,
+        build: impl Fn(VarBuilder<'static>, Option<&BlockStream>) -> Result<M> + Send + Sync + 'static,
+    ) -> Self {
+        Self::make(name, host, Some(prefix.to_string()), Box::new(build))
+    }
+
+    fn make(name: &str, host: HostWeights, streams: Option<String>, build: Builder<M>) -> Self {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Self {
             slot: Arc::new(Slot {
                 name: format!("{name}#{id}"),
                 bytes: host.bytes(),
+                on_device: AtomicU64::new(host.bytes()),
                 model: Mutex::new(None),
                 prefetch: Mutex::new(None),
             }),
             host,
-            build: Box::new(build),
+            build,
+            streams,
         }
     }
 
@@ -258,6 +285,9 @@ pub trait Placeable: Sync {
     fn name(&self) -> &str;
     /// Bytes of its weights.
     fn bytes(&self) -> u64;
+    /// Bytes of its weights on the device while placed (less than [`Placeable::bytes`] when its
+    /// blocks stream).
+    fn placed_bytes(&self) -> u64;
     fn is_placed(&self) -> bool;
     /// Builds the network on `res`'s device from its host copy (or from the copy a prefetch made)
     /// unless it is there: how long the upload took and how much of it was hidden; `None` when
@@ -276,6 +306,9 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
     fn bytes(&self) -> u64 {
         self.slot.bytes
     }
+    fn placed_bytes(&self) -> u64 {
+        self.slot.placed_bytes()
+    }
     fn is_placed(&self) -> bool {
         self.slot.is_placed()
     }
@@ -292,8 +325,14 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
         }
         let dev = &res.device;
         let prefetched = self.slot.prefetch().take();
+        // A prefetched network was copied whole: it runs so.
+        let streamed = match &self.streams {
+            Some(p) if prefetched.is_none() && res.streams_blocks() => Some(p),
+            _ => None,
+        };
+        let on_device = streamed.map_or(self.bytes(), |p| BlockStream::device_bytes(&self.host, p));
         if prefetched.is_none() {
-            res.check_budget(self.name(), self.bytes())?;
+            res.check_budget(self.name(), on_device)?;
         }
         dev.synchronize()?;
         let t = Instant::now();
@@ -309,7 +348,12 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
                 (vb, check, None)
             }
         };
-        let m = (self.build)(vb).with_context(|| format!("placing {}", self.name()))?;
+        let stream = streamed.map(|p| {
+            check.used_elsewhere(&format!("{p}."));
+            BlockStream::new(&self.host, dev, res.copy_stream())
+        });
+        let m = (self.build)(vb, stream.as_ref())
+            .with_context(|| format!("placing {}", self.name()))?;
         check
             .finish()
             .with_context(|| format!("placing {}", self.name()))?;
@@ -317,6 +361,7 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
         // Everything the stage waited for: the copies (or what was left of a prefetch's) and
         // the build.
         let waited_s = t.elapsed().as_secs_f64();
+        self.slot.on_device.store(on_device, Ordering::Relaxed);
         *self.slot.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
         res.register(&self.slot);
         if res.places_for_good() && dev.is_cpu() {
@@ -483,6 +528,12 @@ impl Residency {
         self.lock().tier
     }
 
+    /// Whether networks that can stream their blocks do when placed now
+    /// ([`Tier::streams_blocks`], unless `TRELLIS_STREAM_BLOCKS=0`).
+    pub fn streams_blocks(&self) -> bool {
+        self.tier().streams_blocks() && super::block_stream::enabled()
+    }
+
     /// Starts a job: the tier is `--vram-tier`'s, else chosen from the device's free memory
     /// (plus what this process's networks and its pool's freed memory hold, capped by the
     /// budget); the stage log restarts.
@@ -535,7 +586,7 @@ impl Residency {
             .iter()
             .filter_map(Weak::upgrade)
             .filter(|s| s.is_placed())
-            .map(|s| s.bytes)
+            .map(|s| s.placed_bytes())
             .sum()
     }
 
@@ -546,7 +597,7 @@ impl Residency {
             .iter()
             .filter_map(Weak::upgrade)
             .map(|s| {
-                let placed = if s.is_placed() { s.bytes } else { 0 };
+                let placed = if s.is_placed() { s.placed_bytes() } else { 0 };
                 let coming = if s.is_prefetched() { s.bytes } else { 0 };
                 placed + coming
             })
@@ -604,15 +655,7 @@ impl Residency {
                 return;
             }
         }
-        let copies = self
-            .copies
-            .get_or_init(|| match CopyStream::new(&self.device) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("warning: no copy stream, weights upload when placed: {e:#}");
-                    None
-                }
-            });
+        let copies = self.copy_stream();
         if self.device.is_cuda() && copies.is_none() {
             return;
         }
@@ -629,6 +672,20 @@ impl Residency {
                 first_line(&e)
             ),
         }
+    }
+
+    /// The device's copy stream, made at the first use (`None` on the CPU, or when it could not
+    /// be made: then weights upload on candle's stream).
+    fn copy_stream(&self) -> Option<CopyStream> {
+        self.copies
+            .get_or_init(|| match CopyStream::new(&self.device) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("warning: no copy stream, weights upload when placed: {e:#}");
+                    None
+                }
+            })
+            .clone()
     }
 
     fn evict_except(&self, keep: &[&dyn Placeable]) {
@@ -720,7 +777,7 @@ impl Residency {
                 for n in nets {
                     if let Some(c) = n.place(self)? {
                         uploads += 1;
-                        upload_bytes += n.bytes();
+                        upload_bytes += n.placed_bytes();
                         upload_s += c.copy_s;
                         upload_hidden_s += c.hidden_s();
                     }
@@ -993,6 +1050,50 @@ mod tests {
         );
         // The next job starts at the asked tier again.
         assert_eq!(res.begin_job().0, Tier::High);
+    }
+
+    /// A network of `n` blocks of 4 float32 values under `blocks.` whose forward sums them all.
+    fn streaming_net(n: usize) -> Network<f32> {
+        let mut t = HashMap::new();
+        for i in 0..n {
+            let w = Tensor::full(i as f32, 4, &Device::Cpu).unwrap();
+            t.insert(format!("blocks.{i}.w"), w);
+        }
+        Network::with_streamed_blocks("s", HostWeights::new(t, "s"), "blocks", move |vb, s| {
+            let blocks = crate::runtime::block_stream::Blocks::new(n, vb.pp("blocks"), s, |vb| {
+                Ok(vb.get(4, "w")?)
+            })?;
+            let mut sum = 0.0;
+            blocks.for_each(|_, w| {
+                sum += w.sum_all()?.to_scalar::<f32>()?;
+                Ok(())
+            })?;
+            Ok(sum)
+        })
+    }
+
+    #[test]
+    fn at_minimal_a_network_streams_its_blocks_and_counts_only_what_stays_placed() {
+        let n = streaming_net(6);
+        // 6 blocks of 16 bytes; streamed, three of them are on the device at once.
+        assert_eq!(n.bytes(), 96);
+        let res = residency(Some(Tier::Low), Some(60));
+        res.begin_job();
+        // Low places it whole: over the budget, so the stage falls to minimal, which streams.
+        let sum = res.stage("s", &[&n], || Ok(*n.get()?)).unwrap();
+        assert_eq!(sum, 4.0 * (0..6).sum::<i32>() as f32);
+        assert_eq!(res.tier(), Tier::Minimal);
+        let log = res.stage_log();
+        let last = log.last().unwrap();
+        assert_eq!((last.tier.as_str(), last.fallbacks), ("minimal", 1));
+        assert_eq!(last.upload_bytes, 48);
+        // While placed it counts 48 bytes against the budget, not 96.
+        let min = residency(Some(Tier::Minimal), Some(60));
+        n.place_on(&min).unwrap();
+        assert_eq!(min.placed_bytes(), 48);
+        // A network that cannot stream is placed whole at minimal too.
+        let plain = net("p", 24);
+        assert!(plain.place_on(&min).is_err());
     }
 
     #[test]

@@ -9,16 +9,16 @@
 //! |-----------|----------------------------|-----------------------------------------------------------------|
 //! | `high`    | GPU, free ≥ 10 GiB         | every network stays on the device once used (no uploads after the first job) |
 //! | `medium`  | GPU, 6 GiB ≤ free < 10     | each stage's networks uploaded for it and freed after it (conditioner, SS flow, SS decoder, SLat flow, decoders) |
-//! | `low`     | GPU, 4 GiB ≤ free < 6      | as `medium`, and the decoders one at a time; CFG branches never batched |
-//! | `minimal` | GPU, free < 4 GiB          | as `low`, and no copies ahead of time (one stage's networks at a time)   |
+//! | `low`     | GPU, 4 GiB ≤ free < 6      | as `medium`, and the decoders one at a time; CFG branches not batched |
+//! | `minimal` | GPU, free < 4 GiB          | as `low`, no copies ahead of time, and the flows' transformer blocks streamed from host memory every forward (`runtime::block_stream`) |
 //! | `cpu`     | CPU                        | float32 in host memory, every network resident                  |
 //!
 //! A CUDA out-of-memory error inside a stage frees what the stage holds, drops one tier and runs
 //! the stage again (`residency::Residency::stage`). At `high`, `medium` and `low` a stage copies
 //! the next stage's networks in on a second stream while it computes ([`Tier::prefetches`],
-//! `runtime::prefetch`). On a GPU at the tiers [`Tier::batches_cfg`] allows (`high`, `medium`) the
-//! samplers run the two CFG branches as one batch (`TRELLIS_CFG_BATCH=0` runs them one after the
-//! other, as `low` and `minimal` always do; see `pipelines::base`).
+//! `runtime::prefetch`). On a GPU at the tiers [`Tier::batches_cfg`] allows (`high`, `medium`,
+//! `minimal`) the samplers run the two CFG branches as one batch (`TRELLIS_CFG_BATCH=0` runs them
+//! one after the other, as `low` always does; see `pipelines::base`).
 //!
 //! Why these numbers: measured on an H100 with `bench pipeline --vram-tier T` (image-large, the
 //! 20,000-voxel shell, docs/BENCHMARKS.md), the pool's peak reserved memory was 6.84 GiB at
@@ -74,7 +74,7 @@ impl Tier {
             Tier::Medium => "each stage's networks uploaded from host memory and freed after it",
             Tier::Low => "as medium, and the decoders one at a time",
             Tier::Minimal => {
-                "as low (streaming the flows' blocks from host memory is not done yet)"
+                "as low, and the flows' transformer blocks streamed from host memory every forward"
             }
             Tier::Cpu => "float32 in host memory",
         }
@@ -96,10 +96,19 @@ impl Tier {
         matches!(self, Tier::Low | Tier::Minimal)
     }
 
+    /// Whether the flows' transformer blocks stay in host memory and are copied to the device
+    /// for every forward, a few blocks ahead (`runtime::block_stream`): `minimal`, where a
+    /// flow then needs its other layers and three blocks on the device instead of all of it.
+    pub fn streams_blocks(self) -> bool {
+        matches!(self, Tier::Minimal)
+    }
+
     /// Whether the two classifier-free-guidance branches may run as one batch (twice the
-    /// activations): not at `low` and `minimal`.
+    /// activations): not at `low`. At `minimal` they do: each forward there copies the flow's
+    /// blocks in again, and one batch copies them once for both branches (the pair's
+    /// activations are a tenth of the blocks' weights).
     pub fn batches_cfg(self) -> bool {
-        !self.decoders_one_at_a_time()
+        !matches!(self, Tier::Low)
     }
 
     /// The tier an out-of-memory error drops to (`None` at `minimal`). `cpu` keeps everything

@@ -323,6 +323,17 @@ impl WeightCheck {
         }
     }
 
+    /// Counts every tensor whose name starts with `prefix` as used: a network that builds those
+    /// later from the host copy itself (`runtime::block_stream`).
+    pub fn used_elsewhere(&self, prefix: &str) {
+        let mut rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        for n in self.source.names() {
+            if n.starts_with(prefix) {
+                rec.used.insert(n);
+            }
+        }
+    }
+
     /// The dtype the network asked for each tensor (its compute dtype), by name.
     pub fn requested_dtypes(&self) -> BTreeMap<String, DType> {
         let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
@@ -553,6 +564,33 @@ impl HostWeights {
         self.pin_for(dev);
         let map = self.lock().clone();
         checked(Source::Host(map), self.origin.clone(), DType::F32, dev)
+    }
+
+    /// The tensors whose names start with `prefix`, as weights of their own sharing these
+    /// (pinned first for `dev` as [`HostWeights::var_builder`] does, so the part shares the
+    /// page-locked copies instead of pinning its own): one block of a network
+    /// (`runtime::block_stream`).
+    pub fn select(&self, prefix: &str, dev: &Device) -> HostWeights {
+        self.pin_for(dev);
+        let part: HashMap<String, HostTensor> = self
+            .lock()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        let bytes = part
+            .values()
+            .map(|t| {
+                let s = t.spec();
+                (s.shape.iter().product::<usize>() * s.dtype.size_in_bytes()) as u64
+            })
+            .sum();
+        Self {
+            tensors: Arc::new(Mutex::new(part)),
+            origin: self.origin.clone(),
+            bytes,
+            released: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
     }
 
     /// The host tensors, pinned first for `dev` as [`HostWeights::var_builder`] does (for
