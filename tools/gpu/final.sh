@@ -4,17 +4,21 @@
 # fallback (BUDGETS= more budgets), MINIMAL_AB= switches compared at minimal, and the Nsight Compute kernel times of one forward of each flow; AB="VAR=value ..." adds
 # a run at high per switch, ATTENTION=1 adds `bench attention`, CONV=1 `bench sparse-conv`. Few files in $OUT
 # (the device tool returns a limited number): logs are appended to a handful of them. PRECISIONS=
-# "half" limits the GPU parity to half precision, TEXT=0 skips the text-xlarge job.
+# "half" limits the GPU parity to half precision, PARITY=0 skips it, TEXT=0 skips the text-xlarge job.
 # carry: [".devbin"] with trellisd.xz, ref1.tar.xz, dino.tar.xz and manifests-root/.
 cd "$(dirname "$0")/../.."
-mkdir -p /tmp/pout && OUT=/tmp/pout BENCH_BEFORE=0 bash tools/gpu/parity.sh > /tmp/parity_all.txt 2>&1
+if [ "${PARITY:-1}" = 1 ]; then
+  mkdir -p /tmp/pout && OUT=/tmp/pout BENCH_BEFORE=0 bash tools/gpu/parity.sh > /tmp/parity_all.txt 2>&1
+fi
 . tools/gpu/common.sh
 set +x
-# The parity summary first, so a call cut short still reports it.
-echo "== parity (summary)"
-grep -E "^(parity|FAIL|== |rc=)|checks|error" /tmp/parity_all.txt | grep -v "^+" | cut -c1-200
-cat /tmp/parity_all.txt /tmp/pout/*.txt > $OUT/parity_logs.txt
-echo "elapsed $(elapsed) s"
+if [ "${PARITY:-1}" = 1 ]; then
+  # The parity summary first, so a call cut short still reports it.
+  echo "== parity (summary)"
+  grep -E "^(parity|FAIL|== |rc=)|checks|error" /tmp/parity_all.txt | grep -v "^+" | cut -c1-200
+  cat /tmp/parity_all.txt /tmp/pout/*.txt > $OUT/parity_logs.txt
+  echo "elapsed $(elapsed) s"
+fi
 export TRELLIS_REFERENCE_DIR=$PWD/.devbin/manifests-root
 B="$W/trellisd bench pipeline --device cuda:0 --precision half"
 L=$OUT/pipelines.txt
