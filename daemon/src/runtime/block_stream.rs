@@ -60,7 +60,8 @@ impl BlockStream {
         let blocks = block_bytes(host, prefix);
         let streamed: u64 = blocks.iter().sum();
         let largest = blocks.iter().copied().max().unwrap_or(0);
-        host.bytes() - streamed + (AHEAD as u64 + 1).min(blocks.len() as u64) * largest
+        host.bytes().saturating_sub(streamed)
+            + (AHEAD as u64 + 1).min(blocks.len() as u64) * largest
     }
 
     /// Block `i`'s weights under `prefix`, on their way to the device.
