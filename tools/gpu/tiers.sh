@@ -1,18 +1,30 @@
 #!/bin/bash
-# Issue 12: one full-size image-large job per VRAM tier, the budget / real out-of-memory fallbacks,
-# and the single-stage vs cp.async variants of the flash attention and tensor-core sparse conv.
-# carry: [".devbin"] with trellisd.xz and manifests-root/. Logs (and JSON) go to $OUT.
+# Issue 12: `bench pipeline` (image-large, half precision) at the tiers, most wanted first, so a
+# call cut short still returns the runs that matter: RUNS= "name|env switches|bench args" lines
+# (switches comma-joined, `-` for none). Default: tier minimal (the flows' blocks streamed) beside
+# the same run with the flows placed whole, both with the CFG branches paired (their outputs'
+# sums must be equal), then high, the budgets, the other tiers. Logs: $OUT/pipelines.txt.
+# carry: [".devbin"] with trellisd.xz and manifests-root/.
 cd "$(dirname "$0")/../.."
 . tools/gpu/common.sh
+set +x
 export TRELLIS_REFERENCE_DIR=$PWD/.devbin/manifests-root
 B="$W/trellisd bench pipeline --device cuda:0 --precision half"
-run() { local name=$1; shift; echo "== $name"; timeout 150 "$@" > $OUT/$name.txt 2>&1; echo rc=$?; grep -vE "^(warm-up|pipeline )" $OUT/$name.txt | cut -c1-150; }
-for a in 0 1; do echo "== bench attention, TRELLIS_FLASH_ASYNC=$a"; TRELLIS_FLASH_ASYNC=$a timeout 60 $W/trellisd bench attention --device cuda:0 --precision half 2>&1 | tail -6; done
-run high $B --vram-tier high --runs ${RUNS:-1} --json $OUT/high.json
-TRELLIS_CONV_ASYNC=1 run high_conv_async $B --vram-tier high --runs 1 --formats mesh
-for t in medium low minimal; do run $t $B --vram-tier $t --runs 1 --json $OUT/$t.json; done
-TRELLIS_PINNED=0 run medium_pageable $B --vram-tier medium --runs 1 --formats mesh
-run budget_1_5g $B --vram-tier high --vram-budget 1.5GiB --runs 1 --formats mesh
-FREE=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
-run ballast $B --vram-tier high --vram-ballast $(( FREE / 1024 - 6 ))GiB --runs 1 --formats mesh
-echo "elapsed $(elapsed) s"
+L=$OUT/pipelines.txt
+DEFAULT_RUNS="minimal|-|--vram-tier minimal --runs 1
+minimal, flows whole, paired|TRELLIS_STREAM_BLOCKS=0,TRELLIS_CFG_BATCH=1|--vram-tier minimal --runs 1
+high|TRELLIS_BENCH_BLOCKS=1|--vram-tier high --runs 3
+high, budget 1.25GiB|-|--vram-tier high --vram-budget 1.25GiB --runs 1 --formats mesh
+minimal, flows whole|TRELLIS_STREAM_BLOCKS=0|--vram-tier minimal --runs 1
+high, SLat paired|TRELLIS_CFG_BATCH=1|--vram-tier high --runs 2
+medium|-|--vram-tier medium --runs 1
+low|-|--vram-tier low --runs 1"
+while IFS='|' read -r name envs args; do
+  [ -z "$name" ] && continue
+  echo "== $name" | tee -a $L
+  e=""; [ "$envs" != "-" ] && e="${envs//,/ }"
+  timeout 200 env $e $B $args > /tmp/run.txt 2>&1; echo rc=$? | tee -a $L; cat /tmp/run.txt >> $L
+  grep -E "^(warm-up|conditioner|sparse|SLat|mesh|Gaussian|radiance|decoders|sum|GPU memory|later|out-of|weight uploads|warning|Error|error)" /tmp/run.txt | cut -c1-160
+  grep -oE "outputs: .*" /tmp/run.txt
+  echo "elapsed $(elapsed) s"
+done <<< "${RUNS:-$DEFAULT_RUNS}"
