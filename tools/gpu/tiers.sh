@@ -14,7 +14,7 @@ L=$OUT/pipelines.txt
 DEFAULT_RUNS="minimal|-|--vram-tier minimal --runs 1
 minimal, flows whole, paired|TRELLIS_STREAM_BLOCKS=0,TRELLIS_CFG_BATCH=1|--vram-tier minimal --runs 1
 high|TRELLIS_BENCH_BLOCKS=1|--vram-tier high --runs 3
-high, budget 1.25GiB|-|--vram-tier high --vram-budget 1.25GiB --runs 1 --formats mesh
+text-xlarge, high, budget 1GiB (its flows are 1.84 and 2.00 GiB)|-|--pipeline text-xlarge --vram-tier high --vram-budget 1GiB --runs 1 --formats mesh
 minimal, flows whole|TRELLIS_STREAM_BLOCKS=0|--vram-tier minimal --runs 1
 high, SLat paired|TRELLIS_CFG_BATCH=1|--vram-tier high --runs 2
 medium|-|--vram-tier medium --runs 1
