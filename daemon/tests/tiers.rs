@@ -255,3 +255,78 @@ fn a_budget_below_the_largest_network_fails_with_an_out_of_memory_error() {
     let text = format!("{e:#}");
     assert!(text.contains("lowest tier (minimal)"), "{text}");
 }
+
+/// A sparse-structure flow of five blocks (more than `block_stream::AHEAD + 1`) with random
+/// weights, as a loader builds it: placed at `minimal` it streams its blocks, keeps less on the
+/// device, and gives the resident flow's output bit for bit, forward after forward.
+#[test]
+fn a_flow_streaming_its_blocks_gives_the_resident_flows_output() {
+    use candle_nn::{VarBuilder, VarMap};
+    use trellis::models::config::SparseStructureFlowConfig;
+    use trellis::models::ss_flow::SparseStructureFlowModel;
+    use trellis::modules::context::ContextCache;
+    use trellis::pipelines::loader::host_network_streaming;
+    use trellis::runtime::residency::Residency;
+    use trellis::runtime::weights;
+
+    let dev = Device::Cpu;
+    let cfg: SparseStructureFlowConfig = serde_json::from_value(serde_json::json!({
+        "resolution": 4, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "cond_channels": 16, "num_blocks": 5, "num_heads": 2, "mlp_ratio": 2, "patch_size": 1,
+        "pe_mode": "ape", "qk_rms_norm": true, "qk_rms_norm_cross": true, "use_fp16": false}))
+    .unwrap();
+    let varmap = VarMap::new();
+    SparseStructureFlowModel::new(
+        &cfg,
+        VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &dev),
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let network = || {
+        host_network_streaming(
+            "ss_flow",
+            weights::from_tensors(tensors.clone(), "test", candle_core::DType::F32, &dev),
+            cfg.clone(),
+            candle_core::DType::F32,
+            Some("blocks"),
+            |c, vb, dt, stream| SparseStructureFlowModel::placed(c, vb, dt, stream),
+            |check| Ok(check.finish()?),
+        )
+        .unwrap()
+    };
+    let (resident, streamed) = (network(), network());
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 4, 4, 4), &dev).unwrap();
+    let t = Tensor::new(&[500f32, 250.0], &dev).unwrap();
+    let cond = Tensor::randn(0f32, 1.0, (2, 6, 16), &dev).unwrap();
+
+    let all = Residency::keep_all(&dev);
+    let want = resident.place_on(&all).unwrap();
+    let minimal = Residency::new(
+        &dev,
+        MemoryOptions {
+            tier: Some(Tier::Minimal),
+            ..MemoryOptions::default()
+        },
+    )
+    .unwrap();
+    let got = streamed.place_on(&minimal).unwrap();
+    assert!(
+        minimal.placed_bytes() < streamed.bytes() && streamed.placed_bytes() < streamed.bytes(),
+        "{} of {} bytes placed",
+        minimal.placed_bytes(),
+        streamed.bytes()
+    );
+    let (mut a, mut b) = (ContextCache::new(), ContextCache::new());
+    for _ in 0..2 {
+        let w = want.forward_cached(&x, &t, &cond, &mut a).unwrap();
+        let g = got.forward_cached(&x, &t, &cond, &mut b).unwrap();
+        assert_eq!(bits(&g), bits(&w));
+    }
+}
