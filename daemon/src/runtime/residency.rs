@@ -18,7 +18,10 @@
 //!
 //! What each tier does here: `high` (and `cpu`) keep every network placed once used; `medium`
 //! places each stage's networks and frees them after the stage; `low` and `minimal` also run the
-//! decoders one at a time ([`Tier::decoders_one_at_a_time`]).
+//! decoders one at a time ([`Tier::decoders_one_at_a_time`]); at `minimal` a network made with
+//! [`Network::with_streamed_blocks`] (the two flows) is built without its transformer blocks,
+//! which `runtime::block_stream` copies in per forward, and counts only what stays on the device
+//! against the budget ([`Placeable::placed_bytes`]).
 //!
 //! Uploads ahead of time ([`Residency::prefetch_next`], `runtime::prefetch`): a caller names the
 //! networks of the stage after the next one; when the next stage has placed its own networks it
