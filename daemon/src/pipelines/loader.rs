@@ -92,33 +92,9 @@ where
 }
 
 /// Opens `files`' safetensors on the CPU and builds network `name` (config class picked by
-/// `pick`) into host memory, its torso dtype the one `device` runs it in.
+/// `pick`) into host memory, its torso dtype the one `device` runs it in; `streams` names the
+/// blocks that may stream from host memory ([`host_network_streaming`]: the two flows).
 fn load_net<C, M>(
-    files: &ModelFiles,
-    name: &str,
-    dtype_of: impl Fn(bool) -> DType,
-    pick: impl Fn(ModelConfig) -> Option<C>,
-    use_fp16: impl Fn(&C) -> bool,
-    build: impl Fn(&C, candle_nn::VarBuilder<'static>, DType) -> Result<M> + Send + Sync + 'static,
-) -> Result<Network<M>>
-where
-    C: Send + Sync + 'static,
-    M: Send + Sync + 'static,
-{
-    load_flow(
-        files,
-        name,
-        dtype_of,
-        pick,
-        use_fp16,
-        None,
-        move |c, vb, dt, _| build(c, vb, dt),
-    )
-}
-
-/// [`load_net`] for a network whose blocks under `streams` may stream from host memory
-/// ([`host_network_streaming`]): the two flows.
-fn load_flow<C, M>(
     files: &ModelFiles,
     name: &str,
     dtype_of: impl Fn(bool) -> DType,
@@ -159,7 +135,7 @@ pub fn load_ss_flow(
     repo: &PipelineRepo,
     device: &Device,
 ) -> Result<Network<SparseStructureFlowModel>> {
-    load_flow(
+    load_net(
         repo.model("sparse_structure_flow_model")?,
         "sparse_structure_flow_model",
         |f| torso_dtype(f, device),
@@ -187,7 +163,8 @@ pub fn load_ss_decoder(
             _ => None,
         },
         |c| c.use_fp16,
-        |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
+        None,
+        |c, vb, dt, _| SparseStructureDecoder::new(c, vb, dt),
     )
 }
 
@@ -260,7 +237,7 @@ impl Formats {
 
 /// `slat_flow_model`.
 pub fn load_slat_flow(repo: &PipelineRepo, device: &Device) -> Result<Network<SLatFlowModel>> {
-    load_flow(
+    load_net(
         repo.model("slat_flow_model")?,
         "slat_flow_model",
         |f| torso_dtype(f, device),
@@ -311,7 +288,8 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatMeshDecoder::new(c, vb, dt),
         )?)
     } else {
         None
@@ -326,7 +304,8 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatGaussianDecoder::new(c, vb, dt),
         )?)
     } else {
         None
@@ -341,7 +320,8 @@ pub fn load_decoders(repo: &PipelineRepo, formats: Formats, device: &Device) -> 
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatRadianceFieldDecoder::new(c, vb, dt),
         )?)
     } else {
         None
@@ -411,7 +391,8 @@ mod tests {
                 _ => None,
             },
             |c| c.use_fp16,
-            |c, vb, dt| SLatFlowModel::new(c, vb, dt),
+            None,
+            |c, vb, dt, _| SLatFlowModel::new(c, vb, dt),
         )
         .unwrap();
         let dtypes: Vec<DType> = flow.host().entries().iter().map(|e| e.1).collect();
@@ -431,7 +412,8 @@ mod tests {
                             _ => None,
                         },
                         |c| c.use_fp16,
-                        |c, vb, dt| SLatMeshDecoder::new(c, vb, dt),
+                        None,
+                        |c, vb, dt, _| SLatMeshDecoder::new(c, vb, dt),
                     )
                     .unwrap();
                     n.place(&res).unwrap();
@@ -446,7 +428,8 @@ mod tests {
                             _ => None,
                         },
                         |c| c.use_fp16,
-                        |c, vb, dt| SLatGaussianDecoder::new(c, vb, dt),
+                        None,
+                        |c, vb, dt, _| SLatGaussianDecoder::new(c, vb, dt),
                     )
                     .unwrap();
                     n.place(&res).unwrap();
@@ -461,7 +444,8 @@ mod tests {
                             _ => None,
                         },
                         |c| c.use_fp16,
-                        |c, vb, dt| SLatRadianceFieldDecoder::new(c, vb, dt),
+                        None,
+                        |c, vb, dt, _| SLatRadianceFieldDecoder::new(c, vb, dt),
                     )
                     .unwrap();
                     n.place(&res).unwrap();
@@ -480,7 +464,8 @@ mod tests {
                         _ => None,
                     },
                     |c| c.use_fp16,
-                    |c, vb, dt| SparseStructureFlowModel::new(c, vb, dt),
+                    None,
+                    |c, vb, dt, _| SparseStructureFlowModel::new(c, vb, dt),
                 )
                 .unwrap();
                 n.place(&res).unwrap();
@@ -494,7 +479,8 @@ mod tests {
                         _ => None,
                     },
                     |c| c.use_fp16,
-                    |c, vb, dt| SparseStructureDecoder::new(c, vb, dt),
+                    None,
+                    |c, vb, dt, _| SparseStructureDecoder::new(c, vb, dt),
                 )
                 .unwrap();
                 n.place(&res).unwrap();
