@@ -231,6 +231,17 @@ fn fixed_tiers_run_per_stage_and_match_the_resident_run() {
         }
         assert!(names.contains(&"conditioner") && names.contains(&"SLat flow"));
         assert_eq!(c.residency.placed_bytes(), 0);
+        // Only minimal streams, and there both flows copy their two blocks in per forward.
+        for r in &log {
+            let flow = r.stage == "SLat flow" || r.stage == "sparse-structure flow";
+            match r.streamed {
+                Some(s) => assert!(
+                    tier == Tier::Minimal && flow && s.blocks > 0 && s.blocks % 2 == 0,
+                    "{tier}: {r:?}"
+                ),
+                None => assert!(tier != Tier::Minimal || !flow, "{tier}: {r:?}"),
+            }
+        }
     }
 }
 

@@ -44,7 +44,7 @@ use crate::pipelines::base::{
 };
 use crate::pipelines::loader::{host_network_streaming, Decoders, Formats};
 use crate::pipelines::samplers::Conditioning;
-use crate::runtime::block_stream::BlockStream;
+use crate::runtime::block_stream::{BlockStream, StreamTotals};
 use crate::runtime::precision::torso_dtype;
 use crate::runtime::residency::{MemoryOptions, Network, Residency, StageRecord};
 use crate::runtime::vram::{self, PoolStats};
@@ -103,6 +103,10 @@ pub struct StageFigures {
     pub upload_hidden_median_s: f64,
     /// Out-of-memory fallbacks over the timed runs.
     pub fallbacks: usize,
+    /// What its networks streamed per run (blocks, bytes, copy and waited seconds: medians over
+    /// the runs), at the tier that streams the flows' blocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<StreamTotals>,
 }
 
 /// The whole report (`--json`).
@@ -755,8 +759,20 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             v = max_stats(v, r[k].3.vram);
         }
         vram_peak = max_stats(vram_peak, v);
+        let streamed: Vec<StreamTotals> = runs.iter().filter_map(|r| r[k].3.streamed).collect();
+        let streamed = (!streamed.is_empty()).then(|| {
+            let med =
+                |f: fn(&StreamTotals) -> f64| median(&streamed.iter().map(f).collect::<Vec<_>>());
+            StreamTotals {
+                blocks: streamed[0].blocks,
+                bytes: streamed[0].bytes,
+                copy_s: med(|t| t.copy_s),
+                waited_s: med(|t| t.waited_s),
+            }
+        });
         stages.push(StageFigures {
             stage: name.clone(),
+            streamed,
             median_s: median(&seconds),
             seconds,
             forwards: *forwards,
@@ -833,6 +849,27 @@ pub fn run(dev: &Device, opts: &PipelineOptions, out: &mut dyn Write) -> Result<
             "; off: TRELLIS_PREFETCH=0"
         }
     )?;
+    let streamed: Vec<String> = stages
+        .iter()
+        .filter_map(|s| {
+            let t = s.streamed?;
+            Some(format!(
+                "{} {} blocks, {}, copies {:.1} ms of which {:.1} ms waited for",
+                s.stage,
+                t.blocks,
+                vram::gib(t.bytes),
+                t.copy_s * 1e3,
+                t.waited_s * 1e3
+            ))
+        })
+        .collect();
+    if !streamed.is_empty() {
+        writeln!(
+            out,
+            "transformer blocks streamed from host memory per run (copied while earlier blocks computed): {}",
+            streamed.join("; ")
+        )?;
+    }
     if let (Some(r), Some(p)) = (vram_resident, vram_peak) {
         writeln!(
             out,

@@ -20,7 +20,8 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::prefetch::{CopyStream, Prefetch};
 use super::weights::HostWeights;
@@ -35,12 +36,26 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("TRELLIS_STREAM_BLOCKS").map_or(true, |v| v.trim() != "0"))
 }
 
+/// What a network's streamed blocks moved since it was placed (or since last read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StreamTotals {
+    /// Blocks uploaded, and their bytes.
+    pub blocks: usize,
+    pub bytes: u64,
+    /// Seconds the copies took on the copy stream (or, not pinned, on candle's stream).
+    pub copy_s: f64,
+    /// Seconds of that the host waited for before it could queue a block's kernels (the part
+    /// not hidden behind the blocks before it).
+    pub waited_s: f64,
+}
+
 /// A network's host weights and where to stream its blocks to.
 #[derive(Clone)]
 pub struct BlockStream {
     host: HostWeights,
     device: Device,
     copies: Option<CopyStream>,
+    totals: Arc<Mutex<StreamTotals>>,
 }
 
 impl BlockStream {
@@ -51,7 +66,21 @@ impl BlockStream {
             host: host.clone(),
             device: device.clone(),
             copies,
+            totals: Arc::default(),
         }
+    }
+
+    /// What the blocks moved since the last call (and starts counting again).
+    pub fn take_totals(&self) -> StreamTotals {
+        std::mem::take(&mut *self.totals.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn count(&self, bytes: u64, copy_s: f64, waited_s: f64) {
+        let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        t.blocks += 1;
+        t.bytes += bytes;
+        t.copy_s += copy_s;
+        t.waited_s += waited_s;
     }
 
     /// Bytes on the device while a network with `prefix` streamed runs: its other weights, and
@@ -208,19 +237,29 @@ impl<B> Blocks<B> {
             let upload = queued
                 .pop_front()
                 .ok_or_else(|| anyhow!("{prefix}.{i}: no upload queued"))?;
-            let (part, vb, check) = match upload {
+            let (part, vb, check, copied) = match upload {
                 Upload::Copying(part, p) => {
-                    let (tensors, _) = p.finish()?;
+                    let (tensors, time) = p.finish()?;
                     let (vb, check) = part.var_builder_from(tensors, &stream.device);
-                    (part, vb, check)
+                    (part, vb, check, Some(time))
                 }
                 Upload::WhenBuilt(part) => {
                     let (vb, check) = part.var_builder(&stream.device);
-                    (part, vb, check)
+                    (part, vb, check, None)
                 }
             };
+            let t = Instant::now();
             let block = build(vb.pp(prefix).pp(i.to_string()).to_dtype(dtype))
                 .with_context(|| format!("building streamed block {prefix}.{i}"))?;
+            // Not pinned, the tensors were copied (synchronously) while the block was built.
+            let (copy_s, waited_s) = copied.map_or_else(
+                || {
+                    let s = t.elapsed().as_secs_f64();
+                    (s, s)
+                },
+                |c| (c.copy_s, c.waited_s),
+            );
+            stream.count(part.bytes(), copy_s, waited_s);
             check
                 .finish()
                 .with_context(|| format!("streamed block {prefix}.{i} of {}", part.origin()))?;
@@ -289,8 +328,12 @@ mod tests {
         assert!(streamed.is_streamed() && streamed.len() == 5);
         let want = run(&resident);
         assert_eq!(run(&streamed), want);
-        // Twice: every run builds its blocks again.
+        let once = stream.take_totals();
+        assert_eq!((once.blocks, once.bytes), (5, 5 * 32));
+        // Twice: every run copies and builds its blocks again.
         assert_eq!(run(&streamed), want);
+        assert_eq!(stream.take_totals().blocks, 5);
+        assert_eq!(stream.take_totals(), StreamTotals::default());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::block_stream::BlockStream;
+use super::block_stream::{BlockStream, StreamTotals};
 use super::prefetch::{CopyStream, CopyTime, Prefetch};
 use super::tiers::Tier;
 use super::vram;
@@ -164,6 +164,8 @@ struct Slot {
     /// Bytes on the device while placed: `bytes`, or less when its blocks stream
     /// (`runtime::block_stream`).
     on_device: AtomicU64,
+    /// The block stream of the placed copy, when its blocks stream.
+    stream: Mutex<Option<BlockStream>>,
     model: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
     prefetch: Mutex<Option<Prefetch>>,
 }
@@ -177,6 +179,7 @@ impl Slot {
     }
     fn clear(&self) {
         self.model.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
     fn placed_bytes(&self) -> u64 {
         self.on_device.load(Ordering::Relaxed)
@@ -243,6 +246,7 @@ impl<M: Send + Sync + 'static> Network<M> {
                 name: format!("{name}#{id}"),
                 bytes: host.bytes(),
                 on_device: AtomicU64::new(host.bytes()),
+                stream: Mutex::new(None),
                 model: Mutex::new(None),
                 prefetch: Mutex::new(None),
             }),
@@ -300,6 +304,8 @@ pub trait Placeable: Sync {
     fn release(&self);
     /// What [`Residency::prefetch_next`] keeps of it.
     fn upcoming(&self) -> Upcoming;
+    /// What its streamed blocks moved since the last call (`None` unless placed streaming).
+    fn take_streamed(&self) -> Option<StreamTotals>;
 }
 
 impl<M: Send + Sync + 'static> Placeable for Network<M> {
@@ -365,6 +371,7 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
         // the build.
         let waited_s = t.elapsed().as_secs_f64();
         self.slot.on_device.store(on_device, Ordering::Relaxed);
+        *self.slot.stream.lock().unwrap_or_else(|e| e.into_inner()) = stream;
         *self.slot.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(m));
         res.register(&self.slot);
         if res.places_for_good() && dev.is_cpu() {
@@ -386,6 +393,10 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
             slot: self.slot.clone(),
         }
     }
+    fn take_streamed(&self) -> Option<StreamTotals> {
+        let s = self.slot.stream.lock().unwrap_or_else(|e| e.into_inner());
+        s.as_ref().map(BlockStream::take_totals)
+    }
 }
 
 /// What one stage did (for `bench pipeline` and the job log).
@@ -404,6 +415,9 @@ pub struct StageRecord {
     pub compute_s: f64,
     /// Out-of-memory fallbacks taken in this stage.
     pub fallbacks: usize,
+    /// What the stage's networks streamed (their blocks, at `minimal`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<StreamTotals>,
     /// The memory pool's high-water marks over the stage (its uploads included, the ballast
     /// not); GPU only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -798,6 +812,15 @@ impl Residency {
             })();
             match attempt {
                 Ok(v) => {
+                    let streamed = nets
+                        .iter()
+                        .filter_map(|n| n.take_streamed())
+                        .reduce(|a, b| StreamTotals {
+                            blocks: a.blocks + b.blocks,
+                            bytes: a.bytes + b.bytes,
+                            copy_s: a.copy_s + b.copy_s,
+                            waited_s: a.waited_s + b.waited_s,
+                        });
                     if !tier.keeps_resident() {
                         for n in nets {
                             n.release();
@@ -812,6 +835,7 @@ impl Residency {
                         upload_hidden_s,
                         compute_s,
                         fallbacks,
+                        streamed,
                         vram: self.pool_stats(),
                     });
                     return Ok(v);
@@ -1090,6 +1114,8 @@ mod tests {
         let last = log.last().unwrap();
         assert_eq!((last.tier.as_str(), last.fallbacks), ("minimal", 1));
         assert_eq!(last.upload_bytes, 48);
+        // Every block was copied in once, 16 bytes each.
+        assert_eq!(last.streamed.map(|t| (t.blocks, t.bytes)), Some((6, 96)));
         // While placed it counts 48 bytes against the budget, not 96.
         let min = residency(Some(Tier::Minimal), Some(60));
         n.place_on(&min).unwrap();
