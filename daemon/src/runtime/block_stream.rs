@@ -1,5 +1,5 @@
-//! A flow's transformer blocks kept in host memory and copied to the device one block ahead of
-//! the one computing, every forward: what tier `minimal` does with the two flows
+//! A flow's transformer blocks kept in host memory and copied to the device [`AHEAD`] blocks
+//! ahead of the one computing, every forward: what tier `minimal` does with the two flows
 //! (`runtime::tiers`), so a flow needs its non-block layers and a few blocks on the device instead
 //! of all of its weights. No TRELLIS twin: the original keeps every network on the GPU.
 //!
@@ -16,12 +16,13 @@
 //! block's weights are freed in stream order after its kernels. On the CPU nothing is copied
 //! (the blocks are built over the host tensors), which is what the CPU tests check.
 
-use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 
 use super::prefetch::{CopyStream, Prefetch};
 use super::weights::HostWeights;
