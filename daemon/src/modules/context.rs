@@ -68,9 +68,7 @@ impl CrossKv {
             zero_out,
         })
     }
-}
 
-impl CrossKv {
     /// The layer's output rows for a batch whose element `i` has `lens[i]` rows: the rows of
     /// `computed` (the non-zero elements' outputs, stacked in batch order) and, for the elements
     /// whose context is all zeros (`zero`), the zero row repeated; `[sum(lens), C]` in `dtype`.

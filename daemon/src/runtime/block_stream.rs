@@ -4,7 +4,7 @@
 //! of all of its weights. No TRELLIS twin: the original keeps every network on the GPU.
 //!
 //! * [`BlockStream`]: what `runtime::residency` hands a network's builder when the tier streams
-//!   (the network's host weights, the device, the copy stream).
+//!   (each block's host weights, split once at placement; the device; the copy stream).
 //! * [`Blocks`]: a network's list of blocks, either built on the device once (`Resident`) or
 //!   rebuilt per forward from uploaded weights (`Streamed`); [`Blocks::for_each`] runs them in
 //!   order either way.
@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
@@ -50,25 +50,55 @@ pub struct StreamTotals {
     pub waited_s: f64,
 }
 
-/// A network's host weights and where to stream its blocks to.
+impl std::ops::AddAssign for StreamTotals {
+    fn add_assign(&mut self, o: Self) {
+        self.blocks += o.blocks;
+        self.bytes += o.bytes;
+        self.copy_s += o.copy_s;
+        self.waited_s += o.waited_s;
+    }
+}
+
+/// A network's blocks' host weights and where to stream them to.
 #[derive(Clone)]
 pub struct BlockStream {
-    host: HostWeights,
+    /// The blocks' names start `{prefix}.{i}.`.
+    prefix: String,
+    /// Block `i`'s host weights at `parts[i]` (sharing the network's page-locked copies), split
+    /// once when the network is placed.
+    parts: Arc<Vec<HostWeights>>,
+    origin: String,
     device: Device,
     copies: Option<CopyStream>,
     totals: Arc<Mutex<StreamTotals>>,
 }
 
 impl BlockStream {
-    /// Streams from `host` (the whole network's weights) to `device`, copying on `copies` (a
-    /// CUDA device's copy stream; `None` on the CPU).
-    pub fn new(host: &HostWeights, device: &Device, copies: Option<CopyStream>) -> Self {
+    /// Streams the blocks under `prefix` of `host` (the whole network's weights) to `device`,
+    /// copying on `copies` (a CUDA device's copy stream; `None` on the CPU).
+    pub fn new(
+        host: &HostWeights,
+        prefix: &str,
+        device: &Device,
+        copies: Option<CopyStream>,
+    ) -> Self {
+        let count = block_bytes(host, prefix).len();
+        let parts = (0..count)
+            .map(|i| host.select(&format!("{prefix}.{i}."), device))
+            .collect();
         Self {
-            host: host.clone(),
+            prefix: prefix.to_string(),
+            parts: Arc::new(parts),
+            origin: host.origin().to_string(),
             device: device.clone(),
             copies,
             totals: Arc::default(),
         }
+    }
+
+    /// The prefix of the blocks' names.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// What the blocks moved since the last call (and starts counting again).
@@ -77,11 +107,12 @@ impl BlockStream {
     }
 
     fn count(&self, bytes: u64, copy_s: f64, waited_s: f64) {
-        let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
-        t.blocks += 1;
-        t.bytes += bytes;
-        t.copy_s += copy_s;
-        t.waited_s += waited_s;
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner()) += StreamTotals {
+            blocks: 1,
+            bytes,
+            copy_s,
+            waited_s,
+        };
     }
 
     /// Bytes on the device while a network with `prefix` streamed runs: its other weights, and
@@ -94,15 +125,14 @@ impl BlockStream {
             + (AHEAD as u64 + 1).min(blocks.len() as u64) * largest
     }
 
-    /// Block `i`'s weights under `prefix`, on their way to the device.
-    fn upload(&self, prefix: &str, i: usize) -> Result<Upload> {
-        let part = self.host.select(&format!("{prefix}.{i}."), &self.device);
-        if part.is_empty() {
-            return Err(anyhow!(
-                "{}: no weights under {prefix}.{i}",
-                self.host.origin()
-            ));
-        }
+    /// Block `i`'s weights, on their way to the device.
+    fn upload(&self, i: usize) -> Result<Upload> {
+        let part = self
+            .parts
+            .get(i)
+            .filter(|p| !p.is_empty())
+            .cloned()
+            .ok_or_else(|| anyhow!("{}: no weights under {}.{i}", self.origin, self.prefix))?;
         match Prefetch::start(&part, &self.device, self.copies.as_ref())? {
             Some(p) => Ok(Upload::Copying(part, p)),
             // Not pinned (`TRELLIS_PINNED=0`, a failed pinned allocation): copied when built.
@@ -145,7 +175,6 @@ pub enum Blocks<B> {
     /// Rebuilt from their host weights for every run ([`BlockStream`]).
     Streamed {
         count: usize,
-        prefix: String,
         dtype: DType,
         stream: BlockStream,
         build: BlockBuilder<B>,
@@ -156,10 +185,10 @@ impl<B: std::fmt::Debug> std::fmt::Debug for Blocks<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Resident(b) => f.debug_tuple("Resident").field(b).finish(),
-            Self::Streamed { count, prefix, .. } => f
+            Self::Streamed { count, stream, .. } => f
                 .debug_struct("Streamed")
                 .field("count", count)
-                .field("prefix", prefix)
+                .field("prefix", &stream.prefix)
                 .finish(),
         }
     }
@@ -185,13 +214,20 @@ impl<B> Blocks<B> {
                 }
                 Ok(Self::Resident(blocks))
             }
-            Some(s) => Ok(Self::Streamed {
-                count,
-                prefix: vb.prefix(),
-                dtype: vb.dtype(),
-                stream: s.clone(),
-                build: Arc::new(build),
-            }),
+            Some(s) => {
+                ensure!(
+                    vb.prefix() == s.prefix,
+                    "blocks under {:?} cannot stream from {:?}",
+                    vb.prefix(),
+                    s.prefix
+                );
+                Ok(Self::Streamed {
+                    count,
+                    dtype: vb.dtype(),
+                    stream: s.clone(),
+                    build: Arc::new(build),
+                })
+            }
         }
     }
 
@@ -213,7 +249,7 @@ impl<B> Blocks<B> {
 
     /// Runs `f(i, block)` for every block in order.
     pub fn for_each(&self, mut f: impl FnMut(usize, &B) -> Result<()>) -> Result<()> {
-        let (count, prefix, dtype, stream, build) = match self {
+        let (count, dtype, stream, build) = match self {
             Self::Resident(blocks) => {
                 for (i, b) in blocks.iter().enumerate() {
                     f(i, b)?;
@@ -222,17 +258,17 @@ impl<B> Blocks<B> {
             }
             Self::Streamed {
                 count,
-                prefix,
                 dtype,
                 stream,
                 build,
-            } => (*count, prefix, *dtype, stream, build),
+            } => (*count, *dtype, stream, build),
         };
+        let prefix = stream.prefix();
         let mut queued = VecDeque::with_capacity(AHEAD + 1);
         let mut next = 0;
         for i in 0..count {
             while next < count && next <= i + AHEAD {
-                queued.push_back(stream.upload(prefix, next)?);
+                queued.push_back(stream.upload(next)?);
                 next += 1;
             }
             let upload = queued
@@ -324,7 +360,7 @@ mod tests {
         let (vb, _) = host.var_builder(&Device::Cpu);
         let resident = Blocks::new(5, vb.pp("blocks"), None, affine).unwrap();
         assert!(!resident.is_streamed());
-        let stream = BlockStream::new(&host, &Device::Cpu, None);
+        let stream = BlockStream::new(&host, "blocks", &Device::Cpu, None);
         let streamed = Blocks::new(5, vb.pp("blocks"), Some(&stream), affine).unwrap();
         assert!(streamed.is_streamed() && streamed.len() == 5);
         let want = run(&resident);
@@ -341,7 +377,7 @@ mod tests {
     fn a_streamed_block_missing_its_weights_is_an_error_naming_it() {
         let host = host(2);
         let (vb, _) = host.var_builder(&Device::Cpu);
-        let stream = BlockStream::new(&host, &Device::Cpu, None);
+        let stream = BlockStream::new(&host, "blocks", &Device::Cpu, None);
         let blocks = Blocks::new(3, vb.pp("blocks"), Some(&stream), affine).unwrap();
         let e = blocks.for_each(|_, _| Ok(())).unwrap_err();
         assert!(format!("{e:#}").contains("blocks.2"), "{e:#}");

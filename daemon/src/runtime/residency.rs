@@ -359,7 +359,7 @@ impl<M: Send + Sync + 'static> Placeable for Network<M> {
         };
         let stream = streamed.map(|p| {
             check.used_elsewhere(&format!("{p}."));
-            BlockStream::new(&self.host, dev, res.copy_stream())
+            BlockStream::new(&self.host, p, dev, res.copy_stream())
         });
         let m = (self.build)(vb, stream.as_ref())
             .with_context(|| format!("placing {}", self.name()))?;
@@ -812,15 +812,13 @@ impl Residency {
             })();
             match attempt {
                 Ok(v) => {
-                    let streamed = nets
-                        .iter()
-                        .filter_map(|n| n.take_streamed())
-                        .reduce(|a, b| StreamTotals {
-                            blocks: a.blocks + b.blocks,
-                            bytes: a.bytes + b.bytes,
-                            copy_s: a.copy_s + b.copy_s,
-                            waited_s: a.waited_s + b.waited_s,
-                        });
+                    let streamed =
+                        nets.iter()
+                            .filter_map(|n| n.take_streamed())
+                            .reduce(|mut a, b| {
+                                a += b;
+                                a
+                            });
                     if !tier.keeps_resident() {
                         for n in nets {
                             n.release();
