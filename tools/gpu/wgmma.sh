@@ -6,7 +6,7 @@
 cd "$(dirname "$0")/../.."
 . tools/gpu/common.sh
 set +x
-$W/trellisd doctor --check-kernels --device cuda:0 > $OUT/doctor.txt 2>&1; echo "doctor rc=$?"
+timeout ${DOCTOR_TIMEOUT:-150} $W/trellisd doctor --check-kernels --device cuda:0 > $OUT/doctor.txt 2>&1; echo "doctor rc=$?"
 sed -n '/GPU kernels against/,$p' $OUT/doctor.txt | grep -v "^ *ok" | cut -c1-400; grep -c "^ *ok" $OUT/doctor.txt
 grep "wgmma" $OUT/doctor.txt | cut -c1-300
 echo "== bench attention"

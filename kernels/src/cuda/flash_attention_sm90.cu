@@ -327,3 +327,310 @@ WGMMA_ENTRIES(f16, false, 64)
 WGMMA_ENTRIES(bf16, true, 64)
 WGMMA_ENTRIES(f16, false, 80)
 WGMMA_ENTRIES(bf16, true, 80)
+
+// ---------------------------------------------------------------------------------------------
+// Warp-specialised build (flash_ws_*): the same products and online softmax, but the block's
+// warpgroups never meet at a block-wide barrier. One producer warp (the last) copies K/V tiles
+// into a ring of STAGES shared-memory stages through cp.async; each stage has a "full" mbarrier
+// (the producer lanes' copies landed: cp.async.mbarrier.arrive) and an "empty" one (every
+// consumer warp is done reading it). The NC consumer warpgroups (64 query rows each) wait only
+// for the stage they read and take turns issuing their products (FlashAttention-3's ping-pong),
+// so one warpgroup's softmax runs while the other's wgmma products keep the tensor cores busy;
+// a warpgroup issues S = Q K^T of tile i and O += P V of tile i - 1 together and runs the
+// softmax of tile i while the latter is still in flight.
+
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared.b64 st, [%0];\n}" ::"r"(smem_addr(bar))
+                 : "memory");
+}
+// Blocks until the phase of parity `parity` of `bar` has completed (a fresh barrier counts the
+// phase before its first, parity 1, as completed).
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+// An arrive on `bar` once every cp.async this thread issued so far has landed (the barrier's
+// expected count includes it).
+__device__ __forceinline__ void cp_async_mbar_arrive(u64* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void wgmma_wait_one() {
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// Keeps the compiler from moving reads or writes of a wgmma accumulator across a wgmma or a wait.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+template <bool BF16, int HD, int NC, int BN, int STAGES>
+__device__ void flash_ws(const u16* __restrict__ q, const u16* __restrict__ k,
+                         const u16* __restrict__ v, const int* __restrict__ tile_group,
+                         const int* __restrict__ tile_q0, const int* __restrict__ q_end,
+                         const int* __restrict__ kv_start, const int* __restrict__ kv_end,
+                         int heads, float scale_log2, u16* __restrict__ out, long long q_stride,
+                         long long k_stride, long long v_stride, const int* __restrict__ perm) {
+    constexpr int KS = HD / 16;
+    constexpr int ND = HD / 8;
+    constexpr int NS = BN / 8;
+    constexpr int KV = BN / 16;
+    constexpr int CPR = HD / 8;
+    constexpr int TILE = BN * HD;
+    extern __shared__ __align__(128) u16 smem[];   // [stage][K tile, V tile]
+    __shared__ __align__(8) u64 full[STAGES], empty[STAGES];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tile = blockIdx.x, h = blockIdx.y;
+    const int grp = tile_group[tile];
+    const int r_end = q_end[grp];
+    const int j_begin = kv_start[grp], j_end = kv_end[grp];
+    const int ntiles = j_begin < j_end ? (j_end - j_begin + BN - 1) / BN : 0;
+    if (tid == 0) {
+        #pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(&full[s], 32);
+            mbar_init(&empty[s], NC * 4);
+        }
+    }
+    __syncthreads();
+
+    if (warp == NC * 4) {   // the producer warp
+        for (int i = 0; i < ntiles; ++i) {
+            const int st = i % STAGES;
+            mbar_wait(&empty[st], ((i / STAGES) & 1) ^ 1);
+            u16* dst = smem + st * 2 * TILE;
+            const int j0 = j_begin + i * BN;
+            stage_core_tile<HD, BN, 32>(dst, k, j0, j_end, k_stride, perm, h, lane);
+            stage_core_tile<HD, BN, 32>(dst + TILE, v, j0, j_end, v_stride, perm, h, lane);
+            cp_async_mbar_arrive(&full[st]);
+        }
+        cp_async_wait_all();
+        return;
+    }
+
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = tile_q0[tile] + (warp >> 2) * 64 + (warp & 3) * 16;
+    constexpr u32 k_lead = 128, k_stride_b = CPR * 128;
+    constexpr u32 v_lead = CPR * 128, v_stride_b = 128;
+    u32 qa[KS][4];
+    {
+        const int ra = r0 + g, rb = ra + 8;
+        const int pra = ra < r_end ? (perm ? perm[ra] : ra) : 0;
+        const int prb = rb < r_end ? (perm ? perm[rb] : rb) : 0;
+        const u16* pa = q + (long long)pra * q_stride + h * HD;
+        const u16* pb = q + (long long)prb * q_stride + h * HD;
+        #pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            const int c = s * 16 + 2 * t;
+            qa[s][0] = ra < r_end ? *reinterpret_cast<const u32*>(pa + c) : 0u;
+            qa[s][1] = rb < r_end ? *reinterpret_cast<const u32*>(pb + c) : 0u;
+            qa[s][2] = ra < r_end ? *reinterpret_cast<const u32*>(pa + c + 8) : 0u;
+            qa[s][3] = rb < r_end ? *reinterpret_cast<const u32*>(pb + c + 8) : 0u;
+        }
+    }
+    float o[ND * 4];
+    #pragma unroll
+    for (int i = 0; i < ND * 4; ++i) o[i] = 0.f;
+    float m_a = NEG_INF, m_b = NEG_INF, l_a = 0.f, l_b = 0.f;   // rows g and g + 8
+    float s[NS * 4];
+    #pragma unroll
+    for (int i = 0; i < NS * 4; ++i) s[i] = 0.f;
+    u32 pa[KV][4];
+
+    // Ping-pong (NC == 2): the warpgroups take turns issuing their products through named
+    // barriers 1 and 2 (warpgroup w waits at 1 + w, the other arrives there once it has issued),
+    // so one's softmax overlaps the other's products. The second goes first's way once at the
+    // start and skips its last arrive, which balances both barriers.
+    const int wg = warp >> 2;
+    float corr_a = 1.f, corr_b = 1.f;
+    // Waits for tile i's stage; its K tile.
+    auto stage_of = [&](int i) -> const u16* {
+        const int st = i % STAGES;
+        mbar_wait(&full[st], (i / STAGES) & 1);
+        fence_proxy_async();
+        return smem + st * 2 * TILE;
+    };
+    // Issues S = Q K^T over the K tile at `ks` (fenced; committed as one group).
+    auto issue_s = [&](const u16* ks) {
+        #pragma unroll
+        for (int r = 0; r < NS * 4; ++r) fence_operand(s[r]);
+        #pragma unroll
+        for (int r = 0; r < ND * 4; ++r) fence_operand(o[r]);
+        wgmma_fence();
+        #pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+            wgmma_rs<BF16, BN, false>(s, qa[kk], smem_desc(ks + kk * 2 * 64, k_lead, k_stride_b),
+                                      kk);
+        wgmma_commit();
+    };
+    // Issues O += P V over the V tile at `vs` with the P packed last (one group).
+    auto issue_pv = [&](const u16* vs) {
+        #pragma unroll
+        for (int kb = 0; kb < KV; ++kb)
+            wgmma_rs<BF16, HD, true>(o, pa[kb], smem_desc(vs + kb * 2 * CPR * 64, v_lead, v_stride_b),
+                                     1);
+        wgmma_commit();
+    };
+    // The online softmax of tile i's scores in `s` (left as probabilities); the factors O is to
+    // be rescaled by go to corr_a / corr_b.
+    auto softmax = [&](int i) {
+        const int j0 = j_begin + i * BN;
+        float mx_a = NEG_INF, mx_b = NEG_INF;
+        const bool partial = j0 + BN > j_end;
+        #pragma unroll
+        for (int n = 0; n < NS; ++n) {
+            if (partial) {
+                const int j = j0 + n * 8 + 2 * t;
+                if (j >= j_end) { s[4 * n] = NEG_INF; s[4 * n + 2] = NEG_INF; }
+                if (j + 1 >= j_end) { s[4 * n + 1] = NEG_INF; s[4 * n + 3] = NEG_INF; }
+            }
+            mx_a = fmaxf(mx_a, fmaxf(s[4 * n], s[4 * n + 1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        corr_a = ex2((m_a - mn_a) * scale_log2);
+        corr_b = ex2((m_b - mn_b) * scale_log2);
+        m_a = mn_a;
+        m_b = mn_b;
+        const float off_a = mn_a * scale_log2, off_b = mn_b * scale_log2;
+        float sum_a = 0.f, sum_b = 0.f;
+        #pragma unroll
+        for (int n = 0; n < NS; ++n) {
+            s[4 * n] = ex2(fmaf(s[4 * n], scale_log2, -off_a));
+            s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], scale_log2, -off_a));
+            s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], scale_log2, -off_b));
+            s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], scale_log2, -off_b));
+            sum_a += s[4 * n] + s[4 * n + 1];
+            sum_b += s[4 * n + 2] + s[4 * n + 3];
+        }
+        l_a = l_a * corr_a + sum_a;
+        l_b = l_b * corr_b + sum_b;
+    };
+    // O rescaled, P packed into A fragments (once the P V reading the old ones is done).
+    auto rescale_and_pack = [&]() {
+        #pragma unroll
+        for (int r = 0; r < ND * 4; ++r) fence_operand(o[r]);
+        #pragma unroll
+        for (int n = 0; n < ND; ++n) {
+            o[4 * n] *= corr_a; o[4 * n + 1] *= corr_a;
+            o[4 * n + 2] *= corr_b; o[4 * n + 3] *= corr_b;
+        }
+        #pragma unroll
+        for (int kb = 0; kb < KV; ++kb) {
+            pa[kb][0] = pack2<BF16>(s[8 * kb], s[8 * kb + 1]);
+            pa[kb][1] = pack2<BF16>(s[8 * kb + 2], s[8 * kb + 3]);
+            pa[kb][2] = pack2<BF16>(s[8 * kb + 4], s[8 * kb + 5]);
+            pa[kb][3] = pack2<BF16>(s[8 * kb + 6], s[8 * kb + 7]);
+        }
+    };
+
+    // Ping-pong (NC == 2): the warpgroups take turns issuing their products through named
+    // barriers 1 and 2 (warpgroup w waits at 1 + w, the other arrives there once it has issued),
+    // so one's softmax overlaps the other's products. The second lets the first go once at the
+    // start and skips its last arrive, which balances both barriers.
+    if (NC == 2 && wg == 1 && ntiles > 0) named_bar_arrive(1, 256);
+    if (ntiles > 0) {   // tile 0: S alone (the loop below issues each tile's S with the P V of
+                        // the tile before, with no branch between them: ptxas serialises every
+                        // wgmma of a stage that holds one)
+        const u16* ks = stage_of(0);
+        if (NC == 2) named_bar_sync(1 + wg, 256);
+        issue_s(ks);
+        if (NC == 2 && !(wg == 1 && ntiles == 1)) named_bar_arrive(2 - wg, 256);
+        wgmma_wait_all();
+        #pragma unroll
+        for (int r = 0; r < NS * 4; ++r) fence_operand(s[r]);
+        softmax(0);
+        rescale_and_pack();
+    }
+    for (int i = 1; i < ntiles; ++i) {
+        const u16* ks = stage_of(i);
+        const u16* vprev = smem + ((i - 1) % STAGES) * 2 * TILE + TILE;
+        if (NC == 2) named_bar_sync(1 + wg, 256);
+        issue_s(ks);
+        issue_pv(vprev);
+        if (NC == 2 && !(wg == 1 && i == ntiles - 1)) named_bar_arrive(2 - wg, 256);
+        wgmma_wait_one();   // S has landed; P V may still run
+        #pragma unroll
+        for (int r = 0; r < NS * 4; ++r) fence_operand(s[r]);
+        softmax(i);
+        wgmma_wait_all();   // P V of tile i - 1: its stage is free, O and P may change
+        if (lane == 0) mbar_arrive(&empty[(i - 1) % STAGES]);
+        rescale_and_pack();
+    }
+    if (ntiles > 0) {   // the last tile's O += P V
+        const u16* vs = smem + ((ntiles - 1) % STAGES) * 2 * TILE + TILE;
+        #pragma unroll
+        for (int r = 0; r < ND * 4; ++r) fence_operand(o[r]);
+        wgmma_fence();
+        #pragma unroll
+        for (int kb = 0; kb < KV; ++kb)
+            wgmma_rs<BF16, HD, true>(o, pa[kb], smem_desc(vs + kb * 2 * CPR * 64, v_lead, v_stride_b),
+                                     1);
+        wgmma_commit();
+        wgmma_wait_all();
+        #pragma unroll
+        for (int r = 0; r < ND * 4; ++r) fence_operand(o[r]);
+    }
+
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
+    const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+    const int ra = r0 + g, rb = ra + 8;
+    const int pra = ra < r_end ? (perm ? perm[ra] : ra) : 0;
+    const int prb = rb < r_end ? (perm ? perm[rb] : rb) : 0;
+    #pragma unroll
+    for (int n = 0; n < ND; ++n) {
+        const int c = n * 8 + 2 * t;
+        if (ra < r_end)
+            *reinterpret_cast<u32*>(out + ((long long)pra * heads + h) * HD + c) =
+                pack2<BF16>(o[4 * n] * inv_a, o[4 * n + 1] * inv_a);
+        if (rb < r_end)
+            *reinterpret_cast<u32*>(out + ((long long)prb * heads + h) * HD + c) =
+                pack2<BF16>(o[4 * n + 2] * inv_b, o[4 * n + 3] * inv_b);
+    }
+}
+
+// Entries flash_ws_{f16,bf16}_d{HD}_w2_n{BN}: 288 threads, one block per multiprocessor, up to
+// 224 registers a thread (`__launch_bounds__(288, 1)` would cap them at 168, where 128-key tiles
+// spill and ptxas then serialises every wgmma; head dim 80 with 128-key tiles spills even so),
+// WS_STAGES * 2 * BN * HD * 2 bytes of dynamic shared memory.
+#define WS_STAGES 3
+#define WS_ENTRY(TY, BF16, HD, NC, BN)                                                          \
+    extern "C" __global__ void __maxnreg__(224)                                                 \
+        flash_ws_##TY##_d##HD##_w##NC##_n##BN(                                                  \
+            const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
+            const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                \
+            const int* __restrict__ q_end, const int* __restrict__ kv_start,                    \
+            const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out, \
+            long long q_stride, long long k_stride, long long v_stride,                         \
+            const int* __restrict__ perm) {                                                     \
+        flash_ws<BF16, HD, NC, BN, WS_STAGES>(q, k, v, tile_group, tile_q0, q_end, kv_start,    \
+                                              kv_end, heads, scale_log2, out, q_stride,         \
+                                              k_stride, v_stride, perm);                        \
+    }
+
+#define WS_ENTRIES(TY, BF16, HD) \
+    WS_ENTRY(TY, BF16, HD, 2, 128) \
+    WS_ENTRY(TY, BF16, HD, 2, 64)
+
+WS_ENTRIES(f16, false, 64)
+WS_ENTRIES(bf16, true, 64)
+WS_ENTRIES(f16, false, 80)
+WS_ENTRIES(bf16, true, 80)
