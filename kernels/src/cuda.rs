@@ -131,13 +131,9 @@ pub const FLASH_ATTENTION_SM90: KernelSource = KernelSource {
         "flash_wgmma_bf16_d80_w3_n64",
         "flash_wgmma_bf16_d80_w3_n128",
         "flash_ws_f16_d64_w2_n64",
-        "flash_ws_f16_d64_w2_n128",
         "flash_ws_f16_d80_w2_n64",
-        "flash_ws_f16_d80_w2_n128",
         "flash_ws_bf16_d64_w2_n64",
-        "flash_ws_bf16_d64_w2_n128",
         "flash_ws_bf16_d80_w2_n64",
-        "flash_ws_bf16_d80_w2_n128",
     ],
     arch_specific: Some(90),
 };

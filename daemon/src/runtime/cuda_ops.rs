@@ -107,7 +107,7 @@ pub struct FlashTiling {
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 12] = [
+    pub const VARIANTS: [FlashTiling; 11] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
@@ -119,7 +119,6 @@ impl FlashTiling {
         Self::wgmma(128, 128),
         Self::wgmma(192, 128),
         Self::specialized(64),
-        Self::specialized(128),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -143,7 +142,7 @@ impl FlashTiling {
         }
     }
 
-    /// The warp-specialised wgmma kernel: 128 rows per block, `keys` (64 or 128) per K/V tile.
+    /// The warp-specialised wgmma kernel: 128 rows per block, `keys` per K/V tile (built: 64).
     pub const fn specialized(keys: usize) -> Self {
         Self {
             rows: 128,
@@ -171,7 +170,7 @@ impl FlashTiling {
         }
         let rows = flash_rows_for(groups);
         if arch == 90 && rows == 128 && flash_specialized() {
-            return Self::specialized(128);
+            return Self::specialized(64);
         }
         let wgmma = flash_wgmma().unwrap_or(head_dim == 80 && rows == 128);
         if arch == 90 && wgmma {
@@ -261,7 +260,7 @@ pub fn flash_wgmma() -> Option<bool> {
     })
 }
 
-/// `TRELLIS_FLASH_WS`: whether sm_90 GPUs take the warp-specialised wgmma kernel (`128s128`) for
+/// `TRELLIS_FLASH_WS`: whether sm_90 GPUs take the warp-specialised wgmma kernel (`128s64`) for
 /// 128-row blocks (`1`), or [`flash_wgmma`]'s pick (`0`, the default until it is timed).
 pub fn flash_specialized() -> bool {
     static C: OnceLock<bool> = OnceLock::new();

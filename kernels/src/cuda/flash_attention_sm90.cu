@@ -607,13 +607,15 @@ __device__ void flash_ws(const u16* __restrict__ q, const u16* __restrict__ k,
     }
 }
 
-// Entries flash_ws_{f16,bf16}_d{HD}_w2_n{BN}: 288 threads, one block per multiprocessor, up to
-// 224 registers a thread (`__launch_bounds__(288, 1)` would cap them at 168, where 128-key tiles
-// spill and ptxas then serialises every wgmma; head dim 80 with 128-key tiles spills even so),
-// WS_STAGES * 2 * BN * HD * 2 bytes of dynamic shared memory.
+// Entries flash_ws_{f16,bf16}_d{HD}_w2_n64: 288 threads, one block per multiprocessor, at most
+// 168 registers a thread (registers are granted per four warps, so a 288-thread block gets what
+// a 384-thread one does). 64-key tiles: 127 registers at head dim 64, no spills; 128-key tiles
+// spill there, and ptxas then serialises every wgmma (so they are not built; nor did ptxas 12.4
+// allocate beyond 168 for the consumers of a 384-thread block after setmaxnreg.inc).
+// WS_STAGES * 2 * 64 * HD * 2 bytes of dynamic shared memory.
 #define WS_STAGES 3
 #define WS_ENTRY(TY, BF16, HD, NC, BN)                                                          \
-    extern "C" __global__ void __maxnreg__(224)                                                 \
+    extern "C" __global__ void __launch_bounds__(128 * NC + 32, 1)                              \
         flash_ws_##TY##_d##HD##_w##NC##_n##BN(                                                  \
             const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
             const int* __restrict__ tile_group, const int* __restrict__ tile_q0,                \
@@ -626,9 +628,7 @@ __device__ void flash_ws(const u16* __restrict__ q, const u16* __restrict__ k,
                                               k_stride, v_stride, perm);                        \
     }
 
-#define WS_ENTRIES(TY, BF16, HD) \
-    WS_ENTRY(TY, BF16, HD, 2, 128) \
-    WS_ENTRY(TY, BF16, HD, 2, 64)
+#define WS_ENTRIES(TY, BF16, HD) WS_ENTRY(TY, BF16, HD, 2, 64)
 
 WS_ENTRIES(f16, false, 64)
 WS_ENTRIES(bf16, true, 64)
