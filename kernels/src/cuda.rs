@@ -97,8 +97,6 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
 /// per warpgroup, 1-3 warpgroups per block sharing K/V tiles of 64 or 128 keys
 /// (`flash_wgmma_{ty}_d{hd}_w{warpgroups}_n{keys}`). Opt-in (`TRELLIS_FLASH_WGMMA=1`): on an H100
 /// it is about as fast as the mma.sync kernel, not faster (docs/BENCHMARKS.md, session 10).
-/// `flash_ws_*`: the warp-specialised build (a producer warp, two consumer warpgroups, mbarriers
-/// per stage instead of block-wide barriers).
 pub const FLASH_ATTENTION_SM90: KernelSource = KernelSource {
     name: "flash_attention_sm90",
     source: concat!(
@@ -130,10 +128,6 @@ pub const FLASH_ATTENTION_SM90: KernelSource = KernelSource {
         "flash_wgmma_bf16_d80_w2_n128",
         "flash_wgmma_bf16_d80_w3_n64",
         "flash_wgmma_bf16_d80_w3_n128",
-        "flash_ws_f16_d64_w2_n64",
-        "flash_ws_f16_d80_w2_n64",
-        "flash_ws_bf16_d64_w2_n64",
-        "flash_ws_bf16_d80_w2_n64",
     ],
     arch_specific: Some(90),
 };
@@ -365,8 +359,6 @@ pub const ATTENTION_MAX_DIM: usize = 256;
 /// warp-fragment, 1 or 2 fragments per warp: the `_m1` / `_m2` entries), and the head dimensions
 /// of both flash kernels (`flash_wgmma_*` takes 128 threads per 64 rows).
 pub const FLASH_THREADS: u32 = 128;
-/// Shared-memory stages (a K and a V tile each) of `flash_ws_*` (`WS_STAGES` in its source).
-pub const FLASH_WS_STAGES: usize = 3;
 pub const FLASH_HEAD_DIMS: [usize; 2] = [64, 80];
 
 #[cfg(test)]

@@ -100,14 +100,11 @@ pub struct FlashTiling {
     pub staged_async: bool,
     /// Keys per K/V tile of the wgmma kernel (64 or 128); 0 for the mma.sync kernel.
     pub wgmma_keys: usize,
-    /// The warp-specialised wgmma build (`flash_ws_*`: a producer warp, 128 rows in two consumer
-    /// warpgroups, mbarriers per stage).
-    pub specialized: bool,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 11] = [
+    pub const VARIANTS: [FlashTiling; 10] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
@@ -118,7 +115,6 @@ impl FlashTiling {
         Self::wgmma(64, 128),
         Self::wgmma(128, 128),
         Self::wgmma(192, 128),
-        Self::specialized(64),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -127,7 +123,6 @@ impl FlashTiling {
             rows,
             staged_async,
             wgmma_keys: 0,
-            specialized: false,
         }
     }
 
@@ -138,17 +133,6 @@ impl FlashTiling {
             rows,
             staged_async: true,
             wgmma_keys: keys,
-            specialized: false,
-        }
-    }
-
-    /// The warp-specialised wgmma kernel: 128 rows per block, `keys` per K/V tile (built: 64).
-    pub const fn specialized(keys: usize) -> Self {
-        Self {
-            rows: 128,
-            staged_async: true,
-            wgmma_keys: keys,
-            specialized: true,
         }
     }
 
@@ -169,9 +153,6 @@ impl FlashTiling {
             return t;
         }
         let rows = flash_rows_for(groups);
-        if arch == 90 && rows == 128 && flash_specialized() {
-            return Self::specialized(64);
-        }
         let wgmma = flash_wgmma().unwrap_or(head_dim == 80 && rows == 128);
         if arch == 90 && wgmma {
             return Self::wgmma(rows, 64);
@@ -187,8 +168,7 @@ impl FlashTiling {
     /// `64`, `128a`, `128w128`, ...: rows, `a` for cp.async, `wN` for wgmma with N-key tiles.
     pub fn label(&self) -> String {
         if self.is_wgmma() {
-            let kind = if self.specialized { "s" } else { "w" };
-            return format!("{}{kind}{}", self.rows, self.wgmma_keys);
+            return format!("{}w{}", self.rows, self.wgmma_keys);
         }
         format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
     }
@@ -205,8 +185,7 @@ impl FlashTiling {
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         if self.is_wgmma() {
             return format!(
-                "flash_{}_{ty}_d{head_dim}_w{}_n{}",
-                if self.specialized { "ws" } else { "wgmma" },
+                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}",
                 self.rows / 64,
                 self.wgmma_keys
             );
@@ -218,26 +197,19 @@ impl FlashTiling {
         )
     }
 
-    /// Threads per block: 4 warps (mma.sync), one warpgroup per 64 rows (wgmma), and the producer
-    /// warp (warp-specialised).
+    /// Threads per block: 4 warps (mma.sync), one warpgroup per 64 rows (wgmma).
     fn threads(&self) -> u32 {
         if self.is_wgmma() {
-            (self.rows as u32 / 64) * 128 + if self.specialized { 32 } else { 0 }
+            (self.rows as u32 / 64) * 128
         } else {
             k::FLASH_THREADS
         }
     }
 
-    /// Dynamic shared memory per block: two stages of a K and a V tile (wgmma; the
-    /// warp-specialised build `FLASH_WS_STAGES`), none otherwise.
+    /// Dynamic shared memory per block: two stages of a K and a V tile (wgmma), none otherwise.
     fn shared_bytes(&self, head_dim: usize) -> u32 {
         if self.is_wgmma() {
-            let stages = if self.specialized {
-                k::FLASH_WS_STAGES
-            } else {
-                2
-            };
-            (stages * 2 * self.wgmma_keys * head_dim * 2) as u32
+            (2 * 2 * self.wgmma_keys * head_dim * 2) as u32
         } else {
             0
         }
@@ -258,13 +230,6 @@ pub fn flash_wgmma() -> Option<bool> {
         Ok("0") => Some(false),
         _ => None,
     })
-}
-
-/// `TRELLIS_FLASH_WS`: whether sm_90 GPUs take the warp-specialised wgmma kernel (`128s64`) for
-/// 128-row blocks (`1`), or [`flash_wgmma`]'s pick (`0`, the default until it is timed).
-pub fn flash_specialized() -> bool {
-    static C: OnceLock<bool> = OnceLock::new();
-    env_switch("TRELLIS_FLASH_WS", &C, false)
 }
 
 /// The compute capability of `dev` as `major * 10 + minor` (0 when the driver does not say).
