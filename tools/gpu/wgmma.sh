@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 set +x
 timeout ${DOCTOR_TIMEOUT:-150} $W/trellisd doctor --check-kernels --device cuda:0 > $OUT/doctor.txt 2>&1; drc=$?; echo "doctor rc=$drc"
 # A kernel that fails its check (or hangs) is not timed: only the default runs then.
-[ $drc = 0 ] || { echo "doctor failed: the forced tilings are skipped"; TILINGS=none; }
+FORCED=${TILINGS:-auto 192w64 192w128}
+[ $drc = 0 ] || { echo "doctor failed: the forced tilings are skipped"; FORCED=; }
 sed -n '/GPU kernels against/,$p' $OUT/doctor.txt | grep -v "^ *ok" | cut -c1-400; grep -c "^ *ok" $OUT/doctor.txt
 grep "wgmma" $OUT/doctor.txt | cut -c1-300
 echo "== bench attention"
@@ -25,9 +26,8 @@ run() {
   grep -E "^SLat flow, one forward" /tmp/run.txt | tail -1 | cut -c1-400
 }
 run "high, default" env TRELLIS_BENCH_BLOCKS=1 $B --runs ${RUNS:-2}
-for t in ${TILINGS:-auto 192w64 192w128}; do
-  if [ "$t" = none ]; then continue
-  elif [ "$t" = auto ]; then
+for t in $FORCED; do
+  if [ "$t" = auto ]; then
     run "high, TRELLIS_FLASH_WGMMA=1" env TRELLIS_BENCH_BLOCKS=1 TRELLIS_FLASH_WGMMA=1 $B --runs ${RUNS:-2}
   else
     run "high, TRELLIS_FLASH_TILING=$t" env TRELLIS_BENCH_BLOCKS=1 TRELLIS_FLASH_TILING=$t $B --runs ${RUNS:-2}
