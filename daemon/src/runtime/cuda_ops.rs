@@ -91,6 +91,15 @@ pub fn flash_async() -> bool {
     env_switch("TRELLIS_FLASH_ASYNC", &C, true)
 }
 
+/// `TRELLIS_FUSED_QNORM`: whether [`flash_attention_rows_qnorm`] applies the queries'
+/// MultiHeadRMSNorm inside the mma.sync flash kernel as it loads them (`1`, the default: no
+/// separate launch reading and writing all of q) or normalises q in its own launch first (`0`,
+/// for measuring the difference). Read once per process.
+pub fn fused_qnorm() -> bool {
+    static C: OnceLock<bool> = OnceLock::new();
+    env_switch("TRELLIS_FUSED_QNORM", &C, true)
+}
+
 /// How the flash kernel tiles the queries: rows per block and whether K/V are double-buffered
 /// through cp.async (the mma.sync kernel, any sm_80+ GPU), or the Hopper kernel (wgmma, sm_90
 /// only: 64 rows per warpgroup, K/V tiles of `wgmma_keys` keys, always cp.async).
@@ -1060,6 +1069,9 @@ struct FlashAttentionOp {
     tiling: FlashTiling,
     /// Logical row -> physical row of q, k, v and out (windows attended in window order).
     perm: Option<Vec<i32>>,
+    /// The queries' MultiHeadRMSNorm applied in the kernel (mma.sync tilings only): gamma
+    /// (float32 `[heads, head_dim]` contiguous, on q's device) and the scale.
+    q_norm: Option<(Tensor, f32)>,
     tile_group: Vec<i32>,
     tile_q0: Vec<i32>,
     q_end: Vec<i32>,
@@ -1170,6 +1182,12 @@ impl CustomOp3 for FlashAttentionOp {
                     let qs = q.as_cuda_slice::<$t>()?.slice(q_at..);
                     let ks = kk.as_cuda_slice::<$t>()?.slice(k_at..);
                     let vs = v.as_cuda_slice::<$t>()?.slice(v_at..);
+                    let gq = self.q_norm.as_ref().map(|(g, _)| g.storage_and_layout());
+                    let gamma = match &gq {
+                        Some((g, l)) => Some(super::cuda_fused::view::<f32>(g, l, "q gamma")?),
+                        None => None,
+                    };
+                    let q_scale = self.q_norm.as_ref().map_or(0f32, |(_, s)| *s);
                     let null = 0u64;
                     let mut b = stream.launch_builder(&func);
                     b.arg(&qs)
@@ -1190,8 +1208,16 @@ impl CustomOp3 for FlashAttentionOp {
                         Some(p) => b.arg(p),
                         None => b.arg(&null),
                     };
+                    if !self.tiling.is_wgmma() {
+                        match &gamma {
+                            Some(g) => b.arg(g),
+                            None => b.arg(&null),
+                        };
+                        b.arg(&q_scale);
+                    }
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
-                    // ranges and alignment checked by `flash_attention`.
+                    // ranges and alignment checked by `flash_attention`, gamma's dtype, length
+                    // and device by `flash_attention_with`.
                     unsafe { b.launch(cfg) }.w()?;
                 }
                 Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
@@ -1353,6 +1379,24 @@ pub fn flash_attention_rows(
     flash_attention_tiled(q, k, v, groups, perm, None)
 }
 
+/// [`flash_attention_rows`] of the queries' MultiHeadRMSNorm: with `q_norm` = (gamma, scale)
+/// (gamma float32 `[heads, dim]` contiguous on q's device) the attention of
+/// `q / max(||q||, 1e-12) * gamma * scale` (per row and head, float32, rounded to q's dtype) to
+/// `k` and `v`, the norm applied by the mma.sync kernel as it loads q (no launch reading and
+/// writing all of q; the same values up to the order of the float32 sum of squares), or by
+/// `cuda_fused::rms_norm_heads` first for the wgmma tilings and under `TRELLIS_FUSED_QNORM=0`.
+/// `None`: [`flash_attention_rows`].
+pub fn flash_attention_rows_qnorm(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+    perm: Option<&[u32]>,
+    q_norm: Option<(&Tensor, f32)>,
+) -> anyhow::Result<Tensor> {
+    flash_attention_with(q, k, v, groups, perm, None, q_norm, fused_qnorm())
+}
+
 /// [`flash_attention_rows`] with the tiling given (`None`: [`FlashTiling::for_groups`]), for the
 /// checks and `bench attention`.
 pub fn flash_attention_tiled(
@@ -1362,6 +1406,23 @@ pub fn flash_attention_tiled(
     groups: &[trellis_kernels::attention::AttnGroup],
     perm: Option<&[u32]>,
     tiling: Option<FlashTiling>,
+) -> anyhow::Result<Tensor> {
+    flash_attention_with(q, k, v, groups, perm, tiling, None, false)
+}
+
+/// The flash attention behind the public calls: `tiling` `None` picks one per call, `q_norm` as
+/// [`flash_attention_rows_qnorm`], applied in the kernel when `fuse` and the tiling is mma.sync,
+/// else in a launch of its own first.
+#[allow(clippy::too_many_arguments)]
+fn flash_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: &[trellis_kernels::attention::AttnGroup],
+    perm: Option<&[u32]>,
+    tiling: Option<FlashTiling>,
+    q_norm: Option<(&Tensor, f32)>,
+    fuse: bool,
 ) -> anyhow::Result<Tensor> {
     let (nq, heads, d) = rows3(q)?;
     let (nk, hk, dk) = rows3(k)?;
@@ -1411,12 +1472,25 @@ pub fn flash_attention_tiled(
         "flash attention: tiling {} needs an sm_90 GPU (this one is sm_{arch})",
         tiling.label()
     );
+    if let Some((gamma, _)) = q_norm {
+        anyhow::ensure!(
+            gamma.dtype() == DType::F32
+                && gamma.is_contiguous()
+                && gamma.elem_count() == heads * d
+                && gamma.device().same_device(q.device()),
+            "flash attention: q gamma {:?} {:?} on {:?} (float32 [{heads}, {d}] contiguous on q's device)",
+            gamma.dims(),
+            gamma.dtype(),
+            gamma.device().location()
+        );
+    }
     let mut op = FlashAttentionOp {
         nq,
         heads,
         head_dim: d,
         tiling,
         perm,
+        q_norm: None,
         tile_group: Vec::new(),
         tile_q0: Vec::new(),
         q_end: Vec::with_capacity(groups.len()),
@@ -1456,7 +1530,15 @@ pub fn flash_attention_tiled(
             c.affine(1.0, 0.0)?
         })
     };
-    Ok(fit(q)?.apply_op3_no_bwd(&fit(k)?, &fit(v)?, &op)?)
+    let mut q = fit(q)?;
+    if let Some((gamma, scale)) = q_norm {
+        if fuse && !tiling.is_wgmma() {
+            op.q_norm = Some((gamma.clone(), scale));
+        } else {
+            q = super::cuda_fused::rms_norm_heads(&q, gamma, f64::from(scale))?;
+        }
+    }
+    Ok(q.apply_op3_no_bwd(&fit(k)?, &fit(v)?, &op)?)
 }
 
 struct NeighboursOp {
@@ -2126,6 +2208,126 @@ pub mod checks {
         Ok(e)
     }
 
+    /// The queries' MultiHeadRMSNorm applied by the flash kernel (q, k, v strided views of one
+    /// packed `[N, 3, H, d]` projection, gamma away from 1) against `cuda_fused::rms_norm_heads`
+    /// then the same attention, in `dtype` with head dim `d` and the given tiling: once over
+    /// windows in a permuted row order (groups of 1 to 263 rows, so fragments run past their
+    /// group's end) and once without a permutation over groups that leave rows outside every
+    /// group (zero in both). The two differ only where the float32 sums of squares, taken in
+    /// another order, round a normalised q element the other way.
+    pub fn flash_attention_qnorm_vs_separate(
+        dev: &Device,
+        dtype: DType,
+        d: usize,
+        tiling: FlashTiling,
+        tol: f64,
+    ) -> anyhow::Result<f64> {
+        let (heads, n) = (3usize, 600usize);
+        let packed: Vec<f32> = noise(n * 3 * heads * d, 23)
+            .iter()
+            .map(|v| 3.0 * v)
+            .collect();
+        let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
+        let (q, k, v) = (
+            qkv.get_on_dim(1, 0)?,
+            qkv.get_on_dim(1, 1)?,
+            qkv.get_on_dim(1, 2)?,
+        );
+        let gamma: Vec<f32> = noise(heads * d, 29).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let gamma = Tensor::from_slice(&gamma, (heads, d), dev)?;
+        let scale = (d as f32).sqrt();
+        let q_normed = crate::runtime::cuda_fused::rms_norm_heads(&q, &gamma, f64::from(scale))?;
+        let mut perm: Vec<u32> = (0..n as u32).filter(|r| r % 3 != 1).rev().collect();
+        perm.extend((0..n as u32).filter(|r| r % 3 == 1));
+        let windows = {
+            let mut groups = Vec::new();
+            let mut s = 0;
+            for len in [1usize, 64, 65, 200, 7, 263] {
+                groups.push(AttnGroup {
+                    q: s..s + len,
+                    kv: s..s + len,
+                });
+                s += len;
+            }
+            anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
+            groups
+        };
+        let partial = vec![
+            AttnGroup {
+                q: 0..130,
+                kv: 0..300,
+            },
+            AttnGroup {
+                q: 150..151,
+                kv: 150..420,
+            },
+            AttnGroup {
+                q: 200..517,
+                kv: 100..600,
+            },
+        ];
+        let mut worst = 0f64;
+        for (groups, perm) in [(&windows, Some(&perm[..])), (&partial, None)] {
+            let host = |t: Tensor| -> anyhow::Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            };
+            let fused = host(flash_attention_with(
+                &q,
+                &k,
+                &v,
+                groups,
+                perm,
+                Some(tiling),
+                Some((&gamma, scale)),
+                true,
+            )?)?;
+            let separate = host(flash_attention_tiled(
+                &q_normed,
+                &k,
+                &v,
+                groups,
+                perm,
+                Some(tiling),
+            )?)?;
+            anyhow::ensure!(fused.iter().all(|x| x.is_finite()), "non-finite output");
+            if perm.is_none() {
+                let w = heads * d;
+                anyhow::ensure!(
+                    fused[130 * w..150 * w]
+                        .iter()
+                        .chain(&fused[151 * w..200 * w])
+                        .chain(&fused[517 * w..])
+                        .all(|x| *x == 0.0),
+                    "rows outside every group are not zero"
+                );
+            }
+            let e = rel_err(&fused, &separate);
+            anyhow::ensure!(
+                e < tol,
+                "flash attention with q's RMS norm fused, {dtype:?} d{d} {}, {}: relative error {e} against the separate norm",
+                tiling.label(),
+                if perm.is_some() { "windows" } else { "groups" }
+            );
+            worst = worst.max(e);
+        }
+        Ok(worst)
+    }
+
+    /// [`flash_attention_qnorm_vs_separate`] for every mma.sync build, both dtypes and head
+    /// dimensions: the worst relative error.
+    fn flash_qnorm_builds(dev: &Device) -> anyhow::Result<f64> {
+        let mut worst = 0f64;
+        for t in FlashTiling::VARIANTS.into_iter().filter(|t| !t.is_wgmma()) {
+            for (dtype, tol) in [(DType::F16, 1e-3), (DType::BF16, 5e-3)] {
+                for d in [64, 80] {
+                    let e = flash_attention_qnorm_vs_separate(dev, dtype, d, t, tol)?;
+                    worst = worst.max(e);
+                }
+            }
+        }
+        Ok(worst)
+    }
+
     /// The SS decoder's dense conv3d on the GPU (`modules::conv3d`: channels-last rows over the
     /// grid's neighbour table; float16/bfloat16 on the tensor cores, float32 on the gather-GEMM)
     /// against the CPU float32 kernel on the same (rounded) input and weights: a 24 → 40 and a
@@ -2216,6 +2418,14 @@ pub mod checks {
                 }
             }
             worst = worst.max(flash_attention_rows_vs_cpu(dev, DType::F16, t, 4e-3)?);
+            // (q normalised in its own launch first: the same values)
+            worst = worst.max(flash_attention_qnorm_vs_separate(
+                dev,
+                DType::BF16,
+                80,
+                t,
+                1e-6,
+            )?);
         }
         Ok(worst)
     }
@@ -2331,6 +2541,10 @@ pub mod checks {
             (
                 "flash attention f16, strided views + windows, 128 rows, cp.async",
                 flash_attention_rows_vs_cpu(dev, DType::F16, T128A, 4e-3),
+            ),
+            (
+                "flash attention with q's RMS norm fused vs separate, f16 and bf16, d64 and d80, every mma.sync build",
+                flash_qnorm_builds(dev),
             ),
         ]
     }

@@ -18,6 +18,12 @@
 // fragments come from ldmatrix, V's from ldmatrix.trans, and P is re-packed from the S
 // accumulators into A fragments without leaving registers. Rows of an empty key range are
 // written as zeros. No headers: halves are moved as raw 16-bit words and converted with cvt.
+//
+// With `q_gamma` (nullable, float32 [heads, HD]) the queries are MultiHeadRMSNorm'ed as their
+// fragments are loaded: q / max(||q||, 1e-12) * q_gamma[h, :] * q_scale in float32, rounded to
+// the storage type, the per-element operations of `rms_norm_heads` (fused.cu) in the same order,
+// so the result is that kernel's up to the order of the float32 sum of squares. The separate
+// launch (a read and a write of all of q) disappears.
 
 #define BN 64      // keys per tile
 
@@ -79,6 +85,91 @@ __device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict
     }
 }
 
+// The two halves of a packed float16x2 / bfloat16x2 register as float32 (lo: bits 0-15).
+template <bool BF16>
+__device__ __forceinline__ void unpack2(u32 w, float& lo, float& hi) {
+    if (BF16) {
+        lo = __uint_as_float(w << 16);
+        hi = __uint_as_float(w & 0xffff0000u);
+    } else {
+        const u16 a = (u16)(w & 0xffffu), b = (u16)(w >> 16);
+        asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(a));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(b));
+    }
+}
+
+// x / n rounded to nearest, given r = rcp_refined(n): the instructions NVCC emits for `/` on its
+// fast path, without the call to the slow path it takes for operands near the ends of the float32
+// range (with that call ptxas spilled in the 64-row head-dim-80 builds). Here |x| <= n and
+// n >= 1e-12: float16 rows (norms below 2^20, nonzero values above 2^-25) stay well inside the
+// range where the fast path is the IEEE quotient, and so do bfloat16 rows of ordinary magnitudes;
+// a bfloat16 row whose sum of squares overflows (values beyond ~1e19) turns NaN, not zero.
+__device__ __forceinline__ float rcp_refined(float n) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(n));
+    return fmaf(r, fmaf(r, -n, 1.f), r);
+}
+
+__device__ __forceinline__ float div_rn(float x, float n, float r) {
+    const float q = x * r;
+    return fmaf(r, fmaf(q, -n, x), q);
+}
+
+// MultiHeadRMSNorm of the Q fragments qa[f][s][0..3] of head h in place (see the header). A row's
+// HD values are spread over the four lanes of a quad (registers 0 and 2 row g, 1 and 3 row g + 8
+// of each fragment), so the sums of squares are reduced over the quad; every lane takes part in
+// the shuffles. Rows at or past r_end hold zeros and stay zero.
+template <bool BF16, int HD, int MF>
+__device__ __forceinline__ void rms_norm_q(u32 (&qa)[MF][HD / 16][4], const float* __restrict__ gamma,
+                                           float scale, int h, int r0, int r_end, int g, int t) {
+    constexpr int KS = HD / 16;
+    float norm[MF][2], rcp[MF][2];
+    #pragma unroll
+    for (int f = 0; f < MF; ++f) {
+        float sa = 0.f, sb = 0.f;
+        #pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float lo, hi;
+                unpack2<BF16>(qa[f][s][i], lo, hi);
+                const float sq = lo * lo + hi * hi;
+                if (i & 1) sb += sq; else sa += sq;
+            }
+        }
+        sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+        sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+        sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+        sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+        norm[f][0] = fmaxf(sqrtf(sa), 1e-12f);
+        norm[f][1] = fmaxf(sqrtf(sb), 1e-12f);
+        rcp[f][0] = rcp_refined(norm[f][0]);
+        rcp[f][1] = rcp_refined(norm[f][1]);
+    }
+    const float* gh = gamma + h * HD;
+    #pragma unroll
+    for (int s = 0; s < KS; ++s) {
+        const int c = s * 16 + 2 * t;
+        // gamma of columns c, c + 1 (registers 0, 1) and c + 8, c + 9 (registers 2, 3)
+        const float gm[4] = {gh[c], gh[c + 1], gh[c + 8], gh[c + 9]};
+        #pragma unroll
+        for (int f = 0; f < MF; ++f) {
+            const int ra = r0 + f * 16 + g;
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const bool live = (i & 1 ? ra + 8 : ra) < r_end;
+                const float n = norm[f][i & 1], r = rcp[f][i & 1];
+                const int gi = (i >> 1) * 2;
+                float lo, hi;
+                unpack2<BF16>(qa[f][s][i], lo, hi);
+                const u32 w = pack2<BF16>(div_rn(lo, n, r) * gm[gi] * scale,
+                                          div_rn(hi, n, r) * gm[gi + 1] * scale);
+                qa[f][s][i] = live ? w : 0u;
+            }
+        }
+    }
+}
+
 // HD: head dimension (a multiple of 16); MF: 16-row fragments per warp (rows per block 64 * MF);
 // ASYNC: K/V tiles double-buffered through cp.async (the next tile is copied while this one is
 // computed) instead of one buffer loaded through registers between two barriers. (Skipping the
@@ -90,7 +181,8 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
                                 const int* __restrict__ kv_start, const int* __restrict__ kv_end,
                                 int heads, float scale_log2, u16* __restrict__ out,
                                 long long q_stride, long long k_stride, long long v_stride,
-                                const int* __restrict__ perm) {
+                                const int* __restrict__ perm, const float* __restrict__ q_gamma,
+                                float q_scale) {
     constexpr int KS = HD / 16;    // k-steps of the Q K^T product
     constexpr int ND = HD / 8;     // 8-wide blocks of output dims
     constexpr int LDS = HD + 8;    // shared row stride in halves: conflict-free ldmatrix rows
@@ -122,6 +214,7 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
             qa[f][s][3] = rb < r_end ? *reinterpret_cast<const u32*>(pb + c + 8) : 0u;
         }
     }
+    if (q_gamma) rms_norm_q<BF16, HD, MF>(qa, q_gamma, q_scale, h, r0, r_end, g, t);
 
     float o[MF][ND][4];
     float m[MF][2], l[MF][2];   // running max and sum of rows g and g + 8 of each fragment
@@ -293,10 +386,10 @@ __device__ void flash_attention(const u16* __restrict__ q, const u16* __restrict
         const int* __restrict__ q_end, const int* __restrict__ kv_start,                        \
         const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out,     \
         long long q_stride, long long k_stride, long long v_stride,                             \
-        const int* __restrict__ perm) {                                                         \
+        const int* __restrict__ perm, const float* __restrict__ q_gamma, float q_scale) {       \
         flash_attention<BF16, HD, MF, ASYNC>(q, k, v, tile_group, tile_q0, q_end, kv_start,     \
                                              kv_end, heads, scale_log2, out, q_stride, k_stride, \
-                                             v_stride, perm);                                    \
+                                             v_stride, perm, q_gamma, q_scale);                  \
     }
 
 #define FLASH_ENTRIES(TY, BF16, HD)                                                             \
