@@ -280,6 +280,10 @@ impl MultiHeadAttention {
                     qkv.get_on_dim(2, 1)?,
                     qkv.get_on_dim(2, 2)?,
                 );
+                #[cfg(feature = "cuda")]
+                if let Some(o) = self.cuda_self_attention_qnorm(&q, &k, &v)? {
+                    return gpu_fused::linear(&self.to_out, &o.reshape((b, l, c))?, Act::None);
+                }
                 let (q, k) = match &self.qk_norm {
                     Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?),
                     None => (q, k),
@@ -300,6 +304,42 @@ impl MultiHeadAttention {
                 self.cross_output(to_q, x, &k, &v)
             }
         }
+    }
+
+    /// Self-attention of `[B, L, H, D]` views of the fused projection on the tensor-core kernel
+    /// with q's RMS norm applied as the kernel loads q (k normalised by its own launch):
+    /// `[B, L, H, D]`, or `None` without `qk_rms_norm`, off the GPU or where the kernel does not
+    /// take the dtype or head dim ([`scaled_dot_product_attention`] then runs after both norms).
+    #[cfg(feature = "cuda")]
+    fn cuda_self_attention_qnorm(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        use crate::runtime::cuda_ops::{flash_attention_rows_qnorm, flash_attention_supports};
+        let Some((qn, kn)) = &self.qk_norm else {
+            return Ok(None);
+        };
+        let (b, lq, h, d) = q.dims4()?;
+        if !q.device().is_cuda()
+            || k.dtype() != q.dtype()
+            || v.dtype() != q.dtype()
+            || !flash_attention_supports(q.dtype(), d, v.dim(3)?)
+        {
+            return Ok(None);
+        }
+        let lk = k.dim(1)?;
+        let groups: Vec<AttnGroup> = (0..b)
+            .map(|i| AttnGroup {
+                q: i * lq..(i + 1) * lq,
+                kv: i * lk..(i + 1) * lk,
+            })
+            .collect();
+        let k = kn.forward(k)?;
+        let q_norm = Some((qn.gamma(), qn.scale() as f32));
+        let o = flash_attention_rows_qnorm(q, &k, v, &groups, None, q_norm)?;
+        Ok(Some(o.reshape((b, lq, h, d))?))
     }
 
     /// The keys (after `k_rms_norm` when the layer has it) and values of a context `[B, Lc, Cc]`,

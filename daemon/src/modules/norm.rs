@@ -339,6 +339,16 @@ impl MultiHeadRMSNorm {
         }
     }
 
+    /// `gamma` `[heads, dim]` (float32 when read by [`Self::new`]).
+    pub fn gamma(&self) -> &Tensor {
+        &self.gamma
+    }
+
+    /// The factor after gamma, `sqrt(dim)`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = gpu_fused::rms_norm_heads(x, &self.gamma, self.scale)? {
             return Ok(y);

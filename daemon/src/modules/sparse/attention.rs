@@ -153,16 +153,20 @@ impl SparseMultiHeadAttention {
         self.channels / self.heads
     }
 
-    /// The self-attention projections: `qkv [N, 3, H, D]` and the normed q / k.
-    pub fn self_projections(&self, x: &SparseTensor) -> Result<SelfAttnTrace> {
+    /// `to_qkv(x)` as `[N, 3, H, D]`.
+    fn self_qkv(&self, x: &SparseTensor) -> Result<Tensor> {
         let Projection::SelfAttn { to_qkv, .. } = &self.proj else {
             bail!("self_projections called on a cross-attention module")
         };
-        let n = x.rows();
-        let qkv = to_qkv
+        Ok(to_qkv
             .forward(x)?
             .feats()
-            .reshape((n, 3, self.heads, self.head_dim()))?;
+            .reshape((x.rows(), 3, self.heads, self.head_dim()))?)
+    }
+
+    /// The self-attention projections: `qkv [N, 3, H, D]` and the normed q / k.
+    pub fn self_projections(&self, x: &SparseTensor) -> Result<SelfAttnTrace> {
+        let qkv = self.self_qkv(x)?;
         let (q_normed, k_normed) = match &self.rms {
             Some((qn, kn)) => (
                 Some(qn.forward(&qkv.narrow(1, 0, 1)?.squeeze(1)?)?),
@@ -182,6 +186,10 @@ impl SparseMultiHeadAttention {
         let Projection::SelfAttn { mode, .. } = &self.proj else {
             bail!("this SparseMultiHeadAttention is a cross-attention: call forward_cross")
         };
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return self.forward_self_cuda(x, *mode, &self.self_qkv(x)?);
+        }
         let t = self.self_projections(x)?;
         let q = match &t.q_normed {
             Some(q) => q.clone(),
@@ -192,10 +200,6 @@ impl SparseMultiHeadAttention {
             None => t.qkv.narrow(1, 1, 1)?.squeeze(1)?,
         };
         let v = t.qkv.narrow(1, 2, 1)?.squeeze(1)?;
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            return self.forward_self_cuda(x, *mode, &q, &k, &v);
-        }
         let (q, k, v) = (to_f32_vec(&q)?, to_f32_vec(&k)?, to_f32_vec(&v)?);
         let shape = AttnShape {
             heads: self.heads,
@@ -392,18 +396,32 @@ impl SparseMultiHeadAttention {
         x.replace(kv.join(ctx.zero, &lens, computed.as_ref(), x.dtype())?)
     }
 
-    /// Self-attention on the GPU (`runtime::cuda_ops::varlen_attention`): q/k/v `[N, H, D]` stay
-    /// on the device; windows are a gather into window order and back.
+    /// Self-attention on the GPU from `qkv` `[N, 3, H, D]`: q/k/v stay on the device as views of
+    /// it. Where the flash kernel takes the dtype and head dim, it attends windows in window order
+    /// through its row permutation and applies q's RMS norm as it loads q (k is normalised by its
+    /// own launch); otherwise both norms run first and windows are a gather into window order
+    /// and back.
     #[cfg(feature = "cuda")]
     fn forward_self_cuda(
         &self,
         x: &SparseTensor,
         mode: AttnMode,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
     ) -> Result<SparseTensor> {
-        use crate::runtime::cuda_ops::attention as gpu_attention;
+        use crate::runtime::cuda_ops::{
+            attention as gpu_attention, flash_attention_rows_qnorm, flash_attention_supports,
+        };
+        let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i, 1)?.squeeze(1)?) };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let d = self.head_dim();
+        // q, k and v are views of one tensor: one dtype.
+        let flash = flash_attention_supports(qkv.dtype(), d, d);
+        let (q, k, q_norm) = match &self.rms {
+            Some((qn, kn)) if flash => (q, kn.forward(&k)?, Some((qn.gamma(), qn.scale() as f32))),
+            Some((qn, kn)) => (qn.forward(&q)?, kn.forward(&k)?, None),
+            None => (q, k, None),
+        };
+        let (q, k, v) = (&q, &k, &v);
         let o = match mode {
             AttnMode::Full => {
                 let groups: Vec<AttnGroup> = x
@@ -414,7 +432,11 @@ impl SparseMultiHeadAttention {
                         kv: r.clone(),
                     })
                     .collect();
-                gpu_attention(q, k, v, &groups)?
+                if flash {
+                    flash_attention_rows_qnorm(q, k, v, &groups, None, q_norm)?
+                } else {
+                    gpu_attention(q, k, v, &groups)?
+                }
             }
             AttnMode::Windowed { window, shift } => {
                 let p = x
@@ -430,21 +452,9 @@ impl SparseMultiHeadAttention {
                     });
                     start += len;
                 }
-                if crate::runtime::cuda_ops::flash_attention_supports(
-                    q.dtype(),
-                    self.head_dim(),
-                    self.head_dim(),
-                ) && k.dtype() == q.dtype()
-                    && v.dtype() == q.dtype()
-                {
+                if flash {
                     // Window order through the kernel's row permutation: no gather, no scatter.
-                    let o = crate::runtime::cuda_ops::flash_attention_rows(
-                        q,
-                        k,
-                        v,
-                        &groups,
-                        Some(&p.fwd),
-                    )?;
+                    let o = flash_attention_rows_qnorm(q, k, v, &groups, Some(&p.fwd), q_norm)?;
                     return self.output_tensor(x, o.reshape((x.rows(), self.channels))?);
                 }
                 let fwd = Tensor::from_slice(&p.fwd, p.fwd.len(), dev)?;
