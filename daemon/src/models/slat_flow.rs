@@ -20,15 +20,20 @@ use crate::models::slat_vae::base::ape;
 use crate::modules::context::{ContextCache, FlowContext};
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
-use crate::modules::norm::f_layer_norm;
+use crate::modules::norm::{defer_residuals, f_layer_norm};
 use crate::modules::sparse::attention::AttnMode;
 use crate::modules::sparse::conv::SparseConv3d;
 use crate::modules::sparse::linear::SparseLinear;
 use crate::modules::sparse::norm::SparseLayerNorm32;
 use crate::modules::sparse::spatial::{SparseDownsample, SparseUpsample};
 use crate::modules::sparse::tensor::SparseTensor;
-use crate::modules::sparse::transformer::{CrossBlockArgs, ModulatedSparseTransformerCrossBlock};
+use crate::modules::sparse::transformer::{
+    BlockInput, CrossBlockArgs, ModulatedSparseTransformerCrossBlock, PendingResidual,
+};
 use crate::runtime::block_stream::{BlockStream, Blocks};
+
+/// `forward_traced`'s hook: called with each block's name and output, `Some(feats)` replaces them.
+type BlockHook<'a> = dyn FnMut(&str, &SparseTensor) -> Result<Option<Tensor>> + 'a;
 
 /// Resampling done at the start of a res block.
 #[derive(Debug, Clone)]
@@ -250,7 +255,8 @@ impl SLatFlowModel {
     /// `x`: noisy latents; `t`: `[B]` timesteps already multiplied by 1000; `cond`: `[B, L, C]`.
     /// Returns the predicted velocity on `x`'s coords, in `x`'s dtype.
     pub fn forward(&self, x: &SparseTensor, t: &Tensor, cond: &Tensor) -> Result<SparseTensor> {
-        self.forward_traced(x, t, cond, &mut |_, _| Ok(None))
+        let t_emb = self.timestep_embedding(t)?;
+        self.forward_with_t_emb(x, &t_emb, cond, None, None)
     }
 
     /// [`Self::forward`] with the condition's cross-attention projections kept in `cache` across
@@ -263,7 +269,7 @@ impl SLatFlowModel {
         cache: &mut ContextCache,
     ) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, Some(cache), &mut |_, _| Ok(None))
+        self.forward_with_t_emb(x, &t_emb, cond, Some(cache), None)
     }
 
     /// Like `forward`, calling `hook(name, h)` after every block, named `input_block{i}`,
@@ -277,7 +283,7 @@ impl SLatFlowModel {
         hook: &mut dyn FnMut(&str, &SparseTensor) -> Result<Option<Tensor>>,
     ) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, None, hook)
+        self.forward_with_t_emb(x, &t_emb, cond, None, Some(hook))
     }
 
     /// The timestep embedding `[B, C]` (float32; with `share_mod`, before the shared modulation).
@@ -291,7 +297,7 @@ impl SLatFlowModel {
         t_emb: &Tensor,
         cond: &Tensor,
         cache: Option<&mut ContextCache>,
-        hook: &mut dyn FnMut(&str, &SparseTensor) -> Result<Option<Tensor>>,
+        mut hook: Option<&mut BlockHook<'_>>,
     ) -> Result<SparseTensor> {
         ensure!(
             t_emb.dim(0)? == x.batch_size(),
@@ -306,6 +312,7 @@ impl SLatFlowModel {
             x.batch_size()
         );
         let dt = self.dtype;
+        let tracing = hook.is_some();
         let mut h = self.input_layer.forward(x)?.to_dtype(dt)?;
         let t_emb = match &self.shared_mod {
             Some(l) => l.forward(&t_emb.silu()?)?,
@@ -314,29 +321,49 @@ impl SLatFlowModel {
         let t_emb = t_emb.to_dtype(dt)?;
         let mut ctx = FlowContext::new(cond, dt, cache)?;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
-        for (i, b) in self.input_blocks.iter().enumerate() {
-            h = b.forward(&h, &t_emb)?;
-            if let Some(f) = hook(&format!("input_block{i}"), &h)? {
-                h = h.replace(f.to_dtype(dt)?)?;
+        // A hook's replacement feats (same coords) for the rest of the network.
+        let mut traced = |name: String, h: SparseTensor| -> Result<SparseTensor> {
+            match hook.as_mut() {
+                Some(hook) => match hook(&name, &h)? {
+                    Some(f) => h.replace(f.to_dtype(dt)?),
+                    None => Ok(h),
+                },
+                None => Ok(h),
             }
+        };
+        for (i, b) in self.input_blocks.iter().enumerate() {
+            h = traced(format!("input_block{i}"), b.forward(&h, &t_emb)?)?;
             skips.push(h.feats().clone());
         }
         if let Some(pe) = &self.pos_embedder {
             h = h.replace(h.feats().add(&ape(pe, &h)?.to_dtype(dt)?)?)?;
         }
-        self.blocks.for_each(|i, b| {
-            h = b.forward_with(&h, &t_emb, ctx.layer(i))?;
-            if let Some(f) = hook(&format!("block{i}"), &h)? {
-                h = h.replace(f.to_dtype(dt)?)?;
+        if tracing || !defer_residuals() {
+            self.blocks.for_each(|i, b| {
+                h = traced(
+                    format!("block{i}"),
+                    b.forward_with(&h, &t_emb, ctx.layer(i))?,
+                )?;
+                Ok(())
+            })?;
+        } else {
+            // Untraced, each block's last residual goes to the next block's first norm.
+            let mut pending: Option<PendingResidual> = None;
+            self.blocks.for_each(|i, b| {
+                let input = match pending.take() {
+                    Some(p) => BlockInput::Pending(p),
+                    None => BlockInput::Tokens(h.clone()),
+                };
+                pending = Some(b.forward_deferred(input, &t_emb, ctx.layer(i))?);
+                Ok(())
+            })?;
+            if let Some(p) = pending {
+                h = p.finish()?;
             }
-            Ok(())
-        })?;
+        }
         for (i, (b, skip)) in self.out_blocks.iter().zip(skips.iter().rev()).enumerate() {
             let input = if self.use_skip { h.cat_feats(skip)? } else { h };
-            h = b.forward(&input, &t_emb)?;
-            if let Some(f) = hook(&format!("out_block{i}"), &h)? {
-                h = h.replace(f.to_dtype(dt)?)?;
-            }
+            h = traced(format!("out_block{i}"), b.forward(&input, &t_emb)?)?;
         }
         let h = h.replace(f_layer_norm(h.feats())?)?.to_dtype(x.dtype())?;
         self.out_layer.forward(&h)

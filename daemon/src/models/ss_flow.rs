@@ -18,9 +18,11 @@ use super::config::SparseStructureFlowConfig;
 use crate::modules::context::{ContextCache, FlowContext};
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::TimestepEmbedder;
-use crate::modules::norm::f_layer_norm;
+use crate::modules::norm::{defer_residuals, f_layer_norm};
 use crate::modules::patchify::{patchify, unpatchify};
-use crate::modules::transformer::{CrossBlockConfig, ModulatedTransformerCrossBlock};
+use crate::modules::transformer::{
+    BlockInput, CrossBlockConfig, ModulatedTransformerCrossBlock, PendingResidual,
+};
 use crate::runtime::block_stream::{BlockStream, Blocks};
 
 /// Intermediates of one forward pass (for parity).
@@ -204,13 +206,29 @@ impl SparseStructureFlowModel {
         let mut h = h.to_dtype(td)?;
         let mut outs = Vec::with_capacity(self.blocks.len());
         let mut ctx = FlowContext::new(cond, td, cache)?;
-        self.blocks.for_each(|i, block| {
-            h = block.forward_with(&h, &modulation, ctx.layer(i))?.out;
-            if keep_blocks {
-                outs.push(h.clone());
+        if keep_blocks || !defer_residuals() {
+            self.blocks.for_each(|i, block| {
+                h = block.forward_with(&h, &modulation, ctx.layer(i))?.out;
+                if keep_blocks {
+                    outs.push(h.clone());
+                }
+                Ok(())
+            })?;
+        } else {
+            // Untraced, each block's last residual goes to the next block's first norm.
+            let mut pending: Option<PendingResidual> = None;
+            self.blocks.for_each(|i, block| {
+                let input = match pending.take() {
+                    Some(p) => BlockInput::Pending(p),
+                    None => BlockInput::Tokens(h.clone()),
+                };
+                pending = Some(block.forward_deferred(input, &modulation, ctx.layer(i))?);
+                Ok(())
+            })?;
+            if let Some(p) = pending {
+                h = p.finish()?;
             }
-            Ok(())
-        })?;
+        }
         let h = f_layer_norm(&h.to_dtype(DType::F32)?)?;
         let h = self.out_layer.forward(&h)?;
         let rp = r / p;

@@ -54,6 +54,16 @@ fn fused_residual() -> bool {
     })
 }
 
+/// `TRELLIS_FUSED_BLOCK_RESIDUAL=0`: each transformer block of the flows adds its last residual
+/// itself (to compare); default the next block adds it in its first norm's pass. Read once per
+/// process.
+pub fn defer_residuals() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("TRELLIS_FUSED_BLOCK_RESIDUAL").map_or(true, |v| v.trim() != "0")
+    })
+}
+
 /// `LayerNorm32(channels, elementwise_affine, eps)` over the last dimension; any rank (`[B, L, C]`,
 /// `[N, C]`, ...).
 #[derive(Debug, Clone)]

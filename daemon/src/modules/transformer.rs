@@ -165,6 +165,36 @@ impl ModulatedTransformerCrossBlock {
         modulation: &Tensor,
         context: CrossContext<'_>,
     ) -> Result<CrossBlockTrace> {
+        let (adaln, after_self_attn, after_cross_attn, last) =
+            self.run(BlockInput::Tokens(x.clone()), modulation, context)?;
+        Ok(CrossBlockTrace {
+            adaln,
+            after_self_attn,
+            after_cross_attn,
+            out: last.finish()?,
+        })
+    }
+
+    /// [`Self::forward_with`] from `input`, leaving the block's last residual to the caller: a
+    /// run of blocks passes each one's [`PendingResidual`] to the next, whose first norm adds it
+    /// in the same pass, and finishes the last.
+    pub fn forward_deferred(
+        &self,
+        input: BlockInput,
+        modulation: &Tensor,
+        context: CrossContext<'_>,
+    ) -> Result<PendingResidual> {
+        Ok(self.run(input, modulation, context)?.3)
+    }
+
+    /// The block: its modulation, the residual stream after the self- and the cross-attention,
+    /// and the MLP's residual still to be added.
+    fn run(
+        &self,
+        input: BlockInput,
+        modulation: &Tensor,
+        context: CrossContext<'_>,
+    ) -> Result<(Tensor, Tensor, Tensor, PendingResidual)> {
         let c = self.channels;
         let adaln = match &self.ada_ln {
             Some(l) => gpu_fused::linear(l, &modulation.silu()?, Act::None)?,
@@ -181,19 +211,42 @@ impl ModulatedTransformerCrossBlock {
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
 
-        let (bsz, l, _) = x.dims3()?;
+        let (bsz, l, _) = match &input {
+            BlockInput::Tokens(x) => x.dims3()?,
+            BlockInput::Pending(p) => p.x.dims3()?,
+        };
         let rows: Vec<_> = (0..bsz).map(|i| i * l..(i + 1) * l).collect();
-        let h = self.modulated_norm(&self.norm1, x, &shift_msa, &scale_msa)?;
+        // Each residual and the norm after it are one pass on the GPU, the previous block's
+        // last residual and this block's first norm included.
+        let (x, h) = match input {
+            BlockInput::Tokens(x) => {
+                let h = self.modulated_norm(&self.norm1, &x, &shift_msa, &scale_msa)?;
+                (x, h)
+            }
+            BlockInput::Pending(p) => match self.norm1.forward_after_residual(
+                &p.x,
+                &p.h,
+                Some(&p.gate),
+                Some((&shift_msa, &scale_msa)),
+                &rows,
+            )? {
+                Some(pair) => pair,
+                None => {
+                    let x = p.finish()?;
+                    let h = self.modulated_norm(&self.norm1, &x, &shift_msa, &scale_msa)?;
+                    (x, h)
+                }
+            },
+        };
         let h = self.self_attn.forward(&h, None)?;
-        // Each residual and the norm after it are one pass on the GPU.
         let (after_self_attn, h) =
             match self
                 .norm2
-                .forward_after_residual(x, &h, Some(&gate_msa), None, &rows)?
+                .forward_after_residual(&x, &h, Some(&gate_msa), None, &rows)?
             {
                 Some(p) => p,
                 None => {
-                    let a = gated_residual(x, &h, &gate_msa)?;
+                    let a = gated_residual(&x, &h, &gate_msa)?;
                     let n = self.norm2.forward(&a)?;
                     (a, n)
                 }
@@ -220,14 +273,36 @@ impl ModulatedTransformerCrossBlock {
             }
         };
         let h = self.mlp.forward(&h)?;
-        let out = gated_residual(&after_cross_attn, &h, &gate_mlp)?;
-        Ok(CrossBlockTrace {
-            adaln,
-            after_self_attn,
-            after_cross_attn,
-            out,
-        })
+        let last = PendingResidual {
+            x: after_cross_attn.clone(),
+            h,
+            gate: gate_mlp,
+        };
+        Ok((adaln, after_self_attn, after_cross_attn, last))
     }
+}
+
+/// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it in the pass
+/// of its first norm (one pass over the tokens fewer per block on the GPU, the same numbers as
+/// the two kernels); [`Self::finish`] adds it alone.
+pub struct PendingResidual {
+    x: Tensor,
+    h: Tensor,
+    gate: Tensor,
+}
+
+impl PendingResidual {
+    /// `x + h * gate[b]`.
+    pub fn finish(self) -> Result<Tensor> {
+        gated_residual(&self.x, &self.h, &self.gate)
+    }
+}
+
+/// What a block starts from: tokens `[B, L, C]`, or the previous block's residual still to be
+/// added.
+pub enum BlockInput {
+    Tokens(Tensor),
+    Pending(PendingResidual),
 }
 
 /// `x + h * gate` with `x`, `h` `[B, L, C]` and `gate` `[B, C]` broadcast over L.

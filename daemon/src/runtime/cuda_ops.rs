@@ -2057,7 +2057,14 @@ pub mod checks {
         // A residual and the norm after it in one pass: bit for bit the two kernels, with a
         // strided gate and the affine norm, without a gate with the modulation, and at a width
         // the 16-byte vectors do not fit (the scalar path).
-        for (cc, gated) in [(c, true), (c, false), (250, true)] {
+        // (width, gate, modulation): the blocks' norm2 (gate, affine), norm3 (modulation) and,
+        // across blocks, norm1 after the previous block's gated residual (both)
+        for (cc, gated, modulated) in [
+            (c, true, false),
+            (c, false, true),
+            (250, true, false),
+            (c, true, true),
+        ] {
             let (x2, _) = on(noise(b * l * cc, 32), &[b, l, cc])?;
             let (h2, _) = on(noise(b * l * cc, 33), &[b, l, cc])?;
             let (m2, _) = on(noise(b * 3 * cc, 34), &[b, 3 * cc])?;
@@ -2068,9 +2075,9 @@ pub mod checks {
             );
             let w2 = Tensor::from_vec(noise(cc, 35), cc, dev)?;
             let b2 = Tensor::from_vec(noise(cc, 36), cc, dev)?;
-            let affine = gated.then_some((&w2, &b2));
+            let affine = (!modulated).then_some((&w2, &b2));
             let modulation = || {
-                (!gated).then_some(f::Modulation {
+                modulated.then_some(f::Modulation {
                     shift: &sh2,
                     scale: &sc2,
                     segments: seg,
@@ -2098,7 +2105,7 @@ pub mod checks {
                 let b: Vec<f32> = back(b)?.flatten_all()?.to_vec1()?;
                 anyhow::ensure!(
                     a == b,
-                    "add_layer_norm {dtype:?} ({cc} wide, gate {gated}): its {what} differs from the two kernels'"
+                    "add_layer_norm {dtype:?} ({cc} wide, gate {gated}, modulation {modulated}): its {what} differs from the two kernels'"
                 );
             }
         }

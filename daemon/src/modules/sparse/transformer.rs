@@ -159,6 +159,19 @@ impl ModulatedSparseTransformerCrossBlock {
         modulation: &Tensor,
         context: CrossContext<'_>,
     ) -> Result<SparseTensor> {
+        self.forward_deferred(BlockInput::Tokens(x.clone()), modulation, context)?
+            .finish()
+    }
+
+    /// [`Self::forward_with`] from `input`, leaving the block's last residual to the caller: a
+    /// run of blocks passes each one's [`PendingResidual`] to the next, whose first norm adds it
+    /// in the same pass, and finishes the last.
+    pub fn forward_deferred(
+        &self,
+        input: BlockInput,
+        modulation: &Tensor,
+        context: CrossContext<'_>,
+    ) -> Result<PendingResidual> {
         let m = match &self.ada_ln {
             Some(l) => {
                 let w = l.dtype();
@@ -166,7 +179,7 @@ impl ModulatedSparseTransformerCrossBlock {
             }
             None => modulation.clone(),
         };
-        let m = m.to_dtype(x.dtype())?;
+        let m = m.to_dtype(input.dtype())?;
         ensure!(
             m.dim(1)? == 6 * self.channels,
             "modulation has {} channels, expected {}",
@@ -176,12 +189,31 @@ impl ModulatedSparseTransformerCrossBlock {
         let chunk = |i: usize| m.narrow(1, i * self.channels, self.channels);
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
-        let h = self.norm1.forward_modulated(x, &shift_msa, &scale_msa)?;
+        // Each residual and the norm after it are one pass on the GPU, the previous block's
+        // last residual and this block's first norm included.
+        let (x, h) = match input {
+            BlockInput::Tokens(x) => {
+                let h = self.norm1.forward_modulated(&x, &shift_msa, &scale_msa)?;
+                (x, h)
+            }
+            BlockInput::Pending(p) => match self.norm1.forward_after_residual(
+                &p.x,
+                &p.h,
+                Some(&p.gate),
+                Some((&shift_msa, &scale_msa)),
+            )? {
+                Some(pair) => pair,
+                None => {
+                    let x = p.finish()?;
+                    let h = self.norm1.forward_modulated(&x, &shift_msa, &scale_msa)?;
+                    (x, h)
+                }
+            },
+        };
         let h = self.self_attn.forward(&h)?;
-        // Each residual and the norm after it are one pass on the GPU.
         let (x, h) = match self
             .norm2
-            .forward_after_residual(x, &h, Some(&gate_msa), None)?
+            .forward_after_residual(&x, &h, Some(&gate_msa), None)?
         {
             Some(p) => p,
             None => {
@@ -209,6 +241,41 @@ impl ModulatedSparseTransformerCrossBlock {
                 }
             };
         let h = self.mlp.forward(&h)?;
-        x.gated_add(&h, &gate_mlp)
+        Ok(PendingResidual {
+            x,
+            h,
+            gate: gate_mlp,
+        })
+    }
+}
+
+/// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it in the pass
+/// of its first norm (one pass over the tokens fewer per block on the GPU, the same numbers as
+/// the two kernels); [`Self::finish`] adds it alone.
+pub struct PendingResidual {
+    x: SparseTensor,
+    h: SparseTensor,
+    gate: Tensor,
+}
+
+impl PendingResidual {
+    /// `x + h * gate[b]`.
+    pub fn finish(self) -> Result<SparseTensor> {
+        self.x.gated_add(&self.h, &self.gate)
+    }
+}
+
+/// What a block starts from: tokens, or the previous block's residual still to be added.
+pub enum BlockInput {
+    Tokens(SparseTensor),
+    Pending(PendingResidual),
+}
+
+impl BlockInput {
+    fn dtype(&self) -> candle_core::DType {
+        match self {
+            Self::Tokens(x) => x.dtype(),
+            Self::Pending(p) => p.x.dtype(),
+        }
     }
 }
