@@ -6,7 +6,7 @@
 use std::collections::hash_map::Entry;
 use std::ops::Range;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
@@ -467,7 +467,23 @@ fn ss_flow(fx: &mut Fixture) -> Result<Outcome> {
         let (vb, check) = fx.weights(DType::F32)?;
         let model = SparseStructureFlowModel::new(&cfg, vb, run_precision(run, cfg.use_fp16).0)?;
         check.finish()?;
-        model.forward_trace(&x, &t, &cond)
+        let trace = model.forward_trace(&x, &t, &cond)?;
+        // The untraced forward hands each block's last residual to the next block's first norm
+        // (fused on the GPU): it must give the traced forward's numbers exactly.
+        let plain = model.forward(&x, &t, &cond)?;
+        ensure!(
+            plain
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                == trace
+                    .out
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            "SparseStructureFlowModel: forward and forward_trace differ"
+        );
+        Ok(trace)
     };
     let mut traces = std::collections::HashMap::new();
     let mut report = Report::default();

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use candle_core::{DType, Tensor};
 
 use super::fixture::tol;
@@ -324,6 +324,17 @@ fn slat_flow(fx: &mut Fixture) -> Result<Outcome> {
                 .forward_traced(&x, &t, &cond, &mut hook)?
                 .feats()
                 .clone();
+            // The untraced forward hands each block's last residual to the next block's first
+            // norm (fused on the GPU): it must give the traced forward's numbers exactly.
+            let plain = model.forward(&x, &t, &cond)?.feats().clone();
+            ensure!(
+                plain
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    == out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                "SLatFlowModel: forward and forward_traced differ"
+            );
             // Teacher forcing: every block starts from the original's recorded input, so each
             // block is checked on its own (an error is not carried into the later blocks).
             let mut hook = |name: &str, h: &SparseTensor| -> Result<Option<Tensor>> {
