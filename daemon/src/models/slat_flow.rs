@@ -20,7 +20,7 @@ use crate::models::slat_vae::base::ape;
 use crate::modules::context::{ContextCache, FlowContext};
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::{AbsolutePositionEmbedder, TimestepEmbedder};
-use crate::modules::norm::{defer_residuals, f_layer_norm};
+use crate::modules::norm::f_layer_norm;
 use crate::modules::sparse::attention::AttnMode;
 use crate::modules::sparse::conv::SparseConv3d;
 use crate::modules::sparse::linear::SparseLinear;
@@ -338,7 +338,7 @@ impl SLatFlowModel {
         if let Some(pe) = &self.pos_embedder {
             h = h.replace(h.feats().add(&ape(pe, &h)?.to_dtype(dt)?)?)?;
         }
-        if tracing || !defer_residuals() {
+        if tracing {
             self.blocks.for_each(|i, b| {
                 h = traced(
                     format!("block{i}"),
@@ -347,7 +347,8 @@ impl SLatFlowModel {
                 Ok(())
             })?;
         } else {
-            // Untraced, each block's last residual goes to the next block's first norm.
+            // Untraced, each block's last residual goes to the next block, which adds it
+            // before its first norm (`modules::norm::fused_block_residual`: in one pass).
             let mut pending: Option<PendingResidual> = None;
             self.blocks.for_each(|i, b| {
                 let input = match pending.take() {

@@ -18,7 +18,7 @@ use super::config::SparseStructureFlowConfig;
 use crate::modules::context::{ContextCache, FlowContext};
 use crate::modules::dense::{self, Dense};
 use crate::modules::embedders::TimestepEmbedder;
-use crate::modules::norm::{defer_residuals, f_layer_norm};
+use crate::modules::norm::f_layer_norm;
 use crate::modules::patchify::{patchify, unpatchify};
 use crate::modules::transformer::{
     BlockInput, CrossBlockConfig, ModulatedTransformerCrossBlock, PendingResidual,
@@ -206,7 +206,7 @@ impl SparseStructureFlowModel {
         let mut h = h.to_dtype(td)?;
         let mut outs = Vec::with_capacity(self.blocks.len());
         let mut ctx = FlowContext::new(cond, td, cache)?;
-        if keep_blocks || !defer_residuals() {
+        if keep_blocks {
             self.blocks.for_each(|i, block| {
                 h = block.forward_with(&h, &modulation, ctx.layer(i))?.out;
                 if keep_blocks {
@@ -215,7 +215,8 @@ impl SparseStructureFlowModel {
                 Ok(())
             })?;
         } else {
-            // Untraced, each block's last residual goes to the next block's first norm.
+            // Untraced, each block's last residual goes to the next block, which adds it
+            // before its first norm (`modules::norm::fused_block_residual`: in one pass).
             let mut pending: Option<PendingResidual> = None;
             self.blocks.for_each(|i, block| {
                 let input = match pending.take() {

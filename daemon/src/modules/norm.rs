@@ -54,14 +54,14 @@ fn fused_residual() -> bool {
     })
 }
 
-/// `TRELLIS_FUSED_BLOCK_RESIDUAL=0`: each transformer block of the flows adds its last residual
-/// itself (to compare); default the next block adds it in its first norm's pass. Read once per
-/// process.
-pub fn defer_residuals() -> bool {
+/// `TRELLIS_FUSED_BLOCK_RESIDUAL=1`: a flow's transformer block adds the previous block's last
+/// residual in the pass of its first norm on the GPU (`add_layer_norm` with a gate and a
+/// modulation at once). Off by default until a GPU run has checked and timed that combination
+/// (`doctor --check-kernels` covers it); off, the residual is added alone, as before. Read once
+/// per process.
+pub fn fused_block_residual() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("TRELLIS_FUSED_BLOCK_RESIDUAL").map_or(true, |v| v.trim() != "0")
-    })
+    *ON.get_or_init(|| std::env::var("TRELLIS_FUSED_BLOCK_RESIDUAL").is_ok_and(|v| v.trim() == "1"))
 }
 
 /// `LayerNorm32(channels, elementwise_affine, eps)` over the last dimension; any rank (`[B, L, C]`,

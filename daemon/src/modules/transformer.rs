@@ -9,7 +9,7 @@ use super::attention::MultiHeadAttention;
 use super::context::CrossContext;
 use super::dense::{self, Dense};
 use super::gpu_fused::{self, Act};
-use super::norm::LayerNorm32;
+use super::norm::{fused_block_residual, LayerNorm32};
 
 /// adaLN modulation `x * (1 + scale) + shift`. With `x` `[B, L, C]` and `shift`/`scale` `[B, C]`, the
 /// modulation is broadcast over L (torch's `unsqueeze(1)`); otherwise the shapes must broadcast
@@ -216,27 +216,34 @@ impl ModulatedTransformerCrossBlock {
             BlockInput::Pending(p) => p.x.dims3()?,
         };
         let rows: Vec<_> = (0..bsz).map(|i| i * l..(i + 1) * l).collect();
-        // Each residual and the norm after it are one pass on the GPU, the previous block's
-        // last residual and this block's first norm included.
+        // Each residual and the norm after it are one pass on the GPU (the previous block's last
+        // residual and this block's first norm with `TRELLIS_FUSED_BLOCK_RESIDUAL=1`).
         let (x, h) = match input {
             BlockInput::Tokens(x) => {
                 let h = self.modulated_norm(&self.norm1, &x, &shift_msa, &scale_msa)?;
                 (x, h)
             }
-            BlockInput::Pending(p) => match self.norm1.forward_after_residual(
-                &p.x,
-                &p.h,
-                Some(&p.gate),
-                Some((&shift_msa, &scale_msa)),
-                &rows,
-            )? {
-                Some(pair) => pair,
-                None => {
-                    let x = p.finish()?;
-                    let h = self.modulated_norm(&self.norm1, &x, &shift_msa, &scale_msa)?;
-                    (x, h)
+            BlockInput::Pending(p) => {
+                let fused = if fused_block_residual() {
+                    self.norm1.forward_after_residual(
+                        &p.x,
+                        &p.h,
+                        Some(&p.gate),
+                        Some((&shift_msa, &scale_msa)),
+                        &rows,
+                    )?
+                } else {
+                    None
+                };
+                match fused {
+                    Some(pair) => pair,
+                    None => {
+                        let x = p.finish()?;
+                        let h = self.modulated_norm(&self.norm1, &x, &shift_msa, &scale_msa)?;
+                        (x, h)
+                    }
                 }
-            },
+            }
         };
         let h = self.self_attn.forward(&h, None)?;
         let (after_self_attn, h) =
@@ -282,9 +289,9 @@ impl ModulatedTransformerCrossBlock {
     }
 }
 
-/// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it in the pass
-/// of its first norm (one pass over the tokens fewer per block on the GPU, the same numbers as
-/// the two kernels); [`Self::finish`] adds it alone.
+/// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it, on the GPU
+/// with `TRELLIS_FUSED_BLOCK_RESIDUAL=1` in the pass of its first norm (one pass over the tokens
+/// fewer per block, the same numbers as the two kernels); [`Self::finish`] adds it alone.
 pub struct PendingResidual {
     x: Tensor,
     h: Tensor,

@@ -16,6 +16,7 @@ use super::tensor::SparseTensor;
 use crate::modules::context::CrossContext;
 use crate::modules::dense::{self, Dense};
 use crate::modules::gpu_fused::Act;
+use crate::modules::norm::fused_block_residual;
 
 /// `Linear(C, C*ratio) -> GELU(tanh) -> Linear(C*ratio, C)`, tensors `mlp.0.*` / `mlp.2.*`.
 #[derive(Debug, Clone)]
@@ -189,26 +190,33 @@ impl ModulatedSparseTransformerCrossBlock {
         let chunk = |i: usize| m.narrow(1, i * self.channels, self.channels);
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
-        // Each residual and the norm after it are one pass on the GPU, the previous block's
-        // last residual and this block's first norm included.
+        // Each residual and the norm after it are one pass on the GPU (the previous block's last
+        // residual and this block's first norm with `TRELLIS_FUSED_BLOCK_RESIDUAL=1`).
         let (x, h) = match input {
             BlockInput::Tokens(x) => {
                 let h = self.norm1.forward_modulated(&x, &shift_msa, &scale_msa)?;
                 (x, h)
             }
-            BlockInput::Pending(p) => match self.norm1.forward_after_residual(
-                &p.x,
-                &p.h,
-                Some(&p.gate),
-                Some((&shift_msa, &scale_msa)),
-            )? {
-                Some(pair) => pair,
-                None => {
-                    let x = p.finish()?;
-                    let h = self.norm1.forward_modulated(&x, &shift_msa, &scale_msa)?;
-                    (x, h)
+            BlockInput::Pending(p) => {
+                let fused = if fused_block_residual() {
+                    self.norm1.forward_after_residual(
+                        &p.x,
+                        &p.h,
+                        Some(&p.gate),
+                        Some((&shift_msa, &scale_msa)),
+                    )?
+                } else {
+                    None
+                };
+                match fused {
+                    Some(pair) => pair,
+                    None => {
+                        let x = p.finish()?;
+                        let h = self.norm1.forward_modulated(&x, &shift_msa, &scale_msa)?;
+                        (x, h)
+                    }
                 }
-            },
+            }
         };
         let h = self.self_attn.forward(&h)?;
         let (x, h) = match self
@@ -249,9 +257,9 @@ impl ModulatedSparseTransformerCrossBlock {
     }
 }
 
-/// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it in the pass
-/// of its first norm (one pass over the tokens fewer per block on the GPU, the same numbers as
-/// the two kernels); [`Self::finish`] adds it alone.
+/// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it, on the GPU
+/// with `TRELLIS_FUSED_BLOCK_RESIDUAL=1` in the pass of its first norm (one pass over the tokens
+/// fewer per block, the same numbers as the two kernels); [`Self::finish`] adds it alone.
 pub struct PendingResidual {
     x: SparseTensor,
     h: SparseTensor,
