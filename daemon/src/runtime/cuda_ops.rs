@@ -2139,6 +2139,21 @@ pub mod checks {
         Ok(worst)
     }
 
+    /// Windows of uneven sizes (1, 64, 65, 200, 7 and 263 rows) over `n` = 600 rows.
+    fn uneven_windows(n: usize) -> anyhow::Result<Vec<AttnGroup>> {
+        let mut groups = Vec::new();
+        let mut s = 0;
+        for len in [1usize, 64, 65, 200, 7, 263] {
+            groups.push(AttnGroup {
+                q: s..s + len,
+                kv: s..s + len,
+            });
+            s += len;
+        }
+        anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
+        Ok(groups)
+    }
+
     /// The flash kernel on strided views (q, k, v sliced out of one packed `[N, 3, H, 64]`
     /// projection) in a permuted row order (windows), against the CPU kernel on the gathered rows.
     pub fn flash_attention_rows_vs_cpu(
@@ -2161,16 +2176,7 @@ pub mod checks {
         // A permutation: odd rows first (reversed), then even rows; windows of uneven sizes.
         let mut perm: Vec<u32> = (0..n as u32).filter(|r| r % 2 == 1).rev().collect();
         perm.extend((0..n as u32).filter(|r| r % 2 == 0));
-        let mut groups = Vec::new();
-        let mut s = 0;
-        for len in [1usize, 64, 65, 200, 7, 263] {
-            groups.push(AttnGroup {
-                q: s..s + len,
-                kv: s..s + len,
-            });
-            s += len;
-        }
-        anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
+        let groups = uneven_windows(n)?;
         let g: Vec<f32> = flash_attention_tiled(&q, &k, &v, &groups, Some(&perm), Some(tiling))?
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -2246,19 +2252,7 @@ pub mod checks {
         let q_normed = crate::runtime::cuda_fused::rms_norm_heads(&q, &gamma, f64::from(scale))?;
         let mut perm: Vec<u32> = (0..n as u32).filter(|r| r % 3 != 1).rev().collect();
         perm.extend((0..n as u32).filter(|r| r % 3 == 1));
-        let windows = {
-            let mut groups = Vec::new();
-            let mut s = 0;
-            for len in [1usize, 64, 65, 200, 7, 263] {
-                groups.push(AttnGroup {
-                    q: s..s + len,
-                    kv: s..s + len,
-                });
-                s += len;
-            }
-            anyhow::ensure!(s == n, "check setup: windows cover {s} of {n} rows");
-            groups
-        };
+        let windows = uneven_windows(n)?;
         let partial = vec![
             AttnGroup {
                 q: 0..130,

@@ -85,19 +85,6 @@ __device__ __forceinline__ void stage_tile_async(u16* dst, const u16* __restrict
     }
 }
 
-// The two halves of a packed float16x2 / bfloat16x2 register as float32 (lo: bits 0-15).
-template <bool BF16>
-__device__ __forceinline__ void unpack2(u32 w, float& lo, float& hi) {
-    if (BF16) {
-        lo = __uint_as_float(w << 16);
-        hi = __uint_as_float(w & 0xffff0000u);
-    } else {
-        const u16 a = (u16)(w & 0xffffu), b = (u16)(w >> 16);
-        asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"(a));
-        asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"(b));
-    }
-}
-
 // x / n rounded to nearest, given r = rcp_refined(n): the instructions NVCC emits for `/` on its
 // fast path, without the call to the slow path it takes for operands near the ends of the float32
 // range (with that call ptxas spilled in the 64-row head-dim-80 builds). Here |x| <= n and

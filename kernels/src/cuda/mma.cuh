@@ -14,6 +14,18 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return r;
 }
 
+// The two halves of a packed float16x2 / bfloat16x2 register as float32 (lo: bits 0-15).
+template <bool BF16>
+__device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi) {
+    if (BF16) {
+        lo = __uint_as_float(v << 16);
+        hi = __uint_as_float(v & 0xffff0000u);
+    } else {
+        asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+            : "=f"(lo), "=f"(hi) : "r"(v));
+    }
+}
+
 // c += a · b for one m16n8k16 tile: a row-major (4 registers), b column-major (2), c float32.
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {

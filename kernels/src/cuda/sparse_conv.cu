@@ -449,17 +449,6 @@ CONV_K64_ENTRY(sparse_conv_k64_bf16_m64n64s3, true, 64, 64, 32, 3, 4)
 // neighbour, accumulated in float32 and rounded once. One thread per (row, 8 output channels):
 // 16-byte loads and stores (cout % 8 == 0, checked by the caller).
 template <bool BF16>
-__device__ __forceinline__ void unpack2(u32 v, float& lo, float& hi) {
-    if (BF16) {
-        lo = __uint_as_float(v << 16);
-        hi = __uint_as_float(v & 0xffff0000u);
-    } else {
-        asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-            : "=f"(lo), "=f"(hi) : "r"(v));
-    }
-}
-
-template <bool BF16>
 __device__ __forceinline__ void conv_gather_sum(const u16* __restrict__ y,
                                                 const int* __restrict__ nbr, int rows, int volume,
                                                 int src_shift, const float* __restrict__ bias,
