@@ -2139,6 +2139,27 @@ pub mod checks {
         Ok(worst)
     }
 
+    /// q, k and v as `[n, heads, d]` views of one packed `[n, 3, heads, d]` projection of noise
+    /// times `amp` (rows `3 · heads · d` apart, as the layers slice them).
+    fn packed_qkv(
+        dev: &Device,
+        dtype: DType,
+        [n, heads, d]: [usize; 3],
+        seed: u64,
+        amp: f32,
+    ) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+        let packed: Vec<f32> = noise(n * 3 * heads * d, seed)
+            .iter()
+            .map(|v| amp * v)
+            .collect();
+        let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
+        Ok((
+            qkv.get_on_dim(1, 0)?,
+            qkv.get_on_dim(1, 1)?,
+            qkv.get_on_dim(1, 2)?,
+        ))
+    }
+
     /// Windows of uneven sizes (1, 64, 65, 200, 7 and 263 rows) over `n` = 600 rows.
     fn uneven_windows(n: usize) -> anyhow::Result<Vec<AttnGroup>> {
         let mut groups = Vec::new();
@@ -2163,16 +2184,7 @@ pub mod checks {
         tol: f64,
     ) -> anyhow::Result<f64> {
         let (heads, d, n) = (2usize, 64usize, 600usize);
-        let packed: Vec<f32> = noise(n * 3 * heads * d, 17)
-            .iter()
-            .map(|v| 2.0 * v)
-            .collect();
-        let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
-        let (q, k, v) = (
-            qkv.get_on_dim(1, 0)?,
-            qkv.get_on_dim(1, 1)?,
-            qkv.get_on_dim(1, 2)?,
-        );
+        let (q, k, v) = packed_qkv(dev, dtype, [n, heads, d], 17, 2.0)?;
         // A permutation: odd rows first (reversed), then even rows; windows of uneven sizes.
         let mut perm: Vec<u32> = (0..n as u32).filter(|r| r % 2 == 1).rev().collect();
         perm.extend((0..n as u32).filter(|r| r % 2 == 0));
@@ -2236,16 +2248,7 @@ pub mod checks {
         tol: f64,
     ) -> anyhow::Result<f64> {
         let (heads, n) = (3usize, 600usize);
-        let packed: Vec<f32> = noise(n * 3 * heads * d, 23)
-            .iter()
-            .map(|v| 3.0 * v)
-            .collect();
-        let qkv = Tensor::from_slice(&packed, (n, 3, heads, d), dev)?.to_dtype(dtype)?;
-        let (q, k, v) = (
-            qkv.get_on_dim(1, 0)?,
-            qkv.get_on_dim(1, 1)?,
-            qkv.get_on_dim(1, 2)?,
-        );
+        let (q, k, v) = packed_qkv(dev, dtype, [n, heads, d], 23, 3.0)?;
         let gamma: Vec<f32> = noise(heads * d, 29).iter().map(|v| 1.0 + 0.5 * v).collect();
         let gamma = Tensor::from_slice(&gamma, (heads, d), dev)?;
         let scale = (d as f32).sqrt();
