@@ -209,9 +209,7 @@ impl SparseStructureFlowModel {
         if keep_blocks {
             self.blocks.for_each(|i, block| {
                 h = block.forward_with(&h, &modulation, ctx.layer(i))?.out;
-                if keep_blocks {
-                    outs.push(h.clone());
-                }
+                outs.push(h.clone());
                 Ok(())
             })?;
         } else {
