@@ -165,6 +165,20 @@ pub fn rel_l2(actual: &Tensor, expected: &Tensor) -> Result<f64> {
     Ok(if den > 0.0 { num / den } else { num })
 }
 
+/// The fraction of entries where `actual` and `expected` (same shape) differ, compared on the host
+/// in float64.
+pub fn differing(actual: &Tensor, expected: &Tensor) -> Result<f64> {
+    let a = host(actual)?.to_dtype(DType::F64)?.flatten_all()?;
+    let b = host(expected)?.to_dtype(DType::F64)?.flatten_all()?;
+    let n = b.elem_count().max(1) as f64;
+    let diff = a
+        .ne(&b)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok(diff / n)
+}
+
 impl Report {
     /// Compares by relative L2 error; a shape mismatch is recorded as a failed check.
     pub fn close(
@@ -199,15 +213,7 @@ impl Report {
             );
             f64::INFINITY
         } else {
-            let a = host(actual)?.to_dtype(DType::F64)?.flatten_all()?;
-            let b = host(expected)?.to_dtype(DType::F64)?.flatten_all()?;
-            let n = b.elem_count().max(1) as f64;
-            let diff = a
-                .ne(&b)?
-                .to_dtype(DType::F64)?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-            diff / n
+            differing(actual, expected)?
         };
         self.checks.push(Check {
             name: name.to_string(),
