@@ -217,7 +217,7 @@ impl ModulatedTransformerCrossBlock {
         };
         let rows: Vec<_> = (0..bsz).map(|i| i * l..(i + 1) * l).collect();
         // Each residual and the norm after it are one pass on the GPU (the previous block's last
-        // residual and this block's first norm with `TRELLIS_FUSED_BLOCK_RESIDUAL=1`).
+        // residual and this block's first norm unless `TRELLIS_FUSED_BLOCK_RESIDUAL=0`).
         let (x, h) = match input {
             BlockInput::Tokens(x) => {
                 let h = self.modulated_norm(&self.norm1, &x, &shift_msa, &scale_msa)?;
@@ -290,7 +290,7 @@ impl ModulatedTransformerCrossBlock {
 }
 
 /// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it, on the GPU
-/// with `TRELLIS_FUSED_BLOCK_RESIDUAL=1` in the pass of its first norm (one pass over the tokens
+/// in the pass of its first norm (unless `TRELLIS_FUSED_BLOCK_RESIDUAL=0`) (one pass over the tokens
 /// fewer per block, the same numbers as the two kernels); [`Self::finish`] adds it alone.
 pub struct PendingResidual {
     x: Tensor,

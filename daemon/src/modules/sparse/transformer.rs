@@ -191,7 +191,7 @@ impl ModulatedSparseTransformerCrossBlock {
         let (shift_msa, scale_msa, gate_msa) = (chunk(0)?, chunk(1)?, chunk(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (chunk(3)?, chunk(4)?, chunk(5)?);
         // Each residual and the norm after it are one pass on the GPU (the previous block's last
-        // residual and this block's first norm with `TRELLIS_FUSED_BLOCK_RESIDUAL=1`).
+        // residual and this block's first norm unless `TRELLIS_FUSED_BLOCK_RESIDUAL=0`).
         let (x, h) = match input {
             BlockInput::Tokens(x) => {
                 let h = self.norm1.forward_modulated(&x, &shift_msa, &scale_msa)?;
@@ -258,7 +258,7 @@ impl ModulatedSparseTransformerCrossBlock {
 }
 
 /// A block's last residual, `x + h * gate[b]`, not added yet: the next block adds it, on the GPU
-/// with `TRELLIS_FUSED_BLOCK_RESIDUAL=1` in the pass of its first norm (one pass over the tokens
+/// in the pass of its first norm (unless `TRELLIS_FUSED_BLOCK_RESIDUAL=0`) (one pass over the tokens
 /// fewer per block, the same numbers as the two kernels); [`Self::finish`] adds it alone.
 pub struct PendingResidual {
     x: SparseTensor,
