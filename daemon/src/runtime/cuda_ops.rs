@@ -102,18 +102,21 @@ pub fn fused_qnorm() -> bool {
 
 /// How the flash kernel tiles the queries: rows per block and whether K/V are double-buffered
 /// through cp.async (the mma.sync kernel, any sm_80+ GPU), or the Hopper kernel (wgmma, sm_90
-/// only: 64 rows per warpgroup, K/V tiles of `wgmma_keys` keys, always cp.async).
+/// only: 64 rows per warpgroup, K/V tiles of `wgmma_keys` keys, always cp.async; `pipelined`:
+/// each tile's S = Q K^T goes out with the previous tile's P V and the softmax overlaps it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
     /// Keys per K/V tile of the wgmma kernel (64 or 128); 0 for the mma.sync kernel.
     pub wgmma_keys: usize,
+    /// The wgmma kernel's pipelined build (three K/V stages).
+    pub pipelined: bool,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 10] = [
+    pub const VARIANTS: [FlashTiling; 14] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
@@ -124,6 +127,10 @@ impl FlashTiling {
         Self::wgmma(64, 128),
         Self::wgmma(128, 128),
         Self::wgmma(192, 128),
+        Self::wgmma_pipelined(64, 64),
+        Self::wgmma_pipelined(128, 64),
+        Self::wgmma_pipelined(64, 128),
+        Self::wgmma_pipelined(128, 128),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -132,6 +139,7 @@ impl FlashTiling {
             rows,
             staged_async,
             wgmma_keys: 0,
+            pipelined: false,
         }
     }
 
@@ -142,6 +150,17 @@ impl FlashTiling {
             rows,
             staged_async: true,
             wgmma_keys: keys,
+            pipelined: false,
+        }
+    }
+
+    /// The pipelined wgmma kernel: `rows` (64 or 128) per block, `keys` (64 or 128) per tile.
+    pub const fn wgmma_pipelined(rows: usize, keys: usize) -> Self {
+        Self {
+            rows,
+            staged_async: true,
+            wgmma_keys: keys,
+            pipelined: true,
         }
     }
 
@@ -174,10 +193,12 @@ impl FlashTiling {
         self.source().runs_on(arch)
     }
 
-    /// `64`, `128a`, `128w128`, ...: rows, `a` for cp.async, `wN` for wgmma with N-key tiles.
+    /// `64`, `128a`, `128w128`, `128p64`, ...: rows, `a` for cp.async, `wN` for wgmma with
+    /// N-key tiles, `pN` for the pipelined wgmma kernel.
     pub fn label(&self) -> String {
         if self.is_wgmma() {
-            return format!("{}w{}", self.rows, self.wgmma_keys);
+            let kind = if self.pipelined { "p" } else { "w" };
+            return format!("{}{kind}{}", self.rows, self.wgmma_keys);
         }
         format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
     }
@@ -194,7 +215,8 @@ impl FlashTiling {
     fn entry(&self, ty: &str, head_dim: usize) -> String {
         if self.is_wgmma() {
             return format!(
-                "flash_wgmma_{ty}_d{head_dim}_w{}_n{}",
+                "flash_wgmma_{}{ty}_d{head_dim}_w{}_n{}",
+                if self.pipelined { "pipe_" } else { "" },
                 self.rows / 64,
                 self.wgmma_keys
             );
@@ -215,10 +237,12 @@ impl FlashTiling {
         }
     }
 
-    /// Dynamic shared memory per block: two stages of a K and a V tile (wgmma), none otherwise.
+    /// Dynamic shared memory per block: two stages (pipelined: three) of a K and a V tile
+    /// (wgmma), none otherwise.
     fn shared_bytes(&self, head_dim: usize) -> u32 {
         if self.is_wgmma() {
-            (2 * 2 * self.wgmma_keys * head_dim * 2) as u32
+            let stages = if self.pipelined { 3 } else { 2 };
+            (stages * 2 * self.wgmma_keys * head_dim * 2) as u32
         } else {
             0
         }
