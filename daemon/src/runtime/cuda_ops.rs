@@ -92,7 +92,7 @@ pub fn flash_async() -> bool {
 }
 
 /// `TRELLIS_FUSED_QNORM`: whether [`flash_attention_rows_qnorm`] applies the queries'
-/// MultiHeadRMSNorm inside the mma.sync flash kernel as it loads them (`1`, the default: no
+/// MultiHeadRMSNorm inside the flash kernel as it loads them (`1`, the default: no
 /// separate launch reading and writing all of q) or normalises q in its own launch first (`0`,
 /// for measuring the difference). Read once per process.
 pub fn fused_qnorm() -> bool {
@@ -168,22 +168,18 @@ impl FlashTiling {
         self.wgmma_keys > 0
     }
 
-    /// The tiling picked for `groups` of heads of `head_dim` on a GPU of compute capability
-    /// `arch` (`major * 10 + minor`): `TRELLIS_FLASH_TILING` when set, else the wgmma kernel on
-    /// sm_90 when [`flash_wgmma`] says so, else [`flash_rows_for`] rows and [`flash_async`]
-    /// staging.
-    pub fn for_groups(
-        groups: &[trellis_kernels::attention::AttnGroup],
-        arch: u32,
-        head_dim: usize,
-    ) -> Self {
+    /// The tiling picked for `groups` on a GPU of compute capability `arch` (`major * 10 +
+    /// minor`): `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`] rows in the pipelined
+    /// wgmma kernel on sm_90 when [`flash_wgmma`] says so, else in the mma.sync kernel with
+    /// [`flash_async`] staging.
+    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup], arch: u32) -> Self {
         if let Some(t) = flash_tiling_override() {
             return t;
         }
         let rows = flash_rows_for(groups);
-        let wgmma = flash_wgmma().unwrap_or(head_dim == 80 && rows == 128);
+        let wgmma = flash_wgmma().unwrap_or(rows == 128);
         if arch == 90 && wgmma {
-            return Self::wgmma(rows, 64);
+            return Self::wgmma_pipelined(rows, 64);
         }
         Self::new(rows, flash_async())
     }
@@ -249,13 +245,12 @@ impl FlashTiling {
     }
 }
 
-/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the wgmma attention kernel (64-key
-/// tiles) or the mma.sync one every sm_80+ GPU runs. `1`: wgmma for every head dim; `0`: never;
-/// unset: wgmma for head dim 80 in 128-row blocks, mma.sync otherwise. Measured on an H100
-/// (`bench attention`, session 11, two rounds): text-xlarge's 2 x 4096 self-attention with 16 x 80
-/// heads 270.5 / 271.6 against 245.9 / 223.8 TFLOP/s; for head dim 64 the two are level (SS
-/// flow self-attention 248.0 / 248.1 against 247.2 / 247.5, SLat varlen 238.5 against 232.7,
-/// decoder windows 131.7 against 137.7; in session 10 the flows took the same time with either).
+/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the pipelined wgmma attention kernel
+/// (64-key tiles) or the mma.sync one every sm_80+ GPU runs. `1`: wgmma for every call; `0`:
+/// never; unset: wgmma for 128-row blocks, mma.sync for the 64-row ones (short windows). Measured
+/// on an H100 (`bench attention`, session 15): the pipelined build `128p64` against mma.sync
+/// `128a`: SS flow self-attention 2 x 4096 260.0 against 247.3 TFLOP/s, SLat varlen 244.3
+/// against 226.6, SS cross 219.5 against 216.2, decoder windows 131.5 against 133.6.
 pub fn flash_wgmma() -> Option<bool> {
     static C: OnceLock<Option<bool>> = OnceLock::new();
     *C.get_or_init(|| match std::env::var("TRELLIS_FLASH_WGMMA").as_deref() {
@@ -1232,13 +1227,11 @@ impl CustomOp3 for FlashAttentionOp {
                         Some(p) => b.arg(p),
                         None => b.arg(&null),
                     };
-                    if !self.tiling.is_wgmma() {
-                        match &gamma {
-                            Some(g) => b.arg(g),
-                            None => b.arg(&null),
-                        };
-                        b.arg(&q_scale);
-                    }
+                    match &gamma {
+                        Some(g) => b.arg(g),
+                        None => b.arg(&null),
+                    };
+                    b.arg(&q_scale);
                     // SAFETY: argument types and counts match the kernel's signature; shapes,
                     // ranges and alignment checked by `flash_attention`, gamma's dtype, length
                     // and device by `flash_attention_with`.
@@ -1406,9 +1399,9 @@ pub fn flash_attention_rows(
 /// [`flash_attention_rows`] of the queries' MultiHeadRMSNorm: with `q_norm` = (gamma, scale)
 /// (gamma float32 `[heads, dim]` contiguous on q's device) the attention of
 /// `q / max(||q||, 1e-12) * gamma * scale` (per row and head, float32, rounded to q's dtype) to
-/// `k` and `v`, the norm applied by the mma.sync kernel as it loads q (no launch reading and
+/// `k` and `v`, the norm applied by the flash kernel as it loads q (no launch reading and
 /// writing all of q; the same values up to the order of the float32 sum of squares), or by
-/// `cuda_fused::rms_norm_heads` first for the wgmma tilings and under `TRELLIS_FUSED_QNORM=0`.
+/// `cuda_fused::rms_norm_heads` first under `TRELLIS_FUSED_QNORM=0`.
 /// `None`: [`flash_attention_rows`].
 pub fn flash_attention_rows_qnorm(
     q: &Tensor,
@@ -1435,8 +1428,8 @@ pub fn flash_attention_tiled(
 }
 
 /// The flash attention behind the public calls: `tiling` `None` picks one per call, `q_norm` as
-/// [`flash_attention_rows_qnorm`], applied in the kernel when `fuse` and the tiling is mma.sync,
-/// else in a launch of its own first.
+/// [`flash_attention_rows_qnorm`], applied in the kernel when `fuse`, else in a launch of its own
+/// first.
 #[allow(clippy::too_many_arguments)]
 fn flash_attention_with(
     q: &Tensor,
@@ -1484,7 +1477,7 @@ fn flash_attention_with(
         candle_core::Device::Cuda(dev) => device_arch(dev),
         _ => anyhow::bail!("flash attention: CUDA tensors only"),
     };
-    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch, d));
+    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch));
     let rows = tiling.rows;
     anyhow::ensure!(
         FlashTiling::VARIANTS.contains(&tiling),
@@ -1556,7 +1549,7 @@ fn flash_attention_with(
     };
     let mut q = fit(q)?;
     if let Some((gamma, scale)) = q_norm {
-        if fuse && !tiling.is_wgmma() {
+        if fuse {
             op.q_norm = Some((gamma.clone(), scale));
         } else {
             q = super::cuda_fused::rms_norm_heads(&q, gamma, f64::from(scale))?;
@@ -2341,11 +2334,18 @@ pub mod checks {
         Ok(worst)
     }
 
-    /// [`flash_attention_qnorm_vs_separate`] for every mma.sync build, both dtypes and head
-    /// dimensions: the worst relative error.
+    /// [`flash_attention_qnorm_vs_separate`] for every build this GPU runs (the wgmma builds on
+    /// sm_90), both dtypes and head dimensions: the worst relative error.
     fn flash_qnorm_builds(dev: &Device) -> anyhow::Result<f64> {
+        let arch = match dev {
+            Device::Cuda(d) => device_arch(d),
+            _ => 0,
+        };
         let mut worst = 0f64;
-        for t in FlashTiling::VARIANTS.into_iter().filter(|t| !t.is_wgmma()) {
+        for t in FlashTiling::VARIANTS
+            .into_iter()
+            .filter(|t| t.runs_on(arch))
+        {
             for (dtype, tol) in [(DType::F16, 1e-3), (DType::BF16, 5e-3)] {
                 for d in [64, 80] {
                     let e = flash_attention_qnorm_vs_separate(dev, dtype, d, t, tol)?;
@@ -2446,14 +2446,6 @@ pub mod checks {
                 }
             }
             worst = worst.max(flash_attention_rows_vs_cpu(dev, DType::F16, t, 4e-3)?);
-            // (q normalised in its own launch first: the same values)
-            worst = worst.max(flash_attention_qnorm_vs_separate(
-                dev,
-                DType::BF16,
-                80,
-                t,
-                1e-6,
-            )?);
         }
         Ok(worst)
     }
@@ -2571,7 +2563,7 @@ pub mod checks {
                 flash_attention_rows_vs_cpu(dev, DType::F16, T128A, 4e-3),
             ),
             (
-                "flash attention with q's RMS norm fused vs separate, f16 and bf16, d64 and d80, every mma.sync build",
+                "flash attention with q's RMS norm fused vs separate, f16 and bf16, d64 and d80, every build",
                 flash_qnorm_builds(dev),
             ),
         ]

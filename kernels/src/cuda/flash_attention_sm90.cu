@@ -1,5 +1,5 @@
 // Fused attention on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a only): the
-// contract, arguments and online softmax of flash_attention.cu, with both products issued by a
+// contract, arguments (q's fused RMS norm included) and online softmax of flash_attention.cu, with both products issued by a
 // warpgroup (4 warps, 64 query rows) as asynchronous wgmma.mma_async:
 //   S = Q K^T: m64nBNk16, A = Q from registers (the same fragments mma.sync takes), B = the K tile
 //              in shared memory (K-major: each key's HD dims contiguous);
@@ -293,7 +293,8 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
                             const int* __restrict__ kv_start, const int* __restrict__ kv_end,
                             int heads, float scale_log2, u16* __restrict__ out,
                             long long q_stride, long long k_stride, long long v_stride,
-                            const int* __restrict__ perm) {
+                            const int* __restrict__ perm, const float* __restrict__ q_gamma,
+                            float q_scale) {
     constexpr int NT = 128 * NWG;   // threads
     constexpr int KS = HD / 16;     // k-steps of S = Q K^T
     constexpr int ND = HD / 8;      // 8-wide blocks of output dims
@@ -315,8 +316,9 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     constexpr u32 k_lead = 128, k_stride_b = CPR * 128;
     constexpr u32 v_lead = CPR * 128, v_stride_b = 128;
 
-    u32 qa[KS][4];
-    load_q_frags<HD>(qa, q, r0, r_end, q_stride, perm, h, g, t);
+    u32 qa[1][KS][4];
+    load_q_frags<HD>(qa[0], q, r0, r_end, q_stride, perm, h, g, t);
+    if (q_gamma) rms_norm_q<BF16, HD, 1>(qa, q_gamma, q_scale, h, r0, r_end, g, t);
     float o[ND * 4];
     #pragma unroll
     for (int i = 0; i < ND * 4; ++i) o[i] = 0.f;
@@ -350,10 +352,10 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
         };
         auto issue_s = [&](int it) {
             const u64 kd = smem_desc(smem + (it % STAGES) * 2 * TILE, k_lead, k_stride_b);
-            wgmma_rs_zero<BF16, BN>(s, qa[0], kd);
+            wgmma_rs_zero<BF16, BN>(s, qa[0][0], kd);
             #pragma unroll
             for (int st = 1; st < KS; ++st)
-                wgmma_rs<BF16, BN, false>(s, qa[st], kd + (u64)(st * 2 * 64 * 2 / 16), 1);
+                wgmma_rs<BF16, BN, false>(s, qa[0][st], kd + (u64)(st * 2 * 64 * 2 / 16), 1);
             wgmma_commit();
         };
         auto issue_pv = [&](int it) {
@@ -412,7 +414,7 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
             wgmma_fence();
             #pragma unroll
             for (int st = 0; st < KS; ++st)
-                wgmma_rs<BF16, BN, false>(s, qa[st],
+                wgmma_rs<BF16, BN, false>(s, qa[0][st],
                                           smem_desc(ks + st * 2 * 64, k_lead, k_stride_b), st);
             wgmma_commit();
             wgmma_wait_all();
@@ -443,10 +445,10 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
             const int* __restrict__ q_end, const int* __restrict__ kv_start,                    \
             const int* __restrict__ kv_end, int heads, float scale_log2, u16* __restrict__ out, \
             long long q_stride, long long k_stride, long long v_stride,                         \
-            const int* __restrict__ perm) {                                                     \
+            const int* __restrict__ perm, const float* __restrict__ q_gamma, float q_scale) {   \
         flash_wgmma<BF16, HD, NWG, BN, PIPE>(q, k, v, tile_group, tile_q0, q_end, kv_start,     \
                                              kv_end, heads, scale_log2, out, q_stride,          \
-                                             k_stride, v_stride, perm);                         \
+                                             k_stride, v_stride, perm, q_gamma, q_scale);       \
     }
 
 #define WGMMA_ENTRIES(TY, BF16, HD)                              \

@@ -72,3 +72,76 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// x / n rounded to nearest, given r = rcp_refined(n): the instructions NVCC emits for `/` on its
+// fast path, without the call to the slow path it takes for operands near the ends of the float32
+// range (with that call ptxas spilled in the 64-row head-dim-80 builds). Here |x| <= n and
+// n >= 1e-12: float16 rows (norms below 2^20, nonzero values above 2^-25) stay well inside the
+// range where the fast path is the IEEE quotient, and so do bfloat16 rows of ordinary magnitudes;
+// a bfloat16 row whose sum of squares overflows (values beyond ~1e19) turns NaN, not zero.
+__device__ __forceinline__ float rcp_refined(float n) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(n));
+    return fmaf(r, fmaf(r, -n, 1.f), r);
+}
+
+__device__ __forceinline__ float div_rn(float x, float n, float r) {
+    const float q = x * r;
+    return fmaf(r, fmaf(q, -n, x), q);
+}
+
+// MultiHeadRMSNorm of the Q fragments qa[f][s][0..3] of head h in place (flash_attention.cu's
+// header says what it computes; the wgmma kernel's A fragments have the same layout). A row's
+// HD values are spread over the four lanes of a quad (registers 0 and 2 row g, 1 and 3 row g + 8
+// of each fragment), so the sums of squares are reduced over the quad; every lane takes part in
+// the shuffles. Rows at or past r_end hold zeros and stay zero.
+template <bool BF16, int HD, int MF>
+__device__ __forceinline__ void rms_norm_q(u32 (&qa)[MF][HD / 16][4], const float* __restrict__ gamma,
+                                           float scale, int h, int r0, int r_end, int g, int t) {
+    constexpr int KS = HD / 16;
+    float norm[MF][2], rcp[MF][2];
+    #pragma unroll
+    for (int f = 0; f < MF; ++f) {
+        float sa = 0.f, sb = 0.f;
+        #pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float lo, hi;
+                unpack2<BF16>(qa[f][s][i], lo, hi);
+                const float sq = lo * lo + hi * hi;
+                if (i & 1) sb += sq; else sa += sq;
+            }
+        }
+        sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+        sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+        sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+        sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+        norm[f][0] = fmaxf(sqrtf(sa), 1e-12f);
+        norm[f][1] = fmaxf(sqrtf(sb), 1e-12f);
+        rcp[f][0] = rcp_refined(norm[f][0]);
+        rcp[f][1] = rcp_refined(norm[f][1]);
+    }
+    const float* gh = gamma + h * HD;
+    #pragma unroll
+    for (int s = 0; s < KS; ++s) {
+        const int c = s * 16 + 2 * t;
+        // gamma of columns c, c + 1 (registers 0, 1) and c + 8, c + 9 (registers 2, 3)
+        const float gm[4] = {gh[c], gh[c + 1], gh[c + 8], gh[c + 9]};
+        #pragma unroll
+        for (int f = 0; f < MF; ++f) {
+            const int ra = r0 + f * 16 + g;
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const bool live = (i & 1 ? ra + 8 : ra) < r_end;
+                const float n = norm[f][i & 1], r = rcp[f][i & 1];
+                const int gi = (i >> 1) * 2;
+                float lo, hi;
+                unpack2<BF16>(qa[f][s][i], lo, hi);
+                const u32 w = pack2<BF16>(div_rn(lo, n, r) * gm[gi] * scale,
+                                          div_rn(hi, n, r) * gm[gi + 1] * scale);
+                qa[f][s][i] = live ? w : 0u;
+            }
+        }
+    }
+}
