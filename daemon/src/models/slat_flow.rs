@@ -11,7 +11,7 @@
 //! reproduce that, `F32` to run everything in float32. `ElasticSLatFlowModel` checkpoints (a
 //! training-time memory wrapper) load into this same network.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
@@ -88,11 +88,23 @@ impl SparseResBlock3d {
 
     /// `emb`: `[B, emb_channels]`.
     pub fn forward(&self, x: &SparseTensor, emb: &Tensor) -> Result<SparseTensor> {
+        let e = self.embedding(emb, None, x.dtype())?;
+        self.forward_embedded(x, &e)
+    }
+
+    /// `emb_layers(emb)` (SiLU, Linear) in `dtype`, `[B, 2 * out_channels]`; `act` is
+    /// `silu(emb)` already made by the caller, used when it is in the Linear's dtype.
+    pub fn embedding(&self, emb: &Tensor, act: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
         let wd = self.emb_layer.dtype();
-        let e = self
-            .emb_layer
-            .forward(&emb.to_dtype(wd)?.silu()?)?
-            .to_dtype(x.dtype())?;
+        let e = match act.filter(|a| a.dtype() == wd) {
+            Some(a) => self.emb_layer.forward(a)?,
+            None => self.emb_layer.forward(&emb.to_dtype(wd)?.silu()?)?,
+        };
+        Ok(e.to_dtype(dtype)?)
+    }
+
+    /// [`Self::forward`] given the block's [`Self::embedding`] `e`.
+    pub fn forward_embedded(&self, x: &SparseTensor, e: &Tensor) -> Result<SparseTensor> {
         let c = self.out_channels;
         let (scale, shift) = (e.narrow(1, 0, c)?, e.narrow(1, c, c)?);
         // An upsampling block runs norm1, the SiLU and the skip Linear, which act on each row
@@ -256,11 +268,13 @@ impl SLatFlowModel {
     /// Returns the predicted velocity on `x`'s coords, in `x`'s dtype.
     pub fn forward(&self, x: &SparseTensor, t: &Tensor, cond: &Tensor) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, None, None)
+        self.forward_with_t_emb(x, Timestep::Embedding(&t_emb, None), cond, None, None)
     }
 
     /// [`Self::forward`] with the condition's cross-attention projections kept in `cache` across
-    /// calls (the sampler's steps; [`crate::modules::context`]).
+    /// calls (the sampler's steps; [`crate::modules::context`]), and the timestep embedding and
+    /// every layer's modulation kept for the next call with the same `t` tensor (the other
+    /// branch of a guided step).
     pub fn forward_cached(
         &self,
         x: &SparseTensor,
@@ -268,8 +282,20 @@ impl SLatFlowModel {
         cond: &Tensor,
         cache: &mut ContextCache,
     ) -> Result<SparseTensor> {
+        if let Some(kept) = cache.timestep(t) {
+            return self.forward_with_t_emb(x, Timestep::Kept(&kept), cond, Some(cache), None);
+        }
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, Some(cache), None)
+        let mut made = Vec::new();
+        let out = self.forward_with_t_emb(
+            x,
+            Timestep::Embedding(&t_emb, Some(&mut made)),
+            cond,
+            Some(cache),
+            None,
+        )?;
+        cache.keep_timestep(t, made);
+        Ok(out)
     }
 
     /// Like `forward`, calling `hook(name, h)` after every block, named `input_block{i}`,
@@ -283,7 +309,7 @@ impl SLatFlowModel {
         hook: &mut dyn FnMut(&str, &SparseTensor) -> Result<Option<Tensor>>,
     ) -> Result<SparseTensor> {
         let t_emb = self.timestep_embedding(t)?;
-        self.forward_with_t_emb(x, &t_emb, cond, None, Some(hook))
+        self.forward_with_t_emb(x, Timestep::Embedding(&t_emb, None), cond, None, Some(hook))
     }
 
     /// The timestep embedding `[B, C]` (float32; with `share_mod`, before the shared modulation).
@@ -294,11 +320,20 @@ impl SLatFlowModel {
     fn forward_with_t_emb(
         &self,
         x: &SparseTensor,
-        t_emb: &Tensor,
+        timestep: Timestep<'_>,
         cond: &Tensor,
         cache: Option<&mut ContextCache>,
         mut hook: Option<&mut BlockHook<'_>>,
     ) -> Result<SparseTensor> {
+        let dt = self.dtype;
+        let mut layers = LayerModulations::new(timestep, |t_emb| {
+            let t_emb = match &self.shared_mod {
+                Some(l) => l.forward(&t_emb.silu()?)?,
+                None => t_emb.clone(),
+            };
+            Ok(t_emb.to_dtype(dt)?)
+        })?;
+        let t_emb = layers.t_emb().clone();
         ensure!(
             t_emb.dim(0)? == x.batch_size(),
             "SLatFlowModel: {} timesteps for a batch of {}",
@@ -311,14 +346,8 @@ impl SLatFlowModel {
             cond.dims(),
             x.batch_size()
         );
-        let dt = self.dtype;
         let tracing = hook.is_some();
         let mut h = self.input_layer.forward(x)?.to_dtype(dt)?;
-        let t_emb = match &self.shared_mod {
-            Some(l) => l.forward(&t_emb.silu()?)?,
-            None => t_emb.clone(),
-        };
-        let t_emb = t_emb.to_dtype(dt)?;
         let mut ctx = FlowContext::new(cond, dt, cache)?;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
         // A hook's replacement feats (same coords) for the rest of the network.
@@ -332,7 +361,8 @@ impl SLatFlowModel {
             }
         };
         for (i, b) in self.input_blocks.iter().enumerate() {
-            h = traced(format!("input_block{i}"), b.forward(&h, &t_emb)?)?;
+            let e = layers.next(|act| b.embedding(&t_emb, Some(act), dt))?;
+            h = traced(format!("input_block{i}"), b.forward_embedded(&h, &e)?)?;
             skips.push(h.feats().clone());
         }
         if let Some(pe) = &self.pos_embedder {
@@ -340,9 +370,11 @@ impl SLatFlowModel {
         }
         if tracing {
             self.blocks.for_each(|i, b| {
+                let m = layers.next(|act| b.modulation(&t_emb, Some(act), dt))?;
                 h = traced(
                     format!("block{i}"),
-                    b.forward_with(&h, &t_emb, ctx.layer(i))?,
+                    b.forward_modulated(BlockInput::Tokens(h.clone()), &m, ctx.layer(i))?
+                        .finish()?,
                 )?;
                 Ok(())
             })?;
@@ -355,7 +387,8 @@ impl SLatFlowModel {
                     Some(p) => BlockInput::Pending(p),
                     None => BlockInput::Tokens(h.clone()),
                 };
-                pending = Some(b.forward_deferred(input, &t_emb, ctx.layer(i))?);
+                let m = layers.next(|act| b.modulation(&t_emb, Some(act), dt))?;
+                pending = Some(b.forward_modulated(input, &m, ctx.layer(i))?);
                 Ok(())
             })?;
             if let Some(p) = pending {
@@ -364,9 +397,107 @@ impl SLatFlowModel {
         }
         for (i, (b, skip)) in self.out_blocks.iter().zip(skips.iter().rev()).enumerate() {
             let input = if self.use_skip { h.cat_feats(skip)? } else { h };
-            h = traced(format!("out_block{i}"), b.forward(&input, &t_emb)?)?;
+            let e = layers.next(|act| b.embedding(&t_emb, Some(act), dt))?;
+            h = traced(format!("out_block{i}"), b.forward_embedded(&input, &e)?)?;
         }
+        layers.finish()?;
         let h = h.replace(f_layer_norm(h.feats())?)?.to_dtype(x.dtype())?;
         self.out_layer.forward(&h)
+    }
+}
+
+/// The timestep side of one flow forward: the raw embedding (with `Some(made)`, what the forward
+/// makes from it is pushed there for [`ContextCache::keep_timestep`]), or what an earlier forward
+/// at the same timesteps made ([`crate::modules::context::TimestepMemo`]'s layout).
+pub enum Timestep<'a> {
+    Embedding(&'a Tensor, Option<&'a mut Vec<Tensor>>),
+    Kept(&'a [Tensor]),
+}
+
+/// Hands out a forward's timestep embedding and its layers' modulations in order: made from the
+/// embedding (its SiLU computed once for all layers) or taken from a [`Timestep::Kept`] list.
+pub struct LayerModulations<'a> {
+    t_emb: Tensor,
+    act: Option<Tensor>,
+    kept: Option<&'a [Tensor]>,
+    made: Option<&'a mut Vec<Tensor>>,
+    next: usize,
+}
+
+impl<'a> LayerModulations<'a> {
+    /// `embed` maps the raw embedding to the one the layers take (shared modulation, dtype).
+    pub fn new(
+        timestep: Timestep<'a>,
+        embed: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        Ok(match timestep {
+            Timestep::Kept(kept) => Self {
+                t_emb: kept
+                    .first()
+                    .cloned()
+                    .context("kept timestep layers without the embedding")?,
+                act: None,
+                kept: Some(kept),
+                made: None,
+                next: 1,
+            },
+            Timestep::Embedding(raw, mut made) => {
+                let t_emb = embed(raw)?;
+                if let Some(m) = made.as_deref_mut() {
+                    m.clear();
+                    m.push(t_emb.clone());
+                }
+                Self {
+                    t_emb,
+                    act: None,
+                    kept: None,
+                    made,
+                    next: 1,
+                }
+            }
+        })
+    }
+
+    /// The embedding the layers take.
+    pub fn t_emb(&self) -> &Tensor {
+        &self.t_emb
+    }
+
+    /// The next layer's modulation: kept, or `make(silu(t_emb))`.
+    pub fn next(&mut self, make: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let i = self.next;
+        self.next += 1;
+        if let Some(kept) = self.kept {
+            return kept
+                .get(i)
+                .cloned()
+                .with_context(|| format!("kept timestep layers: no layer {i}"));
+        }
+        let act = match &self.act {
+            Some(a) => a.clone(),
+            None => {
+                let a = self.t_emb.silu()?;
+                self.act = Some(a.clone());
+                a
+            }
+        };
+        let m = make(&act)?;
+        if let Some(made) = self.made.as_deref_mut() {
+            made.push(m.clone());
+        }
+        Ok(m)
+    }
+
+    /// Checks that a kept list had exactly the layers this forward took.
+    pub fn finish(&self) -> Result<()> {
+        if let Some(kept) = self.kept {
+            ensure!(
+                kept.len() == self.next,
+                "kept timestep layers: {} kept, {} used",
+                kept.len(),
+                self.next
+            );
+        }
+        Ok(())
     }
 }

@@ -8,6 +8,11 @@
 //! all equal, so softmax attention gives every query the same output, `to_out(v)` of a zero
 //! token; that row is computed once and those elements skip `to_q`, the attention and `to_out`
 //! (the original computes them and gets the same numbers up to rounding).
+//!
+//! It also keeps the timestep side of the last forward ([`TimestepMemo`]): the conditional and
+//! unconditional calls of a guided step that run one after the other share the sampler's `t`
+//! tensor, so the second reuses the first's timestep embedding and every layer's modulation
+//! (the same values; no `t_embedder`, SiLU or `adaLN_modulation` launch).
 
 use std::collections::VecDeque;
 
@@ -20,6 +25,14 @@ use candle_core::{DType, Tensor};
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TRELLIS_CONTEXT_CACHE").as_deref() != Ok("0"))
+}
+
+/// `TRELLIS_TIMESTEP_MEMO=0` turns the [`TimestepMemo`] off (each forward embeds its timesteps
+/// and makes every layer's modulation), to measure what it saves; it is also off when the
+/// context cache is ([`enabled`]). Read once per process.
+pub fn timestep_memo_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    enabled() && *ON.get_or_init(|| std::env::var("TRELLIS_TIMESTEP_MEMO").as_deref() != Ok("0"))
 }
 
 /// Contexts kept at once (the conditional, negative and paired conditions of one stage).
@@ -202,11 +215,41 @@ impl<'a> FlowContext<'a> {
 #[derive(Debug, Default)]
 pub struct ContextCache {
     entries: VecDeque<(Tensor, CachedContext)>,
+    timestep: Option<TimestepMemo>,
+}
+
+/// What a flow forward made from its timesteps `t`, for the next forward given the same `t`
+/// tensor (matched by identity, like the contexts): `layers[0]` is the embedding the blocks take
+/// (after any shared modulation, in the torso dtype), then each layer's own modulation in the
+/// order the flow runs them.
+#[derive(Debug, Clone)]
+pub struct TimestepMemo {
+    key: Tensor,
+    pub layers: Vec<Tensor>,
 }
 
 impl ContextCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The layers kept from the last forward at timesteps `t` (the same tensor), when
+    /// [`timestep_memo_enabled`].
+    pub fn timestep(&self, t: &Tensor) -> Option<Vec<Tensor>> {
+        self.timestep
+            .as_ref()
+            .filter(|m| timestep_memo_enabled() && m.key.id() == t.id())
+            .map(|m| m.layers.clone())
+    }
+
+    /// Keeps `layers` (see [`TimestepMemo`]) made at timesteps `t`, replacing any earlier ones.
+    pub fn keep_timestep(&mut self, t: &Tensor, layers: Vec<Tensor>) {
+        if timestep_memo_enabled() {
+            self.timestep = Some(TimestepMemo {
+                key: t.clone(),
+                layers,
+            });
+        }
     }
 
     /// The cached context of `cond` `[B, L, C]` in `dtype`, made when new.
@@ -303,6 +346,25 @@ mod tests {
         }
         assert_eq!(cache.len(), CAPACITY);
         assert!(cache.get(&pair, DType::F32).unwrap().layer(3).kv.is_none());
+    }
+
+    #[test]
+    fn keeps_one_timestep_matched_by_identity() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[500f32], &dev).unwrap();
+        let mut cache = ContextCache::new();
+        assert!(cache.timestep(&t).is_none());
+        let layer = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        cache.keep_timestep(&t, vec![layer.clone()]);
+        let kept = cache.timestep(&t.clone()).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].id(), layer.id());
+        // the same value in another tensor (the next step's `t`) is not a match, and replaces it
+        let next = Tensor::new(&[500f32], &dev).unwrap();
+        assert!(cache.timestep(&next).is_none());
+        cache.keep_timestep(&next, vec![]);
+        assert!(cache.timestep(&t).is_none());
+        assert_eq!(cache.timestep(&next).map(|l| l.len()), Some(0));
     }
 
     #[test]

@@ -331,6 +331,24 @@ fn slat_flow(fx: &mut Fixture) -> Result<Outcome> {
                 plain.dims() == out.dims() && differing(&plain, &out)? == 0.0,
                 "SLatFlowModel: forward and forward_traced differ"
             );
+            // The sampler's path: the first call at `t` keeps the timestep embedding and the
+            // layers' modulations, the second (the other guided branch, here a zero condition)
+            // reuses them; each must give what a call with nothing kept gives.
+            use crate::modules::context::{timestep_memo_enabled, ContextCache};
+            let mut cache = ContextCache::new();
+            let zeros = cond.zeros_like()?;
+            for (c, name) in [(&cond, "condition"), (&zeros, "zero condition")] {
+                let kept = model.forward_cached(&x, &t, c, &mut cache)?.feats().clone();
+                ensure!(
+                    cache.timestep(&t).is_some() == timestep_memo_enabled(),
+                    "SLatFlowModel: forward_cached kept no timestep layers"
+                );
+                let fresh = model.forward_cached(&x, &t, c, &mut ContextCache::new())?;
+                ensure!(
+                    differing(&kept, fresh.feats())? == 0.0,
+                    "SLatFlowModel: forward_cached ({name}) with kept timestep layers differs"
+                );
+            }
             // Teacher forcing: every block starts from the original's recorded input, so each
             // block is checked on its own (an error is not carried into the later blocks).
             let mut hook = |name: &str, h: &SparseTensor| -> Result<Option<Tensor>> {

@@ -168,16 +168,20 @@ impl FlashTiling {
         self.wgmma_keys > 0
     }
 
-    /// The tiling picked for `groups` on a GPU of compute capability `arch` (`major * 10 +
-    /// minor`): `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`] rows in the pipelined
-    /// wgmma kernel on sm_90 when [`flash_wgmma`] says so, else in the mma.sync kernel with
-    /// [`flash_async`] staging.
-    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup], arch: u32) -> Self {
+    /// The tiling picked for `groups` of heads of `head_dim` on a GPU of compute capability
+    /// `arch` (`major * 10 + minor`): `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`]
+    /// rows in the pipelined wgmma kernel on sm_90 when [`flash_wgmma`] says so, else in the
+    /// mma.sync kernel with [`flash_async`] staging.
+    pub fn for_groups(
+        groups: &[trellis_kernels::attention::AttnGroup],
+        arch: u32,
+        head_dim: usize,
+    ) -> Self {
         if let Some(t) = flash_tiling_override() {
             return t;
         }
         let rows = flash_rows_for(groups);
-        let wgmma = flash_wgmma().unwrap_or(rows == 128);
+        let wgmma = flash_wgmma().unwrap_or(rows == 128 && head_dim == 64);
         if arch == 90 && wgmma {
             return Self::wgmma_pipelined(rows, 64);
         }
@@ -247,10 +251,14 @@ impl FlashTiling {
 
 /// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the pipelined wgmma attention kernel
 /// (64-key tiles) or the mma.sync one every sm_80+ GPU runs. `1`: wgmma for every call; `0`:
-/// never; unset: wgmma for 128-row blocks, mma.sync for the 64-row ones (short windows). Measured
-/// on an H100 (`bench attention`, session 15): the pipelined build `128p64` against mma.sync
-/// `128a`: SS flow self-attention 2 x 4096 260.0 against 247.3 TFLOP/s, SLat varlen 244.3
-/// against 226.6, SS cross 219.5 against 216.2, decoder windows 131.5 against 133.6.
+/// never; unset: wgmma for head dim 64 in 128-row blocks, mma.sync otherwise. Measured on an H100
+/// (`bench attention`, session 15, two calls), the pipelined build `128p64` against mma.sync
+/// `128a`: SS flow self-attention 2 x 4096 260.0 / 256.6 against 247.3 / 248.4 TFLOP/s, SLat
+/// varlen 244.3 / 244.9 against 226.6 / 232.8, SS cross 219.5 / 216.2 against 216.2 / 215.8,
+/// decoder windows 131.5 / 134.0 against 133.6 / 137.0; head dim 80 (text-xlarge) 219.3 /
+/// 217.7 against 223.7 / 227.5 (the serial wgmma build `128w64`, the head-dim-80 default before,
+/// 197.6 / 197.4). In the SLat flow's forward (Nsight Compute) its 48 attention launches take
+/// 8.94 against 9.10 ms.
 pub fn flash_wgmma() -> Option<bool> {
     static C: OnceLock<Option<bool>> = OnceLock::new();
     *C.get_or_init(|| match std::env::var("TRELLIS_FLASH_WGMMA").as_deref() {
@@ -1477,7 +1485,7 @@ fn flash_attention_with(
         candle_core::Device::Cuda(dev) => device_arch(dev),
         _ => anyhow::bail!("flash attention: CUDA tensors only"),
     };
-    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch));
+    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch, d));
     let rows = tiling.rows;
     anyhow::ensure!(
         FlashTiling::VARIANTS.contains(&tiling),

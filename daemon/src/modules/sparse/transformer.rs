@@ -6,7 +6,7 @@
 //! the layer norms compute in f32 with f32 affine parameters (`LayerNorm32`).
 
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{AttnMode, SparseMultiHeadAttention};
@@ -173,14 +173,39 @@ impl ModulatedSparseTransformerCrossBlock {
         modulation: &Tensor,
         context: CrossContext<'_>,
     ) -> Result<PendingResidual> {
+        let m = self.modulation(modulation, None, input.dtype())?;
+        self.forward_modulated(input, &m, context)
+    }
+
+    /// The block's own `[B, 6C]` modulation in `dtype`: `adaLN_modulation(modulation)` (SiLU,
+    /// Linear; `act` is `silu(modulation)` already made by the caller, used when it is in the
+    /// Linear's dtype), or with `share_mod` the shared modulation itself.
+    pub fn modulation(
+        &self,
+        modulation: &Tensor,
+        act: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let m = match &self.ada_ln {
             Some(l) => {
                 let w = l.dtype();
-                l.forward(&modulation.to_dtype(w)?.silu()?)?
+                match act.filter(|a| a.dtype() == w) {
+                    Some(a) => l.forward(a)?,
+                    None => l.forward(&modulation.to_dtype(w)?.silu()?)?,
+                }
             }
             None => modulation.clone(),
         };
-        let m = m.to_dtype(input.dtype())?;
+        Ok(m.to_dtype(dtype)?)
+    }
+
+    /// [`Self::forward_deferred`] given the block's modulation `m` ([`Self::modulation`]).
+    pub fn forward_modulated(
+        &self,
+        input: BlockInput,
+        m: &Tensor,
+        context: CrossContext<'_>,
+    ) -> Result<PendingResidual> {
         ensure!(
             m.dim(1)? == 6 * self.channels,
             "modulation has {} channels, expected {}",
