@@ -215,13 +215,20 @@ impl SparseStructureFlowModel {
         } else {
             // Untraced, each block's last residual goes to the next block, which adds it
             // before its first norm (`modules::norm::fused_block_residual`: in one pass).
+            // The blocks' adaLN SiLU is the same for all of them: made once (with a shared
+            // modulation the blocks take it as it is).
+            let act = match &self.shared_ada_ln {
+                Some(_) => None,
+                None => Some(modulation.silu()?),
+            };
             let mut pending: Option<PendingResidual> = None;
             self.blocks.for_each(|i, block| {
                 let input = match pending.take() {
                     Some(p) => BlockInput::Pending(p),
                     None => BlockInput::Tokens(h.clone()),
                 };
-                pending = Some(block.forward_deferred(input, &modulation, ctx.layer(i))?);
+                pending =
+                    Some(block.forward_deferred(input, &modulation, act.as_ref(), ctx.layer(i))?);
                 Ok(())
             })?;
             if let Some(p) = pending {

@@ -166,7 +166,7 @@ impl ModulatedTransformerCrossBlock {
         context: CrossContext<'_>,
     ) -> Result<CrossBlockTrace> {
         let (adaln, after_self_attn, after_cross_attn, last) =
-            self.run(BlockInput::Tokens(x.clone()), modulation, context)?;
+            self.run(BlockInput::Tokens(x.clone()), modulation, None, context)?;
         Ok(CrossBlockTrace {
             adaln,
             after_self_attn,
@@ -177,14 +177,16 @@ impl ModulatedTransformerCrossBlock {
 
     /// [`Self::forward_with`] from `input`, leaving the block's last residual to the caller: a
     /// run of blocks passes each one's [`PendingResidual`] to the next, whose first norm adds it
-    /// in the same pass, and finishes the last.
+    /// in the same pass, and finishes the last. `act`: `silu(modulation)` when the caller made it
+    /// once for all blocks (used when it is in the `adaLN_modulation` Linear's dtype).
     pub fn forward_deferred(
         &self,
         input: BlockInput,
         modulation: &Tensor,
+        act: Option<&Tensor>,
         context: CrossContext<'_>,
     ) -> Result<PendingResidual> {
-        Ok(self.run(input, modulation, context)?.3)
+        Ok(self.run(input, modulation, act, context)?.3)
     }
 
     /// The block: its modulation, the residual stream after the self- and the cross-attention,
@@ -193,11 +195,15 @@ impl ModulatedTransformerCrossBlock {
         &self,
         input: BlockInput,
         modulation: &Tensor,
+        act: Option<&Tensor>,
         context: CrossContext<'_>,
     ) -> Result<(Tensor, Tensor, Tensor, PendingResidual)> {
         let c = self.channels;
         let adaln = match &self.ada_ln {
-            Some(l) => gpu_fused::linear(l, &modulation.silu()?, Act::None)?,
+            Some(l) => match act.filter(|a| a.dtype() == l.dtype()) {
+                Some(a) => gpu_fused::linear(l, a, Act::None)?,
+                None => gpu_fused::linear(l, &modulation.silu()?, Act::None)?,
+            },
             None => modulation.clone(),
         };
         if adaln.rank() != 2 || adaln.dim(1)? != 6 * c {
