@@ -102,21 +102,23 @@ pub fn fused_qnorm() -> bool {
 
 /// How the flash kernel tiles the queries: rows per block and whether K/V are double-buffered
 /// through cp.async (the mma.sync kernel, any sm_80+ GPU), or the Hopper kernel (wgmma, sm_90
-/// only: 64 rows per warpgroup, K/V tiles of `wgmma_keys` keys, always cp.async; `pipelined`:
-/// each tile's S = Q K^T goes out with the previous tile's P V and the softmax overlaps it).
+/// only: 64 rows per warpgroup, K/V tiles of `wgmma_keys` keys, always cp.async; pipelined when
+/// `prefetch` > 0: each tile's S = Q K^T goes out with the previous tile's P V and the softmax
+/// overlaps it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashTiling {
     pub rows: usize,
     pub staged_async: bool,
     /// Keys per K/V tile of the wgmma kernel (64 or 128); 0 for the mma.sync kernel.
     pub wgmma_keys: usize,
-    /// The wgmma kernel's pipelined build (three K/V stages).
-    pub pipelined: bool,
+    /// The wgmma kernel's pipelined builds: K/V copies this many tiles ahead (1 or 2; 0 for the
+    /// serial build and the mma.sync kernel).
+    pub prefetch: usize,
 }
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 14] = [
+    pub const VARIANTS: [FlashTiling; 16] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
@@ -131,6 +133,8 @@ impl FlashTiling {
         Self::wgmma_pipelined(128, 64),
         Self::wgmma_pipelined(64, 128),
         Self::wgmma_pipelined(128, 128),
+        Self::wgmma_prefetch2(128),
+        Self::wgmma_prefetch2(192),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -139,7 +143,7 @@ impl FlashTiling {
             rows,
             staged_async,
             wgmma_keys: 0,
-            pipelined: false,
+            prefetch: 0,
         }
     }
 
@@ -150,7 +154,7 @@ impl FlashTiling {
             rows,
             staged_async: true,
             wgmma_keys: keys,
-            pipelined: false,
+            prefetch: 0,
         }
     }
 
@@ -160,7 +164,18 @@ impl FlashTiling {
             rows,
             staged_async: true,
             wgmma_keys: keys,
-            pipelined: true,
+            prefetch: 1,
+        }
+    }
+
+    /// The pipelined wgmma kernel with K/V copied two tiles ahead: `rows` (128 or 192) per
+    /// block, 64 keys per tile.
+    pub const fn wgmma_prefetch2(rows: usize) -> Self {
+        Self {
+            rows,
+            staged_async: true,
+            wgmma_keys: 64,
+            prefetch: 2,
         }
     }
 
@@ -193,12 +208,15 @@ impl FlashTiling {
         self.source().runs_on(arch)
     }
 
-    /// `64`, `128a`, `128w128`, `128p64`, ...: rows, `a` for cp.async, `wN` for wgmma with
-    /// N-key tiles, `pN` for the pipelined wgmma kernel.
+    /// `64`, `128a`, `128w128`, `128p64`, `128p64d2`, ...: rows, `a` for cp.async, `wN` for
+    /// wgmma with N-key tiles, `pN` for the pipelined wgmma kernel (`d2`: copies two tiles ahead).
     pub fn label(&self) -> String {
         if self.is_wgmma() {
-            let kind = if self.pipelined { "p" } else { "w" };
-            return format!("{}{kind}{}", self.rows, self.wgmma_keys);
+            return match self.prefetch {
+                0 => format!("{}w{}", self.rows, self.wgmma_keys),
+                1 => format!("{}p{}", self.rows, self.wgmma_keys),
+                d => format!("{}p{}d{d}", self.rows, self.wgmma_keys),
+            };
         }
         format!("{}{}", self.rows, if self.staged_async { "a" } else { "" })
     }
@@ -216,7 +234,11 @@ impl FlashTiling {
         if self.is_wgmma() {
             return format!(
                 "flash_wgmma_{}{ty}_d{head_dim}_w{}_n{}",
-                if self.pipelined { "pipe_" } else { "" },
+                match self.prefetch {
+                    0 => "",
+                    1 => "pipe_",
+                    _ => "pipe2_",
+                },
                 self.rows / 64,
                 self.wgmma_keys
             );
@@ -237,11 +259,15 @@ impl FlashTiling {
         }
     }
 
-    /// Dynamic shared memory per block: two stages (pipelined: three) of a K and a V tile
-    /// (wgmma), none otherwise.
+    /// Dynamic shared memory per block: two stages (pipelined: prefetch + 2) of a K and a V
+    /// tile (wgmma), none otherwise.
     fn shared_bytes(&self, head_dim: usize) -> u32 {
         if self.is_wgmma() {
-            let stages = if self.pipelined { 3 } else { 2 };
+            let stages = if self.prefetch > 0 {
+                self.prefetch + 2
+            } else {
+                2
+            };
             (stages * 2 * self.wgmma_keys * head_dim * 2) as u32
         } else {
             0

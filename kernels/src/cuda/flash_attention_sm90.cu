@@ -283,10 +283,11 @@ __device__ __forceinline__ void wgmma_wait_one() {
 }
 
 // HD: head dimension (64 or 80); NWG: warpgroups per block; BN: keys per tile (64 or 128).
-// PIPE: each tile's S = Q K^T is issued together with the previous tile's O += P V, and the
-// softmax of the tile runs while that product is still on the tensor cores (three K/V stages, one
-// barrier per tile); otherwise each product is waited for before the next step (two stages).
-template <bool BF16, int HD, int NWG, int BN, bool PIPE>
+// PIPE > 0: each tile's S = Q K^T is issued together with the previous tile's O += P V, and the
+// softmax of the tile runs while that product is still on the tensor cores (one barrier per
+// tile), with K/V tiles copied PIPE tiles ahead (PIPE + 2 stages); PIPE 0: each product is
+// waited for before the next step (two stages, one tile ahead).
+template <bool BF16, int HD, int NWG, int BN, int PIPE>
 __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k,
                             const u16* __restrict__ v, const int* __restrict__ tile_group,
                             const int* __restrict__ tile_q0, const int* __restrict__ q_end,
@@ -302,7 +303,8 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     constexpr int KV = BN / 16;     // k-steps of O += P V
     constexpr int CPR = HD / 8;
     constexpr int TILE = BN * HD;   // halves per K (or V) tile
-    constexpr int STAGES = PIPE ? 3 : 2;
+    constexpr int STAGES = PIPE > 0 ? PIPE + 2 : 2;
+    static_assert(PIPE >= 0 && PIPE <= 2, "K/V copies run one or two tiles ahead");
     extern __shared__ __align__(128) u16 smem[];   // [stage][K tile, V tile]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -329,22 +331,32 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
         stage_core_tile<HD, BN, NT>(smem + TILE, v, j_begin, j_end, v_stride, perm, h, tid);
     }
     cp_async_commit();
+    if constexpr (PIPE == 2) {   // the second tile too, in its own group
+        if (j_begin + BN < j_end) {
+            stage_core_tile<HD, BN, NT>(smem + 2 * TILE, k, j_begin + BN, j_end, k_stride, perm,
+                                        h, tid);
+            stage_core_tile<HD, BN, NT>(smem + 3 * TILE, v, j_begin + BN, j_end, v_stride, perm,
+                                        h, tid);
+        }
+        cp_async_commit();
+    }
     float s[NS * 4];   // S of the current tile (set by its first k-step)
     #pragma unroll
     for (int i = 0; i < NS * 4; ++i) s[i] = 0.f;
     u32 pa[KV][4];
     const int tiles = j_begin < j_end ? (j_end - j_begin + BN - 1) / BN : 0;
-    if constexpr (PIPE) {
-        // Tile `it`'s copies (the only ones in flight) land and are published; after the barrier
-        // every warpgroup is also done with the tile two back (its V was read by the product
-        // waited for in the previous step), whose stage the next tile goes into.
+    if constexpr (PIPE > 0) {
+        // Tile `it`'s copies (the oldest of the PIPE groups in flight) land and are published;
+        // after the barrier every warpgroup is also done with the tile two back (its V was read
+        // by the product waited for in the previous step), whose stage tile `it + PIPE` goes into.
         auto publish_and_prefetch = [&](int it) {
-            cp_async_wait_all();
+            if constexpr (PIPE == 1) cp_async_wait_all();
+            else cp_async_wait_one();
             fence_proxy_async();
             __syncthreads();
-            if (it + 1 < tiles) {
-                u16* nxt = smem + ((it + 1) % STAGES) * 2 * TILE;
-                const int j1 = j_begin + (it + 1) * BN;
+            if (it + PIPE < tiles) {
+                u16* nxt = smem + ((it + PIPE) % STAGES) * 2 * TILE;
+                const int j1 = j_begin + (it + PIPE) * BN;
                 stage_core_tile<HD, BN, NT>(nxt, k, j1, j_end, k_stride, perm, h, tid);
                 stage_core_tile<HD, BN, NT>(nxt + TILE, v, j1, j_end, v_stride, perm, h, tid);
             }
@@ -434,9 +446,9 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     store_out<BF16, HD>(o, l_a, l_b, out, r0, r_end, perm, heads, h, g, t);
 }
 
-// Entries flash_wgmma_{f16,bf16}_d{HD}_w{NWG}_n{BN} and, pipelined, flash_wgmma_pipe_...:
-// 128 * NWG threads, 2 (pipelined: 3) stages * 2 * BN * HD * 2 bytes of dynamic shared memory
-// (a K and a V tile per stage).
+// Entries flash_wgmma_{f16,bf16}_d{HD}_w{NWG}_n{BN} and, pipelined, flash_wgmma_pipe_... (K/V
+// one tile ahead) and flash_wgmma_pipe2_... (two tiles ahead): 128 * NWG threads, 2 (pipelined:
+// PIPE + 2) stages * 2 * BN * HD * 2 bytes of dynamic shared memory (a K and a V tile per stage).
 #define WGMMA_ENTRY(PFX, PIPE, TY, BF16, HD, NWG, BN)                                           \
     extern "C" __global__ void __launch_bounds__(128 * NWG)                                     \
         PFX##TY##_d##HD##_w##NWG##_n##BN(                                                       \
@@ -452,16 +464,18 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     }
 
 #define WGMMA_ENTRIES(TY, BF16, HD)                              \
-    WGMMA_ENTRY(flash_wgmma_, false, TY, BF16, HD, 1, 64)        \
-    WGMMA_ENTRY(flash_wgmma_, false, TY, BF16, HD, 2, 64)        \
-    WGMMA_ENTRY(flash_wgmma_, false, TY, BF16, HD, 3, 64)        \
-    WGMMA_ENTRY(flash_wgmma_, false, TY, BF16, HD, 1, 128)       \
-    WGMMA_ENTRY(flash_wgmma_, false, TY, BF16, HD, 2, 128)       \
-    WGMMA_ENTRY(flash_wgmma_, false, TY, BF16, HD, 3, 128)       \
-    WGMMA_ENTRY(flash_wgmma_pipe_, true, TY, BF16, HD, 1, 64)    \
-    WGMMA_ENTRY(flash_wgmma_pipe_, true, TY, BF16, HD, 2, 64)    \
-    WGMMA_ENTRY(flash_wgmma_pipe_, true, TY, BF16, HD, 1, 128)   \
-    WGMMA_ENTRY(flash_wgmma_pipe_, true, TY, BF16, HD, 2, 128)
+    WGMMA_ENTRY(flash_wgmma_, 0, TY, BF16, HD, 1, 64)            \
+    WGMMA_ENTRY(flash_wgmma_, 0, TY, BF16, HD, 2, 64)            \
+    WGMMA_ENTRY(flash_wgmma_, 0, TY, BF16, HD, 3, 64)            \
+    WGMMA_ENTRY(flash_wgmma_, 0, TY, BF16, HD, 1, 128)           \
+    WGMMA_ENTRY(flash_wgmma_, 0, TY, BF16, HD, 2, 128)           \
+    WGMMA_ENTRY(flash_wgmma_, 0, TY, BF16, HD, 3, 128)           \
+    WGMMA_ENTRY(flash_wgmma_pipe_, 1, TY, BF16, HD, 1, 64)       \
+    WGMMA_ENTRY(flash_wgmma_pipe_, 1, TY, BF16, HD, 2, 64)       \
+    WGMMA_ENTRY(flash_wgmma_pipe_, 1, TY, BF16, HD, 1, 128)      \
+    WGMMA_ENTRY(flash_wgmma_pipe_, 1, TY, BF16, HD, 2, 128)      \
+    WGMMA_ENTRY(flash_wgmma_pipe2_, 2, TY, BF16, HD, 2, 64)      \
+    WGMMA_ENTRY(flash_wgmma_pipe2_, 2, TY, BF16, HD, 3, 64)
 
 WGMMA_ENTRIES(f16, false, 64)
 WGMMA_ENTRIES(bf16, true, 64)
