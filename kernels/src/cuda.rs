@@ -97,7 +97,7 @@ pub const FLASH_ATTENTION: KernelSource = KernelSource {
 /// per warpgroup, 1-3 warpgroups per block sharing K/V tiles of 64 or 128 keys
 /// (`flash_wgmma_{ty}_d{hd}_w{warpgroups}_n{keys}`), and a pipelined build
 /// (`flash_wgmma_pipe_...`, 1-2 warpgroups: a tile's S = Q K^T issued with the previous tile's
-/// P V, the softmax overlapping that product; `flash_wgmma_pipe2_...`, 2-3 warpgroups, K/V
+/// P V, the softmax overlapping that product; `flash_wgmma_pipe2_...`, 2-4 warpgroups, K/V
 /// copied two tiles ahead). Opt-in (`TRELLIS_FLASH_WGMMA=1`): on an H100
 /// it is about as fast as the mma.sync kernel, not faster (docs/BENCHMARKS.md, session 10).
 pub const FLASH_ATTENTION_SM90: KernelSource = KernelSource {
@@ -149,12 +149,16 @@ pub const FLASH_ATTENTION_SM90: KernelSource = KernelSource {
         "flash_wgmma_pipe_bf16_d80_w2_n128",
         "flash_wgmma_pipe2_f16_d64_w2_n64",
         "flash_wgmma_pipe2_f16_d64_w3_n64",
+        "flash_wgmma_pipe2_f16_d64_w4_n64",
         "flash_wgmma_pipe2_f16_d80_w2_n64",
         "flash_wgmma_pipe2_f16_d80_w3_n64",
+        "flash_wgmma_pipe2_f16_d80_w4_n64",
         "flash_wgmma_pipe2_bf16_d64_w2_n64",
         "flash_wgmma_pipe2_bf16_d64_w3_n64",
+        "flash_wgmma_pipe2_bf16_d64_w4_n64",
         "flash_wgmma_pipe2_bf16_d80_w2_n64",
         "flash_wgmma_pipe2_bf16_d80_w3_n64",
+        "flash_wgmma_pipe2_bf16_d80_w4_n64",
     ],
     arch_specific: Some(90),
 };

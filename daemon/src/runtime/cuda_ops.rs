@@ -118,7 +118,7 @@ pub struct FlashTiling {
 
 impl FlashTiling {
     /// Every tiling a kernel is built for.
-    pub const VARIANTS: [FlashTiling; 16] = [
+    pub const VARIANTS: [FlashTiling; 17] = [
         Self::new(64, false),
         Self::new(128, false),
         Self::new(64, true),
@@ -135,6 +135,7 @@ impl FlashTiling {
         Self::wgmma_pipelined(128, 128),
         Self::wgmma_prefetch2(128),
         Self::wgmma_prefetch2(192),
+        Self::wgmma_prefetch2(256),
     ];
 
     /// The mma.sync kernel with `rows` (64 or 128) query rows per block.
@@ -168,7 +169,7 @@ impl FlashTiling {
         }
     }
 
-    /// The pipelined wgmma kernel with K/V copied two tiles ahead: `rows` (128 or 192) per
+    /// The pipelined wgmma kernel with K/V copied two tiles ahead: `rows` (128, 192 or 256) per
     /// block, 64 keys per tile.
     pub const fn wgmma_prefetch2(rows: usize) -> Self {
         Self {

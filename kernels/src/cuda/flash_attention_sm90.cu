@@ -475,7 +475,8 @@ __device__ void flash_wgmma(const u16* __restrict__ q, const u16* __restrict__ k
     WGMMA_ENTRY(flash_wgmma_pipe_, 1, TY, BF16, HD, 1, 128)      \
     WGMMA_ENTRY(flash_wgmma_pipe_, 1, TY, BF16, HD, 2, 128)      \
     WGMMA_ENTRY(flash_wgmma_pipe2_, 2, TY, BF16, HD, 2, 64)      \
-    WGMMA_ENTRY(flash_wgmma_pipe2_, 2, TY, BF16, HD, 3, 64)
+    WGMMA_ENTRY(flash_wgmma_pipe2_, 2, TY, BF16, HD, 3, 64)      \
+    WGMMA_ENTRY(flash_wgmma_pipe2_, 2, TY, BF16, HD, 4, 64)
 
 WGMMA_ENTRIES(f16, false, 64)
 WGMMA_ENTRIES(bf16, true, 64)
