@@ -156,7 +156,7 @@ pub fn run(dev: &Device, out: &mut dyn Write) -> Result<()> {
                     Device::Cuda(d) => device_arch(d),
                     _ => 0,
                 };
-                let pick = FlashTiling::for_groups(&c.groups, arch, d);
+                let pick = FlashTiling::for_groups(&c.groups, arch);
                 // Every build is also compared with the mma.sync 128-row kernel's output, so a
                 // wrong kernel cannot pass for a fast one.
                 let run = |t: FlashTiling| -> Result<Tensor> {

@@ -184,22 +184,20 @@ impl FlashTiling {
         self.wgmma_keys > 0
     }
 
-    /// The tiling picked for `groups` of heads of `head_dim` on a GPU of compute capability
-    /// `arch` (`major * 10 + minor`): `TRELLIS_FLASH_TILING` when set, else [`flash_rows_for`]
-    /// rows in the pipelined wgmma kernel on sm_90 when [`flash_wgmma`] says so, else in the
+    /// The tiling picked for `groups` on a GPU of compute capability `arch` (`major * 10 +
+    /// minor`): `TRELLIS_FLASH_TILING` when set; on sm_90 unless [`flash_wgmma`] says no, the
+    /// pipelined wgmma kernel copying K/V two tiles ahead, with 256 rows per block (four
+    /// warpgroups sharing each K/V tile) where [`flash_rows_for`] picks 128 and 256-row tiles
+    /// would add at most 1/8 padded rows, else 128; otherwise [`flash_rows_for`] rows in the
     /// mma.sync kernel with [`flash_async`] staging.
-    pub fn for_groups(
-        groups: &[trellis_kernels::attention::AttnGroup],
-        arch: u32,
-        head_dim: usize,
-    ) -> Self {
+    pub fn for_groups(groups: &[trellis_kernels::attention::AttnGroup], arch: u32) -> Self {
         if let Some(t) = flash_tiling_override() {
             return t;
         }
         let rows = flash_rows_for(groups);
-        let wgmma = flash_wgmma().unwrap_or(rows == 128 && head_dim == 64);
-        if arch == 90 && wgmma {
-            return Self::wgmma_pipelined(rows, 64);
+        if arch == 90 && flash_wgmma().unwrap_or(rows == 128) {
+            let wide = rows == 128 && 8 * padded_rows(groups, 256) <= 9 * padded_rows(groups, 128);
+            return Self::wgmma_prefetch2(if wide { 256 } else { 128 });
         }
         Self::new(rows, flash_async())
     }
@@ -276,16 +274,15 @@ impl FlashTiling {
     }
 }
 
-/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the pipelined wgmma attention kernel
-/// (64-key tiles) or the mma.sync one every sm_80+ GPU runs. `1`: wgmma for every call; `0`:
-/// never; unset: wgmma for head dim 64 in 128-row blocks, mma.sync otherwise. Measured on an H100
-/// (`bench attention`, session 15, two calls), the pipelined build `128p64` against mma.sync
-/// `128a`: SS flow self-attention 2 x 4096 260.0 / 256.6 against 247.3 / 248.4 TFLOP/s, SLat
-/// varlen 244.3 / 244.9 against 226.6 / 232.8, SS cross 219.5 / 216.2 against 216.2 / 215.8,
-/// decoder windows 131.5 / 134.0 against 133.6 / 137.0; head dim 80 (text-xlarge) 219.3 /
-/// 217.7 against 223.7 / 227.5 (the serial wgmma build `128w64`, the head-dim-80 default before,
-/// 197.6 / 197.4). In the SLat flow's forward (Nsight Compute) its 48 attention launches take
-/// 8.94 against 9.10 ms.
+/// `TRELLIS_FLASH_WGMMA`: whether sm_90 GPUs (H100/H200) take the pipelined wgmma attention
+/// kernel (K/V two tiles ahead, see [`FlashTiling::for_groups`]) or the mma.sync one every sm_80+
+/// GPU runs. `1`: wgmma for every call; `0`: never; unset: wgmma wherever [`flash_rows_for`]
+/// picks 128-row blocks (the mma.sync kernel keeps the short windows). Measured on an H100
+/// (`bench attention`, session 15, call 7), TFLOP/s of `256p64d2` / `128p64d2` / mma.sync
+/// `128a`: SS flow self-attention 2 x 4096 307.6 / 263.9 / 247.9, SLat varlen 287.8 / 249.1 /
+/// 229.9, SS cross 252.0 / 225.4 / 219.4, text-xlarge self (head dim 80) 252.0 / 230.7 / 224.1,
+/// decoder windows 126.1 / 137.4 / 138.2; image-large at high with `256p64d2` for every call: SS
+/// flow 13.3 against 14.8 ms per forward, SLat flow 15.3 against 17.2.
 pub fn flash_wgmma() -> Option<bool> {
     static C: OnceLock<Option<bool>> = OnceLock::new();
     *C.get_or_init(|| match std::env::var("TRELLIS_FLASH_WGMMA").as_deref() {
@@ -345,13 +342,16 @@ pub fn flash_rows_for(groups: &[trellis_kernels::attention::AttnGroup]) -> usize
     if let Some(r) = flash_rows_override() {
         return r;
     }
-    let padded =
-        |rows: usize| -> usize { groups.iter().map(|g| g.q.len().div_ceil(rows) * rows).sum() };
-    if 8 * padded(128) <= 9 * padded(64) {
+    if 8 * padded_rows(groups, 128) <= 9 * padded_rows(groups, 64) {
         128
     } else {
         64
     }
+}
+
+/// Query rows the groups take in tiles of `rows` (each group's rows rounded up).
+fn padded_rows(groups: &[trellis_kernels::attention::AttnGroup], rows: usize) -> usize {
+    groups.iter().map(|g| g.q.len().div_ceil(rows) * rows).sum()
 }
 
 /// `TRELLIS_CONV_ROWS`: rows per tile of the tensor-core sparse conv, `128` (default: each weight
@@ -1512,7 +1512,7 @@ fn flash_attention_with(
         candle_core::Device::Cuda(dev) => device_arch(dev),
         _ => anyhow::bail!("flash attention: CUDA tensors only"),
     };
-    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch, d));
+    let tiling = tiling.unwrap_or_else(|| FlashTiling::for_groups(groups, arch));
     let rows = tiling.rows;
     anyhow::ensure!(
         FlashTiling::VARIANTS.contains(&tiling),
