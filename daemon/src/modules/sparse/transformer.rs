@@ -160,21 +160,9 @@ impl ModulatedSparseTransformerCrossBlock {
         modulation: &Tensor,
         context: CrossContext<'_>,
     ) -> Result<SparseTensor> {
-        self.forward_deferred(BlockInput::Tokens(x.clone()), modulation, context)?
+        let m = self.modulation(modulation, None, x.dtype())?;
+        self.forward_modulated(BlockInput::Tokens(x.clone()), &m, context)?
             .finish()
-    }
-
-    /// [`Self::forward_with`] from `input`, leaving the block's last residual to the caller: a
-    /// run of blocks passes each one's [`PendingResidual`] to the next, whose first norm adds it
-    /// in the same pass, and finishes the last.
-    pub fn forward_deferred(
-        &self,
-        input: BlockInput,
-        modulation: &Tensor,
-        context: CrossContext<'_>,
-    ) -> Result<PendingResidual> {
-        let m = self.modulation(modulation, None, input.dtype())?;
-        self.forward_modulated(input, &m, context)
     }
 
     /// The block's own `[B, 6C]` modulation in `dtype`: `adaLN_modulation(modulation)` (SiLU,
@@ -199,7 +187,10 @@ impl ModulatedSparseTransformerCrossBlock {
         Ok(m.to_dtype(dtype)?)
     }
 
-    /// [`Self::forward_deferred`] given the block's modulation `m` ([`Self::modulation`]).
+    /// [`Self::forward_with`] from `input` given the block's modulation `m`
+    /// ([`Self::modulation`]), leaving the block's last residual to the caller: a run of blocks
+    /// passes each one's [`PendingResidual`] to the next, whose first norm adds it in the same
+    /// pass, and finishes the last.
     pub fn forward_modulated(
         &self,
         input: BlockInput,
@@ -302,13 +293,4 @@ impl PendingResidual {
 pub enum BlockInput {
     Tokens(SparseTensor),
     Pending(PendingResidual),
-}
-
-impl BlockInput {
-    fn dtype(&self) -> candle_core::DType {
-        match self {
-            Self::Tokens(x) => x.dtype(),
-            Self::Pending(p) => p.x.dtype(),
-        }
-    }
 }
